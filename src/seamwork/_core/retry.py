@@ -1,0 +1,76 @@
+"""Retry schedules: how many attempts, how long between them, and which errors count.
+
+``Retry`` is pure configuration plus a pure schedule (``delay``). Saga steps take one
+(``Step(..., retry=Retry(3))``) and the resilience pipeline drives one; neither copy
+of the logic exists twice. Backoff is exponential, capped, with jitter:
+
+* ``"full"`` (default): uniform in ``[0, min(cap, base * 2**n)]`` - spreads a herd best;
+* ``"equal"``: half fixed, half random;
+* ``"none"``: the plain exponential.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from seamwork.errors import ConfigError
+
+Jitter = Literal["full", "equal", "none"]
+RetryOn = Callable[[BaseException], bool] | tuple[type[BaseException], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Retry up to ``max_attempts`` attempts in all (1 means no retry).
+
+    Args:
+        max_attempts: attempts including the first; at least 1.
+        backoff: base delay in seconds before the first retry.
+        max_backoff: cap on any single delay, in seconds.
+        jitter: ``"full"``, ``"equal"`` or ``"none"`` (see the module docstring).
+        retry_on: exception types, or a predicate on the exception, that are worth
+            another attempt; by default every ``Exception``.
+    """
+
+    max_attempts: int = 3
+    backoff: float = 0.1
+    max_backoff: float = 10.0
+    jitter: Jitter = "full"
+    retry_on: RetryOn = (Exception,)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ConfigError(f"Retry.max_attempts must be an int >= 1, got {self.max_attempts!r}")
+        if self.backoff < 0:
+            raise ConfigError(f"Retry.backoff must be >= 0 seconds, got {self.backoff!r}")
+        if self.max_backoff < self.backoff:
+            raise ConfigError(
+                f"Retry.max_backoff ({self.max_backoff!r}) must be >= backoff ({self.backoff!r})"
+            )
+        if self.jitter not in ("full", "equal", "none"):
+            raise ConfigError(
+                f"Retry.jitter must be 'full', 'equal' or 'none', got {self.jitter!r}"
+            )
+        if not callable(self.retry_on) and not isinstance(self.retry_on, tuple):
+            raise ConfigError("Retry.retry_on must be a tuple of exception types or a predicate")
+
+    def should_retry(self, attempt: int, error: BaseException) -> bool:
+        """Whether attempt number ``attempt`` (1-based) that raised ``error`` gets another."""
+        if attempt >= self.max_attempts:
+            return False
+        if isinstance(self.retry_on, tuple):
+            return isinstance(error, self.retry_on)
+        return bool(self.retry_on(error))
+
+    def delay(self, attempt: int, rng: _random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (1-based) before the next."""
+        ceiling = float(min(self.max_backoff, self.backoff * (2 ** (attempt - 1))))
+        if self.jitter == "none":
+            return ceiling
+        draw: float = (rng or _random).random()
+        if self.jitter == "full":
+            return ceiling * draw
+        return ceiling / 2 + ceiling / 2 * draw

@@ -1,0 +1,1 @@
+"""Resilience primitives (circuit breaker, bulkhead, retry, timeout, rate limiter)."""

@@ -1,0 +1,79 @@
+"""``IdempotencyLedger``: make a service's side of a saga step idempotent.
+
+A step may run more than once (a retry, a crash between the effect and the saga's
+checkpoint). The service keeps a ledger in its OWN database and records the step's
+idempotency key, with the result, in the same transaction as its effect, so a
+repeated call returns the first result and applies nothing.
+
+The saga core stays free of drivers: the concrete ledgers live in
+``seamwork.storage`` and the factories here load them on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar, cast
+
+T = TypeVar("T")
+
+
+class IdempotencyLedger(ABC):
+    """Records idempotency keys with results, atomically with the caller's effect.
+
+    Example::
+
+        ledger = IdempotencyLedger.sqlite("inventory.db")
+
+        async def reserve(ctx: StepContext) -> dict[str, int]:
+            def effect(conn) -> dict[str, int]:
+                conn.execute("UPDATE stock SET qty = qty - 1 WHERE sku = ?", ("sku-1",))
+                return {"reserved": 1}
+            return await ledger.once(ctx.idempotency_key, effect)
+    """
+
+    @staticmethod
+    def sqlite(path: str | Path, *, synchronous: str = "full") -> IdempotencyLedger:
+        """A ledger in the SQLite database at ``path`` (the service's own)."""
+        module = importlib.import_module("seamwork.storage.sqlite")
+        factory = cast(Callable[..., IdempotencyLedger], module.SQLiteLedger)
+        return factory(path, synchronous=synchronous)
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and create the ledger table if needed (``once`` also opens)."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Release the connection."""
+
+    @abstractmethod
+    async def once(self, key: str, effect: Callable[[Any], T]) -> T:
+        """Run ``effect(conn)`` and record ``key`` with its result in one transaction.
+
+        If ``key`` was recorded before, return that first result and run nothing. If
+        ``effect`` raises, nothing is recorded and its writes are rolled back.
+        """
+
+    @abstractmethod
+    async def result(self, key: str) -> Any | None:
+        """The recorded result for ``key``, or None if it never ran."""
+
+    @abstractmethod
+    async def transaction(self, work: Callable[[Any], T]) -> T:
+        """Run ``work(conn)`` in a transaction of the service's database (no key)."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

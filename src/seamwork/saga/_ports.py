@@ -1,0 +1,119 @@
+"""The ``SagaStore`` port: what the orchestrator needs from durable storage.
+
+Adapters: ``seamwork.storage.SQLiteStore`` (embedded, one orchestrator process per
+file) and, for scale-out, a PostgreSQL store with leases. Every adapter passes the
+contract suite in ``seamwork.testing.saga_store``.
+
+Ownership. An orchestrator ``attach``es to a store under an owner id. Each saga row
+carries ``lease_owner`` / ``lease_expires_at``; every write made by a running saga is
+*fenced*: it applies only while the row is still leased to the writer, otherwise it
+raises ``LeaseLost`` and changes nothing. Operator writes (retry, abort) are fenced on
+the status they expect instead.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from seamwork.errors import CorruptSagaError
+from seamwork.saga._state import SagaState, SagaStatus, StepEvent
+
+SagaKey = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """Sagas now leased to the claimer, and rows that could not be decoded (left as is)."""
+
+    claimed: list[SagaState] = field(default_factory=list)
+    corrupt: list[CorruptSagaError] = field(default_factory=list)
+
+
+@runtime_checkable
+class SagaStore(Protocol):
+    """Durable saga state. Each method is one transaction; writes are durable on return."""
+
+    async def open(self) -> None:
+        """Connect and migrate the schema (safe when several processes start at once)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections, threads and locks. Idempotent."""
+        ...
+
+    async def attach(self, owner: str) -> None:
+        """Become an orchestrator of this store under ``owner``.
+
+        Raises:
+            StoreLocked: the store admits one orchestrator and another holds it.
+        """
+        ...
+
+    async def create(self, state: SagaState, events: Sequence[StepEvent]) -> bool:
+        """Insert a new saga; False (and nothing written) if the id already exists."""
+        ...
+
+    async def save(
+        self,
+        state: SagaState,
+        events: Sequence[StepEvent],
+        *,
+        owner: str | None = None,
+        expect_status: SagaStatus | None = None,
+    ) -> None:
+        """Store a transition, fenced on the lease ``owner`` and/or ``expect_status``.
+
+        Raises:
+            LeaseLost: the row is not leased to ``owner`` (or not in ``expect_status``).
+            SerializationError: the context is not JSON-serializable (nothing written).
+        """
+        ...
+
+    async def get(self, saga_id: str) -> SagaState | None:
+        """One saga, or None. Raises ``CorruptSagaError`` if its row cannot be decoded."""
+        ...
+
+    async def list(
+        self,
+        *,
+        status: SagaStatus | None = None,
+        name: str | None = None,
+        limit: int = 100,
+    ) -> builtins.list[SagaState]:
+        """Sagas, most recently updated first; corrupt rows are skipped."""
+        ...
+
+    async def timeline(self, saga_id: str) -> builtins.list[StepEvent]:
+        """A saga's step events in the order they were stored."""
+        ...
+
+    async def claim(
+        self,
+        owner: str,
+        runnable: Collection[SagaKey],
+        *,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+    ) -> ClaimResult:
+        """Lease up to ``limit`` active sagas of a ``runnable`` (name, version) whose lease
+        is free or expired to ``owner``."""
+        ...
+
+    async def renew(
+        self, owner: str, saga_ids: Collection[str], *, now: float, lease_seconds: float
+    ) -> set[str]:
+        """Extend ``owner``'s leases; returns the ids it still owns."""
+        ...
+
+    async def release(self, owner: str, saga_ids: Collection[str]) -> None:
+        """Give up ``owner``'s leases (on shutdown) so another process may claim them."""
+        ...
+
+    async def stranded(self, runnable: Collection[SagaKey]) -> builtins.list[SagaState]:
+        """Active sagas whose (name, version) is not in ``runnable``: no process here can
+        run them, and someone must be told."""
+        ...

@@ -1,0 +1,519 @@
+"""SQLite adapters: the embedded ``SagaStore`` and the ``IdempotencyLedger``.
+
+Both run on one connection and one thread per database file, group-committing
+concurrent callers (see ``_sqlite_writer``), in WAL mode with ``synchronous=FULL``
+unless ``synchronous="normal"`` is asked for by name.
+
+One orchestrator process per saga database: ``attach`` takes an exclusive OS lock
+on ``<path>.lock``, so a second orchestrator fails fast with ``StoreLocked`` and a
+restarted one knows every lease in the file belongs to a dead process and can
+resume at once (no lease expiry to wait out). Readers - the CLI, dashboards - need
+no lock. Scale-out across processes is the PostgreSQL store's job.
+"""
+
+from __future__ import annotations
+
+import builtins
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from seamwork._core.codec import dumps, loads
+from seamwork.errors import (
+    ConfigError,
+    CorruptSagaError,
+    InvalidSagaOperation,
+    LeaseLost,
+    StoreLocked,
+)
+from seamwork.saga import IdempotencyLedger
+from seamwork.saga._ports import ClaimResult, SagaKey
+from seamwork.saga._state import SagaState, SagaStatus, StepEvent
+from seamwork.storage._sqlite_writer import Migration, SQLiteWriter, Synchronous
+
+T = TypeVar("T")
+
+SAGA_MIGRATIONS = (
+    Migration(
+        "saga",
+        1,
+        (
+            """CREATE TABLE seamwork_sagas (
+                saga_id TEXT PRIMARY KEY,
+                saga_name TEXT NOT NULL,
+                saga_version INTEGER NOT NULL,
+                status TEXT NOT NULL,
+                current_step_index INTEGER NOT NULL,
+                completed_steps TEXT NOT NULL,
+                compensated_steps TEXT NOT NULL,
+                uncertain_steps TEXT NOT NULL,
+                skipped_steps TEXT NOT NULL,
+                context TEXT NOT NULL,
+                started_at REAL NOT NULL,
+                updated_at REAL NOT NULL,
+                deadline_at REAL,
+                failure_reason TEXT,
+                step_attempts TEXT NOT NULL,
+                compensation_attempts TEXT NOT NULL,
+                lease_owner TEXT,
+                lease_expires_at REAL
+            )""",
+            "CREATE INDEX seamwork_sagas_by_status ON seamwork_sagas(status, updated_at)",
+            "CREATE INDEX seamwork_sagas_by_update ON seamwork_sagas(updated_at)",
+            """CREATE TABLE seamwork_saga_events (
+                id INTEGER PRIMARY KEY,
+                saga_id TEXT NOT NULL,
+                at REAL NOT NULL,
+                event TEXT NOT NULL,
+                step TEXT,
+                attempt INTEGER,
+                detail TEXT
+            )""",
+            "CREATE INDEX seamwork_saga_events_by_saga ON seamwork_saga_events(saga_id, id)",
+        ),
+    ),
+)
+
+LEDGER_MIGRATIONS = (
+    Migration(
+        "idempotency",
+        1,
+        (
+            """CREATE TABLE seamwork_idempotency (
+                key TEXT PRIMARY KEY,
+                result TEXT NOT NULL,
+                created_at REAL NOT NULL
+            )""",
+        ),
+    ),
+)
+
+_COLUMNS = (
+    "saga_id, saga_name, saga_version, status, current_step_index, completed_steps, "
+    "compensated_steps, uncertain_steps, skipped_steps, context, started_at, updated_at, "
+    "deadline_at, failure_reason, step_attempts, compensation_attempts, lease_owner, "
+    "lease_expires_at"
+)
+_INSERT = (
+    f"INSERT INTO seamwork_sagas ({_COLUMNS}) VALUES ({', '.join('?' * 18)}) ON CONFLICT DO NOTHING"
+)
+_STATE_SET = (
+    "status = ?, current_step_index = ?, completed_steps = ?, compensated_steps = ?, "
+    "uncertain_steps = ?, skipped_steps = ?, context = ?, updated_at = ?, failure_reason = ?, "
+    "step_attempts = ?, compensation_attempts = ?"
+)
+_SAVE_OWNED = f"UPDATE seamwork_sagas SET {_STATE_SET} WHERE saga_id = ? AND lease_owner = ?"
+_SAVE_STATUS = (
+    f"UPDATE seamwork_sagas SET {_STATE_SET}, lease_owner = ?, lease_expires_at = ? "
+    "WHERE saga_id = ? AND status = ?"
+)
+_INSERT_EVENT = (
+    "INSERT INTO seamwork_saga_events (saga_id, at, event, step, attempt, detail) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_ACTIVE = ("running", "compensating")
+
+
+def _state_values(state: SagaState) -> tuple[Any, ...]:
+    return (
+        state.status.value,
+        state.current_step_index,
+        dumps(state.completed_steps),
+        dumps(state.compensated_steps),
+        dumps(state.uncertain_steps),
+        dumps(state.skipped_steps),
+        dumps(state.context, what=f"context of saga {state.saga_id!r}"),
+        state.updated_at,
+        state.failure_reason,
+        dumps(state.step_attempts),
+        dumps(state.compensation_attempts),
+    )
+
+
+def _event_rows(events: Sequence[StepEvent]) -> builtins.list[tuple[Any, ...]]:
+    return [(e.saga_id, e.at, e.event, e.step, e.attempt, e.detail) for e in events]
+
+
+def _decode(row: sqlite3.Row | tuple[Any, ...]) -> SagaState:
+    saga_id = str(row[0])
+    try:
+        return SagaState(
+            saga_id=saga_id,
+            saga_name=_text(row[1]),
+            saga_version=int(row[2]),
+            status=SagaStatus(row[3]),
+            current_step_index=int(row[4]),
+            completed_steps=_names(row[5]),
+            compensated_steps=_names(row[6]),
+            uncertain_steps=_names(row[7]),
+            skipped_steps=_names(row[8]),
+            context=_mapping(row[9]),
+            started_at=float(row[10]),
+            updated_at=float(row[11]),
+            deadline_at=None if row[12] is None else float(row[12]),
+            failure_reason=row[13],
+            step_attempts=_counts(row[14]),
+            compensation_attempts=_counts(row[15]),
+            lease_owner=row[16],
+            lease_expires_at=None if row[17] is None else float(row[17]),
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CorruptSagaError(saga_id, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    value = loads(text)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of step names, got {text[:80]!r}")
+    return tuple(value)
+
+
+def _mapping(text: str) -> dict[str, Any]:
+    value = loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object as context, got {text[:80]!r}")
+    return value
+
+
+def _counts(text: str) -> dict[str, int]:
+    value = loads(text)
+    if not isinstance(value, dict) or not all(isinstance(v, int) for v in value.values()):
+        raise ValueError(f"expected a map of attempt counts, got {text[:80]!r}")
+    return value
+
+
+def _keys_clause(keys: Collection[SagaKey]) -> tuple[str, list[Any]]:
+    if not keys:
+        return "(saga_name, saga_version) IN (VALUES (NULL, NULL))", []
+    values = ", ".join("(?, ?)" for _ in keys)
+    params: list[Any] = [v for key in keys for v in key]
+    return f"(saga_name, saga_version) IN (VALUES {values})", params
+
+
+class SQLiteStore:
+    """The embedded ``SagaStore``: one SQLite file, one orchestrator process.
+
+    Args:
+        path: the database file; its directory must exist.
+        synchronous: ``"full"`` (default, durable on power loss) or ``"normal"``
+            (faster; WAL may lose the last commits on power loss) - opt in by name.
+    """
+
+    def __init__(self, path: str | Path, *, synchronous: Synchronous = "full") -> None:
+        if not str(path):
+            raise ConfigError("SQLiteStore needs a database path")
+        self.path = str(path)
+        self._writer = SQLiteWriter(
+            path, synchronous=synchronous, migrations=SAGA_MIGRATIONS, name="saga"
+        )
+        self._lock_fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed by this store since it opened (for benchmarks)."""
+        return self._writer.commits
+
+    async def open(self) -> None:
+        await self._writer.start()
+
+    async def aclose(self) -> None:
+        await self._writer.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def attach(self, owner: str) -> None:
+        if self.path != ":memory:" and self._lock_fd is None:
+            self._lock_fd = _lock_exclusively(self.path + ".lock")
+        await self._writer.write(
+            lambda conn: conn.execute(
+                "UPDATE seamwork_sagas SET lease_owner = NULL, lease_expires_at = NULL "
+                "WHERE lease_owner IS NOT NULL AND status IN (?, ?)",
+                _ACTIVE,
+            )
+        )
+
+    async def create(self, state: SagaState, events: Sequence[StepEvent]) -> bool:
+        row = (
+            state.saga_id,
+            state.saga_name,
+            state.saga_version,
+            *_state_values(state)[:7],
+            state.started_at,
+            state.updated_at,
+            state.deadline_at,
+            state.failure_reason,
+            dumps(state.step_attempts),
+            dumps(state.compensation_attempts),
+            state.lease_owner,
+            state.lease_expires_at,
+        )
+        rows = _event_rows(events)
+
+        def insert(conn: sqlite3.Connection) -> bool:
+            if conn.execute(_INSERT, row).rowcount == 0:
+                return False
+            conn.executemany(_INSERT_EVENT, rows)
+            return True
+
+        return await self._writer.write(insert)
+
+    async def save(
+        self,
+        state: SagaState,
+        events: Sequence[StepEvent],
+        *,
+        owner: str | None = None,
+        expect_status: SagaStatus | None = None,
+    ) -> None:
+        if (owner is None) == (expect_status is None):
+            raise ConfigError("save() is fenced on exactly one of owner or expect_status")
+        saga_id = state.saga_id
+
+        def update(conn: sqlite3.Connection) -> None:
+            values = _state_values(state)
+            if owner is not None:
+                cursor = conn.execute(_SAVE_OWNED, (*values, saga_id, owner))
+            else:
+                assert expect_status is not None
+                params = (*values, state.lease_owner, state.lease_expires_at)
+                cursor = conn.execute(_SAVE_STATUS, (*params, saga_id, expect_status.value))
+            if cursor.rowcount != 1:
+                if owner is not None:
+                    raise LeaseLost(f"saga {saga_id!r} is not leased to {owner}")
+                raise InvalidSagaOperation(f"saga {saga_id!r} is no longer {expect_status}")
+            conn.executemany(_INSERT_EVENT, _event_rows(events))
+
+        await self._writer.write(update)
+
+    async def get(self, saga_id: str) -> SagaState | None:
+        def select(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
+            row: tuple[Any, ...] | None = conn.execute(
+                f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE saga_id = ?", (saga_id,)
+            ).fetchone()
+            return row
+
+        row = await self._writer.read(select)
+        return None if row is None else _decode(row)
+
+    async def list(
+        self,
+        *,
+        status: SagaStatus | None = None,
+        name: str | None = None,
+        limit: int = 100,
+    ) -> builtins.list[SagaState]:
+        where, params = [], []
+        if status is not None:
+            where.append("status = ?")
+            params.append(SagaStatus(status).value)
+        if name is not None:
+            where.append("saga_name = ?")
+            params.append(name)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        sql = f"SELECT {_COLUMNS} FROM seamwork_sagas {clause} ORDER BY updated_at DESC LIMIT ?"
+        rows = await self._writer.read(lambda conn: conn.execute(sql, (*params, limit)).fetchall())
+        return [state for state in map(_decode_or_none, rows) if state is not None]
+
+    async def timeline(self, saga_id: str) -> builtins.list[StepEvent]:
+        sql = (
+            "SELECT saga_id, at, event, step, attempt, detail FROM seamwork_saga_events "
+            "WHERE saga_id = ? ORDER BY id"
+        )
+        rows = await self._writer.read(lambda conn: conn.execute(sql, (saga_id,)).fetchall())
+        return [StepEvent(*row) for row in rows]
+
+    async def claim(
+        self,
+        owner: str,
+        runnable: Collection[SagaKey],
+        *,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+    ) -> ClaimResult:
+        keys, key_params = _keys_clause(runnable)
+        sql = (
+            f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE status IN (?, ?) "
+            f"AND (lease_owner IS NULL OR lease_expires_at < ?) AND {keys} "
+            "ORDER BY updated_at LIMIT ?"
+        )
+
+        def claim(conn: sqlite3.Connection) -> ClaimResult:
+            result = ClaimResult()
+            for row in conn.execute(sql, (*_ACTIVE, now, *key_params, limit)).fetchall():
+                try:
+                    result.claimed.append(_decode(row))
+                except CorruptSagaError as error:
+                    result.corrupt.append(error)
+            expires = now + lease_seconds
+            conn.executemany(
+                "UPDATE seamwork_sagas SET lease_owner = ?, lease_expires_at = ? WHERE saga_id = ?",
+                [(owner, expires, s.saga_id) for s in result.claimed],
+            )
+            result.claimed[:] = [_with_lease(s, owner, expires) for s in result.claimed]
+            return result
+
+        return await self._writer.write(claim)
+
+    async def renew(
+        self, owner: str, saga_ids: Collection[str], *, now: float, lease_seconds: float
+    ) -> set[str]:
+        ids = list(saga_ids)
+
+        def renew(conn: sqlite3.Connection) -> set[str]:
+            kept: set[str] = set()
+            for chunk in _chunks(ids, 500):
+                marks = ", ".join("?" * len(chunk))
+                conn.execute(
+                    f"UPDATE seamwork_sagas SET lease_expires_at = ? "
+                    f"WHERE lease_owner = ? AND saga_id IN ({marks})",
+                    (now + lease_seconds, owner, *chunk),
+                )
+                rows = conn.execute(
+                    f"SELECT saga_id FROM seamwork_sagas WHERE lease_owner = ? "
+                    f"AND saga_id IN ({marks})",
+                    (owner, *chunk),
+                )
+                kept.update(row[0] for row in rows)
+            return kept
+
+        return await self._writer.write(renew)
+
+    async def release(self, owner: str, saga_ids: Collection[str]) -> None:
+        ids = list(saga_ids)
+
+        def release(conn: sqlite3.Connection) -> None:
+            for chunk in _chunks(ids, 500):
+                marks = ", ".join("?" * len(chunk))
+                conn.execute(
+                    "UPDATE seamwork_sagas SET lease_owner = NULL, lease_expires_at = NULL "
+                    f"WHERE lease_owner = ? AND saga_id IN ({marks})",
+                    (owner, *chunk),
+                )
+
+        await self._writer.write(release)
+
+    async def stranded(self, runnable: Collection[SagaKey]) -> builtins.list[SagaState]:
+        keys, key_params = _keys_clause(runnable)
+        sql = (
+            f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE status IN (?, ?) "
+            f"AND NOT {keys} ORDER BY updated_at"
+        )
+        rows = await self._writer.read(
+            lambda conn: conn.execute(sql, (*_ACTIVE, *key_params)).fetchall()
+        )
+        return [state for state in map(_decode_or_none, rows) if state is not None]
+
+
+def _decode_or_none(row: tuple[Any, ...]) -> SagaState | None:
+    try:
+        return _decode(row)
+    except CorruptSagaError:
+        return None
+
+
+def _with_lease(state: SagaState, owner: str, expires: float) -> SagaState:
+    from dataclasses import replace
+
+    return replace(state, lease_owner=owner, lease_expires_at=expires)
+
+
+def _chunks(items: list[str], size: int) -> builtins.list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _lock_exclusively(path: str) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreLocked(
+            f"{path[:-5]} is in use by another orchestrator (pid {holder}); "
+            "SQLite runs one orchestrator per file - use PostgresStore to scale out"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+class SQLiteLedger(IdempotencyLedger):
+    """``IdempotencyLedger`` on a service's own SQLite database.
+
+    ``once(key, effect)`` runs ``effect(conn)`` and records ``key`` with its result in
+    the same transaction; a second call with the same key returns the first result
+    and runs nothing. ``effect`` runs on the ledger's writer thread: plain, blocking
+    ``sqlite3`` calls are right there.
+    """
+
+    def __init__(self, path: str | Path, *, synchronous: Synchronous = "full") -> None:
+        self.path = str(path)
+        self._writer = SQLiteWriter(
+            path, synchronous=synchronous, migrations=LEDGER_MIGRATIONS, name="ledger"
+        )
+
+    def __repr__(self) -> str:
+        return f"SQLiteLedger({self.path!r})"
+
+    async def open(self) -> None:
+        await self._writer.start()
+
+    async def aclose(self) -> None:
+        await self._writer.close()
+
+    async def once(self, key: str, effect: Callable[[Any], T]) -> T:
+        _check_key(key)
+        if not self._writer.running:
+            await self.open()
+
+        def run(conn: sqlite3.Connection) -> Any:
+            row = conn.execute(
+                "SELECT result FROM seamwork_idempotency WHERE key = ?", (key,)
+            ).fetchone()
+            if row is not None:
+                return loads(row[0])
+            value = effect(conn)
+            conn.execute(
+                "INSERT INTO seamwork_idempotency (key, result, created_at) VALUES (?, ?, ?)",
+                (key, dumps(value, what=f"result for key {key!r}"), time.time()),
+            )
+            return value
+
+        result: T = await self._writer.write(run)
+        return result
+
+    async def result(self, key: str) -> Any | None:
+        _check_key(key)
+        if not self._writer.running:
+            await self.open()
+        row = await self._writer.read(
+            lambda conn: conn.execute(
+                "SELECT result FROM seamwork_idempotency WHERE key = ?", (key,)
+            ).fetchone()
+        )
+        return None if row is None else loads(row[0])
+
+    async def transaction(self, work: Callable[[Any], T]) -> T:
+        if not self._writer.running:
+            await self.open()
+        return await self._writer.write(work)
+
+
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"an idempotency key must be a non-empty string, got {key!r}")
