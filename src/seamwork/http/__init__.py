@@ -1,0 +1,1 @@
+"""HTTP adapters (gateway, service client). Empty until the gateway work lands."""
