@@ -1,0 +1,275 @@
+"""The ``SagaStore`` contract: behaviour every saga store adapter must have.
+
+Subclass ``SagaStoreContract`` in a test module, name the subclass ``Test...`` and
+implement ``make_store`` (a new, empty store) and ``corrupt`` (damage one row the way
+a bad disk or a bad hand edit would)::
+
+    class TestMyStore(SagaStoreContract):
+        async def make_store(self, tmp_path: Path) -> SagaStore:
+            return MyStore(...)
+
+        async def corrupt(self, store: SagaStore, saga_id: str) -> None:
+            ...
+
+Every adapter seamwork ships runs this suite; third-party adapters should too.
+Requires pytest and pytest-asyncio (``asyncio_mode = "auto"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from seamwork.errors import CorruptSagaError, InvalidSagaOperation, LeaseLost, SerializationError
+from seamwork.saga import SagaState, SagaStatus, SagaStore, StepEvent
+
+OWNER = "owner-a"
+OTHER = "owner-b"
+KEY = ("order", 1)
+
+
+def saga_state(saga_id: str, **changes: object) -> SagaState:
+    """A valid saga row, leased to ``OWNER``, with ``changes`` applied."""
+    base = SagaState(
+        saga_id=saga_id,
+        saga_name="order",
+        saga_version=1,
+        status=SagaStatus.RUNNING,
+        context={"order_id": 7, "lines": [{"sku": "A", "qty": 2}], "note": "café"},
+        started_at=1000.0,
+        updated_at=1000.0,
+        lease_owner=OWNER,
+        lease_expires_at=2000.0,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def started(saga_id: str, at: float = 1000.0) -> list[StepEvent]:
+    return [StepEvent(saga_id, at, "saga_started"), StepEvent(saga_id, at, "started", "a")]
+
+
+class SagaStoreContract:
+    """Behaviour shared by every ``SagaStore`` adapter."""
+
+    async def make_store(self, tmp_path: Path) -> SagaStore:
+        """Return a new, unopened store over empty storage."""
+        raise NotImplementedError
+
+    async def reopen(self, store: SagaStore, tmp_path: Path) -> SagaStore:
+        """Return a new store over the same storage as ``store`` (after it closed)."""
+        raise NotImplementedError
+
+    async def corrupt(self, store: SagaStore, saga_id: str) -> None:
+        """Make the row of ``saga_id`` undecodable (e.g. invalid JSON in its context)."""
+        raise NotImplementedError
+
+    @pytest.fixture
+    async def store(self, tmp_path: Path) -> AsyncIterator[SagaStore]:
+        store = await self.make_store(tmp_path)
+        await store.open()
+        await store.attach(OWNER)
+        try:
+            yield store
+        finally:
+            await store.aclose()
+
+    # --- create / get -----------------------------------------------------------------
+
+    async def test_created_saga_reads_back_field_for_field(self, store: SagaStore) -> None:
+        state = saga_state(
+            "s1",
+            completed_steps=("a",),
+            uncertain_steps=("b",),
+            skipped_steps=("c",),
+            step_attempts={"b": 2},
+            compensation_attempts={"a": 1},
+            deadline_at=1500.5,
+            failure_reason="why",
+        )
+        assert await store.create(state, started("s1")) is True
+        assert await store.get("s1") == state
+
+    async def test_create_with_an_existing_id_writes_nothing(self, store: SagaStore) -> None:
+        first = saga_state("s1")
+        await store.create(first, started("s1"))
+        again = saga_state("s1", context={"order_id": 99})
+        assert await store.create(again, started("s1", 2000.0)) is False
+        assert await store.get("s1") == first
+        assert len(await store.timeline("s1")) == 2
+
+    async def test_get_of_an_unknown_id_is_none(self, store: SagaStore) -> None:
+        assert await store.get("nope") is None
+
+    # --- fenced saves ----------------------------------------------------------------
+
+    async def test_owner_save_stores_the_transition_and_its_events(self, store: SagaStore) -> None:
+        await store.create(saga_state("s1"), started("s1"))
+        moved = saga_state("s1", current_step_index=1, completed_steps=("a",), updated_at=1001.0)
+        await store.save(moved, [StepEvent("s1", 1001.0, "completed", "a", 1)], owner=OWNER)
+        assert await store.get("s1") == moved
+        events = await store.timeline("s1")
+        assert [e.event for e in events] == ["saga_started", "started", "completed"]
+        assert events[-1] == StepEvent("s1", 1001.0, "completed", "a", 1)
+
+    async def test_save_by_a_non_owner_is_rejected_and_changes_nothing(
+        self, store: SagaStore
+    ) -> None:
+        await store.create(saga_state("s1"), started("s1"))
+        stale = saga_state("s1", status=SagaStatus.COMPLETED, lease_owner=OTHER)
+        with pytest.raises(LeaseLost):
+            await store.save(stale, [StepEvent("s1", 1.0, "saga_completed")], owner=OTHER)
+        assert await store.get("s1") == saga_state("s1")
+        assert len(await store.timeline("s1")) == 2
+
+    async def test_status_fenced_save_applies_only_in_the_expected_status(
+        self, store: SagaStore
+    ) -> None:
+        await store.create(saga_state("s1", status=SagaStatus.STUCK), started("s1"))
+        retried = saga_state("s1", status=SagaStatus.COMPENSATING, lease_owner=None)
+        await store.save(retried, [], expect_status=SagaStatus.STUCK)
+        stored = await store.get("s1")
+        assert stored is not None
+        assert stored.status is SagaStatus.COMPENSATING
+        assert stored.lease_owner is None
+        with pytest.raises(InvalidSagaOperation):
+            await store.save(retried, [], expect_status=SagaStatus.STUCK)
+
+    async def test_unserializable_context_is_refused_before_anything_is_written(
+        self, store: SagaStore
+    ) -> None:
+        await store.create(saga_state("s1"), started("s1"))
+        bad = saga_state("s1", context={"when": object()})
+        with pytest.raises(SerializationError, match="when"):
+            await store.save(bad, [StepEvent("s1", 1.0, "completed", "a")], owner=OWNER)
+        assert await store.get("s1") == saga_state("s1")
+        assert len(await store.timeline("s1")) == 2
+
+    async def test_a_failed_save_does_not_disturb_concurrent_saves(self, store: SagaStore) -> None:
+        for i in range(20):
+            await store.create(saga_state(f"s{i}"), started(f"s{i}"))
+        good = [
+            store.save(saga_state(f"s{i}", current_step_index=1), [], owner=OWNER)
+            for i in range(20)
+        ]
+        bad = store.save(saga_state("s3", lease_owner=OTHER), [], owner=OTHER)
+        results = await asyncio.gather(bad, *good, return_exceptions=True)
+        assert isinstance(results[0], LeaseLost)
+        assert all(r is None for r in results[1:])
+        for i in range(20):
+            state = await store.get(f"s{i}")
+            assert state is not None
+            assert state.current_step_index == 1
+
+    # --- queries ---------------------------------------------------------------------
+
+    async def test_list_filters_by_status_and_name_newest_first(self, store: SagaStore) -> None:
+        await store.create(saga_state("a", updated_at=1.0), [])
+        await store.create(saga_state("b", updated_at=3.0, status=SagaStatus.STUCK), [])
+        await store.create(saga_state("c", updated_at=2.0), [])
+        await store.create(saga_state("d", updated_at=4.0, saga_name="refund"), [])
+        assert [s.saga_id for s in await store.list()] == ["d", "b", "c", "a"]
+        running = await store.list(status=SagaStatus.RUNNING)
+        assert [s.saga_id for s in running] == ["d", "c", "a"]
+        assert [s.saga_id for s in await store.list(name="order", limit=2)] == ["b", "c"]
+
+    async def test_timeline_keeps_the_order_events_were_stored(self, store: SagaStore) -> None:
+        await store.create(saga_state("s1"), started("s1"))
+        for n in range(5):
+            event = StepEvent("s1", 1000.0 + n, "errored", "a", n + 1, f"boom {n}")
+            await store.save(saga_state("s1"), [event], owner=OWNER)
+        details = [e.detail for e in await store.timeline("s1") if e.event == "errored"]
+        assert details == [f"boom {n}" for n in range(5)]
+
+    # --- leases ----------------------------------------------------------------------
+
+    async def test_claim_takes_active_runnable_sagas_with_free_leases(
+        self, store: SagaStore
+    ) -> None:
+        await store.create(saga_state("run", lease_owner=None), [])
+        await store.create(saga_state("comp", lease_owner=None, status=SagaStatus.COMPENSATING), [])
+        await store.create(saga_state("done", lease_owner=None, status=SagaStatus.COMPLETED), [])
+        await store.create(saga_state("stuck", lease_owner=None, status=SagaStatus.STUCK), [])
+        await store.create(saga_state("v2", lease_owner=None, saga_version=2), [])
+        result = await store.claim(OWNER, [KEY], now=1500.0, lease_seconds=30.0, limit=10)
+        assert sorted(s.saga_id for s in result.claimed) == ["comp", "run"]
+        assert all(s.lease_owner == OWNER for s in result.claimed)
+        assert all(s.lease_expires_at == 1530.0 for s in result.claimed)
+        stored = await store.get("run")
+        assert stored is not None
+        assert stored.lease_owner == OWNER
+
+    async def test_a_live_lease_is_not_claimed_and_an_expired_one_is(
+        self, store: SagaStore
+    ) -> None:
+        await store.create(saga_state("s1", lease_owner=OTHER, lease_expires_at=1600.0), [])
+        early = await store.claim(OWNER, [KEY], now=1500.0, lease_seconds=30.0, limit=10)
+        assert early.claimed == []
+        late = await store.claim(OWNER, [KEY], now=1700.0, lease_seconds=30.0, limit=10)
+        assert [s.saga_id for s in late.claimed] == ["s1"]
+
+    async def test_claim_respects_its_limit(self, store: SagaStore) -> None:
+        for i in range(7):
+            await store.create(saga_state(f"s{i}", lease_owner=None), [])
+        first = await store.claim(OWNER, [KEY], now=1.0, lease_seconds=30.0, limit=5)
+        second = await store.claim(OWNER, [KEY], now=1.0, lease_seconds=30.0, limit=5)
+        assert len(first.claimed) == 5
+        assert len(second.claimed) == 2
+        assert {s.saga_id for s in first.claimed}.isdisjoint(s.saga_id for s in second.claimed)
+
+    async def test_a_corrupt_row_is_reported_by_id_and_not_claimed(self, store: SagaStore) -> None:
+        await store.create(saga_state("good", lease_owner=None), [])
+        await store.create(saga_state("bad", lease_owner=None), [])
+        await self.corrupt(store, "bad")
+        result = await store.claim(OWNER, [KEY], now=1.0, lease_seconds=30.0, limit=10)
+        assert [s.saga_id for s in result.claimed] == ["good"]
+        assert [e.saga_id for e in result.corrupt] == ["bad"]
+        with pytest.raises(CorruptSagaError, match="bad"):
+            await store.get("bad")
+        assert [s.saga_id for s in await store.list()] == ["good"]
+
+    async def test_renew_extends_only_the_owners_leases(self, store: SagaStore) -> None:
+        await store.create(saga_state("mine"), [])
+        await store.create(saga_state("theirs", lease_owner=OTHER), [])
+        kept = await store.renew(OWNER, ["mine", "theirs"], now=1900.0, lease_seconds=60.0)
+        assert kept == {"mine"}
+        mine = await store.get("mine")
+        assert mine is not None
+        assert mine.lease_expires_at == 1960.0
+
+    async def test_released_sagas_can_be_claimed_by_another_owner(self, store: SagaStore) -> None:
+        await store.create(saga_state("s1"), [])
+        await store.release(OWNER, ["s1"])
+        result = await store.claim(OTHER, [KEY], now=1.0, lease_seconds=30.0, limit=10)
+        assert [s.saga_id for s in result.claimed] == ["s1"]
+
+    async def test_stranded_lists_active_sagas_no_registered_definition_runs(
+        self, store: SagaStore
+    ) -> None:
+        await store.create(saga_state("v1"), [])
+        await store.create(saga_state("v3", saga_version=3), [])
+        await store.create(saga_state("v3done", saga_version=3, status=SagaStatus.FAILED), [])
+        await store.create(saga_state("other", saga_name="refund"), [])
+        stranded = await store.stranded([KEY])
+        assert sorted(s.saga_id for s in stranded) == ["other", "v3"]
+
+    # --- durability ------------------------------------------------------------------
+
+    async def test_concurrent_writes_all_survive_a_reopen(
+        self, store: SagaStore, tmp_path: Path
+    ) -> None:
+        states = [saga_state(f"s{i}", context={"i": i}) for i in range(200)]
+        await asyncio.gather(*(store.create(s, started(s.saga_id)) for s in states))
+        moved = [replace(s, current_step_index=1, completed_steps=("a",)) for s in states]
+        await asyncio.gather(*(store.save(s, [], owner=OWNER) for s in moved))
+        await store.aclose()
+        again = await self.reopen(store, tmp_path)
+        await again.open()
+        try:
+            for state in moved:
+                assert await again.get(state.saga_id) == state
+        finally:
+            await again.aclose()

@@ -1,0 +1,108 @@
+"""The SagaStore contract on SQLite, plus what only the SQLite store promises."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from seamwork.errors import StoreLocked, StoreUnavailable
+from seamwork.saga import SagaStore
+from seamwork.storage import SQLiteStore
+from seamwork.testing.saga_store import OWNER, SagaStoreContract, saga_state
+
+
+class TestSQLiteSagaStore(SagaStoreContract):
+    async def make_store(self, tmp_path: Path) -> SagaStore:
+        return SQLiteStore(tmp_path / "sagas.db")
+
+    async def reopen(self, store: SagaStore, tmp_path: Path) -> SagaStore:
+        return SQLiteStore(tmp_path / "sagas.db")
+
+    async def corrupt(self, store: SagaStore, saga_id: str) -> None:
+        assert isinstance(store, SQLiteStore)
+        with sqlite3.connect(store.path) as conn:
+            conn.execute(
+                "UPDATE seamwork_sagas SET context = '{not json' WHERE saga_id = ?", (saga_id,)
+            )
+
+
+async def test_database_runs_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "sagas.db")
+    await store.open()
+    try:
+        mode, sync = await store._writer.read(
+            lambda c: (
+                c.execute("PRAGMA journal_mode").fetchone()[0],
+                c.execute("PRAGMA synchronous").fetchone()[0],
+            )
+        )
+    finally:
+        await store.aclose()
+    assert (mode, sync) == ("wal", 2)  # 2 = FULL
+
+
+async def test_relaxed_durability_is_an_explicit_opt_in(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "sagas.db", synchronous="normal")
+    await store.open()
+    try:
+        sync = await store._writer.read(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+    finally:
+        await store.aclose()
+    assert sync == 1  # NORMAL
+
+
+async def test_a_second_orchestrator_on_the_same_file_is_refused(tmp_path: Path) -> None:
+    first, second = SQLiteStore(tmp_path / "s.db"), SQLiteStore(tmp_path / "s.db")
+    await first.open()
+    await first.attach("one")
+    await second.open()
+    try:
+        with pytest.raises(StoreLocked, match="another orchestrator"):
+            await second.attach("two")
+        await first.aclose()
+        await second.attach("two")
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_attaching_frees_the_leases_of_the_dead_previous_owner(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "s.db")
+    await store.open()
+    await store.create(saga_state("s1", lease_owner="dead", lease_expires_at=9e12), [])
+    await store.aclose()
+    again = SQLiteStore(tmp_path / "s.db")
+    await again.open()
+    await again.attach(OWNER)
+    try:
+        result = await again.claim(OWNER, [("order", 1)], now=1.0, lease_seconds=30, limit=10)
+    finally:
+        await again.aclose()
+    assert [s.saga_id for s in result.claimed] == ["s1"]
+
+
+async def test_concurrent_transitions_share_commits(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "s.db")
+    await store.open()
+    try:
+        before = store.commits
+        await asyncio.gather(*(store.create(saga_state(f"s{i}"), []) for i in range(300)))
+        commits = store.commits - before
+    finally:
+        await store.aclose()
+    assert 1 <= commits < 300
+
+
+async def test_a_store_in_a_missing_directory_fails_with_the_path(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "missing" / "sagas.db")
+    with pytest.raises(StoreUnavailable, match="missing"):
+        await store.open()
+
+
+async def test_a_store_path_that_is_a_directory_fails_clearly(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path)
+    with pytest.raises(StoreUnavailable, match=str(tmp_path)):
+        await store.open()
