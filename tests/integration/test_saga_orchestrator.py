@@ -1,0 +1,607 @@
+"""The orchestrator end to end on a real SQLite store: DESIGN.md §3's rules, one by one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from seamwork.errors import (
+    CorruptSagaError,
+    InvalidSagaOperation,
+    SagaDefinitionError,
+    SerializationError,
+    UnknownSagaError,
+)
+from seamwork.saga import (
+    Parallel,
+    Retry,
+    Saga,
+    SagaOrchestrator,
+    SagaState,
+    SagaStatus,
+    Step,
+    StepContext,
+    StepFailed,
+)
+from seamwork.storage import SQLiteStore
+
+
+class Ledger:
+    """Records what each step and compensation did, in order."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, str, str]] = []  # (kind, step, idempotency key)
+
+    def action(
+        self,
+        name: str,
+        *,
+        result: dict[str, Any] | None = None,
+        fail: Callable[[StepContext], BaseException | None] | None = None,
+        sleep: float = 0.0,
+    ) -> Callable[[StepContext], Any]:
+        async def run(ctx: StepContext) -> dict[str, Any] | None:
+            error = fail(ctx) if fail else None
+            if isinstance(error, StepFailed):
+                raise error
+            self.log.append(("apply", name, ctx.idempotency_key))
+            if sleep:
+                await asyncio.sleep(sleep)
+            if error is not None:
+                raise error
+            return result
+
+        return run
+
+    def undo(self, name: str, *, fail_times: int = 0) -> Callable[[StepContext], Any]:
+        failures = {"left": fail_times}
+
+        async def run(ctx: StepContext) -> None:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise RuntimeError(f"cannot undo {name}")
+            self.log.append(("undo", name, ctx.idempotency_key))
+
+        return run
+
+    def kinds(self, kind: str) -> list[str]:
+        return [step for k, step, _ in self.log if k == kind]
+
+
+def chain(ledger: Ledger, *names: str, **steps: Step) -> list[Step]:
+    return [
+        steps.get(n) or Step(n, ledger.action(n, result={n: True}), compensate=ledger.undo(n))
+        for n in names
+    ]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "sagas.db"
+
+
+async def run_saga(db: Path, saga: Saga, data: dict[str, Any] | None = None) -> SagaState:
+    async with SagaOrchestrator(SQLiteStore(db), [saga]) as orch:
+        run = await orch.start(saga.name, data or {"order_id": 1}, saga_id="s-1")
+        return await run.wait()
+
+
+# --- forward ------------------------------------------------------------------------
+
+
+async def test_a_saga_runs_every_step_in_order_and_merges_results(db: Path) -> None:
+    ledger = Ledger()
+    saga = Saga("order", steps=chain(ledger, "reserve", "charge", "ship", "confirm"))
+    state = await run_saga(db, saga, {"order_id": 42})
+    assert state.status is SagaStatus.COMPLETED
+    assert ledger.kinds("apply") == ["reserve", "charge", "ship", "confirm"]
+    assert state.completed_steps == ("reserve", "charge", "ship", "confirm")
+    assert state.context == {
+        "order_id": 42,
+        "reserve": True,
+        "charge": True,
+        "ship": True,
+        "confirm": True,
+    }
+    assert [key for _, _, key in ledger.log] == [
+        "s-1:reserve",
+        "s-1:charge",
+        "s-1:ship",
+        "s-1:confirm",
+    ]
+
+
+async def test_each_transition_is_exactly_one_commit(db: Path) -> None:
+    ledger = Ledger()
+    saga = Saga("order", steps=chain(ledger, "a", "b", "c", "d"))
+    store = SQLiteStore(db)
+    async with SagaOrchestrator(store, [saga]) as orch:
+        await (await orch.start("order", {}, saga_id="warm")).wait()
+        before = store.commits
+        await (await orch.start("order", {}, saga_id="s-1")).wait()
+        commits = store.commits - before
+    assert commits == 5  # start + one per step (the last also completes the saga)
+
+
+async def test_steps_see_earlier_results_in_their_context(db: Path) -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def second(ctx: StepContext) -> None:
+        seen.append(dict(ctx.data))
+
+    saga = Saga(
+        "order",
+        steps=[
+            Step("first", Ledger().action("first", result={"payment_id": "p-9"})),
+            Step("second", second),
+        ],
+    )
+    await run_saga(db, saga, {"order_id": 3})
+    assert seen == [{"order_id": 3, "payment_id": "p-9"}]
+
+
+# --- failures and compensation --------------------------------------------------------
+
+
+async def test_a_definite_failure_compensates_completed_steps_in_reverse(db: Path) -> None:
+    ledger = Ledger()
+    declined = Step(
+        "charge",
+        ledger.action("charge", fail=lambda ctx: StepFailed("card declined")),
+        compensate=ledger.undo("charge"),
+    )
+    saga = Saga("order", steps=chain(ledger, "reserve", "hold", "charge", charge=declined))
+    state = await run_saga(db, saga)
+    assert state.status is SagaStatus.FAILED
+    assert state.failure_reason == "step 'charge' failed: card declined"
+    assert ledger.kinds("undo") == ["hold", "reserve"]  # the declined step is not undone
+    assert state.compensated_steps == ("hold", "reserve")
+    undo_keys = [key for kind, _, key in ledger.log if kind == "undo"]
+    assert undo_keys == ["s-1:hold:compensate", "s-1:reserve:compensate"]
+
+
+async def test_a_step_that_applied_then_timed_out_is_compensated(db: Path) -> None:
+    ledger = Ledger()
+    slow = Step(
+        "ship", ledger.action("ship", sleep=5.0), compensate=ledger.undo("ship"), timeout=0.05
+    )
+    saga = Saga("order", steps=chain(ledger, "reserve", "ship", ship=slow))
+    state = await run_saga(db, saga)
+    assert state.status is SagaStatus.FAILED
+    assert state.uncertain_steps == ("ship",)
+    assert ledger.kinds("undo") == ["ship", "reserve"]
+    async with SagaOrchestrator(SQLiteStore(db), [saga]) as orch:
+        events = await orch._store.timeline("s-1")  # type: ignore[attr-defined]
+    assert ("timed_out", "ship") in [(e.event, e.step) for e in events]
+
+
+async def test_uncertain_failures_are_retried_with_the_same_key(db: Path) -> None:
+    ledger = Ledger()
+    attempts: list[tuple[int, str]] = []
+
+    def flaky(ctx: StepContext) -> BaseException | None:
+        attempts.append((ctx.attempt, ctx.idempotency_key))
+        return ConnectionError("reset") if ctx.attempt < 3 else None
+
+    retried = Step(
+        "charge",
+        ledger.action("charge", fail=flaky),
+        compensate=ledger.undo("charge"),
+        retry=Retry(3, backoff=0.001),
+    )
+    state = await run_saga(db, Saga("order", steps=chain(ledger, "charge", charge=retried)))
+    assert state.status is SagaStatus.COMPLETED
+    assert attempts == [(1, "s-1:charge"), (2, "s-1:charge"), (3, "s-1:charge")]
+    assert state.step_attempts == {"charge": 2}
+
+
+async def test_an_uncertain_step_that_stays_failed_is_compensated_too(db: Path) -> None:
+    ledger = Ledger()
+    broken = Step(
+        "charge",
+        ledger.action("charge", fail=lambda ctx: ConnectionError("reset")),
+        compensate=ledger.undo("charge"),
+        retry=Retry(2, backoff=0.001),
+    )
+    state = await run_saga(
+        db, Saga("order", steps=chain(ledger, "reserve", "charge", charge=broken))
+    )
+    assert state.status is SagaStatus.FAILED
+    assert ledger.kinds("apply") == ["reserve", "charge", "charge"]
+    assert ledger.kinds("undo") == ["charge", "reserve"]
+    assert "ConnectionError: reset" in (state.failure_reason or "")
+
+
+async def test_step_failed_is_never_retried(db: Path) -> None:
+    calls: list[int] = []
+
+    async def decline(ctx: StepContext) -> None:
+        calls.append(ctx.attempt)
+        raise StepFailed("declined")
+
+    saga = Saga("order", steps=[Step("charge", decline, retry=Retry(5, backoff=0.001))])
+    state = await run_saga(db, saga)
+    assert state.status is SagaStatus.FAILED
+    assert calls == [1]
+
+
+async def test_compensation_failures_are_retried_then_the_saga_recovers(db: Path) -> None:
+    ledger = Ledger()
+    steps = [
+        Step("reserve", ledger.action("reserve"), compensate=ledger.undo("reserve", fail_times=2)),
+        Step("charge", ledger.action("charge", fail=lambda ctx: StepFailed("no"))),
+    ]
+    saga = Saga("order", steps=steps, compensation_backoff=0.001)
+    state = await run_saga(db, saga)
+    assert state.status is SagaStatus.FAILED
+    assert state.compensation_attempts == {"reserve": 2}
+    assert ledger.kinds("undo") == ["reserve"]
+
+
+async def test_a_compensation_that_keeps_failing_ends_stuck_and_raises_the_alert(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = Ledger()
+    steps = [
+        Step("reserve", ledger.action("reserve"), compensate=ledger.undo("reserve", fail_times=99)),
+        Step("charge", ledger.action("charge", fail=lambda ctx: StepFailed("no"))),
+    ]
+    saga = Saga("order", steps=steps, compensation_backoff=0.001, max_compensation_attempts=4)
+    alerts: list[SagaState] = []
+    with caplog.at_level(logging.ERROR, logger="seamwork.saga"):
+        async with SagaOrchestrator(SQLiteStore(db), [saga], on_stuck=alerts.append) as orch:
+            state = await (await orch.start("order", {}, saga_id="s-1")).wait()
+    assert state.status is SagaStatus.STUCK
+    assert state.compensation_attempts == {"reserve": 4}
+    assert [a.saga_id for a in alerts] == ["s-1"]
+    assert any(
+        "ALERT saga s-1" in r.getMessage() and "stuck" in r.getMessage() for r in caplog.records
+    )
+
+
+async def test_operator_retry_of_a_stuck_saga_finishes_its_compensation(db: Path) -> None:
+    ledger = Ledger()
+    undo = ledger.undo("reserve", fail_times=3)
+    steps = [
+        Step("reserve", ledger.action("reserve"), compensate=undo),
+        Step("charge", ledger.action("charge", fail=lambda ctx: StepFailed("no"))),
+    ]
+    saga = Saga("order", steps=steps, compensation_backoff=0.001)
+    async with SagaOrchestrator(SQLiteStore(db), [saga]) as orch:
+        stuck = await (await orch.start("order", {}, saga_id="s-1")).wait()
+        assert stuck.status is SagaStatus.STUCK
+        final = await (await orch.retry("s-1")).wait()
+        with pytest.raises(InvalidSagaOperation, match="failed"):
+            await orch.retry("s-1")
+    assert final.status is SagaStatus.FAILED
+    assert final.compensated_steps == ("reserve",)
+
+
+async def test_operator_abort_marks_a_stuck_saga_failed(db: Path) -> None:
+    ledger = Ledger()
+    steps = [
+        Step("reserve", ledger.action("reserve"), compensate=ledger.undo("reserve", fail_times=9)),
+        Step("charge", ledger.action("charge", fail=lambda ctx: StepFailed("no"))),
+    ]
+    saga = Saga("order", steps=steps, compensation_backoff=0.001)
+    async with SagaOrchestrator(SQLiteStore(db), [saga]) as orch:
+        await (await orch.start("order", {}, saga_id="s-1")).wait()
+        aborted = await orch.abort("s-1", "refunded by hand")
+        stored = await orch.get("s-1")
+    assert aborted.status is SagaStatus.FAILED
+    assert stored == aborted
+    assert "refunded by hand" in (stored.failure_reason or "")
+
+
+# --- shapes: parallel, conditional ---------------------------------------------------
+
+
+async def test_parallel_steps_run_together_and_undo_in_reverse_completion_order(
+    db: Path,
+) -> None:
+    ledger = Ledger()
+    running: list[str] = []
+    overlap: list[int] = []
+
+    def timed(name: str, delay: float) -> Step:
+        async def run(ctx: StepContext) -> dict[str, bool]:
+            running.append(name)
+            overlap.append(len(running))
+            await asyncio.sleep(delay)
+            running.remove(name)
+            ledger.log.append(("apply", name, ctx.idempotency_key))
+            return {name: True}
+
+        return Step(name, run, compensate=ledger.undo(name))
+
+    fail = Step("charge", ledger.action("charge", fail=lambda ctx: StepFailed("no")))
+    saga = Saga(
+        "order",
+        steps=[Parallel(timed("slow", 0.06), timed("fast", 0.01), timed("mid", 0.03)), fail],
+    )
+    state = await run_saga(db, saga)
+    assert max(overlap) == 3
+    assert state.completed_steps == ("fast", "mid", "slow")
+    assert ledger.kinds("undo") == ["slow", "mid", "fast"]
+
+
+async def test_a_failure_inside_a_parallel_group_lets_siblings_finish_then_undoes_them(
+    db: Path,
+) -> None:
+    ledger = Ledger()
+    bad = Step(
+        "b", ledger.action("b", fail=lambda ctx: StepFailed("no")), compensate=ledger.undo("b")
+    )
+    saga = Saga("order", steps=[*chain(ledger, "first"), Parallel(*chain(ledger, "a", "c"), bad)])
+    state = await run_saga(db, saga)
+    assert state.status is SagaStatus.FAILED
+    assert sorted(ledger.kinds("undo")[:2]) == ["a", "c"]
+    assert ledger.kinds("undo")[-1] == "first"
+    assert "b" not in ledger.kinds("undo")
+
+
+async def test_a_step_whose_condition_is_false_is_skipped(db: Path) -> None:
+    ledger = Ledger()
+    gift = Step("gift_wrap", ledger.action("gift_wrap"), when=lambda data: bool(data.get("gift")))
+    saga = Saga("order", steps=chain(ledger, "reserve", "gift_wrap", "ship", gift_wrap=gift))
+    state = await run_saga(db, saga, {"gift": False})
+    assert state.status is SagaStatus.COMPLETED
+    assert ledger.kinds("apply") == ["reserve", "ship"]
+    assert state.skipped_steps == ("gift_wrap",)
+
+
+# --- deadline and cancellation ----------------------------------------------------------
+
+
+async def test_a_saga_past_its_deadline_is_cancelled_and_compensated(db: Path) -> None:
+    ledger = Ledger()
+    slow = Step("ship", ledger.action("ship", sleep=10.0), compensate=ledger.undo("ship"))
+    saga = Saga("order", steps=chain(ledger, "reserve", "ship", ship=slow), deadline=0.2)
+    state = await run_saga(db, saga)
+    assert state.status is SagaStatus.FAILED
+    assert "deadline" in (state.failure_reason or "")
+    assert ledger.kinds("undo") == ["ship", "reserve"]
+
+
+async def test_cancel_interrupts_the_step_in_flight_and_compensates(db: Path) -> None:
+    ledger = Ledger()
+    gate = asyncio.Event()
+
+    async def wait_forever(ctx: StepContext) -> None:
+        ledger.log.append(("apply", "ship", ctx.idempotency_key))
+        gate.set()
+        await asyncio.sleep(3600)
+
+    saga = Saga(
+        "order",
+        steps=chain(
+            ledger,
+            "reserve",
+            "ship",
+            ship=Step("ship", wait_forever, compensate=ledger.undo("ship")),
+        ),
+    )
+    async with SagaOrchestrator(SQLiteStore(db), [saga]) as orch:
+        run = await orch.start("order", {}, saga_id="s-1")
+        await gate.wait()
+        cancelled = await orch.cancel("s-1")
+        final = await run.wait()
+    assert cancelled.status is SagaStatus.COMPENSATING
+    assert cancelled.failure_reason == "cancelled by operator"
+    assert final.status is SagaStatus.FAILED
+    assert ledger.kinds("undo") == ["ship", "reserve"]
+
+
+async def test_cancel_of_a_completed_saga_is_refused(db: Path) -> None:
+    saga = Saga("order", steps=chain(Ledger(), "a"))
+    async with SagaOrchestrator(SQLiteStore(db), [saga]) as orch:
+        await (await orch.start("order", {}, saga_id="s-1")).wait()
+        with pytest.raises(InvalidSagaOperation, match="completed"):
+            await orch.cancel("s-1")
+
+
+# --- identity, restarts, versions ---------------------------------------------------------
+
+
+async def test_start_with_an_existing_id_starts_nothing(db: Path) -> None:
+    ledger = Ledger()
+    saga = Saga("order", steps=chain(ledger, "a"))
+    other = Saga("refund", steps=chain(ledger, "r"))
+    async with SagaOrchestrator(SQLiteStore(db), [saga, other]) as orch:
+        first = await (await orch.start("order", {"n": 1}, saga_id="s-1")).wait()
+        second = await (await orch.start("order", {"n": 2}, saga_id="s-1")).wait()
+        with pytest.raises(InvalidSagaOperation, match="order"):
+            await orch.start("refund", {}, saga_id="s-1")
+    assert first == second
+    assert ledger.kinds("apply") == ["a"]
+
+
+async def test_a_saga_begun_by_an_earlier_process_resumes_and_can_be_awaited(db: Path) -> None:
+    ledger = Ledger()
+    entered = asyncio.Event()
+
+    async def hang(ctx: StepContext) -> None:
+        entered.set()
+        await asyncio.sleep(3600)
+
+    hanging = Saga("order", steps=chain(ledger, "reserve", "ship", ship=Step("ship", hang)))
+    async with SagaOrchestrator(SQLiteStore(db), [hanging]) as orch:
+        await orch.start("order", {}, saga_id="s-1")
+        await entered.wait()
+    working = Saga("order", steps=chain(ledger, "reserve", "ship"))
+    async with SagaOrchestrator(SQLiteStore(db), [working]) as orch:
+        state = await (await orch.start("order", {}, saga_id="s-1")).wait()
+    assert state.status is SagaStatus.COMPLETED
+    assert ledger.kinds("apply") == ["reserve", "ship"]  # reserve was not run again
+
+
+async def test_a_saga_finishes_on_the_version_it_started_with(db: Path) -> None:
+    ledger = Ledger()
+    entered = asyncio.Event()
+
+    async def hang(ctx: StepContext) -> None:
+        entered.set()
+        await asyncio.sleep(3600)
+
+    v1_hanging = Saga("order", version=1, steps=chain(ledger, "a", "b", b=Step("b", hang)))
+    async with SagaOrchestrator(SQLiteStore(db), [v1_hanging]) as orch:
+        await orch.start("order", {}, saga_id="s-1")
+        await entered.wait()
+    v1 = Saga("order", version=1, steps=chain(ledger, "a", "b"))
+    v2 = Saga("order", version=2, steps=chain(ledger, "a", "x", "y"))
+    async with SagaOrchestrator(SQLiteStore(db), [v1, v2]) as orch:
+        old = await (await orch.start("order", {}, saga_id="s-1")).wait()
+        new = await (await orch.start("order", {}, saga_id="s-2")).wait()
+    assert (old.saga_version, old.completed_steps) == (1, ("a", "b"))
+    assert (new.saga_version, new.completed_steps) == (2, ("a", "x", "y"))
+
+
+async def test_sagas_of_an_unregistered_version_are_reported_and_left_untouched(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    entered = asyncio.Event()
+
+    async def hang(ctx: StepContext) -> None:
+        entered.set()
+        await asyncio.sleep(3600)
+
+    async with SagaOrchestrator(SQLiteStore(db), [Saga("order", steps=[Step("a", hang)])]) as orch:
+        await orch.start("order", {}, saga_id="old")
+        await entered.wait()
+    before = await _row(db, "old")
+    reported: list[list[SagaState]] = []
+    v2 = Saga("order", version=2, steps=chain(Ledger(), "a"))
+    with caplog.at_level(logging.WARNING, logger="seamwork.saga"):
+        async with SagaOrchestrator(SQLiteStore(db), [v2], on_stranded=reported.append) as orch:
+            fresh = await (await orch.start("order", {}, saga_id="new")).wait()
+    assert [[s.saga_id for s in batch] for batch in reported] == [["old"]]
+    assert any("old" in r.getMessage() and "version 1" in r.getMessage() for r in caplog.records)
+    assert fresh.status is SagaStatus.COMPLETED
+    after = await _row(db, "old")
+    assert after[:-2] == before[:-2]  # all but the lease columns, released on shutdown
+
+
+async def test_a_corrupt_row_is_reported_by_id_and_other_sagas_keep_running(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    entered = asyncio.Event()
+
+    async def hang(ctx: StepContext) -> None:
+        entered.set()
+        await asyncio.sleep(3600)
+
+    hanging = Saga("order", steps=[Step("a", hang)])
+    async with SagaOrchestrator(SQLiteStore(db), [hanging]) as orch:
+        await orch.start("order", {}, saga_id="broken")
+        await entered.wait()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE seamwork_sagas SET completed_steps = 'oops' WHERE saga_id = 'broken'")
+    corrupt: list[str] = []
+    working = Saga("order", steps=chain(Ledger(), "a"))
+    with caplog.at_level(logging.ERROR, logger="seamwork.saga"):
+        orch = SagaOrchestrator(SQLiteStore(db), [working])
+        orch.on("corrupt", lambda error: corrupt.append(error.saga_id))
+        async with orch:
+            fresh = await (await orch.start("order", {}, saga_id="fine")).wait()
+            with pytest.raises(CorruptSagaError, match="broken"):
+                await orch.get("broken")
+    assert fresh.status is SagaStatus.COMPLETED
+    assert corrupt == ["broken"]
+    assert any("'broken' is corrupt" in r.getMessage() for r in caplog.records)
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+async def test_starting_an_unknown_saga_is_refused_and_writes_nothing(db: Path) -> None:
+    async with SagaOrchestrator(
+        SQLiteStore(db), [Saga("order", steps=chain(Ledger(), "a"))]
+    ) as orch:
+        with pytest.raises(UnknownSagaError, match="'refund'"):
+            await orch.start("refund", {})
+        with pytest.raises(UnknownSagaError, match="version 7"):
+            await orch.start("order", {}, version=7)
+        assert await orch.list() == []
+
+
+async def test_a_context_that_is_not_json_is_refused_before_anything_is_written(
+    db: Path,
+) -> None:
+    async with SagaOrchestrator(
+        SQLiteStore(db), [Saga("order", steps=chain(Ledger(), "a"))]
+    ) as orch:
+        with pytest.raises(SerializationError, match=r"saga data\['items'\]\[1\]"):
+            await orch.start("order", {"items": [1, {1, 2}]})
+        with pytest.raises(SerializationError, match="nan"):
+            await orch.start("order", {"total": float("nan")})
+        assert await orch.list() == []
+
+
+async def test_a_step_result_that_is_not_json_is_an_uncertain_failure(db: Path) -> None:
+    ledger = Ledger()
+    odd = Step(
+        "charge", ledger.action("charge", result={"at": object()}), compensate=ledger.undo("charge")
+    )
+    state = await run_saga(db, Saga("order", steps=chain(ledger, "charge", charge=odd)))
+    assert state.status is SagaStatus.FAILED
+    assert "not JSON-serializable" in (state.failure_reason or "")
+    assert ledger.kinds("undo") == ["charge"]
+
+
+async def _noop(ctx: StepContext) -> None:
+    return None
+
+
+def _sync(ctx: StepContext) -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: Saga("order", steps=[]), "has no steps"),
+        (
+            lambda: Saga("order", steps=[Step("a", _noop), Step("a", _noop)]),
+            "duplicate step name 'a'",
+        ),
+        (lambda: Saga("", steps=[Step("a", _noop)]), "saga name"),
+        (lambda: Saga("o", version=0, steps=[Step("a", _noop)]), "version must be an int >= 1"),
+        (lambda: Step("a", "charge"), "action must be callable"),  # type: ignore[arg-type]
+        (lambda: Step("a", _sync), "action must be an async function"),  # type: ignore[arg-type]
+        (lambda: Step("a", _noop, compensate=42), "compensate must be callable"),  # type: ignore[arg-type]
+        (lambda: Step("a", _noop, timeout=0), "timeout must be a number of seconds > 0"),
+        (lambda: Step("a", _noop, timeout=-1.5), "timeout must be a number of seconds > 0"),
+        (lambda: Step("", _noop), "step name"),
+        (lambda: Parallel(Step("a", _noop)), "at least two steps"),
+        (lambda: Saga("o", steps=[Step("a", _noop)], deadline=0), "deadline"),
+        (
+            lambda: Saga("o", steps=[Step("a", _noop)], max_compensation_attempts=0),
+            "max_compensation",
+        ),
+    ],
+)
+def test_malformed_definitions_are_refused_when_built(
+    build: Callable[[], object], message: str
+) -> None:
+    with pytest.raises(SagaDefinitionError, match=message):
+        build()
+
+
+def test_an_orchestrator_refuses_the_same_version_twice(db: Path) -> None:
+    saga = Saga("order", steps=[Step("a", _noop)])
+    with pytest.raises(ValueError, match="registered twice"):
+        SagaOrchestrator(SQLiteStore(db), [saga, saga])
+
+
+async def _row(db: Path, saga_id: str) -> tuple[Any, ...]:
+    with sqlite3.connect(db) as conn:
+        row: tuple[Any, ...] = conn.execute(
+            "SELECT * FROM seamwork_sagas WHERE saga_id = ?", (saga_id,)
+        ).fetchone()
+    return row
