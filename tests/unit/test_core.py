@@ -1,0 +1,135 @@
+"""The shared building blocks: manual clock, codec, ids, retry schedule, hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from seamwork._core import Retry, dumps, loads, new_id
+from seamwork._core.hooks import Hooks
+from seamwork.errors import ConfigError, SerializationError
+from seamwork.testing import ManualClock
+
+
+async def test_manual_clock_wakes_sleepers_only_when_advanced_past_them() -> None:
+    clock = ManualClock()
+    woke: list[str] = []
+
+    async def sleeper(name: str, seconds: float) -> None:
+        await clock.sleep(seconds)
+        woke.append(name)
+
+    tasks = [asyncio.create_task(sleeper("30s", 30)), asyncio.create_task(sleeper("5s", 5))]
+    await asyncio.sleep(0)
+    clock.advance(4.9)
+    await asyncio.sleep(0)
+    assert woke == []
+    clock.advance(0.1)
+    await asyncio.sleep(0)
+    assert woke == ["5s"]
+    clock.advance(25)
+    await asyncio.gather(*tasks)
+    assert woke == ["5s", "30s"]
+    assert clock.monotonic() == 30
+
+
+async def test_manual_clock_timeout_fires_on_advance_not_on_real_time() -> None:
+    clock = ManualClock()
+    blocked = asyncio.Event()
+
+    async def guarded() -> None:
+        async with clock.timeout(30):
+            await blocked.wait()
+
+    task = asyncio.create_task(guarded())
+    await asyncio.sleep(0.01)
+    assert not task.done()
+    clock.advance(30)
+    with pytest.raises(TimeoutError):
+        await task
+
+
+async def test_manual_clock_auto_advance_makes_sleeps_instant() -> None:
+    clock = ManualClock(auto_advance=True)
+    await clock.sleep(3600)
+    clock.sleep_blocking(60)
+    assert clock.monotonic() == 3660
+    assert clock.now() == 1_700_000_000.0 + 3660
+
+
+def test_codec_names_the_path_of_an_unserializable_value() -> None:
+    with pytest.raises(SerializationError, match=r"data\['order'\]\['lines'\]\[0\]"):
+        dumps({"order": {"lines": [b"bytes"]}}, what="data")
+    with pytest.raises(SerializationError, match="inf"):
+        dumps({"total": float("inf")})
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(),
+        lambda c: st.lists(c) | st.dictionaries(st.text(), c),
+    )
+)
+def test_codec_round_trips_json_values(value: object) -> None:
+    assert loads(dumps(value)) == value
+
+
+def test_ids_are_version_7_uuids_in_time_order() -> None:
+    ids = [new_id() for _ in range(1000)]
+    assert all(uuid.UUID(i).version == 7 for i in ids)
+    assert len(set(ids)) == 1000
+    assert [i[:13] for i in ids] == sorted(i[:13] for i in ids)  # millisecond prefix
+
+
+@given(st.integers(1, 30), st.floats(0, 10), st.floats(10, 100))
+def test_retry_delay_never_exceeds_the_cap(attempt: int, base: float, cap: float) -> None:
+    for jitter in ("full", "equal", "none"):
+        policy = Retry(5, backoff=base, max_backoff=cap, jitter=jitter)  # type: ignore[arg-type]
+        delay = policy.delay(attempt, random.Random(attempt))
+        assert 0 <= delay <= min(cap, base * 2 ** (attempt - 1))
+
+
+def test_retry_gives_up_after_max_attempts_and_on_other_errors() -> None:
+    policy = Retry(3, retry_on=(ConnectionError,))
+    assert policy.should_retry(1, ConnectionError())
+    assert not policy.should_retry(3, ConnectionError())
+    assert not policy.should_retry(1, KeyError())
+    assert Retry(2, retry_on=lambda e: "again" in str(e)).should_retry(1, OSError("again"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"backoff": -1}, "backoff"),
+        ({"backoff": 5, "max_backoff": 1}, "max_backoff"),
+        ({"jitter": "some"}, "jitter"),
+    ],
+)
+def test_bad_retry_settings_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        Retry(**kwargs)  # type: ignore[arg-type]
+
+
+def test_hooks_call_subscribers_and_survive_a_failing_one(caplog: pytest.LogCaptureFixture) -> None:
+    hooks = Hooks(["open"], logging.getLogger("test"))
+    seen: list[int] = []
+
+    def broken(n: int) -> None:
+        raise RuntimeError("alert system down")
+
+    hooks.on("open", broken)
+    unsubscribe = hooks.on("open", seen.append)
+    hooks.emit("open", 1)
+    unsubscribe()
+    hooks.emit("open", 2)
+    assert seen == [1]
+    assert "alert system down" in caplog.text
+    with pytest.raises(ConfigError, match="unknown event 'close'"):
+        hooks.on("close", print)
