@@ -605,3 +605,28 @@ async def _row(db: Path, saga_id: str) -> tuple[Any, ...]:
             "SELECT * FROM seamwork_sagas WHERE saga_id = ?", (saga_id,)
         ).fetchone()
     return row
+
+
+async def test_a_condition_that_raises_stops_only_its_saga_and_is_logged(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(data: object) -> bool:
+        raise KeyError("gift")
+
+    ledger = Ledger()
+    saga = Saga("order", steps=chain(ledger, "a", "b", b=Step("b", _noop, when=broken)))
+    fine = Saga("other", steps=chain(ledger, "x"))
+    with caplog.at_level(logging.ERROR, logger="seamwork.saga"):
+        async with SagaOrchestrator(SQLiteStore(db), [saga, fine]) as orch:
+            await orch.start("order", {}, saga_id="s-1")
+            done = await (await orch.start("other", {}, saga_id="s-2")).wait()
+            for _ in range(100):
+                if orch.stats["errors"]:
+                    break
+                await asyncio.sleep(0.01)
+            stored = await orch.get("s-1")
+    assert done.status is SagaStatus.COMPLETED
+    assert orch.stats["errors"] == 1
+    assert stored is not None
+    assert stored.status is SagaStatus.RUNNING  # left as it was, to be retried
+    assert "saga s-1 stopped on an unexpected error" in caplog.text

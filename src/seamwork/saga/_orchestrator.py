@@ -28,6 +28,7 @@ from seamwork.errors import (
     SagaNotFound,
     SerializationError,
     StepFailed,
+    StoreError,
     UnknownSagaError,
 )
 from seamwork.saga._definition import Saga, Step, StepContext
@@ -172,7 +173,17 @@ class SagaOrchestrator:
         if on_stranded is not None:
             self.hooks.on("stranded", on_stranded)
         self.stats: dict[str, int] = dict.fromkeys(
-            ("started", "completed", "failed", "stuck", "recovered", "lease_lost", "corrupt"), 0
+            (
+                "started",
+                "completed",
+                "failed",
+                "stuck",
+                "recovered",
+                "lease_lost",
+                "corrupt",
+                "errors",
+            ),
+            0,
         )
 
     def _register(self, saga: Saga) -> None:
@@ -208,7 +219,11 @@ class SagaOrchestrator:
         if self._open:
             return
         await self._store.open()
-        await self._store.attach(self.owner)
+        try:
+            await self._store.attach(self.owner)
+        except BaseException:
+            await self._store.aclose()
+            raise
         self._open = True
         await self._report_stranded()
         await self._recover_once()
@@ -360,6 +375,17 @@ class SagaOrchestrator:
             self.stats["lease_lost"] += 1
             log.warning("saga %s: %s; this process stops running it", run.state.saga_id, exc)
             self.hooks.emit("lease_lost", run.state)
+        except Exception:
+            # A bug in user code the engine calls outside a step (a `when` condition) or
+            # in the engine: the row is left as it is, and the recovery loop claims it
+            # again once its lease expires - retried, logged, never silently dropped.
+            self.stats["errors"] += 1
+            log.exception(
+                "saga %s stopped on an unexpected error; it will be retried after its lease "
+                "(%gs) expires",
+                run.state.saga_id,
+                self._lease,
+            )
         finally:
             if self._runs.get(run.state.saga_id) is run:
                 del self._runs[run.state.saga_id]
@@ -392,9 +418,7 @@ class SagaOrchestrator:
         """
         try:
             await work
-        except (LeaseLost, asyncio.CancelledError):
-            raise
-        except Exception:
+        except StoreError:
             log.exception("saga %s: store error; reloading its row", run.state.saga_id)
             await self._reload(run)
 
