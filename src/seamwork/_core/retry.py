@@ -7,6 +7,10 @@ of the logic exists twice. Backoff is exponential, capped, with jitter:
 * ``"full"`` (default): uniform in ``[0, min(cap, base * 2**n)]`` - spreads a herd best;
 * ``"equal"``: half fixed, half random;
 * ``"none"``: the plain exponential.
+
+A ``Retry`` may also carry a *budget* (``seamwork.resilience.RetryBudget``): before
+each retry the driver asks the budget, so under sustained failure retries stay a set
+fraction of recent calls instead of multiplying the load on a dependency.
 """
 
 from __future__ import annotations
@@ -14,12 +18,25 @@ from __future__ import annotations
 import random as _random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 from seamwork.errors import ConfigError
 
 Jitter = Literal["full", "equal", "none"]
 RetryOn = Callable[[BaseException], bool] | tuple[type[BaseException], ...]
+
+
+@runtime_checkable
+class RetryBudgetLike(Protocol):
+    """What a retry driver needs from a budget (``seamwork.resilience.RetryBudget``)."""
+
+    def record_call(self) -> None:
+        """Count one first attempt (a deposit)."""
+        ...
+
+    def try_spend(self) -> bool:
+        """Take one retry from the budget; False when it is spent."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +50,8 @@ class Retry:
         jitter: ``"full"``, ``"equal"`` or ``"none"`` (see the module docstring).
         retry_on: exception types, or a predicate on the exception, that are worth
             another attempt; by default every ``Exception``.
+        budget: an optional retry budget shared by the calls it guards; a retry it
+            refuses ends the call with ``RetryBudgetExhausted``.
     """
 
     max_attempts: int = 3
@@ -40,6 +59,7 @@ class Retry:
     max_backoff: float = 10.0
     jitter: Jitter = "full"
     retry_on: RetryOn = (Exception,)
+    budget: RetryBudgetLike | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
@@ -56,6 +76,8 @@ class Retry:
             )
         if not callable(self.retry_on) and not isinstance(self.retry_on, tuple):
             raise ConfigError("Retry.retry_on must be a tuple of exception types or a predicate")
+        if self.budget is not None and not isinstance(self.budget, RetryBudgetLike):
+            raise ConfigError(f"Retry.budget must be a RetryBudget, got {self.budget!r}")
 
     def should_retry(self, attempt: int, error: BaseException) -> bool:
         """Whether attempt number ``attempt`` (1-based) that raised ``error`` gets another."""

@@ -1,0 +1,387 @@
+"""CircuitBreaker: the async and sync drivers around ``BreakerMachine``.
+
+The machine decides (see ``_breaker_machine`` for the state table); this module
+reads the clock, holds a lock around each decision (never across the protected
+call), runs the call, reports its outcome, emits events and parks callers in
+``half_open_mode="wait"``. Both drivers share every helper; only the lines that
+``await`` differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+from seamwork._core.clock import Clock, SystemClock
+from seamwork._core.hooks import Hooks
+from seamwork.errors import CallTimeout, CircuitOpenError, ConfigError
+from seamwork.resilience import _validate as check
+from seamwork.resilience._breaker_machine import (
+    HALF_OPEN,
+    REJECT,
+    WAIT,
+    BreakerConfig,
+    BreakerMachine,
+    BreakerState,
+    HalfOpenMode,
+)
+from seamwork.resilience._policy import Policy, resolve
+from seamwork.resilience._timeout import check_overrun, run_with_timeout
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_logger = logging.getLogger("seamwork.resilience")
+_STATE_EVENTS = {
+    BreakerState.CLOSED: "close",
+    BreakerState.OPEN: "open",
+    BreakerState.HALF_OPEN: "half_open",
+    BreakerState.FORCED_OPEN: "forced_open",
+    BreakerState.DISABLED: "disabled",
+}
+EVENTS = (*_STATE_EVENTS.values(), "reject", "success", "failure", "slow", "timeout")
+_CALL_EVENTS = frozenset({"success", "failure", "slow", "timeout"})
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerStats:
+    """A snapshot of a breaker for metrics and dashboards.
+
+    ``window_*`` describe the current window; the ``*_total`` counters only grow.
+    """
+
+    name: str
+    state: BreakerState
+    window_calls: int
+    window_failures: int
+    window_slow: int
+    failure_rate: float
+    slow_call_rate: float
+    successes_total: int
+    failures_total: int
+    rejections_total: int
+    ignored_total: int
+    opens_total: int
+    reset_timeout: float
+
+
+class CircuitBreaker(Policy):
+    """Stop calling a dependency that fails or crawls; probe it before trusting it again.
+
+    Trips from CLOSED to OPEN when, over the window and once ``minimum_calls`` are in
+    it, the failure rate reaches ``failure_rate`` or the share of calls slower than
+    ``slow_call`` reaches ``slow_call_rate``. After ``reset_timeout`` it lets exactly
+    ``half_open_calls`` probes through, however many callers race; the others are
+    rejected with ``CircuitOpenError`` or, with ``half_open_mode="wait"``, parked until
+    the probes' verdict. A failed probe reopens it; all probes succeeding close it.
+
+    opossum users find their options here: ``timeout`` -> ``timeout`` (seconds, not
+    ms); ``errorThresholdPercentage: 50`` -> ``failure_rate=0.5``; ``resetTimeout`` ->
+    ``reset_timeout``; ``volumeThreshold`` -> ``minimum_calls``; ``rollingCountTimeout``
+    / ``rollingCountBuckets`` -> ``window`` / ``window_buckets``; ``errorFilter`` ->
+    ``exclude`` (types) ; ``allowWarmUp``: none (``minimum_calls`` covers it);
+    ``.fallback(fn)`` -> ``fallback=fn``; events ``open``, ``halfOpen``, ``close``,
+    ``reject``, ``success``, ``failure``, ``timeout`` -> ``on("open" | "half_open" |
+    "close" | "reject" | "success" | "failure" | "timeout", cb)``; ``shutdown``/
+    ``disable()`` -> ``disable()``; ``open()`` -> ``isolate()``; ``close()`` ->
+    ``reset()``; ``stats`` -> ``stats()``.
+
+    Args:
+        name: identifies the breaker in errors, events and metrics.
+        failure_rate: fraction of failed calls in the window that trips it, (0, 1].
+        minimum_calls: calls the window must hold before it may trip.
+        window: time-based window length in seconds (default 10 s).
+        window_calls: count-based window of the last N calls (instead of ``window``).
+        window_buckets: slices of a time-based window (its eviction granularity).
+        reset_timeout: seconds OPEN before probing.
+        reset_timeout_multiplier: growth of the pause per consecutive opening (>= 1).
+        max_reset_timeout: cap on the grown pause.
+        half_open_calls: probes admitted in HALF_OPEN; all must succeed to close.
+        half_open_mode: ``"reject"`` (fail fast) or ``"wait"`` for the verdict.
+        slow_call: seconds from which a call counts as slow (None: never).
+        slow_call_rate: fraction of slow calls in the window that trips it.
+        timeout: cancel an async call after this many seconds (``CallTimeout``,
+            counted as a failure); a sync call that overruns raises ``CallTimeout``
+            after it returns (a plain function cannot be interrupted).
+        exclude: exception types that count neither as success nor failure.
+        failure_if: predicate on a returned value that counts it as a failure (the
+            value is still returned).
+        fallback: called with the error when a call is rejected or fails (counted
+            failures only); its result (awaited if needed) is returned instead.
+        clock: time source; ``SystemClock()`` by default.
+    """
+
+    __slots__ = (
+        "_async_waiters",
+        "_clock",
+        "_epoch",
+        "_failure_if",
+        "_fallback",
+        "_hooks",
+        "_lock",
+        "_machine",
+        "_parked",
+        "_timeout",
+        "_watch_calls",
+        "config",
+        "exclude",
+        "name",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        failure_rate: float = 0.5,
+        minimum_calls: int = 10,
+        window: float | None = None,
+        window_calls: int | None = None,
+        window_buckets: int = 10,
+        reset_timeout: float = 30.0,
+        reset_timeout_multiplier: float = 1.0,
+        max_reset_timeout: float | None = None,
+        half_open_calls: int = 1,
+        half_open_mode: HalfOpenMode = "reject",
+        slow_call: float | None = None,
+        slow_call_rate: float = 1.0,
+        timeout: float | None = None,
+        exclude: tuple[type[BaseException], ...] = (),
+        failure_if: Callable[[Any], bool] | None = None,
+        fallback: Callable[[BaseException], Any] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"name must be a non-empty str, got {name!r}")
+        check.seconds("timeout", timeout)
+        _check_exclude(exclude)
+        self.name = name
+        self.config = BreakerConfig(
+            failure_rate, minimum_calls, window, window_calls, window_buckets,
+            reset_timeout, reset_timeout_multiplier, max_reset_timeout,
+            half_open_calls, half_open_mode, slow_call, slow_call_rate,
+        )  # fmt: skip
+        self.exclude = exclude
+        self._timeout, self._failure_if, self._fallback = timeout, failure_if, fallback
+        self._clock: Clock = clock or SystemClock()
+        self._machine = BreakerMachine(self.config)
+        self._lock = threading.Lock()
+        self._parked = threading.Condition(self._lock)
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._epoch = 0
+        self._hooks = Hooks(EVENTS, _logger)
+        self._watch_calls = False
+
+    # --- the two drivers -----------------------------------------------------------
+
+    async def call(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        epoch = self._epoch
+        ticket = self._acquire()
+        while ticket == WAIT:
+            await self._park_async(epoch)
+            epoch = self._epoch
+            ticket = self._acquire()
+        if ticket == REJECT:
+            return await resolve(self._on_rejected())  # type: ignore[no-any-return]
+        started = self._clock.monotonic()
+        try:
+            if self._timeout is None:
+                result = await fn(*args, **kwargs)
+            else:
+                result = await run_with_timeout(self._clock, self._timeout, fn, args, kwargs)
+        except BaseException as error:
+            if not self._settle_error(ticket, started, error):
+                raise
+            return await resolve(self._on_failed(error))  # type: ignore[no-any-return]
+        self._settle_result(ticket, started, result)
+        return result
+
+    def call_sync(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        epoch = self._epoch
+        ticket = self._acquire()
+        while ticket == WAIT:
+            self._park_sync(epoch)
+            epoch = self._epoch
+            ticket = self._acquire()
+        if ticket == REJECT:
+            return self._on_rejected()  # type: ignore[no-any-return]
+        started = self._clock.monotonic()
+        try:
+            result = fn(*args, **kwargs)
+            if self._timeout is not None:
+                check_overrun(self._clock, self._timeout, started)
+        except BaseException as error:
+            if not self._settle_error(ticket, started, error):
+                raise
+            return self._on_failed(error)  # type: ignore[no-any-return]
+        self._settle_result(ticket, started, result)
+        return result
+
+    # --- shared steps --------------------------------------------------------------
+
+    def _acquire(self) -> int:
+        with self._lock:
+            ticket = self._machine.acquire(self._clock.monotonic())
+            moved = self._take_transitions() if self._machine.transitions else None
+        if moved:
+            self._publish(moved)
+        return ticket
+
+    def _settle_result(self, ticket: int, started: float, result: object) -> None:
+        now = self._clock.monotonic()
+        failed = self._failure_if is not None and self._failure_if(result)
+        with self._lock:
+            if failed:
+                self._machine.on_failure(ticket, now, now - started)
+            else:
+                self._machine.on_success(ticket, now, now - started)
+            moved = self._take_transitions() if self._machine.transitions else None
+        if moved:
+            self._publish(moved)
+        if self._watch_calls:
+            self._emit_outcome("failure" if failed else "success", now - started, result)
+
+    def _settle_error(self, ticket: int, started: float, error: BaseException) -> bool:
+        """Report ``error``; True if it counted as a failure (fallback applies)."""
+        now = self._clock.monotonic()
+        counted = isinstance(error, Exception) and not isinstance(error, self.exclude)
+        with self._lock:
+            if counted:
+                self._machine.on_failure(ticket, now, now - started)
+            else:
+                self._machine.on_ignored(ticket)
+            wake = not counted and self._machine.state is HALF_OPEN
+            moved = self._take_transitions(wake) if self._machine.transitions or wake else None
+        if moved is not None:
+            self._publish(moved)
+        if counted and self._watch_calls:
+            self._emit_outcome("failure", now - started, error)
+            if isinstance(error, CallTimeout):
+                self._hooks.emit("timeout", self, error)
+        return counted
+
+    def _on_rejected(self) -> Any:
+        error = CircuitOpenError(f"circuit {self.name!r} is {self._machine.state.value}")
+        self._hooks.emit("reject", self, error)
+        if self._fallback is None:
+            raise error
+        return self._fallback(error)
+
+    def _on_failed(self, error: BaseException) -> Any:
+        if self._fallback is None:
+            raise error
+        return self._fallback(error)
+
+    def _emit_outcome(self, event: str, duration: float, detail: object) -> None:
+        self._hooks.emit(event, self, detail, duration)
+        slow = self.config.slow_call
+        if slow is not None and duration >= slow:
+            self._hooks.emit("slow", self, duration)
+
+    # --- transitions and parking -------------------------------------------------
+
+    def _take_transitions(self, wake: bool = False) -> Any:
+        """Under the lock: hand over transitions and parked async callers; wake sync ones."""
+        moved = self._machine.transitions
+        self._machine.transitions = []
+        waiters: list[Any] = []
+        if moved or wake:
+            self._epoch += 1
+            self._parked.notify_all()
+            waiters, self._async_waiters = self._async_waiters, []
+        return moved, waiters
+
+    def _publish(self, taken: Any) -> None:
+        moved, waiters = taken
+        for loop, future in waiters:
+            with contextlib.suppress(RuntimeError):  # a closed loop has nobody to wake
+                loop.call_soon_threadsafe(_wake, future)
+        for old, new in moved:
+            self._hooks.emit(_STATE_EVENTS[new], self, old)
+
+    async def _park_async(self, epoch: int) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self._epoch != epoch:
+                return
+            self._async_waiters.append((asyncio.get_running_loop(), future))
+        await future
+
+    def _park_sync(self, epoch: int) -> None:
+        with self._lock:
+            self._parked.wait_for(lambda: self._epoch != epoch)
+
+    # --- operators, events and metrics -------------------------------------------
+
+    def on(self, event: str, callback: Callable[..., object]) -> Callable[[], None]:
+        """Subscribe ``callback`` to ``event``; returns an unsubscribe function.
+
+        Events and arguments: ``open``/``half_open``/``close``/``forced_open``/
+        ``disabled`` (breaker, previous state); ``reject`` (breaker, error);
+        ``success`` (breaker, result, seconds); ``failure`` (breaker, error or
+        result, seconds); ``slow`` (breaker, seconds); ``timeout`` (breaker, error).
+        """
+        unsubscribe = self._hooks.on(event, callback)
+        if event in _CALL_EVENTS:
+            self._watch_calls = True
+        return unsubscribe
+
+    @property
+    def state(self) -> BreakerState:
+        """The state a call arriving now would meet."""
+        with self._lock:
+            return self._machine.state_at(self._clock.monotonic())
+
+    def stats(self) -> BreakerStats:
+        """A consistent snapshot of the state and counters."""
+        machine = self._machine
+        with self._lock:
+            now = self._clock.monotonic()
+            window = machine.window
+            window.refresh(now)
+            calls = window.calls
+            return BreakerStats(
+                self.name, machine.state_at(now), calls, window.failures, window.slow,
+                window.failures / calls if calls else 0.0,
+                window.slow / calls if calls else 0.0,
+                machine.successes, machine.failures, machine.rejections, machine.ignored,
+                machine.opens, machine.reset_timeout,
+            )  # fmt: skip
+
+    def isolate(self) -> None:
+        """Force the circuit open (every call rejected) until ``reset()``."""
+        self._operate(self._machine.isolate)
+
+    def disable(self) -> None:
+        """Let every call through, recording nothing, until ``reset()``."""
+        self._operate(self._machine.disable)
+
+    def reset(self) -> None:
+        """Close the circuit with an empty window."""
+        self._operate(self._machine.reset)
+
+    def _operate(self, action: Callable[[float], None]) -> None:
+        with self._lock:
+            action(self._clock.monotonic())
+            moved = self._take_transitions()
+        self._publish(moved)
+
+    def __repr__(self) -> str:
+        return f"CircuitBreaker({self.name!r}, state={self._machine.state.value!r})"
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _check_exclude(exclude: object) -> None:
+    ok = isinstance(exclude, tuple) and all(
+        isinstance(kind, type) and issubclass(kind, BaseException) for kind in exclude
+    )
+    if not ok:
+        raise ConfigError(f"exclude must be a tuple of exception types, got {exclude!r}")
