@@ -1,0 +1,152 @@
+"""RateLimiter: GCRA, the token bucket computed from one timestamp.
+
+``Gcra`` is the pure core. It keeps the *theoretical arrival time* (TAT): when the
+bucket would be full again if no more calls came. A call of cost ``n`` moves the TAT
+by ``n`` emission intervals (``1 / rate``); it is admitted if the new TAT is at most
+``burst`` intervals ahead of now (plus what the caller agrees to wait). This admits
+at most ``rate * t + burst`` calls in any interval of length ``t``, exactly like a
+token bucket of capacity ``burst`` refilled at ``rate`` per second, in O(1) time and
+one float of state. A caller that agrees to wait *reserves* its place: the TAT moves
+at once and the caller sleeps the difference, so waiters are served in order.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
+
+from seamwork._core.clock import Clock, SystemClock
+from seamwork.errors import ConfigError, RateLimitedError
+from seamwork.resilience import _validate as check
+from seamwork.resilience._policy import Policy
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_EPSILON = 1e-9  # float slack so exactly `burst` calls fit from idle
+
+
+class Gcra:
+    """Pure GCRA decisions for ``rate`` calls per second with bursts of ``burst``."""
+
+    __slots__ = ("_tat", "burst", "interval", "rate")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.interval = 1.0 / rate
+        self._tat = -math.inf
+
+    def reserve(self, now: float, cost: int = 1, max_wait: float = 0.0) -> float | None:
+        """Seconds to wait before proceeding (0: now), or None: refused, nothing taken."""
+        tat = self._tat if self._tat > now else now
+        new_tat = tat + cost * self.interval
+        wait = new_tat - now - self.burst * self.interval
+        if wait > max_wait + _EPSILON:
+            return None
+        self._tat = new_tat
+        return wait if wait > 0.0 else 0.0
+
+    def available(self, now: float) -> float:
+        """Tokens in the bucket at ``now`` (fractional)."""
+        ahead = (self._tat - now) / self.interval if self._tat > now else 0.0
+        return self.burst - ahead
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimiterStats:
+    """A snapshot for metrics: tokens left now and lifetime counters."""
+
+    name: str
+    available: float
+    admitted_total: int
+    rejected_total: int
+
+
+class RateLimiter(Policy):
+    """Admit at most ``rate`` calls per second on average, bursts of ``burst``.
+
+    Args:
+        rate: sustained calls per second (> 0).
+        burst: calls admitted at once from idle (>= 1); the bucket's capacity.
+        max_wait: seconds a call may wait for its token in ``call``/``acquire``
+            before ``RateLimitedError``; 0 (default) rejects at once.
+        name: identifies the limiter in errors and metrics.
+        clock: time source; ``SystemClock()`` by default.
+    """
+
+    __slots__ = ("_admitted", "_clock", "_core", "_lock", "_rejected", "max_wait", "name")
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int = 1,
+        *,
+        max_wait: float = 0.0,
+        name: str = "rate-limiter",
+        clock: Clock | None = None,
+    ) -> None:
+        check.positive("rate", rate)
+        check.count("burst", burst)
+        check.seconds("max_wait", max_wait, allow_zero=True)
+        self.name, self.max_wait = name, max_wait
+        self._core = Gcra(rate, burst)
+        self._clock = clock or SystemClock()
+        self._lock = threading.Lock()
+        self._admitted = self._rejected = 0
+
+    def try_acquire(self, cost: int = 1) -> bool:
+        """Take ``cost`` tokens now if they are there; never waits."""
+        return self._reserve(cost, 0.0) is not None
+
+    async def acquire(self, cost: int = 1, max_wait: float | None = None) -> None:
+        """Take ``cost`` tokens, sleeping up to ``max_wait`` (default: the limiter's)."""
+        wait = self._reserve_or_raise(cost, self.max_wait if max_wait is None else max_wait)
+        if wait:
+            await self._clock.sleep(wait)
+
+    def acquire_sync(self, cost: int = 1, max_wait: float | None = None) -> None:
+        """``acquire`` for plain callers: blocks the thread while it waits."""
+        wait = self._reserve_or_raise(cost, self.max_wait if max_wait is None else max_wait)
+        if wait:
+            self._clock.sleep_blocking(wait)
+
+    async def call(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        wait = self._reserve_or_raise(1, self.max_wait)
+        if wait:
+            await self._clock.sleep(wait)
+        return await fn(*args, **kwargs)
+
+    def call_sync(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        wait = self._reserve_or_raise(1, self.max_wait)
+        if wait:
+            self._clock.sleep_blocking(wait)
+        return fn(*args, **kwargs)
+
+    def _reserve(self, cost: int, max_wait: float) -> float | None:
+        if not isinstance(cost, int) or not 1 <= cost <= self._core.burst:
+            raise ConfigError(f"cost must be an int in [1, burst={self._core.burst}]")
+        with self._lock:
+            wait = self._core.reserve(self._clock.monotonic(), cost, max_wait)
+            if wait is None:
+                self._rejected += 1
+            else:
+                self._admitted += 1
+        return wait
+
+    def _reserve_or_raise(self, cost: int, max_wait: float) -> float:
+        wait = self._reserve(cost, max_wait)
+        if wait is None:
+            raise RateLimitedError(f"{self.name!r}: over {self._core.rate}/s")
+        return wait
+
+    def stats(self) -> RateLimiterStats:
+        """Tokens available now and the admitted/rejected counters."""
+        with self._lock:
+            available = self._core.available(self._clock.monotonic())
+            return RateLimiterStats(self.name, available, self._admitted, self._rejected)
+
+    def __repr__(self) -> str:
+        return f"RateLimiter({self._core.rate!r}, burst={self._core.burst})"
