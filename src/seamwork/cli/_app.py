@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(help="seamwork: microservices patterns, durable and tested.")
+from seamwork.cli._demo import demo
+from seamwork.cli._sagas import sagas
+
+app = typer.Typer(
+    help="seamwork: microservices patterns, durable and tested.", no_args_is_help=True
+)
+app.add_typer(sagas, name="sagas")
+app.command("demo")(demo)
 
 
 @app.callback()

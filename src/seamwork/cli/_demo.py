@@ -1,0 +1,41 @@
+"""``seamwork demo``: wires the command line to ``seamwork.demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+
+def demo(
+    orders: Annotated[int, typer.Option("--orders", min=1, help="How many orders.")] = 300,
+    directory: Annotated[
+        Path,
+        typer.Option("--dir", help="Where the databases and logs are left (replaced each run)."),
+    ] = Path(".seamwork-demo"),
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, help="Sagas in flight at once.")
+    ] = 32,
+    kill_at: Annotated[
+        float,
+        typer.Option(
+            "--kill-at", min=0.05, max=0.95, help="Fraction of orders finished at the SIGKILL."
+        ),
+    ] = 0.4,
+) -> None:
+    """Run the order saga demo: declines, timeouts, a stuck warehouse, a SIGKILL, recovery.
+
+    Exits non-zero if an invariant does not hold in the services' own databases.
+    """
+    from seamwork.demo import DemoConfig, DemoError, run_demo
+
+    console = Console(highlight=False)
+    config = DemoConfig(directory.absolute(), orders, concurrency, kill_at)
+    try:
+        code = run_demo(config, console)
+    except DemoError as exc:
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)

@@ -1,0 +1,195 @@
+"""How sagas look on a terminal (rich) and in ``--json`` output."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.text import Text
+
+from seamwork.saga import SagaState, SagaStatus, StepEvent
+
+STATUS_STYLE: Mapping[SagaStatus, str] = {
+    SagaStatus.RUNNING: "cyan",
+    SagaStatus.COMPENSATING: "magenta",
+    SagaStatus.COMPLETED: "green",
+    SagaStatus.FAILED: "yellow",
+    SagaStatus.STUCK: "bold red",
+}
+EVENT_STYLE: Mapping[str, str] = {
+    "saga_started": "dim",
+    "started": "blue",
+    "completed": "green",
+    "skipped": "dim",
+    "failed": "red",
+    "errored": "yellow",
+    "timed_out": "yellow",
+    "cancelled": "magenta",
+    "compensating": "magenta",
+    "compensated": "cyan",
+    "compensation_failed": "red",
+    "stuck": "bold red",
+    "retried": "bold cyan",
+    "aborted": "bold red",
+    "saga_completed": "bold green",
+    "saga_failed": "bold yellow",
+}
+
+
+def status_text(status: SagaStatus) -> Text:
+    return Text(status.value, style=STATUS_STYLE.get(status, ""))
+
+
+def clock_time(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+def ago(at: float, now: float) -> str:
+    seconds = max(0.0, now - at)
+    if seconds < 60:
+        return f"{seconds:.0f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 86400:
+        return f"{seconds / 3600:.0f}h ago"
+    return f"{seconds / 86400:.0f}d ago"
+
+
+def sagas_table(states: Sequence[SagaState], now: float) -> Table:
+    """One row per saga: id, name and version, status, step index, updated, failure."""
+    table = Table(title=f"{len(states)} sagas (most recently updated first)", title_justify="left")
+    table.add_column("id", style="bold", no_wrap=True)
+    table.add_column("saga", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("step", justify="right")
+    table.add_column("done/undone", justify="right")
+    table.add_column("updated", no_wrap=True)
+    table.add_column("failure", overflow="fold")
+    for s in states:
+        table.add_row(
+            s.saga_id,
+            f"{s.saga_name} v{s.saga_version}",
+            status_text(s.status),
+            str(s.current_step_index),
+            f"{len(s.completed_steps)}/{len(s.compensated_steps)}",
+            f"{clock_time(s.updated_at)} ({ago(s.updated_at, now)})",
+            s.failure_reason or "",
+        )
+    return table
+
+
+def saga_view(state: SagaState, timeline: Sequence[StepEvent]) -> RenderableType:
+    """The saga's header, its timeline and its state."""
+    return Group(_header(state), timeline_table(state, timeline), _state_table(state))
+
+
+def _header(state: SagaState) -> Panel:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("saga", f"{state.saga_name} v{state.saga_version}")
+    grid.add_row("status", status_text(state.status))
+    grid.add_row("started", clock_time(state.started_at))
+    duration = state.updated_at - state.started_at
+    grid.add_row("updated", f"{clock_time(state.updated_at)} (+{duration:.3f}s)")
+    if state.deadline_at is not None:
+        grid.add_row("deadline", clock_time(state.deadline_at))
+    if state.failure_reason:
+        grid.add_row("failure", Text(state.failure_reason, style="red"))
+    if state.lease_owner:
+        grid.add_row(
+            "lease", f"{state.lease_owner} until {clock_time(state.lease_expires_at or 0)}"
+        )
+    return Panel(grid, title=f"[bold]{state.saga_id}", title_align="left")
+
+
+def timeline_table(state: SagaState, timeline: Sequence[StepEvent]) -> Table:
+    """Every stored step event, with its time relative to the saga's start."""
+    table = Table(title="timeline", title_justify="left")
+    table.add_column("time", justify="right", no_wrap=True)
+    table.add_column("event", no_wrap=True)
+    table.add_column("step", no_wrap=True)
+    table.add_column("attempt", justify="right")
+    table.add_column("detail", overflow="fold")
+    for event in timeline:
+        style = EVENT_STYLE.get(event.event, "")
+        table.add_row(
+            f"+{event.at - state.started_at:.3f}s",
+            Text(event.event, style=style),
+            event.step or "",
+            "" if event.attempt is None else str(event.attempt),
+            event.detail or "",
+        )
+    return table
+
+
+def _state_table(state: SagaState) -> Table:
+    grid = Table(title="state", title_justify="left", show_header=False)
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    grid.add_row("step index", str(state.current_step_index))
+    grid.add_row("completed", _names(state.completed_steps, "green"))
+    grid.add_row("uncertain", _names(state.uncertain_steps, "yellow"))
+    grid.add_row("compensated", _names(state.compensated_steps, "cyan"))
+    if state.skipped_steps:
+        grid.add_row("skipped", _names(state.skipped_steps, "dim"))
+    if state.status.active or state.status is SagaStatus.STUCK:
+        grid.add_row("to compensate", _names(state.to_compensate, "magenta"))
+    if state.step_attempts:
+        grid.add_row("step attempts", _counts(state.step_attempts))
+    if state.compensation_attempts:
+        grid.add_row("compensation attempts", _counts(state.compensation_attempts))
+    context = json.dumps(state.context, indent=2, sort_keys=True, default=str)
+    grid.add_row("context", Syntax(context, "json", theme="ansi_dark", background_color="default"))
+    return grid
+
+
+def _names(names: Sequence[str], style: str) -> Text:
+    if not names:
+        return Text("-", style="dim")
+    return Text(" → ".join(names), style=style)
+
+
+def _counts(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in counts.items())
+
+
+def state_json(state: SagaState) -> dict[str, Any]:
+    """A saga as plain JSON-able data."""
+    return {
+        "saga_id": state.saga_id,
+        "saga_name": state.saga_name,
+        "saga_version": state.saga_version,
+        "status": state.status.value,
+        "current_step_index": state.current_step_index,
+        "completed_steps": list(state.completed_steps),
+        "uncertain_steps": list(state.uncertain_steps),
+        "compensated_steps": list(state.compensated_steps),
+        "skipped_steps": list(state.skipped_steps),
+        "context": dict(state.context),
+        "started_at": state.started_at,
+        "updated_at": state.updated_at,
+        "deadline_at": state.deadline_at,
+        "failure_reason": state.failure_reason,
+        "step_attempts": dict(state.step_attempts),
+        "compensation_attempts": dict(state.compensation_attempts),
+        "lease_owner": state.lease_owner,
+        "lease_expires_at": state.lease_expires_at,
+    }
+
+
+def event_json(event: StepEvent, started_at: float) -> dict[str, Any]:
+    return {
+        "at": event.at,
+        "offset": event.at - started_at,
+        "event": event.event,
+        "step": event.step,
+        "attempt": event.attempt,
+        "detail": event.detail,
+    }

@@ -1,0 +1,196 @@
+"""``seamwork sagas list|show|retry|abort --db PATH``: inspect and operate a saga store.
+
+The commands read the SQLite store without the orchestrator's lock (readers need
+none). ``retry`` and ``abort`` are operator writes fenced on the ``stuck`` status,
+so they are safe while an orchestrator runs: a retried saga is released (no lease
+owner) and a running orchestrator's recovery loop claims it and compensates again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+
+from seamwork.cli._render import event_json, saga_view, sagas_table, state_json
+from seamwork.errors import SagaError, StoreError
+from seamwork.saga import SagaState, SagaStatus, StepEvent
+from seamwork.saga._machine import abort as abort_stuck
+from seamwork.saga._machine import retry_stuck
+from seamwork.storage import SQLiteStore
+
+T = TypeVar("T")
+
+sagas = typer.Typer(
+    help="Inspect sagas in a saga store and move stuck ones on.", no_args_is_help=True
+)
+
+Db = Annotated[
+    Path,
+    typer.Option(
+        "--db",
+        envvar="SEAMWORK_DB",
+        help="The saga store: a seamwork SQLite file (env: SEAMWORK_DB).",
+        show_default=False,
+    ),
+]
+SagaId = Annotated[str, typer.Argument(help="The saga's id.", show_default=False)]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+class CliError(Exception):
+    """A one-line error for the operator, and the exit code that goes with it."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+def run_on_store(db: Path, work: Callable[[SQLiteStore], Awaitable[T]]) -> T:
+    """Open the store at ``db`` (which must exist), run ``work``, close; errors as
+    ``CliError``, never a traceback."""
+    if not db.is_file():
+        raise CliError(f"no saga database at {db}", code=2)
+
+    async def go() -> T:
+        store = SQLiteStore(db)
+        try:
+            await store.open()
+            return await work(store)
+        finally:
+            await store.aclose()
+
+    try:
+        return asyncio.run(go())
+    except (SagaError, StoreError) as exc:
+        raise CliError(str(exc)) from exc
+
+
+def fail(exc: CliError) -> typer.Exit:
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+    return typer.Exit(exc.code)
+
+
+async def existing(store: SQLiteStore, saga_id: str) -> SagaState:
+    state = await store.get(saga_id)
+    if state is None:
+        raise CliError(f"no saga with id {saga_id!r} in {store.path}")
+    return state
+
+
+@sagas.command("list")
+def list_sagas(
+    db: Db,
+    status: Annotated[
+        SagaStatus | None,
+        typer.Option("--status", "-s", help="Only sagas in this status.", case_sensitive=False),
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Only this saga.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-l", min=1, help="At most this many.")] = 50,
+    as_json: Json = False,
+) -> None:
+    """List sagas, most recently updated first."""
+    try:
+        states = run_on_store(db, lambda s: s.list(status=status, name=name, limit=limit))
+    except CliError as exc:
+        raise fail(exc) from None
+    if as_json:
+        sys.stdout.write(json.dumps([state_json(s) for s in states], indent=2) + "\n")
+        return
+    _console().print(sagas_table(states, time.time()))
+
+
+@sagas.command("show")
+def show_saga(saga_id: SagaId, db: Db, as_json: Json = False) -> None:
+    """Show one saga: its step timeline and its state."""
+
+    async def load(store: SQLiteStore) -> tuple[SagaState, list[StepEvent]]:
+        state = await existing(store, saga_id)
+        return state, await store.timeline(saga_id)
+
+    try:
+        state, events = run_on_store(db, load)
+    except CliError as exc:
+        raise fail(exc) from None
+    if as_json:
+        document = {
+            "saga": state_json(state),
+            "timeline": [event_json(e, state.started_at) for e in events],
+        }
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        return
+    _console().print(saga_view(state, events))
+
+
+def _stuck(state: SagaState, what: str) -> None:
+    if state.status is not SagaStatus.STUCK:
+        raise CliError(
+            f"saga {state.saga_id!r} is {state.status.value}; only a stuck saga can be {what}"
+        )
+
+
+@sagas.command("retry")
+def retry_saga(saga_id: SagaId, db: Db) -> None:
+    """Compensate a stuck saga again, with fresh attempts.
+
+    The saga goes back to ``compensating`` with no lease owner; a running
+    orchestrator picks it up in its recovery loop (or the next one to start).
+    """
+
+    async def retry(store: SQLiteStore) -> SagaState:
+        state = await existing(store, saga_id)
+        _stuck(state, "retried")
+        moved = retry_stuck(state, time.time())
+        await store.save(moved.state, moved.events, expect_status=SagaStatus.STUCK)
+        return moved.state
+
+    try:
+        state = run_on_store(db, retry)
+    except CliError as exc:
+        raise fail(exc) from None
+    pending = ", ".join(state.to_compensate) or "nothing"
+    _console().print(
+        f"saga [bold]{saga_id}[/] is [magenta]compensating[/] again (to undo: {pending}); "
+        "a running orchestrator picks it up in its recovery loop"
+    )
+
+
+@sagas.command("abort")
+def abort_saga(
+    saga_id: SagaId,
+    db: Db,
+    reason: Annotated[
+        str, typer.Option("--reason", "-r", help="Recorded in the saga's failure reason.")
+    ] = "aborted by operator",
+) -> None:
+    """Give up on a stuck saga: it is marked failed and left as it is."""
+
+    async def abort(store: SQLiteStore) -> SagaState:
+        state = await existing(store, saga_id)
+        _stuck(state, "aborted")
+        moved = abort_stuck(state, time.time(), reason)
+        await store.save(moved.state, moved.events, expect_status=SagaStatus.STUCK)
+        return moved.state
+
+    try:
+        state = run_on_store(db, abort)
+    except CliError as exc:
+        raise fail(exc) from None
+    left = ", ".join(state.to_compensate) or "nothing"
+    _console().print(
+        f"saga [bold]{saga_id}[/] aborted: now [yellow]failed[/]; left un-compensated: {left}"
+    )
+
+
+__all__ = ["CliError", "sagas"]
