@@ -33,8 +33,12 @@ class Clock(Protocol):
         """Wait ``seconds`` in a plain (non-async) caller."""
         ...
 
-    def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[object]:
-        """Cancel the block after ``seconds`` and raise ``TimeoutError`` (None: no limit)."""
+    def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[asyncio.Timeout]:
+        """Cancel the block after ``seconds`` and raise ``TimeoutError`` (None: no limit).
+
+        The context manager yields the ``asyncio.Timeout`` behind it, so a caller can
+        end the block early with ``scope.reschedule(loop.time())``.
+        """
         ...
 
 
@@ -55,7 +59,7 @@ class SystemClock:
     def sleep_blocking(self, seconds: float) -> None:
         time.sleep(seconds)
 
-    def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[object]:
+    def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[asyncio.Timeout]:
         return asyncio.timeout(seconds)
 
     def __repr__(self) -> str:

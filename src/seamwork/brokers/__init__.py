@@ -1,1 +1,4 @@
-"""Broker adapters (NATS JetStream, RabbitMQ, embedded nats-server). Empty until the messaging work lands."""
+"""Broker adapters: NATS JetStream, RabbitMQ and the embedded nats-server.
+
+Empty until the messaging work lands.
+"""

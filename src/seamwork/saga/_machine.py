@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from seamwork.errors import InvalidSagaOperation
@@ -196,8 +196,8 @@ class SagaMachine:
         """``step`` completed; merge its result and advance when its stage is done."""
         _move(state, "advance")
         context = {**state.context, **result} if result else state.context
-        state = replace(
-            state, completed_steps=(*state.completed_steps, step), context=context, updated_at=now
+        state = state.evolve(
+            completed_steps=(*state.completed_steps, step), context=context, updated_at=now
         )
         events = [StepEvent(state.saga_id, now, "completed", step, self._attempt(state, step))]
         stage = self.saga.stages[state.current_step_index]
@@ -210,7 +210,7 @@ class SagaMachine:
         """An attempt failed and will be retried: record it, stay running."""
         status = _move(state, "attempt_failed")
         attempts = {**state.step_attempts, failure.step: failure.attempt}
-        state = replace(state, status=status, step_attempts=attempts, updated_at=now)
+        state = state.evolve(status=status, step_attempts=attempts, updated_at=now)
         return Transition(state, (self._failure_event(state, failure, now),))
 
     def stage_failed(
@@ -224,8 +224,7 @@ class SagaMachine:
         first = failures[0]
         reason = f"step {first.step!r} failed: {first.reason}"
         events = [self._failure_event(state, f, now) for f in failures]
-        state = replace(
-            state,
+        state = state.evolve(
             uncertain_steps=state.uncertain_steps + uncertain,
             step_attempts=attempts,
             failure_reason=reason,
@@ -244,8 +243,8 @@ class SagaMachine:
             )
         done = set(state.completed_steps)
         uncertain = tuple(s for s in in_flight if s not in done)
-        state = replace(
-            state, uncertain_steps=state.uncertain_steps + uncertain, failure_reason=reason
+        state = state.evolve(
+            uncertain_steps=state.uncertain_steps + uncertain, failure_reason=reason
         )
         events = [StepEvent(state.saga_id, now, "cancelled", detail=reason)]
         return self._start_compensating(state, events, now)
@@ -254,11 +253,11 @@ class SagaMachine:
 
     def compensated(self, state: SagaState, step: str, now: float) -> Transition:
         """``step``'s compensation succeeded."""
-        state = replace(state, compensated_steps=(*state.compensated_steps, step), updated_at=now)
+        state = state.evolve(compensated_steps=(*state.compensated_steps, step), updated_at=now)
         attempt = state.compensation_attempts.get(step, 0) + 1
         events = [StepEvent(state.saga_id, now, "compensated", step, attempt)]
         if self._pending(state):
-            return Transition(replace(state, status=_move(state, "undo")), tuple(events))
+            return Transition(state.evolve(status=_move(state, "undo")), tuple(events))
         return self._fail(state, "undo_last", events, now)
 
     def compensation_failed(
@@ -274,7 +273,7 @@ class SagaMachine:
             status = _move(state, "give_up")
         else:
             status = _move(state, "undo_failed")
-        state = replace(state, status=status, compensation_attempts=attempts, updated_at=now)
+        state = state.evolve(status=status, compensation_attempts=attempts, updated_at=now)
         return Transition(state, tuple(events))
 
     # --- internals ----------------------------------------------------------------
@@ -295,14 +294,14 @@ class SagaMachine:
     ) -> Transition:
         if not self._pending(state):
             return self._fail(state, "fail_nothing_to_undo", events, now)
-        state = replace(state, status=_move(state, "fail"), updated_at=now)
+        state = state.evolve(status=_move(state, "fail"), updated_at=now)
         events.append(StepEvent(state.saga_id, now, "compensating", detail=state.failure_reason))
         return Transition(state, tuple(events))
 
     def _fail(
         self, state: SagaState, event: str, events: list[StepEvent], now: float
     ) -> Transition:
-        state = replace(state, status=_move(state, event), updated_at=now)
+        state = state.evolve(status=_move(state, event), updated_at=now)
         events.append(StepEvent(state.saga_id, now, "saga_failed", detail=state.failure_reason))
         return Transition(state, tuple(events))
 
@@ -320,14 +319,13 @@ class SagaMachine:
                 break
             index += 1
         events.extend(StepEvent(state.saga_id, now, "skipped", name) for name in skipped)
-        state = replace(
-            state,
+        state = state.evolve(
             current_step_index=index,
             skipped_steps=state.skipped_steps + tuple(skipped),
             updated_at=now,
         )
         if index >= len(stages):
-            state = replace(state, status=_move(state, "finish"))
+            state = state.evolve(status=_move(state, "finish"))
             events.append(StepEvent(state.saga_id, now, "saga_completed"))
             return Transition(state, tuple(events))
         events.extend(
@@ -341,8 +339,7 @@ class SagaMachine:
 def retry_stuck(state: SagaState, now: float) -> Transition:
     """Operator retry of a ``stuck`` saga: compensation starts over with fresh attempts."""
     status = _move(state, "retry")
-    state = replace(
-        state,
+    state = state.evolve(
         status=status,
         compensation_attempts={},
         lease_owner=None,
@@ -356,8 +353,7 @@ def abort(state: SagaState, now: float, reason: str = "aborted by operator") -> 
     """Operator abort of a ``stuck`` saga: give up on it, marked ``failed``."""
     status = _move(state, "abort")
     failure = f"{state.failure_reason}; {reason}" if state.failure_reason else reason
-    state = replace(
-        state,
+    state = state.evolve(
         status=status,
         failure_reason=failure,
         lease_owner=None,

@@ -12,7 +12,6 @@ import builtins
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import replace
 from types import TracebackType
 from typing import Any, Self
 
@@ -315,8 +314,8 @@ class SagaOrchestrator:
         state = await self._existing(saga_id)
         machine = self._machine_for(state.saga_name, state.saga_version)
         moved = retry_stuck(state, self._clock.now())
-        owned = replace(
-            moved.state, lease_owner=self.owner, lease_expires_at=self._clock.now() + self._lease
+        owned = moved.state.evolve(
+            lease_owner=self.owner, lease_expires_at=self._clock.now() + self._lease
         )
         await self._store.save(owned, moved.events, expect_status=SagaStatus.STUCK)
         self._spawn(machine, owned)
@@ -509,11 +508,10 @@ class SagaOrchestrator:
             run.interrupt(f"deadline of {run.machine.saga.deadline:g}s exceeded")
             return StepFailure(step.name, attempt, "definite", "saga deadline exceeded"), None
         try:
-            async with asyncio.timeout(None) as scope:
-                run.scopes.add(scope)
+            async with self._clock.timeout(timeout) as scope:
+                run.scopes.add(scope)  # cancel() ends the attempt through its scope
                 try:
-                    async with self._clock.timeout(timeout):
-                        result = await step.action(ctx)
+                    result = await step.action(ctx)
                 finally:
                     run.scopes.discard(scope)
         except StepFailed as exc:
@@ -572,7 +570,7 @@ class SagaOrchestrator:
     async def _interruptible_sleep(self, run: _Run, seconds: float) -> bool:
         """Sleep unless the saga is cancelled meanwhile; False if it was."""
         try:
-            async with asyncio.timeout(None) as scope:
+            async with self._clock.timeout(None) as scope:
                 run.scopes.add(scope)
                 try:
                     await self._clock.sleep(seconds)

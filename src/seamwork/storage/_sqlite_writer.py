@@ -126,13 +126,13 @@ class SQLiteWriter:
         self._queue.put(_STOP)
         await asyncio.to_thread(thread.join)
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` in a write transaction; returns after its commit."""
-        return await self._submit(fn, True)
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run ``fn(conn)`` in a write transaction; the future resolves after its commit."""
+        return self._submit(fn, True)
 
-    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Run ``fn(conn)`` in a read transaction (a consistent snapshot)."""
-        return await self._submit(fn, False)
+        return self._submit(fn, False)
 
     def _submit(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> asyncio.Future[T]:
         if self._thread is None:

@@ -18,7 +18,7 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -122,16 +122,24 @@ def _state_values(state: SagaState) -> tuple[Any, ...]:
     return (
         state.status.value,
         state.current_step_index,
-        dumps(state.completed_steps),
-        dumps(state.compensated_steps),
-        dumps(state.uncertain_steps),
-        dumps(state.skipped_steps),
+        _list(state.completed_steps),
+        _list(state.compensated_steps),
+        _list(state.uncertain_steps),
+        _list(state.skipped_steps),
         dumps(state.context, what=f"context of saga {state.saga_id!r}"),
         state.updated_at,
         state.failure_reason,
-        dumps(state.step_attempts),
-        dumps(state.compensation_attempts),
+        _map(state.step_attempts),
+        _map(state.compensation_attempts),
     )
+
+
+def _list(names: Sequence[str]) -> str:
+    return dumps(names) if names else "[]"  # most are empty on the happy path
+
+
+def _map(counts: Mapping[str, int]) -> str:
+    return dumps(counts) if counts else "{}"
 
 
 def _event_rows(events: Sequence[StepEvent]) -> builtins.list[tuple[Any, ...]]:

@@ -66,19 +66,19 @@ class ManualClock:
     def sleep_blocking(self, seconds: float) -> None:
         self.advance(max(seconds, 0.0))
 
-    def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[object]:
+    def timeout(self, seconds: float | None) -> AbstractAsyncContextManager[asyncio.Timeout]:
         return self._timeout(seconds)
 
     @asynccontextmanager
-    async def _timeout(self, seconds: float | None) -> AsyncIterator[None]:
-        if seconds is None:
-            yield
-            return
+    async def _timeout(self, seconds: float | None) -> AsyncIterator[asyncio.Timeout]:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(None) as scope:
-            seq = self._call_at(self._elapsed + seconds, lambda: scope.reschedule(loop.time()))
+            if seconds is None:
+                yield scope
+                return
+            seq = self._call_at(self._elapsed + seconds, lambda: _expire(scope, loop))
             try:
-                yield
+                yield scope
             finally:
                 self._cancelled.add(seq)
 
@@ -94,6 +94,14 @@ class ManualClock:
 
     def __repr__(self) -> str:
         return f"ManualClock(monotonic={self._elapsed!r})"
+
+
+def _expire(scope: asyncio.Timeout, loop: asyncio.AbstractEventLoop) -> None:
+    if scope.expired():
+        return
+    when = scope.when()
+    if when is None or when > loop.time():
+        scope.reschedule(loop.time())
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
