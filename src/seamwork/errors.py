@@ -24,6 +24,10 @@ or ``psycopg`` exception escapes a seamwork call.
     │   ├── SagaNotFound (LookupError)           no saga with that id
     │   ├── InvalidSagaOperation                 e.g. retry of a saga that is not stuck
     │   └── LeaseLost                            another owner took the saga over
+    ├── EventStoreError
+    │   ├── WrongExpectedVersion                 optimistic concurrency: the stream moved on
+    │   ├── StreamNotFound (LookupError)         no such stream (or it was deleted)
+    │   └── UpcastError                          an old event has no path to today's shape
     └── ResilienceError
         ├── CircuitOpenError                     the breaker rejected the call
         ├── BulkheadFullError                    no slot and no room in the queue
@@ -124,6 +128,36 @@ class LeaseLost(SagaError):
     """This process no longer owns the saga; its write was rejected (fencing)."""
 
 
+# --- events -------------------------------------------------------------------------
+
+
+class EventStoreError(SeamworkError):
+    """Base of event store and projection errors."""
+
+
+class WrongExpectedVersion(EventStoreError):
+    """An append's expected version did not match the stream; nothing was written.
+
+    ``actual`` is the stream's version when the append was tried (-1: no stream).
+    """
+
+    def __init__(self, stream: str, expected: int | str, actual: int) -> None:
+        super().__init__(
+            f"stream {stream!r}: expected version {expected}, but the stream is at {actual}"
+        )
+        self.stream = stream
+        self.expected = expected
+        self.actual = actual
+
+
+class StreamNotFound(EventStoreError, LookupError):
+    """The stream does not exist, or it was deleted."""
+
+
+class UpcastError(EventStoreError):
+    """A stored event's (type, schema_version) has no upcaster to the current shape."""
+
+
 # --- resilience -------------------------------------------------------------------
 
 
@@ -158,6 +192,7 @@ __all__ = [
     "ConfigError",
     "CorruptRecord",
     "CorruptSagaError",
+    "EventStoreError",
     "InvalidSagaOperation",
     "LeaseLost",
     "RateLimitedError",
@@ -173,5 +208,8 @@ __all__ = [
     "StoreError",
     "StoreLocked",
     "StoreUnavailable",
+    "StreamNotFound",
     "UnknownSagaError",
+    "UpcastError",
+    "WrongExpectedVersion",
 ]
