@@ -50,15 +50,10 @@ def clock_time(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
 
 
-def ago(at: float, now: float) -> str:
-    seconds = max(0.0, now - at)
-    if seconds < 60:
-        return f"{seconds:.0f}s ago"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m ago"
-    if seconds < 86400:
-        return f"{seconds / 3600:.0f}h ago"
-    return f"{seconds / 86400:.0f}d ago"
+def short_time(at: float, now: float) -> str:
+    """``HH:MM:SS`` for today, the date too for older times."""
+    today = time.localtime(now)[:3] == time.localtime(at)[:3]
+    return time.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M", time.localtime(at))
 
 
 def sagas_table(states: Sequence[SagaState], now: float) -> Table:
@@ -67,18 +62,16 @@ def sagas_table(states: Sequence[SagaState], now: float) -> Table:
     table.add_column("id", style="bold", no_wrap=True)
     table.add_column("saga", no_wrap=True)
     table.add_column("status", no_wrap=True)
-    table.add_column("step", justify="right")
-    table.add_column("done/undone", justify="right")
-    table.add_column("updated", no_wrap=True)
-    table.add_column("failure", overflow="fold")
+    table.add_column("step", justify="right", min_width=4)
+    table.add_column("updated", min_width=8)
+    table.add_column("failure", overflow="fold", min_width=12, ratio=1)
     for s in states:
         table.add_row(
             s.saga_id,
             f"{s.saga_name} v{s.saga_version}",
             status_text(s.status),
             str(s.current_step_index),
-            f"{len(s.completed_steps)}/{len(s.compensated_steps)}",
-            f"{clock_time(s.updated_at)} ({ago(s.updated_at, now)})",
+            short_time(s.updated_at, now),
             s.failure_reason or "",
         )
     return table
@@ -102,7 +95,7 @@ def _header(state: SagaState) -> Panel:
         grid.add_row("deadline", clock_time(state.deadline_at))
     if state.failure_reason:
         grid.add_row("failure", Text(state.failure_reason, style="red"))
-    if state.lease_owner:
+    if state.lease_owner and state.status.active:
         grid.add_row(
             "lease", f"{state.lease_owner} until {clock_time(state.lease_expires_at or 0)}"
         )
@@ -116,7 +109,7 @@ def timeline_table(state: SagaState, timeline: Sequence[StepEvent]) -> Table:
     table.add_column("event", no_wrap=True)
     table.add_column("step", no_wrap=True)
     table.add_column("attempt", justify="right")
-    table.add_column("detail", overflow="fold")
+    table.add_column("detail", overflow="fold", min_width=16, ratio=1)
     for event in timeline:
         style = EVENT_STYLE.get(event.event, "")
         table.add_row(

@@ -33,7 +33,9 @@ def emit(event: str, **fields: Any) -> None:
 
 
 def _alert(state: SagaState) -> None:
-    emit("stuck", saga_id=state.saga_id, reason=state.failure_reason)
+    gave_up = ", ".join(f"{step} x{n}" for step, n in state.compensation_attempts.items())
+    reason = f"compensation failed ({gave_up}) after {state.failure_reason}"
+    emit("stuck", saga_id=state.saga_id, reason=reason)
 
 
 async def _drive(orch: SagaOrchestrator, order: Order, slots: asyncio.Semaphore) -> None:

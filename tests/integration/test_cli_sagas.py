@@ -1,0 +1,224 @@
+"""``seamwork sagas list|show|retry|abort`` against a real SQLite saga store.
+
+A stuck saga is made the honest way: a real orchestrator runs a saga whose
+compensation keeps failing. ``retry`` then runs from another process (the CLI)
+while a second orchestrator - whose compensation now works - holds the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from seamwork.cli import app
+from seamwork.saga import Saga, SagaOrchestrator, SagaRun, SagaState, Step, StepContext, StepFailed
+from seamwork.storage import SQLiteStore
+
+
+class Bank:
+    """A compensation that fails while ``broken`` is set."""
+
+    def __init__(self) -> None:
+        self.broken = True
+        self.refunds: list[str] = []
+
+    def saga(self) -> Saga:
+        async def debit(ctx: StepContext) -> dict[str, int]:
+            return {"debited": 10}
+
+        async def undo_debit(ctx: StepContext) -> None:
+            if self.broken:
+                raise RuntimeError("ledger unreachable")
+            self.refunds.append(ctx.idempotency_key)
+
+        async def credit(ctx: StepContext) -> None:
+            raise StepFailed("account closed")
+
+        return Saga(
+            "transfer",
+            steps=[Step("debit", debit, compensate=undo_debit, timeout=5), Step("credit", credit)],
+            max_compensation_attempts=2,
+            compensation_backoff=0.0,
+        )
+
+
+async def make_sagas(db: Path, bank: Bank) -> dict[str, SagaState]:
+    """One stuck saga (``t-stuck``) and one that completed... as far as it could: failed."""
+    async with SagaOrchestrator(SQLiteStore(db), [bank.saga()]) as orch:
+        stuck = await (await orch.start("transfer", {"amount": 10}, saga_id="t-stuck")).wait()
+    bank.broken = False
+    async with SagaOrchestrator(SQLiteStore(db), [bank.saga()]) as orch:
+        done = await (await orch.start("transfer", {"amount": 5}, saga_id="t-failed")).wait()
+    bank.broken = True
+    return {"stuck": stuck, "failed": done}
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "sagas.db"
+    states = asyncio.run(make_sagas(path, Bank()))
+    assert states["stuck"].status.value == "stuck"
+    assert states["failed"].status.value == "failed"
+    return path
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_list_shows_sagas_with_status_and_failure(db: Path) -> None:
+    code, out, _ = invoke("sagas", "list", "--db", str(db))
+    assert code == 0
+    assert "t-stuck" in out
+    assert "t-failed" in out
+    assert "transfer v1" in out
+    assert "account closed" in out
+
+
+def test_list_filters_by_status_and_prints_json(db: Path) -> None:
+    code, out, _ = invoke("sagas", "list", "--db", str(db), "--status", "stuck", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["saga_id"] for r in rows] == ["t-stuck"]
+    assert rows[0]["compensation_attempts"] == {"debit": 2}
+
+
+def test_list_filters_by_name_and_limit(db: Path) -> None:
+    code, out, _ = invoke("sagas", "list", "--db", str(db), "--name", "nope", "--json")
+    assert code == 0
+    assert json.loads(out) == []
+    code, out, _ = invoke("sagas", "list", "--db", str(db), "--limit", "1", "--json")
+    assert len(json.loads(out)) == 1
+
+
+def test_show_draws_the_timeline_and_the_state(db: Path) -> None:
+    code, out, _ = invoke("sagas", "show", "t-stuck", "--db", str(db))
+    assert code == 0
+    for text in ("timeline", "completed", "failed", "compensation_failed", "stuck", "+0."):
+        assert text in out
+    assert "ledger unreachable" in out
+    assert "to compensate" in out
+
+
+def test_show_json_has_the_state_and_the_timeline_in_order(db: Path) -> None:
+    code, out, _ = invoke("sagas", "show", "t-stuck", "--db", str(db), "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["saga"]["status"] == "stuck"
+    events = [e["event"] for e in doc["timeline"]]
+    assert events[0] == "saga_started"
+    assert events[-2:] == ["compensation_failed", "stuck"]
+    assert all(e["offset"] >= 0 for e in doc["timeline"])
+
+
+async def test_retry_from_the_cli_is_finished_by_a_running_orchestrator(db: Path) -> None:
+    bank = Bank()
+    bank.broken = False
+    orch = SagaOrchestrator(SQLiteStore(db), [bank.saga()], recovery_interval=0.05)
+    async with orch:
+        code, out, err = await run_cli("sagas", "retry", "t-stuck", "--db", str(db))
+        assert code == 0, err
+        assert "compensating" in out
+        async with asyncio.timeout(10):
+            state = await SagaRun(orch, "t-stuck").wait()
+    assert state.status.value == "failed"
+    assert state.compensated_steps == ("debit",)
+    assert bank.refunds == ["t-stuck:debit:compensate"]
+    timeline = await read_timeline(db, "t-stuck")
+    assert [e for e in timeline if e in ("stuck", "retried", "compensated", "saga_failed")] == [
+        "stuck",
+        "retried",
+        "compensated",
+        "saga_failed",
+    ]
+
+
+def test_abort_marks_a_stuck_saga_failed_with_the_reason(db: Path) -> None:
+    code, out, _ = invoke(
+        "sagas", "abort", "t-stuck", "--db", str(db), "--reason", "refunded by hand"
+    )
+    assert code == 0
+    assert "failed" in out
+    state = asyncio.run(read_state(db, "t-stuck"))
+    assert state.status.value == "failed"
+    assert state.failure_reason is not None
+    assert "refunded by hand" in state.failure_reason
+    assert state.compensated_steps == ()
+    assert "aborted" in asyncio.run(read_timeline(db, "t-stuck"))
+
+
+@pytest.mark.parametrize("command", ["show", "retry", "abort"])
+def test_an_unknown_id_is_a_one_line_error(db: Path, command: str) -> None:
+    code, out, err = invoke("sagas", command, "no-such-saga", "--db", str(db))
+    assert code == 1
+    assert err.strip() == f"error: no saga with id 'no-such-saga' in {db}"
+    assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("command", ["retry", "abort"])
+def test_a_saga_that_is_not_stuck_is_refused_and_left_alone(db: Path, command: str) -> None:
+    code, _, err = invoke("sagas", command, "t-failed", "--db", str(db))
+    assert code == 1
+    assert "saga 't-failed' is failed; only a stuck saga can be" in err
+    assert asyncio.run(read_state(db, "t-failed")).status.value == "failed"
+
+
+@pytest.mark.parametrize("command", [["list"], ["show", "x"], ["retry", "x"], ["abort", "x"]])
+def test_a_missing_database_is_exit_2_and_not_created(tmp_path: Path, command: list[str]) -> None:
+    missing = tmp_path / "nope.db"
+    code, _, err = invoke("sagas", *command, "--db", str(missing))
+    assert code == 2
+    assert err.strip() == f"error: no saga database at {missing}"
+    assert not missing.exists()
+
+
+def test_an_unknown_status_is_a_usage_error(db: Path) -> None:
+    code, _, err = invoke("sagas", "list", "--db", str(db), "--status", "bogus")
+    assert code == 2
+    assert "bogus" in err
+
+
+def test_the_db_can_come_from_the_environment(db: Path) -> None:
+    result = CliRunner().invoke(app, ["sagas", "list", "--json"], env={"SEAMWORK_DB": str(db)})
+    assert result.exit_code == 0
+    assert len(json.loads(result.stdout)) == 2
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    """The CLI as a separate process, as an operator would run it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "seamwork.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    return await process.wait(), out.decode(), err.decode()
+
+
+async def read_state(db: Path, saga_id: str) -> SagaState:
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        state = await store.get(saga_id)
+    finally:
+        await store.aclose()
+    assert state is not None
+    return state
+
+
+async def read_timeline(db: Path, saga_id: str) -> list[str]:
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        return [e.event for e in await store.timeline(saga_id)]
+    finally:
+        await store.aclose()
