@@ -80,7 +80,11 @@ def summary_table(demo: DemoRun) -> Table:
     table.add_row("[red]stuck (alert fired)", f"{statuses['stuck']}  ({len(demo.alerts)} alerts)")
     table.add_row("saga latency p50 / p99", f"{_ms(latencies, 0.5)} / {_ms(latencies, 0.99)}")
     table.add_row("killed (SIGKILL) after", f"{demo.killed_after} finished orders")
-    table.add_row("in flight at the kill", str(len(recovery.in_flight)))
+    running = len(recovery.in_flight) - recovery.compensating
+    table.add_row(
+        "in flight at the kill",
+        f"{len(recovery.in_flight)}  ({running} running, {recovery.compensating} compensating)",
+    )
     table.add_row("recovery: resumed", _seconds(recovery.resume_seconds, "after restart"))
     table.add_row(
         "recovery: all in-flight done", _seconds(recovery.finish_seconds, "after restart")

@@ -24,8 +24,9 @@ SAGA_NAME = "order"
 WAREHOUSES = ("W-01", "W-02", "W-03", "W-04")
 SKUS = tuple(f"SKU-{n}" for n in range(1, 8))
 STEP_NAMES = ("reserve_inventory", "charge_payment", "ship_order", "send_confirmation")
-SHIP_TIMEOUT = 0.25
-"""The slow carrier answers after ``slow_answer`` (1 s): well past this."""
+SHIP_TIMEOUT = 1.0
+"""The slow carrier answers after ``slow_answer`` (3 s): well past this; a normal
+shipment takes milliseconds, so a loaded machine does not time one out by accident."""
 
 
 def saga_id(order_id: str) -> str:

@@ -79,6 +79,7 @@ class Recovery:
     """What the kill left behind and how fast the new process dealt with it."""
 
     in_flight: list[str] = field(default_factory=list)
+    compensating: int = 0
     restarted_at: float = 0.0
     resumed_at: float | None = None
     resumed: int = 0
@@ -123,7 +124,9 @@ async def run_scenario(config: DemoConfig, reporter: Reporter) -> DemoRun:
         finished: set[str] = set()
         demo.started_at = time.time()
         await _first_orchestrator(demo, finished, reporter)
-        demo.recovery.in_flight = [s.saga_id for s in await _active(store, config.orders)]
+        active = await _active(store, config.orders)
+        demo.recovery.in_flight = [s.saga_id for s in active]
+        demo.recovery.compensating = sum(s.status is SagaStatus.COMPENSATING for s in active)
         await _second_orchestrator(demo, finished, reporter)
         demo.finished_at = time.time()
         await _read_back(demo, store)

@@ -203,7 +203,7 @@ class ShippingService(_Service):
         "CREATE INDEX IF NOT EXISTS shipments_by_order ON shipments(order_id)",
     )
 
-    def __init__(self, path: str | Path, *, slow_answer: float = 1.0) -> None:
+    def __init__(self, path: str | Path, *, slow_answer: float = 3.0) -> None:
         super().__init__(path)
         self.slow_answer = slow_answer
 
@@ -264,7 +264,7 @@ class Services:
     notification: NotificationService
 
     @classmethod
-    def in_directory(cls, directory: str | Path, *, slow_answer: float = 1.0) -> Services:
+    def in_directory(cls, directory: str | Path, *, slow_answer: float = 3.0) -> Services:
         base = Path(directory)
         return cls(
             InventoryService(base / "inventory.db"),
