@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from seamwork.demo import DemoConfig, DemoRun
 from seamwork.demo.invariants import check_all, gather_evidence
 from seamwork.demo.saga import make_orders
+from seamwork.demo.scenario import DemoConfig, DemoRun
 from seamwork.storage import SQLiteStore
 
 ORDERS = 60

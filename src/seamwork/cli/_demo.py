@@ -29,7 +29,8 @@ def demo(
 
     Exits non-zero if an invariant does not hold in the services' own databases.
     """
-    from seamwork.demo import DemoConfig, DemoError, run_demo
+    from seamwork.demo.run import run_demo
+    from seamwork.demo.scenario import DemoConfig, DemoError
 
     console = Console(highlight=False)
     config = DemoConfig(directory.absolute(), orders, concurrency, kill_at)

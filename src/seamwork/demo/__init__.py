@@ -1,59 +1,12 @@
 """``seamwork demo``: the order system's sagas, killed mid-run and recovered.
 
-``run_demo`` runs the scenario (``scenario``) against four services that each own
-a SQLite database (``services``), prints a summary and checks the invariants
-against the services' own tables and ledgers (``invariants``). It returns the exit
-status: 0 only when every invariant holds.
+* ``services``: inventory, payment, shipping, notification - one SQLite database
+  and one ``IdempotencyLedger`` each;
+* ``saga``: the order saga and the scenario's orders;
+* ``worker``: the orchestrator process (``python -m seamwork.demo.worker``);
+* ``scenario``: spawns it, SIGKILLs it mid-run, spawns the one that recovers;
+* ``invariants``: checks the outcome against the services' own databases;
+* ``run``: ``run_demo``, what ``seamwork demo`` calls; ``report`` shows it.
+
+Nothing is imported here, so the worker process starts light.
 """
-
-from __future__ import annotations
-
-import asyncio
-import shlex
-
-from rich.console import Console
-
-from seamwork.demo.invariants import Check, check_all, gather_evidence
-from seamwork.demo.report import RichReporter, checks_table, stuck_ids, summary_table
-from seamwork.demo.scenario import DemoConfig, DemoError, DemoRun, run_scenario
-
-__all__ = ["Check", "DemoConfig", "DemoError", "DemoRun", "run_demo"]
-
-
-def run_demo(config: DemoConfig, console: Console) -> int:
-    """Run the demo, print what happened; 0 when every invariant held, 1 otherwise."""
-    console.print(
-        f"[bold]seamwork demo[/]: {config.orders} orders through the order saga "
-        "(inventory, payment, shipping, notification: one SQLite database each)"
-    )
-    with RichReporter(console, config.orders) as reporter:
-        demo = asyncio.run(run_scenario(config, reporter))
-    checks = asyncio.run(_check(demo))
-    console.print(summary_table(demo))
-    console.print(checks_table(checks))
-    failed = [c for c in checks if not c.ok]
-    _print_where(console, config, demo)
-    if failed:
-        console.print(f"[bold red]{len(failed)} of {len(checks)} invariants FAILED")
-        return 1
-    console.print(f"[bold green]all {len(checks)} invariants checked and hold")
-    return 0
-
-
-async def _check(demo: DemoRun) -> list[Check]:
-    evidence = await gather_evidence(demo.config.directory, demo.orders)
-    return check_all(demo, evidence)
-
-
-def _print_where(console: Console, config: DemoConfig, demo: DemoRun) -> None:
-    db = shlex.quote(str(config.sagas_db))
-    console.print(
-        f"\nFiles left in [bold]{config.directory}[/] (sagas.db, one .db per service, logs)"
-    )
-    console.print("Inspect them:")
-    console.print(f"  seamwork sagas list --db {db}", markup=False)
-    stuck = stuck_ids(demo)
-    if stuck:
-        console.print(f"  seamwork sagas list --db {db} --status stuck", markup=False)
-        console.print(f"  seamwork sagas show {stuck[0]} --db {db}", markup=False)
-        console.print(f"  seamwork sagas abort {stuck[0]} --db {db}", markup=False)

@@ -21,6 +21,7 @@ from seamwork.demo.services import (
 from seamwork.saga import Retry, Saga, Step, StepContext, StepFailed
 
 SAGA_NAME = "order"
+SAGAS_DB = "sagas.db"
 WAREHOUSES = ("W-01", "W-02", "W-03", "W-04")
 SKUS = tuple(f"SKU-{n}" for n in range(1, 8))
 STEP_NAMES = ("reserve_inventory", "charge_payment", "ship_order", "send_confirmation")

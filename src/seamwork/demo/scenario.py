@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from seamwork.demo.saga import make_orders, stock_locations
+from seamwork.demo.saga import SAGAS_DB, make_orders, stock_locations
 from seamwork.demo.services import INITIAL_STOCK, Order, Services
-from seamwork.demo.worker import SAGAS_DB
 from seamwork.saga import SagaState, SagaStatus, StepEvent
 from seamwork.storage import SQLiteStore
 

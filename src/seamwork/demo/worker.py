@@ -18,12 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from seamwork.demo.saga import SAGA_NAME, make_orders, order_saga, saga_id
+from seamwork.demo.saga import SAGA_NAME, SAGAS_DB, make_orders, order_saga, saga_id
 from seamwork.demo.services import Order, Services
 from seamwork.saga import SagaOrchestrator, SagaRun, SagaState
 from seamwork.storage import SQLiteStore
-
-SAGAS_DB = "sagas.db"
 
 
 def emit(event: str, **fields: Any) -> None:
