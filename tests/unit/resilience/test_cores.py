@@ -1,0 +1,167 @@
+"""Stateful tests of the bulkhead, rate limiter and retry budget cores."""
+
+import math
+from collections import deque
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from seamwork.resilience._budget import BudgetCore
+from seamwork.resilience._bulkhead import Admission
+from seamwork.resilience._ratelimit import Gcra
+
+FAST = settings(max_examples=100, stateful_step_count=50, deadline=None)
+
+
+class AdmissionRules(RuleBasedStateMachine):
+    """Model: a set of running callers and a FIFO of waiting ones."""
+
+    @initialize(limit=st.integers(1, 4), queue=st.integers(0, 4))
+    def setup(self, limit: int, queue: int) -> None:
+        self.core: Admission[int] = Admission(limit, queue)
+        self.limit, self.queue_limit = limit, queue
+        self.running: list[int] = []
+        self.waiting: deque[int] = deque()
+        self.next_id = 0
+
+    @rule()
+    def arrive(self) -> None:
+        caller, self.next_id = self.next_id, self.next_id + 1
+        if self.core.try_enter():
+            assert len(self.running) < self.limit and not self.waiting
+            self.running.append(caller)
+        elif self.core.enqueue(caller):
+            self.waiting.append(caller)
+        else:
+            assert len(self.waiting) == self.queue_limit
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def finish(self, data: st.DataObject) -> None:
+        self.running.remove(data.draw(st.sampled_from(self.running)))
+        successor = self.core.leave()
+        if self.waiting:
+            assert successor == self.waiting.popleft(), "slots are handed over in FIFO order"
+            self.running.append(successor)
+        else:
+            assert successor is None
+
+    @precondition(lambda self: self.waiting)
+    @rule(data=st.data())
+    def give_up(self, data: st.DataObject) -> None:
+        caller = data.draw(st.sampled_from(list(self.waiting)))
+        assert self.core.abandon(caller)
+        self.waiting.remove(caller)
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def give_up_too_late(self, data: st.DataObject) -> None:
+        assert not self.core.abandon(data.draw(st.sampled_from(self.running)))
+
+    @invariant()
+    def never_over_the_limits(self) -> None:
+        assert self.core.active == len(self.running) <= self.limit
+        assert list(self.core.queue) == list(self.waiting)
+        assert len(self.core.queue) <= self.queue_limit
+        assert not self.waiting or self.core.active == self.limit
+
+
+TestAdmission = AdmissionRules.TestCase
+TestAdmission.settings = FAST
+
+
+class GcraRules(RuleBasedStateMachine):
+    """Every interval [t_i, t_j] between admissions holds <= rate * (t_j - t_i) + burst."""
+
+    @initialize(rate=st.sampled_from([0.5, 1.0, 3.0, 10.0, 7.3]), burst=st.integers(1, 6))
+    def setup(self, rate: float, burst: int) -> None:
+        self.core, self.rate, self.burst = Gcra(rate, burst), rate, burst
+        self.now = 0.0
+        self.admitted: list[tuple[float, int]] = []
+
+    @rule(seconds=st.floats(0.0, 2.0))
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule(cost=st.integers(1, 3), max_wait=st.sampled_from([0.0, 0.0, 0.3, 1.0]))
+    def take(self, cost: int, max_wait: float) -> None:
+        cost = min(cost, self.burst)
+        wait = self.core.reserve(self.now, cost, max_wait)
+        if wait is not None:
+            assert 0.0 <= wait <= max_wait + 1e-6
+            self.admitted.append((self.now + wait, cost))
+
+    @invariant()
+    def no_interval_exceeds_rate_times_length_plus_burst(self) -> None:
+        starts = sorted(self.admitted)
+        for i, (t_i, _) in enumerate(starts):
+            total = 0
+            for t_j, cost in starts[i:]:
+                total += cost
+                assert total <= self.rate * (t_j - t_i) + self.burst + 1e-6
+
+
+TestGcra = GcraRules.TestCase
+TestGcra.settings = FAST
+
+
+def test_gcra_admits_exactly_a_burst_from_idle_then_the_rate() -> None:
+    core = Gcra(rate=10.0, burst=5)
+    assert [core.reserve(100.0) is not None for _ in range(6)] == [True] * 5 + [False]
+    assert core.reserve(100.1) is not None
+    assert core.reserve(100.1) is None
+
+
+class BudgetRules(RuleBasedStateMachine):
+    """The budget's counts equal a recount of the live window, and it obeys its rule."""
+
+    @initialize(ratio=st.sampled_from([0.1, 0.2, 0.5, 1.0]), floor=st.integers(0, 3))
+    def setup(self, ratio: float, floor: int) -> None:
+        self.core = BudgetCore(ratio, floor, window=10.0, buckets=5)
+        self.ratio, self.floor, self.width = ratio, floor, 2.0
+        self.now = 0.0
+        self.log: list[tuple[int, bool]] = []
+
+    def _live(self) -> tuple[int, int]:
+        head = math.floor(self.now / self.width)
+        live = [retry for index, retry in self.log if index > head - 5]
+        return live.count(False), live.count(True)
+
+    @rule(seconds=st.floats(0.0, 4.0))
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule()
+    def call(self) -> None:
+        self.core.record_call(self.now)
+        self.log.append((math.floor(self.now / self.width), False))
+
+    @rule()
+    def retry(self) -> None:
+        calls, retries = self._live()
+        allowed = self.core.try_spend(self.now)
+        assert allowed == (retries + 1 <= self.ratio * calls + self.floor)
+        if allowed:
+            self.log.append((math.floor(self.now / self.width), True))
+
+    @invariant()
+    def counts_match_the_live_window(self) -> None:
+        assert self.core.counts(self.now) == self._live()
+
+
+TestBudget = BudgetRules.TestCase
+TestBudget.settings = FAST
+
+
+def test_budget_holds_under_sustained_failure() -> None:
+    core = BudgetCore(ratio=0.2, min_retries=5, window=10.0, buckets=10)
+    calls = retries = 0
+    for tick in range(20_000):  # 200 s at 100 calls/s; every call fails and wants 2 retries
+        now = tick / 100
+        core.record_call(now)
+        calls += 1
+        retries += sum(core.try_spend(now) for _ in range(2))
+    windows = 200 / 10 + 1
+    assert retries <= 0.2 * calls + 5 * windows
+    assert retries >= 0.19 * calls  # the budget is spent, not starved
