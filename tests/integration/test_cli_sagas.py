@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -222,3 +223,25 @@ async def read_timeline(db: Path, saga_id: str) -> list[str]:
         return [e.event for e in await store.timeline(saga_id)]
     finally:
         await store.aclose()
+
+
+def test_a_file_that_is_not_a_database_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    path.write_text("not sqlite at all\n")
+    code, out, err = invoke("sagas", "list", "--db", str(path))
+    assert code == 1
+    assert err.strip() == f"error: cannot open saga store {path}: file is not a database"
+    assert "Traceback" not in out + err
+
+
+def test_a_corrupt_row_is_named_and_left_alone(db: Path) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE seamwork_sagas SET context = '[1, 2' WHERE saga_id = 't-stuck'")
+    code, _, err = invoke("sagas", "show", "t-stuck", "--db", str(db))
+    assert code == 1
+    assert err.startswith("error: saga 't-stuck' is corrupt")
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = invoke("sagas", "retry", "t-stuck", "--db", str(db))
+    assert code == 1
+    code, out, _ = invoke("sagas", "list", "--db", str(db), "--json")
+    assert [r["saga_id"] for r in json.loads(out)] == ["t-failed"]

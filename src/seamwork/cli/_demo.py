@@ -10,7 +10,9 @@ from rich.console import Console
 
 
 def demo(
-    orders: Annotated[int, typer.Option("--orders", min=1, help="How many orders.")] = 300,
+    orders: Annotated[
+        int, typer.Option("--orders", min=20, help="How many orders (at least 20).")
+    ] = 300,
     directory: Annotated[
         Path,
         typer.Option("--dir", help="Where the databases and logs are left (replaced each run)."),
