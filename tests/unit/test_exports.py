@@ -39,7 +39,12 @@ def test_saga_exports() -> None:
 
 
 def test_storage_and_testing_exports() -> None:
-    assert seamwork.storage.__all__ == ["SQLiteLedger", "SQLiteStore"]
+    assert seamwork.storage.__all__ == [
+        "SQLiteEventStore",
+        "SQLiteLedger",
+        "SQLiteReadModel",
+        "SQLiteStore",
+    ]
     assert "ManualClock" in seamwork.testing.__all__
 
 

@@ -1,0 +1,120 @@
+"""Events as they go in (``NewEvent``) and as they come out (``RecordedEvent``).
+
+Versions count within a stream from 0 (a stream's first event has version 0).
+Positions order the whole store (``$all``): strictly increasing in the order
+readers may see events, so a checkpoint is simply the last position handled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from seamwork._core.ids import new_id
+from seamwork.errors import ConfigError
+
+ANY: Final = "any"
+"""Append whatever the stream's version is."""
+NO_STREAM: Final = "no_stream"
+"""Append only if the stream does not exist yet (or was deleted)."""
+STREAM_EXISTS: Final = "stream_exists"
+"""Append only if the stream already has events."""
+
+ExpectedVersion = int | str
+"""An exact version (>= 0, the version of the stream's last event), or one of
+``ANY``, ``NO_STREAM``, ``STREAM_EXISTS``."""
+
+_EXPECTATIONS = frozenset({ANY, NO_STREAM, STREAM_EXISTS})
+
+
+def check_expected_version(expected: object) -> None:
+    """Raise ``ConfigError`` unless ``expected`` is a valid expected version."""
+    if isinstance(expected, bool):
+        raise ConfigError(f"expected_version must be an int >= 0 or a constant, got {expected!r}")
+    if isinstance(expected, int):
+        if expected < 0:
+            raise ConfigError(
+                f"expected_version must be >= 0 (or NO_STREAM for a new stream), got {expected}"
+            )
+        return
+    if expected not in _EXPECTATIONS:
+        raise ConfigError(
+            f"expected_version must be an int >= 0, ANY, NO_STREAM or STREAM_EXISTS, "
+            f"got {expected!r}"
+        )
+
+
+def check_stream_name(stream: object) -> str:
+    """Return ``stream`` if it is a usable stream name, else raise ``ConfigError``."""
+    if not isinstance(stream, str) or not stream.strip():
+        raise ConfigError(f"a stream name must be a non-empty string, got {stream!r}")
+    if stream.startswith("$"):
+        raise ConfigError(f"stream names starting with '$' are reserved, got {stream!r}")
+    return stream
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append.
+
+    Args:
+        type: the event's type name, e.g. ``"OrderShipped"``.
+        data: a JSON-serializable mapping.
+        metadata: JSON-serializable extra facts (correlation id, user, ...).
+        id: a unique id (default: a fresh UUIDv7); appending the same id twice fails.
+        schema_version: the shape of ``data``; upcasters bring old shapes forward.
+    """
+
+    type: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    metadata: Mapping[str, Any] | None = None
+    id: str = field(default_factory=new_id)
+    schema_version: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.type, str) or not self.type.strip():
+            raise ConfigError(f"an event type must be a non-empty string, got {self.type!r}")
+        if not isinstance(self.data, Mapping):
+            raise ConfigError(
+                f"event {self.type!r}: data must be a mapping, got {type(self.data).__name__}"
+            )
+        if self.metadata is not None and not isinstance(self.metadata, Mapping):
+            raise ConfigError(f"event {self.type!r}: metadata must be a mapping or None")
+        if isinstance(self.schema_version, bool) or not isinstance(self.schema_version, int):
+            raise ConfigError(f"event {self.type!r}: schema_version must be an int")
+        if self.schema_version < 1:
+            raise ConfigError(f"event {self.type!r}: schema_version must be >= 1")
+
+
+@dataclass(slots=True)
+class RecordedEvent:
+    """An event as stored: where it sits in its stream and in ``$all``."""
+
+    stream: str
+    version: int
+    position: int
+    type: str
+    data: dict[str, Any]
+    metadata: dict[str, Any] | None
+    recorded_at: float
+    id: str
+    schema_version: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What an append wrote: the stream's new version and the last event's position."""
+
+    version: int
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """A stream's current version (-1: no events), metadata and deletion mark."""
+
+    stream: str
+    version: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+    deleted: bool = False

@@ -1,0 +1,248 @@
+"""CQRS read models: ``Projection`` (what to do with each event type) and
+``ProjectionRunner`` (feed it every event of ``$all``, exactly once in effect).
+
+Theory of operation
+-------------------
+The runner reads ``$all`` in pages after its checkpoint and hands each page to the
+read model store, which - in ONE transaction of the read model's database - applies
+every event in its own savepoint and moves the checkpoint to the page's last
+position. A crash before the commit leaves neither the effects nor the checkpoint, so
+the page is simply done again: exactly-once effect when the read model lives in that
+database, at-least-once (idempotent handlers, please) for effects outside it.
+
+A handler that raises does not stop the projection. Its event is *parked* in a
+per-stream dead-letter table, and every later event of the same stream is parked
+behind it (so the stream's order is never broken), while other streams flow on.
+``parked()`` lists them; ``replay(stream)`` applies them again, in order, once fixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol, Self, TypeVar
+
+from seamwork.errors import ConfigError
+from seamwork.events._model import RecordedEvent
+from seamwork.events._store import EventStore
+
+log = logging.getLogger("seamwork.events")
+
+Handler = Callable[[Any, RecordedEvent, Any], None]
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def handles(*event_types: str) -> Callable[[F], F]:
+    """Mark a ``Projection`` method as the handler of ``event_types``:
+    ``def on_created(self, event, conn) -> None``."""
+    if not event_types:
+        raise ConfigError("handles() needs at least one event type")
+
+    def mark(fn: F) -> F:
+        fn.__seamwork_handles__ = event_types  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+class Projection:
+    """A read model fed by events. Subclass it, set ``name``, mark handlers with
+    ``@handles("OrderCreated")``, create tables in ``setup`` and empty them in
+    ``reset`` (for a rebuild). Handlers get the event and the read model's
+    connection, inside the transaction that also moves the checkpoint."""
+
+    name: str = ""
+
+    def __init__(self) -> None:
+        if not self.name:
+            raise ConfigError(f"{type(self).__name__} needs a name")
+        self.handlers: dict[str, Callable[[RecordedEvent, Any], None]] = {}
+        for attr in dir(type(self)):
+            method = getattr(self, attr)
+            for event_type in getattr(method, "__seamwork_handles__", ()):
+                if event_type in self.handlers:
+                    raise ConfigError(f"{self.name}: two handlers for {event_type!r}")
+                self.handlers[event_type] = method
+
+    def setup(self, conn: Any) -> None:
+        """Create the read model's tables (idempotently)."""
+
+    def reset(self, conn: Any) -> None:
+        """Empty the read model before a rebuild from position 0."""
+
+    def apply(self, event: RecordedEvent, conn: Any) -> None:
+        handler = self.handlers.get(event.type)
+        if handler is not None:
+            handler(event, conn)
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedEvent:
+    """An event a projection could not apply, or one queued behind it in its stream."""
+
+    projection: str
+    stream: str
+    position: int
+    event_type: str
+    error: str | None
+    parked_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    checkpoint: int
+    applied: int
+    parked: tuple[str, ...]
+
+
+class ReadModelStore(Protocol):
+    """Where read models live, with their checkpoints and dead letters."""
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def setup(self, projection: Projection) -> tuple[int, set[str]]:
+        """Create tables; return the checkpoint and the streams currently parked."""
+        ...
+
+    async def apply_batch(
+        self, projection: Projection, events: Sequence[RecordedEvent], parked: Collection[str]
+    ) -> BatchResult:
+        """Apply ``events`` and move the checkpoint, in one transaction."""
+        ...
+
+    async def reset(self, projection: Projection) -> None:
+        """Empty the read model, its checkpoint and its dead letters."""
+        ...
+
+    async def parked(self, projection: str) -> builtins.list[ParkedEvent]: ...
+
+    async def replay(
+        self, projection: Projection, stream: str, events: Sequence[RecordedEvent]
+    ) -> int:
+        """Apply a parked stream's events again in order; returns how many succeeded
+        (the rest stay parked)."""
+        ...
+
+
+class ProjectionRunner:
+    """Runs one projection over an event store into a read model store.
+
+    Use ``await runner.catch_up()`` to process everything committed so far, or
+    ``async with runner:`` to keep it live in the background.
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        projection: Projection,
+        read_model: ReadModelStore,
+        *,
+        batch_size: int = 1000,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.store = store
+        self.projection = projection
+        self.read_model = read_model
+        self.batch_size = batch_size
+        self.checkpoint = 0
+        self._parked: set[str] = set()
+        self._ready = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        await self._setup()
+        self._task = asyncio.create_task(self._run(), name=f"projection:{self.projection.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def catch_up(self) -> int:
+        """Apply every event committed so far; returns the new checkpoint."""
+        await self._setup()
+        while await self._step():
+            pass
+        return self.checkpoint
+
+    async def rebuild(self) -> int:
+        """Empty the read model and project everything again from position 0."""
+        await self.stop()
+        await self._setup()
+        await self.read_model.reset(self.projection)
+        self.checkpoint, self._parked = 0, set()
+        return await self.catch_up()
+
+    async def parked(self) -> builtins.list[ParkedEvent]:
+        """The events parked for this projection, stream by stream, in order."""
+        return await self.read_model.parked(self.projection.name)
+
+    async def replay(self, stream: str) -> int:
+        """Apply ``stream``'s parked events again; returns how many now succeeded."""
+        await self._setup()
+        waiting = [p for p in await self.parked() if p.stream == stream]
+        if not waiting:
+            return 0
+        events = await self.store.read_stream(stream)
+        by_position = {e.position: e for e in events}
+        todo = [by_position[p.position] for p in waiting if p.position in by_position]
+        done = await self.read_model.replay(self.projection, stream, todo)
+        if done == len(waiting):
+            self._parked.discard(stream)
+        return done
+
+    async def _setup(self) -> None:
+        if not self._ready:
+            self.checkpoint, self._parked = await self.read_model.setup(self.projection)
+            self._ready = True
+
+    async def _step(self) -> bool:
+        events = await self.store.read_all(from_position=self.checkpoint, limit=self.batch_size)
+        if not events:
+            return False
+        result = await self.read_model.apply_batch(self.projection, events, self._parked)
+        for stream in result.parked:
+            if stream not in self._parked:
+                log.error("projection %s parked stream %s", self.projection.name, stream)
+        self._parked.update(result.parked)
+        self.checkpoint = result.checkpoint
+        return len(events) == self.batch_size
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if not await self._step():
+                    await self.store._wait_for_events(self.checkpoint)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("projection %s failed a batch; retrying", self.projection.name)
+                await asyncio.sleep(1.0)
+
+
+def summary_of(parked: Sequence[ParkedEvent]) -> Mapping[str, int]:
+    """Parked events per stream (for operators)."""
+    counts: dict[str, int] = {}
+    for event in parked:
+        counts[event.stream] = counts.get(event.stream, 0) + 1
+    return counts

@@ -1,0 +1,317 @@
+"""The ``EventStore`` port and what every adapter shares: replay, snapshots, upcasting,
+subscriptions.
+
+Adapters implement the storage primitives (append, raw reads, snapshots, a wait for
+new events); this base class builds the user-facing behaviour on them once, so the
+SQLite and PostgreSQL stores cannot drift apart. Factories (``EventStore.sqlite``,
+``EventStore.postgres``) load the adapter on first use, so the core imports no driver.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar, cast
+
+from seamwork.errors import ConfigError
+from seamwork.events._model import (
+    ANY,
+    AppendResult,
+    ExpectedVersion,
+    NewEvent,
+    RecordedEvent,
+    StreamInfo,
+    check_stream_name,
+)
+from seamwork.events._upcast import Upcasters
+
+S = TypeVar("S")
+Evolve = Callable[[S, RecordedEvent], S]
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshots(Generic[S]):
+    """How to snapshot one kind of state derived from a stream.
+
+    Args:
+        name: which state this is (a stream may feed several ``evolve`` functions);
+            change it when ``evolve`` changes meaning, so old snapshots are ignored.
+        every: write a snapshot when a load replayed at least this many events.
+        encode / decode: state <-> JSON-serializable value (default: as is).
+    """
+
+    name: str
+    every: int = 100
+    encode: Callable[[S], Any] = _identity
+    decode: Callable[[Any], S] = _identity
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("Snapshots.name must be a non-empty string")
+        if self.every < 1:
+            raise ConfigError(f"Snapshots.every must be >= 1, got {self.every}")
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded(Generic[S]):
+    """A state rebuilt from a stream, and the version it reflects (-1: no events)."""
+
+    state: S
+    version: int
+
+
+class EventStore(ABC):
+    """Append-only streams of events with optimistic concurrency and a global order.
+
+    Args:
+        upcasters: applied to every event read (and, with ``known_types``, checked on
+            every append).
+    """
+
+    def __init__(self, *, upcasters: Upcasters | None = None) -> None:
+        self.upcasters = upcasters or Upcasters()
+
+    # --- factories -------------------------------------------------------------------
+
+    @staticmethod
+    def sqlite(path: str | Path, **options: Any) -> EventStore:
+        """The embedded store in the SQLite file ``path`` (``synchronous="full"`` default)."""
+        return _adapter("seamwork.storage.sqlite_events", "SQLiteEventStore")(path, **options)
+
+    @staticmethod
+    def postgres(dsn: str, **options: Any) -> EventStore:
+        """A store in PostgreSQL (``pip install 'seamwork[postgres]'``)."""
+        return _adapter("seamwork.storage.postgres_events", "PostgresEventStore")(dsn, **options)
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and migrate the schema (safe when several processes start at once)."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Release connections and threads. Idempotent."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # --- writing ---------------------------------------------------------------------
+
+    @abstractmethod
+    async def append(
+        self,
+        stream: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: ExpectedVersion = ANY,
+    ) -> AppendResult:
+        """Append ``events`` to ``stream`` atomically, if it is at ``expected_version``.
+
+        The store computes the new versions from the stream's actual version; a
+        writer can never skip ahead and leave a gap.
+
+        Raises:
+            WrongExpectedVersion: the stream is elsewhere (carries ``actual``).
+            SerializationError: data or metadata is not JSON (nothing written).
+            ConfigError: empty stream name, bad expected version, unknown type.
+        """
+
+    @abstractmethod
+    async def set_stream_metadata(self, stream: str, metadata: Mapping[str, Any]) -> None:
+        """Replace the stream's metadata (a JSON object)."""
+
+    @abstractmethod
+    async def delete_stream(self, stream: str, *, expected_version: ExpectedVersion = ANY) -> None:
+        """Soft-delete: the stream reads as empty; appending again continues its versions.
+
+        Its events stay in ``$all`` (projections already saw them).
+        """
+
+    @abstractmethod
+    async def stream_info(self, stream: str) -> StreamInfo | None:
+        """Version, metadata and deletion mark of a stream, or None if it never existed."""
+
+    @abstractmethod
+    async def save_snapshot(self, stream: str, name: str, version: int, state: Any) -> None:
+        """Store ``state`` (JSON) as the ``name`` snapshot of ``stream`` at ``version``."""
+
+    @abstractmethod
+    async def load_snapshot(
+        self, stream: str, name: str, max_version: int
+    ) -> tuple[int, Any] | None:
+        """The newest ``name`` snapshot of ``stream`` at or below ``max_version``."""
+
+    # --- raw reads (adapters) --------------------------------------------------------
+
+    @abstractmethod
+    async def _read_stream(
+        self,
+        stream: str,
+        from_version: int,
+        to_version: int | None,
+        backwards: bool,
+        limit: int | None,
+    ) -> builtins.list[RecordedEvent]:
+        """Events of ``stream`` between the versions (inclusive), not upcast."""
+
+    @abstractmethod
+    async def _read_all(self, from_position: int, limit: int) -> builtins.list[RecordedEvent]:
+        """Events after ``from_position`` (exclusive) in ``$all`` order, not upcast; only
+        events no earlier-positioned, still-open transaction can precede (gap-safe)."""
+
+    @abstractmethod
+    async def _version_at(self, stream: str, when: float) -> int:
+        """The stream's version as of wall-clock time ``when`` (-1: none yet)."""
+
+    @abstractmethod
+    async def _wait_for_events(self, after_position: int) -> None:
+        """Return when events after ``after_position`` may exist (or a poll interval passed)."""
+
+    # --- reads -----------------------------------------------------------------------
+
+    async def read_stream(
+        self,
+        stream: str,
+        *,
+        from_version: int = 0,
+        to_version: int | None = None,
+        backwards: bool = False,
+        limit: int | None = None,
+    ) -> builtins.list[RecordedEvent]:
+        """A stream's events from ``from_version`` (forwards), or from ``to_version`` down
+        (``backwards=True``), upcast to their current shape."""
+        check_stream_name(stream)
+        if from_version < 0:
+            raise ConfigError(f"from_version must be >= 0, got {from_version}")
+        events = await self._read_stream(stream, from_version, to_version, backwards, limit)
+        return self._upcast_all(events)
+
+    async def read_all(
+        self, *, from_position: int = 0, limit: int = 1000
+    ) -> builtins.list[RecordedEvent]:
+        """Up to ``limit`` events after ``from_position`` (exclusive) in ``$all`` order."""
+        if from_position < 0:
+            raise ConfigError(f"from_position must be >= 0, got {from_position}")
+        if limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {limit}")
+        return self._upcast_all(await self._read_all(from_position, limit))
+
+    async def subscribe(
+        self, *, from_position: int = 0, batch_size: int = 500
+    ) -> AsyncIterator[RecordedEvent]:
+        """Every event after ``from_position``: the history first, then live, forever.
+
+        Events arrive in ``$all`` order, each once; a subscriber that stores the
+        position of the last event it handled resumes from there without a gap.
+        """
+        position = from_position
+        while True:
+            events = await self.read_all(from_position=position, limit=batch_size)
+            for event in events:
+                yield event
+                position = event.position
+            if len(events) < batch_size:
+                await self._wait_for_events(position)
+
+    async def load(
+        self,
+        stream: str,
+        evolve: Evolve[S],
+        initial: S,
+        *,
+        as_of_version: int | None = None,
+        as_of_time: float | None = None,
+        snapshots: Snapshots[S] | None = None,
+    ) -> S:
+        """The state of ``stream``: ``initial`` folded with ``evolve`` over its events.
+
+        ``as_of_version`` / ``as_of_time`` stop at an earlier point (time travel).
+        With ``snapshots``, replay starts at the newest usable snapshot, and a load
+        that replayed ``snapshots.every`` events or more writes a new one.
+        """
+        loaded = await self.load_versioned(
+            stream,
+            evolve,
+            initial,
+            as_of_version=as_of_version,
+            as_of_time=as_of_time,
+            snapshots=snapshots,
+        )
+        return loaded.state
+
+    async def load_versioned(
+        self,
+        stream: str,
+        evolve: Evolve[S],
+        initial: S,
+        *,
+        as_of_version: int | None = None,
+        as_of_time: float | None = None,
+        snapshots: Snapshots[S] | None = None,
+    ) -> Loaded[S]:
+        """Like ``load``, also returning the version the state reflects (for appends)."""
+        check_stream_name(stream)
+        if as_of_version is not None and as_of_time is not None:
+            raise ConfigError("give as_of_version or as_of_time, not both")
+        if as_of_version is not None and as_of_version < 0:
+            raise ConfigError(f"as_of_version must be >= 0, got {as_of_version}")
+        upper = as_of_version
+        if as_of_time is not None:
+            upper = await self._version_at(stream, as_of_time)
+            if upper < 0:
+                return Loaded(initial, -1)
+        state, version = initial, -1
+        if snapshots is not None:
+            found = await self.load_snapshot(
+                stream, snapshots.name, upper if upper is not None else 2**62
+            )
+            if found is not None:
+                version, state = found[0], snapshots.decode(found[1])
+        events = await self._read_stream(stream, version + 1, upper, False, None)
+        for event in self._upcast_all(events):
+            state = evolve(state, event)
+            version = event.version
+        if snapshots is not None and len(events) >= snapshots.every:
+            await self.save_snapshot(stream, snapshots.name, version, snapshots.encode(state))
+        return Loaded(state, version)
+
+    def _upcast_all(self, events: builtins.list[RecordedEvent]) -> builtins.list[RecordedEvent]:
+        if not self.upcasters._steps:
+            return events
+        return [self.upcasters.upcast(e) for e in events]
+
+    def _check_append(self, stream: str, events: Sequence[NewEvent]) -> None:
+        check_stream_name(stream)
+        if not events:
+            raise ConfigError(f"append to {stream!r} needs at least one event")
+        for event in events:
+            if not isinstance(event, NewEvent):
+                raise ConfigError(f"append takes NewEvent objects, got {type(event).__name__}")
+            self.upcasters.check_known(event.type)
+
+
+def _adapter(module: str, name: str) -> Callable[..., EventStore]:
+    try:
+        loaded = importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{exc}; pip install 'seamwork[postgres]'") from exc
+    return cast(Callable[..., EventStore], getattr(loaded, name))

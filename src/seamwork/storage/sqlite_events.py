@@ -1,0 +1,348 @@
+"""The embedded ``EventStore`` on SQLite.
+
+Appends go to ONE writer connection on its own thread, which group-commits
+concurrent appends: each append runs in its own SAVEPOINT of a shared transaction,
+so a version conflict rolls back only that append, and one fsync covers the batch
+(WAL, ``synchronous=FULL`` by default). Versions are computed by the writer from the
+stream's current version, inside the transaction: no gaps, no skipping ahead.
+
+``$all`` positions are SQLite rowids assigned inside the single write transaction,
+so commit order is position order and a reader can never see position N+1 before
+N: gap-safe by construction. Reads use a second connection on a reader thread, so
+a long catch-up read never holds up appends. Subscribers in this process are woken
+by each commit; other processes' appends are found by polling (``poll_interval``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from seamwork._core.codec import dumps, loads
+from seamwork.errors import ConfigError, CorruptRecord, EventStoreError, WrongExpectedVersion
+from seamwork.events._model import (
+    ANY,
+    NO_STREAM,
+    STREAM_EXISTS,
+    AppendResult,
+    ExpectedVersion,
+    NewEvent,
+    RecordedEvent,
+    StreamInfo,
+    check_expected_version,
+    check_stream_name,
+)
+from seamwork.events._store import EventStore
+from seamwork.events._upcast import Upcasters
+from seamwork.storage._sqlite_writer import Migration, SQLiteWriter, Synchronous
+
+EVENT_MIGRATIONS = (
+    Migration(
+        "events",
+        1,
+        (
+            """CREATE TABLE seamwork_events (
+                position INTEGER PRIMARY KEY,
+                stream TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                id TEXT NOT NULL,
+                type TEXT NOT NULL,
+                schema_version INTEGER NOT NULL,
+                data TEXT NOT NULL,
+                metadata TEXT,
+                recorded_at REAL NOT NULL
+            )""",
+            "CREATE UNIQUE INDEX seamwork_events_by_stream ON seamwork_events(stream, version)",
+            "CREATE UNIQUE INDEX seamwork_events_by_id ON seamwork_events(id)",
+            """CREATE TABLE seamwork_streams (
+                stream TEXT PRIMARY KEY,
+                version INTEGER NOT NULL,
+                truncate_before INTEGER NOT NULL DEFAULT 0,
+                deleted INTEGER NOT NULL DEFAULT 0,
+                metadata TEXT NOT NULL DEFAULT '{}'
+            ) WITHOUT ROWID""",
+            """CREATE TABLE seamwork_snapshots (
+                stream TEXT NOT NULL,
+                name TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                state TEXT NOT NULL,
+                PRIMARY KEY (stream, name, version)
+            ) WITHOUT ROWID""",
+        ),
+    ),
+)
+
+_COLUMNS = "position, stream, version, type, data, metadata, recorded_at, id, schema_version"
+_INSERT = (
+    "INSERT INTO seamwork_events "
+    "(stream, version, id, type, schema_version, data, metadata, recorded_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_STREAM = (
+    "INSERT INTO seamwork_streams (stream, version) VALUES (?, ?) "
+    "ON CONFLICT(stream) DO UPDATE SET version = excluded.version, deleted = 0"
+)
+
+
+def _satisfied(expected: ExpectedVersion, visible: int) -> bool:
+    if expected == ANY:
+        return True
+    if expected == NO_STREAM:
+        return visible == -1
+    if expected == STREAM_EXISTS:
+        return visible >= 0
+    return expected == visible
+
+
+def _decode(row: tuple[Any, ...]) -> RecordedEvent:
+    try:
+        return RecordedEvent(
+            row[1],
+            row[2],
+            row[0],
+            row[3],
+            loads(row[4]),
+            None if row[5] is None else loads(row[5]),
+            row[6],
+            row[7],
+            row[8],
+        )
+    except ValueError as exc:
+        raise CorruptRecord(f"event at position {row[0]}", str(exc)) from exc
+
+
+class SQLiteEventStore(EventStore):
+    """``EventStore`` in one SQLite file.
+
+    Args:
+        path: the database file; its directory must exist.
+        synchronous: ``"full"`` (default) or the named, less durable ``"normal"``.
+        upcasters: applied on read; with ``known_types``, checked on append.
+        poll_interval: seconds between looks for other processes' appends while a
+            subscription is live.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: Synchronous = "full",
+        upcasters: Upcasters | None = None,
+        poll_interval: float = 0.05,
+    ) -> None:
+        super().__init__(upcasters=upcasters)
+        if str(path) == ":memory:":
+            raise ConfigError(
+                "the SQLite event store needs a file (readers use their own connection)"
+            )
+        if poll_interval <= 0:
+            raise ConfigError(f"poll_interval must be > 0, got {poll_interval!r}")
+        self.path = str(path)
+        self._writer = SQLiteWriter(
+            path, synchronous=synchronous, migrations=EVENT_MIGRATIONS, name="event"
+        )
+        self._reader = SQLiteWriter(path, synchronous=synchronous, name="event-reader")
+        self._poll = poll_interval
+        self._appended: asyncio.Event | None = None
+        self._last_position = 0
+
+    def __repr__(self) -> str:
+        return f"SQLiteEventStore({self.path!r})"
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits
+
+    async def open(self) -> None:
+        await self._writer.start()
+        await self._reader.start()
+
+    async def aclose(self) -> None:
+        await self._reader.close()
+        await self._writer.close()
+
+    # --- writing ---------------------------------------------------------------------
+
+    async def append(
+        self,
+        stream: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: ExpectedVersion = ANY,
+    ) -> AppendResult:
+        self._check_append(stream, events)
+        check_expected_version(expected_version)
+        now = time.time()
+        encoded = [
+            (
+                e.id,
+                e.type,
+                e.schema_version,
+                dumps(e.data, what=f"data of {e.type!r} event"),
+                None if e.metadata is None else dumps(e.metadata, what=f"metadata of {e.type!r}"),
+            )
+            for e in events
+        ]
+
+        def append(conn: sqlite3.Connection) -> AppendResult:
+            row = conn.execute(
+                "SELECT version, deleted FROM seamwork_streams WHERE stream = ?", (stream,)
+            ).fetchone()
+            current = -1 if row is None else row[0]
+            visible = -1 if row is None or row[1] else current
+            if not _satisfied(expected_version, visible):
+                raise WrongExpectedVersion(stream, expected_version, visible)
+            rows = [
+                (stream, current + 1 + i, id_, type_, schema, data, meta, now)
+                for i, (id_, type_, schema, data, meta) in enumerate(encoded)
+            ]
+            try:
+                conn.executemany(_INSERT, rows)
+            except sqlite3.IntegrityError as exc:
+                raise EventStoreError(
+                    f"append to {stream!r} refused: an event id was already stored ({exc})"
+                ) from exc
+            position = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            version = current + len(rows)
+            conn.execute(_UPSERT_STREAM, (stream, version))
+            return AppendResult(version, position)
+
+        result = await self._writer.write(append)
+        self._wake(result.position)
+        return result
+
+    async def set_stream_metadata(self, stream: str, metadata: Mapping[str, Any]) -> None:
+        check_stream_name(stream)
+        if not isinstance(metadata, Mapping):
+            raise ConfigError(f"stream metadata must be a mapping, got {type(metadata).__name__}")
+        text = dumps(metadata, what=f"metadata of stream {stream!r}")
+        await self._writer.write(
+            lambda conn: conn.execute(
+                "INSERT INTO seamwork_streams (stream, version, metadata) VALUES (?, -1, ?) "
+                "ON CONFLICT(stream) DO UPDATE SET metadata = excluded.metadata",
+                (stream, text),
+            )
+        )
+
+    async def delete_stream(self, stream: str, *, expected_version: ExpectedVersion = ANY) -> None:
+        check_stream_name(stream)
+        check_expected_version(expected_version)
+
+        def delete(conn: sqlite3.Connection) -> None:
+            row = conn.execute(
+                "SELECT version, deleted FROM seamwork_streams WHERE stream = ?", (stream,)
+            ).fetchone()
+            visible = -1 if row is None or row[1] else row[0]
+            if not _satisfied(expected_version, visible):
+                raise WrongExpectedVersion(stream, expected_version, visible)
+            if visible < 0:
+                return
+            conn.execute(
+                "UPDATE seamwork_streams SET deleted = 1, truncate_before = version + 1 "
+                "WHERE stream = ?",
+                (stream,),
+            )
+
+        await self._writer.write(delete)
+
+    async def stream_info(self, stream: str) -> StreamInfo | None:
+        check_stream_name(stream)
+        row = await self._reader.read(
+            lambda conn: conn.execute(
+                "SELECT version, metadata, deleted FROM seamwork_streams WHERE stream = ?",
+                (stream,),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        version = -1 if row[2] else row[0]
+        return StreamInfo(stream, version, loads(row[1]), bool(row[2]))
+
+    async def save_snapshot(self, stream: str, name: str, version: int, state: Any) -> None:
+        text = dumps(state, what=f"snapshot {name!r} of {stream!r}")
+        await self._writer.write(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO seamwork_snapshots (stream, name, version, state) "
+                "VALUES (?, ?, ?, ?)",
+                (stream, name, version, text),
+            )
+        )
+
+    async def load_snapshot(
+        self, stream: str, name: str, max_version: int
+    ) -> tuple[int, Any] | None:
+        row = await self._reader.read(
+            lambda conn: conn.execute(
+                "SELECT s.version, s.state FROM seamwork_snapshots s "
+                "JOIN seamwork_streams t ON t.stream = s.stream "
+                "WHERE s.stream = ? AND s.name = ? AND s.version <= ? "
+                "AND s.version >= t.truncate_before ORDER BY s.version DESC LIMIT 1",
+                (stream, name, max_version),
+            ).fetchone()
+        )
+        return None if row is None else (row[0], loads(row[1]))
+
+    # --- raw reads ---------------------------------------------------------------------
+
+    async def _read_stream(
+        self,
+        stream: str,
+        from_version: int,
+        to_version: int | None,
+        backwards: bool,
+        limit: int | None,
+    ) -> builtins.list[RecordedEvent]:
+        upper = to_version if to_version is not None else 2**62
+        order = "DESC" if backwards else "ASC"
+        sql = (
+            f"SELECT {_COLUMNS} FROM seamwork_events WHERE stream = ? AND version >= ? "
+            "AND version <= ? AND version >= (SELECT coalesce(max(truncate_before), 0) "
+            "FROM seamwork_streams WHERE stream = ?) "
+            f"ORDER BY version {order} LIMIT ?"
+        )
+        params = (stream, from_version, upper, stream, -1 if limit is None else limit)
+
+        def read(conn: sqlite3.Connection) -> builtins.list[RecordedEvent]:
+            return [_decode(row) for row in conn.execute(sql, params)]
+
+        return await self._reader.read(read)
+
+    async def _read_all(self, from_position: int, limit: int) -> builtins.list[RecordedEvent]:
+        sql = f"SELECT {_COLUMNS} FROM seamwork_events WHERE position > ? ORDER BY position LIMIT ?"
+
+        def read(conn: sqlite3.Connection) -> builtins.list[RecordedEvent]:
+            return [_decode(row) for row in conn.execute(sql, (from_position, limit))]
+
+        return await self._reader.read(read)
+
+    async def _version_at(self, stream: str, when: float) -> int:
+        row = await self._reader.read(
+            lambda conn: conn.execute(
+                "SELECT max(version) FROM seamwork_events WHERE stream = ? AND recorded_at <= ?",
+                (stream, when),
+            ).fetchone()
+        )
+        return -1 if row is None or row[0] is None else int(row[0])
+
+    async def _wait_for_events(self, after_position: int) -> None:
+        if self._last_position > after_position:
+            return  # this process appended since; no await between check and wait
+        if self._appended is None:
+            self._appended = asyncio.Event()
+        appended = self._appended
+        try:
+            async with asyncio.timeout(self._poll):
+                await appended.wait()
+        except TimeoutError:
+            return
+
+    def _wake(self, position: int) -> None:
+        self._last_position = max(self._last_position, position)
+        appended, self._appended = self._appended, None
+        if appended is not None:
+            appended.set()

@@ -1,0 +1,196 @@
+"""Read models in SQLite: a projection's tables, its checkpoint and its dead letters in
+one database, written in one transaction per page of events (exactly-once effect).
+
+It may be the event store's own file or a separate one (the usual CQRS split: the
+query service owns its database). Handlers run on the writer thread with its
+``sqlite3.Connection``: plain, blocking SQL is right there.
+"""
+
+from __future__ import annotations
+
+import builtins
+import sqlite3
+import time
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+from seamwork.events._model import RecordedEvent
+from seamwork.events._projection import BatchResult, ParkedEvent, Projection
+from seamwork.storage._sqlite_writer import Migration, SQLiteWriter, Synchronous
+
+READ_MODEL_MIGRATIONS = (
+    Migration(
+        "projections",
+        1,
+        (
+            """CREATE TABLE seamwork_checkpoints (
+                projection TEXT PRIMARY KEY,
+                position INTEGER NOT NULL
+            ) WITHOUT ROWID""",
+            """CREATE TABLE seamwork_parked (
+                projection TEXT NOT NULL,
+                stream TEXT NOT NULL,
+                position INTEGER NOT NULL,
+                event_type TEXT NOT NULL,
+                error TEXT,
+                parked_at REAL NOT NULL,
+                PRIMARY KEY (projection, stream, position)
+            ) WITHOUT ROWID""",
+        ),
+    ),
+)
+
+_PARK = (
+    "INSERT OR REPLACE INTO seamwork_parked "
+    "(projection, stream, position, event_type, error, parked_at) VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+class SQLiteReadModel:
+    """``ReadModelStore`` in a SQLite file.
+
+    Args:
+        path: the read model's database file.
+        synchronous: ``"full"`` (default) or the named, less durable ``"normal"``.
+    """
+
+    def __init__(self, path: str | Path, *, synchronous: Synchronous = "full") -> None:
+        self.path = str(path)
+        self._writer = SQLiteWriter(
+            path, synchronous=synchronous, migrations=READ_MODEL_MIGRATIONS, name="read-model"
+        )
+
+    def __repr__(self) -> str:
+        return f"SQLiteReadModel({self.path!r})"
+
+    async def open(self) -> None:
+        await self._writer.start()
+
+    async def aclose(self) -> None:
+        await self._writer.close()
+
+    async def query(self, sql: str, params: Sequence[object] = ()) -> builtins.list[sqlite3.Row]:
+        """Run a read-only query against the read model (rows as ``sqlite3.Row``)."""
+
+        def run(conn: sqlite3.Connection) -> builtins.list[sqlite3.Row]:
+            cursor = conn.execute(sql, tuple(params))
+            cursor.row_factory = sqlite3.Row
+            return cursor.fetchall()
+
+        if not self._writer.running:
+            await self.open()
+        return await self._writer.read(run)
+
+    async def setup(self, projection: Projection) -> tuple[int, set[str]]:
+        if not self._writer.running:
+            await self.open()
+        name = projection.name
+
+        def setup(conn: sqlite3.Connection) -> tuple[int, set[str]]:
+            projection.setup(conn)
+            row = conn.execute(
+                "SELECT position FROM seamwork_checkpoints WHERE projection = ?", (name,)
+            ).fetchone()
+            parked = conn.execute(
+                "SELECT DISTINCT stream FROM seamwork_parked WHERE projection = ?", (name,)
+            )
+            return (0 if row is None else row[0], {r[0] for r in parked})
+
+        return await self._writer.write(setup)
+
+    async def apply_batch(
+        self, projection: Projection, events: Sequence[RecordedEvent], parked: Collection[str]
+    ) -> BatchResult:
+        name = projection.name
+        now = time.time()
+
+        def apply(conn: sqlite3.Connection) -> BatchResult:
+            newly: list[str] = []
+            blocked = set(parked)
+            applied = 0
+            for event in events:
+                if event.stream in blocked:
+                    conn.execute(_PARK, (name, event.stream, event.position, event.type, None, now))
+                    continue
+                error = _apply_in_savepoint(conn, projection, event)
+                if error is None:
+                    applied += 1
+                    continue
+                conn.execute(_PARK, (name, event.stream, event.position, event.type, error, now))
+                blocked.add(event.stream)
+                newly.append(event.stream)
+            _set_checkpoint(conn, name, events[-1].position)
+            return BatchResult(events[-1].position, applied, tuple(newly))
+
+        return await self._writer.write(apply)
+
+    async def reset(self, projection: Projection) -> None:
+        name = projection.name
+
+        def reset(conn: sqlite3.Connection) -> None:
+            projection.reset(conn)
+            conn.execute("DELETE FROM seamwork_checkpoints WHERE projection = ?", (name,))
+            conn.execute("DELETE FROM seamwork_parked WHERE projection = ?", (name,))
+
+        await self._writer.write(reset)
+
+    async def parked(self, projection: str) -> builtins.list[ParkedEvent]:
+        if not self._writer.running:
+            await self.open()
+        rows = await self._writer.read(
+            lambda conn: conn.execute(
+                "SELECT projection, stream, position, event_type, error, parked_at "
+                "FROM seamwork_parked WHERE projection = ? ORDER BY stream, position",
+                (projection,),
+            ).fetchall()
+        )
+        return [ParkedEvent(*row) for row in rows]
+
+    async def replay(
+        self, projection: Projection, stream: str, events: Sequence[RecordedEvent]
+    ) -> int:
+        name = projection.name
+
+        def replay(conn: sqlite3.Connection) -> int:
+            done = 0
+            for event in events:
+                error = _apply_in_savepoint(conn, projection, event)
+                if error is not None:
+                    conn.execute(
+                        "UPDATE seamwork_parked SET error = ? "
+                        "WHERE projection = ? AND stream = ? AND position = ?",
+                        (error, name, stream, event.position),
+                    )
+                    return done
+                conn.execute(
+                    "DELETE FROM seamwork_parked "
+                    "WHERE projection = ? AND stream = ? AND position = ?",
+                    (name, stream, event.position),
+                )
+                done += 1
+            return done
+
+        return await self._writer.write(replay)
+
+
+def _apply_in_savepoint(
+    conn: sqlite3.Connection, projection: Projection, event: RecordedEvent
+) -> str | None:
+    """Apply one event; on error roll back just its writes and say why."""
+    conn.execute("SAVEPOINT event")
+    try:
+        projection.apply(event, conn)
+    except Exception as exc:
+        conn.execute("ROLLBACK TO event")
+        conn.execute("RELEASE event")
+        return f"{type(exc).__name__}: {exc}"
+    conn.execute("RELEASE event")
+    return None
+
+
+def _set_checkpoint(conn: sqlite3.Connection, name: str, position: int) -> None:
+    conn.execute(
+        "INSERT INTO seamwork_checkpoints (projection, position) VALUES (?, ?) "
+        "ON CONFLICT(projection) DO UPDATE SET position = excluded.position",
+        (name, position),
+    )

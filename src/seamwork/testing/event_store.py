@@ -1,0 +1,252 @@
+"""The ``EventStore`` contract: behaviour every event store adapter must have.
+
+Subclass ``EventStoreContract`` as ``Test...`` and implement ``make_store`` (a new,
+empty, unopened store). Requires pytest with pytest-asyncio (``asyncio_mode=auto``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from seamwork.errors import ConfigError, EventStoreError, SerializationError, UpcastError
+from seamwork.events import (
+    ANY,
+    NO_STREAM,
+    STREAM_EXISTS,
+    EventStore,
+    NewEvent,
+    RecordedEvent,
+    Snapshots,
+    Upcasters,
+    WrongExpectedVersion,
+)
+
+
+def count(state: int, event: RecordedEvent) -> int:
+    return state + int(event.data.get("n", 1))
+
+
+def events(*types: str, **data: Any) -> list[NewEvent]:
+    return [NewEvent(t, dict(data)) for t in types]
+
+
+class EventStoreContract:
+    """Behaviour shared by every ``EventStore`` adapter."""
+
+    async def make_store(self, tmp_path: Path, upcasters: Upcasters | None = None) -> EventStore:
+        raise NotImplementedError
+
+    @pytest.fixture
+    async def store(self, tmp_path: Path) -> AsyncIterator[EventStore]:
+        store = await self.make_store(tmp_path)
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.aclose()
+
+    # --- appending --------------------------------------------------------------------
+
+    async def test_a_new_stream_starts_at_version_zero(self, store: EventStore) -> None:
+        result = await store.append(
+            "order-1", events("Created", "Paid"), expected_version=NO_STREAM
+        )
+        assert result.version == 1
+        stored = await store.read_stream("order-1")
+        assert [(e.version, e.type) for e in stored] == [(0, "Created"), (1, "Paid")]
+        assert stored[-1].position == result.position
+
+    async def test_a_stale_expected_version_is_rejected_with_the_actual_one(
+        self, store: EventStore
+    ) -> None:
+        await store.append("order-1", events("A", "B", "C"))
+        with pytest.raises(WrongExpectedVersion) as raised:
+            await store.append("order-1", events("D"), expected_version=1)
+        assert (raised.value.stream, raised.value.expected, raised.value.actual) == (
+            "order-1",
+            1,
+            2,
+        )
+        assert len(await store.read_stream("order-1")) == 3
+
+    async def test_a_writer_cannot_skip_ahead(self, store: EventStore) -> None:
+        await store.append("order-1", events("A"))
+        with pytest.raises(WrongExpectedVersion):
+            await store.append("order-1", events("B"), expected_version=5)
+        await store.append("order-1", events("B"), expected_version=0)
+        assert [e.version for e in await store.read_stream("order-1")] == [0, 1]
+
+    async def test_no_stream_and_stream_exists_expectations(self, store: EventStore) -> None:
+        with pytest.raises(WrongExpectedVersion):
+            await store.append("s", events("A"), expected_version=STREAM_EXISTS)
+        await store.append("s", events("A"), expected_version=NO_STREAM)
+        with pytest.raises(WrongExpectedVersion):
+            await store.append("s", events("B"), expected_version=NO_STREAM)
+        await store.append("s", events("B"), expected_version=STREAM_EXISTS)
+        await store.append("s", events("C"), expected_version=ANY)
+        assert [e.type for e in await store.read_stream("s")] == ["A", "B", "C"]
+
+    async def test_concurrent_appends_at_one_version_admit_exactly_one(
+        self, store: EventStore
+    ) -> None:
+        await store.append("s", events("A"))
+        tries = [store.append("s", events(f"B{i}"), expected_version=0) for i in range(20)]
+        results = await asyncio.gather(*tries, return_exceptions=True)
+        assert sum(not isinstance(r, Exception) for r in results) == 1
+        assert all(isinstance(r, WrongExpectedVersion) for r in results if isinstance(r, Exception))
+        assert [e.version for e in await store.read_stream("s")] == [0, 1]
+
+    async def test_an_event_id_is_stored_once(self, store: EventStore) -> None:
+        event = NewEvent("A", {"n": 1})
+        await store.append("s", [event])
+        with pytest.raises(EventStoreError):
+            await store.append("t", [event])
+        assert await store.read_stream("t") == []
+
+    # --- bad input ---------------------------------------------------------------------
+
+    async def test_bad_input_is_refused_and_nothing_is_written(self, store: EventStore) -> None:
+        with pytest.raises(SerializationError, match="data of 'A'"):
+            await store.append("s", [NewEvent("A", {"at": object()})])
+        with pytest.raises(ConfigError, match="stream name"):
+            await store.append("", events("A"))
+        with pytest.raises(ConfigError, match=">= 0"):
+            await store.append("s", events("A"), expected_version=-1)
+        with pytest.raises(ConfigError, match="at least one event"):
+            await store.append("s", [])
+        with pytest.raises(ConfigError, match="mapping"):
+            NewEvent("A", ["not", "a", "mapping"])  # type: ignore[arg-type]
+        assert await store.read_all() == []
+
+    async def test_an_unknown_event_type_is_refused_when_types_are_declared(
+        self, tmp_path: Path
+    ) -> None:
+        store = await self.make_store(tmp_path, Upcasters(known_types={"OrderCreated"}))
+        async with store:
+            with pytest.raises(ConfigError, match="unknown event type 'OrderCretaed'"):
+                await store.append("s", events("OrderCreated", "OrderCretaed"))
+            assert await store.read_all() == []
+
+    # --- reading -----------------------------------------------------------------------
+
+    async def test_read_stream_from_a_version_and_backwards(self, store: EventStore) -> None:
+        await store.append("s", [NewEvent("E", {"i": i}) for i in range(10)])
+        forward = await store.read_stream("s", from_version=7)
+        assert [e.version for e in forward] == [7, 8, 9]
+        backward = await store.read_stream("s", backwards=True, limit=3)
+        assert [e.version for e in backward] == [9, 8, 7]
+        assert await store.read_stream("missing") == []
+
+    async def test_read_all_is_in_position_order_and_exclusive(self, store: EventStore) -> None:
+        for i in range(30):
+            await store.append(f"s-{i % 4}", [NewEvent("E", {"i": i})])
+        everything = await store.read_all()
+        assert [e.data["i"] for e in everything] == list(range(30))
+        positions = [e.position for e in everything]
+        assert positions == sorted(positions)
+        assert len(set(positions)) == 30
+        after = await store.read_all(from_position=positions[9], limit=5)
+        assert [e.data["i"] for e in after] == [10, 11, 12, 13, 14]
+
+    async def test_subscribe_catches_up_then_goes_live(self, store: EventStore) -> None:
+        await store.append("s", events("A", "B"))
+        seen: list[str] = []
+
+        async def follow() -> None:
+            async for event in store.subscribe(from_position=0):
+                seen.append(event.type)
+                if len(seen) == 4:
+                    return
+
+        task = asyncio.create_task(follow())
+        await asyncio.sleep(0.05)
+        await store.append("t", events("C"))
+        await store.append("s", events("D"))
+        await asyncio.wait_for(task, 5)
+        assert seen == ["A", "B", "C", "D"]
+
+    # --- replay ------------------------------------------------------------------------
+
+    async def test_load_folds_events_and_travels_in_time(self, store: EventStore) -> None:
+        for n in (1, 2, 3, 4):
+            await store.append("s", [NewEvent("Added", {"n": n})])
+        assert await store.load("s", count, 0) == 10
+        assert await store.load("s", count, 0, as_of_version=1) == 3
+        assert await store.load("missing", count, 0) == 0
+        middle = (await store.read_stream("s"))[2].recorded_at
+        assert await store.load("s", count, 0, as_of_time=middle) == 6
+        assert await store.load("s", count, 0, as_of_time=0.0) == 0
+
+    async def test_snapshots_give_the_same_state_as_a_full_replay(self, store: EventStore) -> None:
+        policy: Snapshots[int] = Snapshots("count", every=10)
+        rng = random.Random(7)
+        for _ in range(5):
+            batch = [NewEvent("Added", {"n": rng.randint(1, 9)}) for _ in range(rng.randint(5, 15))]
+            await store.append("s", batch)
+            with_snapshots = await store.load_versioned("s", count, 0, snapshots=policy)
+            without = await store.load_versioned("s", count, 0)
+            assert with_snapshots == without
+        assert await store.load_snapshot("s", "count", 2**62) is not None
+        early = await store.load("s", count, 0, as_of_version=3, snapshots=policy)
+        assert early == await store.load("s", count, 0, as_of_version=3)
+
+    async def test_upcasters_bring_old_shapes_forward(self, tmp_path: Path) -> None:
+        old = await self.make_store(tmp_path)
+        async with old:
+            await old.append("s", [NewEvent("Shipped", {"carrier": "FedEx"})])
+            await old.append("s", [NewEvent("Addr", {"city": "X"})])
+        upcasters = Upcasters()
+        upcasters.register("Shipped", 1, lambda d: {"carrier": {"name": d["carrier"]}})
+        upcasters.register("Addr", 1, lambda d: {"address": {"city": d["city"]}})
+        upcasters.register("Addr", 2, lambda d: {**d, "country": "?"}, to_type="Address")
+        store = await self.make_store(tmp_path, upcasters)
+        async with store:
+            shipped, addr = await store.read_stream("s")
+        assert (shipped.type, shipped.schema_version) == ("Shipped", 2)
+        assert shipped.data == {"carrier": {"name": "FedEx"}}
+        assert (addr.type, addr.schema_version) == ("Address", 3)
+        assert addr.data == {"address": {"city": "X"}, "country": "?"}
+
+    async def test_an_old_event_without_an_upcaster_is_a_clear_error(self, tmp_path: Path) -> None:
+        old = await self.make_store(tmp_path)
+        async with old:
+            await old.append("s", [NewEvent("Shipped", {"carrier": "FedEx"})])
+            await old.append("s", [NewEvent("Shipped", {"c": 1}, schema_version=2)])
+        upcasters = Upcasters()
+        upcasters.register("Shipped", 2, lambda d: d)
+        store = await self.make_store(tmp_path, upcasters)
+        async with store:
+            with pytest.raises(UpcastError, match="'Shipped', schema 1"):
+                await store.read_stream("s")
+
+    # --- metadata and deletion -----------------------------------------------------------
+
+    async def test_stream_metadata_round_trips(self, store: EventStore) -> None:
+        await store.append("s", events("A"))
+        await store.set_stream_metadata("s", {"owner": "orders", "max_age": 3600})
+        info = await store.stream_info("s")
+        assert info is not None
+        assert (info.version, info.metadata) == (0, {"owner": "orders", "max_age": 3600})
+        assert await store.stream_info("missing") is None
+
+    async def test_a_soft_deleted_stream_reads_empty_and_can_start_again(
+        self, store: EventStore
+    ) -> None:
+        await store.append("s", events("A", "B"))
+        await store.delete_stream("s", expected_version=1)
+        assert await store.read_stream("s") == []
+        assert await store.load("s", count, 0) == 0
+        info = await store.stream_info("s")
+        assert info is not None
+        assert info.deleted
+        assert info.version == -1
+        await store.append("s", events("C"), expected_version=NO_STREAM)
+        again = await store.read_stream("s")
+        assert [(e.type, e.version) for e in again] == [("C", 2)]
+        assert len(await store.read_all()) == 3  # $all keeps history
