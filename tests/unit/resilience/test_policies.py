@@ -1,0 +1,260 @@
+"""Bulkhead, RateLimiter, RetryPolicy, Timeout, Fallback and Pipeline drivers."""
+
+import asyncio
+import random
+
+import pytest
+
+from seamwork.resilience import (
+    Bulkhead,
+    BulkheadFullError,
+    Bulkheads,
+    CallTimeout,
+    CircuitBreaker,
+    CircuitOpenError,
+    Fallback,
+    Pipeline,
+    RateLimitedError,
+    RateLimiter,
+    Retry,
+    RetryBudget,
+    RetryBudgetExhausted,
+    RetryPolicy,
+    Timeout,
+)
+from seamwork.testing import ManualClock
+
+
+class Flaky:
+    """Fails ``failures`` times, then returns ``"ok"``; counts attempts."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.attempts = failures, 0
+
+    def __call__(self) -> str:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise ConnectionError(f"attempt {self.attempts}")
+        return "ok"
+
+    async def run(self) -> str:
+        return self()
+
+
+async def test_bulkhead_burst_runs_queues_and_rejects_then_times_out_on_schedule() -> None:
+    clock, gate = ManualClock(), asyncio.Event()
+    bulkhead = Bulkhead("db", 10, max_queue=20, max_wait=1.0, clock=clock)
+    ran: list[int] = []
+
+    async def work(i: int) -> int:
+        ran.append(i)
+        await gate.wait()
+        return i
+
+    tasks = [asyncio.create_task(bulkhead.call(work, i)) for i in range(100)]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    rejected = [t for t in tasks if t.done()]
+    assert len(rejected) == 70 and len(ran) == 10
+    assert bulkhead.stats().queued == 20
+    clock.advance(0.999)
+    await asyncio.sleep(0)
+    assert bulkhead.stats().queued == 20
+    clock.advance(0.001)
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    timed_out = [r for r in results if isinstance(r, BulkheadFullError) and "timed out" in str(r)]
+    assert len(timed_out) == 20
+    assert sorted(r for r in results if isinstance(r, int)) == list(range(10))
+    assert bulkhead.stats().active == 0
+
+
+async def test_bulkhead_hands_a_freed_slot_to_the_oldest_waiter() -> None:
+    bulkhead, order = Bulkhead("db", 1, max_queue=3), []
+    gate = asyncio.Event()
+
+    async def work(i: int) -> None:
+        order.append(i)
+        await gate.wait()
+
+    tasks = [asyncio.create_task(bulkhead.call(work, i)) for i in range(4)]
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2, 3]
+
+
+def test_bulkhead_sync_driver_rejects_when_full() -> None:
+    bulkhead = Bulkhead("db", 1)
+    inner = []
+
+    def nested() -> None:
+        with pytest.raises(BulkheadFullError, match="queue is full"):
+            bulkhead.call_sync(lambda: None)
+        inner.append(True)
+
+    bulkhead.call_sync(nested)
+    assert inner == [True]
+    assert bulkhead.stats().rejected_total == 1
+
+
+def test_bulkheads_give_one_pool_per_dependency() -> None:
+    pools = Bulkheads({"payments": 10, "catalog": 20, "notifications": 5}, max_queue=2)
+    assert {name: pools[name].stats().max_concurrent for name in pools} == {
+        "payments": 10,
+        "catalog": 20,
+        "notifications": 5,
+    }
+    assert pools["catalog"].stats().max_queue == 2
+    assert pools["payments"] is not pools["catalog"]
+
+
+async def test_rate_limiter_rejects_over_the_rate_and_refills() -> None:
+    clock = ManualClock()
+    limiter = RateLimiter(2.0, burst=2, clock=clock)
+    assert await limiter.call(asyncio.sleep, 0, "a") == "a"
+    assert limiter.try_acquire()
+    with pytest.raises(RateLimitedError):
+        await limiter.call(asyncio.sleep, 0)
+    clock.advance(0.5)
+    assert limiter.call_sync(lambda: 1) == 1
+    assert limiter.stats().rejected_total == 1
+
+
+async def test_rate_limiter_acquire_waits_its_turn_on_the_clock() -> None:
+    clock = ManualClock(auto_advance=True)
+    limiter = RateLimiter(10.0, burst=1, clock=clock, max_wait=1.0)
+    for _ in range(5):
+        await limiter.acquire()
+    assert clock.monotonic() == pytest.approx(0.4)
+    with pytest.raises(RateLimitedError):
+        await limiter.acquire(max_wait=0.0)
+
+
+async def test_retry_retries_with_capped_backoff_on_the_clock() -> None:
+    clock, flaky = ManualClock(auto_advance=True), Flaky(2)
+    policy = RetryPolicy(Retry(3, backoff=1.0, max_backoff=1.5, jitter="none"), clock=clock)
+    assert await policy.call(flaky.run) == "ok"
+    assert flaky.attempts == 3
+    assert clock.monotonic() == pytest.approx(1.0 + 1.5)
+
+
+def test_retry_gives_up_after_max_attempts_with_the_last_error() -> None:
+    clock, flaky = ManualClock(auto_advance=True), Flaky(5)
+    policy = RetryPolicy(Retry(3, backoff=0.0, max_backoff=0.0), clock=clock)
+    with pytest.raises(ConnectionError, match="attempt 3"):
+        policy.call_sync(flaky)
+
+
+def test_retry_does_not_retry_errors_outside_retry_on() -> None:
+    flaky = Flaky(1)
+    policy = RetryPolicy(Retry(3, retry_on=(KeyError,)), clock=ManualClock(auto_advance=True))
+    with pytest.raises(ConnectionError):
+        policy.call_sync(flaky)
+    assert flaky.attempts == 1
+
+
+def test_retry_budget_refuses_retries_once_spent() -> None:
+    clock = ManualClock(auto_advance=True)
+    budget = RetryBudget(0.5, min_retries=0, clock=clock)
+    policy = RetryPolicy(Retry(2, backoff=0.0, max_backoff=0.0, budget=budget), clock=clock)
+    outcomes = []
+    for _ in range(4):
+        try:
+            policy.call_sync(Flaky(10))
+        except RetryBudgetExhausted as error:
+            assert isinstance(error.__cause__, ConnectionError)
+            outcomes.append("refused")
+        except ConnectionError:
+            outcomes.append("retried")
+    assert outcomes == ["refused", "retried", "refused", "retried"]
+    assert budget.counts() == (4, 2)
+
+
+def test_retry_stays_backward_compatible() -> None:
+    retry = Retry(3)
+    assert (retry.max_attempts, retry.backoff, retry.max_backoff, retry.jitter) == (
+        3,
+        0.1,
+        10.0,
+        "full",
+    )
+    assert retry.budget is None
+    assert retry.should_retry(1, ValueError()) and not retry.should_retry(3, ValueError())
+    assert 0.0 <= retry.delay(2, random.Random(1)) <= 0.2
+
+
+async def test_timeout_cancels_async_calls_and_leaves_their_own_timeouts_alone() -> None:
+    clock = ManualClock()
+    timeout = Timeout(1.0, clock=clock)
+    task = asyncio.create_task(timeout.call(asyncio.sleep, 3600))
+    await asyncio.sleep(0)
+    clock.advance(1.0)
+    with pytest.raises(CallTimeout):
+        await task
+
+    async def own_timeout() -> None:
+        raise TimeoutError("upstream said so")
+
+    with pytest.raises(TimeoutError, match="upstream") as info:
+        await timeout.call(own_timeout)
+    assert not isinstance(info.value, CallTimeout)
+
+
+def test_timeout_sync_lets_the_call_finish_then_reports_the_overrun() -> None:
+    clock, done = ManualClock(), []
+    timeout = Timeout(1.0, clock=clock)
+
+    def slow() -> None:
+        clock.advance(2.0)
+        done.append(True)
+
+    with pytest.raises(CallTimeout):
+        timeout.call_sync(slow)
+    assert done == [True]
+    assert timeout.call_sync(lambda: 3) == 3
+
+
+async def test_fallback_covers_only_its_error_types() -> None:
+    fallback = Fallback(lambda error: f"cached after {type(error).__name__}", on=(KeyError,))
+
+    async def missing() -> str:
+        raise KeyError
+
+    assert await fallback.call(missing) == "cached after KeyError"
+    with pytest.raises(ValueError, match="x"):
+        fallback.call_sync(lambda: (_ for _ in ()).throw(ValueError("x")))
+
+
+async def test_pipeline_applies_policies_outermost_first_and_retries_through_them() -> None:
+    clock = ManualClock(auto_advance=True)
+    breaker = CircuitBreaker("p", minimum_calls=10, clock=clock)
+    bulkhead = Bulkhead("p", 2, clock=clock)
+    policy = Pipeline(
+        Timeout(3.0, clock=clock),
+        Retry(3, backoff=0.1, max_backoff=2.0, jitter="full"),
+        breaker,
+        bulkhead,
+        clock=clock,
+        rng=random.Random(7),
+    )
+    flaky = Flaky(2)
+    assert await policy.call(flaky.run) == "ok"
+    assert breaker.stats().failures_total == 2 and breaker.stats().successes_total == 1
+    assert bulkhead.stats().admitted_total == 3
+    assert policy.call_sync(Flaky(1)) == "ok"
+
+
+async def test_pipeline_with_an_outer_fallback_answers_an_open_circuit() -> None:
+    breaker = CircuitBreaker("p", minimum_calls=1, window_calls=1, clock=ManualClock())
+    breaker.isolate()
+    policy = Pipeline(Fallback(lambda error: "queued"), breaker)
+
+    @policy
+    async def charge(order: int) -> str:
+        return "charged"
+
+    assert await charge(1) == "queued"
+    with pytest.raises(CircuitOpenError):
+        await Pipeline(breaker).call(charge.__wrapped__, 1)  # type: ignore[attr-defined]
