@@ -1,0 +1,232 @@
+"""Resilience under real concurrency: asyncio tasks and OS threads racing for real."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from seamwork.resilience import (
+    BreakerState,
+    Bulkhead,
+    BulkheadFullError,
+    CircuitBreaker,
+    CircuitOpenError,
+)
+from seamwork.testing import ManualClock
+
+RACERS = 100
+
+
+def half_open_breaker(probes: int, mode: str = "reject") -> tuple[CircuitBreaker, ManualClock]:
+    clock = ManualClock()
+    breaker = CircuitBreaker(
+        "racy",
+        minimum_calls=1,
+        window_calls=1,
+        reset_timeout=30.0,
+        half_open_calls=probes,
+        half_open_mode=mode,  # type: ignore[arg-type]
+        clock=clock,
+    )
+    breaker.isolate()
+    breaker.reset()
+    with pytest.raises(ZeroDivisionError):
+        breaker.call_sync(lambda: 1 / 0)
+    clock.advance(30.0)
+    assert breaker.state is BreakerState.HALF_OPEN
+    return breaker, clock
+
+
+@pytest.mark.parametrize("probes", [1, 3])
+async def test_racing_tasks_in_half_open_let_exactly_n_probes_through(probes: int) -> None:
+    breaker, _ = half_open_breaker(probes)
+    reached, gate = [], asyncio.Event()
+
+    async def still_failing() -> None:
+        reached.append(1)
+        await gate.wait()
+        raise ConnectionError("still down")
+
+    start = asyncio.Event()
+
+    async def racer() -> None:
+        await start.wait()
+        await breaker.call(still_failing)
+
+    tasks = [asyncio.create_task(racer()) for _ in range(RACERS)]
+    await asyncio.sleep(0)
+    start.set()
+    await asyncio.sleep(0.05)
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert len(reached) == probes
+    assert sum(isinstance(r, CircuitOpenError) for r in results) == RACERS - probes
+    assert breaker.state is BreakerState.OPEN
+
+
+@pytest.mark.parametrize("probes", [1, 3])
+def test_racing_threads_in_half_open_let_exactly_n_probes_through(probes: int) -> None:
+    breaker, _ = half_open_breaker(probes)
+    reached, lock, gate = [0], threading.Lock(), threading.Event()
+    barrier = threading.Barrier(RACERS)
+    outcomes: list[str] = []
+
+    def still_failing() -> None:
+        with lock:
+            reached[0] += 1
+        gate.wait(10)
+        raise ConnectionError("still down")
+
+    def racer() -> None:
+        barrier.wait()
+        try:
+            breaker.call_sync(still_failing)
+        except CircuitOpenError:
+            outcomes.append("rejected")
+        except ConnectionError:
+            outcomes.append("failed")
+
+    threads = [threading.Thread(target=racer) for _ in range(RACERS)]
+    for thread in threads:
+        thread.start()
+    _wait_until(lambda: breaker.stats().rejections_total >= RACERS - probes)
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+    assert reached[0] == probes
+    assert sorted(outcomes) == ["failed"] * probes + ["rejected"] * (RACERS - probes)
+
+
+def test_racing_threads_in_wait_mode_all_get_the_verdict() -> None:
+    breaker, _ = half_open_breaker(2, mode="wait")
+    reached, lock, gate = [0], threading.Lock(), threading.Event()
+    barrier, results = threading.Barrier(RACERS), []
+
+    def recovered() -> str:
+        with lock:
+            reached[0] += 1
+        gate.wait(10)
+        return "ok"
+
+    def racer() -> None:
+        barrier.wait()
+        results.append(breaker.call_sync(recovered))
+
+    threads = [threading.Thread(target=racer) for _ in range(RACERS)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    assert reached[0] == 2  # the others are parked, not calling
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+    assert results == ["ok"] * RACERS
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_task_burst_into_a_bulkhead_runs_10_queues_20_rejects_70() -> None:
+    bulkhead = Bulkhead("db", 10, max_queue=20, max_wait=0.3)
+    gate, ran = asyncio.Event(), []
+    started = time.monotonic()
+
+    async def work(i: int) -> int:
+        ran.append(i)
+        await gate.wait()
+        return i
+
+    async def caller(i: int) -> tuple[str, float]:
+        try:
+            await bulkhead.call(work, i)
+            return "ran", time.monotonic() - started
+        except BulkheadFullError as error:
+            kind = "timed_out" if "timed out" in str(error) else "rejected"
+            return kind, time.monotonic() - started
+
+    tasks = [asyncio.create_task(caller(i)) for i in range(RACERS)]
+    await asyncio.sleep(0.6)
+    gate.set()
+    outcomes = await asyncio.gather(*tasks)
+    assert len(ran) == 10
+    _check_burst(outcomes, max_wait=0.3)
+
+
+def test_thread_burst_into_a_bulkhead_runs_10_queues_20_rejects_70() -> None:
+    bulkhead = Bulkhead("db", 10, max_queue=20, max_wait=0.3)
+    gate, barrier = threading.Event(), threading.Barrier(RACERS)
+    outcomes: list[tuple[str, float]] = []
+    started: list[float] = []
+
+    def work() -> None:
+        gate.wait(10)
+
+    def caller() -> None:
+        barrier.wait()
+        if not started:
+            started.append(time.monotonic())
+        try:
+            bulkhead.call_sync(work)
+            outcomes.append(("ran", time.monotonic() - started[0]))
+        except BulkheadFullError as error:
+            kind = "timed_out" if "timed out" in str(error) else "rejected"
+            outcomes.append((kind, time.monotonic() - started[0]))
+
+    threads = [threading.Thread(target=caller) for _ in range(RACERS)]
+    for thread in threads:
+        thread.start()
+    _wait_until(lambda: len(outcomes) >= 90)
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+    _check_burst(outcomes, max_wait=0.3)
+    assert bulkhead.stats().active == 0
+
+
+def test_thread_burst_queued_callers_run_when_slots_free_in_time() -> None:
+    bulkhead = Bulkhead("db", 10, max_queue=20, max_wait=5.0)
+    barrier, done = threading.Barrier(RACERS), []
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def work() -> None:
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        _wait_until(lambda: done.count("rejected") >= 70)  # every caller has arrived
+        time.sleep(0.01)
+        with lock:
+            in_flight[0] -= 1
+
+    def caller() -> None:
+        barrier.wait()
+        try:
+            bulkhead.call_sync(work)
+            done.append("ran")
+        except BulkheadFullError:
+            done.append("rejected")
+
+    threads = [threading.Thread(target=caller) for _ in range(RACERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert peak[0] <= 10
+    assert done.count("rejected") == 70 and done.count("ran") == 30
+
+
+def _check_burst(outcomes: list[tuple[str, float]], max_wait: float) -> None:
+    kinds = [kind for kind, _ in outcomes]
+    assert (kinds.count("ran"), kinds.count("timed_out"), kinds.count("rejected")) == (10, 20, 70)
+    rejected_at = [t for kind, t in outcomes if kind == "rejected"]
+    timed_out_at = [t for kind, t in outcomes if kind == "timed_out"]
+    assert max(rejected_at) < max_wait  # rejected at once, not after waiting
+    assert min(timed_out_at) >= max_wait * 0.95  # not before their deadline...
+    assert max(timed_out_at) < max_wait + 1.0  # ...and not long after it
+
+
+def _wait_until(condition: object, limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
