@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from seamwork.demo.saga import SAGAS_DB, make_orders, stock_locations
 from seamwork.demo.services import INITIAL_STOCK, Order, Services
@@ -159,13 +159,14 @@ async def _first_orchestrator(demo: DemoRun, finished: set[str], reporter: Repor
     config = demo.config
     kill_after = max(1, int(config.orders * config.kill_at))
     reporter.phase(f"orchestrator 1 running; SIGKILL after {kill_after} finished orders")
-    worker = await _Worker.spawn(config, 1)
-    handle = _handler(demo, finished, reporter)
-    killed = await worker.follow(handle, lambda: len(finished) >= kill_after)
-    if not killed:
-        raise DemoError(f"orchestrator 1 ended before it could be killed: {await worker.failure()}")
-    worker.kill()
-    await worker.wait()
+    async with await _Worker.spawn(config, 1) as worker:
+        handle = _handler(demo, finished, reporter)
+        killed = await worker.follow(handle, lambda: len(finished) >= kill_after)
+        if not killed:
+            failure = await worker.failure()
+            raise DemoError(f"orchestrator 1 ended before it could be killed: {failure}")
+        worker.kill()
+        await worker.wait()
     demo.killed_after = len(finished)
 
 
@@ -175,11 +176,10 @@ async def _second_orchestrator(demo: DemoRun, finished: set[str], reporter: Repo
         f"killed with SIGKILL, {len(recovery.in_flight)} sagas in flight; orchestrator 2 recovering"
     )
     recovery.restarted_at = time.time()
-    worker = await _Worker.spawn(demo.config, 2)
-    handle = _handler(demo, finished, reporter)
-    await worker.follow(handle, None)
-    if await worker.wait() != 0:
-        raise DemoError(f"orchestrator 2 failed: {await worker.failure()}")
+    async with await _Worker.spawn(demo.config, 2) as worker:
+        await worker.follow(_handler(demo, finished, reporter), None)
+        if await worker.wait() != 0:
+            raise DemoError(f"orchestrator 2 failed: {await worker.failure()}")
     if len(finished) != len(demo.orders):
         raise DemoError(f"orchestrator 2 finished {len(finished)} of {len(demo.orders)} orders")
 
@@ -246,15 +246,35 @@ class _Worker:
         ``stop()`` turns true (True)."""
         stdout = self.process.stdout
         assert stdout is not None
-        async with asyncio.timeout(PHASE_TIMEOUT):
-            while line := await stdout.readline():
-                try:
-                    handle(json.loads(line))
-                except (ValueError, KeyError):
-                    continue
-                if stop is not None and stop():
-                    return True
+        try:
+            async with asyncio.timeout(PHASE_TIMEOUT):
+                return await self._read(stdout, handle, stop)
+        except TimeoutError:
+            raise DemoError(f"an orchestrator made no end within {PHASE_TIMEOUT:g}s") from None
+
+    async def _read(
+        self,
+        stdout: asyncio.StreamReader,
+        handle: Callable[[dict[str, Any]], None],
+        stop: Callable[[], bool] | None,
+    ) -> bool:
+        while line := await stdout.readline():
+            try:
+                handle(json.loads(line))
+            except (ValueError, KeyError):
+                continue
+            if stop is not None and stop():
+                return True
         return False
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Never leave an orchestrator behind, whatever went wrong here."""
+        if self.process.returncode is None:
+            self.kill()
+            await self.process.wait()
 
     def kill(self) -> None:
         self.process.kill()  # SIGKILL on POSIX: no cleanup, no lease release
