@@ -1,0 +1,415 @@
+"""The ``EventStore`` on PostgreSQL, with a gap-safe ``$all`` and no table lock.
+
+Gap safety. A position taken from a sequence is assigned when a row is inserted but
+becomes visible when its transaction commits, so a reader can see position 12
+before 11 commits - and a subscriber that checkpointed 12 never sees 11. Here each
+row's position is ``(transaction id << 20) + index within the transaction``
+(``pg_current_xact_id()``), and readers only read below ``pg_snapshot_xmin`` of the
+current snapshot - the oldest transaction still open. Every transaction below that
+is finished, and every later one gets a larger id, so once a position is readable
+nothing can ever appear before it. The price: a long-open transaction anywhere in the
+cluster holds subscribers back until it ends (nothing is skipped, only delayed).
+
+Appends are one round trip each (the ``seamwork_append`` function checks the
+expected version under the stream row's lock, computes versions and positions, and
+inserts), group-committed by ``PgWriter``. Subscribers are woken by
+``LISTEN seamwork_events``; ``poll_interval`` bounds the wait when the notification
+was for events not yet below the horizon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import psycopg
+
+from seamwork._core.codec import dumps
+from seamwork.errors import ConfigError, EventStoreError, WrongExpectedVersion
+from seamwork.events._model import (
+    ANY,
+    AppendResult,
+    ExpectedVersion,
+    NewEvent,
+    RecordedEvent,
+    StreamInfo,
+    check_expected_version,
+    check_stream_name,
+)
+from seamwork.events._store import EventStore
+from seamwork.events._upcast import Upcasters
+from seamwork.storage._pg import (
+    AsyncConn,
+    PgMigration,
+    PgWriter,
+    connect,
+    make_pool,
+    open_pool,
+    translate,
+)
+
+_APPEND_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION seamwork_append(
+    p_stream text, p_expected text, p_ids text[], p_types text[], p_schemas int[],
+    p_data text[], p_meta text[], p_at double precision
+) RETURNS TABLE (new_version bigint, last_position bigint) LANGUAGE plpgsql AS $$
+DECLARE
+    cur bigint;
+    del boolean;
+    visible bigint;
+    n int := cardinality(p_ids);
+    seq int := coalesce(nullif(current_setting('seamwork.seq', true), ''), '0')::int;
+    base bigint;
+BEGIN
+    INSERT INTO seamwork_streams (stream, version) VALUES (p_stream, -1) ON CONFLICT DO NOTHING;
+    SELECT s.version, s.deleted INTO cur, del FROM seamwork_streams s
+        WHERE s.stream = p_stream FOR UPDATE;
+    visible := CASE WHEN del THEN -1 ELSE cur END;
+    IF NOT (p_expected = 'any'
+            OR (p_expected = 'no_stream' AND visible = -1)
+            OR (p_expected = 'stream_exists' AND visible >= 0)
+            OR (p_expected ~ '^[0-9]+$' AND p_expected::bigint = visible)) THEN
+        RAISE EXCEPTION USING ERRCODE = 'SW001', MESSAGE = visible::text;
+    END IF;
+    base := (pg_current_xact_id()::text::bigint << 20) + seq;
+    PERFORM set_config('seamwork.seq', (seq + n)::text, true);
+    INSERT INTO seamwork_events
+        (position, stream, version, id, type, schema_version, data, metadata, recorded_at)
+    SELECT base + i - 1, p_stream, cur + i, p_ids[i], p_types[i], p_schemas[i],
+           p_data[i]::jsonb, p_meta[i]::jsonb, p_at
+    FROM generate_series(1, n) AS i;
+    UPDATE seamwork_streams SET version = cur + n, deleted = false WHERE stream = p_stream;
+    PERFORM pg_notify('seamwork_events', '');
+    RETURN QUERY SELECT cur + n, base + n - 1;
+END $$
+"""
+
+EVENT_MIGRATIONS = (
+    PgMigration(
+        "events",
+        1,
+        (
+            """CREATE TABLE seamwork_events (
+                position bigint PRIMARY KEY,
+                stream text NOT NULL,
+                version bigint NOT NULL,
+                id text NOT NULL UNIQUE,
+                type text NOT NULL,
+                schema_version integer NOT NULL,
+                data jsonb NOT NULL,
+                metadata jsonb,
+                recorded_at double precision NOT NULL,
+                UNIQUE (stream, version)
+            )""",
+            """CREATE TABLE seamwork_streams (
+                stream text PRIMARY KEY,
+                version bigint NOT NULL,
+                truncate_before bigint NOT NULL DEFAULT 0,
+                deleted boolean NOT NULL DEFAULT false,
+                metadata jsonb NOT NULL DEFAULT '{}'
+            )""",
+            """CREATE TABLE seamwork_snapshots (
+                stream text NOT NULL,
+                name text NOT NULL,
+                version bigint NOT NULL,
+                state jsonb NOT NULL,
+                PRIMARY KEY (stream, name, version)
+            )""",
+            _APPEND_FUNCTION,
+        ),
+    ),
+)
+
+_COLUMNS = "position, stream, version, type, data, metadata, recorded_at, id, schema_version"
+_HORIZON = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
+
+
+class PostgresEventStore(EventStore):
+    """``EventStore`` in PostgreSQL.
+
+    Args:
+        dsn: a libpq connection string; tables go to the connection's schema.
+        upcasters: applied on read; with ``known_types``, checked on append.
+        poll_interval: longest wait of a live subscription between looks.
+        pool_size: connections for reads.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        upcasters: Upcasters | None = None,
+        poll_interval: float = 0.05,
+        pool_size: int = 4,
+    ) -> None:
+        super().__init__(upcasters=upcasters)
+        if poll_interval <= 0:
+            raise ConfigError(f"poll_interval must be > 0, got {poll_interval!r}")
+        self._dsn = dsn
+        self._writer = PgWriter(dsn, name="event")
+        self._pool = make_pool(dsn, size=pool_size, name="seamwork-events")
+        self._poll = poll_interval
+        self._listener: AsyncConn | None = None
+        self._listen_task: asyncio.Task[None] | None = None
+        self._notified: asyncio.Event | None = None
+        self._opened = False
+
+    def __repr__(self) -> str:
+        return "PostgresEventStore(...)"
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits
+
+    async def open(self) -> None:
+        if self._opened:
+            return
+        await self._writer.start(EVENT_MIGRATIONS)
+        await open_pool(self._pool, "event store")
+        self._opened = True
+
+    async def aclose(self) -> None:
+        if self._listen_task is not None:
+            self._listen_task.cancel()
+            await asyncio.gather(self._listen_task, return_exceptions=True)
+            self._listen_task = None
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
+        if self._opened:
+            await self._pool.close()
+            await self._writer.close()
+            self._opened = False
+
+    # --- writing ---------------------------------------------------------------------
+
+    async def append(
+        self,
+        stream: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: ExpectedVersion = ANY,
+    ) -> AppendResult:
+        params = self._append_params(stream, events, expected_version)
+        return await self._writer.write(lambda conn: _append(conn, params, expected_version))
+
+    async def append_in(
+        self,
+        conn: AsyncConn,
+        stream: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: ExpectedVersion = ANY,
+    ) -> AppendResult:
+        """Append inside the caller's own transaction on ``conn`` (with other writes of
+        the service, atomically). The events are visible when that transaction commits;
+        ``$all`` stays gap-safe however long it stays open."""
+        params = self._append_params(stream, events, expected_version)
+        return await _append(conn, params, expected_version)
+
+    def _append_params(
+        self, stream: str, events: Sequence[NewEvent], expected_version: ExpectedVersion
+    ) -> tuple[Any, ...]:
+        self._check_append(stream, events)
+        check_expected_version(expected_version)
+        return (
+            stream,
+            str(expected_version),
+            [e.id for e in events],
+            [e.type for e in events],
+            [e.schema_version for e in events],
+            [dumps(e.data, what=f"data of {e.type!r} event") for e in events],
+            [_metadata(e) for e in events],
+            time.time(),
+        )
+
+    async def set_stream_metadata(self, stream: str, metadata: Mapping[str, Any]) -> None:
+        check_stream_name(stream)
+        if not isinstance(metadata, Mapping):
+            raise ConfigError(f"stream metadata must be a mapping, got {type(metadata).__name__}")
+        text = dumps(metadata, what=f"metadata of stream {stream!r}")
+
+        async def update(conn: AsyncConn) -> None:
+            await conn.execute(
+                "INSERT INTO seamwork_streams (stream, version, metadata) VALUES (%s, -1, %s) "
+                "ON CONFLICT (stream) DO UPDATE SET metadata = excluded.metadata",
+                (stream, text),
+            )
+
+        await self._writer.write(update)
+
+    async def delete_stream(self, stream: str, *, expected_version: ExpectedVersion = ANY) -> None:
+        check_stream_name(stream)
+        check_expected_version(expected_version)
+
+        async def delete(conn: AsyncConn) -> None:
+            cursor = await conn.execute(
+                "SELECT version, deleted FROM seamwork_streams WHERE stream = %s FOR UPDATE",
+                (stream,),
+            )
+            row = await cursor.fetchone()
+            visible = -1 if row is None or row[1] else int(row[0])
+            if not _satisfied(expected_version, visible):
+                raise WrongExpectedVersion(stream, expected_version, visible)
+            if visible >= 0:
+                await conn.execute(
+                    "UPDATE seamwork_streams SET deleted = true, truncate_before = version + 1 "
+                    "WHERE stream = %s",
+                    (stream,),
+                )
+
+        await self._writer.write(delete)
+
+    async def stream_info(self, stream: str) -> StreamInfo | None:
+        check_stream_name(stream)
+        row = await self._fetchone(
+            "SELECT version, metadata, deleted FROM seamwork_streams WHERE stream = %s", (stream,)
+        )
+        if row is None:
+            return None
+        return StreamInfo(stream, -1 if row[2] else int(row[0]), dict(row[1]), bool(row[2]))
+
+    async def save_snapshot(self, stream: str, name: str, version: int, state: Any) -> None:
+        text = dumps(state, what=f"snapshot {name!r} of {stream!r}")
+
+        async def save(conn: AsyncConn) -> None:
+            await conn.execute(
+                "INSERT INTO seamwork_snapshots (stream, name, version, state) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (stream, name, version, text),
+            )
+
+        await self._writer.write(save)
+
+    async def load_snapshot(
+        self, stream: str, name: str, max_version: int
+    ) -> tuple[int, Any] | None:
+        row = await self._fetchone(
+            "SELECT s.version, s.state FROM seamwork_snapshots s "
+            "JOIN seamwork_streams t ON t.stream = s.stream "
+            "WHERE s.stream = %s AND s.name = %s AND s.version <= %s "
+            "AND s.version >= t.truncate_before ORDER BY s.version DESC LIMIT 1",
+            (stream, name, max_version),
+        )
+        return None if row is None else (int(row[0]), row[1])
+
+    # --- raw reads -------------------------------------------------------------------
+
+    async def _read_stream(
+        self,
+        stream: str,
+        from_version: int,
+        to_version: int | None,
+        backwards: bool,
+        limit: int | None,
+    ) -> builtins.list[RecordedEvent]:
+        order = "DESC" if backwards else "ASC"
+        sql = (
+            f"SELECT {_COLUMNS} FROM seamwork_events WHERE stream = %s AND version >= %s "
+            "AND version <= %s AND version >= (SELECT coalesce(max(truncate_before), 0) "
+            "FROM seamwork_streams WHERE stream = %s) "
+            f"ORDER BY version {order} LIMIT %s"
+        )
+        upper = to_version if to_version is not None else 2**62
+        return await self._fetch_events(sql, (stream, from_version, upper, stream, limit))
+
+    async def _read_all(self, from_position: int, limit: int) -> builtins.list[RecordedEvent]:
+        sql = (
+            f"SELECT {_COLUMNS} FROM seamwork_events WHERE position > %s "
+            f"AND position < {_HORIZON} ORDER BY position LIMIT %s"
+        )
+        return await self._fetch_events(sql, (from_position, limit))
+
+    async def _version_at(self, stream: str, when: float) -> int:
+        row = await self._fetchone(
+            "SELECT max(version) FROM seamwork_events WHERE stream = %s AND recorded_at <= %s",
+            (stream, when),
+        )
+        return -1 if row is None or row[0] is None else int(row[0])
+
+    async def _wait_for_events(self, after_position: int) -> None:
+        if self._listen_task is None:
+            await self._listen()
+        assert self._notified is not None
+        notified = self._notified
+        try:
+            async with asyncio.timeout(self._poll):
+                await notified.wait()
+        except TimeoutError:
+            return
+        finally:
+            notified.clear()
+
+    async def _listen(self) -> None:
+        self._notified = asyncio.Event()
+        self._listener = await connect(self._dsn, autocommit=True, what="event listener")
+        await self._listener.execute("LISTEN seamwork_events")
+        self._listen_task = asyncio.create_task(self._relay_notifications(self._listener))
+
+    async def _relay_notifications(self, conn: AsyncConn) -> None:
+        async for _ in conn.notifies():
+            if self._notified is not None:
+                self._notified.set()
+
+    async def _fetch_events(
+        self, sql: str, params: tuple[Any, ...]
+    ) -> builtins.list[RecordedEvent]:
+        try:
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(sql.encode(), params)
+                rows = await cursor.fetchall()
+        except psycopg.Error as exc:
+            raise translate(exc, "event store read") from exc
+        return [RecordedEvent(r[1], r[2], r[0], r[3], r[4], r[5], r[6], r[7], r[8]) for r in rows]
+
+    async def _fetchone(self, sql: str, params: tuple[Any, ...]) -> Any:
+        try:
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(sql.encode(), params)
+                return await cursor.fetchone()
+        except psycopg.Error as exc:
+            raise translate(exc, "event store read") from exc
+
+
+async def _append(
+    conn: AsyncConn, params: tuple[Any, ...], expected: ExpectedVersion
+) -> AppendResult:
+    try:
+        cursor = await conn.execute(
+            "SELECT * FROM seamwork_append(%s, %s, %s, %s, %s, %s, %s, %s)", params
+        )
+    except psycopg.Error as exc:
+        raise _append_error(exc, params[0], expected) from exc
+    row = await cursor.fetchone()
+    assert row is not None
+    return AppendResult(int(row[0]), int(row[1]))
+
+
+def _metadata(event: NewEvent) -> str | None:
+    if event.metadata is None:
+        return None
+    return dumps(event.metadata, what=f"metadata of {event.type!r} event")
+
+
+def _satisfied(expected: ExpectedVersion, visible: int) -> bool:
+    if expected == "any":
+        return True
+    if expected == "no_stream":
+        return visible == -1
+    if expected == "stream_exists":
+        return visible >= 0
+    return expected == visible
+
+
+def _append_error(exc: psycopg.Error, stream: str, expected: ExpectedVersion) -> BaseException:
+    if exc.sqlstate == "SW001":
+        actual = int(exc.diag.message_primary or "-1")
+        return WrongExpectedVersion(stream, expected, actual)
+    if isinstance(exc, psycopg.errors.UniqueViolation):
+        return EventStoreError(
+            f"append to {stream!r} refused: an event id was already stored ({exc})"
+        )
+    return translate(exc, f"append to {stream!r}")
