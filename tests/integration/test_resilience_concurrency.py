@@ -212,7 +212,8 @@ def test_thread_burst_queued_callers_run_when_slots_free_in_time() -> None:
     for thread in threads:
         thread.join(10)
     assert peak[0] <= 10
-    assert done.count("rejected") == 70 and done.count("ran") == 30
+    assert done.count("rejected") == 70
+    assert done.count("ran") == 30
 
 
 def _check_burst(outcomes: list[tuple[str, float]], max_wait: float) -> None:

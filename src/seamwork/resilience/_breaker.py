@@ -22,6 +22,7 @@ from seamwork._core.hooks import Hooks
 from seamwork.errors import CallTimeout, CircuitOpenError, ConfigError
 from seamwork.resilience import _validate as check
 from seamwork.resilience._breaker_machine import (
+    CLOSED,
     HALF_OPEN,
     REJECT,
     WAIT,
@@ -179,14 +180,14 @@ class CircuitBreaker(Policy):
     # --- the two drivers -----------------------------------------------------------
 
     async def call(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        epoch = self._epoch
-        ticket = self._acquire()
-        while ticket == WAIT:
-            await self._park_async(epoch)
-            epoch = self._epoch
+        machine = self._machine
+        ticket = machine.generation  # read before the state: see _fast_ticket_is_safe
+        if machine.state is not CLOSED:
             ticket = self._acquire()
-        if ticket == REJECT:
-            return await resolve(self._on_rejected())  # type: ignore[no-any-return]
+            while ticket == WAIT:
+                ticket = await self._park_async()
+            if ticket == REJECT:
+                return await resolve(self._on_rejected())  # type: ignore[no-any-return]
         started = self._clock.monotonic()
         try:
             if self._timeout is None:
@@ -201,14 +202,14 @@ class CircuitBreaker(Policy):
         return result
 
     def call_sync(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        epoch = self._epoch
-        ticket = self._acquire()
-        while ticket == WAIT:
-            self._park_sync(epoch)
-            epoch = self._epoch
+        machine = self._machine
+        ticket = machine.generation  # read before the state: see _fast_ticket_is_safe
+        if machine.state is not CLOSED:
             ticket = self._acquire()
-        if ticket == REJECT:
-            return self._on_rejected()  # type: ignore[no-any-return]
+            while ticket == WAIT:
+                ticket = self._park_sync()
+            if ticket == REJECT:
+                return self._on_rejected()  # type: ignore[no-any-return]
         started = self._clock.monotonic()
         try:
             result = fn(*args, **kwargs)
@@ -223,6 +224,13 @@ class CircuitBreaker(Policy):
 
     # --- shared steps --------------------------------------------------------------
 
+    # A CLOSED call takes its ticket without the lock (the GIL makes each read atomic).
+    # _fast_ticket_is_safe: the generation is read *before* the state and transitions
+    # write the state before bumping the generation, so a ticket taken while CLOSED was
+    # observed is either a CLOSED generation's or already stale when it is settled
+    # (settling holds the lock); a stale ticket changes nothing. HALF_OPEN permits are
+    # only ever handed out under the lock.
+
     def _acquire(self) -> int:
         with self._lock:
             ticket = self._machine.acquire(self._clock.monotonic())
@@ -234,12 +242,16 @@ class CircuitBreaker(Policy):
     def _settle_result(self, ticket: int, started: float, result: object) -> None:
         now = self._clock.monotonic()
         failed = self._failure_if is not None and self._failure_if(result)
-        with self._lock:
+        machine, lock = self._machine, self._lock
+        lock.acquire()  # explicit acquire/release: half the cost of `with` on CPython 3.11
+        try:
             if failed:
-                self._machine.on_failure(ticket, now, now - started)
+                machine.on_failure(ticket, now, now - started)
             else:
-                self._machine.on_success(ticket, now, now - started)
-            moved = self._take_transitions() if self._machine.transitions else None
+                machine.on_success(ticket, now, now - started)
+            moved = self._take_transitions() if machine.transitions else None
+        finally:
+            lock.release()
         if moved:
             self._publish(moved)
         if self._watch_calls:
@@ -303,17 +315,33 @@ class CircuitBreaker(Policy):
         for old, new in moved:
             self._hooks.emit(_STATE_EVENTS[new], self, old)
 
-    async def _park_async(self, epoch: int) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def _park_async(self) -> int:
+        """Ask again under the lock; if still WAIT, sleep until the next verdict or
+        returned permit and return WAIT (the caller loops)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         with self._lock:
-            if self._epoch != epoch:
-                return
-            self._async_waiters.append((asyncio.get_running_loop(), future))
-        await future
+            ticket = self._machine.acquire(self._clock.monotonic())
+            if ticket == WAIT:
+                self._async_waiters.append((loop, future))
+            moved = self._take_transitions() if self._machine.transitions else None
+        if moved:
+            self._publish(moved)
+        if ticket == WAIT:
+            await future
+        return ticket
 
-    def _park_sync(self, epoch: int) -> None:
+    def _park_sync(self) -> int:
+        """``_park_async`` for threads: sleeps on the lock's condition."""
         with self._lock:
-            self._parked.wait_for(lambda: self._epoch != epoch)
+            ticket = self._machine.acquire(self._clock.monotonic())
+            if ticket == WAIT:
+                epoch = self._epoch
+                self._parked.wait_for(lambda: self._epoch != epoch)
+            moved = self._take_transitions() if self._machine.transitions else None
+        if moved:
+            self._publish(moved)
+        return ticket
 
     # --- operators, events and metrics -------------------------------------------
 

@@ -184,8 +184,16 @@ class BreakerMachine:
     def on_success(self, ticket: int, now: float, duration: float) -> None:
         """Report a call that returned (slow if it took ``slow_call`` or longer)."""
         self.successes += 1
-        slow = self.config.slow_call is not None and duration >= self.config.slow_call
-        self._settle(ticket, now, SLOW if slow else 0)
+        slow = self.config.slow_call
+        if slow is not None and duration >= slow:
+            self._settle(ticket, now, SLOW)
+        elif ticket == self.generation and self.state is CLOSED:  # the hot path, inlined
+            window = self.window
+            window.record(now, 0)
+            if window.calls >= self.config.minimum_calls and self._over_threshold():
+                self._fire(_Event.TRIP, now)
+        else:
+            self._settle(ticket, now, 0)
 
     def on_failure(self, ticket: int, now: float, duration: float) -> None:
         """Report a call that failed with a counted (not excluded) error."""

@@ -16,6 +16,7 @@ retries): ``FAILURE`` and ``SLOW`` are just two independent tallies.
 from __future__ import annotations
 
 import math
+from math import floor
 from typing import Protocol
 
 FAILURE = 1
@@ -77,6 +78,7 @@ class TimeWindow:
         "_b_failures",
         "_b_slow",
         "_head",
+        "_slot",
         "_width",
         "buckets",
         "calls",
@@ -98,38 +100,44 @@ class TimeWindow:
         """Forget every outcome."""
         for series in (self._b_calls, self._b_failures, self._b_slow):
             series[:] = [0] * self.buckets
-        self._head = -math.inf
+        self._head: float = -math.inf
+        self._slot = 0
         self.calls = self.failures = self.slow = 0
 
     def slice_index(self, now: float) -> int:
         """The absolute index of the slice holding time ``now``."""
-        return math.floor(now / self._width)
+        return floor(now / self._width)
 
     def refresh(self, now: float) -> None:
         """Drop (and subtract) every slice that is now older than the window."""
-        head = self.slice_index(now)
-        if head <= self._head:
-            return
-        stale = head - self._head
-        if stale >= self.buckets:
+        head = floor(now / self._width)
+        if head > self._head:
+            self._advance(head)
+
+    def record(self, now: float, outcome: int) -> None:
+        """Count one call at ``now`` with the given outcome bits."""
+        head = floor(now / self._width)
+        if head > self._head:
+            self._advance(head)
+        slot = self._slot
+        self._b_calls[slot] += 1
+        self.calls += 1
+        if outcome:
+            if outcome & FAILURE:
+                self._b_failures[slot] += 1
+                self.failures += 1
+            if outcome & SLOW:
+                self._b_slow[slot] += 1
+                self.slow += 1
+
+    def _advance(self, head: int) -> None:
+        if head - self._head >= self.buckets:
             self.clear()
         else:
             for index in range(int(self._head) + 1, head + 1):
                 self._evict(index % self.buckets)
         self._head = head
-
-    def record(self, now: float, outcome: int) -> None:
-        """Count one call at ``now`` with the given outcome bits."""
-        self.refresh(now)
-        slot = int(self._head) % self.buckets
-        self._b_calls[slot] += 1
-        self.calls += 1
-        if outcome & FAILURE:
-            self._b_failures[slot] += 1
-            self.failures += 1
-        if outcome & SLOW:
-            self._b_slow[slot] += 1
-            self.slow += 1
+        self._slot = head % self.buckets
 
     def _evict(self, slot: int) -> None:
         self.calls -= self._b_calls[slot]

@@ -74,7 +74,8 @@ def test_state_events_fire_in_order_with_the_previous_state() -> None:
     breaker.call_sync(ok)
     names = [name for name, _ in seen]
     assert names == ["open", "reject", "half_open", "close"]
-    assert seen[0][1] is BreakerState.CLOSED and seen[3][1] is BreakerState.HALF_OPEN
+    assert seen[0][1] is BreakerState.CLOSED
+    assert seen[3][1] is BreakerState.HALF_OPEN
 
 
 def test_excluded_errors_never_open_the_circuit() -> None:

@@ -64,7 +64,9 @@ CASES: list[tuple[str, Callable[[], Any]]] = [
 ]
 
 
-@pytest.mark.parametrize(("field", "build"), CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(CASES)])
+@pytest.mark.parametrize(
+    ("field", "build"), CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(CASES)]
+)
 def test_bad_configuration_raises_config_error_naming_the_field(
     field: str, build: Callable[[], Any]
 ) -> None:

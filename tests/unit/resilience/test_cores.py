@@ -29,7 +29,8 @@ class AdmissionRules(RuleBasedStateMachine):
     def arrive(self) -> None:
         caller, self.next_id = self.next_id, self.next_id + 1
         if self.core.try_enter():
-            assert len(self.running) < self.limit and not self.waiting
+            assert len(self.running) < self.limit
+            assert not self.waiting
             self.running.append(caller)
         elif self.core.enqueue(caller):
             self.waiting.append(caller)

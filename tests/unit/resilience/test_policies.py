@@ -55,7 +55,8 @@ async def test_bulkhead_burst_runs_queues_and_rejects_then_times_out_on_schedule
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     rejected = [t for t in tasks if t.done()]
-    assert len(rejected) == 70 and len(ran) == 10
+    assert len(rejected) == 70
+    assert len(ran) == 10
     assert bulkhead.stats().queued == 20
     clock.advance(0.999)
     await asyncio.sleep(0)
@@ -164,11 +165,11 @@ def test_retry_budget_refuses_retries_once_spent() -> None:
         try:
             policy.call_sync(Flaky(10))
         except RetryBudgetExhausted as error:
-            assert isinstance(error.__cause__, ConnectionError)
-            outcomes.append("refused")
+            outcomes.append(f"refused after {type(error.__cause__).__name__}")
         except ConnectionError:
             outcomes.append("retried")
-    assert outcomes == ["refused", "retried", "refused", "retried"]
+    refused = "refused after ConnectionError"
+    assert outcomes == [refused, "retried", refused, "retried"]
     assert budget.counts() == (4, 2)
 
 
@@ -181,7 +182,8 @@ def test_retry_stays_backward_compatible() -> None:
         "full",
     )
     assert retry.budget is None
-    assert retry.should_retry(1, ValueError()) and not retry.should_retry(3, ValueError())
+    assert retry.should_retry(1, ValueError())
+    assert not retry.should_retry(3, ValueError())
     assert 0.0 <= retry.delay(2, random.Random(1)) <= 0.2
 
 
@@ -241,7 +243,8 @@ async def test_pipeline_applies_policies_outermost_first_and_retries_through_the
     )
     flaky = Flaky(2)
     assert await policy.call(flaky.run) == "ok"
-    assert breaker.stats().failures_total == 2 and breaker.stats().successes_total == 1
+    assert breaker.stats().failures_total == 2
+    assert breaker.stats().successes_total == 1
     assert bulkhead.stats().admitted_total == 3
     assert policy.call_sync(Flaky(1)) == "ok"
 
