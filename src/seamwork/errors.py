@@ -98,6 +98,10 @@ class CorruptSagaError(CorruptRecord, SagaError):
 class StepFailed(SagaError):
     """Raised by a step to report a *definite* failure: nothing was applied.
 
+    Raise it only when nothing is applied under the step's idempotency key, by this
+    attempt or an earlier one (a service that answers retries from its ledger gets
+    this for free); the engine trusts it and does not compensate.
+
     A step that raises ``StepFailed`` is not retried and not compensated. Any other
     exception, or a timeout, leaves the outcome *uncertain*: the step is retried per
     its policy and compensated if it still fails.

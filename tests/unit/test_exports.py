@@ -35,6 +35,8 @@ def test_saga_exports() -> None:
         "StepTimeout",
         "Transition",
         "UnknownSagaError",
+        "abort_stuck",
+        "retry_stuck",
     ]
 
 

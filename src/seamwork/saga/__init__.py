@@ -20,7 +20,8 @@ from seamwork.errors import (
 )
 from seamwork.saga._definition import Parallel, Saga, Step, StepContext
 from seamwork.saga._idempotency import IdempotencyLedger
-from seamwork.saga._machine import SagaMachine, StepFailure, Transition
+from seamwork.saga._machine import SagaMachine, StepFailure, Transition, retry_stuck
+from seamwork.saga._machine import abort as abort_stuck
 from seamwork.saga._orchestrator import SagaOrchestrator, SagaRun
 from seamwork.saga._ports import ClaimResult, SagaStore
 from seamwork.saga._state import SagaState, SagaStatus, StepEvent
@@ -51,4 +52,6 @@ __all__ = [
     "StepTimeout",
     "Transition",
     "UnknownSagaError",
+    "abort_stuck",
+    "retry_stuck",
 ]

@@ -33,6 +33,7 @@ from seamwork.errors import (
 from seamwork.saga._definition import Saga, Step, StepContext
 from seamwork.saga._machine import (
     Compensate,
+    FailureKind,
     RunStage,
     SagaMachine,
     StepFailure,
@@ -62,7 +63,17 @@ EVENTS = (
 class _Run:
     """One saga being driven by this process."""
 
-    __slots__ = ("cancel_reason", "cancelled", "done", "lock", "machine", "scopes", "state", "task")
+    __slots__ = (
+        "cancel_reason",
+        "cancelled",
+        "done",
+        "lock",
+        "machine",
+        "resumed",
+        "scopes",
+        "state",
+        "task",
+    )
 
     def __init__(self, machine: SagaMachine, state: SagaState) -> None:
         self.machine = machine
@@ -73,6 +84,9 @@ class _Run:
         self.cancel_reason: str | None = None
         self.cancelled = asyncio.Event()
         self.lock = asyncio.Lock()
+        # Steps of the current stage that may have run (and applied) in a process
+        # that died before their checkpoint: their outcome is uncertain until re-run.
+        self.resumed: set[str] = set()
 
     def interrupt(self, reason: str) -> None:
         self.cancel_reason = reason
@@ -296,6 +310,10 @@ class SagaOrchestrator:
         self._spawn(machine, begun.state)
         return SagaRun(self, saga_id)
 
+    def handle(self, saga_id: str) -> SagaRun:
+        """A handle on an existing saga (e.g. one recovered after a restart) to ``wait`` on."""
+        return SagaRun(self, saga_id)
+
     async def get(self, saga_id: str) -> SagaState | None:
         """The stored state of a saga, or None."""
         return await self._store.get(saga_id)
@@ -362,8 +380,11 @@ class SagaOrchestrator:
 
     # --- driving one saga ---------------------------------------------------------
 
-    def _spawn(self, machine: SagaMachine, state: SagaState) -> None:
+    def _spawn(self, machine: SagaMachine, state: SagaState, *, recovered: bool = False) -> None:
         run = _Run(machine, state)
+        action = machine.next_action(state)
+        if recovered and isinstance(action, RunStage):
+            run.resumed = {step.name for step in action.steps}
         self._runs[state.saga_id] = run
         run.task = asyncio.create_task(self._drive(run), name=f"saga:{state.saga_id}")
 
@@ -398,7 +419,10 @@ class SagaOrchestrator:
         while True:
             if run.cancel_reason is not None:
                 if run.state.status is SagaStatus.RUNNING:
-                    cancel = run.machine.cancel(run.state, run.cancel_reason, (), self._now())
+                    in_flight = tuple(run.resumed)
+                    cancel = run.machine.cancel(
+                        run.state, run.cancel_reason, in_flight, self._now()
+                    )
                     await self._commit(run, cancel)
                 run.cancelled.set()
             action = run.machine.next_action(run.state)
@@ -504,9 +528,12 @@ class SagaOrchestrator:
         )
         timeout = self._step_timeout(run, step)
         if timeout is not None and timeout <= 0:
-            # Not started, so not applied: a definite failure, nothing to compensate.
+            # Not started here. A step resumed after a crash may have applied its effect
+            # in the dead process (uncertain, compensated); any other was never run.
             run.interrupt(f"deadline of {run.machine.saga.deadline:g}s exceeded")
-            return StepFailure(step.name, attempt, "definite", "saga deadline exceeded"), None
+            kind: FailureKind = "uncertain" if step.name in run.resumed else "definite"
+            return StepFailure(step.name, attempt, kind, "saga deadline exceeded"), None
+        run.resumed.discard(step.name)
         try:
             async with self._clock.timeout(timeout) as scope:
                 run.scopes.add(scope)  # cancel() ends the attempt through its scope
@@ -564,8 +591,11 @@ class SagaOrchestrator:
         self.hooks.emit("compensated", run.state, step.name)
 
     async def _commit(self, run: _Run, transition: Transition) -> None:
-        await self._store.save(transition.state, transition.events, owner=self.owner)
-        run.state = transition.state
+        state = transition.state
+        if state.terminal:  # the store releases a finished saga's lease with this save
+            state = state.evolve(lease_owner=None, lease_expires_at=None)
+        await self._store.save(state, transition.events, owner=self.owner)
+        run.state = state
 
     async def _interruptible_sleep(self, run: _Run, seconds: float) -> bool:
         """Sleep unless the saga is cancelled meanwhile; False if it was."""
@@ -642,7 +672,8 @@ class SagaOrchestrator:
                     continue
                 self.stats["recovered"] += 1
                 self.hooks.emit("recovered", state)
-                self._spawn(self._machines[(state.saga_name, state.saga_version)], state)
+                machine = self._machines[(state.saga_name, state.saga_version)]
+                self._spawn(machine, state, recovered=True)
             if len(result.claimed) < self._batch:
                 return
 

@@ -73,6 +73,9 @@ class SQLiteWriter:
             power loss (not on a process crash) - an explicit, named opt-in.
         migrations: schema steps applied at start, once, under the write lock.
         max_batch: most functions committed together.
+        create: create the file and migrate the schema; with False the file must
+            already hold this component's schema (nothing is created or changed).
+        readonly: open the file read-only (implies ``create=False``).
     """
 
     def __init__(
@@ -83,12 +86,16 @@ class SQLiteWriter:
         migrations: Sequence[Migration] = (),
         max_batch: int = 512,
         name: str = "sqlite",
+        create: bool = True,
+        readonly: bool = False,
     ) -> None:
         if synchronous not in ("full", "normal"):
             raise StoreError(f"synchronous must be 'full' or 'normal', got {synchronous!r}")
         self.path = str(path)
         self.synchronous = synchronous
         self._migrations = tuple(migrations)
+        self._create = create and not readonly
+        self._readonly = readonly
         self._max_batch = max_batch
         self._name = name
         self._queue: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
@@ -236,19 +243,41 @@ class SQLiteWriter:
                 f"cannot open {self._name} store {self.path}: "
                 f"directory {target.parent} does not exist"
             )
+        if not self._create and not target.is_file():
+            raise StoreUnavailable(f"{self._name} store {self.path} does not exist")
         try:
             conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=10.0
+                f"file:{target.resolve()}?mode={'ro' if self._readonly else 'rw'}"
+                if not self._create
+                else self.path,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=10.0,
+                uri=not self._create,
             )
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if self.path != ":memory:" and mode != "wal":
-                raise StoreUnavailable(f"{self.path}: WAL mode refused (journal_mode={mode})")
-            conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+            if not self._readonly:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if self.path != ":memory:" and mode != "wal":
+                    raise StoreUnavailable(f"{self.path}: WAL mode refused (journal_mode={mode})")
+                conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
             conn.execute("PRAGMA foreign_keys=ON")
-            self._migrate(conn)
+            if self._create:
+                self._migrate(conn)
+            else:
+                self._require_schema(conn)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open {self._name} store {self.path}: {exc}") from exc
         return conn
+
+    def _require_schema(self, conn: sqlite3.Connection) -> None:
+        try:
+            applied = dict(conn.execute("SELECT component, version FROM seamwork_migrations"))
+        except sqlite3.DatabaseError:
+            applied = {}
+        for migration in self._migrations:
+            if applied.get(migration.component, 0) < migration.version:
+                conn.close()
+                raise StoreUnavailable(f"{self.path} is not a seamwork {self._name} store")
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         if not self._migrations:

@@ -107,6 +107,10 @@ _STATE_SET = (
     "step_attempts = ?, compensation_attempts = ?"
 )
 _SAVE_OWNED = f"UPDATE seamwork_sagas SET {_STATE_SET} WHERE saga_id = ? AND lease_owner = ?"
+_SAVE_FINAL = (
+    f"UPDATE seamwork_sagas SET {_STATE_SET}, lease_owner = NULL, lease_expires_at = NULL "
+    "WHERE saga_id = ? AND lease_owner = ?"
+)
 _SAVE_STATUS = (
     f"UPDATE seamwork_sagas SET {_STATE_SET}, lease_owner = ?, lease_expires_at = ? "
     "WHERE saga_id = ? AND status = ?"
@@ -215,14 +219,29 @@ class SQLiteStore:
         path: the database file; its directory must exist.
         synchronous: ``"full"`` (default, durable on power loss) or ``"normal"``
             (faster; WAL may lose the last commits on power loss) - opt in by name.
+        create: create the file and schema if needed (False: it must be a saga store
+            already, and nothing is created - for tools such as the CLI).
+        readonly: open read-only (listing and showing sagas).
     """
 
-    def __init__(self, path: str | Path, *, synchronous: Synchronous = "full") -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: Synchronous = "full",
+        create: bool = True,
+        readonly: bool = False,
+    ) -> None:
         if not str(path):
             raise ConfigError("SQLiteStore needs a database path")
         self.path = str(path)
         self._writer = SQLiteWriter(
-            path, synchronous=synchronous, migrations=SAGA_MIGRATIONS, name="saga"
+            path,
+            synchronous=synchronous,
+            migrations=SAGA_MIGRATIONS,
+            name="saga",
+            create=create,
+            readonly=readonly,
         )
         self._lock_fd: int | None = None
 
@@ -294,7 +313,8 @@ class SQLiteStore:
         def update(conn: sqlite3.Connection) -> None:
             values = _state_values(state)
             if owner is not None:
-                cursor = conn.execute(_SAVE_OWNED, (*values, saga_id, owner))
+                sql = _SAVE_FINAL if state.terminal else _SAVE_OWNED  # done: release the lease
+                cursor = conn.execute(sql, (*values, saga_id, owner))
             else:
                 assert expect_status is not None
                 params = (*values, state.lease_owner, state.lease_expires_at)
