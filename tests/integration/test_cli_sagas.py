@@ -230,7 +230,7 @@ def test_a_file_that_is_not_a_database_is_a_one_line_error(tmp_path: Path) -> No
     path.write_text("not sqlite at all\n")
     code, out, err = invoke("sagas", "list", "--db", str(path))
     assert code == 1
-    assert err.strip() == f"error: cannot open saga store {path}: file is not a database"
+    assert err.strip() == f"error: {path} is not a seamwork saga store"
     assert "Traceback" not in out + err
 
 
@@ -245,3 +245,15 @@ def test_a_corrupt_row_is_named_and_left_alone(db: Path) -> None:
     assert code == 1
     code, out, _ = invoke("sagas", "list", "--db", str(db), "--json")
     assert [r["saga_id"] for r in json.loads(out)] == ["t-failed"]
+
+
+def test_listing_a_foreign_database_changes_nothing_in_it(tmp_path: Path) -> None:
+    path = tmp_path / "users.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    code, _, err = invoke("sagas", "list", "--db", str(path))
+    assert code == 1
+    assert "is not a seamwork saga store" in err
+    with sqlite3.connect(path) as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    assert tables == ["users"]

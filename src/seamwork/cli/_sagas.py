@@ -21,9 +21,7 @@ from rich.console import Console
 
 from seamwork.cli._render import event_json, saga_view, sagas_table, state_json
 from seamwork.errors import SagaError, StoreError
-from seamwork.saga import SagaState, SagaStatus, StepEvent
-from seamwork.saga._machine import abort as abort_stuck
-from seamwork.saga._machine import retry_stuck
+from seamwork.saga import SagaState, SagaStatus, StepEvent, abort_stuck, retry_stuck
 from seamwork.storage import SQLiteStore
 
 T = TypeVar("T")
@@ -57,14 +55,16 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=False)
 
 
-def run_on_store(db: Path, work: Callable[[SQLiteStore], Awaitable[T]]) -> T:
-    """Open the store at ``db`` (which must exist), run ``work``, close; errors as
-    ``CliError``, never a traceback."""
+def run_on_store(
+    db: Path, work: Callable[[SQLiteStore], Awaitable[T]], *, readonly: bool = True
+) -> T:
+    """Open the existing store at ``db`` (nothing is created; read-only unless asked),
+    run ``work``, close; errors as ``CliError``, never a traceback."""
     if not db.is_file():
         raise CliError(f"no saga database at {db}", code=2)
 
     async def go() -> T:
-        store = SQLiteStore(db)
+        store = SQLiteStore(db, create=False, readonly=readonly)
         try:
             await store.open()
             return await work(store)
@@ -156,7 +156,7 @@ def retry_saga(saga_id: SagaId, db: Db) -> None:
         return moved.state
 
     try:
-        state = run_on_store(db, retry)
+        state = run_on_store(db, retry, readonly=False)
     except CliError as exc:
         raise fail(exc) from None
     pending = ", ".join(state.to_compensate) or "nothing"
@@ -184,7 +184,7 @@ def abort_saga(
         return moved.state
 
     try:
-        state = run_on_store(db, abort)
+        state = run_on_store(db, abort, readonly=False)
     except CliError as exc:
         raise fail(exc) from None
     left = ", ".join(state.to_compensate) or "nothing"

@@ -20,7 +20,7 @@ from typing import Any
 
 from seamwork.demo.saga import SAGA_NAME, SAGAS_DB, make_orders, order_saga, saga_id
 from seamwork.demo.services import Order, Services
-from seamwork.saga import SagaOrchestrator, SagaRun, SagaState
+from seamwork.saga import SagaOrchestrator, SagaState
 from seamwork.storage import SQLiteStore
 
 
@@ -44,7 +44,7 @@ async def _drive(orch: SagaOrchestrator, order: Order, slots: asyncio.Semaphore)
 
 
 async def _watch_recovered(orch: SagaOrchestrator, recovered: list[str]) -> None:
-    await asyncio.gather(*(SagaRun(orch, sid).wait() for sid in recovered))
+    await asyncio.gather(*(orch.handle(sid).wait() for sid in recovered))
     emit("recovered", count=len(recovered))
 
 
