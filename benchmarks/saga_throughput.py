@@ -16,11 +16,14 @@ SQLite in WAL mode with ``synchronous=FULL``:
 Plus recovery: 100 sagas parked mid-step in a process that is then SIGKILLed, and
 the time a fresh orchestrator takes from ``open()`` until all 100 are completed.
 
-Each contender runs in its own subprocess (clean CPU accounting, DBOS is a
-process-wide singleton), one after the other, in the same run. Targets (DESIGN.md
-§9, issue 2): sequential p50 <= 1.5x the floor, CPU <= 1.5 ms per saga, >= 600
-sagas/s with p99 <= 100 ms at 32 in flight (and >= 2/3 of the group-commit floor),
-one commit per transition, recovery of 100 parked sagas <= 0.5 s.
+seamwork and the floor run in one subprocess with their chunks interleaved (who
+goes first alternates), so both meet the same disk and CPU weather and the ratios
+are fair; DBOS runs in a subprocess of its own (a process-wide singleton with
+background threads, kept out of the others' CPU accounting); recovery uses two more.
+
+Targets (DESIGN.md §9, issue 2): sequential p50 <= 1.5x the floor, CPU <= 1.5 ms
+per saga, >= 600 sagas/s with p99 <= 100 ms at 32 in flight (and >= 2/3 of the
+group-commit floor), one commit per transition, recovery of 100 parked sagas <= 0.5 s.
 
 Usage::
 
@@ -156,56 +159,51 @@ def order_saga(*, park: bool = False) -> Any:
 PARKED: list[str] = []
 
 
-async def run_seamwork(cfg: dict[str, Any]) -> dict[str, Any]:
-    from seamwork.saga import SagaOrchestrator
-    from seamwork.storage import SQLiteStore
+class Tally:
+    """Latencies, CPU, wall time and commits accumulated over the chunks of a phase."""
 
-    store = SQLiteStore(Path(cfg["dir"]) / "seamwork.db")
-    result: dict[str, Any] = {}
-    async with SagaOrchestrator(store, [order_saga()]) as orch:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.cpu = self.wall = 0.0
+        self.commits = self.count = 0
 
-        async def one(i: int, decline: bool = False) -> None:
-            run = await orch.start("order", {"order_id": i, "decline": decline})
-            state = await run.wait()
-            expected = "failed" if decline else "completed"
-            if state.status.value != expected:
-                raise RuntimeError(f"saga {run.saga_id} ended {state.status.value}")
+    def add(self, latencies: list[float], phase: Phase, commits: int) -> None:
+        self.latencies += latencies
+        self.cpu += phase.cpu
+        self.wall += phase.wall
+        self.commits += commits
+        self.count += len(latencies)
 
-        for i in range(cfg["warmup"]):
-            await one(i)
-            await one(i, decline=True)
 
+class SeamworkRunner:
+    """Chunks of the seamwork phases on one open orchestrator."""
+
+    def __init__(self, orch: Any, store: Any) -> None:
+        self.orch, self.store = orch, store
+        self.serial = iter(range(10**9))
+
+    async def one(self, decline: bool = False) -> None:
+        run = await self.orch.start("order", {"order_id": next(self.serial), "decline": decline})
+        state = await run.wait()
+        expected = "failed" if decline else "completed"
+        if state.status.value != expected:
+            raise RuntimeError(f"saga {run.saga_id} ended {state.status.value}")
+
+    async def sequential(self, tally: Tally, count: int, decline: bool = False) -> None:
         latencies = []
-        commits0 = store.commits
-        with Phase() as seq:
-            for i in range(cfg["sequential"]):
+        commits0 = self.store.commits
+        with Phase() as phase:
+            for _ in range(count):
                 t0 = time.perf_counter()
-                await one(i)
+                await self.one(decline)
                 latencies.append(time.perf_counter() - t0)
-        result["seq"] = summarize(latencies)
-        result["cpu_ms"] = seq.cpu / cfg["sequential"] * 1e3
-        result["commits_seq"] = (store.commits - commits0) / cfg["sequential"]
+        tally.add(latencies, phase, self.store.commits - commits0)
 
-        latencies = []
-        commits0 = store.commits
-        for i in range(cfg["failures"]):
-            t0 = time.perf_counter()
-            await one(i, decline=True)
-            latencies.append(time.perf_counter() - t0)
-        result["fail"] = summarize(latencies)
-        result["commits_fail"] = (store.commits - commits0) / cfg["failures"]
-
-        await closed_loop(cfg["in_flight"] * 2, cfg["in_flight"], one)  # warm-up
-        commits0 = store.commits
-        with Phase() as load:
-            latencies = await closed_loop(cfg["concurrent"], cfg["in_flight"], one)
-        commits = store.commits - commits0
-        result["load"] = summarize(latencies)
-        result["load_rate"] = cfg["concurrent"] / load.wall
-        result["load_cpu_ms"] = load.cpu / cfg["concurrent"] * 1e3
-        result["tx_per_commit"] = cfg["concurrent"] * HAPPY_TRANSITIONS / commits
-        result["pragmas"] = await _seamwork_pragmas(store)
-    return result
+    async def load(self, tally: Tally, count: int, in_flight: int) -> None:
+        commits0 = self.store.commits
+        with Phase() as phase:
+            latencies = await closed_loop(count, in_flight, lambda _: self.one())
+        tally.add(latencies, phase, self.store.commits - commits0)
 
 
 async def _seamwork_pragmas(store: Any) -> str:
@@ -569,66 +567,127 @@ def _floor_failure(conn: sqlite3.Connection, saga_id: str) -> int:
     return commits
 
 
-def run_floor(cfg: dict[str, Any]) -> dict[str, Any]:
-    conn, pragmas = _floor_connect(Path(cfg["dir"]) / "floor.db")
-    result: dict[str, Any] = {"pragmas": pragmas}
-    serial = iter(range(10**9))
+class FloorRunner:
+    """Chunks of the floor's phases: plain blocking sqlite3, no asyncio, no engine."""
 
-    def sequential_one() -> int:
+    def __init__(self, path: Path) -> None:
+        self.conn, self.pragmas = _floor_connect(path)
+        self.serial = iter(range(10**9))
+
+    def one(self) -> int:
         commits = 0
-        saga = FloorSaga(f"floor-{next(serial)}", 0)
+        saga = FloorSaga(f"floor-{next(self.serial)}", 0)
         done = False
         while not done:
-            conn.execute("BEGIN IMMEDIATE")
-            done = saga.transition(conn)
-            conn.execute("COMMIT")
+            self.conn.execute("BEGIN IMMEDIATE")
+            done = saga.transition(self.conn)
+            self.conn.execute("COMMIT")
             commits += 1
         return commits
 
-    for _ in range(cfg["warmup"]):
-        sequential_one()
-    latencies, commits = [], 0
-    with Phase() as seq:
-        for _ in range(cfg["sequential"]):
-            t0 = time.perf_counter()
-            commits += sequential_one()
-            latencies.append(time.perf_counter() - t0)
-    result["seq"] = summarize(latencies)
-    result["cpu_ms"] = seq.cpu / cfg["sequential"] * 1e3
-    result["commits_seq"] = commits / cfg["sequential"]
+    def sequential(self, tally: Tally, count: int, decline: bool = False) -> None:
+        latencies, commits = [], 0
+        with Phase() as phase:
+            for _ in range(count):
+                t0 = time.perf_counter()
+                if decline:
+                    commits += _floor_failure(self.conn, f"floor-{next(self.serial)}")
+                else:
+                    commits += self.one()
+                latencies.append(time.perf_counter() - t0)
+        tally.add(latencies, phase, commits)
 
-    latencies, commits = [], 0
-    for _ in range(cfg["failures"]):
-        t0 = time.perf_counter()
-        commits += _floor_failure(conn, f"floor-{next(serial)}")
-        latencies.append(time.perf_counter() - t0)
-    result["fail"] = summarize(latencies)
-    result["commits_fail"] = commits / cfg["failures"]
-
-    # Group commit: every round, one transaction holding the next transition of each
-    # of the in-flight sagas; a finished saga is replaced by a new one.
-    total, in_flight = cfg["concurrent"], cfg["in_flight"]
-    latencies, commits, started = [], 0, 0
-    with Phase() as load:
+    def load(self, tally: Tally, count: int, in_flight: int) -> None:
+        """Group commit: each round is one transaction holding the next transition of
+        every in-flight saga; a finished saga is replaced by a new one."""
+        latencies: list[float] = []
+        commits = started = 0
         active: list[FloorSaga] = []
-        while started < total or active:
-            while len(active) < in_flight and started < total:
-                active.append(FloorSaga(f"floor-{next(serial)}", started))
-                started += 1
-            conn.execute("BEGIN IMMEDIATE")
-            finished = [saga for saga in active if saga.transition(conn)]
-            conn.execute("COMMIT")
-            commits += 1
-            end = time.perf_counter()
-            for saga in finished:
-                latencies.append(end - saga.started)
-                active.remove(saga)
-    result["load"] = summarize(latencies)
-    result["load_rate"] = total / load.wall
-    result["load_cpu_ms"] = load.cpu / total * 1e3
-    result["tx_per_commit"] = total * HAPPY_TRANSITIONS / commits
-    conn.close()
-    return result
+        with Phase() as phase:
+            while started < count or active:
+                while len(active) < in_flight and started < count:
+                    active.append(FloorSaga(f"floor-{next(self.serial)}", started))
+                    started += 1
+                self.conn.execute("BEGIN IMMEDIATE")
+                finished = [saga for saga in active if saga.transition(self.conn)]
+                self.conn.execute("COMMIT")
+                commits += 1
+                end = time.perf_counter()
+                for saga in finished:
+                    latencies.append(end - saga.started)
+                    active.remove(saga)
+        tally.add(latencies, phase, commits)
+
+
+def _result(seq: Tally, fail: Tally, load: Tally) -> dict[str, Any]:
+    return {
+        "seq": summarize(seq.latencies),
+        "cpu_ms": seq.cpu / seq.count * 1e3,
+        "commits_seq": seq.commits / seq.count,
+        "fail": summarize(fail.latencies),
+        "commits_fail": fail.commits / fail.count,
+        "load": summarize(load.latencies),
+        "load_rate": load.count / load.wall,
+        "load_cpu_ms": load.cpu / load.count * 1e3,
+        "tx_per_commit": load.count * HAPPY_TRANSITIONS / load.commits,
+    }
+
+
+def _chunks(total: int, rounds: int) -> list[int]:
+    return [total // rounds + (1 if i < total % rounds else 0) for i in range(rounds)]
+
+
+async def run_pair(cfg: dict[str, Any]) -> dict[str, Any]:
+    """seamwork and the floor in one process, their chunks interleaved (who goes first
+    alternates), so both see the same disk and CPU weather and the ratios are fair."""
+    from seamwork.saga import SagaOrchestrator
+    from seamwork.storage import SQLiteStore
+
+    floor = FloorRunner(Path(cfg["dir"]) / "floor.db")
+    store = SQLiteStore(Path(cfg["dir"]) / "seamwork.db")
+    rounds, in_flight = cfg["rounds"], cfg["in_flight"]
+    tallies = {name: {phase: Tally() for phase in ("seq", "fail", "load")} for name in "sf"}
+    async with SagaOrchestrator(store, [order_saga()]) as orch:
+        ours = SeamworkRunner(orch, store)
+        for decline in (False, True):  # warm-up, not counted
+            await ours.sequential(Tally(), cfg["warmup"], decline)
+            floor.sequential(Tally(), cfg["warmup"], decline)
+        await ours.load(Tally(), in_flight * 4, in_flight)
+        floor.load(Tally(), in_flight * 4, in_flight)
+
+        async def both(first_ours: bool, phase: str, count: int) -> None:
+            async def run_ours() -> None:
+                if phase == "load":
+                    await ours.load(tallies["s"][phase], count, in_flight)
+                else:
+                    await ours.sequential(tallies["s"][phase], count, phase == "fail")
+
+            def run_floor() -> None:
+                if phase == "load":
+                    floor.load(tallies["f"][phase], count, in_flight)
+                else:
+                    floor.sequential(tallies["f"][phase], count, phase == "fail")
+
+            if first_ours:
+                await run_ours()
+                run_floor()
+            else:
+                run_floor()
+                await run_ours()
+
+        for phase, total in (
+            ("seq", cfg["sequential"]),
+            ("fail", cfg["failures"]),
+            ("load", cfg["concurrent"]),
+        ):
+            for i, count in enumerate(_chunks(total, rounds)):
+                await both(i % 2 == 0, phase, count)
+        pragmas = await _seamwork_pragmas(store)
+    floor.conn.close()
+    return {
+        "seamwork": {**_result(*tallies["s"].values()), "pragmas": pragmas},
+        "floor": {**_result(*tallies["f"].values()), "pragmas": floor.pragmas},
+    }
 
 
 # --- orchestration of the run and the table ----------------------------------------------
@@ -653,8 +712,7 @@ def worker_main(name: str, cfg: dict[str, Any], out: str | None) -> None:
         asyncio.run(run_park(cfg))
         return
     runners: dict[str, Callable[[dict[str, Any]], Any]] = {
-        "floor": run_floor,
-        "seamwork": lambda c: asyncio.run(run_seamwork(c)),
+        "pair": lambda c: asyncio.run(run_pair(c)),
         "dbos": lambda c: asyncio.run(run_dbos(c)),
         "recover": lambda c: asyncio.run(run_recover(c)),
     }
@@ -746,7 +804,7 @@ def build_table(
             verdict(med(_get(sw, "cpu_ms")) <= 1.5),
         ],
         [
-            "failure path p50 (charge declined -> release, ms)",
+            "failure path p50 (declined -> release, ms)",
             cell(sw, "fail", "p50_ms"),
             cell(db, "fail", "p50_ms"),
             cell(fl, "fail", "p50_ms"),
@@ -802,7 +860,7 @@ def build_table(
             verdict(med(_get(sw, "tx_per_commit")) > 1),
         ],
         [
-            f"recovery of {parked} sagas parked mid-step after SIGKILL (s)",
+            f"recovery: {parked} parked sagas after kill -9 (s)",
             rec_cell + f" (open {med(open_s):.3f})",
             "-",
             "-",
@@ -818,7 +876,7 @@ def build_table(
             verdict(seq_ratio <= 1.5),
         ],
         [
-            f"ratio: {n}-in-flight throughput / group-commit floor",
+            f"ratio: {n}-in-flight rate / group-commit floor",
             ratio(sw, fl, ("load_rate",), "{:.2f}"),
             ratio(db, fl, ("load_rate",), "{:.2f}"),
             "1.00",
@@ -826,7 +884,7 @@ def build_table(
             verdict(load_ratio >= 2 / 3),
         ],
         [
-            "ratio: seamwork vs DBOS (seq p50 speed-up / throughput)",
+            "ratio: seamwork vs DBOS (seq p50 / rate)",
             (
                 ratio(db, sw, ("seq", "p50_ms"), "{:.1f}x")
                 + " / "
@@ -868,7 +926,7 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
     table = Table(title=escape(title), box=box.SIMPLE_HEAVY, show_lines=False)
     for i, name in enumerate(header):
-        table.add_column(escape(name), justify="left" if i == 0 else "right")
+        table.add_column(escape(name), justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in rows:
         table.add_row(*(escape(c) for c in row))
     Console(width=200).print(table)
@@ -880,11 +938,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sequential", type=int, help="sequential sagas (default 1000)")
     parser.add_argument("--failures", type=int, help="failure-path sagas (default 300)")
     parser.add_argument("--concurrent", type=int, help="sagas run with N in flight (5000)")
-    parser.add_argument("--in-flight", type=int, default=IN_FLIGHT_DEFAULT)
+    parser.add_argument(
+        "--in-flight", type=int, default=IN_FLIGHT_DEFAULT, help="sagas in flight (32)"
+    )
     parser.add_argument("--dbos-sagas", type=int, help="sagas per DBOS phase (default 300)")
     parser.add_argument("--parked", type=int, default=100, help="sagas parked for recovery")
     parser.add_argument("--warmup", type=int, help="warm-up sagas per contender (default 50)")
     parser.add_argument("--repeat", type=int, default=1, help="runs; cells show median (range)")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved seamwork/floor chunks per phase"
+    )
     parser.add_argument("--no-dbos", action="store_true", help="skip DBOS")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -940,16 +1003,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "in_flight": args.in_flight,
         "dbos_sagas": args.dbos_sagas,
         "warmup": args.warmup,
+        "rounds": args.rounds,
     }
     load_before = os.getloadavg()[0]
     have_dbos = not args.no_dbos and importlib.util.find_spec("dbos") is not None
-    contenders = ["floor", "seamwork"] + (["dbos"] if have_dbos else [])
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
+    runs: dict[str, list[dict[str, Any]]] = {"floor": [], "seamwork": [], "dbos": []}
     recovery: list[dict[str, Any]] = []
     for round_no in range(1, args.repeat + 1):
-        for name in contenders:
-            print(f"[{round_no}/{args.repeat}] {name} ...", file=sys.stderr, flush=True)
-            runs[name].append(run_worker(name, cfg))
+        print(f"[{round_no}/{args.repeat}] seamwork + floor ...", file=sys.stderr, flush=True)
+        pair = run_worker("pair", cfg)
+        runs["seamwork"].append(pair["seamwork"])
+        runs["floor"].append(pair["floor"])
+        if have_dbos:
+            print(f"[{round_no}/{args.repeat}] dbos ...", file=sys.stderr, flush=True)
+            runs["dbos"].append(run_worker("dbos", cfg))
         print(f"[{round_no}/{args.repeat}] recovery ...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="saga-bench-recovery-") as tmp:
             recovery.append(measure_recovery({"dir": tmp, "parked": args.parked}))
