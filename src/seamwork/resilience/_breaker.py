@@ -31,7 +31,7 @@ from seamwork.resilience._breaker_machine import (
     BreakerState,
     HalfOpenMode,
 )
-from seamwork.resilience._policy import Policy, resolve
+from seamwork.resilience._policy import Policy, monotonic_reader, resolve
 from seamwork.resilience._timeout import check_overrun, run_with_timeout
 
 P = ParamSpec("P")
@@ -124,9 +124,12 @@ class CircuitBreaker(Policy):
         "_failure_if",
         "_fallback",
         "_hooks",
+        "_lean",
         "_lock",
         "_machine",
+        "_monotonic",
         "_parked",
+        "_timed",
         "_timeout",
         "_watch_calls",
         "config",
@@ -175,7 +178,16 @@ class CircuitBreaker(Policy):
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._epoch = 0
         self._hooks = Hooks(EVENTS, _logger)
+        self._monotonic = monotonic_reader(self._clock)
         self._watch_calls = False
+        self._shape()
+
+    def _shape(self) -> None:
+        """Decide which readings and reports the success path needs."""
+        self._timed = (
+            self._timeout is not None or self.config.slow_call is not None or self._watch_calls
+        )
+        self._lean = not self._timed and self._failure_if is None
 
     # --- the two drivers -----------------------------------------------------------
 
@@ -188,7 +200,7 @@ class CircuitBreaker(Policy):
                 ticket = await self._park_async()
             if ticket == REJECT:
                 return await resolve(self._on_rejected())  # type: ignore[no-any-return]
-        started = self._clock.monotonic()
+        started = self._monotonic() if self._timed else 0.0
         try:
             if self._timeout is None:
                 result = await fn(*args, **kwargs)
@@ -198,7 +210,11 @@ class CircuitBreaker(Policy):
             if not self._settle_error(ticket, started, error):
                 raise
             return await resolve(self._on_failed(error))  # type: ignore[no-any-return]
-        self._settle_result(ticket, started, result)
+        tally = machine.tally  # before the ticket check: see "the quiet success"
+        if self._lean and ticket == machine.generation and self._monotonic() < machine.quiet_until:
+            next(tally)
+        else:
+            self._settle_result(ticket, started, result)
         return result
 
     def call_sync(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -210,7 +226,7 @@ class CircuitBreaker(Policy):
                 ticket = self._park_sync()
             if ticket == REJECT:
                 return self._on_rejected()  # type: ignore[no-any-return]
-        started = self._clock.monotonic()
+        started = self._monotonic() if self._timed else 0.0
         try:
             result = fn(*args, **kwargs)
             if self._timeout is not None:
@@ -219,11 +235,20 @@ class CircuitBreaker(Policy):
             if not self._settle_error(ticket, started, error):
                 raise
             return self._on_failed(error)  # type: ignore[no-any-return]
-        self._settle_result(ticket, started, result)
+        tally = machine.tally  # before the ticket check: see "the quiet success"
+        if self._lean and ticket == machine.generation and self._monotonic() < machine.quiet_until:
+            next(tally)
+        else:
+            self._settle_result(ticket, started, result)
         return result
 
     # --- shared steps --------------------------------------------------------------
 
+    # A plain success (no slow_call, failure_if or call-event listener: ``_lean``) that
+    # the machine calls quiet is ticked without the lock; the machine's docstring ("the
+    # quiet success") says why no count is lost and a stale one changes nothing.
+    # ``started`` is read only when a duration matters (``_timed``).
+    #
     # A CLOSED call takes its ticket without the lock (the GIL makes each read atomic).
     # _fast_ticket_is_safe: the generation is read *before* the state and transitions
     # write the state before bumping the generation, so a ticket taken while CLOSED was
@@ -240,7 +265,7 @@ class CircuitBreaker(Policy):
         return ticket
 
     def _settle_result(self, ticket: int, started: float, result: object) -> None:
-        now = self._clock.monotonic()
+        now = self._monotonic()
         failed = self._failure_if is not None and self._failure_if(result)
         machine, lock = self._machine, self._lock
         lock.acquire()  # explicit acquire/release: half the cost of `with` on CPython 3.11
@@ -259,7 +284,7 @@ class CircuitBreaker(Policy):
 
     def _settle_error(self, ticket: int, started: float, error: BaseException) -> bool:
         """Report ``error``; True if it counted as a failure (fallback applies)."""
-        now = self._clock.monotonic()
+        now = self._monotonic()
         counted = isinstance(error, Exception) and not isinstance(error, self.exclude)
         with self._lock:
             if counted:
@@ -356,6 +381,7 @@ class CircuitBreaker(Policy):
         unsubscribe = self._hooks.on(event, callback)
         if event in _CALL_EVENTS:
             self._watch_calls = True
+            self._shape()
         return unsubscribe
 
     @property
@@ -369,8 +395,7 @@ class CircuitBreaker(Policy):
         machine = self._machine
         with self._lock:
             now = self._clock.monotonic()
-            window = machine.window
-            window.refresh(now)
+            window = machine.refresh(now)
             calls = window.calls
             return BreakerStats(
                 self.name, machine.state_at(now), calls, window.failures, window.slow,

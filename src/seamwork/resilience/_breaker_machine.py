@@ -35,17 +35,42 @@ Theory of operation:
 * Nothing here reads a clock, sleeps, locks or raises on the normal path: drivers
   pass ``now`` in, hold a lock around each method, and read ``transitions`` (drained
   by them) to emit events.
+
+The quiet success (the lock-free hot path):
+
+* A success that is not slow can only *lower* both rates, so it cannot trip the
+  circuit once the window holds ``minimum_calls``; only evicting a slice can raise a
+  rate. So while CLOSED, with ``minimum_calls`` in a time window and both rates under
+  their thresholds, the machine publishes ``quiet_until``: the end of the current
+  slice. Until then a driver may count a plain success of the current generation as
+  ``next(machine.tally)`` without taking its lock (``itertools.count.__next__`` is
+  one C call, atomic under the GIL, so no count is lost however many threads tick).
+* Every method that reads the window first *folds* the tally into the current slice
+  (``fold``), so decisions see every counted success; a fold precedes every slice
+  eviction, so a quiet success lands in the slice it was observed in.
+* Each generation has its own tally. A transition bumps ``generation`` *before* it
+  installs the next tally and drivers read ``tally`` *before* they compare their
+  ticket with ``generation``: a ticket that still matches guarantees the tally read
+  is that generation's, so a stale success can only tick a retired tally, which is
+  never read again (the same rule as a stale ticket: it changes nothing).
+* Under threads, a quiet success racing a slice roll (or a reopening) is folded at
+  the next locked call, into the slice current then; single-threaded, every
+  decision is exactly the one the full path would take.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 from seamwork.errors import ConfigError
 from seamwork.resilience import _validate as check
 from seamwork.resilience._window import FAILURE, SLOW, CountWindow, TimeWindow, Window
+
+_NEVER = -math.inf
 
 REJECT = -1
 WAIT = -2
@@ -141,14 +166,18 @@ class BreakerMachine:
         "_opened_at",
         "_probe_successes",
         "_probes_out",
+        "_tallied",
+        "_timed",
         "config",
         "failures",
         "generation",
         "ignored",
         "opens",
+        "quiet_until",
         "rejections",
         "state",
         "successes",
+        "tally",
         "transitions",
         "window",
     )
@@ -163,6 +192,10 @@ class BreakerMachine:
         self._opened_at = 0.0
         self._consecutive_opens = 0
         self._probes_out = self._probe_successes = 0
+        self._timed = isinstance(self.window, TimeWindow)
+        self.quiet_until = _NEVER
+        self.tally = itertools.count()
+        self._tallied = 0
 
     def acquire(self, now: float) -> int:
         """A ticket (>= 0) to run the call, ``REJECT``, or ``WAIT`` (for a verdict)."""
@@ -183,6 +216,7 @@ class BreakerMachine:
 
     def on_success(self, ticket: int, now: float, duration: float) -> None:
         """Report a call that returned (slow if it took ``slow_call`` or longer)."""
+        self.fold()
         self.successes += 1
         slow = self.config.slow_call
         if slow is not None and duration >= slow:
@@ -192,11 +226,29 @@ class BreakerMachine:
             window.record(now, 0)
             if window.calls >= self.config.minimum_calls and self._over_threshold():
                 self._fire(_Event.TRIP, now)
+            else:
+                self._quiet()
         else:
             self._settle(ticket, now, 0)
 
+    def fold(self) -> None:
+        """Move the successes ticked on ``tally`` into the window (and the totals)."""
+        ticked = int(repr(self.tally)[6:-1]) - self._tallied  # "count(N)": read, not advance
+        if ticked:
+            self._tallied += ticked
+            self.successes += ticked
+            self.window.add_calls(ticked)
+
+    def refresh(self, now: float) -> Window:
+        """The window as of ``now``, every ticked success included."""
+        self.fold()
+        self.window.refresh(now)
+        self._quiet()
+        return self.window
+
     def on_failure(self, ticket: int, now: float, duration: float) -> None:
         """Report a call that failed with a counted (not excluded) error."""
+        self.fold()
         self.failures += 1
         slow = self.config.slow_call is not None and duration >= self.config.slow_call
         self._settle(ticket, now, FAILURE | SLOW if slow else FAILURE)
@@ -241,6 +293,8 @@ class BreakerMachine:
             self.window.record(now, outcome)
             if self._over_threshold():
                 self._fire(_Event.TRIP, now)
+            else:
+                self._quiet()
         elif self.state is HALF_OPEN:
             self._probes_out -= 1
             if outcome:
@@ -249,6 +303,19 @@ class BreakerMachine:
                 self._probe_successes += 1
                 if self._probe_successes >= self.config.half_open_calls:
                     self._fire(_Event.PROBES_PASSED, now)
+
+    def _quiet(self) -> None:
+        """Publish until when a plain success may be ticked (see the module docstring)."""
+        window = self.window
+        if (
+            self._timed
+            and self.state is CLOSED
+            and window.calls >= self.config.minimum_calls
+            and not self._over_threshold()
+        ):
+            self.quiet_until = window.slice_end
+        else:
+            self.quiet_until = _NEVER
 
     def _over_threshold(self) -> bool:
         window, cfg = self.window, self.config
@@ -260,10 +327,13 @@ class BreakerMachine:
         return cfg.slow_call is not None and window.slow / calls >= cfg.slow_call_rate
 
     def _fire(self, event: _Event, now: float) -> None:
+        self.fold()
         old = self.state
         new = _TRANSITIONS[old, event]
+        self.quiet_until = _NEVER
         self.state = new
-        self.generation += 1
+        self.generation += 1  # before the new tally: see "the quiet success" above
+        self.tally, self._tallied = itertools.count(), 0
         self._probes_out = self._probe_successes = 0
         if new is OPEN:
             self.opens += 1

@@ -4,15 +4,25 @@ A policy implements two thin drivers over its pure core: ``call`` awaits a corou
 function, ``call_sync`` calls a plain one. Decorating picks the driver from the
 function's kind, keeps its signature for type checkers (ParamSpec) and exposes the
 policy as ``wrapper.policy``.
+
+The decorated function is a ``functools.partial`` of the driver, not a Python
+wrapper function: calling it costs no extra frame (and, for a coroutine function, no
+extra coroutine), and ``inspect`` sees through it (``iscoroutinefunction``,
+``signature`` via ``__wrapped__``). ``_Decorated.__get__`` binds it like a function,
+so decorating a method still passes ``self``.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import time
+import types
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, cast, overload
+
+from seamwork._core.clock import Clock, SystemClock
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -41,20 +51,26 @@ class Policy(ABC):
 
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         """Decorate ``fn`` (sync or async); the wrapper keeps its signature."""
-        if inspect.iscoroutinefunction(fn):
-
-            async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await self.call(fn, *args, **kwargs)
-
-            wrapper: Callable[P, Any] = functools.wraps(fn)(run_async)
-        else:
-
-            def run_sync(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return self.call_sync(fn, *args, **kwargs)
-
-            wrapper = functools.wraps(fn)(run_sync)
+        driver = self.call if inspect.iscoroutinefunction(fn) else self.call_sync
+        wrapper = functools.update_wrapper(_Decorated(driver, fn), fn)
         wrapper.policy = self  # type: ignore[attr-defined]
-        return wrapper
+        return cast(Callable[P, Any], wrapper)
+
+
+class _Decorated(functools.partial[Any]):
+    """``partial(driver, fn)`` that binds as a method when it is a class attribute."""
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        return self if instance is None else types.MethodType(self, instance)
+
+
+def monotonic_reader(clock: Clock) -> Callable[[], float]:
+    """``clock.monotonic``, or ``time.monotonic`` itself for the system clock.
+
+    Drivers cache it once, so the hot path pays one C call per reading rather than a
+    method of a method; an injected clock (``ManualClock``) is still read through.
+    """
+    return time.monotonic if type(clock) is SystemClock else clock.monotonic
 
 
 async def resolve(value: Any) -> Any:

@@ -36,6 +36,11 @@ class Window(Protocol):
 
     def clear(self) -> None: ...
 
+    def add_calls(self, calls: int) -> None: ...
+
+    @property
+    def slice_end(self) -> float: ...
+
 
 class CountWindow:
     """The last ``size`` outcomes (``outcome`` is a bit set of ``FAILURE | SLOW``)."""
@@ -54,6 +59,16 @@ class CountWindow:
 
     def refresh(self, now: float) -> None:
         """A count window does not age; present for the ``Window`` protocol."""
+
+    @property
+    def slice_end(self) -> float:
+        """Every call may evict an outcome: no stretch of time is free of evictions."""
+        return -math.inf
+
+    def add_calls(self, calls: int) -> None:
+        """Record ``calls`` plain successes."""
+        for _ in range(calls):
+            self.record(0.0, 0)
 
     def record(self, now: float, outcome: int) -> None:
         """Add one outcome, evicting the oldest once the window is full."""
@@ -129,6 +144,16 @@ class TimeWindow:
             if outcome & SLOW:
                 self._b_slow[slot] += 1
                 self.slow += 1
+
+    @property
+    def slice_end(self) -> float:
+        """When the current slice ends (the next eviction can happen no earlier)."""
+        return (self._head + 1) * self._width
+
+    def add_calls(self, calls: int) -> None:
+        """Count ``calls`` plain successes into the current slice (no clock reading)."""
+        self._b_calls[self._slot] += calls
+        self.calls += calls
 
     def _advance(self, head: int) -> None:
         if head - self._head >= self.buckets:
