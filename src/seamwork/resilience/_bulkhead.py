@@ -158,7 +158,11 @@ class Bulkhead(Policy):
         try:
             return await fn(*args, **kwargs)
         finally:
-            self._leave()
+            lock.acquire()  # _leave, inlined: it is half the cost of a call
+            successor = self._admission.leave()
+            lock.release()
+            if successor is not None:
+                successor.wake()
 
     def call_sync(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         lock = self._lock
@@ -172,7 +176,11 @@ class Bulkhead(Policy):
         try:
             return fn(*args, **kwargs)
         finally:
-            self._leave()
+            lock.acquire()  # _leave, inlined: it is half the cost of a call
+            successor = self._admission.leave()
+            lock.release()
+            if successor is not None:
+                successor.wake()
 
     async def _wait_async(self) -> None:
         waiter = self._enqueue(_AsyncWaiter())

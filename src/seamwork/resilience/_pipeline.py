@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 from seamwork._core.clock import Clock
 from seamwork._core.retry import Retry
 from seamwork.errors import ConfigError
-from seamwork.resilience._policy import Policy
+from seamwork.resilience._policy import Policy, _Decorated
 from seamwork.resilience._retry import RetryPolicy
 
 P = ParamSpec("P")
@@ -54,6 +54,12 @@ class Pipeline(Policy):
 
     def call_sync(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         return self._head_sync(*self._tail_sync, fn, *args, **kwargs)  # type: ignore[no-any-return]
+
+    def _bind(self, fn: Callable[..., Any], is_async: bool) -> _Decorated:
+        # The decorated function enters the outermost policy directly (one frame less).
+        if is_async:
+            return _Decorated(self._head, *self._tail, fn)
+        return _Decorated(self._head_sync, *self._tail_sync, fn)
 
     def __repr__(self) -> str:
         return f"Pipeline{self.policies!r}"

@@ -51,10 +51,13 @@ class Policy(ABC):
 
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         """Decorate ``fn`` (sync or async); the wrapper keeps its signature."""
-        driver = self.call if inspect.iscoroutinefunction(fn) else self.call_sync
-        wrapper = functools.update_wrapper(_Decorated(driver, fn), fn)
+        wrapper = functools.update_wrapper(self._bind(fn, inspect.iscoroutinefunction(fn)), fn)
         wrapper.policy = self  # type: ignore[attr-defined]
         return cast(Callable[P, Any], wrapper)
+
+    def _bind(self, fn: Callable[..., Any], is_async: bool) -> _Decorated:
+        """The callable a decorator returns: the driver with ``fn`` bound first."""
+        return _Decorated(self.call if is_async else self.call_sync, fn)
 
 
 class _Decorated(functools.partial[Any]):
