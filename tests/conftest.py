@@ -63,3 +63,17 @@ def pg_dsn(pg_database: str) -> str:
 def _with_dbname(dsn: str, dbname: str) -> str:
     parts = [p for p in dsn.split() if not p.startswith("dbname=")]
     return " ".join([*parts, f"dbname={dbname}"])
+
+
+@pytest.fixture
+def nats_service() -> str:
+    """The NATS server with JetStream that CI runs on 4222."""
+    require_service("NATS", "127.0.0.1", 4222)
+    return "nats://127.0.0.1:4222"
+
+
+@pytest.fixture
+def rabbitmq_service() -> str:
+    """The RabbitMQ server that CI runs on 5672 (guest/guest)."""
+    require_service("RabbitMQ", "127.0.0.1", 5672)
+    return "amqp://guest:guest@127.0.0.1:5672/"

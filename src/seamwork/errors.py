@@ -28,6 +28,10 @@ or ``psycopg`` exception escapes a seamwork call.
     │   ├── WrongExpectedVersion                 optimistic concurrency: the stream moved on
     │   ├── StreamNotFound (LookupError)         no such stream (or it was deleted)
     │   └── UpcastError                          an old event has no path to today's shape
+    ├── MessagingError
+    │   ├── InvalidMessage                       a message cannot be sent or decoded
+    │   ├── PublishError                         the broker did not confirm a publish
+    │   └── BrokerUnavailable (OSError)          the broker cannot be reached or started
     └── ResilienceError
         ├── CircuitOpenError                     the breaker rejected the call
         ├── BulkheadFullError                    no slot and no room in the queue
@@ -162,6 +166,28 @@ class UpcastError(EventStoreError):
     """A stored event's (type, schema_version) has no upcaster to the current shape."""
 
 
+# --- messaging ----------------------------------------------------------------------
+
+
+class MessagingError(SeamworkError):
+    """Base of messaging errors."""
+
+
+class InvalidMessage(MessagingError):
+    """A message cannot be sent or decoded (bad JSON, missing type, headers too large).
+
+    A consumer dead-letters such a message at once instead of retrying it.
+    """
+
+
+class PublishError(MessagingError):
+    """The broker did not confirm a publish; it may or may not have stored it."""
+
+
+class BrokerUnavailable(MessagingError, OSError):
+    """The broker cannot be reached, or the embedded server would not start."""
+
+
 # --- resilience -------------------------------------------------------------------
 
 
@@ -190,6 +216,7 @@ class CallTimeout(ResilienceError, TimeoutError):
 
 
 __all__ = [
+    "BrokerUnavailable",
     "BulkheadFullError",
     "CallTimeout",
     "CircuitOpenError",
@@ -197,8 +224,11 @@ __all__ = [
     "CorruptRecord",
     "CorruptSagaError",
     "EventStoreError",
+    "InvalidMessage",
     "InvalidSagaOperation",
     "LeaseLost",
+    "MessagingError",
+    "PublishError",
     "RateLimitedError",
     "ResilienceError",
     "RetryBudgetExhausted",

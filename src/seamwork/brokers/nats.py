@@ -1,0 +1,457 @@
+"""``NatsBroker``: the ``Broker`` port on NATS JetStream (nats-py).
+
+Streams. A subject's first token names its stream (``orders.created`` -> ``ORDERS``
+over ``orders.>``), created on first use with file storage and a duplicate window,
+so a message re-published with the same id inside the window is dropped by the
+server (``Nats-Msg-Id``).
+
+Batches. On nats-server 2.12+ a batch is one *atomic* publish: every message stored,
+or none, one fsync for all. A batch that contains an id the stream already holds is
+refused whole by the server; that only happens when a relay re-sends after a crash,
+and then the batch is sent again one message at a time, letting the server drop the
+duplicates. Older servers get the messages pipelined, each acknowledged.
+
+Consumers. A group is one durable pull consumer shared by all its members. The
+server's own ``max_deliver`` is left unlimited (JetStream drops a message silently
+when it runs out); seamwork counts deliveries and dead-letters the message itself,
+to ``deadletter.<group>.<subject>`` in the ``DEADLETTER`` stream, with the error and
+the delivery count in its headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+try:
+    import nats
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
+    from nats.js import JetStreamContext
+    from nats.js.api import AckPolicy, ConsumerConfig
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("NATS support needs: pip install 'seamwork[nats]'") from exc
+
+from seamwork.errors import BrokerUnavailable, ConfigError, InvalidMessage, PublishError
+from seamwork.messaging._message import Message, decode, encode
+from seamwork.messaging._ports import (
+    DeadLetter,
+    Delivery,
+    Handler,
+    PoisonMessage,
+    SubscriptionStats,
+)
+
+log = logging.getLogger("seamwork.brokers")
+
+DLQ_STREAM = "DEADLETTER"
+DLQ_SUBJECT = "Seamwork-DLQ-Subject"
+DLQ_GROUP = "Seamwork-DLQ-Group"
+DLQ_ERROR = "Seamwork-DLQ-Error"
+DLQ_ATTEMPTS = "Seamwork-DLQ-Attempts"
+DLQ_AT = "Seamwork-DLQ-At"
+_MAX_ATOMIC = 1000
+_DUPLICATE_IN_BATCH = 10201
+_NAME = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def stream_for(subject: str) -> str:
+    """The stream a subject belongs to: its first token, upper-cased."""
+    token = subject.split(".", 1)[0]
+    if not token or token in ("*", ">"):
+        raise ConfigError(f"subject {subject!r} needs a literal first token to name its stream")
+    return _NAME.sub("_", token).upper()
+
+
+def _consumer_name(group: str, subject: str) -> str:
+    return _NAME.sub("_", f"{group}__{subject}").replace(">", "all").replace("*", "any")
+
+
+class NatsSubscription:
+    """A running consumer of one group on one subject."""
+
+    def __init__(self, task: asyncio.Task[None] | None = None) -> None:
+        self.stats = SubscriptionStats()
+        self._task = task
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+
+class NatsBroker:
+    """``Broker`` on NATS JetStream.
+
+    Args:
+        url: ``nats://host:port`` (``EmbeddedNats().url`` for the embedded server).
+        duplicate_window: seconds the server remembers message ids.
+        publish_timeout: seconds to wait for a publish acknowledgement.
+        streams: explicit stream name -> subjects, instead of one per first token.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        duplicate_window: float = 120.0,
+        publish_timeout: float = 5.0,
+        streams: Mapping[str, Sequence[str]] | None = None,
+        name: str = "seamwork",
+    ) -> None:
+        if duplicate_window <= 0:
+            raise ConfigError(f"duplicate_window must be > 0, got {duplicate_window}")
+        self.url = url
+        self._window = duplicate_window
+        self._timeout = publish_timeout
+        self._explicit = {s: n for n, subjects in (streams or {}).items() for s in subjects}
+        self._name = name
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._atomic = False
+        self._streams: set[str] = set()
+        self._subscriptions: list[NatsSubscription] = []
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"NatsBroker({self.url!r})"
+
+    # --- connection ------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        if self._nc is not None:
+            return
+        async with self._lock:
+            if self._nc is not None:
+                return
+            try:
+                nc = await nats.connect(
+                    self.url,
+                    name=self._name,
+                    connect_timeout=2,
+                    reconnect_time_wait=0.2,
+                    max_reconnect_attempts=-1,
+                    allow_reconnect=True,
+                )
+            except Exception as exc:
+                raise BrokerUnavailable(f"cannot connect to NATS at {self.url}: {exc}") from exc
+            version = nc.connected_server_version
+            self._atomic = (version.major, version.minor) >= (2, 12)
+            self._js = nc.jetstream(timeout=self._timeout)
+            self._nc = nc
+
+    async def aclose(self) -> None:
+        for subscription in self._subscriptions:
+            await subscription.stop()
+        self._subscriptions.clear()
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.drain()
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    async def _context(self) -> tuple[NatsClient, JetStreamContext]:
+        if self._nc is None:
+            await self.connect()
+        assert self._nc is not None
+        assert self._js is not None
+        return self._nc, self._js
+
+    # --- streams ---------------------------------------------------------------------
+
+    def _stream_name(self, subject: str) -> str:
+        return self._explicit.get(subject) or stream_for(subject)
+
+    async def ensure_stream(self, subject: str) -> str:
+        """Create (or reuse) the stream that holds ``subject``; returns its name."""
+        name = self._stream_name(subject)
+        if name in self._streams:
+            return name
+        nc, _ = await self._context()
+        subjects = [s for s, n in self._explicit.items() if n == name] or [
+            f"{subject.split('.', 1)[0]}.>"
+        ]
+        config: dict[str, Any] = {
+            "name": name,
+            "subjects": subjects,
+            "storage": "file",
+            "retention": "limits",
+            "duplicate_window": int(self._window * 1e9),
+            "num_replicas": 1,
+        }
+        if self._atomic:
+            config["allow_atomic"] = True
+        reply = await self._api(nc, f"$JS.API.STREAM.CREATE.{name}", config)
+        error = reply.get("error")
+        if error and error.get("err_code") != 10058:  # 10058: exists with this name
+            raise BrokerUnavailable(f"cannot create stream {name}: {error.get('description')}")
+        self._streams.add(name)
+        return name
+
+    async def _api(self, nc: NatsClient, subject: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            response = await nc.request(subject, json.dumps(body).encode(), timeout=self._timeout)
+        except Exception as exc:
+            raise BrokerUnavailable(f"JetStream API {subject} did not answer: {exc}") from exc
+        answer: dict[str, Any] = json.loads(response.data)
+        return answer
+
+    # --- publishing ------------------------------------------------------------------
+
+    async def publish(
+        self, subject: str, message: Message, headers: Mapping[str, str] | None = None
+    ) -> None:
+        body, wire = self._wire(message, headers)
+        await self.ensure_stream(subject)
+        _, js = await self._context()
+        try:
+            await js.publish(subject, body, headers=wire)
+        except Exception as exc:
+            raise PublishError(
+                f"publish of {message.type} {message.id} to {subject}: {exc}"
+            ) from exc
+
+    async def publish_batch(self, items: Sequence[tuple[str, Message]]) -> None:
+        if not items:
+            return
+        wired = [(subject, *self._wire(message, None)) for subject, message in items]
+        for subject, _, _ in wired:
+            await self.ensure_stream(subject)
+        if not self._atomic or len(wired) == 1:
+            await self._pipelined(wired)
+            return
+        for start in range(0, len(wired), _MAX_ATOMIC):
+            chunk = wired[start : start + _MAX_ATOMIC]
+            if len({self._stream_name(s) for s, _, _ in chunk}) > 1:
+                await self._pipelined(chunk)  # an atomic batch targets one stream
+            elif not await self._atomic_batch(chunk):
+                await self._pipelined(chunk)
+
+    def _wire(
+        self, message: Message, extra: Mapping[str, str] | None
+    ) -> tuple[bytes, dict[str, str]]:
+        body, headers = encode(message)
+        if extra:
+            headers.update(extra)
+        headers["Nats-Msg-Id"] = headers.get("Nats-Msg-Id", message.id)
+        return body, headers
+
+    async def _pipelined(self, wired: Sequence[tuple[str, bytes, dict[str, str]]]) -> None:
+        _, js = await self._context()
+        results = await asyncio.gather(
+            *(js.publish(subject, body, headers=headers) for subject, body, headers in wired),
+            return_exceptions=True,
+        )
+        for (subject, _, headers), result in zip(wired, results, strict=True):
+            if isinstance(result, BaseException):
+                raise PublishError(
+                    f"publish of {headers['Nats-Msg-Id']} to {subject}: {result}"
+                ) from result
+
+    async def _atomic_batch(self, wired: Sequence[tuple[str, bytes, dict[str, str]]]) -> bool:
+        """Publish ``wired`` as one atomic batch; False if it holds a stored id."""
+        nc, _ = await self._context()
+        batch = uuid.uuid4().hex
+        last = len(wired)
+        for index, (subject, body, headers) in enumerate(wired, start=1):
+            headers = {**headers, "Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(index)}
+            if index < last:
+                await nc.publish(subject, body, headers=headers)
+                continue
+            headers["Nats-Batch-Commit"] = "1"
+            try:
+                reply = await nc.request(subject, body, headers=headers, timeout=self._timeout)
+            except Exception as exc:
+                raise PublishError(f"atomic batch of {last} to {subject}: {exc}") from exc
+        answer = json.loads(reply.data)
+        error = answer.get("error")
+        if error is None:
+            return True
+        if error.get("err_code") == _DUPLICATE_IN_BATCH:
+            return False
+        raise PublishError(f"atomic batch of {last} refused: {error.get('description')}")
+
+    # --- consuming -------------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        subject: str,
+        group: str,
+        handler: Handler,
+        *,
+        max_deliver: int = 5,
+        ack_wait: float = 30.0,
+        retry_delay: float = 0.5,
+    ) -> NatsSubscription:
+        if not group or not isinstance(group, str):
+            raise ConfigError(f"a consumer group must be a non-empty string, got {group!r}")
+        if max_deliver < 1:
+            raise ConfigError(f"max_deliver must be >= 1, got {max_deliver}")
+        if ack_wait <= 0:
+            raise ConfigError(f"ack_wait must be > 0, got {ack_wait}")
+        stream = await self.ensure_stream(subject)
+        await self.ensure_stream(f"deadletter.{group}")
+        _, js = await self._context()
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait,
+            max_deliver=-1,
+            max_ack_pending=1000,
+            filter_subject=subject,
+        )
+        pull = await js.pull_subscribe(
+            subject, durable=_consumer_name(group, subject), stream=stream, config=config
+        )
+        subscription = NatsSubscription()
+        consumer = _Consumer(self, pull, subject, group, handler, max_deliver, retry_delay)
+        subscription._task = asyncio.create_task(consumer.run(subscription.stats))
+        self._subscriptions.append(subscription)
+        return subscription
+
+    async def _dead_letter(
+        self, msg: Msg, subject: str, group: str, error: str, attempts: int
+    ) -> None:
+        original = dict(msg.headers or {})
+        message_id = original.get("Nats-Msg-Id", f"seq-{msg.metadata.sequence.stream}")
+        headers = {k: v for k, v in original.items() if not k.startswith("Nats-")}
+        headers.update(
+            {
+                DLQ_SUBJECT: subject,
+                DLQ_GROUP: group,
+                DLQ_ERROR: error[:1000],
+                DLQ_ATTEMPTS: str(attempts),
+                DLQ_AT: repr(time.time()),
+                "Nats-Msg-Id": f"dlq:{group}:{message_id}",
+            }
+        )
+        _, js = await self._context()
+        await js.publish(f"deadletter.{_NAME.sub('_', group)}.{subject}", msg.data, headers=headers)
+
+    async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
+        await self.ensure_stream("deadletter.any")
+        _, js = await self._context()
+        info = await js.stream_info(DLQ_STREAM)
+        letters: list[DeadLetter] = []
+        seq = info.state.first_seq
+        while seq and seq <= info.state.last_seq and len(letters) < limit:
+            with contextlib.suppress(Exception):
+                raw = await js.get_msg(DLQ_STREAM, seq)
+                letters.append(_letter(seq, raw.data or b"", dict(raw.headers or {})))
+            seq += 1
+        return letters
+
+    async def replay_dead_letter(self, key: str) -> None:
+        _, js = await self._context()
+        raw = await js.get_msg(DLQ_STREAM, int(key))
+        headers = dict(raw.headers or {})
+        subject = headers[DLQ_SUBJECT]
+        for name in (DLQ_SUBJECT, DLQ_GROUP, DLQ_ERROR, DLQ_ATTEMPTS, DLQ_AT):
+            headers.pop(name, None)
+        original = headers.get("Nats-Msg-Id", "")
+        headers = {k: v for k, v in headers.items() if not k.startswith("Nats-")}
+        headers["Nats-Msg-Id"] = f"{original.removeprefix('dlq:')}:replay:{key}"
+        await js.publish(subject, raw.data or b"", headers=headers)
+        await js.delete_msg(DLQ_STREAM, int(key))
+
+
+class _Consumer:
+    """The fetch-handle-ack loop of one subscription."""
+
+    def __init__(
+        self,
+        broker: NatsBroker,
+        pull: JetStreamContext.PullSubscription,
+        subject: str,
+        group: str,
+        handler: Handler,
+        max_deliver: int,
+        retry_delay: float,
+    ) -> None:
+        self.broker, self.pull, self.subject, self.group = broker, pull, subject, group
+        self.handler, self.max_deliver, self.retry_delay = handler, max_deliver, retry_delay
+
+    async def run(self, stats: SubscriptionStats) -> None:
+        while True:
+            try:
+                messages = await self.pull.fetch(batch=64, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "consumer %s on %s: fetch failed (%s); retrying", self.group, self.subject, exc
+                )
+                await asyncio.sleep(0.5)
+                continue
+            for msg in messages:
+                try:
+                    await self._handle(msg, stats)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # ack or dead-letter publish failed: redelivered later
+                    log.exception(
+                        "consumer %s on %s: message left for redelivery", self.group, self.subject
+                    )
+
+    async def _handle(self, msg: Msg, stats: SubscriptionStats) -> None:
+        stats.delivered += 1
+        attempt = msg.metadata.num_delivered
+        try:
+            message = decode(
+                msg.data, msg.headers, fallback_id=f"seq-{msg.metadata.sequence.stream}"
+            )
+            await self.handler(Delivery(message, msg.subject, self.group, attempt))
+        except (InvalidMessage, PoisonMessage) as exc:
+            await self._give_up(msg, stats, f"{type(exc).__name__}: {exc}", attempt)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            stats.errors[type(exc).__name__] = stats.errors.get(type(exc).__name__, 0) + 1
+            if attempt >= self.max_deliver:
+                await self._give_up(msg, stats, reason, attempt)
+                return
+            stats.retried += 1
+            await msg.nak(delay=min(self.retry_delay * 2 ** (attempt - 1), 30.0))
+            return
+        await msg.ack()
+        stats.acked += 1
+
+    async def _give_up(self, msg: Msg, stats: SubscriptionStats, reason: str, attempt: int) -> None:
+        await self.broker._dead_letter(msg, self.subject, self.group, reason, attempt)
+        await msg.term()
+        stats.dead_lettered += 1
+        log.warning("dead-lettered a message on %s for %s: %s", self.subject, self.group, reason)
+
+
+def _letter(seq: int, body: bytes, headers: dict[str, str]) -> DeadLetter:
+    subject = headers.get(DLQ_SUBJECT, "?")
+    try:
+        message = decode(body, headers, fallback_id=f"dlq-{seq}")
+    except InvalidMessage:
+        message = Message(
+            headers.get("Seamwork-Type") or "?", {"raw": body.decode(errors="replace")}
+        )
+    return DeadLetter(
+        key=str(seq),
+        subject=subject,
+        group=headers.get(DLQ_GROUP, "?"),
+        message=message,
+        error=headers.get(DLQ_ERROR, ""),
+        attempts=int(headers.get(DLQ_ATTEMPTS, "0") or 0),
+        dead_lettered_at=float(headers.get(DLQ_AT, "0") or 0),
+    )
+
+
+__all__ = ["DLQ_STREAM", "NatsBroker", "NatsSubscription", "stream_for"]

@@ -1,0 +1,41 @@
+"""Asynchronous messaging: transactional outbox, idempotent inbox, dead letters.
+
+``Outbox`` / ``OutboxRelay`` publish a service's messages exactly when its state
+changes; ``Inbox`` applies each received message at most once; the ``Broker`` port
+has adapters for NATS JetStream and RabbitMQ in ``seamwork.brokers``.
+"""
+
+from seamwork.errors import BrokerUnavailable, InvalidMessage, MessagingError, PublishError
+from seamwork.messaging._message import Message, decode, encode
+from seamwork.messaging._outbox import Inbox, Outbox, OutboxRecord, OutboxRelay, Transaction
+from seamwork.messaging._ports import (
+    Broker,
+    DeadLetter,
+    Delivery,
+    Handler,
+    PoisonMessage,
+    Subscription,
+    SubscriptionStats,
+)
+
+__all__ = [
+    "Broker",
+    "BrokerUnavailable",
+    "DeadLetter",
+    "Delivery",
+    "Handler",
+    "Inbox",
+    "InvalidMessage",
+    "Message",
+    "MessagingError",
+    "Outbox",
+    "OutboxRecord",
+    "OutboxRelay",
+    "PoisonMessage",
+    "PublishError",
+    "Subscription",
+    "SubscriptionStats",
+    "Transaction",
+    "decode",
+    "encode",
+]

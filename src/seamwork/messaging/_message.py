@@ -1,0 +1,117 @@
+"""Messages and their wire form.
+
+A message is a type, JSON data and identity: ``id`` (what the broker de-duplicates
+and the inbox records), ``correlation_id`` (the flow it belongs to - an order's
+whole choreography shares one) and ``causation_id`` (the message that caused it).
+On the wire the body is the JSON data and everything else rides in headers, so
+any consumer - in any language - can route and trace without parsing the body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from seamwork._core.codec import dumps, loads
+from seamwork._core.ids import new_id
+from seamwork.errors import ConfigError, InvalidMessage
+
+TYPE: Final = "Seamwork-Type"
+CORRELATION: Final = "Seamwork-Correlation-Id"
+CAUSATION: Final = "Seamwork-Causation-Id"
+MSG_ID: Final = "Seamwork-Id"
+"""The message id header (NATS also gets it as ``Nats-Msg-Id``, RabbitMQ as ``message_id``)."""
+MAX_HEADER_BYTES: Final = 8 * 1024
+_RESERVED = frozenset({TYPE, CORRELATION, CAUSATION, MSG_ID})
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message to publish or one received.
+
+    Args:
+        type: the message type, e.g. ``"OrderCreated"``.
+        data: a JSON-serializable mapping (the body).
+        id: unique per message (default: a fresh UUIDv7); keep it when re-sending.
+        correlation_id: the flow this message belongs to (default: its own id,
+            i.e. it starts a flow).
+        causation_id: the id of the message that caused this one.
+        headers: extra string headers (trace context such as ``traceparent``...).
+    """
+
+    type: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=new_id)
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.type, str) or not self.type.strip():
+            raise ConfigError(f"a message type must be a non-empty string, got {self.type!r}")
+        if not isinstance(self.data, Mapping):
+            raise ConfigError(f"message {self.type!r}: data must be a mapping")
+        if not isinstance(self.id, str) or not self.id:
+            raise ConfigError(f"message {self.type!r}: id must be a non-empty string")
+        for key, value in self.headers.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ConfigError(f"message {self.type!r}: headers must map str to str")
+            if key in _RESERVED:
+                raise ConfigError(f"message {self.type!r}: header {key!r} is set by seamwork")
+
+    @property
+    def flow(self) -> str:
+        """The correlation id, or the message's own id when it starts a flow."""
+        return self.correlation_id or self.id
+
+    def caused(self, type: str, data: Mapping[str, Any] | None = None, **kw: Any) -> Message:
+        """A message caused by this one, in the same flow (correlation kept)."""
+        headers = {k: v for k, v in self.headers.items() if k in ("traceparent", "tracestate")}
+        headers.update(kw.pop("headers", {}))
+        return Message(
+            type, data or {}, correlation_id=self.flow, causation_id=self.id, headers=headers, **kw
+        )
+
+
+def encode(message: Message) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of ``message``; ``InvalidMessage`` if it cannot be sent."""
+    body = dumps(message.data, what=f"data of message {message.type!r}").encode()
+    headers = dict(message.headers)
+    headers[TYPE] = message.type
+    headers[MSG_ID] = message.id
+    headers[CORRELATION] = message.flow
+    if message.causation_id:
+        headers[CAUSATION] = message.causation_id
+    size = sum(len(k) + len(v) + 4 for k, v in headers.items())
+    if size > MAX_HEADER_BYTES:
+        raise InvalidMessage(
+            f"message {message.type!r} {message.id}: headers are {size} bytes, "
+            f"over the {MAX_HEADER_BYTES}-byte limit"
+        )
+    return body, headers
+
+
+def decode(body: bytes, headers: Mapping[str, str] | None, *, fallback_id: str = "") -> Message:
+    """A received message; ``InvalidMessage`` (never retried) if it is malformed."""
+    headers = dict(headers or {})
+    type_ = headers.pop(TYPE, "")
+    message_id = headers.pop(MSG_ID, "") or fallback_id
+    if not type_:
+        raise InvalidMessage(f"message {message_id or '?'} has no {TYPE} header")
+    try:
+        data = loads(body) if body else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidMessage(
+            f"message {type_} {message_id}: body is not valid JSON: {exc}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise InvalidMessage(f"message {type_} {message_id}: body is not a JSON object")
+    return Message(
+        type_,
+        data,
+        id=message_id or new_id(),
+        correlation_id=headers.pop(CORRELATION, None),
+        causation_id=headers.pop(CAUSATION, None),
+        headers={k: v for k, v in headers.items() if not k.startswith("Nats-")},
+    )

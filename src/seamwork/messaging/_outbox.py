@@ -1,0 +1,263 @@
+"""The transactional outbox and its relay; the idempotent inbox.
+
+Outbox. A service writes its state change and the messages announcing it in ONE
+local transaction (``outbox.transaction()``), so there is never a state change
+without its message or a message without its state change. ``OutboxRelay`` then
+publishes pending rows in order and marks them sent; a crash between the broker's
+acknowledgement and the mark re-sends them, and the broker drops the duplicates by
+message id. Sent rows are kept for ``retention`` seconds (at least the broker's
+flush interval), so they can be re-sent after the broker lost data.
+
+Inbox. A consumer records each message id in the same transaction as the message's
+effect (``inbox.handler(fn)``); a redelivered message finds its id and applies
+nothing. The broker is acknowledged only after that commit.
+
+The adapters (``seamwork.storage``) are loaded on first use, so this core imports
+no driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import importlib
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+from seamwork.errors import ConfigError
+from seamwork.messaging._message import Message
+from seamwork.messaging._ports import Broker, Delivery, Handler, PoisonMessage
+
+log = logging.getLogger("seamwork.messaging")
+
+
+class Transaction(Protocol):
+    """One local transaction of a service's database."""
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[tuple[Any, ...]]:
+        """Run a statement in the transaction; returns its rows."""
+        ...
+
+    async def publish(self, subject: str, message: Message) -> None:
+        """Queue ``message`` for ``subject``; it is sent only if the transaction commits."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRecord:
+    seq: int
+    subject: str
+    message: Message
+
+
+def _load(module: str, name: str) -> Any:
+    return getattr(importlib.import_module(module), name)
+
+
+class Outbox(ABC):
+    """Messages written with the service's own state, published later by a relay."""
+
+    @staticmethod
+    def sqlite(path: str | Path, **options: Any) -> Outbox:
+        """The outbox in the service's SQLite database at ``path``."""
+        outbox: Outbox = _load("seamwork.storage.sqlite_messaging", "SQLiteOutbox").open_path(
+            path, **options
+        )
+        return outbox
+
+    @abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
+        """One local transaction: ``async with outbox.transaction() as tx``."""
+
+    @abstractmethod
+    async def pending(self, limit: int) -> builtins.list[OutboxRecord]:
+        """The oldest unsent messages, in the order they were written."""
+
+    @abstractmethod
+    async def mark_sent(self, seqs: Collection[int]) -> None:
+        """Mark rows as published."""
+
+    @abstractmethod
+    async def pending_count(self) -> int:
+        """How many messages are not yet published."""
+
+    @abstractmethod
+    async def purge_sent(self, older_than: float) -> int:
+        """Delete rows sent before wall-clock time ``older_than``; returns how many."""
+
+    @abstractmethod
+    async def resend_since(self, since: float) -> int:
+        """Mark rows sent after ``since`` as pending again (after broker data loss)."""
+
+    @abstractmethod
+    async def wait_for_messages(self, max_wait: float) -> None:
+        """Return when this process committed new messages, or after ``max_wait`` s."""
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class Inbox(ABC):
+    """Remembers handled message ids in the service's database, with the effects."""
+
+    @staticmethod
+    def sqlite(path: str | Path, **options: Any) -> Inbox:
+        """The inbox in the service's SQLite database at ``path``."""
+        inbox: Inbox = _load("seamwork.storage.sqlite_messaging", "SQLiteInbox").open_path(
+            path, **options
+        )
+        return inbox
+
+    @staticmethod
+    def of(outbox: Outbox) -> Inbox:
+        """An inbox in the same database as ``outbox``: handlers can ``tx.publish``
+        follow-up messages atomically with their effects."""
+        inbox: Inbox = outbox.inbox()  # type: ignore[attr-defined]
+        return inbox
+
+    @abstractmethod
+    def _transaction(self, message: Message) -> AbstractAsyncContextManager[Transaction | None]:
+        """A transaction that records ``message``'s id on commit; yields None if the id
+        was recorded before (a redelivery)."""
+
+    @abstractmethod
+    async def seen(self, message_id: str) -> bool:
+        """Whether a message with this id was handled."""
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+    def handler(
+        self,
+        fn: Callable[[Message, Transaction], Awaitable[None]],
+        *,
+        types: Collection[str] | None = None,
+    ) -> Handler:
+        """A broker handler running ``fn(message, tx)`` at most once per message id.
+
+        ``types`` declares the message types ``fn`` handles; any other type is
+        dead-lettered at once (it would fail the same way on every retry).
+        """
+        accepted = frozenset(types) if types is not None else None
+
+        async def handle(delivery: Delivery) -> None:
+            message = delivery.message
+            if accepted is not None and message.type not in accepted:
+                raise PoisonMessage(
+                    f"no handler for message type {message.type!r} on {delivery.subject} "
+                    f"(declared: {', '.join(sorted(accepted))})"
+                )
+            async with self._transaction(message) as tx:
+                if tx is not None:
+                    await fn(message, tx)
+
+        return handle
+
+
+class OutboxRelay:
+    """Publishes an outbox's pending messages in order and marks them sent.
+
+    ``await relay.drain()`` publishes everything pending once; ``async with relay:``
+    keeps doing it in the background (woken by commits in this process, and every
+    ``poll_interval`` for the others), purging sent rows older than ``retention``.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        broker: Broker,
+        *,
+        page_size: int = 500,
+        poll_interval: float = 0.5,
+        retention: float = 600.0,
+    ) -> None:
+        if page_size < 1:
+            raise ConfigError(f"page_size must be >= 1, got {page_size}")
+        if poll_interval <= 0:
+            raise ConfigError(f"poll_interval must be > 0, got {poll_interval}")
+        if retention < 0:
+            raise ConfigError(f"retention must be >= 0 seconds, got {retention}")
+        self.outbox = outbox
+        self.broker = broker
+        self.page_size = page_size
+        self.poll_interval = poll_interval
+        self.retention = retention
+        self.published = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def drain(self) -> int:
+        """Publish every pending message once, in order; returns how many."""
+        total = 0
+        while True:
+            records = await self.outbox.pending(self.page_size)
+            if not records:
+                return total
+            await self.broker.publish_batch([(r.subject, r.message) for r in records])
+            await self.outbox.mark_sent([r.seq for r in records])
+            total += len(records)
+            self.published += len(records)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="seamwork-outbox-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        delay = self.poll_interval
+        last_purge = 0.0
+        while True:
+            try:
+                await self.drain()
+                delay = self.poll_interval
+                if time.time() - last_purge > max(self.retention / 10, 1.0):
+                    await self.outbox.purge_sent(time.time() - self.retention)
+                    last_purge = time.time()
+                await self.outbox.wait_for_messages(self.poll_interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox relay: %s; retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)

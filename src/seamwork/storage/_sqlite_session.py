@@ -1,0 +1,127 @@
+"""Interactive transactions on a ``SQLiteWriter``: ``async with session(writer) as s``.
+
+A service's handler needs to read and write in ONE transaction across ``await``s
+(check stock, then reserve it and queue an event). The session submits a function to
+the writer thread that holds the transaction open and serves the coroutine's
+statements one by one until the block ends; then it commits with the rest of its
+batch (or rolls back to its savepoint alone if the block raised). While a session is
+open the writer serves nothing else, so keep sessions short; a session idle longer
+than ``idle_timeout`` is rolled back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import queue
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+from typing import Any, TypeVar
+
+from seamwork.errors import StoreError
+from seamwork.storage._sqlite_writer import SQLiteWriter
+
+T = TypeVar("T")
+_END = object()
+_ABORT = object()
+_active: contextvars.ContextVar[SQLiteWriter | None] = contextvars.ContextVar(
+    "seamwork_sqlite_session", default=None
+)
+
+
+class _Aborted(Exception):
+    """The coroutine side left the block with an error: roll the session back."""
+
+
+class Session:
+    """Statements of one open transaction, run on the writer thread."""
+
+    def __init__(
+        self, commands: queue.SimpleQueue[Any], loop: asyncio.AbstractEventLoop, opening: Any
+    ) -> None:
+        self._commands = commands
+        self._loop = loop
+        self.opening = opening
+        """What ``on_open(conn)`` returned when the transaction began."""
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` inside the transaction and return its result."""
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._commands.put((fn, future))
+        return await future
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Execute one statement; returns its rows (empty for writes)."""
+        return await self.run(lambda conn: conn.execute(sql, tuple(params)).fetchall())
+
+
+def in_session(writer: SQLiteWriter) -> bool:
+    """True inside an open session on ``writer`` (using the writer then would deadlock)."""
+    return _active.get() is writer
+
+
+@asynccontextmanager
+async def session(
+    writer: SQLiteWriter,
+    *,
+    on_open: Callable[[sqlite3.Connection], Any] | None = None,
+    on_commit: Callable[[sqlite3.Connection], None] | None = None,
+    idle_timeout: float = 30.0,
+) -> AsyncIterator[Session]:
+    """Open an interactive transaction. ``on_open(conn)`` runs first, inside it, and its
+    result is ``Session.opening``; ``on_commit(conn)`` runs last, inside it. Both save
+    a round trip to the writer thread."""
+    if in_session(writer):
+        raise StoreError("a transaction is already open on this database in this task")
+    loop = asyncio.get_running_loop()
+    commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    opened: asyncio.Future[Any] = loop.create_future()
+
+    def serve(conn: sqlite3.Connection) -> None:
+        opening = on_open(conn) if on_open is not None else None
+        loop.call_soon_threadsafe(_resolve, opened, opening, None)
+        while True:
+            try:
+                command = commands.get(timeout=idle_timeout)
+            except queue.Empty:
+                raise StoreError(f"transaction idle for {idle_timeout}s; rolled back") from None
+            if command is _END:
+                if on_commit is not None:
+                    on_commit(conn)
+                return
+            if command is _ABORT:
+                raise _Aborted
+            fn, future = command
+            try:
+                value = fn(conn)
+            except Exception as exc:
+                loop.call_soon_threadsafe(_resolve, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_resolve, future, value, None)
+
+    committed = writer.write(serve)
+    await asyncio.wait({opened, committed}, return_when=asyncio.FIRST_COMPLETED)
+    if committed.done():
+        committed.result()  # the writer refused the session: raise why
+    token = _active.set(writer)
+    try:
+        yield Session(commands, loop, opened.result())
+    except BaseException:
+        commands.put(_ABORT)
+        with suppress(_Aborted):
+            await committed
+        raise
+    finally:
+        _active.reset(token)
+    commands.put(_END)
+    await committed
+
+
+def _resolve(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)

@@ -1,0 +1,304 @@
+"""Outbox and inbox in a service's own SQLite database.
+
+Both live in the service's file beside its tables and share one writer, so a
+handler's effects, the id of the message it handled and the messages it sends next
+commit together. Transactions are interactive sessions on the writer thread (see
+``_sqlite_session``); the inbox check and the final inserts ride on the session's
+first and last round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from seamwork._core.codec import dumps, loads
+from seamwork.errors import ConfigError, StoreError
+from seamwork.messaging._message import Message, encode
+from seamwork.messaging._outbox import Inbox, Outbox, OutboxRecord
+from seamwork.storage._sqlite_session import Session, in_session, session
+from seamwork.storage._sqlite_writer import Migration, SQLiteWriter, Synchronous
+
+MESSAGING_MIGRATIONS = (
+    Migration(
+        "messaging",
+        1,
+        (
+            """CREATE TABLE seamwork_outbox (
+                seq INTEGER PRIMARY KEY,
+                id TEXT NOT NULL UNIQUE,
+                subject TEXT NOT NULL,
+                type TEXT NOT NULL,
+                data TEXT NOT NULL,
+                correlation_id TEXT,
+                causation_id TEXT,
+                headers TEXT NOT NULL,
+                created_at REAL NOT NULL,
+                sent_at REAL
+            )""",
+            "CREATE INDEX seamwork_outbox_pending ON seamwork_outbox(seq) WHERE sent_at IS NULL",
+            "CREATE INDEX seamwork_outbox_sent ON seamwork_outbox(sent_at) "
+            "WHERE sent_at IS NOT NULL",
+            """CREATE TABLE seamwork_inbox (
+                id TEXT PRIMARY KEY,
+                type TEXT NOT NULL,
+                received_at REAL NOT NULL
+            ) WITHOUT ROWID""",
+        ),
+    ),
+)
+
+_INSERT_OUTBOX = (
+    "INSERT INTO seamwork_outbox (id, subject, type, data, correlation_id, causation_id, "
+    "headers, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+Row = tuple[Any, ...]
+
+
+class SQLiteMessageStore:
+    """The service database's writer, shared by its outbox and inbox."""
+
+    def __init__(self, path: str | Path, *, synchronous: Synchronous = "full") -> None:
+        self.path = str(path)
+        self.writer = SQLiteWriter(
+            path, synchronous=synchronous, migrations=MESSAGING_MIGRATIONS, name="messaging"
+        )
+        self._waiters: asyncio.Event | None = None
+
+    async def open(self) -> None:
+        await self.writer.start()
+
+    async def aclose(self) -> None:
+        await self.writer.close()
+
+    async def ensure_open(self) -> None:
+        if not self.writer.running:
+            await self.open()
+
+    def notify(self) -> None:
+        waiters, self._waiters = self._waiters, None
+        if waiters is not None:
+            waiters.set()
+
+    async def wait(self, max_wait: float) -> None:
+        if self._waiters is None:
+            self._waiters = asyncio.Event()
+        waiters = self._waiters
+        try:
+            async with asyncio.timeout(max_wait):
+                await waiters.wait()
+        except TimeoutError:
+            return
+
+    def check_free(self) -> None:
+        if in_session(self.writer):
+            raise StoreError(
+                f"{self.path}: use the open transaction (tx) here, not the outbox or inbox"
+            )
+
+
+class _Transaction:
+    """``Transaction`` on an open session: statements go through, messages are queued
+    and inserted by the session's last round trip."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self.rows: list[Row] = []
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Row]:
+        return await self._session.execute(sql, params)
+
+    async def publish(self, subject: str, message: Message) -> None:
+        if not isinstance(subject, str) or not subject or " " in subject:
+            raise ConfigError(f"a subject must be a non-empty string without spaces: {subject!r}")
+        if not isinstance(message, Message):
+            raise ConfigError(f"publish takes a Message, got {type(message).__name__}")
+        encode(message)  # refuse now what the relay could never send
+        self.rows.append(
+            (
+                message.id,
+                subject,
+                message.type,
+                dumps(message.data),
+                message.flow,
+                message.causation_id,
+                dumps(dict(message.headers)),
+                time.time(),
+            )
+        )
+
+
+class SQLiteOutbox(Outbox):
+    """``Outbox`` in a SQLite file; ``Outbox.sqlite(path)`` builds one."""
+
+    def __init__(self, store: SQLiteMessageStore) -> None:
+        self.store = store
+
+    @classmethod
+    def open_path(cls, path: str | Path, *, synchronous: Synchronous = "full") -> SQLiteOutbox:
+        return cls(SQLiteMessageStore(path, synchronous=synchronous))
+
+    def __repr__(self) -> str:
+        return f"SQLiteOutbox({self.store.path!r})"
+
+    def inbox(self) -> SQLiteInbox:
+        return SQLiteInbox(self.store)
+
+    async def open(self) -> None:
+        await self.store.open()
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_Transaction]:
+        await self.store.ensure_open()
+        holder: list[_Transaction] = []
+
+        def insert(conn: sqlite3.Connection) -> None:
+            if holder and holder[0].rows:
+                conn.executemany(_INSERT_OUTBOX, holder[0].rows)
+
+        async with session(self.store.writer, on_commit=insert) as open_session:
+            tx = _Transaction(open_session)
+            holder.append(tx)
+            yield tx
+        if tx.rows:
+            self.store.notify()
+
+    async def pending(self, limit: int) -> builtins.list[OutboxRecord]:
+        self.store.check_free()
+        await self.store.ensure_open()
+        rows = await self.store.writer.read(
+            lambda conn: conn.execute(
+                "SELECT seq, id, subject, type, data, correlation_id, causation_id, headers "
+                "FROM seamwork_outbox WHERE sent_at IS NULL ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        )
+        return [_record(row) for row in rows]
+
+    async def mark_sent(self, seqs: Collection[int]) -> None:
+        self.store.check_free()
+        ordered = sorted(seqs)
+        if not ordered:
+            return
+        now = time.time()
+        await self.store.writer.write(
+            lambda conn: conn.execute(
+                "UPDATE seamwork_outbox SET sent_at = ? WHERE seq BETWEEN ? AND ? "
+                f"AND seq IN ({','.join('?' * len(ordered))})",
+                (now, ordered[0], ordered[-1], *ordered),
+            )
+        )
+
+    async def pending_count(self) -> int:
+        self.store.check_free()
+        await self.store.ensure_open()
+        row = await self.store.writer.read(
+            lambda conn: conn.execute(
+                "SELECT count(*) FROM seamwork_outbox WHERE sent_at IS NULL"
+            ).fetchone()
+        )
+        return int(row[0])
+
+    async def purge_sent(self, older_than: float) -> int:
+        self.store.check_free()
+        cursor = await self.store.writer.write(
+            lambda conn: conn.execute(
+                "DELETE FROM seamwork_outbox WHERE sent_at IS NOT NULL AND sent_at < ?",
+                (older_than,),
+            )
+        )
+        return int(cursor.rowcount)
+
+    async def resend_since(self, since: float) -> int:
+        self.store.check_free()
+        cursor = await self.store.writer.write(
+            lambda conn: conn.execute(
+                "UPDATE seamwork_outbox SET sent_at = NULL WHERE sent_at >= ?", (since,)
+            )
+        )
+        self.store.notify()
+        return int(cursor.rowcount)
+
+    async def wait_for_messages(self, max_wait: float) -> None:
+        await self.store.wait(max_wait)
+
+
+class SQLiteInbox(Inbox):
+    """``Inbox`` in a SQLite file; ``Inbox.sqlite(path)`` or ``Inbox.of(outbox)``."""
+
+    def __init__(self, store: SQLiteMessageStore) -> None:
+        self.store = store
+
+    @classmethod
+    def open_path(cls, path: str | Path, *, synchronous: Synchronous = "full") -> SQLiteInbox:
+        return cls(SQLiteMessageStore(path, synchronous=synchronous))
+
+    def __repr__(self) -> str:
+        return f"SQLiteInbox({self.store.path!r})"
+
+    async def open(self) -> None:
+        await self.store.open()
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+    async def seen(self, message_id: str) -> bool:
+        self.store.check_free()
+        await self.store.ensure_open()
+        row = await self.store.writer.read(
+            lambda conn: conn.execute(
+                "SELECT 1 FROM seamwork_inbox WHERE id = ?", (message_id,)
+            ).fetchone()
+        )
+        return row is not None
+
+    @asynccontextmanager
+    async def _transaction(self, message: Message) -> AsyncIterator[_Transaction | None]:
+        await self.store.ensure_open()
+        holder: list[_Transaction] = []
+
+        def seen(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT 1 FROM seamwork_inbox WHERE id = ?", (message.id,))
+            return row.fetchone() is not None
+
+        def record(conn: sqlite3.Connection) -> None:
+            if not holder:
+                return
+            conn.execute(
+                "INSERT INTO seamwork_inbox (id, type, received_at) VALUES (?, ?, ?)",
+                (message.id, message.type, time.time()),
+            )
+            if holder[0].rows:
+                conn.executemany(_INSERT_OUTBOX, holder[0].rows)
+
+        async with session(self.store.writer, on_open=seen, on_commit=record) as open_session:
+            if open_session.opening:
+                yield None  # handled before: apply nothing, ack again
+                return
+            tx = _Transaction(open_session)
+            holder.append(tx)
+            yield tx
+        if tx.rows:
+            self.store.notify()
+
+
+def _record(row: Row) -> OutboxRecord:
+    seq, id_, subject, type_, data, correlation, causation, headers = row
+    message = Message(
+        type_,
+        loads(data),
+        id=id_,
+        correlation_id=correlation,
+        causation_id=causation,
+        headers=loads(headers),
+    )
+    return OutboxRecord(seq, subject, message)

@@ -1,0 +1,194 @@
+"""The ``Broker`` contract: behaviour every broker adapter must have.
+
+Subclass ``BrokerContract`` as ``Test...`` and implement ``make_broker`` (a new,
+unconnected broker on a real server). Subjects are made unique per test with
+``self.subject()``, so runs on a shared server never collide. Requires pytest with
+pytest-asyncio (``asyncio_mode=auto``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from seamwork.errors import InvalidMessage
+from seamwork.messaging import Broker, Delivery, Message, PoisonMessage
+
+
+async def eventually(check: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Wait until ``check()`` holds (polling), or fail."""
+    async with asyncio.timeout(seconds):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+class BrokerContract:
+    """Behaviour shared by every ``Broker`` adapter."""
+
+    async def make_broker(self) -> Broker:
+        raise NotImplementedError
+
+    def subject(self, name: str = "created") -> str:
+        if not hasattr(self, "_prefix"):
+            self._prefix = f"t{uuid.uuid4().hex[:10]}"
+        return f"{self._prefix}.{name}"
+
+    @pytest.fixture
+    async def broker(self) -> AsyncIterator[Broker]:
+        broker = await self.make_broker()
+        await broker.connect()
+        try:
+            yield broker
+        finally:
+            await broker.aclose()
+
+    async def test_a_published_message_reaches_a_group_with_its_identity(
+        self, broker: Broker
+    ) -> None:
+        got: list[Delivery] = []
+
+        async def handler(delivery: Delivery) -> None:
+            got.append(delivery)
+
+        subject = self.subject()
+        await broker.subscribe(subject, "g1", handler)
+        sent = Message(
+            "OrderCreated",
+            {"order_id": 42, "note": "café"},
+            correlation_id="flow-1",
+            causation_id="cmd-1",
+            headers={"traceparent": "00-abc-def-01"},
+        )
+        await broker.publish(subject, sent)
+        await eventually(lambda: len(got) == 1)
+        received = got[0]
+        assert received.message == sent
+        assert (received.subject, received.group, received.attempt) == (subject, "g1", 1)
+
+    async def test_each_message_goes_to_one_member_of_a_group_and_to_every_group(
+        self, broker: Broker
+    ) -> None:
+        seen: dict[str, list[int]] = {"a1": [], "a2": [], "b": []}
+
+        def collect(name: str) -> Callable[[Delivery], asyncio.Future[None]]:
+            async def handler(delivery: Delivery) -> None:
+                seen[name].append(delivery.message.data["n"])
+
+            return handler  # type: ignore[return-value]
+
+        subject = self.subject()
+        await broker.subscribe(subject, "a", collect("a1"))
+        await broker.subscribe(subject, "a", collect("a2"))
+        await broker.subscribe(subject, "b", collect("b"))
+        await broker.publish_batch([(subject, Message("N", {"n": n})) for n in range(40)])
+        await eventually(lambda: len(seen["a1"]) + len(seen["a2"]) == 40 and len(seen["b"]) == 40)
+        assert sorted(seen["a1"] + seen["a2"]) == list(range(40))
+        assert sorted(seen["b"]) == list(range(40))
+
+    async def test_a_batch_arrives_in_order(self, broker: Broker) -> None:
+        got: list[int] = []
+
+        async def handler(delivery: Delivery) -> None:
+            got.append(delivery.message.data["n"])
+
+        subject = self.subject()
+        await broker.subscribe(subject, "ordered", handler)
+        await broker.publish_batch([(subject, Message("N", {"n": n})) for n in range(300)])
+        await eventually(lambda: len(got) == 300)
+        assert got == list(range(300))
+
+    async def test_a_failing_message_is_redelivered_then_succeeds(self, broker: Broker) -> None:
+        attempts: list[int] = []
+
+        async def handler(delivery: Delivery) -> None:
+            attempts.append(delivery.attempt)
+            if delivery.attempt < 3:
+                raise ConnectionError("downstream busy")
+
+        subject = self.subject()
+        await broker.subscribe(subject, "retry", handler, max_deliver=5, retry_delay=0.05)
+        await broker.publish(subject, Message("N", {}))
+        await eventually(lambda: len(attempts) == 3)
+        await asyncio.sleep(0.3)
+        assert attempts == [1, 2, 3]
+
+    async def test_a_message_failing_max_deliver_times_is_dead_lettered_and_others_flow(
+        self, broker: Broker
+    ) -> None:
+        handled: list[int] = []
+
+        async def handler(delivery: Delivery) -> None:
+            if delivery.message.data["n"] == 2:
+                raise ValueError("cannot handle n=2")
+            handled.append(delivery.message.data["n"])
+
+        subject = self.subject()
+        await broker.subscribe(subject, "dlq", handler, max_deliver=3, retry_delay=0.02)
+        poison = Message("N", {"n": 2})
+        await broker.publish_batch(
+            [(subject, Message("N", {"n": 1})), (subject, poison), (subject, Message("N", {"n": 3}))]
+        )
+        await eventually(lambda: sorted(handled) == [1, 3])
+        letters: list = []
+
+        async def dead() -> bool:
+            letters[:] = [x for x in await broker.dead_letters() if x.subject == subject]
+            return bool(letters)
+
+        async with asyncio.timeout(10):
+            while not await dead():
+                await asyncio.sleep(0.05)
+        (letter,) = letters
+        assert letter.message.id == poison.id
+        assert (letter.group, letter.attempts) == ("dlq", 3)
+        assert "cannot handle n=2" in letter.error
+
+    async def test_poison_and_invalid_messages_skip_the_retries(self, broker: Broker) -> None:
+        attempts: list[int] = []
+
+        async def handler(delivery: Delivery) -> None:
+            attempts.append(delivery.attempt)
+            raise PoisonMessage("never valid")
+
+        subject = self.subject()
+        await broker.subscribe(subject, "poison", handler, max_deliver=5)
+        await broker.publish(subject, Message("N", {}))
+
+        async def lettered() -> bool:
+            return any(x.subject == subject for x in await broker.dead_letters())
+
+        async with asyncio.timeout(10):
+            while not await lettered():
+                await asyncio.sleep(0.05)
+        assert attempts == [1]
+
+    async def test_a_dead_letter_can_be_replayed_once_fixed(self, broker: Broker) -> None:
+        fixed = False
+        handled: list[str] = []
+
+        async def handler(delivery: Delivery) -> None:
+            if not fixed:
+                raise PoisonMessage("not yet")
+            handled.append(delivery.message.id)
+
+        subject = self.subject()
+        await broker.subscribe(subject, "replay", handler)
+        message = Message("N", {})
+        await broker.publish(subject, message)
+        letter = None
+        async with asyncio.timeout(10):
+            while letter is None:
+                letter = next((x for x in await broker.dead_letters() if x.subject == subject), None)
+                await asyncio.sleep(0.05)
+        fixed = True
+        await broker.replay_dead_letter(letter.key)
+        await eventually(lambda: handled == [message.id])
+        assert all(x.key != letter.key for x in await broker.dead_letters())
+
+    async def test_headers_too_large_are_refused_before_sending(self, broker: Broker) -> None:
+        big = Message("N", {}, headers={"x-big": "a" * 20_000})
+        with pytest.raises(InvalidMessage, match="headers"):
+            await broker.publish(self.subject(), big)
