@@ -1,10 +1,11 @@
 """Resilience overhead and half-open behaviour, seamwork next to its peers, one run.
 
-Run: ``.venv/bin/python benchmarks/resilience.py`` (peers: ``pip install
+Run: ``.venv/bin/python benchmarks/resilience_overhead.py`` (peers: ``pip install
 'seamwork[bench]'``; a peer that is not installed is skipped, not faked).
 
-Table 1: cost per successful call of a trivial function, wall and CPU ns, and the
-ratio to the bare call measured in the same run. Table 2: a breaker is tripped,
+Table 1: cost per successful call of a trivial function, wall and CPU ns, the ratio
+to the bare call measured in the same run, and for seamwork's rows the issue's
+target on this machine and whether the row meets it. Table 2: a breaker is tripped,
 its reset timeout passes, then 100 callers race into HALF_OPEN against a function
 that is still failing; the column says how many of them reached that function
 (1 is the design: one probe, 99 rejected fast).
@@ -279,6 +280,25 @@ def thread_races() -> list[tuple[str, Callable[[], int]]]:
 # --- report ---------------------------------------------------------------------------
 
 
+# ns per call the issue sets for seamwork's rows, by (driver, what)
+TARGETS = {
+    ("sync", "breaker (closed)"): 400,
+    ("async", "breaker (closed)"): 550,
+    ("sync", "retry, 1st try succeeds"): 450,
+    ("async", "retry, 1st try succeeds"): 450,
+    ("sync", "pipeline t+r+cb+bh"): 2500,
+    ("async", "pipeline t+r+cb+bh"): 2500,
+    ("sync", "rate limiter decision"): 2000,
+}
+
+
+def target_cell(library: str, driver: str, what: str, wall: float) -> str:
+    target = TARGETS.get((driver, what)) if library == "seamwork" else None
+    if target is None:
+        return ""
+    return f"<= {target} {'met' if wall <= target else 'MISSED'}"
+
+
 def overhead_rows() -> list[tuple[str, str, str, float, float, float]]:
     rows: list[tuple[str, str, str, float, float, float]] = []
     bare_wall, bare_cpu = time_sync(work)
@@ -296,11 +316,16 @@ def overhead_rows() -> list[tuple[str, str, str, float, float, float]]:
 
 def main() -> None:
     print("Per-call cost on the success path (trivial function, best of 3)")
-    header = f"{'library':<16}{'driver':<7}{'what':<26}{'ns/call':>10}{'CPU ns':>10}{'x bare':>9}"
+    header = (
+        f"{'library':<16}{'driver':<7}{'what':<26}{'ns/call':>9}{'CPU ns':>9}{'x bare':>8}"
+        f"  {'target (ns)':<16}"
+    )
     print(header)
     print("-" * len(header))
     for library, driver, what, wall, cpu, ratio in overhead_rows():
-        print(f"{library:<16}{driver:<7}{what:<26}{wall:>10.0f}{cpu:>10.0f}{ratio:>9.1f}")
+        target = target_cell(library, driver, what, wall)
+        line = f"{library:<16}{driver:<7}{what:<26}{wall:>9.0f}{cpu:>9.0f}{ratio:>8.1f}  {target}"
+        print(line.rstrip())
     print()
     print(f"Half-open race: {RACERS} callers vs a still-failing function; how many reach it")
     header = f"{'library':<16}{'racers':<16}{'reached':>8}"

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
+from asyncio import BaseEventLoop
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -64,10 +66,12 @@ class _Deadlines:
     touches it.
     """
 
-    __slots__ = ("armed", "inflight", "loop", "seconds")
+    __slots__ = ("armed", "inflight", "loop", "seconds", "time")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
         self.loop, self.seconds = loop, seconds
+        # the loop's clock; asyncio's own loops read time.monotonic, so call it directly
+        self.time = time.monotonic if type(loop).time is BaseEventLoop.time else loop.time
         self.inflight: dict[int, tuple[float, asyncio.Task[Any]]] = {}
         self.armed = False
 
@@ -77,7 +81,7 @@ class _Deadlines:
 
     def _fire(self) -> None:
         self.armed = False
-        inflight, now = self.inflight, self.loop.time()
+        inflight, now = self.inflight, self.time()
         while inflight:
             key = next(iter(inflight))
             deadline, task = inflight[key]
@@ -121,7 +125,7 @@ class Timeout(Policy):
         if task is None:
             raise RuntimeError("Timeout.call must run inside a task")
         cancelling, key = task.cancelling(), next(self._keys)
-        inflight, deadline = deadlines.inflight, loop.time() + self.seconds
+        inflight, deadline = deadlines.inflight, deadlines.time() + self.seconds
         inflight[key] = (deadline, task)
         if not deadlines.armed:
             deadlines.arm(deadline)
