@@ -8,6 +8,13 @@ transaction, commits once, and only then resolves every caller's future. A funct
 that raises is rolled back to its savepoint alone; the others commit. Each caller
 still waits for its own commit, so durability is exactly that of one commit per
 call, at the cost of one fsync per batch.
+
+Writers whose functions may safely run twice (``rerun_safe=True``) skip the two
+savepoint statements per call: the batch runs without them, a function that raises
+without having changed a row is simply reported, and only one that raises after
+changing rows makes the writer roll the batch back and run it again with a
+savepoint per call. ``on_begin`` / ``on_rollback`` let a store keep caches coherent
+with the file (``PRAGMA data_version`` tells whether another connection committed).
 """
 
 from __future__ import annotations
@@ -76,6 +83,17 @@ class SQLiteWriter:
         create: create the file and migrate the schema; with False the file must
             already hold this component's schema (nothing is created or changed).
         readonly: open the file read-only (implies ``create=False``).
+        rerun_safe: the functions given to ``write`` have no effect outside the
+            connection before they return, so a batch may be rolled back and run
+            again; saves a SAVEPOINT and a RELEASE per call.
+        on_begin: called on the writer thread after each write transaction began
+            (the write lock is held).
+        on_rollback: called on the writer thread after a whole write transaction
+            was rolled back.
+        coalesce: hand the thread every call made during one event-loop iteration
+            as one item (when many tasks are woken by one commit, their next calls
+            then form one batch, instead of the thread starting a batch with the
+            first of them and committing the rest separately).
     """
 
     def __init__(
@@ -88,6 +106,10 @@ class SQLiteWriter:
         name: str = "sqlite",
         create: bool = True,
         readonly: bool = False,
+        rerun_safe: bool = False,
+        on_begin: Callable[[sqlite3.Connection], None] | None = None,
+        on_rollback: Callable[[], None] | None = None,
+        coalesce: bool = False,
     ) -> None:
         if synchronous not in ("full", "normal"):
             raise StoreError(f"synchronous must be 'full' or 'normal', got {synchronous!r}")
@@ -98,7 +120,13 @@ class SQLiteWriter:
         self._readonly = readonly
         self._max_batch = max_batch
         self._name = name
-        self._queue: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
+        self._rerun_safe = rerun_safe
+        self._on_begin = on_begin
+        self._on_rollback = on_rollback
+        self._coalesce = coalesce
+        self._pending: list[_Op] | None = None
+        self._pending_lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Op | list[_Op] | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self.commits = 0
@@ -130,6 +158,7 @@ class SQLiteWriter:
         thread, self._thread = self._thread, None
         if thread is None:
             return
+        self._flush()
         self._queue.put(_STOP)
         await asyncio.to_thread(thread.join)
 
@@ -146,8 +175,26 @@ class SQLiteWriter:
             raise StoreError(f"{self._name} store at {self.path} is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn, future, loop, write))
+        op = _Op(fn, future, loop, write)
+        if not self._coalesce:
+            self._queue.put(op)
+            return future
+        with self._pending_lock:
+            pending = self._pending
+            if pending is None:
+                self._pending = [op]
+                loop.call_soon(self._flush)
+            elif pending[0].loop is loop:
+                pending.append(op)
+            else:  # another event loop: not worth coalescing
+                self._queue.put(op)
         return future
+
+    def _flush(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        if pending:
+            self._queue.put(pending)
 
     # --- the writer thread ----------------------------------------------------------
 
@@ -170,51 +217,94 @@ class SQLiteWriter:
             first = get()
             if first is _STOP:
                 return
-            assert isinstance(first, _Op)
-            batch = [first]
-            stop = False
-            while len(batch) < self._max_batch:
+            batch: list[_Op] = []
+            stop = _add(batch, first)
+            while not stop and len(batch) < self._max_batch:
                 try:
                     item = get_nowait()
                 except queue.Empty:
                     break
-                if item is _STOP:
-                    stop = True
-                    break
-                assert isinstance(item, _Op)
-                batch.append(item)
-            self._run_batch(batch)
+                stop = _add(batch, item)
+            for start in range(0, len(batch), self._max_batch):
+                self._run_batch(batch[start : start + self._max_batch])
             if stop:
                 return
 
     def _run_batch(self, batch: list[_Op]) -> None:
         conn = self._conn
         assert conn is not None
-        results: list[tuple[_Op, Any, BaseException | None]] = []
+        results: list[tuple[_Op, Any, BaseException | None]] | None = None
         write = any(op.write for op in batch)
         try:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            if write and self._on_begin is not None:
+                self._on_begin(conn)
             if len(batch) == 1:
                 op = batch[0]
                 try:
-                    results.append((op, op.fn(conn), None))
+                    results = [(op, op.fn(conn), None)]
                 except BaseException as exc:
-                    conn.execute("ROLLBACK")
+                    self._rollback(conn, write)
                     _deliver([(op, None, self._translate(exc))])
                     return
+            elif self._rerun_safe:
+                results = self._run_plain(conn, batch)
+                if results is None:
+                    self._rollback(conn, write)
+                    self._run_batch_in_savepoints(batch, write)
+                    return
             else:
-                for op in batch:
-                    results.append(self._run_in_savepoint(conn, op))
+                results = [self._run_in_savepoint(conn, op) for op in batch]
             conn.execute("COMMIT")
             self.commits += 1
             self.calls += len(batch)
         except sqlite3.Error as exc:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                self._rollback(conn, write)
             error = StoreError(f"{self._name} store at {self.path}: commit failed: {exc}")
             error.__cause__ = exc
             results = [(op, None, error) for op in batch]
         _deliver(results)
+
+    def _run_batch_in_savepoints(self, batch: list[_Op], write: bool) -> None:
+        """The slow path of a rerun-safe batch: again, a savepoint per call."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            if write and self._on_begin is not None:
+                self._on_begin(conn)
+            results = [self._run_in_savepoint(conn, op) for op in batch]
+            conn.execute("COMMIT")
+            self.commits += 1
+            self.calls += len(batch)
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                self._rollback(conn, write)
+            error = StoreError(f"{self._name} store at {self.path}: commit failed: {exc}")
+            error.__cause__ = exc
+            results = [(op, None, error) for op in batch]
+        _deliver(results)
+
+    def _run_plain(
+        self, conn: sqlite3.Connection, batch: list[_Op]
+    ) -> list[tuple[_Op, Any, BaseException | None]] | None:
+        """Run each call without a savepoint; None if one failed after changing rows."""
+        results: list[tuple[_Op, Any, BaseException | None]] = []
+        for op in batch:
+            changes = conn.total_changes
+            try:
+                results.append((op, op.fn(conn), None))
+            except BaseException as exc:
+                if conn.total_changes != changes:
+                    return None
+                results.append((op, None, self._translate(exc)))
+        return results
+
+    def _rollback(self, conn: sqlite3.Connection, write: bool) -> None:
+        conn.execute("ROLLBACK")
+        if write and self._on_rollback is not None:
+            self._on_rollback()
 
     def _run_in_savepoint(
         self, conn: sqlite3.Connection, op: _Op
@@ -301,6 +391,18 @@ class SQLiteWriter:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+def _add(batch: list[_Op], item: object) -> bool:
+    """Add a queued item (one call or a coalesced list) to ``batch``; True on stop."""
+    if item is _STOP:
+        return True
+    if isinstance(item, list):
+        batch.extend(item)
+    else:
+        assert isinstance(item, _Op)
+        batch.append(item)
+    return False
 
 
 def _deliver(results: list[tuple[_Op, Any, BaseException | None]]) -> None:

@@ -12,9 +12,14 @@ cluster holds subscribers back until it ends (nothing is skipped, only delayed).
 
 Appends are one round trip each (the ``seamwork_append`` function checks the
 expected version under the stream row's lock, computes versions and positions, and
-inserts), group-committed by ``PgWriter``. Subscribers are woken by
-``LISTEN seamwork_events``; ``poll_interval`` bounds the wait when the notification
-was for events not yet below the horizon.
+inserts). Concurrent appends are group-committed by a ``PgBatcher``: the queued
+appends go to ``seamwork_append_many`` in ONE statement on an autocommit connection,
+which runs each in its own subtransaction (an exception block: a conflict rolls back
+only its own append) - one round trip and one WAL flush for the whole batch.
+Parameters go in binary (text arrays in text format are escaped element by element
+on the client). Subscribers are woken by ``LISTEN seamwork_events``;
+``poll_interval`` bounds the wait when the notification was for events not yet below
+the horizon.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import asyncio
 import builtins
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -43,6 +48,7 @@ from seamwork.events._store import EventStore
 from seamwork.events._upcast import Upcasters
 from seamwork.storage._pg import (
     AsyncConn,
+    PgBatcher,
     PgMigration,
     PgWriter,
     connect,
@@ -61,29 +67,73 @@ DECLARE
     del boolean;
     visible bigint;
     n int := cardinality(p_ids);
-    seq int := coalesce(nullif(current_setting('seamwork.seq', true), ''), '0')::int;
+    seq int;
     base bigint;
 BEGIN
-    INSERT INTO seamwork_streams (stream, version) VALUES (p_stream, -1) ON CONFLICT DO NOTHING;
     SELECT s.version, s.deleted INTO cur, del FROM seamwork_streams s
         WHERE s.stream = p_stream FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO seamwork_streams (stream, version) VALUES (p_stream, -1)
+            ON CONFLICT DO NOTHING;
+        SELECT s.version, s.deleted INTO cur, del FROM seamwork_streams s
+            WHERE s.stream = p_stream FOR UPDATE;
+    END IF;
     visible := CASE WHEN del THEN -1 ELSE cur END;
-    IF NOT (p_expected = 'any'
+    IF NOT (p_expected = 'any' OR p_expected = visible::text
             OR (p_expected = 'no_stream' AND visible = -1)
-            OR (p_expected = 'stream_exists' AND visible >= 0)
-            OR (p_expected ~ '^[0-9]+$' AND p_expected::bigint = visible)) THEN
+            OR (p_expected = 'stream_exists' AND visible >= 0)) THEN
         RAISE EXCEPTION USING ERRCODE = 'SW001', MESSAGE = visible::text;
     END IF;
+    seq := coalesce(nullif(current_setting('seamwork.seq', true), ''), '0')::int;
     base := (pg_current_xact_id()::text::bigint << 20) + seq;
     PERFORM set_config('seamwork.seq', (seq + n)::text, true);
-    INSERT INTO seamwork_events
-        (position, stream, version, id, type, schema_version, data, metadata, recorded_at)
-    SELECT base + i - 1, p_stream, cur + i, p_ids[i], p_types[i], p_schemas[i],
-           p_data[i]::jsonb, p_meta[i]::jsonb, p_at
-    FROM generate_series(1, n) AS i;
+    IF n = 1 THEN
+        INSERT INTO seamwork_events
+            (position, stream, version, id, type, schema_version, data, metadata, recorded_at)
+        VALUES (base, p_stream, cur + 1, p_ids[1], p_types[1], p_schemas[1],
+                p_data[1]::jsonb, p_meta[1]::jsonb, p_at);
+    ELSE
+        INSERT INTO seamwork_events
+            (position, stream, version, id, type, schema_version, data, metadata, recorded_at)
+        SELECT base + i - 1, p_stream, cur + i, p_ids[i], p_types[i], p_schemas[i],
+               p_data[i]::jsonb, p_meta[i]::jsonb, p_at
+        FROM generate_series(1, n) AS i;
+    END IF;
     UPDATE seamwork_streams SET version = cur + n, deleted = false WHERE stream = p_stream;
     PERFORM pg_notify('seamwork_events', '');
-    RETURN QUERY SELECT cur + n, base + n - 1;
+    new_version := cur + n;
+    last_position := base + n - 1;
+    RETURN NEXT;
+END $$
+"""
+
+_APPEND_MANY_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION seamwork_append_many(
+    p_streams text[], p_expected text[], p_counts int[], p_ids text[], p_types text[],
+    p_schemas int[], p_data text[], p_meta text[], p_at double precision
+) RETURNS TABLE (out_version bigint, out_position bigint, out_code text, out_detail text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    first int := 1;
+    last int;
+BEGIN
+    FOR i IN 1 .. cardinality(p_streams) LOOP
+        last := first + p_counts[i] - 1;
+        BEGIN
+            SELECT a.new_version, a.last_position, NULL, NULL
+                INTO out_version, out_position, out_code, out_detail
+                FROM seamwork_append(
+                    p_streams[i], p_expected[i], p_ids[first:last], p_types[first:last],
+                    p_schemas[first:last], p_data[first:last], p_meta[first:last], p_at) a;
+        EXCEPTION WHEN OTHERS THEN
+            out_version := NULL;
+            out_position := NULL;
+            out_code := SQLSTATE;
+            out_detail := SQLERRM;
+        END;
+        RETURN NEXT;
+        first := last + 1;
+    END LOOP;
 END $$
 """
 
@@ -121,8 +171,17 @@ EVENT_MIGRATIONS = (
             _APPEND_FUNCTION,
         ),
     ),
+    PgMigration("events", 2, (_APPEND_FUNCTION, _APPEND_MANY_FUNCTION)),
 )
 
+_APPEND_SQL = (
+    b"SELECT * FROM seamwork_append(%b::text, %b::text, %b::text[], %b::text[], "
+    b"%b::int4[], %b::text[], %b::text[], %b::float8)"
+)
+_APPEND_MANY_SQL = (
+    b"SELECT * FROM seamwork_append_many(%b::text[], %b::text[], %b::int4[], %b::text[], "
+    b"%b::text[], %b::int4[], %b::text[], %b::text[], %b::float8)"
+)
 _COLUMNS = "position, stream, version, type, data, metadata, recorded_at, id, schema_version"
 _HORIZON = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
 
@@ -150,6 +209,9 @@ class PostgresEventStore(EventStore):
             raise ConfigError(f"poll_interval must be > 0, got {poll_interval!r}")
         self._dsn = dsn
         self._writer = PgWriter(dsn, name="event")
+        self._appender: PgBatcher[AppendParams, AppendResult] = PgBatcher(
+            dsn, _append_batch, name="event-append"
+        )
         self._pool = make_pool(dsn, size=pool_size, name="seamwork-events")
         self._poll = poll_interval
         self._listener: AsyncConn | None = None
@@ -162,12 +224,17 @@ class PostgresEventStore(EventStore):
 
     @property
     def commits(self) -> int:
-        return self._writer.commits
+        return self._writer.commits + self._appender.commits
 
     async def open(self) -> None:
         if self._opened:
             return
         await self._writer.start(EVENT_MIGRATIONS)
+        try:
+            await self._appender.start()
+        except BaseException:
+            await self._writer.close()
+            raise
         await open_pool(self._pool, "event store")
         self._opened = True
 
@@ -181,6 +248,7 @@ class PostgresEventStore(EventStore):
             self._listener = None
         if self._opened:
             await self._pool.close()
+            await self._appender.close()
             await self._writer.close()
             self._opened = False
 
@@ -194,7 +262,7 @@ class PostgresEventStore(EventStore):
         expected_version: ExpectedVersion = ANY,
     ) -> AppendResult:
         params = self._append_params(stream, events, expected_version)
-        return await self._writer.write(lambda conn: _append(conn, params, expected_version))
+        return await self._appender.submit(AppendParams(params, expected_version))
 
     async def append_in(
         self,
@@ -378,14 +446,62 @@ async def _append(
     conn: AsyncConn, params: tuple[Any, ...], expected: ExpectedVersion
 ) -> AppendResult:
     try:
-        cursor = await conn.execute(
-            "SELECT * FROM seamwork_append(%s, %s, %s, %s, %s, %s, %s, %s)", params
-        )
+        cursor = await conn.execute(_APPEND_SQL, params)
     except psycopg.Error as exc:
         raise _append_error(exc, params[0], expected) from exc
     row = await cursor.fetchone()
     assert row is not None
     return AppendResult(int(row[0]), int(row[1]))
+
+
+class AppendParams(NamedTuple):
+    """One queued append: ``seamwork_append``'s arguments and the caller's expectation."""
+
+    params: tuple[Any, ...]
+    expected: ExpectedVersion
+
+
+async def _append_batch(
+    conn: AsyncConn, batch: builtins.list[AppendParams]
+) -> builtins.list[AppendResult | BaseException]:
+    """Run queued appends in one statement (autocommit: one transaction)."""
+    if len(batch) == 1:
+        try:
+            return [await _append(conn, batch[0].params, batch[0].expected)]
+        except psycopg.OperationalError:
+            raise
+        except EventStoreError as exc:
+            return [exc]
+        except psycopg.Error as exc:  # pragma: no cover - _append translates
+            return [translate(exc, "append")]
+    columns: builtins.list[builtins.list[Any]] = [[] for _ in range(8)]
+    for item in batch:
+        stream, expected, ids, types, schemas, data, meta, _ = item.params
+        columns[0].append(stream)
+        columns[1].append(expected)
+        columns[2].append(len(ids))
+        columns[3] += ids
+        columns[4] += types
+        columns[5] += schemas
+        columns[6] += data
+        columns[7] += meta
+    cursor = await conn.execute(_APPEND_MANY_SQL, (*columns, batch[0].params[7]))
+    rows = await cursor.fetchall()
+    return [_batch_result(item, row) for item, row in zip(batch, rows, strict=True)]
+
+
+def _batch_result(item: AppendParams, row: tuple[Any, ...]) -> AppendResult | BaseException:
+    version, position, code, detail = row
+    if code is None:
+        return AppendResult(int(version), int(position))
+    stream = item.params[0]
+    if code == "SW001":
+        return WrongExpectedVersion(stream, item.expected, int(detail))
+    if code == "23505":
+        return EventStoreError(
+            f"append to {stream!r} refused: an event id was already stored ({detail})"
+        )
+    return EventStoreError(f"append to {stream!r} failed: [{code}] {detail}")
 
 
 def _metadata(event: NewEvent) -> str | None:

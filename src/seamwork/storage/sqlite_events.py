@@ -1,10 +1,17 @@
 """The embedded ``EventStore`` on SQLite.
 
 Appends go to ONE writer connection on its own thread, which group-commits
-concurrent appends: each append runs in its own SAVEPOINT of a shared transaction,
-so a version conflict rolls back only that append, and one fsync covers the batch
-(WAL, ``synchronous=FULL`` by default). Versions are computed by the writer from the
-stream's current version, inside the transaction: no gaps, no skipping ahead.
+concurrent appends: a version conflict rejects only its own append, and one fsync
+covers the batch (WAL, ``synchronous=FULL`` by default). Versions are computed by the
+writer from the stream's current version, inside the transaction: no gaps, no
+skipping ahead. The version check happens before an append writes anything, so
+batches run without a savepoint per append (the writer falls back to savepoints only
+when an append fails after writing, e.g. a duplicate event id).
+
+The writer thread caches stream versions it has read or written. The cache is
+dropped whenever another connection committed to the file (``PRAGMA data_version``,
+checked under the write lock at the start of every batch) and whenever a batch rolls
+back, so several processes may append to one file.
 
 ``$all`` positions are SQLite rowids assigned inside the single write transaction,
 so commit order is position order and a reader can never see position N+1 before
@@ -89,6 +96,9 @@ _UPSERT_STREAM = (
 )
 
 
+_MAX_CACHED_STREAMS = 100_000
+
+
 def _satisfied(expected: ExpectedVersion, visible: int) -> bool:
     if expected == ANY:
         return True
@@ -143,8 +153,17 @@ class SQLiteEventStore(EventStore):
         if poll_interval <= 0:
             raise ConfigError(f"poll_interval must be > 0, got {poll_interval!r}")
         self.path = str(path)
+        self._versions: dict[str, tuple[int, bool]] = {}
+        self._data_version = -1
         self._writer = SQLiteWriter(
-            path, synchronous=synchronous, migrations=EVENT_MIGRATIONS, name="event"
+            path,
+            synchronous=synchronous,
+            migrations=EVENT_MIGRATIONS,
+            name="event",
+            rerun_safe=True,
+            on_begin=self._check_data_version,
+            on_rollback=self._versions.clear,
+            coalesce=True,
         )
         self._reader = SQLiteWriter(path, synchronous=synchronous, name="event-reader")
         self._poll = poll_interval
@@ -189,51 +208,85 @@ class SQLiteEventStore(EventStore):
             for e in events
         ]
 
+        versions = self._versions
+
         def append(conn: sqlite3.Connection) -> AppendResult:
-            row = conn.execute(
-                "SELECT version, deleted FROM seamwork_streams WHERE stream = ?", (stream,)
-            ).fetchone()
-            current = -1 if row is None else row[0]
-            visible = -1 if row is None or row[1] else current
-            if not _satisfied(expected_version, visible):
+            known = versions.get(stream)
+            if known is None:
+                known = self._stream_version(conn, stream)
+            current, deleted = known
+            visible = -1 if deleted else current
+            if not (expected_version == visible or _satisfied(expected_version, visible)):
                 raise WrongExpectedVersion(stream, expected_version, visible)
-            rows = [
-                (stream, current + 1 + i, id_, type_, schema, data, meta, now)
-                for i, (id_, type_, schema, data, meta) in enumerate(encoded)
-            ]
             try:
-                conn.executemany(_INSERT, rows)
+                if len(encoded) == 1:
+                    id_, type_, schema, data, meta = encoded[0]
+                    cursor = conn.execute(
+                        _INSERT, (stream, current + 1, id_, type_, schema, data, meta, now)
+                    )
+                    position = cursor.lastrowid or 0
+                else:
+                    conn.executemany(
+                        _INSERT,
+                        [
+                            (stream, current + 1 + i, id_, type_, schema, data, meta, now)
+                            for i, (id_, type_, schema, data, meta) in enumerate(encoded)
+                        ],
+                    )
+                    position = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
             except sqlite3.IntegrityError as exc:
                 raise EventStoreError(
                     f"append to {stream!r} refused: an event id was already stored ({exc})"
                 ) from exc
-            position = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-            version = current + len(rows)
+            version = current + len(encoded)
             conn.execute(_UPSERT_STREAM, (stream, version))
+            versions[stream] = (version, False)
             return AppendResult(version, position)
 
         result = await self._writer.write(append)
         self._wake(result.position)
         return result
 
+    def _stream_version(self, conn: sqlite3.Connection, stream: str) -> tuple[int, bool]:
+        """The stream's (version, deleted) from the table, remembered (writer thread)."""
+        row = conn.execute(
+            "SELECT version, deleted FROM seamwork_streams WHERE stream = ?", (stream,)
+        ).fetchone()
+        known = (-1, False) if row is None else (row[0], bool(row[1]))
+        if len(self._versions) >= _MAX_CACHED_STREAMS:
+            self._versions.clear()
+        self._versions[stream] = known
+        return known
+
+    def _check_data_version(self, conn: sqlite3.Connection) -> None:
+        """Forget cached versions if another connection committed since (writer thread)."""
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._data_version:
+            self._versions.clear()
+            self._data_version = version
+
     async def set_stream_metadata(self, stream: str, metadata: Mapping[str, Any]) -> None:
         check_stream_name(stream)
         if not isinstance(metadata, Mapping):
             raise ConfigError(f"stream metadata must be a mapping, got {type(metadata).__name__}")
         text = dumps(metadata, what=f"metadata of stream {stream!r}")
-        await self._writer.write(
-            lambda conn: conn.execute(
+
+        def update(conn: sqlite3.Connection) -> None:
+            self._versions.pop(stream, None)
+            conn.execute(
                 "INSERT INTO seamwork_streams (stream, version, metadata) VALUES (?, -1, ?) "
                 "ON CONFLICT(stream) DO UPDATE SET metadata = excluded.metadata",
                 (stream, text),
             )
-        )
+
+        await self._writer.write(update)
 
     async def delete_stream(self, stream: str, *, expected_version: ExpectedVersion = ANY) -> None:
         check_stream_name(stream)
         check_expected_version(expected_version)
 
         def delete(conn: sqlite3.Connection) -> None:
+            self._versions.pop(stream, None)
             row = conn.execute(
                 "SELECT version, deleted FROM seamwork_streams WHERE stream = ?", (stream,)
             ).fetchone()
