@@ -42,6 +42,8 @@ def test_saga_exports() -> None:
 
 def test_storage_and_testing_exports() -> None:
     assert seamwork.storage.__all__ == [
+        "PostgresEventStore",
+        "PostgresStore",
         "SQLiteEventStore",
         "SQLiteLedger",
         "SQLiteReadModel",

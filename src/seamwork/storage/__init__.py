@@ -1,7 +1,35 @@
-"""Storage adapters: SQLite (embedded default) and, with ``seamwork[postgres]``, PostgreSQL."""
+"""Storage adapters: SQLite (embedded default) and, with ``seamwork[postgres]``, PostgreSQL.
+
+The PostgreSQL adapters are imported on first use, so ``import seamwork.storage``
+needs no driver.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from seamwork.storage.sqlite import SQLiteLedger, SQLiteStore
 from seamwork.storage.sqlite_events import SQLiteEventStore
 from seamwork.storage.sqlite_readmodel import SQLiteReadModel
 
-__all__ = ["SQLiteEventStore", "SQLiteLedger", "SQLiteReadModel", "SQLiteStore"]
+_LAZY = {
+    "PostgresEventStore": "seamwork.storage.postgres_events",
+    "PostgresStore": "seamwork.storage.postgres",
+}
+
+__all__ = [
+    "PostgresEventStore",
+    "PostgresStore",
+    "SQLiteEventStore",
+    "SQLiteLedger",
+    "SQLiteReadModel",
+    "SQLiteStore",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'seamwork.storage' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

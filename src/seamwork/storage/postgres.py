@@ -1,0 +1,502 @@
+"""``PostgresStore``: the ``SagaStore`` on PostgreSQL, for many orchestrator processes.
+
+Every transition is ONE statement - the fenced ``UPDATE`` and the timeline ``INSERT``
+joined in a CTE, so the events are written only if the fence held - sent on an
+autocommit connection: one round trip, one commit. Concurrent transitions are
+group-committed: whatever queued while a commit was in flight goes out next as one
+pipelined transaction. Claims take ``FOR UPDATE SKIP LOCKED`` so workers never wait
+on each other's rows, and every write of a running saga is fenced on its lease
+owner: a worker that lost its lease cannot overwrite the new owner's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import psycopg
+
+from seamwork._core.codec import dumps
+from seamwork.errors import (
+    ConfigError,
+    CorruptSagaError,
+    InvalidSagaOperation,
+    LeaseLost,
+    StoreError,
+)
+from seamwork.saga._ports import ClaimResult, SagaKey
+from seamwork.saga._state import SagaState, SagaStatus, StepEvent
+from seamwork.storage._pg import (
+    AsyncConn,
+    PgMigration,
+    connect,
+    make_pool,
+    migrate,
+    open_pool,
+    translate,
+)
+
+SAGA_MIGRATIONS = (
+    PgMigration(
+        "saga",
+        1,
+        (
+            """CREATE TABLE seamwork_sagas (
+                saga_id text PRIMARY KEY,
+                saga_name text NOT NULL,
+                saga_version integer NOT NULL,
+                status text NOT NULL,
+                current_step_index integer NOT NULL,
+                completed_steps jsonb NOT NULL,
+                compensated_steps jsonb NOT NULL,
+                uncertain_steps jsonb NOT NULL,
+                skipped_steps jsonb NOT NULL,
+                context jsonb NOT NULL,
+                started_at double precision NOT NULL,
+                updated_at double precision NOT NULL,
+                deadline_at double precision,
+                failure_reason text,
+                step_attempts jsonb NOT NULL,
+                compensation_attempts jsonb NOT NULL,
+                lease_owner text,
+                lease_expires_at double precision
+            )""",
+            "CREATE INDEX seamwork_sagas_by_status ON seamwork_sagas (status, updated_at)",
+            "CREATE INDEX seamwork_sagas_by_update ON seamwork_sagas (updated_at)",
+            """CREATE TABLE seamwork_saga_events (
+                id bigserial PRIMARY KEY,
+                saga_id text NOT NULL,
+                at double precision NOT NULL,
+                event text NOT NULL,
+                step text,
+                attempt integer,
+                detail text
+            )""",
+            "CREATE INDEX seamwork_saga_events_by_saga ON seamwork_saga_events (saga_id, id)",
+        ),
+    ),
+)
+
+_COLUMNS = (
+    "saga_id, saga_name, saga_version, status, current_step_index, completed_steps, "
+    "compensated_steps, uncertain_steps, skipped_steps, context, started_at, updated_at, "
+    "deadline_at, failure_reason, step_attempts, compensation_attempts, lease_owner, "
+    "lease_expires_at"
+)
+_EVENTS = (
+    "INSERT INTO seamwork_saga_events (saga_id, at, event, step, attempt, detail) "
+    "SELECT w.saga_id, e.at, e.event, e.step, e.attempt, e.detail FROM written w, "
+    "unnest(%s::float8[], %s::text[], %s::text[], %s::int[], %s::text[]) "
+    "AS e(at, event, step, attempt, detail)"
+)
+_STATE_SET = (
+    "status = %s, current_step_index = %s, completed_steps = %s::jsonb, "
+    "compensated_steps = %s::jsonb, uncertain_steps = %s::jsonb, skipped_steps = %s::jsonb, "
+    "context = %s::jsonb, updated_at = %s, failure_reason = %s, step_attempts = %s::jsonb, "
+    "compensation_attempts = %s::jsonb"
+)
+_CREATE = (
+    f"WITH written AS (INSERT INTO seamwork_sagas ({_COLUMNS}) VALUES "
+    "(%s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb, %s, %s, %s, "
+    "%s, %s::jsonb, %s::jsonb, %s, %s) ON CONFLICT DO NOTHING RETURNING saga_id), "
+    f"events AS ({_EVENTS}) SELECT count(*) FROM written"
+)
+_SAVE_OWNED = (
+    f"WITH written AS (UPDATE seamwork_sagas SET {_STATE_SET}{{lease}} "
+    "WHERE saga_id = %s AND lease_owner = %s RETURNING saga_id), "
+    f"events AS ({_EVENTS}) SELECT count(*) FROM written"
+)
+_SAVE_RUNNING = _SAVE_OWNED.format(lease="")
+_SAVE_FINAL = _SAVE_OWNED.format(lease=", lease_owner = NULL, lease_expires_at = NULL")
+_SAVE_STATUS = (
+    f"WITH written AS (UPDATE seamwork_sagas SET {_STATE_SET}, lease_owner = %s, "
+    "lease_expires_at = %s WHERE saga_id = %s AND status = %s RETURNING saga_id), "
+    f"events AS ({_EVENTS}) SELECT count(*) FROM written"
+)
+_ACTIVE = ("running", "compensating")
+
+
+def _state_params(state: SagaState) -> tuple[Any, ...]:
+    return (
+        state.status.value,
+        state.current_step_index,
+        dumps(state.completed_steps),
+        dumps(state.compensated_steps),
+        dumps(state.uncertain_steps),
+        dumps(state.skipped_steps),
+        dumps(state.context, what=f"context of saga {state.saga_id!r}"),
+        state.updated_at,
+        state.failure_reason,
+        dumps(state.step_attempts),
+        dumps(state.compensation_attempts),
+    )
+
+
+def _event_params(events: Sequence[StepEvent]) -> tuple[list[Any], ...]:
+    return (
+        [e.at for e in events],
+        [e.event for e in events],
+        [e.step for e in events],
+        [e.attempt for e in events],
+        [e.detail for e in events],
+    )
+
+
+def _decode(row: Sequence[Any]) -> SagaState:
+    saga_id = str(row[0])
+    try:
+        return SagaState(
+            saga_id=saga_id,
+            saga_name=str(row[1]),
+            saga_version=int(row[2]),
+            status=SagaStatus(row[3]),
+            current_step_index=int(row[4]),
+            completed_steps=_names(row[5]),
+            compensated_steps=_names(row[6]),
+            uncertain_steps=_names(row[7]),
+            skipped_steps=_names(row[8]),
+            context=_mapping(row[9]),
+            started_at=float(row[10]),
+            updated_at=float(row[11]),
+            deadline_at=None if row[12] is None else float(row[12]),
+            failure_reason=row[13],
+            step_attempts=_counts(row[14]),
+            compensation_attempts=_counts(row[15]),
+            lease_owner=row[16],
+            lease_expires_at=None if row[17] is None else float(row[17]),
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CorruptSagaError(saga_id, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of step names, got {value!r:.80}")
+    return tuple(value)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object as context, got {value!r:.80}")
+    return value
+
+
+def _counts(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict) or not all(isinstance(v, int) for v in value.values()):
+        raise ValueError(f"expected a map of attempt counts, got {value!r:.80}")
+    return value
+
+
+def _keys(runnable: Collection[SagaKey]) -> tuple[list[str], list[int]]:
+    return [k[0] for k in runnable], [k[1] for k in runnable]
+
+
+class _Statement:
+    __slots__ = ("future", "params", "sql")
+
+    def __init__(self, sql: str, params: tuple[Any, ...], future: asyncio.Future[int]) -> None:
+        self.sql, self.params, self.future = sql, params, future
+
+
+class _GroupCommit:
+    """One autocommit connection: a lone statement is its own transaction (one round
+    trip); statements that queued meanwhile go as one pipelined transaction."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._queue: asyncio.Queue[_Statement] = asyncio.Queue()
+        self._conn: AsyncConn | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.commits = 0
+
+    async def start(self) -> None:
+        self._conn = await connect(self._dsn, autocommit=True, what="saga store writer")
+        self._task = asyncio.create_task(self._serve(), name="seamwork-saga-pg-writer")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    def run(self, sql: str, params: tuple[Any, ...]) -> asyncio.Future[int]:
+        """Execute a single-row-count statement; resolves to its count after commit."""
+        if self._task is None:
+            raise StoreError("the PostgreSQL saga store is not open")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Statement(sql, params, future))
+        return future
+
+    async def _serve(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < 256:
+                batch.append(self._queue.get_nowait())
+            try:
+                counts = await self._execute(batch)
+            except psycopg.OperationalError as exc:
+                self._fail(batch, exc)
+                await self._reconnect()
+                continue
+            except Exception as exc:
+                if len(batch) == 1:
+                    self._fail(batch, exc)
+                    continue
+                # One statement spoiled the shared transaction (nothing committed):
+                # run each alone so only the culprit fails.
+                for item in batch:
+                    await self._alone(item)
+                continue
+            self.commits += 1
+            for item, count in zip(batch, counts, strict=True):
+                if not item.future.done():
+                    item.future.set_result(count)
+
+    async def _alone(self, item: _Statement) -> None:
+        try:
+            (count,) = await self._execute([item])
+        except Exception as exc:
+            self._fail([item], exc)
+            return
+        self.commits += 1
+        if not item.future.done():
+            item.future.set_result(count)
+
+    @staticmethod
+    def _fail(batch: list[_Statement], exc: BaseException) -> None:
+        error = translate(exc, "saga store")
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    async def _execute(self, batch: list[_Statement]) -> list[int]:
+        conn = self._conn
+        if conn is None or conn.closed:
+            raise StoreError("saga store writer is disconnected")
+        if len(batch) == 1:
+            cursor = await conn.execute(batch[0].sql.encode(), batch[0].params)
+            row = await cursor.fetchone()
+            return [int(row[0]) if row else 0]
+        cursors = []
+        async with conn.transaction(), conn.pipeline():
+            for item in batch:
+                cursors.append(await conn.execute(item.sql.encode(), item.params))
+        counts = []
+        for cursor in cursors:
+            row = await cursor.fetchone()
+            counts.append(int(row[0]) if row else 0)
+        return counts
+
+    async def _reconnect(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            return
+        try:
+            self._conn = await connect(self._dsn, autocommit=True, what="saga store writer")
+        except StoreError:
+            await asyncio.sleep(0.2)
+
+
+class PostgresStore:
+    """``SagaStore`` in PostgreSQL; any number of orchestrator processes may share it.
+
+    Args:
+        dsn: a libpq connection string (tables go to the connection's schema).
+        pool_size: connections for reads and claims.
+    """
+
+    def __init__(self, dsn: str, *, pool_size: int = 4) -> None:
+        if not dsn:
+            raise ConfigError("PostgresStore needs a DSN")
+        self._dsn = dsn
+        self._writer = _GroupCommit(dsn)
+        self._pool = make_pool(dsn, size=pool_size, name="seamwork-sagas")
+        self._opened = False
+
+    def __repr__(self) -> str:
+        return "PostgresStore(...)"
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits
+
+    async def open(self) -> None:
+        if self._opened:
+            return
+        conn = await connect(self._dsn, autocommit=False, what="saga store")
+        try:
+            await migrate(conn, SAGA_MIGRATIONS)
+        finally:
+            await conn.close()
+        await open_pool(self._pool, "saga store")
+        await self._writer.start()
+        self._opened = True
+
+    async def aclose(self) -> None:
+        if not self._opened:
+            return
+        self._opened = False
+        await self._writer.close()
+        await self._pool.close()
+
+    async def attach(self, owner: str) -> None:
+        """Nothing to take: PostgreSQL shares the store; leases arbitrate."""
+
+    async def create(self, state: SagaState, events: Sequence[StepEvent]) -> bool:
+        params = (
+            state.saga_id,
+            state.saga_name,
+            state.saga_version,
+            *_state_params(state)[:7],
+            state.started_at,
+            state.updated_at,
+            state.deadline_at,
+            state.failure_reason,
+            dumps(state.step_attempts),
+            dumps(state.compensation_attempts),
+            state.lease_owner,
+            state.lease_expires_at,
+            *_event_params(events),
+        )
+        return await self._writer.run(_CREATE, params) == 1
+
+    async def save(
+        self,
+        state: SagaState,
+        events: Sequence[StepEvent],
+        *,
+        owner: str | None = None,
+        expect_status: SagaStatus | None = None,
+    ) -> None:
+        if (owner is None) == (expect_status is None):
+            raise ConfigError("save() is fenced on exactly one of owner or expect_status")
+        values = _state_params(state)
+        if owner is not None:
+            sql = _SAVE_FINAL if state.terminal else _SAVE_RUNNING
+            params = (*values, state.saga_id, owner, *_event_params(events))
+        else:
+            assert expect_status is not None
+            sql = _SAVE_STATUS
+            lease = (state.lease_owner, state.lease_expires_at)
+            params = (*values, *lease, state.saga_id, expect_status.value, *_event_params(events))
+        if await self._writer.run(sql, params) != 1:
+            if owner is not None:
+                raise LeaseLost(f"saga {state.saga_id!r} is not leased to {owner}")
+            raise InvalidSagaOperation(f"saga {state.saga_id!r} is no longer {expect_status}")
+
+    async def get(self, saga_id: str) -> SagaState | None:
+        rows = await self._fetch(
+            f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE saga_id = %s", (saga_id,)
+        )
+        return _decode(rows[0]) if rows else None
+
+    async def list(
+        self, *, status: SagaStatus | None = None, name: str | None = None, limit: int = 100
+    ) -> builtins.list[SagaState]:
+        rows = await self._fetch(
+            f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE (%s::text IS NULL OR status = %s) "
+            "AND (%s::text IS NULL OR saga_name = %s) ORDER BY updated_at DESC LIMIT %s",
+            (
+                None if status is None else SagaStatus(status).value,
+                None if status is None else SagaStatus(status).value,
+                name,
+                name,
+                limit,
+            ),
+        )
+        return [s for s in map(_decode_or_none, rows) if s is not None]
+
+    async def timeline(self, saga_id: str) -> builtins.list[StepEvent]:
+        rows = await self._fetch(
+            "SELECT saga_id, at, event, step, attempt, detail FROM seamwork_saga_events "
+            "WHERE saga_id = %s ORDER BY id",
+            (saga_id,),
+        )
+        return [StepEvent(*row) for row in rows]
+
+    async def claim(
+        self,
+        owner: str,
+        runnable: Collection[SagaKey],
+        *,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+    ) -> ClaimResult:
+        names, versions = _keys(runnable)
+        result = ClaimResult()
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                cursor = await conn.execute(
+                    f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE status IN ('running', "
+                    "'compensating') AND (lease_owner IS NULL OR lease_expires_at < %s) AND "
+                    "(saga_name, saga_version) IN (SELECT * FROM unnest(%s::text[], %s::int[])) "
+                    "ORDER BY updated_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (now, names, versions, limit),
+                )
+                for row in await cursor.fetchall():
+                    try:
+                        result.claimed.append(_decode(row))
+                    except CorruptSagaError as error:
+                        result.corrupt.append(error)
+                expires = now + lease_seconds
+                ids = [s.saga_id for s in result.claimed]
+                if ids:
+                    await conn.execute(
+                        "UPDATE seamwork_sagas SET lease_owner = %s, lease_expires_at = %s "
+                        "WHERE saga_id = ANY(%s)",
+                        (owner, expires, ids),
+                    )
+        except psycopg.Error as exc:
+            raise translate(exc, "saga store claim") from exc
+        result.claimed[:] = [
+            s.evolve(lease_owner=owner, lease_expires_at=now + lease_seconds)
+            for s in result.claimed
+        ]
+        return result
+
+    async def renew(
+        self, owner: str, saga_ids: Collection[str], *, now: float, lease_seconds: float
+    ) -> set[str]:
+        rows = await self._fetch(
+            "UPDATE seamwork_sagas SET lease_expires_at = %s WHERE lease_owner = %s "
+            "AND saga_id = ANY(%s) RETURNING saga_id",
+            (now + lease_seconds, owner, builtins.list(saga_ids)),
+        )
+        return {row[0] for row in rows}
+
+    async def release(self, owner: str, saga_ids: Collection[str]) -> None:
+        await self._fetch(
+            "UPDATE seamwork_sagas SET lease_owner = NULL, lease_expires_at = NULL "
+            "WHERE lease_owner = %s AND saga_id = ANY(%s) RETURNING saga_id",
+            (owner, builtins.list(saga_ids)),
+        )
+
+    async def stranded(self, runnable: Collection[SagaKey]) -> builtins.list[SagaState]:
+        names, versions = _keys(runnable)
+        rows = await self._fetch(
+            f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE status IN ('running', 'compensating') "
+            "AND (saga_name, saga_version) NOT IN (SELECT * FROM unnest(%s::text[], %s::int[])) "
+            "ORDER BY updated_at",
+            (names, versions),
+        )
+        return [s for s in map(_decode_or_none, rows) if s is not None]
+
+    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> builtins.list[Any]:
+        try:
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(sql.encode(), params)
+                return await cursor.fetchall()
+        except psycopg.Error as exc:
+            raise translate(exc, "saga store") from exc
+
+
+def _decode_or_none(row: Sequence[Any]) -> SagaState | None:
+    try:
+        return _decode(row)
+    except CorruptSagaError:
+        return None

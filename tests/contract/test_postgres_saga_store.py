@@ -1,0 +1,33 @@
+"""The SagaStore contract on PostgreSQL (each test in its own schema)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from seamwork.saga import SagaStore
+from seamwork.storage import PostgresStore
+from seamwork.testing.saga_store import SagaStoreContract
+
+pytestmark = pytest.mark.postgres
+
+
+class TestPostgresSagaStore(SagaStoreContract):
+    @pytest.fixture(autouse=True)
+    def _dsn(self, pg_dsn: str) -> None:
+        self.dsn = pg_dsn
+
+    async def make_store(self, tmp_path: Path) -> SagaStore:
+        return PostgresStore(self.dsn)
+
+    async def reopen(self, store: SagaStore, tmp_path: Path) -> SagaStore:
+        return PostgresStore(self.dsn)
+
+    async def corrupt(self, store: SagaStore, saga_id: str) -> None:
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            await conn.execute(
+                "UPDATE seamwork_sagas SET context = '\"not an object\"' WHERE saga_id = %s",
+                (saga_id,),
+            )
