@@ -318,7 +318,7 @@ def main() -> None:
     print("Per-call cost on the success path (trivial function, best of 3)")
     header = (
         f"{'library':<16}{'driver':<7}{'what':<26}{'ns/call':>9}{'CPU ns':>9}{'x bare':>8}"
-        f"  {'target (ns)':<16}"
+        f"  {'target (ns)'}"
     )
     print(header)
     print("-" * len(header))
