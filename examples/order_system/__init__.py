@@ -1,0 +1,1 @@
+"""The order example: an order's events and the read side that answers GET /orders/{id}."""
