@@ -133,7 +133,10 @@ class SagaOrchestrator:
         store: where saga state lives; the orchestrator opens and closes it.
         sagas: the definitions this process can run (several versions of one saga
             may be registered; new sagas start on the highest).
-        owner: this process's owner id for leases (default: a fresh id).
+        owner: this worker's stable name (default: a fresh one). Leases are held as
+            ``"<owner>:<incarnation>"``, a new incarnation per start; a worker restarted
+            under the same name takes its previous incarnation's sagas back at once,
+            and anything that incarnation still tries to write is fenced off.
         clock: time source (``seamwork.testing.ManualClock`` in tests).
         rng: randomness for backoff jitter.
         lease_seconds: how long a claimed saga stays leased without renewal.
@@ -170,7 +173,10 @@ class SagaOrchestrator:
             raise ConfigError(f"recovery_interval must be > 0, got {recovery_interval!r}")
         if claim_batch < 1:
             raise ConfigError(f"claim_batch must be >= 1, got {claim_batch!r}")
-        self.owner = owner or f"orchestrator-{new_id()}"
+        if owner is not None and (not isinstance(owner, str) or not owner or ":" in owner):
+            raise ConfigError(f"owner must be a non-empty name without ':', got {owner!r}")
+        self.worker = owner or f"orchestrator-{new_id()[:8]}"
+        self.owner = f"{self.worker}:{new_id()}"
         self._clock: Clock = clock or SystemClock()
         self._rng = rng or random.Random()
         self._lease = lease_seconds

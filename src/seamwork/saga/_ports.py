@@ -45,7 +45,10 @@ class SagaStore(Protocol):
         ...
 
     async def attach(self, owner: str) -> None:
-        """Become an orchestrator of this store under ``owner``.
+        """Become an orchestrator of this store under ``owner`` (``"<worker>:<incarnation>"``).
+
+        Leases held by earlier incarnations of the same worker are released, so a
+        restarted worker resumes its sagas at once instead of waiting out their leases.
 
         Raises:
             StoreLocked: the store admits one orchestrator and another holds it.

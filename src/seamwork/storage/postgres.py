@@ -344,7 +344,15 @@ class PostgresStore:
         await self._pool.close()
 
     async def attach(self, owner: str) -> None:
-        """Nothing to take: PostgreSQL shares the store; leases arbitrate."""
+        """Release the leases of this worker's earlier incarnations (it restarted; they
+        are dead, and any write they still attempt is fenced off by the new owner id)."""
+        worker = owner.split(":", 1)[0]
+        await self._fetch(
+            "UPDATE seamwork_sagas SET lease_owner = NULL, lease_expires_at = NULL "
+            "WHERE lease_owner LIKE %s AND lease_owner <> %s "
+            "AND status IN ('running', 'compensating') RETURNING saga_id",
+            (f"{_escape_like(worker)}:%", owner),
+        )
 
     async def create(self, state: SagaState, events: Sequence[StepEvent]) -> bool:
         params = (
@@ -493,6 +501,10 @@ class PostgresStore:
                 return await cursor.fetchall()
         except psycopg.Error as exc:
             raise translate(exc, "saga store") from exc
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _decode_or_none(row: Sequence[Any]) -> SagaState | None:

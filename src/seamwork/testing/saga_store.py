@@ -246,6 +246,22 @@ class SagaStoreContract:
         result = await store.claim(OTHER, [KEY], now=1.0, lease_seconds=30.0, limit=10)
         assert [s.saga_id for s in result.claimed] == ["s1"]
 
+    async def test_a_restarted_worker_takes_back_its_earlier_incarnations_sagas(
+        self, tmp_path: Path
+    ) -> None:
+        store = await self.make_store(tmp_path)
+        await store.open()
+        try:
+            await store.create(saga_state("s1", lease_owner="w1:old", lease_expires_at=9e12), [])
+            await store.create(saga_state("s2", lease_owner="w2:x", lease_expires_at=9e12), [])
+            await store.attach("w1:new")
+            result = await store.claim("w1:new", [KEY], now=1.0, lease_seconds=30, limit=10)
+            assert "s1" in [s.saga_id for s in result.claimed]
+            with pytest.raises(LeaseLost):  # the old incarnation is fenced off
+                await store.save(saga_state("s1", lease_owner="w1:old"), [], owner="w1:old")
+        finally:
+            await store.aclose()
+
     async def test_stranded_lists_active_sagas_no_registered_definition_runs(
         self, store: SagaStore
     ) -> None:
