@@ -461,6 +461,9 @@ class SagaOrchestrator:
                 log.exception("saga %s: reload failed; retrying", run.state.saga_id)
                 delay = min(delay * 2, 5.0)
                 continue
+            if state is not None and state.terminal and state.updated_at >= run.state.updated_at:
+                run.state = state  # the commit in doubt did land, and finished the saga
+                return
             if state is None or state.lease_owner != self.owner:
                 raise LeaseLost(f"saga {run.state.saga_id!r} is no longer leased to {self.owner}")
             run.state = state

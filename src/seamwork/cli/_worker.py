@@ -1,0 +1,92 @@
+"""``seamwork worker``: a saga worker process - claims, runs and recovers sagas.
+
+Run any number of them on one PostgreSQL database; each saga is leased to one worker
+at a time, and a worker that dies has its sagas taken over when their leases expire
+(or at once, by the same ``--worker-id`` restarted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from seamwork.errors import SeamworkError
+from seamwork.saga import Saga, SagaOrchestrator, SagaStore
+
+
+def load_sagas(spec: str) -> list[Saga]:
+    """``module:attribute`` naming a list of ``Saga`` (or a callable returning one)."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise typer.BadParameter(f"expected module:attribute, got {spec!r}", param_hint="--app")
+    try:
+        target: Any = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise typer.BadParameter(f"cannot load {spec}: {exc}", param_hint="--app") from exc
+    if callable(target) and not isinstance(target, Saga):
+        target = target()
+    sagas = [target] if isinstance(target, Saga) else list(_iterable(target, spec))
+    if not sagas or not all(isinstance(s, Saga) for s in sagas):
+        raise typer.BadParameter(f"{spec} is not a list of Saga definitions", param_hint="--app")
+    return sagas
+
+
+def _iterable(target: Any, spec: str) -> Iterable[Any]:
+    if isinstance(target, Iterable):
+        return target
+    raise typer.BadParameter(f"{spec} is not a list of Saga definitions", param_hint="--app")
+
+
+def worker(
+    app: Annotated[str, typer.Option("--app", help="module:attribute with the Saga definitions.")],
+    postgres: Annotated[
+        str | None, typer.Option("--postgres", envvar="SEAMWORK_PG_DSN", help="PostgreSQL DSN.")
+    ] = None,
+    sqlite: Annotated[Path | None, typer.Option("--sqlite", help="A SQLite saga store.")] = None,
+    worker_id: Annotated[
+        str | None, typer.Option("--worker-id", help="Stable name; a restart resumes at once.")
+    ] = None,
+    lease: Annotated[float, typer.Option(help="Lease seconds.", min=0.1)] = 30.0,
+    interval: Annotated[float, typer.Option(help="Seconds between claims.", min=0.01)] = 1.0,
+) -> None:
+    """Run sagas from a store until stopped (SIGTERM / Ctrl-C)."""
+    if (postgres is None) == (sqlite is None):
+        raise typer.BadParameter("give exactly one of --postgres or --sqlite")
+    sagas = load_sagas(app)
+    store: SagaStore
+    if postgres is not None:
+        from seamwork.storage import PostgresStore
+
+        store = PostgresStore(postgres)
+    else:
+        from seamwork.storage import SQLiteStore
+
+        assert sqlite is not None
+        store = SQLiteStore(sqlite)
+    orchestrator = SagaOrchestrator(
+        store, sagas, owner=worker_id, lease_seconds=lease, recovery_interval=interval
+    )
+    try:
+        asyncio.run(_serve(orchestrator))
+    except SeamworkError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
+
+
+async def _serve(orchestrator: SagaOrchestrator) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    console = Console(highlight=False)
+    async with orchestrator:
+        console.print(f"worker {orchestrator.owner} running", soft_wrap=True)
+        await stop.wait()
+        console.print(f"worker stopping; stats {orchestrator.stats}", soft_wrap=True)
