@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from seamwork.errors import (
     InvalidSagaOperation,
     LeaseLost,
     StoreError,
+    StoreUnavailable,
 )
 from seamwork.saga._ports import ClaimResult, SagaKey
 from seamwork.saga._state import SagaState, SagaStatus, StepEvent
@@ -204,8 +206,9 @@ class _GroupCommit:
     """One autocommit connection: a lone statement is its own transaction (one round
     trip); statements that queued meanwhile go as one pipelined transaction."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, deadline: float) -> None:
         self._dsn = dsn
+        self._deadline = deadline
         self._queue: asyncio.Queue[_Statement] = asyncio.Queue()
         self._conn: AsyncConn | None = None
         self._task: asyncio.Task[None] | None = None
@@ -238,10 +241,13 @@ class _GroupCommit:
             while not self._queue.empty() and len(batch) < 256:
                 batch.append(self._queue.get_nowait())
             try:
-                counts = await self._execute(batch)
-            except psycopg.OperationalError as exc:
-                self._fail(batch, exc)
-                await self._reconnect()
+                async with asyncio.timeout(self._deadline):
+                    counts = await self._execute(batch)
+            except (psycopg.OperationalError, TimeoutError) as exc:
+                # Lost or stalled mid-commit: the outcome is unknown to us. Callers get a
+                # store error and re-read their row; the connection is replaced.
+                self._fail(batch, _stalled(exc, self._deadline))
+                await self._replace_connection()
                 continue
             except Exception as exc:
                 if len(batch) == 1:
@@ -292,13 +298,19 @@ class _GroupCommit:
             counts.append(int(row[0]) if row else 0)
         return counts
 
-    async def _reconnect(self) -> None:
-        if self._conn is not None and not self._conn.closed:
-            return
-        try:
-            self._conn = await connect(self._dsn, autocommit=True, what="saga store writer")
-        except StoreError:
-            await asyncio.sleep(0.2)
+    async def _replace_connection(self) -> None:
+        old, self._conn = self._conn, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.close()
+        delay = 0.05
+        while self._conn is None:
+            try:
+                async with asyncio.timeout(self._deadline):
+                    self._conn = await connect(self._dsn, autocommit=True, what="saga writer")
+            except (StoreError, TimeoutError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
 
 class PostgresStore:
@@ -307,13 +319,18 @@ class PostgresStore:
     Args:
         dsn: a libpq connection string (tables go to the connection's schema).
         pool_size: connections for reads and claims.
+        query_timeout: the application deadline of every statement, in seconds; a
+            server that stalls (it never answers) is noticed after this, never hung on.
     """
 
-    def __init__(self, dsn: str, *, pool_size: int = 4) -> None:
+    def __init__(self, dsn: str, *, pool_size: int = 4, query_timeout: float = 5.0) -> None:
         if not dsn:
             raise ConfigError("PostgresStore needs a DSN")
+        if query_timeout <= 0:
+            raise ConfigError(f"query_timeout must be > 0 seconds, got {query_timeout!r}")
         self._dsn = dsn
-        self._writer = _GroupCommit(dsn)
+        self._deadline = query_timeout
+        self._writer = _GroupCommit(dsn, query_timeout)
         self._pool = make_pool(dsn, size=pool_size, name="seamwork-sagas")
         self._opened = False
 
@@ -438,7 +455,11 @@ class PostgresStore:
         names, versions = _keys(runnable)
         result = ClaimResult()
         try:
-            async with self._pool.connection() as conn, conn.transaction():
+            async with (
+                asyncio.timeout(self._deadline),
+                self._pool.connection() as conn,
+                conn.transaction(),
+            ):
                 cursor = await conn.execute(
                     f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE status IN ('running', "
                     "'compensating') AND (lease_owner IS NULL OR lease_expires_at < %s) AND "
@@ -459,8 +480,8 @@ class PostgresStore:
                         "WHERE saga_id = ANY(%s)",
                         (owner, expires, ids),
                     )
-        except psycopg.Error as exc:
-            raise translate(exc, "saga store claim") from exc
+        except (psycopg.Error, TimeoutError) as exc:
+            raise translate(_stalled(exc, self._deadline), "saga store claim") from exc
         result.claimed[:] = [
             s.evolve(lease_owner=owner, lease_expires_at=now + lease_seconds)
             for s in result.claimed
@@ -496,11 +517,19 @@ class PostgresStore:
 
     async def _fetch(self, sql: str, params: tuple[Any, ...]) -> builtins.list[Any]:
         try:
-            async with self._pool.connection() as conn:
+            async with asyncio.timeout(self._deadline), self._pool.connection() as conn:
                 cursor = await conn.execute(sql.encode(), params)
                 return await cursor.fetchall()
-        except psycopg.Error as exc:
-            raise translate(exc, "saga store") from exc
+        except (psycopg.Error, TimeoutError) as exc:
+            raise translate(_stalled(exc, self._deadline), "saga store") from exc
+
+
+def _stalled(exc: BaseException, deadline: float) -> BaseException:
+    if isinstance(exc, TimeoutError):
+        error = StoreUnavailable(f"PostgreSQL did not answer within {deadline:g}s")
+        error.__cause__ = exc
+        return error
+    return exc
 
 
 def _escape_like(text: str) -> str:
