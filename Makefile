@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,nats,postgres]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,nats,postgres,rabbitmq]'
 	touch $(STAMP)
 
 demo: $(STAMP)

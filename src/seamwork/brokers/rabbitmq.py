@@ -1,0 +1,610 @@
+"""``RabbitBroker``: the ``Broker`` port on RabbitMQ (aio-pika).
+
+Publishing. Every message goes, persistent, through one durable topic exchange
+(``seamwork`` by default) with its subject as routing key, on a channel in
+publisher-confirm mode: ``publish`` returns once the broker confirmed the message.
+``publish_batch`` sends the whole batch down one channel before waiting for the
+confirms, so it pays one round trip, and the channel keeps the order. The AMQP
+``message_id`` is the message id; type, correlation, causation and trace ride in
+headers (``encode``). A message on a subject that no group is bound to is dropped
+by RabbitMQ, as with any topic exchange: subscribe the groups first.
+
+Groups. A consumer group is one durable quorum queue, ``<group>.<subject>``, bound
+to the exchange with the subject as binding key (NATS wildcards map: ``*`` stays
+``*``, ``>`` becomes ``#``). Every member consumes that queue, so each message goes
+to one of them. A member handles its messages one at a time; a group with one
+member sees its messages in publish order, except that a retried message goes
+behind the ones published after it.
+
+Retries. RabbitMQ has no delayed requeue: a nack with requeue hands the message
+straight back. So a failed delivery is re-published (confirmed) to a retry queue
+of its group for that delay, ``<group>.<subject>.retry.<ms>``, with the number of
+deliveries so far in a header, and only then acknowledged. The retry queue is a
+quorum queue with a queue-wide TTL and at-least-once dead-lettering back into the
+group's queue (default exchange, the queue's name as routing key), so the message
+comes back to this group only, after the delay, and survives a broker restart.
+One queue per delay (``retry_delay * 2**(attempt-1)``, capped at 30 s) keeps the
+TTL uniform inside a queue, which RabbitMQ needs: it expires only at the head.
+The attempt number is the deliveries counted in that header plus the quorum
+queue's ``x-delivery-count`` (deliveries lost to a crashed consumer).
+
+Dead letters. After ``max_deliver`` counted deliveries, or at once for
+``PoisonMessage`` / ``InvalidMessage``, the message is published (confirmed) to the
+dead-letter stream ``<exchange>.deadletter`` with its subject, group, error,
+attempts and time in headers, and then acknowledged. A stream, not a queue, so
+listing reads it without consuming (a queue would have to be drained and requeued,
+which reorders it and, on quorum queues, counts against the delivery limit).
+A stream is append-only, so ``replay_dead_letter`` re-publishes the letter and then
+appends a tombstone naming its offset; listing skips tombstoned letters. To know
+where the stream ends, a listing appends a small end marker and reads up to it.
+A crash between the replay and the tombstone replays once more on the next try
+with the same message id, which an ``Inbox`` ignores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+try:
+    import aio_pika
+    import aiormq
+    from aio_pika.abc import (
+        AbstractChannel,
+        AbstractExchange,
+        AbstractIncomingMessage,
+        AbstractQueue,
+        AbstractRobustConnection,
+    )
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("RabbitMQ support needs: pip install 'seamwork[rabbitmq]'") from exc
+
+from seamwork.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    InvalidMessage,
+    MessagingError,
+    PublishError,
+)
+from seamwork.messaging._message import MSG_ID, TYPE, Message, decode, encode
+from seamwork.messaging._ports import (
+    DeadLetter,
+    Delivery,
+    Handler,
+    PoisonMessage,
+    SubscriptionStats,
+)
+
+log = logging.getLogger("seamwork.brokers")
+
+DLQ_SUBJECT = "Seamwork-DLQ-Subject"
+DLQ_GROUP = "Seamwork-DLQ-Group"
+DLQ_ERROR = "Seamwork-DLQ-Error"
+DLQ_ATTEMPTS = "Seamwork-DLQ-Attempts"
+DLQ_AT = "Seamwork-DLQ-At"
+RETRIES = "Seamwork-Deliveries"
+"""Deliveries that failed before this one (set on the way through a retry queue)."""
+SUBJECT = "Seamwork-Subject"
+"""The original subject (a retry comes back with the queue's name as routing key)."""
+_TOMBSTONE = "Seamwork-DLQ-Replayed"
+_END = "Seamwork-DLQ-End"
+_OURS = frozenset({DLQ_SUBJECT, DLQ_GROUP, DLQ_ERROR, DLQ_ATTEMPTS, DLQ_AT, RETRIES, SUBJECT})
+_BROKER_HEADERS = frozenset({"x-delivery-count", "x-death", "x-stream-offset"})
+_MAX_DELAY = 30.0
+_DRIVER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError)
+
+
+def binding_key(subject: str) -> str:
+    """The AMQP binding key of a NATS-style subject (``>`` -> ``#``)."""
+    return ".".join("#" if token == ">" else token for token in subject.split("."))
+
+
+def queue_name(group: str, subject: str) -> str:
+    """The quorum queue that a consumer group of ``subject`` shares."""
+    return f"{group}.{subject}"
+
+
+class RabbitSubscription:
+    """A running consumer of one group on one subject (its own channel)."""
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self.stats = SubscriptionStats()
+        self._channel = channel
+        self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            await self._idle.wait()  # the message in hand finishes first
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._channel.close()  # prefetched, unacked messages go back
+
+
+class RabbitBroker:
+    """``Broker`` on RabbitMQ: publisher confirms, quorum queues, a dead-letter stream.
+
+    Args:
+        url: ``amqp://user:password@host:port/vhost``.
+        exchange: the durable topic exchange; also names the dead-letter stream
+            (``<exchange>.deadletter``).
+        publish_timeout: seconds to wait for a publisher confirm.
+        connect_timeout: seconds to wait for the first connection.
+        prefetch: unacknowledged messages a subscription may hold.
+        dead_letter_max_age: how long the dead-letter stream keeps letters, in
+            RabbitMQ's ``x-max-age`` form (``"30D"``, ``"12h"``); None keeps them.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        exchange: str = "seamwork",
+        publish_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        prefetch: int = 64,
+        dead_letter_max_age: str | None = None,
+    ) -> None:
+        if not exchange or exchange.startswith("amq."):
+            raise ConfigError(f"exchange must be a non-empty name outside 'amq.', got {exchange!r}")
+        if publish_timeout <= 0 or connect_timeout <= 0:
+            raise ConfigError("publish_timeout and connect_timeout must be > 0")
+        if prefetch < 1:
+            raise ConfigError(f"prefetch must be >= 1, got {prefetch}")
+        self.url = url
+        self.exchange_name = exchange
+        self.dead_letter_queue = f"{exchange}.deadletter"
+        self._timeout = publish_timeout
+        self._connect_timeout = connect_timeout
+        self._prefetch = prefetch
+        self._max_age = dead_letter_max_age
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._declared: list[str] = []
+        self._subscriptions: list[RabbitSubscription] = []
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"RabbitBroker({_redact(self.url)!r}, exchange={self.exchange_name!r})"
+
+    @property
+    def declared_queues(self) -> tuple[str, ...]:
+        """The queues this instance declared (for tools and test clean-up)."""
+        return tuple(self._declared)
+
+    # --- connection ------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        if self._exchange is not None:
+            return
+        async with self._lock:
+            if self._exchange is not None:
+                return
+            try:
+                connection = await aio_pika.connect_robust(
+                    self.url,
+                    timeout=self._connect_timeout,
+                    client_properties={"connection_name": "seamwork"},
+                )
+            except Exception as exc:
+                raise BrokerUnavailable(
+                    f"cannot connect to RabbitMQ at {_redact(self.url)}: {_reason(exc)}"
+                ) from exc
+            try:
+                channel = await connection.channel(publisher_confirms=True)
+                exchange = await channel.declare_exchange(
+                    self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+                )
+                await self._declare_dead_letter_stream(channel)
+            except Exception as exc:
+                await connection.close()
+                raise BrokerUnavailable(
+                    f"cannot set up exchange {self.exchange_name!r} on RabbitMQ: {_reason(exc)}"
+                ) from exc
+            self._connection, self._channel, self._exchange = connection, channel, exchange
+
+    async def aclose(self) -> None:
+        for subscription in self._subscriptions:
+            await subscription.stop()
+        self._subscriptions.clear()
+        connection, self._connection = self._connection, None
+        self._channel = self._exchange = None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    async def _context(self) -> tuple[AbstractChannel, AbstractExchange]:
+        if self._exchange is None:
+            await self.connect()
+        assert self._channel is not None
+        assert self._exchange is not None
+        return self._channel, self._exchange
+
+    async def _declare_dead_letter_stream(self, channel: AbstractChannel) -> None:
+        arguments: dict[str, Any] = {"x-queue-type": "stream"}
+        if self._max_age:
+            arguments["x-max-age"] = self._max_age
+        await channel.declare_queue(self.dead_letter_queue, durable=True, arguments=arguments)
+        self._remember(self.dead_letter_queue)
+
+    def _remember(self, name: str) -> None:
+        if name not in self._declared:
+            self._declared.append(name)
+
+    # --- publishing ------------------------------------------------------------------
+
+    async def publish(
+        self, subject: str, message: Message, headers: Mapping[str, str] | None = None
+    ) -> None:
+        amqp = _amqp_message(message, headers)
+        _, exchange = await self._context()
+        await self._confirmed(exchange, amqp, subject, f"{message.type} {message.id}")
+
+    async def publish_batch(self, items: Sequence[tuple[str, Message]]) -> None:
+        if not items:
+            return
+        wired = [(subject, _amqp_message(message, None)) for subject, message in items]
+        _, exchange = await self._context()
+        # One channel writes its publishes in call order (aiormq serializes them under
+        # a FIFO lock), so starting them in order keeps the batch in order.
+        results = await asyncio.gather(
+            *(
+                self._confirmed(exchange, amqp, subject, str(amqp.message_id))
+                for subject, amqp in wired
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _confirmed(
+        self, exchange: AbstractExchange, amqp: aio_pika.Message, routing_key: str, what: str
+    ) -> None:
+        try:
+            await exchange.publish(amqp, routing_key, mandatory=False, timeout=self._timeout)
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise PublishError(f"RabbitMQ refused {what} to {routing_key!r}: {exc}") from exc
+        except (*_DRIVER_ERRORS, aio_pika.exceptions.ChannelInvalidStateError) as exc:
+            raise PublishError(
+                f"publish of {what} to {routing_key!r} not confirmed "
+                f"(connection to {_redact(self.url)}: {_reason(exc)})"
+            ) from exc
+
+    async def _to_queue(self, queue: str, amqp: aio_pika.Message, what: str) -> None:
+        channel, _ = await self._context()
+        await self._confirmed(channel.default_exchange, amqp, queue, what)
+
+    # --- consuming -------------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        subject: str,
+        group: str,
+        handler: Handler,
+        *,
+        max_deliver: int = 5,
+        ack_wait: float = 30.0,
+        retry_delay: float = 0.5,
+    ) -> RabbitSubscription:
+        """Consume ``subject`` as ``group``. ``ack_wait`` is not used: RabbitMQ
+        redelivers a message when its consumer's channel closes, not on a timer."""
+        if not group or not isinstance(group, str):
+            raise ConfigError(f"a consumer group must be a non-empty string, got {group!r}")
+        if max_deliver < 1:
+            raise ConfigError(f"max_deliver must be >= 1, got {max_deliver}")
+        if ack_wait <= 0 or retry_delay <= 0:
+            raise ConfigError("ack_wait and retry_delay must be > 0")
+        await self._context()
+        assert self._connection is not None
+        try:
+            channel = await self._connection.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=self._prefetch)
+            queue = await self._group_queue(channel, subject, group)
+        except _DRIVER_ERRORS as exc:
+            raise BrokerUnavailable(
+                f"cannot set up group {group!r} on {subject!r}: {_reason(exc)}"
+            ) from exc
+        subscription = RabbitSubscription(channel)
+        consumer = _Consumer(self, queue, subject, group, handler, max_deliver, retry_delay)
+        subscription._task = asyncio.create_task(consumer.run(subscription))
+        self._subscriptions.append(subscription)
+        return subscription
+
+    async def _group_queue(
+        self, channel: AbstractChannel, subject: str, group: str
+    ) -> AbstractQueue:
+        name = queue_name(group, subject)
+        queue = await channel.declare_queue(
+            name, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await queue.bind(self.exchange_name, routing_key=binding_key(subject))
+        self._remember(name)
+        return queue
+
+    async def _retry_queue(self, queue: str, delay: float) -> str:
+        """The retry queue of ``queue`` for ``delay`` seconds (declared on first use)."""
+        name = f"{queue}.retry.{round(delay * 1000)}"
+        if name in self._declared:
+            return name
+        channel, _ = await self._context()
+        arguments: dict[str, Any] = {
+            "x-queue-type": "quorum",
+            "x-message-ttl": max(1, round(delay * 1000)),
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": queue,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+        await channel.declare_queue(name, durable=True, arguments=arguments)
+        self._remember(name)
+        return name
+
+    async def _retry(
+        self, msg: AbstractIncomingMessage, queue: str, subject: str, attempt: int, delay: float
+    ) -> None:
+        target = await self._retry_queue(queue, delay)
+        headers = {**_carried(msg), SUBJECT: subject, RETRIES: str(attempt)}
+        await self._to_queue(target, _copy(msg, headers), f"retry of {msg.message_id}")
+
+    async def _dead_letter(
+        self, msg: AbstractIncomingMessage, subject: str, group: str, error: str, attempts: int
+    ) -> None:
+        headers = {
+            **_carried(msg),
+            DLQ_SUBJECT: subject,
+            DLQ_GROUP: group,
+            DLQ_ERROR: error[:1000],
+            DLQ_ATTEMPTS: str(attempts),
+            DLQ_AT: repr(time.time()),
+        }
+        await self._to_queue(self.dead_letter_queue, _copy(msg, headers), "a dead letter")
+
+    # --- dead letters ----------------------------------------------------------------
+
+    async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
+        letters = await self._read_dead_letters()
+        return [_letter(offset, body, headers) for offset, body, headers in letters[:limit]]
+
+    async def replay_dead_letter(self, key: str) -> None:
+        found = next((x for x in await self._read_dead_letters() if str(x[0]) == key), None)
+        if found is None:
+            raise MessagingError(f"no dead letter with key {key!r} in {self.dead_letter_queue}")
+        _, body, headers = found
+        subject = str(headers[DLQ_SUBJECT])
+        carried = {k: v for k, v in headers.items() if k not in _OURS}
+        amqp = aio_pika.Message(
+            body,
+            headers=carried,
+            message_id=str(headers.get(MSG_ID, "")) or None,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        _, exchange = await self._context()
+        await self._confirmed(exchange, amqp, subject, f"replay of dead letter {key}")
+        tombstone = aio_pika.Message(
+            b"", headers={_TOMBSTONE: key}, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        )
+        await self._to_queue(self.dead_letter_queue, tombstone, f"tombstone of {key}")
+
+    async def _read_dead_letters(self) -> list[tuple[int, bytes, dict[str, Any]]]:
+        """The live letters of the stream, oldest first: read up to a fresh end marker."""
+        marker = uuid.uuid4().hex
+        end = aio_pika.Message(b"", headers={_END: marker})
+        await self._to_queue(self.dead_letter_queue, end, "a dead-letter end marker")
+        assert self._connection is not None
+        try:
+            channel = await self._connection.channel(publisher_confirms=False)
+        except _DRIVER_ERRORS as exc:
+            raise BrokerUnavailable(
+                f"cannot read {self.dead_letter_queue}: {_reason(exc)}"
+            ) from exc
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await _read_stream(channel, self.dead_letter_queue, marker)
+        except TimeoutError as exc:
+            raise BrokerUnavailable(
+                f"reading {self.dead_letter_queue} took over {self._timeout} s"
+            ) from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+
+async def _read_stream(
+    channel: AbstractChannel, name: str, marker: str
+) -> list[tuple[int, bytes, dict[str, Any]]]:
+    # A plain consumer, not ``queue.iterator()``: leaving an iterator early nacks what
+    # it prefetched, and a stream answers a nack by closing the connection.
+    await channel.set_qos(prefetch_count=500)
+    queue = await channel.get_queue(name, ensure=False)
+    inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+    async def take(msg: AbstractIncomingMessage) -> None:
+        await msg.ack()
+        inbox.put_nowait(msg)
+
+    tag = await queue.consume(take, arguments={"x-stream-offset": "first"})
+    letters: dict[int, tuple[int, bytes, dict[str, Any]]] = {}
+    replayed: set[str] = set()
+    try:
+        while (msg := await inbox.get()).headers.get(_END) != marker:
+            headers = dict(msg.headers or {})
+            offset = _int(headers.get("x-stream-offset"))
+            if _TOMBSTONE in headers:
+                replayed.add(str(headers[_TOMBSTONE]))
+            elif DLQ_SUBJECT in headers:
+                letters[offset] = (offset, msg.body, headers)
+    finally:
+        with contextlib.suppress(Exception):
+            await queue.cancel(tag)
+    return [letter for offset, letter in sorted(letters.items()) if str(offset) not in replayed]
+
+
+class _Consumer:
+    """The receive-handle-settle loop of one subscription."""
+
+    def __init__(
+        self,
+        broker: RabbitBroker,
+        queue: AbstractQueue,
+        subject: str,
+        group: str,
+        handler: Handler,
+        max_deliver: int,
+        retry_delay: float,
+    ) -> None:
+        self.broker, self.queue, self.subject, self.group = broker, queue, subject, group
+        self.handler, self.max_deliver, self.retry_delay = handler, max_deliver, retry_delay
+
+    async def run(self, subscription: RabbitSubscription) -> None:
+        async with self.queue.iterator() as messages:
+            async for msg in messages:
+                subscription._idle.clear()
+                try:
+                    await self._handle(msg, subscription.stats)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # settling failed: the channel gives it back later
+                    log.exception(
+                        "consumer %s on %s: message left for redelivery", self.group, self.subject
+                    )
+                finally:
+                    subscription._idle.set()
+
+    async def _handle(self, msg: AbstractIncomingMessage, stats: SubscriptionStats) -> None:
+        stats.delivered += 1
+        headers = msg.headers or {}
+        attempt = 1 + _int(headers.get(RETRIES)) + _int(headers.get("x-delivery-count"))
+        subject = str(headers.get(SUBJECT) or msg.routing_key or self.subject)
+        try:
+            message = decode(msg.body, _user_headers(msg), fallback_id=msg.message_id or "")
+            await self.handler(Delivery(message, subject, self.group, attempt))
+        except (InvalidMessage, PoisonMessage) as exc:
+            await self._give_up(msg, stats, subject, f"{type(exc).__name__}: {exc}", attempt)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            name = type(exc).__name__
+            stats.errors[name] = stats.errors.get(name, 0) + 1
+            if attempt >= self.max_deliver:
+                await self._give_up(msg, stats, subject, f"{name}: {exc}", attempt)
+                return
+            delay = min(self.retry_delay * 2 ** (attempt - 1), _MAX_DELAY)
+            await self.broker._retry(msg, self.queue.name, subject, attempt, delay)
+            await msg.ack()
+            stats.retried += 1
+            return
+        await msg.ack()
+        stats.acked += 1
+
+    async def _give_up(
+        self,
+        msg: AbstractIncomingMessage,
+        stats: SubscriptionStats,
+        subject: str,
+        reason: str,
+        attempt: int,
+    ) -> None:
+        await self.broker._dead_letter(msg, subject, self.group, reason, attempt)
+        await msg.ack()
+        stats.dead_lettered += 1
+        log.warning("dead-lettered a message on %s for %s: %s", subject, self.group, reason)
+
+
+def _amqp_message(message: Message, extra: Mapping[str, str] | None) -> aio_pika.Message:
+    body, headers = encode(message)
+    if extra:
+        headers.update(extra)
+    return aio_pika.Message(
+        body,
+        headers=dict(headers),
+        message_id=message.id,
+        correlation_id=message.flow,
+        type=message.type,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+def _carried(msg: AbstractIncomingMessage) -> dict[str, Any]:
+    """The headers a message keeps when re-published (not the broker's own)."""
+    return {k: v for k, v in (msg.headers or {}).items() if not _broker_header(k)}
+
+
+def _broker_header(key: str) -> bool:
+    return key in _BROKER_HEADERS or key.startswith(("x-first-death", "x-last-death"))
+
+
+def _user_headers(msg: AbstractIncomingMessage) -> dict[str, str]:
+    """The string headers ``decode`` should see: no broker or seamwork bookkeeping."""
+    return {
+        k: v
+        for k, v in (msg.headers or {}).items()
+        if isinstance(v, str) and k not in _OURS and not _broker_header(k)
+    }
+
+
+def _copy(msg: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    return aio_pika.Message(
+        msg.body,
+        headers=headers,
+        message_id=msg.message_id,
+        correlation_id=msg.correlation_id,
+        type=msg.type,
+        content_type=msg.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+def _letter(offset: int, body: bytes, headers: Mapping[str, Any]) -> DeadLetter:
+    text = {k: v for k, v in headers.items() if isinstance(v, str)}
+    user = {k: v for k, v in text.items() if k not in _OURS and not _broker_header(k)}
+    try:
+        message = decode(body, user, fallback_id=f"dlq-{offset}")
+    except InvalidMessage:
+        message = Message(text.get(TYPE) or "?", {"raw": body.decode(errors="replace")})
+    return DeadLetter(
+        key=str(offset),
+        subject=text.get(DLQ_SUBJECT, "?"),
+        group=text.get(DLQ_GROUP, "?"),
+        message=message,
+        error=text.get(DLQ_ERROR, ""),
+        attempts=_int(text.get(DLQ_ATTEMPTS)),
+        dead_lettered_at=float(text.get(DLQ_AT, "0") or 0),
+    )
+
+
+def _int(value: object) -> int:
+    try:
+        return int(str(value)) if value is not None else 0
+    except ValueError:
+        return 0
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}@{host}"
+
+
+__all__ = ["RabbitBroker", "RabbitSubscription", "binding_key", "queue_name"]
