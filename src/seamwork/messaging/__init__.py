@@ -7,7 +7,15 @@ has adapters for NATS JetStream and RabbitMQ in ``seamwork.brokers``.
 
 from seamwork.errors import BrokerUnavailable, InvalidMessage, MessagingError, PublishError
 from seamwork.messaging._message import Message, decode, encode
-from seamwork.messaging._outbox import Inbox, Outbox, OutboxRecord, OutboxRelay, Transaction
+from seamwork.messaging._outbox import (
+    Inbox,
+    InboxBatch,
+    InboxHandler,
+    Outbox,
+    OutboxRecord,
+    OutboxRelay,
+    Transaction,
+)
 from seamwork.messaging._ports import (
     Broker,
     DeadLetter,
@@ -25,6 +33,8 @@ __all__ = [
     "Delivery",
     "Handler",
     "Inbox",
+    "InboxBatch",
+    "InboxHandler",
     "InvalidMessage",
     "Message",
     "MessagingError",

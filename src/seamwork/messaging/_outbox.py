@@ -12,6 +12,12 @@ Inbox. A consumer records each message id in the same transaction as the message
 effect (``inbox.handler(fn)``); a redelivered message finds its id and applies
 nothing. The broker is acknowledged only after that commit.
 
+Batches. A broker that fetches several messages at once hands them to
+``InboxHandler.batch``: the whole batch is applied in ONE transaction (one commit,
+one fsync) with a savepoint per message, in delivery order. A message whose handler
+raises is rolled back to its savepoint alone and reported back, so the broker
+retries or dead-letters it; the others commit, and are acknowledged after the commit.
+
 The adapters (``seamwork.storage``) are loaded on first use, so this core imports
 no driver.
 """
@@ -33,7 +39,7 @@ from typing import Any, Protocol, Self
 
 from seamwork.errors import ConfigError
 from seamwork.messaging._message import Message
-from seamwork.messaging._ports import Broker, Delivery, Handler, PoisonMessage
+from seamwork.messaging._ports import Broker, Delivery, PoisonMessage
 
 log = logging.getLogger("seamwork.messaging")
 
@@ -47,6 +53,18 @@ class Transaction(Protocol):
 
     async def publish(self, subject: str, message: Message) -> None:
         """Queue ``message`` for ``subject``; it is sent only if the transaction commits."""
+        ...
+
+
+class InboxBatch(Protocol):
+    """One transaction applying a batch of messages (an adapter's side of ``batch``)."""
+
+    async def apply(
+        self, message: Message, fn: Callable[[Message, Transaction], Awaitable[None]]
+    ) -> BaseException | None:
+        """Run ``fn(message, tx)`` in its own savepoint unless ``message``'s id was
+        applied before (or earlier in this batch); returns the error it raised, after
+        rolling back its statements, or None."""
         ...
 
 
@@ -152,31 +170,91 @@ class Inbox(ABC):
     @abstractmethod
     async def aclose(self) -> None: ...
 
+    def _batch(self, messages: Sequence[Message]) -> AbstractAsyncContextManager[InboxBatch]:
+        """One transaction for ``messages``; committed when the block exits cleanly.
+
+        Adapters override this; the default raises ``NotImplementedError`` and
+        ``InboxHandler.batch`` then applies the messages one transaction each.
+        """
+        raise NotImplementedError
+
     def handler(
         self,
         fn: Callable[[Message, Transaction], Awaitable[None]],
         *,
         types: Collection[str] | None = None,
-    ) -> Handler:
+    ) -> InboxHandler:
         """A broker handler running ``fn(message, tx)`` at most once per message id.
 
         ``types`` declares the message types ``fn`` handles; any other type is
         dead-lettered at once (it would fail the same way on every retry).
         """
-        accepted = frozenset(types) if types is not None else None
+        return InboxHandler(self, fn, types)
 
-        async def handle(delivery: Delivery) -> None:
-            message = delivery.message
-            if accepted is not None and message.type not in accepted:
-                raise PoisonMessage(
-                    f"no handler for message type {message.type!r} on {delivery.subject} "
-                    f"(declared: {', '.join(sorted(accepted))})"
-                )
-            async with self._transaction(message) as tx:
-                if tx is not None:
-                    await fn(message, tx)
 
-        return handle
+class InboxHandler:
+    """The broker handler ``Inbox.handler`` builds: ``await h(delivery)`` for one
+    message, ``await h.batch(deliveries)`` for a fetched batch in one transaction."""
+
+    def __init__(
+        self,
+        inbox: Inbox,
+        fn: Callable[[Message, Transaction], Awaitable[None]],
+        types: Collection[str] | None,
+    ) -> None:
+        self.inbox = inbox
+        self.fn = fn
+        self.types = frozenset(types) if types is not None else None
+
+    def __repr__(self) -> str:
+        return f"InboxHandler({self.inbox!r}, {getattr(self.fn, '__name__', self.fn)!r})"
+
+    def _undeclared(self, delivery: Delivery) -> PoisonMessage | None:
+        if self.types is None or delivery.message.type in self.types:
+            return None
+        return PoisonMessage(
+            f"no handler for message type {delivery.message.type!r} on {delivery.subject} "
+            f"(declared: {', '.join(sorted(self.types))})"
+        )
+
+    async def __call__(self, delivery: Delivery) -> None:
+        undeclared = self._undeclared(delivery)
+        if undeclared is not None:
+            raise undeclared
+        async with self.inbox._transaction(delivery.message) as tx:
+            if tx is not None:
+                await self.fn(delivery.message, tx)
+
+    async def batch(self, deliveries: Sequence[Delivery]) -> builtins.list[BaseException | None]:
+        """Apply ``deliveries`` in order in ONE transaction, a savepoint per message.
+
+        Returns one outcome per delivery: None (applied now or before: acknowledge
+        it) or the error its handler raised (its statements rolled back alone: retry
+        or dead-letter it). Returns only after the commit; if the commit fails, this
+        raises and no delivery may be acknowledged.
+        """
+        outcomes: builtins.list[BaseException | None] = [self._undeclared(d) for d in deliveries]
+        todo = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        if not todo:
+            return outcomes
+        try:
+            transaction = self.inbox._batch([deliveries[i].message for i in todo])
+        except NotImplementedError:
+            for i in todo:
+                outcomes[i] = await _outcome(self(deliveries[i]))
+            return outcomes
+        async with transaction as batch:
+            for i in todo:
+                outcomes[i] = await batch.apply(deliveries[i].message, self.fn)
+        return outcomes
+
+
+async def _outcome(call: Awaitable[None]) -> BaseException | None:
+    try:
+        await call
+    except Exception as exc:
+        return exc
+    return None
 
 
 class OutboxRelay:

@@ -5,6 +5,13 @@ handler's effects, the id of the message it handled and the messages it sends ne
 commit together. Transactions are interactive sessions on the writer thread (see
 ``_sqlite_session``); the inbox check and the final inserts ride on the session's
 first and last round trip.
+
+A batch of inbox messages shares one session: the ids already handled are read
+when it opens, each message runs inside a savepoint opened by its first statement
+(released by the next message's first statement, or at commit), and the handled
+ids and queued messages are inserted by the last round trip. The handlers'
+statements run on the event loop's thread while the writer thread is parked in the
+session (``Session.run_here``): a batch costs two round trips, not two per message.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import asyncio
 import builtins
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,7 +28,7 @@ from typing import Any
 from seamwork._core.codec import dumps, loads
 from seamwork.errors import ConfigError, StoreError
 from seamwork.messaging._message import Message, encode
-from seamwork.messaging._outbox import Inbox, Outbox, OutboxRecord
+from seamwork.messaging._outbox import Inbox, Outbox, OutboxRecord, Transaction
 from seamwork.storage._sqlite_session import Session, in_session, session
 from seamwork.storage._sqlite_writer import Migration, SQLiteWriter, Synchronous
 
@@ -54,6 +61,7 @@ MESSAGING_MIGRATIONS = (
     ),
 )
 
+_INSERT_INBOX = "INSERT INTO seamwork_inbox (id, type, received_at) VALUES (?, ?, ?)"
 _INSERT_OUTBOX = (
     "INSERT INTO seamwork_outbox (id, subject, type, data, correlation_id, causation_id, "
     "headers, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -273,10 +281,7 @@ class SQLiteInbox(Inbox):
         def record(conn: sqlite3.Connection) -> None:
             if not holder:
                 return
-            conn.execute(
-                "INSERT INTO seamwork_inbox (id, type, received_at) VALUES (?, ?, ?)",
-                (message.id, message.type, time.time()),
-            )
+            conn.execute(_INSERT_INBOX, (message.id, message.type, time.time()))
             if holder[0].rows:
                 conn.executemany(_INSERT_OUTBOX, holder[0].rows)
 
@@ -289,6 +294,106 @@ class SQLiteInbox(Inbox):
             yield tx
         if tx.rows:
             self.store.notify()
+
+    @asynccontextmanager
+    async def _batch(self, messages: Sequence[Message]) -> AsyncIterator[_InboxBatch]:
+        await self.store.ensure_open()
+        ids = [m.id for m in messages]
+        holder: list[_InboxBatch] = []
+
+        def seen(conn: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                query = f"SELECT id FROM seamwork_inbox WHERE id IN ({','.join('?' * len(chunk))})"
+                found.update(row[0] for row in conn.execute(query, chunk))
+            return found
+
+        def record(conn: sqlite3.Connection) -> None:
+            if holder:
+                holder[0].finish(conn)
+
+        async with session(self.store.writer, on_open=seen, on_commit=record) as open_session:
+            batch = _InboxBatch(open_session, open_session.opening)
+            holder.append(batch)
+            yield batch
+        if batch.outbox_rows:
+            self.store.notify()
+
+
+class _InboxBatch:
+    """``InboxBatch`` on an open session: one savepoint per applied message."""
+
+    def __init__(self, session: Session, seen: set[str]) -> None:
+        self._session = session
+        self._seen = seen
+        self._savepoint = False
+        """A savepoint of an earlier message is still open (released lazily)."""
+        self.inbox_rows: list[Row] = []
+        self.outbox_rows: list[Row] = []
+
+    async def apply(
+        self, message: Message, fn: Callable[[Message, Transaction], Awaitable[None]]
+    ) -> BaseException | None:
+        if message.id in self._seen:
+            return None
+        tx = _SavepointTransaction(self)
+        try:
+            await fn(message, tx)
+        except Exception as exc:
+            if tx.opened:
+                self._session.run_here(_rollback_savepoint)
+                self._savepoint = False
+            return exc
+        self._seen.add(message.id)
+        self.inbox_rows.append((message.id, message.type, time.time()))
+        self.outbox_rows.extend(tx.rows)
+        return None
+
+    async def first(self, sql: str, params: Sequence[Any]) -> builtins.list[Row]:
+        """A message's first statement, opening its savepoint in the same round trip."""
+        release = self._savepoint
+        self._savepoint = True
+
+        def run(conn: sqlite3.Connection) -> builtins.list[Row]:
+            if release:
+                conn.execute("RELEASE seamwork_message")
+            conn.execute("SAVEPOINT seamwork_message")
+            return conn.execute(sql, tuple(params)).fetchall()
+
+        return self._session.run_here(run)
+
+    async def execute(self, sql: str, params: Sequence[Any]) -> builtins.list[Row]:
+        return self._session.run_here(lambda conn: conn.execute(sql, tuple(params)).fetchall())
+
+    def finish(self, conn: sqlite3.Connection) -> None:
+        """On the writer thread, last: release the savepoint, record ids and messages."""
+        if self._savepoint:
+            conn.execute("RELEASE seamwork_message")
+        if self.inbox_rows:
+            conn.executemany(_INSERT_INBOX, self.inbox_rows)
+        if self.outbox_rows:
+            conn.executemany(_INSERT_OUTBOX, self.outbox_rows)
+
+
+class _SavepointTransaction(_Transaction):
+    """The ``tx`` of one message in a batch: its first statement opens its savepoint."""
+
+    def __init__(self, batch: _InboxBatch) -> None:
+        self.rows: list[Row] = []
+        self._batch = batch
+        self.opened = False
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Row]:
+        if self.opened:
+            return await self._batch.execute(sql, params)
+        self.opened = True
+        return await self._batch.first(sql, params)
+
+
+def _rollback_savepoint(conn: sqlite3.Connection) -> None:
+    conn.execute("ROLLBACK TO seamwork_message")
+    conn.execute("RELEASE seamwork_message")
 
 
 def _record(row: Row) -> OutboxRecord:
