@@ -7,10 +7,14 @@ row says otherwise) in the same run, on the same machine:
   ``EventStore.postgres`` (gap-safe ``$all``: positions by transaction id);
 * ``eventsourcing`` 9.x (PyPI ``eventsourcing``, ``pip install 'seamwork[bench]'``):
   its application recorder (the one with a notification log, i.e. a ``$all``) on
-  SQLite (WAL, the driver's default ``synchronous=FULL``) and PostgreSQL; it has no
-  asyncio API, so concurrent writers are threads;
+  SQLite (WAL, the driver's default ``synchronous=FULL``) and PostgreSQL, given
+  stored events (JSON-encoded in the loop, as seamwork encodes ``NewEvent`` data);
+  it has no asyncio API, so concurrent writers are threads;
 * the floor: plain ``sqlite3`` / ``psycopg`` inserting the same rows into a table
-  with the same indexes, one commit per append, no version check at all.
+  with the same indexes, one commit per append (on PostgreSQL one autocommit
+  multi-row INSERT), no version check at all. SQLite serializes writers, so the
+  floor of the 64-appender row is the sequential one; on PostgreSQL the 4-writer
+  floor is 4 threads with a connection each.
 
 Targets (issue 4) are printed next to seamwork's figure. A database (PostgreSQL) and
 a temporary directory (SQLite) unique to the run are created and dropped.
@@ -85,7 +89,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
 
 
-def event(i: int = 0) -> NewEvent:
+def event() -> NewEvent:
     return NewEvent("OrderPlaced", DATA)
 
 
@@ -94,10 +98,9 @@ def event(i: int = 0) -> NewEvent:
 
 async def sequential(store: EventStore, n: int, per_append: int = 1) -> float:
     appends = n // per_append
-    batch = [event() for _ in range(per_append)]
     started = time.perf_counter()
     for i in range(appends):
-        await store.append(f"seq-{i % 100}", [NewEvent("OrderPlaced", DATA) for _ in batch])
+        await store.append(f"seq-{i % 100}", [event() for _ in range(per_append)])
     return appends * per_append / (time.perf_counter() - started)
 
 
@@ -303,37 +306,47 @@ def floor_sqlite_read(path: Path) -> float:
     return rate
 
 
-def floor_pg(dsn: str, n: int, per_append: int = 1) -> float:
+def floor_pg(dsn: str, n: int, per_append: int = 1, writers: int = 1) -> float:
+    """One autocommit multi-row INSERT per append (one round trip, one commit each),
+    from ``writers`` threads with a connection each."""
     import psycopg
 
-    with psycopg.connect(dsn) as conn:
+    table = f"floor_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
-            "CREATE TABLE floor_events (position bigserial PRIMARY KEY, stream text NOT NULL, "
+            f"CREATE TABLE {table} (position bigserial PRIMARY KEY, stream text NOT NULL, "
             "version bigint NOT NULL, id text NOT NULL UNIQUE, type text NOT NULL, "
             "data jsonb NOT NULL, recorded_at double precision NOT NULL, "
-            "UNIQUE (stream, version))"
+            "UNIQUE (stream, version))".encode()
         )
-        conn.commit()
+    values = ", ".join(["(%s, %s, %s, %s, %s, %s)"] * per_append)
+    sql = (
+        f"INSERT INTO {table} (stream, version, id, type, data, recorded_at) VALUES {values}"
+    ).encode()
+    appends = n // per_append // writers
+
+    def work(w: int) -> None:
         versions: dict[str, int] = {}
-        started = time.perf_counter()
-        for i in range(n // per_append):
-            stream = f"seq-{i % 100}"
-            v = versions.get(stream, -1)
-            rows = [
-                (stream, v + 1 + k, str(uuid.uuid4()), "OrderPlaced", DATA_TEXT, time.time())
-                for k in range(per_append)
-            ]
-            versions[stream] = v + per_append
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO floor_events (stream, version, id, type, data, recorded_at) "
-                    "VALUES (%s, %s, %s, %s, %s, %s)",
-                    rows,
-                )
-            conn.commit()
-        rate = (n // per_append) * per_append / (time.perf_counter() - started)
-        conn.execute("DROP TABLE floor_events")
-        conn.commit()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for i in range(appends):
+                stream = f"w{w}-{i % 100}"
+                v = versions.get(stream, -1)
+                params: list[Any] = []
+                for k in range(per_append):
+                    params += [stream, v + 1 + k, str(uuid.uuid4()), "OrderPlaced", DATA_TEXT]
+                    params.append(time.time())
+                versions[stream] = v + per_append
+                conn.execute(sql, params)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(writers)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    rate = appends * per_append * writers / (time.perf_counter() - started)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE {table}".encode())
     return rate
 
 
@@ -353,8 +366,10 @@ def es_recorder(env: dict[str, str]) -> Any:
 def es_events(stream: uuid.UUID, first: int, count: int) -> list[Any]:
     from eventsourcing.persistence import StoredEvent
 
-    state = DATA_TEXT.encode()
-    return [StoredEvent(stream, first + k, "bench:OrderPlaced", state) for k in range(count)]
+    return [
+        StoredEvent(stream, first + k, "bench:OrderPlaced", json.dumps(DATA).encode())
+        for k in range(count)
+    ]
 
 
 def es_write(recorder: Any, n: int, per_append: int = 1, writers: int = 1) -> float:
@@ -416,7 +431,7 @@ async def run_sqlite(tmp: Path, rows: dict[str, Row], n: int, peers: bool) -> No
 
     async with EventStore.sqlite(path("seq")) as store:
         rows["sq_seq"].seamwork = await sequential(store, n)
-    rows["sq_seq"].floor = floor_sqlite(path("floor"), n)
+    rows["sq_seq"].floor = rows["sq_conc"].floor = floor_sqlite(path("floor"), n)
     async with EventStore.sqlite(path("conc")) as store:
         rows["sq_conc"].seamwork = await concurrent(store, n * 10, 64)
     async with EventStore.sqlite(path("b100")) as store:
@@ -462,6 +477,7 @@ async def run_postgres(rows: dict[str, Row], n: int, peers: bool) -> None:
         rows["pg_w4"].seamwork = await separate_writers(
             lambda: EventStore.postgres(dsn("w4")), n * 2, 4
         )
+        rows["pg_w4"].floor = floor_pg(base, n * 2, writers=4)
         async with EventStore.postgres(dsn("b100")) as store:
             rows["pg_b100"].seamwork = await sequential(store, n * 20, per_append=100)
         rows["pg_b100"].floor = floor_pg(base, n * 20, per_append=100)

@@ -68,6 +68,7 @@ class _Op:
 
 
 _STOP = object()
+_COALESCE_CHUNK = 32
 
 
 class SQLiteWriter:
@@ -186,6 +187,9 @@ class SQLiteWriter:
                 loop.call_soon(self._flush)
             elif pending[0].loop is loop:
                 pending.append(op)
+                if len(pending) >= _COALESCE_CHUNK:  # let the thread start on these
+                    self._pending = None
+                    self._queue.put(pending)
             else:  # another event loop: not worth coalescing
                 self._queue.put(op)
         return future
