@@ -170,6 +170,18 @@ class Inbox(ABC):
     @abstractmethod
     async def aclose(self) -> None: ...
 
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
     def _batch(self, messages: Sequence[Message]) -> AbstractAsyncContextManager[InboxBatch]:
         """One transaction for ``messages``; committed when the block exits cleanly.
 

@@ -1,0 +1,316 @@
+"""Outbox, relay and inbox on real SQLite files and a real (embedded) nats-server."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import nats
+import pytest
+
+from seamwork.brokers import EmbeddedNats, NatsBroker
+from seamwork.errors import InvalidMessage
+from seamwork.messaging import (
+    Broker,
+    DeadLetter,
+    Delivery,
+    Inbox,
+    Message,
+    Outbox,
+    OutboxRelay,
+    Transaction,
+)
+from seamwork.testing.broker import eventually, until
+
+
+class RelayCrashed(Exception):
+    """Stands for the relay process dying right after the broker acknowledged."""
+
+
+class CrashAfterAck:
+    """A broker that stores the batch, then 'dies' before the relay marks it sent."""
+
+    def __init__(self, broker: NatsBroker) -> None:
+        self.broker = broker
+
+    async def publish_batch(self, items: Sequence[tuple[str, Message]]) -> None:
+        await self.broker.publish_batch(items)
+        raise RelayCrashed
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[EmbeddedNats]:
+    async with EmbeddedNats() as embedded:
+        yield embedded
+
+
+@pytest.fixture
+async def broker(server: EmbeddedNats) -> AsyncIterator[NatsBroker]:
+    broker = NatsBroker(server.url)
+    yield broker
+    await broker.aclose()
+
+
+@pytest.fixture
+async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
+    async with Outbox.sqlite(tmp_path / "orders.db") as box:
+        async with box.transaction() as tx:
+            await tx.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+        yield box
+
+
+@pytest.fixture
+async def inbox(tmp_path: Path) -> AsyncIterator[Inbox]:
+    async with Inbox.sqlite(tmp_path / "payments.db") as box:
+        async with box._transaction(Message("Setup")) as tx:
+            assert tx is not None
+            await tx.execute("CREATE TABLE effects (n INTEGER, message_id TEXT)")
+        yield box
+
+
+def subject(name: str = "created") -> str:
+    return f"t{uuid.uuid4().hex[:10]}.{name}"
+
+
+def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute(sql).fetchall()
+
+
+async def record_effect(message: Message, tx: Transaction) -> None:
+    await tx.execute(
+        "INSERT INTO effects (n, message_id) VALUES (?, ?)", (message.data["n"], message.id)
+    )
+
+
+async def stored(broker: NatsBroker, subject: str) -> int:
+    _, js = await broker._context()
+    info = await js.stream_info(await broker.ensure_stream(subject))
+    return int(info.state.messages)
+
+
+async def dead_letter_of(broker: Broker, subject: str) -> DeadLetter:
+    async def probe() -> DeadLetter | None:
+        return next((x for x in await broker.dead_letters() if x.subject == subject), None)
+
+    return await until(probe)
+
+
+# --- outbox -----------------------------------------------------------------------------
+
+
+async def test_an_outbox_row_commits_with_the_services_own_write(
+    outbox: Outbox, tmp_path: Path
+) -> None:
+    async with outbox.transaction() as tx:
+        await tx.execute("INSERT INTO orders (id) VALUES (?)", (42,))
+        await tx.publish("orders.created", Message("OrderCreated", {"order_id": 42}))
+    assert rows(tmp_path / "orders.db", "SELECT id FROM orders") == [(42,)]
+    assert await outbox.pending_count() == 1
+    (record,) = await outbox.pending(10)
+    assert (record.subject, record.message.type) == ("orders.created", "OrderCreated")
+
+
+async def test_an_exception_in_the_transaction_leaves_neither_the_row_nor_the_message(
+    outbox: Outbox, broker: NatsBroker, tmp_path: Path
+) -> None:
+    topic = subject()
+
+    async def place_order_then_fail() -> None:
+        async with outbox.transaction() as tx:
+            await tx.execute("INSERT INTO orders (id) VALUES (?)", (42,))
+            await tx.publish(topic, Message("OrderCreated", {"order_id": 42}))
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        await place_order_then_fail()
+    assert rows(tmp_path / "orders.db", "SELECT id FROM orders") == []
+    assert await outbox.pending_count() == 0
+    assert await OutboxRelay(outbox, broker).drain() == 0
+    assert await stored(broker, topic) == 0
+
+
+async def test_a_message_with_oversized_headers_is_refused_inside_the_transaction(
+    outbox: Outbox,
+) -> None:
+    async def place_order() -> None:
+        async with outbox.transaction() as tx:
+            await tx.execute("INSERT INTO orders (id) VALUES (1)")
+            await tx.publish("orders.created", Message("Big", headers={"x": "a" * 20_000}))
+
+    with pytest.raises(InvalidMessage, match="headers"):
+        await place_order()
+    assert await outbox.pending_count() == 0
+
+
+async def test_the_relay_publishes_in_order_and_marks_rows_sent(
+    outbox: Outbox, broker: NatsBroker
+) -> None:
+    topic = subject()
+    got: list[int] = []
+
+    async def collect(delivery: Delivery) -> None:
+        got.append(delivery.message.data["n"])
+
+    await broker.subscribe(topic, "ordered", collect)
+    for start in range(0, 60, 20):
+        async with outbox.transaction() as tx:
+            for n in range(start, start + 20):
+                await tx.publish(topic, Message("N", {"n": n}))
+    assert await outbox.pending_count() == 60
+    assert await OutboxRelay(outbox, broker, page_size=25).drain() == 60
+    assert await outbox.pending_count() == 0
+    await eventually(lambda: len(got) == 60)
+    assert got == list(range(60))
+
+
+async def test_a_relay_killed_between_ack_and_mark_sent_resends_and_the_copy_is_dropped(
+    outbox: Outbox, broker: NatsBroker, inbox: Inbox, tmp_path: Path
+) -> None:
+    topic = subject()
+    async with outbox.transaction() as tx:
+        for n in range(10):
+            await tx.publish(topic, Message("N", {"n": n}))
+    with pytest.raises(RelayCrashed):
+        await OutboxRelay(outbox, CrashAfterAck(broker)).drain()  # type: ignore[arg-type]
+    assert await outbox.pending_count() == 10  # stored by the broker, not marked sent
+    async with outbox.transaction() as tx:
+        for n in range(10, 15):
+            await tx.publish(topic, Message("N", {"n": n}))
+    assert await OutboxRelay(outbox, broker).drain() == 15
+    assert await stored(broker, topic) == 15  # the ten re-sent were dropped by id
+    await broker.subscribe(topic, "effects", inbox.handler(record_effect))
+    db = tmp_path / "payments.db"
+    await eventually(lambda: len(rows(db, "SELECT n FROM effects")) == 15)
+    assert rows(db, "SELECT n FROM effects ORDER BY rowid") == [(n,) for n in range(15)]
+
+
+async def test_purge_sent_deletes_old_sent_rows_and_resend_since_replays_them(
+    outbox: Outbox, broker: NatsBroker
+) -> None:
+    topic = subject()
+    async with outbox.transaction() as tx:
+        for n in range(5):
+            await tx.publish(topic, Message("N", {"n": n}))
+    before = time.time()
+    await OutboxRelay(outbox, broker).drain()
+    async with outbox.transaction() as tx:
+        await tx.publish(topic, Message("N", {"n": 5}))
+    assert await outbox.resend_since(before) == 5  # after broker data loss
+    assert await outbox.pending_count() == 6
+    assert await OutboxRelay(outbox, broker).drain() == 6
+    assert await stored(broker, topic) == 6
+    assert await outbox.purge_sent(before) == 0  # sent after `before`: kept
+    assert await outbox.purge_sent(time.time() + 1) == 6
+    assert await outbox.resend_since(0) == 0
+    assert await outbox.pending_count() == 0
+
+
+# --- inbox ------------------------------------------------------------------------------
+
+
+async def test_the_inbox_applies_a_redelivered_message_once(
+    inbox: Inbox, broker: NatsBroker, tmp_path: Path
+) -> None:
+    topic = subject()
+    handler = inbox.handler(record_effect)
+    message = Message("N", {"n": 7})
+    delivery = Delivery(message, topic, "g")
+    await handler(delivery)
+    await handler(Delivery(message, topic, "g", attempt=2))
+    assert await handler.batch([delivery, delivery]) == [None, None]
+    # the broker delivers two copies (stored twice under different broker ids)
+    await broker.subscribe(topic, "g", handler)
+    await broker.publish(topic, message, headers={"Nats-Msg-Id": "copy-1"})
+    await broker.publish(topic, message, headers={"Nats-Msg-Id": "copy-2"})
+    await broker.publish(topic, Message("N", {"n": 8}))
+    db = tmp_path / "payments.db"
+    await eventually(lambda: len(rows(db, "SELECT n FROM effects")) == 2)
+    assert rows(db, "SELECT n FROM effects ORDER BY rowid") == [(7,), (8,)]
+    assert await inbox.seen(message.id)
+
+
+async def test_a_failing_message_in_a_batch_rolls_back_alone(inbox: Inbox, tmp_path: Path) -> None:
+    async def apply(message: Message, tx: Transaction) -> None:
+        await record_effect(message, tx)
+        if message.data["n"] == 2:
+            raise ConnectionError("downstream busy")
+
+    handler = inbox.handler(apply)
+    batch = [Delivery(Message("N", {"n": n}), "s", "g") for n in range(1, 4)]
+    outcomes = await handler.batch(batch)
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], ConnectionError)
+    assert outcomes[2] is None
+    db = tmp_path / "payments.db"
+    assert rows(db, "SELECT n FROM effects ORDER BY rowid") == [(1,), (3,)]
+    assert not await inbox.seen(batch[1].message.id)
+    assert await inbox.handler(record_effect).batch([batch[1], batch[0]]) == [None, None]
+    assert rows(db, "SELECT n FROM effects ORDER BY rowid") == [(1,), (3,), (2,)]
+
+
+async def test_an_undeclared_message_type_is_dead_lettered_and_the_rest_flow(
+    inbox: Inbox, broker: NatsBroker, tmp_path: Path
+) -> None:
+    topic = subject()
+    handler = inbox.handler(record_effect, types={"N"})
+    await broker.subscribe(topic, "typed", handler)
+    stray = Message("Surprise", {"n": 0})
+    await broker.publish_batch([(topic, Message("N", {"n": 1})), (topic, stray)])
+    await broker.publish(topic, Message("N", {"n": 2}))
+    letter = await dead_letter_of(broker, topic)
+    assert letter.message.id == stray.id
+    assert "no handler for message type 'Surprise'" in letter.error
+    assert letter.attempts == 1
+    db = tmp_path / "payments.db"
+    await eventually(lambda: len(rows(db, "SELECT n FROM effects")) == 2)
+    assert not await inbox.seen(stray.id)
+
+
+async def test_a_body_that_is_not_json_is_dead_lettered_with_its_bytes_and_the_rest_flow(
+    inbox: Inbox, broker: NatsBroker, server: EmbeddedNats, tmp_path: Path
+) -> None:
+    topic = subject()
+    await broker.subscribe(topic, "json", inbox.handler(record_effect))
+    raw = await nats.connect(server.url)
+    try:
+        js = raw.jetstream()
+        headers = {"Seamwork-Type": "N", "Seamwork-Id": "bad-1", "Nats-Msg-Id": "bad-1"}
+        await js.publish(topic, b"{not json", headers=headers)
+    finally:
+        await raw.close()
+    await broker.publish_batch([(topic, Message("N", {"n": n})) for n in range(3)])
+    letter = await dead_letter_of(broker, topic)
+    assert "not valid JSON" in letter.error
+    assert letter.message.data == {"raw": "{not json"}  # nothing lost: the bytes are kept
+    db = tmp_path / "payments.db"
+    await eventually(lambda: len(rows(db, "SELECT n FROM effects")) == 3)
+
+
+async def test_a_follow_up_published_by_a_handler_is_sent_only_if_the_handler_commits(
+    outbox: Outbox,
+) -> None:
+    inbox = Inbox.of(outbox)
+
+    async def charge(message: Message, tx: Transaction) -> None:
+        await tx.execute("INSERT INTO orders (id) VALUES (?)", (message.data["order_id"],))
+        await tx.publish("payments.done", message.caused("PaymentProcessed", {"ok": True}))
+        if message.data["order_id"] == 2:
+            raise ConnectionError("card processor down")
+
+    handler = inbox.handler(charge)
+    ok, failing = Message("OrderCreated", {"order_id": 1}), Message("OrderCreated", {"order_id": 2})
+    with pytest.raises(ConnectionError):
+        await handler(Delivery(failing, "orders.created", "payments"))
+    assert await outbox.pending_count() == 0
+    outcomes = await handler.batch(
+        [Delivery(ok, "orders.created", "payments"), Delivery(failing, "orders.created", "p")]
+    )
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], ConnectionError)
+    (record,) = await outbox.pending(10)
+    assert record.message.type == "PaymentProcessed"
+    assert (record.message.correlation_id, record.message.causation_id) == (ok.id, ok.id)
