@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from seamwork._core.retry import Retry
 from seamwork.errors import SagaDefinitionError
@@ -20,8 +20,7 @@ Compensation = Callable[["StepContext"], Awaitable[object]]
 Condition = Callable[[Mapping[str, Any]], bool]
 
 
-@dataclass(frozen=True, slots=True)
-class StepContext:
+class StepContext(NamedTuple):
     """What a step (or its compensation) is given.
 
     Attributes:

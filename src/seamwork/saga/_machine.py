@@ -127,19 +127,28 @@ _FAILURE_EVENT: Mapping[FailureKind, str] = {
 class SagaMachine:
     """Transitions of one saga definition. Stateless: every call takes the state."""
 
-    __slots__ = ("saga",)
+    __slots__ = ("_fresh", "_unconditional", "saga")
 
     def __init__(self, saga: Saga) -> None:
         self.saga = saga
+        # Per stage: no step has a `when` (nothing to evaluate on entry), and the
+        # RunStage to return while none of its steps has finished (the common case).
+        self._unconditional = tuple(all(s.when is None for s in st) for st in saga.stages)
+        self._fresh = tuple(RunStage(i, st) for i, st in enumerate(saga.stages))
 
     # --- questions ----------------------------------------------------------------
 
     def next_action(self, state: SagaState) -> Action:
         """What the driver should do next for ``state``."""
         if state.status is RUNNING:
-            stage = self.saga.stages[state.current_step_index]
+            index = state.current_step_index
+            stage = self.saga.stages[index]
+            if len(stage) == 1 and self._unconditional[index]:
+                name = stage[0].name
+                if name not in state.completed_steps and name not in state.uncertain_steps:
+                    return self._fresh[index]
             done = {*state.completed_steps, *state.skipped_steps, *state.uncertain_steps}
-            return RunStage(state.current_step_index, tuple(s for s in stage if s.name not in done))
+            return RunStage(index, tuple(s for s in stage if s.name not in done))
         if state.status is COMPENSATING:
             pending = self._pending(state)
             if pending:
@@ -196,15 +205,22 @@ class SagaMachine:
         """``step`` completed; merge its result and advance when its stage is done."""
         _move(state, "advance")
         context = {**state.context, **result} if result else state.context
-        state = state.evolve(
-            completed_steps=(*state.completed_steps, step), context=context, updated_at=now
-        )
+        completed = (*state.completed_steps, step)
         events = [StepEvent(state.saga_id, now, "completed", step, self._attempt(state, step))]
         stage = self.saga.stages[state.current_step_index]
-        finished = {*state.completed_steps, *state.skipped_steps}
-        if all(s.name in finished for s in stage):
-            return self._enter_stage(state, state.current_step_index + 1, events, now)
-        return Transition(state, tuple(events))
+        if len(stage) > 1:
+            finished = {*completed, *state.skipped_steps}
+            if not all(s.name in finished for s in stage):
+                state = state.evolve(completed_steps=completed, context=context, updated_at=now)
+                return Transition(state, tuple(events))
+        return self._enter_stage(
+            state,
+            state.current_step_index + 1,
+            events,
+            now,
+            completed_steps=completed,
+            context=context,
+        )
 
     def attempt_failed(self, state: SagaState, failure: StepFailure, now: float) -> Transition:
         """An attempt failed and will be retried: record it, stay running."""
@@ -306,33 +322,42 @@ class SagaMachine:
         return Transition(state, tuple(events))
 
     def _enter_stage(
-        self, state: SagaState, index: int, events: list[StepEvent], now: float
+        self,
+        state: SagaState,
+        index: int,
+        events: list[StepEvent],
+        now: float,
+        **changes: Any,
     ) -> Transition:
         """Position the saga at the first stage from ``index`` with a step to run,
-        recording skipped steps; past the last stage the saga is completed."""
-        skipped: list[str] = []
+        recording skipped steps; past the last stage the saga is completed. ``changes``
+        ride along in the same (single) state copy - this runs on every step."""
+        context = changes.get("context", state.context)
         stages = self.saga.stages
+        skipped: list[str] = []
         while index < len(stages):
-            runnable = [s for s in stages[index] if s.when is None or s.when(state.context)]
-            skipped.extend(s.name for s in stages[index] if s not in runnable)
+            stage = stages[index]
+            if self._unconditional[index]:
+                break
+            runnable = [s for s in stage if s.when is None or s.when(context)]
+            skipped.extend(s.name for s in stage if s not in runnable)
             if runnable:
                 break
             index += 1
-        events.extend(StepEvent(state.saga_id, now, "skipped", name) for name in skipped)
-        state = state.evolve(
-            current_step_index=index,
-            skipped_steps=state.skipped_steps + tuple(skipped),
-            updated_at=now,
-        )
+        saga_id = state.saga_id
+        if skipped:
+            events.extend(StepEvent(saga_id, now, "skipped", name) for name in skipped)
+            changes["skipped_steps"] = state.skipped_steps + tuple(skipped)
         if index >= len(stages):
-            state = state.evolve(status=_move(state, "finish"))
-            events.append(StepEvent(state.saga_id, now, "saga_completed"))
-            return Transition(state, tuple(events))
-        events.extend(
-            StepEvent(state.saga_id, now, "started", s.name)
-            for s in stages[index]
-            if s.name not in skipped
-        )
+            changes["status"] = _move(state, "finish")
+            events.append(StepEvent(saga_id, now, "saga_completed"))
+        else:
+            events.extend(
+                StepEvent(saga_id, now, "started", s.name)
+                for s in stages[index]
+                if s.name not in skipped
+            )
+        state = state.evolve(current_step_index=index, updated_at=now, **changes)
         return Transition(state, tuple(events))
 
 

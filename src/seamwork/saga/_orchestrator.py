@@ -11,7 +11,7 @@ import asyncio
 import builtins
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -432,24 +432,19 @@ class SagaOrchestrator:
                     await self._commit(run, cancel)
                 run.cancelled.set()
             action = run.machine.next_action(run.state)
-            if isinstance(action, RunStage):
-                await self._guarded(run, self._run_stage(run, action))
-            elif isinstance(action, Compensate):
-                await self._guarded(run, self._compensate(run, action))
-            else:
-                return
-
-    async def _guarded(self, run: _Run, work: Awaitable[None]) -> None:
-        """Run one stage or compensation; if the store failed under it, reload and go on.
-
-        A failed commit may or may not have landed (in doubt), so the row is re-read,
-        never guessed; the step then runs again under its unchanged idempotency key.
-        """
-        try:
-            await work
-        except StoreError:
-            log.exception("saga %s: store error; reloading its row", run.state.saga_id)
-            await self._reload(run)
+            # A store error under a stage or compensation leaves its commit in doubt:
+            # the row is re-read, never guessed, and the step runs again under its
+            # unchanged idempotency key.
+            try:
+                if type(action) is RunStage:
+                    await self._run_stage(run, action)
+                elif type(action) is Compensate:
+                    await self._compensate(run, action)
+                else:
+                    return
+            except StoreError:
+                log.exception("saga %s: store error; reloading its row", run.state.saga_id)
+                await self._reload(run)
 
     async def _reload(self, run: _Run) -> None:
         delay = 0.05
@@ -476,11 +471,7 @@ class SagaOrchestrator:
             if isinstance(outcome, StepFailure):
                 await self._commit(run, self._failed(run, [outcome]))
             else:
-                now = self._now()
-                await self._commit(
-                    run, run.machine.step_succeeded(run.state, step.name, outcome, now)
-                )
-                self.hooks.emit("step_completed", run.state, step.name)
+                await self._commit_success(run, step, outcome)
             return
         failures: builtins.list[StepFailure] = []
         await asyncio.gather(*(self._run_member(run, step, failures) for step in action.steps))
@@ -496,8 +487,19 @@ class SagaOrchestrator:
             failures.append(outcome)
             return
         async with run.lock:
-            succeeded = run.machine.step_succeeded(run.state, step.name, outcome, self._now())
+            await self._commit_success(run, step, outcome)
+
+    async def _commit_success(
+        self, run: _Run, step: Step, result: Mapping[str, Any] | None
+    ) -> None:
+        succeeded = run.machine.step_succeeded(run.state, step.name, result, self._now())
+        try:
             await self._commit(run, succeeded)
+        except SerializationError as exc:  # the result cannot be stored: nothing was
+            attempt = run.state.step_attempts.get(step.name, 0) + 1  # written
+            failure = StepFailure(step.name, attempt, "uncertain", str(exc))
+            await self._commit(run, self._failed(run, [failure]))
+            return
         self.hooks.emit("step_completed", run.state, step.name)
 
     def _failed(self, run: _Run, failures: builtins.list[StepFailure]) -> Transition:
@@ -561,15 +563,11 @@ class SagaOrchestrator:
             return StepFailure(step.name, attempt, "timeout", reason), exc
         except Exception as exc:
             return StepFailure(step.name, attempt, "uncertain", f"{type(exc).__name__}: {exc}"), exc
-        if result is None:
-            return None, None
+        if result is None or type(result) is dict:
+            return result, None
         if not isinstance(result, Mapping):
             reason = f"returned {type(result).__name__}; a step returns a mapping or None"
             return StepFailure(step.name, attempt, "uncertain", reason), None
-        try:
-            dumps(result, what=f"result of step {step.name!r}")
-        except SerializationError as exc:
-            return StepFailure(step.name, attempt, "uncertain", str(exc)), exc
         return result, None
 
     async def _compensate(self, run: _Run, action: Compensate) -> None:

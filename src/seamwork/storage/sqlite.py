@@ -455,9 +455,8 @@ def _decode_or_none(row: tuple[Any, ...]) -> SagaState | None:
 
 
 def _with_lease(state: SagaState, owner: str, expires: float) -> SagaState:
-    from dataclasses import replace
 
-    return replace(state, lease_owner=owner, lease_expires_at=expires)
+    return state.evolve(lease_owner=owner, lease_expires_at=expires)
 
 
 def _chunks(items: list[str], size: int) -> builtins.list[list[str]]:

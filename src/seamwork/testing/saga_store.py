@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -45,7 +44,7 @@ def saga_state(saga_id: str, **changes: object) -> SagaState:
         lease_owner=OWNER,
         lease_expires_at=2000.0,
     )
-    return replace(base, **changes)  # type: ignore[arg-type]
+    return base.evolve(**changes)
 
 
 def started(saga_id: str, at: float = 1000.0) -> list[StepEvent]:
@@ -279,7 +278,7 @@ class SagaStoreContract:
     ) -> None:
         states = [saga_state(f"s{i}", context={"i": i}) for i in range(200)]
         await asyncio.gather(*(store.create(s, started(s.saga_id)) for s in states))
-        moved = [replace(s, current_step_index=1, completed_steps=("a",)) for s in states]
+        moved = [s.evolve(current_step_index=1, completed_steps=("a",)) for s in states]
         await asyncio.gather(*(store.save(s, [], owner=OWNER) for s in moved))
         await store.aclose()
         again = await self.reopen(store, tmp_path)
