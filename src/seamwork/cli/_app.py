@@ -1,10 +1,12 @@
-"""``seamwork``: operate sagas and run the demo."""
+"""``seamwork``: operate sagas and dead letters, run a local NATS and the demo."""
 
 from __future__ import annotations
 
 import typer
 
 from seamwork.cli._demo import demo
+from seamwork.cli._dlq import dlq
+from seamwork.cli._nats import serve_nats
 from seamwork.cli._sagas import sagas
 from seamwork.cli._worker import worker
 
@@ -12,6 +14,8 @@ app = typer.Typer(
     help="seamwork: microservices patterns, durable and tested.", no_args_is_help=True
 )
 app.add_typer(sagas, name="sagas")
+app.add_typer(dlq, name="dlq")
+app.command("nats")(serve_nats)
 app.command("demo")(demo)
 app.command("worker")(worker)
 

@@ -1,0 +1,227 @@
+"""``seamwork dlq list|replay --nats URL | --rabbitmq URL``: operate dead letters.
+
+Both commands talk to the broker through the same ``Broker`` port the services use,
+so what they show is what ``broker.dead_letters()`` returns, and a replay is
+``broker.replay_dead_letter(key)``: the letter is published to its subject again
+and removed from the dead-letter store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from seamwork.cli._render import short_time
+from seamwork.cli._sagas import CliError, fail
+from seamwork.errors import ConfigError, MessagingError
+from seamwork.messaging import Broker, DeadLetter
+
+T = TypeVar("T")
+
+dlq = typer.Typer(
+    help="List dead letters and publish them again once the cause is fixed.",
+    no_args_is_help=True,
+)
+
+NatsUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--nats",
+        envvar="SEAMWORK_NATS_URL",
+        help="A NATS JetStream server, nats://host:port (env: SEAMWORK_NATS_URL).",
+        show_default=False,
+    ),
+]
+RabbitUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--rabbitmq",
+        envvar="SEAMWORK_RABBITMQ_URL",
+        help="A RabbitMQ server, amqp://user:pass@host:port/ (env: SEAMWORK_RABBITMQ_URL).",
+        show_default=False,
+    ),
+]
+Exchange = Annotated[
+    str,
+    typer.Option("--exchange", help="RabbitMQ only: the exchange the services publish to."),
+]
+Timeout = Annotated[
+    float, typer.Option("--timeout", min=0.1, help="Seconds before giving up on the broker.")
+]
+
+
+def _endpoint(url: str, default_port: int) -> tuple[str, int]:
+    try:
+        parts = urlsplit(url)
+        return parts.hostname or "127.0.0.1", parts.port or default_port
+    except ValueError as exc:
+        raise CliError(f"not a broker URL: {url!r} ({exc})", code=2) from exc
+
+
+async def _reachable(url: str, default_port: int, seconds: float) -> None:
+    """Fail fast with one line when nothing listens (a NATS client retries forever)."""
+    host, port = _endpoint(url, default_port)
+    try:
+        async with asyncio.timeout(seconds):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError) as exc:
+        raise CliError(f"cannot reach the broker at {host}:{port}: {exc or 'timed out'}") from exc
+    writer.close()
+
+
+def _choose(nats: str | None, rabbitmq: str | None, exchange: str) -> tuple[Broker, str, int]:
+    if (nats is None) == (rabbitmq is None):
+        raise CliError("give exactly one of --nats URL or --rabbitmq URL", code=2)
+    try:
+        if nats is not None:
+            from seamwork.brokers import NatsBroker
+
+            return NatsBroker(nats, name="seamwork-cli"), nats, 4222
+        assert rabbitmq is not None
+        from seamwork.brokers import RabbitBroker
+
+        return RabbitBroker(rabbitmq, exchange=exchange), rabbitmq, 5672
+    except ImportError as exc:
+        raise CliError(str(exc), code=2) from exc
+    except ConfigError as exc:
+        raise CliError(str(exc), code=2) from exc
+
+
+def run_on_broker(
+    nats: str | None,
+    rabbitmq: str | None,
+    exchange: str,
+    seconds: float,
+    work: Callable[[Broker], Awaitable[T]],
+) -> T:
+    """Connect to the chosen broker, run ``work``, close; errors as ``CliError``."""
+    broker, url, default_port = _choose(nats, rabbitmq, exchange)
+    for noisy in ("nats", "aiormq", "aio_pika"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+    async def go() -> T:
+        await _reachable(url, default_port, seconds)
+        try:
+            async with asyncio.timeout(seconds):
+                await broker.connect()
+                return await work(broker)
+        finally:
+            await broker.aclose()
+
+    try:
+        return asyncio.run(go())
+    except CliError:
+        raise
+    except TimeoutError as exc:
+        raise CliError(f"the broker did not answer within {seconds} s") from exc
+    except MessagingError as exc:
+        raise CliError(str(exc)) from exc
+    except Exception as exc:  # a driver error the adapter did not translate
+        raise CliError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _letter_json(letter: DeadLetter) -> dict[str, Any]:
+    message = letter.message
+    return {
+        "key": letter.key,
+        "subject": letter.subject,
+        "group": letter.group,
+        "type": message.type,
+        "id": message.id,
+        "correlation_id": message.flow,
+        "attempts": letter.attempts,
+        "error": letter.error,
+        "dead_lettered_at": letter.dead_lettered_at,
+        "data": dict(message.data),
+    }
+
+
+def letters_table(letters: Sequence[DeadLetter], now: float) -> Table:
+    """One row per dead letter: key, subject, group, type, attempts, error, when."""
+    table = Table(title=f"{len(letters)} dead letter(s)", title_justify="left")
+    for column in ("key", "subject", "group", "type", "attempts", "error", "when"):
+        table.add_column(column, justify="right" if column == "attempts" else "left")
+    for letter in letters:
+        table.add_row(
+            letter.key,
+            letter.subject,
+            letter.group,
+            letter.message.type,
+            str(letter.attempts),
+            letter.error.splitlines()[0] if letter.error else "",
+            short_time(letter.dead_lettered_at, now) if letter.dead_lettered_at else "?",
+        )
+    return table
+
+
+@dlq.command("list")
+def list_letters(
+    nats: NatsUrl = None,
+    rabbitmq: RabbitUrl = None,
+    exchange: Exchange = "seamwork",
+    limit: Annotated[int, typer.Option("--limit", "-l", min=1, help="At most this many.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    timeout: Timeout = 10.0,
+) -> None:
+    """List dead letters, oldest first."""
+    try:
+        letters = run_on_broker(
+            nats, rabbitmq, exchange, timeout, lambda b: b.dead_letters(limit=limit)
+        )
+    except CliError as exc:
+        raise fail(exc) from None
+    if as_json:
+        sys.stdout.write(json.dumps([_letter_json(x) for x in letters], indent=2) + "\n")
+        return
+    Console(highlight=False, soft_wrap=False).print(letters_table(letters, time.time()))
+
+
+@dlq.command("replay")
+def replay_letters(
+    key: Annotated[
+        str | None, typer.Argument(help="The dead letter's key (see `list`).", show_default=False)
+    ] = None,
+    nats: NatsUrl = None,
+    rabbitmq: RabbitUrl = None,
+    exchange: Exchange = "seamwork",
+    replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+    timeout: Timeout = 30.0,
+) -> None:
+    """Publish a dead letter (or all of them) to its subject again and remove it."""
+    if (key is None) == (not replay_all):
+        raise fail(CliError("give either a KEY or --all", code=2))
+
+    async def replay(broker: Broker) -> list[DeadLetter]:
+        letters = await broker.dead_letters(limit=sys.maxsize)
+        chosen = letters if replay_all else [x for x in letters if x.key == key]
+        if not replay_all and not chosen:
+            raise CliError(f"no dead letter with key {key!r}")
+        for letter in chosen:
+            await broker.replay_dead_letter(letter.key)
+        return chosen
+
+    try:
+        done = run_on_broker(nats, rabbitmq, exchange, timeout, replay)
+    except CliError as exc:
+        raise fail(exc) from None
+    console = Console(highlight=False, soft_wrap=True)
+    for letter in done:
+        console.print(
+            f"replayed [bold]{letter.key}[/]: {letter.message.type} {letter.message.id} "
+            f"to {letter.subject}"
+        )
+    if replay_all:
+        console.print(f"{len(done)} dead letter(s) replayed")
+
+
+__all__ = ["dlq", "letters_table", "run_on_broker"]

@@ -1,0 +1,213 @@
+"""``seamwork dlq list|replay`` against real brokers, and ``seamwork nats`` as a process.
+
+The CLI runs in a worker thread (it calls ``asyncio.run`` itself) while the test's
+loop keeps the embedded server and the consumers going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import pytest
+from typer.testing import CliRunner, Result
+
+from seamwork.brokers import EmbeddedNats, NatsBroker, RabbitBroker
+from seamwork.cli import app
+from seamwork.messaging import Broker, Delivery, Message, PoisonMessage
+from seamwork.testing.broker import eventually, until
+
+
+async def cli(*args: str) -> Result:
+    return await asyncio.to_thread(CliRunner().invoke, app, list(args), env={"COLUMNS": "200"})
+
+
+class Flaky:
+    """A handler that dead-letters everything until fixed, then records the ids."""
+
+    def __init__(self) -> None:
+        self.fixed = False
+        self.handled: list[str] = []
+
+    async def __call__(self, delivery: Delivery) -> None:
+        if not self.fixed:
+            raise PoisonMessage(f"cannot ship order {delivery.message.data['order']}")
+        self.handled.append(delivery.message.id)
+
+
+@pytest.fixture
+async def nats_url() -> AsyncIterator[str]:
+    async with EmbeddedNats() as server:
+        yield server.url
+
+
+async def dead_lettered(broker: Broker, subject: str, count: int) -> None:
+    async def enough() -> bool:
+        letters = await broker.dead_letters()
+        return len([x for x in letters if x.subject == subject]) == count
+
+    await until(enough)
+
+
+async def listed(*target: str) -> list[dict[str, Any]]:
+    result = await cli("dlq", "list", *target, "--json")
+    assert result.exit_code == 0, result.output
+    letters: list[dict[str, Any]] = json.loads(result.output)
+    return letters
+
+
+async def test_dlq_list_shows_a_dead_letter_and_replay_delivers_it_once_fixed(
+    nats_url: str,
+) -> None:
+    broker, handler = NatsBroker(nats_url), Flaky()
+    subject = f"orders{uuid.uuid4().hex[:6]}.created"
+    try:
+        await broker.subscribe(subject, "shipping", handler)
+        message = Message("OrderCreated", {"order": 7}, correlation_id="flow-7")
+        await broker.publish(subject, message)
+        await dead_lettered(broker, subject, 1)
+
+        (letter,) = await listed("--nats", nats_url)
+        assert (letter["subject"], letter["group"], letter["type"]) == (
+            subject,
+            "shipping",
+            "OrderCreated",
+        )
+        assert (letter["id"], letter["attempts"], letter["data"]) == (message.id, 1, {"order": 7})
+        assert "cannot ship order 7" in letter["error"]
+        table = await cli("dlq", "list", "--nats", nats_url)
+        assert table.exit_code == 0
+        assert "OrderCreated" in table.output
+        assert "shipping" in table.output
+
+        handler.fixed = True
+        replay = await cli("dlq", "replay", letter["key"], "--nats", nats_url)
+        assert replay.exit_code == 0, replay.output
+        await eventually(lambda: handler.handled == [message.id])
+        assert await listed("--nats", nats_url) == []
+    finally:
+        await broker.aclose()
+
+
+async def test_dlq_replay_all_replays_every_dead_letter(nats_url: str) -> None:
+    broker, handler = NatsBroker(nats_url), Flaky()
+    subject = f"orders{uuid.uuid4().hex[:6]}.created"
+    try:
+        await broker.subscribe(subject, "shipping", handler)
+        sent = [Message("OrderCreated", {"order": n}) for n in range(3)]
+        await broker.publish_batch([(subject, m) for m in sent])
+        await dead_lettered(broker, subject, 3)
+        handler.fixed = True
+        result = await cli("dlq", "replay", "--all", "--nats", nats_url)
+        assert result.exit_code == 0, result.output
+        assert "3 dead letter(s) replayed" in result.output
+        await eventually(lambda: sorted(handler.handled) == sorted(m.id for m in sent))
+        assert await listed("--nats", nats_url) == []
+    finally:
+        await broker.aclose()
+
+
+async def test_dlq_replay_of_an_unknown_key_is_a_one_line_error(nats_url: str) -> None:
+    result = await cli("dlq", "replay", "999", "--nats", nats_url)
+    assert result.exit_code == 1
+    assert "no dead letter with key '999'" in result.output
+    assert "Traceback" not in result.output
+
+
+async def test_dlq_on_an_unreachable_broker_is_a_one_line_error() -> None:
+    result = await cli("dlq", "list", "--nats", "nats://127.0.0.1:1", "--timeout", "2")
+    assert result.exit_code == 1
+    assert "cannot reach the broker at 127.0.0.1:1" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+async def test_dlq_needs_exactly_one_broker_and_replay_a_key_or_all() -> None:
+    neither = await cli("dlq", "list")
+    both = await cli("dlq", "list", "--nats", "nats://x:1", "--rabbitmq", "amqp://x/")
+    no_key = await cli("dlq", "replay", "--nats", "nats://x:1")
+    assert [r.exit_code for r in (neither, both, no_key)] == [2, 2, 2]
+    assert "exactly one of --nats URL or --rabbitmq URL" in neither.output
+    assert "either a KEY or --all" in no_key.output
+
+
+async def test_dlq_list_and_replay_on_rabbitmq(rabbitmq_service: str) -> None:
+    exchange = f"seamwork-cli-{uuid.uuid4().hex[:8]}"
+    broker, handler = RabbitBroker(rabbitmq_service, exchange=exchange), Flaky()
+    subject = f"orders{uuid.uuid4().hex[:6]}.created"
+    target = ("--rabbitmq", rabbitmq_service, "--exchange", exchange)
+    try:
+        await broker.subscribe(subject, "shipping", handler)
+        message = Message("OrderCreated", {"order": 9})
+        await broker.publish(subject, message)
+        await dead_lettered(broker, subject, 1)
+        (letter,) = await listed(*target)
+        assert (letter["subject"], letter["group"], letter["id"]) == (
+            subject,
+            "shipping",
+            message.id,
+        )
+        handler.fixed = True
+        replay = await cli("dlq", "replay", letter["key"], *target)
+        assert replay.exit_code == 0, replay.output
+        await eventually(lambda: handler.handled == [message.id])
+        assert await listed(*target) == []
+    finally:
+        await broker.aclose()
+        await _delete_rabbit(rabbitmq_service, exchange, broker.declared_queues)
+
+
+async def _delete_rabbit(url: str, exchange: str, queues: tuple[str, ...]) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        for name in queues:
+            await channel.queue_delete(name)
+        await channel.exchange_delete(exchange)
+
+
+async def test_seamwork_nats_serves_jetstream_until_sigterm(tmp_path: Any) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "seamwork.cli",
+        "nats",
+        "--store-dir",
+        str(tmp_path / "js"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(20):
+            first = (await process.stdout.readline()).decode()
+        assert first.startswith("nats-server ready at nats://127.0.0.1:"), first
+        url = first.split(" at ", 1)[1].split()[0]
+        broker, got = NatsBroker(url), []
+
+        async def handler(delivery: Delivery) -> None:
+            got.append(delivery.message.id)
+
+        try:
+            await broker.subscribe("cli.ping", "probe", handler)
+            message = Message("Ping", {})
+            await broker.publish("cli.ping", message)
+            await eventually(lambda: got == [message.id])
+        finally:
+            await broker.aclose()
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            rest, _ = await process.communicate()
+        assert process.returncode == 0
+        assert "nats-server stopped" in rest.decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
