@@ -138,6 +138,8 @@ class RabbitBroker:
             (``<exchange>.deadletter``).
         publish_timeout: seconds to wait for a publisher confirm.
         connect_timeout: seconds to wait for the first connection.
+        reconnect_interval: seconds between reconnection attempts after a loss;
+            publishes in the meantime raise ``PublishError``, consumers resume.
         prefetch: unacknowledged messages a subscription may hold.
         dead_letter_max_age: how long the dead-letter stream keeps letters, in
             RabbitMQ's ``x-max-age`` form (``"30D"``, ``"12h"``); None keeps them.
@@ -150,13 +152,14 @@ class RabbitBroker:
         exchange: str = "seamwork",
         publish_timeout: float = 10.0,
         connect_timeout: float = 5.0,
+        reconnect_interval: float = 1.0,
         prefetch: int = 64,
         dead_letter_max_age: str | None = None,
     ) -> None:
         if not exchange or exchange.startswith("amq."):
             raise ConfigError(f"exchange must be a non-empty name outside 'amq.', got {exchange!r}")
-        if publish_timeout <= 0 or connect_timeout <= 0:
-            raise ConfigError("publish_timeout and connect_timeout must be > 0")
+        if min(publish_timeout, connect_timeout, reconnect_interval) <= 0:
+            raise ConfigError("publish_timeout, connect_timeout, reconnect_interval must be > 0")
         if prefetch < 1:
             raise ConfigError(f"prefetch must be >= 1, got {prefetch}")
         self.url = url
@@ -164,6 +167,7 @@ class RabbitBroker:
         self.dead_letter_queue = f"{exchange}.deadletter"
         self._timeout = publish_timeout
         self._connect_timeout = connect_timeout
+        self._reconnect = reconnect_interval
         self._prefetch = prefetch
         self._max_age = dead_letter_max_age
         self._connection: AbstractRobustConnection | None = None
@@ -193,6 +197,7 @@ class RabbitBroker:
                 connection = await aio_pika.connect_robust(
                     self.url,
                     timeout=self._connect_timeout,
+                    reconnect_interval=self._reconnect,
                     client_properties={"connection_name": "seamwork"},
                 )
             except Exception as exc:
@@ -593,6 +598,8 @@ def _int(value: object) -> int:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, aio_pika.exceptions.ChannelInvalidStateError):
+        return "the channel is closed (connection lost; reconnecting)"
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
 
