@@ -139,16 +139,21 @@ class NatsBroker:
             if self._nc is not None:
                 return
             try:
-                nc = await nats.connect(
-                    self.url,
-                    name=self._name,
-                    connect_timeout=2,
-                    reconnect_time_wait=0.2,
-                    max_reconnect_attempts=-1,
-                    allow_reconnect=True,
-                )
+                # nats-py retries a first connection forever when reconnects are
+                # unlimited; the first one gets a deadline, later ones retry.
+                async with asyncio.timeout(self._timeout):
+                    nc = await nats.connect(
+                        self.url,
+                        name=self._name,
+                        connect_timeout=2,
+                        reconnect_time_wait=0.2,
+                        max_reconnect_attempts=-1,
+                        allow_reconnect=True,
+                        error_cb=_log_error,
+                    )
             except Exception as exc:
-                raise BrokerUnavailable(f"cannot connect to NATS at {self.url}: {exc}") from exc
+                reason = str(exc) or f"no answer within {self._timeout:g}s"
+                raise BrokerUnavailable(f"cannot connect to NATS at {self.url}: {reason}") from exc
             version = nc.connected_server_version
             self._atomic = (version.major, version.minor) >= (2, 12)
             self._js = nc.jetstream(timeout=self._timeout)
@@ -535,6 +540,10 @@ class _Puller:
 
 def _is_status(msg: Msg) -> bool:
     return not msg.data and msg.headers is not None and "Status" in msg.headers
+
+
+async def _log_error(exc: Exception) -> None:
+    log.warning("nats: %s: %s", type(exc).__name__, exc)
 
 
 def _letter(seq: int, body: bytes, headers: dict[str, str]) -> DeadLetter:
