@@ -1,0 +1,148 @@
+"""The flow monitor: where is each choreographed flow right now?
+
+Choreography has no orchestrator to ask, so the monitor rebuilds every flow from
+the messages themselves. Each message carries its flow (``correlation_id``) and the
+message that caused it (``causation_id``); a flow is the tree of its messages, and
+read along the causation links it is the story of one order: who published what,
+in response to what, and where it stopped.
+
+The core (``FlowMonitor``) is synchronous and does no I/O: ``record(message,
+subject)`` folds one message in (idempotent: a redelivered message is ignored),
+``flows()`` answers. ``FlowMonitor.watch(broker, subjects)`` is the thin driver that
+feeds it from broker subscriptions.
+
+Invariants: a flow's ``path`` lists every recorded message of the flow exactly once,
+each after the message that caused it (messages whose cause was not seen come first,
+by arrival); ``status`` is the terminal status named by the last message's type, or
+``"in progress"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from seamwork.messaging._message import Message
+from seamwork.messaging._ports import Broker, Delivery, Subscription
+
+IN_PROGRESS = "in progress"
+
+
+def publisher_of(subject: str) -> str:
+    """The service that published on ``subject``: its first token (``orders.created``)."""
+    return subject.split(".", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowStep:
+    """One message of a flow, as the monitor saw it."""
+
+    type: str
+    service: str
+    message_id: str
+    causation_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """One flow, rebuilt: its messages in causal order and where it stands."""
+
+    correlation_id: str
+    steps: tuple[FlowStep, ...]
+    status: str
+
+    @property
+    def path(self) -> list[tuple[str, str]]:
+        """``[(message type, publishing service), ...]`` in causal order."""
+        return [(step.type, step.service) for step in self.steps]
+
+    @property
+    def where(self) -> str:
+        """The service that published the latest step."""
+        return self.steps[-1].service if self.steps else ""
+
+
+@dataclass
+class _Tree:
+    arrivals: list[FlowStep] = field(default_factory=list)
+    ids: set[str] = field(default_factory=set)
+
+
+class FlowMonitor:
+    """Rebuilds choreographed flows from their messages.
+
+    Args:
+        terminal: message type -> the flow status it ends in, e.g.
+            ``{"OrderCompleted": "completed", "OrderCancelled": "cancelled"}``.
+        service_of: the publishing service of a subject (default: its first token).
+    """
+
+    def __init__(
+        self,
+        terminal: Mapping[str, str] | None = None,
+        *,
+        service_of: Callable[[str], str] = publisher_of,
+    ) -> None:
+        self.terminal = dict(terminal or {})
+        self.service_of = service_of
+        self._trees: dict[str, _Tree] = {}
+
+    def record(self, message: Message, subject: str) -> None:
+        """Fold one message in; a message already recorded is ignored."""
+        tree = self._trees.setdefault(message.flow, _Tree())
+        if message.id in tree.ids:
+            return
+        tree.ids.add(message.id)
+        step = FlowStep(message.type, self.service_of(subject), message.id, message.causation_id)
+        tree.arrivals.append(step)
+
+    def flow(self, correlation_id: str) -> Flow | None:
+        """The flow with this correlation id, or None if no message of it was seen."""
+        tree = self._trees.get(correlation_id)
+        if tree is None:
+            return None
+        steps = tuple(_causal_order(tree.arrivals, tree.ids))
+        status = self.terminal.get(steps[-1].type, IN_PROGRESS)
+        return Flow(correlation_id, steps, status)
+
+    def flows(self) -> dict[str, Flow]:
+        """Every flow seen, by correlation id, in the order they started."""
+        return {cid: flow for cid in self._trees if (flow := self.flow(cid)) is not None}
+
+    def render(self) -> str:
+        """A text table: one line per flow, its status, the service it is at, its path."""
+        lines = []
+        for cid, flow in self.flows().items():
+            path = " -> ".join(f"{kind}({service})" for kind, service in flow.path)
+            lines.append(f"{cid:<24} {flow.status:<12} at {flow.where:<14} {path}")
+        return "\n".join(lines)
+
+    async def watch(
+        self, broker: Broker, subjects: Iterable[str], *, group: str = "flow-monitor"
+    ) -> list[Subscription]:
+        """Subscribe to ``subjects`` as ``group`` and record every message seen."""
+
+        async def handler(delivery: Delivery) -> None:
+            self.record(delivery.message, delivery.subject)
+
+        return [await broker.subscribe(subject, group, handler) for subject in subjects]
+
+
+def _causal_order(arrivals: list[FlowStep], ids: set[str]) -> list[FlowStep]:
+    """Depth-first along causation links; roots and siblings by arrival."""
+    children: dict[str | None, list[FlowStep]] = {}
+    for step in arrivals:
+        parent = step.causation_id if step.causation_id in ids else None
+        children.setdefault(parent, []).append(step)
+    ordered: list[FlowStep] = []
+    reached: set[str] = set()
+    stack = list(reversed(children.get(None, [])))
+    while stack:
+        step = stack.pop()
+        if step.message_id in reached:
+            continue
+        reached.add(step.message_id)
+        ordered.append(step)
+        stack.extend(reversed(children.get(step.message_id, [])))
+    # a causation cycle (only a forged message can make one) is listed by arrival
+    return ordered + [step for step in arrivals if step.message_id not in reached]

@@ -1,0 +1,130 @@
+"""The choreographed order saga end to end: four services, their own databases, NATS.
+
+Each test places orders through the orders service and waits for the flow monitor
+to see them settle; then it checks the monitor's view of every flow (the exact
+sequence of message types and who published each) and each service's own database.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+
+from order_system.choreography import OrderSystem, running
+
+from seamwork.brokers import EmbeddedNats
+from seamwork.messaging import FlowMonitor, Message
+
+SUCCESS = [
+    ("OrderCreated", "orders"),
+    ("InventoryReserved", "inventory"),
+    ("PaymentProcessed", "payment"),
+    ("NotificationSent", "notification"),
+    ("OrderCompleted", "orders"),
+]
+PAYMENT_FAILED = [
+    ("OrderCreated", "orders"),
+    ("InventoryReserved", "inventory"),
+    ("PaymentFailed", "payment"),
+    ("InventoryReleased", "inventory"),
+    ("OrderCancelled", "orders"),
+]
+
+
+@pytest.fixture
+async def system(tmp_path: Path) -> AsyncIterator[OrderSystem]:
+    async with EmbeddedNats() as server, running(tmp_path, server.url) as order_system:
+        yield order_system
+
+
+def one(db: Path, sql: str, *params: object) -> tuple[object, ...] | None:
+    with sqlite3.connect(db) as conn:
+        row: tuple[object, ...] | None = conn.execute(sql, params).fetchone()
+        return row
+
+
+async def test_an_order_that_pays_is_reserved_charged_notified_and_completed(
+    system: OrderSystem,
+) -> None:
+    await system.place_order("order-1", "book", 2, 30)
+    await system.settled("order-1")
+    flow = system.monitor.flow("order-1")
+    assert flow is not None
+    assert (flow.path, flow.status, flow.where) == (SUCCESS, "completed", "orders")
+    assert one(system.orders.db, "SELECT status FROM orders WHERE id = 'order-1'") == ("completed",)
+    assert one(system.inventory.db, "SELECT available FROM stock WHERE sku = 'book'") == (8,)
+    assert one(system.inventory.db, "SELECT status FROM reservations") == ("reserved",)
+    assert one(system.payment.db, "SELECT amount, status FROM payments") == (30, "charged")
+    assert one(system.notification.db, "SELECT order_id FROM notifications") == ("order-1",)
+
+
+async def test_a_declined_payment_releases_the_stock_and_cancels_the_order(
+    system: OrderSystem,
+) -> None:
+    await system.place_order("order-2", "book", 3, 5_000)
+    await system.settled("order-2")
+    flow = system.monitor.flow("order-2")
+    assert flow is not None
+    assert (flow.path, flow.status) == (PAYMENT_FAILED, "cancelled")
+    assert one(system.orders.db, "SELECT status FROM orders WHERE id = 'order-2'") == ("cancelled",)
+    assert one(system.inventory.db, "SELECT available FROM stock WHERE sku = 'book'") == (10,)
+    assert one(system.inventory.db, "SELECT status FROM reservations") == ("released",)
+    assert one(system.payment.db, "SELECT status FROM payments") == ("declined",)
+    assert one(system.notification.db, "SELECT count(*) FROM notifications") == (0,)
+
+
+async def test_flows_run_side_by_side_and_every_outbox_drains(system: OrderSystem) -> None:
+    await system.place_order("a", "book", 1, 10)
+    await system.place_order("b", "lamp", 5, 10)  # only 2 lamps: InventoryFailed
+    await system.place_order("c", "book", 1, 2_000)
+    await system.settled("a", "b", "c")
+    flows = system.monitor.flows()
+    assert flows["a"].path == SUCCESS
+    assert flows["b"].path == [
+        ("OrderCreated", "orders"),
+        ("InventoryFailed", "inventory"),
+        ("OrderCancelled", "orders"),
+    ]
+    assert flows["c"].path == PAYMENT_FAILED
+    assert [line.split()[:2] for line in system.monitor.render().splitlines()] == [
+        ["a", "completed"],
+        ["b", "cancelled"],
+        ["c", "cancelled"],
+    ]
+    for service in system.services:
+        assert await service.outbox.pending_count() == 0
+
+
+def test_the_monitor_orders_a_flow_by_causation_not_by_arrival() -> None:
+    created = Message("OrderCreated", {}, correlation_id="o-1")
+    reserved = created.caused("InventoryReserved")
+    charged = reserved.caused("PaymentProcessed")
+    monitor = FlowMonitor({"PaymentProcessed": "paid"})
+    monitor.record(charged, "payment.processed")  # streams are consumed independently
+    monitor.record(created, "orders.created")
+    monitor.record(reserved, "inventory.reserved")
+    monitor.record(reserved, "inventory.reserved")  # a redelivery is recorded once
+    flow = monitor.flow("o-1")
+    assert flow is not None
+    assert flow.path == [
+        ("OrderCreated", "orders"),
+        ("InventoryReserved", "inventory"),
+        ("PaymentProcessed", "payment"),
+    ]
+    assert flow.status == "paid"
+    assert monitor.flow("unknown") is None
+
+
+def test_a_flow_without_a_terminal_message_is_in_progress_where_it_stopped() -> None:
+    created = Message("OrderCreated", {}, correlation_id="o-2")
+    monitor = FlowMonitor({"OrderCompleted": "completed"})
+    monitor.record(created, "orders.created")
+    monitor.record(created.caused("InventoryReserved"), "inventory.reserved")
+    flow = monitor.flows()["o-2"]
+    assert (flow.status, flow.where) == ("in progress", "inventory")
