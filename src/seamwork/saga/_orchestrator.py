@@ -694,7 +694,10 @@ class SagaOrchestrator:
         for saga_id in set(owned) - kept:
             run = self._runs.get(saga_id)
             if run is not None and run.task is not None:
+                # Counted and announced like a fenced write: whichever finds out first.
+                self.stats["lease_lost"] += 1
                 log.warning("saga %s: lease lost to another owner; stopping it here", saga_id)
+                self.hooks.emit("lease_lost", run.state)
                 run.task.cancel()
 
     async def _report_stranded(self) -> None:
