@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import psycopg
 
 from seamwork._core.codec import dumps
-from seamwork.errors import ConfigError, EventStoreError, WrongExpectedVersion
+from seamwork.errors import ConfigError, EventStoreError, SeamworkError, WrongExpectedVersion
 from seamwork.events._model import (
     ANY,
     AppendResult,
@@ -526,6 +526,11 @@ class AppendParams(NamedTuple):
     expected: ExpectedVersion
 
 
+# Lost a lock race with another store's batch (each append's subtransaction took its
+# stream's row lock): by the time the batch has committed, the winner's locks are gone.
+_RETRY_ALONE = frozenset({"40P01", "40001"})
+
+
 async def _append_batch(
     conn: AsyncConn, batch: builtins.list[AppendParams]
 ) -> builtins.list[AppendResult | BaseException]:
@@ -533,18 +538,23 @@ async def _append_batch(
     if len(batch) == 1:
         try:
             return [await _append(conn, batch[0].params, batch[0].expected)]
-        except psycopg.OperationalError:
-            raise
         except EventStoreError as exc:
             return [exc]
-        except psycopg.Error as exc:  # pragma: no cover - _append translates
-            return [translate(exc, "append")]
     appends = ",".join(
         [f"[{_quote(i.params[0])},{_quote(i.params[1])},{i.params[2]}]" for i in batch]
     )
     cursor = await conn.execute(_APPEND_BATCH_SQL, (f"[{appends}]", batch[0].params[3]))
     rows = await cursor.fetchall()
-    return [_batch_result(item, row) for item, row in zip(batch, rows, strict=True)]
+    results: builtins.list[AppendResult | BaseException] = []
+    for item, row in zip(batch, rows, strict=True):
+        if row[2] not in _RETRY_ALONE:
+            results.append(_batch_result(item, row))
+            continue
+        try:  # the batch is committed: report, never raise, from here on
+            results.append(await _append(conn, item.params, item.expected))
+        except SeamworkError as exc:
+            results.append(exc)
+    return results
 
 
 def _batch_result(item: AppendParams, row: tuple[Any, ...]) -> AppendResult | BaseException:
