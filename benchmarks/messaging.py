@@ -7,8 +7,9 @@ round and the spread (worst / best) next to the issue's target:
 
 * relay into JetStream with fsync on (``EmbeddedNats``, ``sync_interval: always``):
   a page of outbox rows per atomic batch vs one message at a time (page size 1);
-* RabbitMQ quorum queue with publisher confirms, if ``seamwork.brokers.rabbitmq``
-  exists and a server answers on 127.0.0.1:5672 (else "not available");
+* the relay into a RabbitMQ quorum queue with publisher confirms (page 1000), if
+  ``seamwork.brokers.rabbitmq`` exists and a server answers on 127.0.0.1:5672
+  (else "not available");
 * inbox consume with an exactly-once effect on SQLite (``synchronous=full``): each
   message inserts one row and records its id, through ``Inbox.handler`` with batches
   (one commit per fetched batch) and, for reference, one transaction per message;
@@ -28,7 +29,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from seamwork.brokers import EmbeddedNats, NatsBroker
 from seamwork.messaging import Delivery, Inbox, Message, Outbox, OutboxRelay, Transaction
@@ -150,18 +150,36 @@ def rabbit_available() -> str | None:
 
 
 async def rabbit_rate(n: int) -> float:
-    from seamwork.brokers import RabbitBroker
+    """The relay into a RabbitMQ quorum queue (bound first: a topic exchange drops
+    messages no queue is bound to), publisher confirms on, page size 1000."""
+    import aio_pika
 
-    broker: Any = RabbitBroker("amqp://guest:guest@127.0.0.1:5672/")
+    from seamwork.brokers import RabbitBroker
+    from seamwork.brokers.rabbitmq import queue_name
+
+    url = "amqp://guest:guest@127.0.0.1:5672/"
     subject = f"b{uuid.uuid4().hex[:8]}.tick"
-    await broker.connect()
-    await broker.publish(subject, Message("Warmup"))
-    messages = [(subject, Message("Tick", {"n": i})) for i in range(n)]
-    started = time.perf_counter()
-    for start in range(0, n, 500):
-        await broker.publish_batch(messages[start : start + 500])
-    elapsed = time.perf_counter() - started
-    await broker.aclose()
+    broker = RabbitBroker(url)
+
+    async def nothing(delivery: Delivery) -> None:
+        return None
+
+    await (await broker.subscribe(subject, "bench", nothing)).stop()  # the queue stays
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            outbox = await fill_outbox(Path(tmp) / "producer.db", n, subject)
+            relay = OutboxRelay(outbox, broker, page_size=1000)
+            started = time.perf_counter()
+            sent = await relay.drain()
+            elapsed = time.perf_counter() - started
+            assert sent == n
+            await outbox.aclose()
+    finally:
+        await broker.aclose()
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(queue_name("bench", subject))
     return n / elapsed
 
 
