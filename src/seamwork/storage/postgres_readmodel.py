@@ -1,0 +1,216 @@
+"""Read models in PostgreSQL: a projection's tables, its checkpoint and its dead letters
+in one database, written in one transaction per page of events (exactly-once effect).
+
+Handlers are plain synchronous functions (``def on_created(self, event, conn)``), so
+they get a synchronous ``psycopg.Connection`` and run on a worker thread, one page at
+a time: ``conn.execute("INSERT ... VALUES (%s, %s)", (...))`` inside the transaction
+that also moves the checkpoint. Each event runs in its own savepoint, so a failing
+handler parks its stream without undoing the rest of the page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, TypeVar
+
+try:
+    import psycopg
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("PostgreSQL support needs: pip install 'seamwork[postgres]'") from exc
+
+from seamwork.errors import StoreUnavailable
+from seamwork.events._model import RecordedEvent
+from seamwork.events._projection import BatchResult, ParkedEvent, Projection
+from seamwork.storage._pg import translate
+
+T = TypeVar("T")
+SyncConn = psycopg.Connection[Any]
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS seamwork_checkpoints (
+        projection text PRIMARY KEY,
+        position bigint NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS seamwork_parked (
+        projection text NOT NULL,
+        stream text NOT NULL,
+        position bigint NOT NULL,
+        event_type text NOT NULL,
+        error text,
+        parked_at double precision NOT NULL,
+        PRIMARY KEY (projection, stream, position)
+    )""",
+)
+_PARK = (
+    "INSERT INTO seamwork_parked (projection, stream, position, event_type, error, parked_at) "
+    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (projection, stream, position) "
+    "DO UPDATE SET error = excluded.error, parked_at = excluded.parked_at"
+)
+
+
+class PostgresReadModel:
+    """``ReadModelStore`` in PostgreSQL (tables go to the connection's schema).
+
+    Args:
+        dsn: a libpq connection string.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._conn: SyncConn | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return "PostgresReadModel(...)"
+
+    async def open(self) -> None:
+        if self._conn is None:
+            self._conn = await asyncio.to_thread(self._connect)
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await asyncio.to_thread(conn.close)
+
+    async def query(self, sql: str, params: Sequence[object] = ()) -> builtins.list[dict[str, Any]]:
+        """Run a read-only query against the read model (rows as dicts)."""
+
+        def run(conn: SyncConn) -> builtins.list[dict[str, Any]]:
+            cursor = conn.execute(sql.encode(), tuple(params))
+            names = [column.name for column in cursor.description or ()]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+        return await self._run(run)
+
+    async def setup(self, projection: Projection) -> tuple[int, set[str]]:
+        name = projection.name
+
+        def setup(conn: SyncConn) -> tuple[int, set[str]]:
+            for statement in _SCHEMA:
+                conn.execute(statement.encode())
+            projection.setup(conn)
+            row = conn.execute(
+                "SELECT position FROM seamwork_checkpoints WHERE projection = %s", (name,)
+            ).fetchone()
+            parked = conn.execute(
+                "SELECT DISTINCT stream FROM seamwork_parked WHERE projection = %s", (name,)
+            ).fetchall()
+            return (0 if row is None else int(row[0]), {r[0] for r in parked})
+
+        return await self._run(setup)
+
+    async def apply_batch(
+        self, projection: Projection, events: Sequence[RecordedEvent], parked: Collection[str]
+    ) -> BatchResult:
+        name = projection.name
+        now = time.time()
+
+        def apply(conn: SyncConn) -> BatchResult:
+            newly: list[str] = []
+            blocked = set(parked)
+            applied = 0
+            for event in events:
+                if event.stream in blocked:
+                    conn.execute(_PARK, (name, event.stream, event.position, event.type, None, now))
+                    continue
+                error = _apply_in_savepoint(conn, projection, event)
+                if error is None:
+                    applied += 1
+                    continue
+                conn.execute(_PARK, (name, event.stream, event.position, event.type, error, now))
+                blocked.add(event.stream)
+                newly.append(event.stream)
+            conn.execute(
+                "INSERT INTO seamwork_checkpoints (projection, position) VALUES (%s, %s) "
+                "ON CONFLICT (projection) DO UPDATE SET position = excluded.position",
+                (name, events[-1].position),
+            )
+            return BatchResult(events[-1].position, applied, tuple(newly))
+
+        return await self._run(apply)
+
+    async def reset(self, projection: Projection) -> None:
+        name = projection.name
+
+        def reset(conn: SyncConn) -> None:
+            projection.reset(conn)
+            conn.execute("DELETE FROM seamwork_checkpoints WHERE projection = %s", (name,))
+            conn.execute("DELETE FROM seamwork_parked WHERE projection = %s", (name,))
+
+        await self._run(reset)
+
+    async def parked(self, projection: str) -> builtins.list[ParkedEvent]:
+        def read(conn: SyncConn) -> builtins.list[ParkedEvent]:
+            rows = conn.execute(
+                "SELECT projection, stream, position, event_type, error, parked_at "
+                "FROM seamwork_parked WHERE projection = %s ORDER BY stream, position",
+                (projection,),
+            ).fetchall()
+            return [ParkedEvent(*row) for row in rows]
+
+        return await self._run(read)
+
+    async def replay(
+        self, projection: Projection, stream: str, events: Sequence[RecordedEvent]
+    ) -> int:
+        name = projection.name
+
+        def replay(conn: SyncConn) -> int:
+            done = 0
+            for event in events:
+                error = _apply_in_savepoint(conn, projection, event)
+                if error is not None:
+                    conn.execute(
+                        "UPDATE seamwork_parked SET error = %s "
+                        "WHERE projection = %s AND stream = %s AND position = %s",
+                        (error, name, stream, event.position),
+                    )
+                    return done
+                conn.execute(
+                    "DELETE FROM seamwork_parked "
+                    "WHERE projection = %s AND stream = %s AND position = %s",
+                    (name, stream, event.position),
+                )
+                done += 1
+            return done
+
+        return await self._run(replay)
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    def _connect(self) -> SyncConn:
+        try:
+            return psycopg.connect(self._dsn, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"cannot connect the read model to PostgreSQL: {exc}") from exc
+
+    async def _run(self, fn: Callable[[SyncConn], T]) -> T:
+        """Run ``fn`` in one transaction on the worker thread."""
+        if self._conn is None:
+            await self.open()
+        return await asyncio.to_thread(self._transact, fn)
+
+    def _transact(self, fn: Callable[[SyncConn], T]) -> T:
+        with self._lock:  # one transaction at a time on the connection
+            conn = self._conn
+            if conn is None or conn.closed:
+                conn = self._conn = self._connect()
+            try:
+                with conn.transaction():
+                    return fn(conn)
+            except psycopg.Error as exc:
+                raise translate(exc, "read model") from exc
+
+
+def _apply_in_savepoint(conn: SyncConn, projection: Projection, event: RecordedEvent) -> str | None:
+    """Apply one event; on error roll back just its writes and say why."""
+    try:
+        with conn.transaction():
+            projection.apply(event, conn)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
