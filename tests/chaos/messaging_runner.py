@@ -10,11 +10,12 @@ Usage: ``python messaging_runner.py relay|consumer WORKDIR NATS_URL PREFIX AGGRE
   (there is deliberately no UNIQUE constraint on ``message_id``: a double apply must
   show up, not be hidden as a failed retry). Only ``Tick`` is declared.
 
-  Order across crashes is the consumer's to keep: messages a killed consumer had
-  received but not committed come back only after ``ack_wait``, behind newer ones.
-  So a ``Tick`` that skips ahead of its aggregate's next ``n`` (aggregate ``k`` gets
-  ``k, k + AGGREGATES, ...``) raises ``OutOfOrder`` and is retried until the missing
-  ones were applied; each refusal is appended to ``WORKDIR/reorders.log``.
+  The broker is built with ``ordered_recovery=True``, which promises stream order for
+  a one-member group across consumer crashes and server restarts. The handler still
+  checks: a ``Tick`` that skips ahead of its aggregate's next ``n`` (aggregate ``k``
+  gets ``k, k + AGGREGATES, ...``) is appended to ``WORKDIR/reorders.log`` (which the
+  test expects to stay empty) and raises ``OutOfOrder``, to be retried after the
+  missing ones.
 
 Environment (read here, at the edge): ``SEAMWORK_CHAOS_CRASH=after_ack:N`` makes the
 relay SIGKILL itself right after the broker acknowledged its N-th batch, before it
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -134,7 +136,7 @@ async def consumer() -> None:
                 )
         handler = CrashAfterCommit(inbox.handler(apply, types={"Tick"}))
         while True:  # the server may be down right now: keep trying to subscribe
-            broker = NatsBroker(URL, publish_timeout=1.0)
+            broker = NatsBroker(URL, publish_timeout=1.0, ordered_recovery=True)
             try:
                 await broker.subscribe(
                     f"{PREFIX}.>",
@@ -154,4 +156,5 @@ async def consumer() -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     asyncio.run(relay() if MODE == "relay" else consumer())

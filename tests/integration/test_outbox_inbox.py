@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -314,3 +315,33 @@ async def test_a_follow_up_published_by_a_handler_is_sent_only_if_the_handler_co
     (record,) = await outbox.pending(10)
     assert record.message.type == "PaymentProcessed"
     assert (record.message.correlation_id, record.message.causation_id) == (ok.id, ok.id)
+
+
+async def test_an_inbox_without_batches_applies_a_batch_one_transaction_each(
+    tmp_path: Path,
+) -> None:
+    from seamwork.storage.sqlite_messaging import SQLiteInbox
+
+    class OneAtATime(SQLiteInbox):
+        def _batch(self, messages: Sequence[Message]) -> Any:
+            raise NotImplementedError
+
+    inbox = OneAtATime.open_path(tmp_path / "plain.db")
+    async with inbox:
+        async with inbox._transaction(Message("Setup")) as tx:
+            assert tx is not None
+            await tx.execute("CREATE TABLE effects (n INTEGER, message_id TEXT)")
+
+        async def apply(message: Message, tx: Transaction) -> None:
+            await record_effect(message, tx)
+            if message.data["n"] == 2:
+                raise ConnectionError("downstream busy")
+
+        first = Delivery(Message("N", {"n": 1}), "s", "g")
+        outcomes = await inbox.handler(apply).batch(
+            [first, Delivery(Message("N", {"n": 2}), "s", "g"), first]
+        )
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], ConnectionError)
+    assert outcomes[2] is None
+    assert rows(tmp_path / "plain.db", "SELECT n FROM effects") == [(1,)]

@@ -11,6 +11,16 @@ refused whole by the server; that only happens when a relay re-sends after a cra
 and then the batch is sent again one message at a time, letting the server drop the
 duplicates. Older servers get the messages pipelined, each acknowledged.
 
+Order. A subscription sees its subject in stream order while its consumer and the
+server stay up. Messages a member had received but not acknowledged when it (or the
+server) died come back only after ``ack_wait``, behind newer ones, unless the broker
+is built with ``ordered_recovery=True``: then a member that starts or reconnects
+while its group has messages in flight waits one ``ack_wait`` before fetching, so
+those come back first (a single-member group then keeps stream order across
+crashes, at the price of that pause). A retried message always comes back behind
+the ones after it; a handler that needs per-key order checks a sequence number in
+the message and raises to have an early one retried.
+
 Consumers. A group is one durable pull consumer shared by all its members. A
 handler with a ``batch(deliveries)`` method (``Inbox.handler`` builds one) gets each
 fetched batch at once and returns one outcome per delivery, after its single
@@ -102,6 +112,8 @@ class NatsBroker:
         duplicate_window: seconds the server remembers message ids.
         publish_timeout: seconds to wait for a publish acknowledgement.
         streams: explicit stream name -> subjects, instead of one per first token.
+        ordered_recovery: after a (re)start or reconnect with messages in flight,
+            wait ``ack_wait`` before fetching so they are redelivered first.
     """
 
     def __init__(
@@ -112,6 +124,7 @@ class NatsBroker:
         publish_timeout: float = 5.0,
         streams: Mapping[str, Sequence[str]] | None = None,
         name: str = "seamwork",
+        ordered_recovery: bool = False,
     ) -> None:
         if duplicate_window <= 0:
             raise ConfigError(f"duplicate_window must be > 0, got {duplicate_window}")
@@ -120,6 +133,7 @@ class NatsBroker:
         self._timeout = publish_timeout
         self._explicit = {s: n for n, subjects in (streams or {}).items() for s in subjects}
         self._name = name
+        self.ordered_recovery = ordered_recovery
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._atomic = False
@@ -323,7 +337,9 @@ class NatsBroker:
             subject, durable=_consumer_name(group, subject), stream=stream, config=config
         )
         subscription = NatsSubscription()
-        consumer = _Consumer(self, pull, subject, group, handler, max_deliver, retry_delay)
+        consumer = _Consumer(
+            self, pull, subject, group, handler, max_deliver, retry_delay, ack_wait
+        )
         subscription._task = asyncio.create_task(consumer.run(subscription.stats))
         self._subscriptions.append(subscription)
         return subscription
@@ -386,14 +402,25 @@ class _Consumer:
         handler: Handler,
         max_deliver: int,
         retry_delay: float,
+        ack_wait: float,
     ) -> None:
         self.broker, self.pull, self.subject, self.group = broker, pull, subject, group
         self.handler, self.max_deliver, self.retry_delay = handler, max_deliver, retry_delay
+        self.ack_wait = ack_wait
 
     async def run(self, stats: SubscriptionStats) -> None:
         batch = getattr(self.handler, "batch", None)
         puller = _Puller(self.pull, _FETCH if batch is None else _FETCH_BATCH)
+        connection = -1  # the client's reconnect count when in-flight messages were checked
         while True:
+            # no await between this check and the fetch's request: a reconnect cannot
+            # slip in between, so no request reaches a new server unchecked
+            if self.broker.ordered_recovery and connection != _reconnects(self.pull):
+                current = _reconnects(self.pull)
+                if not await self._in_flight_first():
+                    await asyncio.sleep(0.5)
+                    continue
+                connection = current
             try:
                 messages = await puller.fetch()
             except asyncio.CancelledError:
@@ -409,6 +436,27 @@ class _Consumer:
                 continue
             for msg in messages:
                 await self._guarded(self._handle(msg, stats))
+
+    async def _in_flight_first(self) -> bool:
+        """If the group has messages in flight (held by a member that died, or lost
+        with a connection), wait one ack_wait so they are redelivered before anything
+        newer. False if the server cannot be asked right now."""
+        try:
+            info = await self.pull.consumer_info()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return False
+        if info.num_ack_pending:
+            log.info(
+                "consumer %s on %s: %d messages in flight; fetching again in %.1fs",
+                self.group,
+                self.subject,
+                info.num_ack_pending,
+                self.ack_wait,
+            )
+            await asyncio.sleep(self.ack_wait)
+        return True
 
     async def _guarded(self, step: Awaitable[None]) -> None:
         try:
@@ -512,8 +560,11 @@ class _Puller:
         messages = self._drain()
         if messages:
             return messages
-        request = {"batch": self.size, "expires": int(self.expires * 1e9)}
         pull: Any = self.pull  # its pending queue and request subject are not typed public
+        if not pull._nc.is_connected:  # a request buffered now would reach the next server
+            await asyncio.sleep(0.1)
+            return []
+        request = {"batch": self.size, "expires": int(self.expires * 1e9)}
         await pull._nc.publish(pull._nms, json.dumps(request).encode(), reply=pull._deliver)
         try:
             async with asyncio.timeout(self.expires + 0.25):
@@ -522,8 +573,13 @@ class _Puller:
             return []
         pull._sub._pending_queue.task_done()
         pull._sub._pending_size -= len(first.data)
+        if _is_status(first):
+            if first.headers and first.headers.get("Status") != "408":  # not just expired
+                log.debug("pull request ended: %s", first.headers.get("Description"))
+                await asyncio.sleep(0.1)  # e.g. too many waiting requests: do not spin
+            return []
         await asyncio.sleep(0)  # let the reader parse the rest of what arrived with it
-        return [m for m in (first, *self._drain()) if not _is_status(m)]
+        return [first, *self._drain()]
 
     def _drain(self) -> list[Msg]:
         pull: Any = self.pull
@@ -536,6 +592,12 @@ class _Puller:
             if not _is_status(msg):
                 messages.append(msg)
         return messages
+
+
+def _reconnects(pull: JetStreamContext.PullSubscription) -> int:
+    """How often the client reconnected (counted before it resumes sending)."""
+    client: Any = pull
+    return int(client._nc.stats["reconnects"])
 
 
 def _is_status(msg: Msg) -> bool:
