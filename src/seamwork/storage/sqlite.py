@@ -242,6 +242,7 @@ class SQLiteStore:
             name="saga",
             create=create,
             readonly=readonly,
+            rerun_safe=True,  # every call is plain SQL, safe to run again after a rollback
         )
         self._lock_fd: int | None = None
 
