@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-from collections.abc import Collection, Sequence
+import os
+import socket
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any
 
 import psycopg
@@ -117,7 +119,14 @@ _SAVE_STATUS = (
     "lease_expires_at = %s WHERE saga_id = %s AND status = %s RETURNING saga_id), "
     f"events AS ({_EVENTS}) SELECT count(*) FROM written"
 )
+_CLAIM = (
+    f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE status IN ('running', 'compensating') "
+    "AND (lease_owner IS NULL OR lease_expires_at < %s) AND "
+    "(saga_name, saga_version) IN (SELECT * FROM unnest(%s::text[], %s::int[])) "
+    "ORDER BY updated_at LIMIT %s FOR UPDATE SKIP LOCKED"
+)
 _ACTIVE = ("running", "compensating")
+_BACKSTOP = 0.25  # seconds past the deadline before a severed statement is cancelled
 
 
 def _state_params(state: SagaState) -> tuple[Any, ...]:
@@ -241,7 +250,7 @@ class _GroupCommit:
             while not self._queue.empty() and len(batch) < 256:
                 batch.append(self._queue.get_nowait())
             try:
-                async with asyncio.timeout(self._deadline):
+                async with _deadline(self._deadline, [self._conn] if self._conn else []):
                     counts = await self._execute(batch)
             except (psycopg.OperationalError, TimeoutError) as exc:
                 # Lost or stalled mid-commit: the outcome is unknown to us. Callers get a
@@ -422,16 +431,19 @@ class PostgresStore:
     async def list(
         self, *, status: SagaStatus | None = None, name: str | None = None, limit: int = 100
     ) -> builtins.list[SagaState]:
+        # Only the filters given, as plain equalities: a prepared (generic) plan keeps
+        # the (status, updated_at) index, where "$1 IS NULL OR status = $1" loses it.
+        where, params = [], []
+        if status is not None:
+            where.append("status = %s")
+            params.append(SagaStatus(status).value)
+        if name is not None:
+            where.append("saga_name = %s")
+            params.append(name)
+        condition = f" WHERE {' AND '.join(where)}" if where else ""
         rows = await self._fetch(
-            f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE (%s::text IS NULL OR status = %s) "
-            "AND (%s::text IS NULL OR saga_name = %s) ORDER BY updated_at DESC LIMIT %s",
-            (
-                None if status is None else SagaStatus(status).value,
-                None if status is None else SagaStatus(status).value,
-                name,
-                name,
-                limit,
-            ),
+            f"SELECT {_COLUMNS} FROM seamwork_sagas{condition} ORDER BY updated_at DESC LIMIT %s",
+            (*params, limit),
         )
         return [s for s in map(_decode_or_none, rows) if s is not None]
 
@@ -454,32 +466,25 @@ class PostgresStore:
     ) -> ClaimResult:
         names, versions = _keys(runnable)
         result = ClaimResult()
+        conns: builtins.list[AsyncConn] = []
         try:
-            async with (
-                asyncio.timeout(self._deadline),
-                self._pool.connection() as conn,
-                conn.transaction(),
-            ):
-                cursor = await conn.execute(
-                    f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE status IN ('running', "
-                    "'compensating') AND (lease_owner IS NULL OR lease_expires_at < %s) AND "
-                    "(saga_name, saga_version) IN (SELECT * FROM unnest(%s::text[], %s::int[])) "
-                    "ORDER BY updated_at LIMIT %s FOR UPDATE SKIP LOCKED",
-                    (now, names, versions, limit),
-                )
-                for row in await cursor.fetchall():
-                    try:
-                        result.claimed.append(_decode(row))
-                    except CorruptSagaError as error:
-                        result.corrupt.append(error)
-                expires = now + lease_seconds
-                ids = [s.saga_id for s in result.claimed]
-                if ids:
-                    await conn.execute(
-                        "UPDATE seamwork_sagas SET lease_owner = %s, lease_expires_at = %s "
-                        "WHERE saga_id = ANY(%s)",
-                        (owner, expires, ids),
-                    )
+            async with _deadline(self._deadline, conns), self._pool.connection() as conn:
+                conns.append(conn)
+                async with conn.transaction():
+                    cursor = await conn.execute(_CLAIM, (now, names, versions, limit))
+                    for row in await cursor.fetchall():
+                        try:
+                            result.claimed.append(_decode(row))
+                        except CorruptSagaError as error:
+                            result.corrupt.append(error)
+                    expires = now + lease_seconds
+                    ids = [s.saga_id for s in result.claimed]
+                    if ids:
+                        await conn.execute(
+                            "UPDATE seamwork_sagas SET lease_owner = %s, lease_expires_at = %s "
+                            "WHERE saga_id = ANY(%s)",
+                            (owner, expires, ids),
+                        )
         except (psycopg.Error, TimeoutError) as exc:
             raise translate(_stalled(exc, self._deadline), "saga store claim") from exc
         result.claimed[:] = [
@@ -516,12 +521,46 @@ class PostgresStore:
         return [s for s in map(_decode_or_none, rows) if s is not None]
 
     async def _fetch(self, sql: str, params: tuple[Any, ...]) -> builtins.list[Any]:
+        conns: builtins.list[AsyncConn] = []
         try:
-            async with asyncio.timeout(self._deadline), self._pool.connection() as conn:
+            async with _deadline(self._deadline, conns), self._pool.connection() as conn:
+                conns.append(conn)
                 cursor = await conn.execute(sql.encode(), params)
                 return await cursor.fetchall()
         except (psycopg.Error, TimeoutError) as exc:
             raise translate(_stalled(exc, self._deadline), "saga store") from exc
+
+
+@contextlib.asynccontextmanager
+async def _deadline(seconds: float, conns: Sequence[AsyncConn]) -> AsyncIterator[None]:
+    """The application deadline: at ``seconds`` the connections in use are severed.
+
+    Not a plain ``asyncio.timeout``: psycopg answers a cancelled query by asking the
+    server to cancel it and waiting for that (up to 10 s), so on a stalled server a
+    cancellation would hold the deadline hostage. A shut-down socket makes the pending
+    read fail at once; the timeout stays as a backstop (waiting for a pooled
+    connection, say), and either way the caller sees ``TimeoutError``.
+    """
+    severed: list[bool] = []
+    sever = asyncio.get_running_loop().call_later(seconds, _sever, conns, severed)
+    try:
+        async with asyncio.timeout(seconds + _BACKSTOP):
+            yield
+    except psycopg.OperationalError as exc:
+        if severed:
+            raise TimeoutError(f"no answer within {seconds:g}s") from exc
+        raise
+    finally:
+        sever.cancel()
+
+
+def _sever(conns: Sequence[AsyncConn], severed: list[bool]) -> None:
+    for conn in conns:
+        # Through a duplicate descriptor: the connection's own stays valid (its number
+        # is not reused under psycopg's feet) while the socket itself is shut down.
+        with contextlib.suppress(Exception), socket.socket(fileno=os.dup(conn.pgconn.socket)) as s:
+            s.shutdown(socket.SHUT_RDWR)
+            severed.append(True)
 
 
 def _stalled(exc: BaseException, deadline: float) -> BaseException:

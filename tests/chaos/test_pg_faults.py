@@ -1,0 +1,244 @@
+"""Database faults under a running orchestrator on PostgreSQL.
+
+The orchestrator runs in the test process; the services keep their books on the
+shared server, the saga store suffers the fault: connections terminated by the
+server, a stalled network (a proxy that stops forwarding), connections cut right
+after the server committed a transition, and - on a private cluster this test
+creates, never the shared one - two crash-restarts (``pg_ctl -m immediate``).
+Afterwards the books must balance: every saga terminal, nothing applied twice,
+compensations only of applied steps, in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from pg_chaos import check_invariants, fresh_schema, store_and_books
+from pg_faults import PrivateCluster, Proxy, pg_bin
+from pg_saga_app import Services, create_books, order_sagas
+
+from seamwork.errors import StoreError
+from seamwork.saga import SagaOrchestrator, SagaState
+from seamwork.storage import PostgresStore
+
+pytestmark = pytest.mark.chaos
+
+SCENARIOS = ("ok", "ok", "ok", "decline", "late_decline")
+
+
+def make_plan(count: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    return [{"id": f"order-{i}", "scenario": rng.choice(SCENARIOS)} for i in range(count)]
+
+
+def orchestrator(store: str, ledger: str, **options: Any) -> tuple[SagaOrchestrator, Services]:
+    services = Services(ledger)
+    timeout = options.pop("query_timeout", 2.0)
+    options = {"lease_seconds": 2.0, "recovery_interval": 0.1, **options}
+    orch = SagaOrchestrator(
+        PostgresStore(store, query_timeout=timeout), order_sagas(services), **options
+    )
+    return orch, services
+
+
+async def run_plan(
+    orch: SagaOrchestrator, plan: list[dict[str, str]], *, in_flight: int = 16, timeout: float = 60
+) -> list[SagaState]:
+    """Start and await every saga, as a client would: a store error means try again
+    (``start`` with the same id is idempotent)."""
+    gate = asyncio.Semaphore(in_flight)
+
+    async def one(entry: dict[str, str]) -> SagaState:
+        async with gate:
+            while True:
+                try:
+                    data = {"scenario": entry["scenario"]}
+                    run = await orch.start("order", data, saga_id=entry["id"])
+                    return await run.wait()
+                except StoreError:
+                    await asyncio.sleep(0.05)
+
+    tasks = [asyncio.ensure_future(one(entry)) for entry in plan]
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    unfinished = [plan[i]["id"] for i, task in enumerate(tasks) if task in pending]
+    assert not unfinished, f"not finished in {timeout}s: {unfinished[:20]} (of {len(unfinished)})"
+    return [task.result() for task in tasks]
+
+
+def with_port(dsn: str, port: int) -> str:
+    return re.sub(r"\bport=\d+", f"port={port}", dsn) if "port=" in dsn else f"{dsn} port={port}"
+
+
+class Transitions:
+    """Monotonic times of committed transitions (hooks fire after the commit)."""
+
+    def __init__(self, orch: SagaOrchestrator) -> None:
+        self.times: list[float] = []
+        for event in ("completed", "failed"):
+            orch.on(event, lambda state: self.times.append(time.monotonic()))
+        for event in ("step_completed", "compensated"):
+            orch.on(event, lambda state, step: self.times.append(time.monotonic()))
+
+    def first_after(self, moment: float) -> float:
+        return min((t for t in self.times if t > moment), default=float("inf")) - moment
+
+
+class StoreErrors(logging.Handler):
+    """Times at which the orchestrator logged a store error under a saga."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "store error" in record.getMessage():
+            self.times.append(time.monotonic())
+
+
+@pytest.fixture
+def store_errors() -> Iterator[StoreErrors]:
+    handler = StoreErrors()
+    logger = logging.getLogger("seamwork.saga")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+@pytest.mark.timeout(120)
+async def test_terminated_connections_lose_nothing_and_apply_nothing_twice(
+    pg_database: str,
+) -> None:
+    store, ledger = store_and_books(pg_database)
+    name = f"seamwork_store_{uuid.uuid4().hex[:8]}"
+    orch, services = orchestrator(f"{store} application_name={name}", ledger)
+    plan = make_plan(300, seed=1)
+    kills = 0
+
+    async def killer() -> None:
+        nonlocal kills
+        rng = random.Random(2)
+        async with await psycopg.AsyncConnection.connect(pg_database, autocommit=True) as conn:
+            while True:
+                await asyncio.sleep(rng.uniform(0.03, 0.15))
+                cursor = await conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = %s ORDER BY random() LIMIT 1",
+                    (name,),
+                )
+                row = await cursor.fetchone()
+                kills += bool(row and row[0])
+
+    async with orch:
+        task = asyncio.create_task(killer())
+        try:
+            await run_plan(orch, plan)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    await services.aclose()
+    assert kills >= 15, kills
+    check_invariants(store, ledger, plan)
+
+
+@pytest.mark.timeout(120)
+async def test_a_stalled_connection_is_detected_within_2s_and_recovered_after(
+    pg_database: str, store_errors: StoreErrors
+) -> None:
+    store, ledger = store_and_books(pg_database)
+    proxy = Proxy(5432)
+    await proxy.start()
+    orch, services = orchestrator(with_port(store, proxy.port), ledger, query_timeout=1.5)
+    transitions = Transitions(orch)
+    plan = make_plan(150, seed=3)
+    async with orch:
+        work = asyncio.create_task(run_plan(orch, plan, in_flight=8))
+        await asyncio.sleep(0.5)
+        stalled = time.monotonic()
+        proxy.stall()
+        await asyncio.sleep(3.0)
+        resumed = time.monotonic()
+        proxy.resume()
+        await work
+    await services.aclose()
+    await proxy.aclose()
+    detected = min(t for t in store_errors.times if t > stalled) - stalled
+    assert detected <= 2.0, f"a stall was noticed after {detected:.2f}s"
+    assert transitions.first_after(resumed) <= 2.0
+    check_invariants(store, ledger, plan)
+
+
+@pytest.mark.timeout(120)
+async def test_a_connection_cut_after_commit_is_resolved_by_rereading(
+    pg_database: str, store_errors: StoreErrors
+) -> None:
+    store, ledger = store_and_books(pg_database)
+    proxy = Proxy(5432)
+    await proxy.start()
+    orch, services = orchestrator(with_port(store, proxy.port), ledger)
+    plan = make_plan(120, seed=4)
+    async with orch:
+        proxy.cut_after_commits(10)
+        await run_plan(orch, plan, in_flight=8)
+    await services.aclose()
+    await proxy.aclose()
+    assert proxy.cuts == 10
+    assert store_errors.times, "no transition was left in doubt"
+    check_invariants(store, ledger, plan)
+    with psycopg.connect(ledger) as conn:
+        reruns = conn.execute(
+            "SELECT saga_id, step, kind, count(*) FROM calls GROUP BY 1, 2, 3 HAVING count(*) > 1"
+        ).fetchall()
+    assert reruns == [], "a commit in doubt was guessed (the step ran again), not re-read"
+
+
+@pytest.fixture
+def private_cluster() -> Iterator[PrivateCluster]:
+    if pg_bin("initdb") is None:
+        if os.environ.get("SEAMWORK_REQUIRE_SERVICES") == "1":
+            pytest.fail("initdb is missing: cannot create a private PostgreSQL cluster")
+        pytest.skip("initdb is missing: cannot create a private PostgreSQL cluster")
+    cluster = PrivateCluster()
+    try:
+        cluster.create()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.mark.timeout(150)
+async def test_two_immediate_restarts_lose_nothing_and_recovery_resumes_within_1s(
+    pg_database: str, private_cluster: PrivateCluster
+) -> None:
+    ledger = fresh_schema(pg_database, "books")
+    create_books(ledger)
+    store = fresh_schema(private_cluster.dsn, "sagas")
+    orch, services = orchestrator(store, ledger)
+    transitions = Transitions(orch)
+    plan = make_plan(1000, seed=5)
+    back: list[float] = []
+    async with orch:
+        work = asyncio.create_task(run_plan(orch, plan, in_flight=16, timeout=90))
+        for _ in range(2):
+            await asyncio.sleep(1.0)
+            assert not work.done(), "the sagas finished before the database went down"
+            await asyncio.to_thread(private_cluster.crash)
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(private_cluster.start)
+            back.append(time.monotonic())
+        await work
+    await services.aclose()
+    check_invariants(store, ledger, plan)
+    resumed = [transitions.first_after(moment) for moment in back]
+    assert max(resumed) <= 1.0, f"transitions resumed {resumed} s after the database was back"
