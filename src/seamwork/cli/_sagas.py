@@ -1,9 +1,13 @@
-"""``seamwork sagas list|show|retry|abort --db PATH``: inspect and operate a saga store.
+"""``seamwork sagas list|show|retry|abort``: inspect and operate a saga store.
 
-The commands read the SQLite store without the orchestrator's lock (readers need
-none). ``retry`` and ``abort`` are operator writes fenced on the ``stuck`` status,
-so they are safe while an orchestrator runs: a retried saga is released (no lease
-owner) and a running orchestrator's recovery loop claims it and compensates again.
+The store is a SQLite file (``--db PATH``) or a PostgreSQL database (``--postgres
+DSN``). The commands read it without the orchestrator's lock (readers need none).
+``retry`` and ``abort`` are operator writes fenced on the ``stuck`` status, so they
+are safe while orchestrators run: a retried saga is released (no lease owner) and a
+running orchestrator's recovery loop claims it and compensates again.
+
+``list --stranded --app module:sagas`` lists the running or compensating sagas whose
+name and version none of those definitions can run (left behind by a deploy).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from rich.console import Console
 
 from seamwork.cli._render import event_json, saga_view, sagas_table, state_json
 from seamwork.errors import SagaError, StoreError
-from seamwork.saga import SagaState, SagaStatus, StepEvent, abort_stuck, retry_stuck
+from seamwork.saga import SagaState, SagaStatus, SagaStore, StepEvent, abort_stuck, retry_stuck
 from seamwork.storage import SQLiteStore
 
 T = TypeVar("T")
@@ -31,11 +35,19 @@ sagas = typer.Typer(
 )
 
 Db = Annotated[
-    Path,
+    Path | None,
     typer.Option(
         "--db",
         envvar="SEAMWORK_DB",
         help="The saga store: a seamwork SQLite file (env: SEAMWORK_DB).",
+        show_default=False,
+    ),
+]
+Postgres = Annotated[
+    str | None,
+    typer.Option(
+        "--postgres",
+        help="The saga store: a PostgreSQL DSN (instead of --db).",
         show_default=False,
     ),
 ]
@@ -55,16 +67,34 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=False)
 
 
-def run_on_store(
-    db: Path, work: Callable[[SQLiteStore], Awaitable[T]], *, readonly: bool = True
-) -> T:
-    """Open the existing store at ``db`` (nothing is created; read-only unless asked),
-    run ``work``, close; errors as ``CliError``, never a traceback."""
+def _open_store(db: Path | None, postgres: str | None, readonly: bool) -> SagaStore:
+    if (db is None) == (postgres is None):
+        raise CliError("give exactly one of --db PATH or --postgres DSN", code=2)
+    if postgres is not None:
+        try:
+            from seamwork.storage.postgres import PostgresStore
+        except ImportError as exc:
+            raise CliError(str(exc), code=2) from exc
+        return PostgresStore(postgres, pool_size=1)
+    assert db is not None
     if not db.is_file():
         raise CliError(f"no saga database at {db}", code=2)
+    return SQLiteStore(db, create=False, readonly=readonly)
+
+
+def run_on_store(
+    db: Path | None,
+    work: Callable[[SagaStore], Awaitable[T]],
+    *,
+    readonly: bool = True,
+    postgres: str | None = None,
+) -> T:
+    """Open the existing store - the SQLite file ``db`` (nothing is created; read-only
+    unless asked) or the PostgreSQL ``postgres`` DSN - run ``work``, close; errors as
+    ``CliError``, never a traceback."""
+    store = _open_store(db, postgres, readonly)
 
     async def go() -> T:
-        store = SQLiteStore(db, create=False, readonly=readonly)
         try:
             await store.open()
             return await work(store)
@@ -82,27 +112,41 @@ def fail(exc: CliError) -> typer.Exit:
     return typer.Exit(exc.code)
 
 
-async def existing(store: SQLiteStore, saga_id: str) -> SagaState:
+async def existing(store: SagaStore, saga_id: str) -> SagaState:
     state = await store.get(saga_id)
     if state is None:
-        raise CliError(f"no saga with id {saga_id!r} in {store.path}")
+        where = store.path if isinstance(store, SQLiteStore) else "the PostgreSQL store"
+        raise CliError(f"no saga with id {saga_id!r} in {where}")
     return state
 
 
 @sagas.command("list")
 def list_sagas(
-    db: Db,
+    db: Db = None,
+    postgres: Postgres = None,
     status: Annotated[
         SagaStatus | None,
         typer.Option("--status", "-s", help="Only sagas in this status.", case_sensitive=False),
     ] = None,
     name: Annotated[str | None, typer.Option("--name", "-n", help="Only this saga.")] = None,
     limit: Annotated[int, typer.Option("--limit", "-l", min=1, help="At most this many.")] = 50,
+    stranded: Annotated[
+        bool,
+        typer.Option("--stranded", help="Only running sagas none of --app's definitions can run."),
+    ] = False,
+    app: Annotated[
+        str | None,
+        typer.Option("--app", help="module:attribute with the Saga definitions (--stranded)."),
+    ] = None,
     as_json: Json = False,
 ) -> None:
     """List sagas, most recently updated first."""
     try:
-        states = run_on_store(db, lambda s: s.list(status=status, name=name, limit=limit))
+        if stranded:
+            work = _stranded_lister(app, status, name, limit)
+        else:
+            work = lambda s: s.list(status=status, name=name, limit=limit)  # noqa: E731
+        states = run_on_store(db, work, postgres=postgres)
     except CliError as exc:
         raise fail(exc) from None
     if as_json:
@@ -111,16 +155,40 @@ def list_sagas(
     _console().print(sagas_table(states, time.time()))
 
 
+def _stranded_lister(
+    app: str | None, status: SagaStatus | None, name: str | None, limit: int
+) -> Callable[[SagaStore], Awaitable[list[SagaState]]]:
+    if app is None:
+        raise CliError("--stranded needs --app module:attribute (the definitions to run)", 2)
+    from seamwork.cli._worker import load_sagas
+
+    keys = [saga.key for saga in load_sagas(app)]
+
+    async def work(store: SagaStore) -> list[SagaState]:
+        found = await store.stranded(keys)
+        found.sort(key=lambda s: s.updated_at, reverse=True)
+        wanted = [
+            s
+            for s in found
+            if (status is None or s.status is status) and (name is None or s.saga_name == name)
+        ]
+        return wanted[:limit]
+
+    return work
+
+
 @sagas.command("show")
-def show_saga(saga_id: SagaId, db: Db, as_json: Json = False) -> None:
+def show_saga(
+    saga_id: SagaId, db: Db = None, postgres: Postgres = None, as_json: Json = False
+) -> None:
     """Show one saga: its step timeline and its state."""
 
-    async def load(store: SQLiteStore) -> tuple[SagaState, list[StepEvent]]:
+    async def load(store: SagaStore) -> tuple[SagaState, list[StepEvent]]:
         state = await existing(store, saga_id)
         return state, await store.timeline(saga_id)
 
     try:
-        state, events = run_on_store(db, load)
+        state, events = run_on_store(db, load, postgres=postgres)
     except CliError as exc:
         raise fail(exc) from None
     if as_json:
@@ -141,14 +209,14 @@ def _stuck(state: SagaState, what: str) -> None:
 
 
 @sagas.command("retry")
-def retry_saga(saga_id: SagaId, db: Db) -> None:
+def retry_saga(saga_id: SagaId, db: Db = None, postgres: Postgres = None) -> None:
     """Compensate a stuck saga again, with fresh attempts.
 
     The saga goes back to ``compensating`` with no lease owner; a running
     orchestrator picks it up in its recovery loop (or the next one to start).
     """
 
-    async def retry(store: SQLiteStore) -> SagaState:
+    async def retry(store: SagaStore) -> SagaState:
         state = await existing(store, saga_id)
         _stuck(state, "retried")
         moved = retry_stuck(state, time.time())
@@ -156,7 +224,7 @@ def retry_saga(saga_id: SagaId, db: Db) -> None:
         return moved.state
 
     try:
-        state = run_on_store(db, retry, readonly=False)
+        state = run_on_store(db, retry, readonly=False, postgres=postgres)
     except CliError as exc:
         raise fail(exc) from None
     pending = ", ".join(state.to_compensate) or "nothing"
@@ -169,14 +237,15 @@ def retry_saga(saga_id: SagaId, db: Db) -> None:
 @sagas.command("abort")
 def abort_saga(
     saga_id: SagaId,
-    db: Db,
+    db: Db = None,
+    postgres: Postgres = None,
     reason: Annotated[
         str, typer.Option("--reason", "-r", help="Recorded in the saga's failure reason.")
     ] = "aborted by operator",
 ) -> None:
     """Give up on a stuck saga: it is marked failed and left as it is."""
 
-    async def abort(store: SQLiteStore) -> SagaState:
+    async def abort(store: SagaStore) -> SagaState:
         state = await existing(store, saga_id)
         _stuck(state, "aborted")
         moved = abort_stuck(state, time.time(), reason)
@@ -184,7 +253,7 @@ def abort_saga(
         return moved.state
 
     try:
-        state = run_on_store(db, abort, readonly=False)
+        state = run_on_store(db, abort, readonly=False, postgres=postgres)
     except CliError as exc:
         raise fail(exc) from None
     left = ", ".join(state.to_compensate) or "nothing"

@@ -1,0 +1,145 @@
+"""Sagas on PostgreSQL after a deploy, and ``seamwork sagas ... --postgres``.
+
+Sagas are left in flight by a worker running version 1; the next worker has only
+version 2 registered. Each old saga must be reported as stranded (log, hook) and left
+untouched, and ``seamwork sagas list --stranded --app ... --postgres DSN`` lists them.
+Listing by status on a large table must use the (status, updated_at) index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+from seamwork.cli import app
+from seamwork.saga import Saga, SagaOrchestrator, SagaState, SagaStatus, Step, StepContext
+from seamwork.storage import PostgresStore
+
+
+async def reserve(ctx: StepContext) -> dict[str, bool]:
+    return {"reserved": True}
+
+
+async def charge(ctx: StepContext) -> None:
+    await asyncio.sleep(3600)  # parked until its orchestrator stops
+
+
+def definitions(version: int) -> list[Saga]:
+    return [
+        Saga("order", version=version, steps=[Step("reserve", reserve), Step("charge", charge)])
+    ]
+
+
+def V1() -> list[Saga]:  # the --app targets of the CLI tests
+    return definitions(1)
+
+
+def V2() -> list[Saga]:
+    return definitions(2)
+
+
+async def park_three(dsn: str) -> None:
+    """Three order sagas on version 1, stopped mid-saga (as by a deploy)."""
+    async with SagaOrchestrator(PostgresStore(dsn), V1()) as orch:
+        for i in range(3):
+            await orch.start("order", {}, saga_id=f"old-{i}")
+        while len([s for s in await orch.list() if s.current_step_index == 1]) < 3:
+            await asyncio.sleep(0.02)
+
+
+def cli(*args: str) -> list[dict[str, object]]:
+    result = CliRunner().invoke(app, ["sagas", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    rows: list[dict[str, object]] = json.loads(result.output)
+    return rows
+
+
+async def test_sagas_of_an_unregistered_version_are_reported_stranded_and_left_untouched(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await park_three(pg_dsn)
+    reported: list[list[SagaState]] = []
+    caplog.set_level(logging.WARNING, logger="seamwork.saga")
+    async with SagaOrchestrator(PostgresStore(pg_dsn), V2(), on_stranded=reported.append) as orch:
+        await asyncio.sleep(0.3)  # a few recovery rounds: none of them may touch the rows
+        states = await orch.list()
+    assert [sorted(s.saga_id for s in batch) for batch in reported] == [["old-0", "old-1", "old-2"]]
+    for i in range(3):
+        assert f"saga old-{i} cannot be resumed: order version 1" in caplog.text
+    assert {(s.status, s.saga_version, s.current_step_index) for s in states} == {
+        (SagaStatus.RUNNING, 1, 1)
+    }
+    assert all(s.lease_owner is None for s in states)
+
+
+async def test_sagas_list_stranded_lists_what_the_app_cannot_run(pg_dsn: str) -> None:
+    await park_three(pg_dsn)
+    here = __name__
+    stranded = await asyncio.to_thread(
+        cli, "list", "--stranded", "--app", f"{here}:V2", "--postgres", pg_dsn
+    )
+    assert sorted(row["saga_id"] for row in stranded) == ["old-0", "old-1", "old-2"]
+    runnable = await asyncio.to_thread(
+        cli, "list", "--stranded", "--app", f"{here}:V1", "--postgres", pg_dsn
+    )
+    assert runnable == []
+    running = await asyncio.to_thread(cli, "list", "--status", "running", "--postgres", pg_dsn)
+    assert len(running) == 3
+
+
+def test_sagas_show_on_postgres_prints_the_timeline(pg_dsn: str) -> None:
+    asyncio.run(park_three(pg_dsn))
+    result = CliRunner().invoke(app, ["sagas", "show", "old-1", "--postgres", pg_dsn, "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert document["saga"]["saga_id"] == "old-1"
+    assert "completed" in [e["event"] for e in document["timeline"]]
+
+
+def test_sagas_list_needs_exactly_one_store(pg_dsn: str) -> None:
+    result = CliRunner().invoke(app, ["sagas", "list", "--postgres", pg_dsn, "--db", "x.db"])
+    assert result.exit_code == 2
+    assert "exactly one of --db PATH or --postgres DSN" in result.output
+
+
+def test_sagas_list_stranded_needs_the_app(pg_dsn: str) -> None:
+    result = CliRunner().invoke(app, ["sagas", "list", "--stranded", "--postgres", pg_dsn])
+    assert result.exit_code == 2
+    assert "--stranded needs --app" in result.output
+
+
+def test_listing_by_status_on_100k_sagas_reads_an_index_not_the_table(pg_dsn: str) -> None:
+    asyncio.run(_open_and_close(pg_dsn))
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(FILL, (100_000,))
+        conn.execute("ANALYZE seamwork_sagas")
+        for status in ("completed", "stuck", "running"):  # common, rare, rare
+            for _ in range(8):  # past psycopg's prepare threshold: the generic plan too
+                plan = conn.execute(f"EXPLAIN {LIST_BY_STATUS}", (status, 50)).fetchall()
+            text = "\n".join(row[0] for row in plan)
+            assert "Index Scan" in text, text
+            assert "Seq Scan" not in text, text
+            assert "Sort" not in text, text
+
+
+async def _open_and_close(dsn: str) -> None:
+    store = PostgresStore(dsn)
+    await store.open()
+    await store.aclose()
+
+
+FILL = (
+    "INSERT INTO seamwork_sagas SELECT 'bulk-' || i, 'order', 1, "
+    "CASE WHEN i %% 1000 = 0 THEN 'stuck' WHEN i %% 997 = 0 THEN 'running' "
+    "WHEN i %% 5 = 0 THEN 'failed' ELSE 'completed' END, 0, "
+    "'[]', '[]', '[]', '[]', '{}', i, i, NULL, NULL, '{}', '{}', NULL, NULL "
+    "FROM generate_series(1, %s) AS i"
+)
+LIST_BY_STATUS = (
+    "SELECT saga_id FROM seamwork_sagas WHERE status = %s ORDER BY updated_at DESC LIMIT %s"
+)
