@@ -90,6 +90,14 @@ class Outbox(ABC):
         )
         return outbox
 
+    @staticmethod
+    def postgres(dsn: str, **options: Any) -> Outbox:
+        """The outbox in the service's PostgreSQL database (``seamwork[postgres]``)."""
+        outbox: Outbox = _load("seamwork.storage.postgres_messaging", "PostgresOutbox").open_dsn(
+            dsn, **options
+        )
+        return outbox
+
     @abstractmethod
     def transaction(self) -> AbstractAsyncContextManager[Transaction]:
         """One local transaction: ``async with outbox.transaction() as tx``."""
@@ -145,6 +153,14 @@ class Inbox(ABC):
         """The inbox in the service's SQLite database at ``path``."""
         inbox: Inbox = _load("seamwork.storage.sqlite_messaging", "SQLiteInbox").open_path(
             path, **options
+        )
+        return inbox
+
+    @staticmethod
+    def postgres(dsn: str, **options: Any) -> Inbox:
+        """The inbox in the service's PostgreSQL database (``seamwork[postgres]``)."""
+        inbox: Inbox = _load("seamwork.storage.postgres_messaging", "PostgresInbox").open_dsn(
+            dsn, **options
         )
         return inbox
 

@@ -1,0 +1,304 @@
+"""Outbox and inbox in a service's own PostgreSQL database.
+
+A transaction is a real PostgreSQL transaction on a pooled connection: the service's
+statements (``%s`` placeholders), the outbox rows it publishes and - for an inbox -
+the id of the message it handles commit together. The inbox claims a message id with
+``INSERT ... ON CONFLICT DO NOTHING`` first, so a concurrent redelivery of the same
+message waits on the unique index and then finds it taken: applied once, even by two
+consumers at the same moment.
+
+Relay order: rows are read by ``seq``. Two transactions touching the same aggregate
+serialise on its rows and so commit in ``seq`` order; unrelated rows may be relayed
+in commit order rather than ``seq`` order, and nothing is ever skipped (pending rows
+are found by ``sent_at IS NULL``, not by a position).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+
+from seamwork._core.codec import dumps
+from seamwork.errors import ConfigError
+from seamwork.messaging._message import Message, encode
+from seamwork.messaging._outbox import Inbox, Outbox, OutboxRecord, Transaction
+from seamwork.storage._pg import AsyncConn, PgMigration, connect, make_pool, migrate, open_pool
+
+MESSAGING_MIGRATIONS = (
+    PgMigration(
+        "messaging",
+        1,
+        (
+            """CREATE TABLE seamwork_outbox (
+                seq bigserial PRIMARY KEY,
+                id text NOT NULL UNIQUE,
+                subject text NOT NULL,
+                type text NOT NULL,
+                data jsonb NOT NULL,
+                correlation_id text,
+                causation_id text,
+                headers jsonb NOT NULL,
+                created_at double precision NOT NULL,
+                sent_at double precision
+            )""",
+            "CREATE INDEX seamwork_outbox_pending ON seamwork_outbox (seq) WHERE sent_at IS NULL",
+            "CREATE INDEX seamwork_outbox_sent ON seamwork_outbox (sent_at) "
+            "WHERE sent_at IS NOT NULL",
+            """CREATE TABLE seamwork_inbox (
+                id text PRIMARY KEY,
+                type text NOT NULL,
+                received_at double precision NOT NULL
+            )""",
+        ),
+    ),
+)
+
+_INSERT_OUTBOX = (
+    "INSERT INTO seamwork_outbox (id, subject, type, data, correlation_id, causation_id, "
+    "headers, created_at) VALUES (%s, %s, %s, %s::jsonb, %s, %s, %s::jsonb, %s)"
+)
+_CLAIM_ID = (
+    "INSERT INTO seamwork_inbox (id, type, received_at) VALUES (%s, %s, %s) "
+    "ON CONFLICT DO NOTHING RETURNING id"
+)
+
+
+class PostgresMessageStore:
+    """The service database's connections, shared by its outbox and inbox."""
+
+    def __init__(self, dsn: str, *, pool_size: int = 8) -> None:
+        if not dsn:
+            raise ConfigError("a PostgreSQL outbox/inbox needs a DSN")
+        self.dsn = dsn
+        self.pool = make_pool(dsn, size=pool_size, name="seamwork-messaging")
+        self._opened = False
+        self._waiters: asyncio.Event | None = None
+
+    async def open(self) -> None:
+        if self._opened:
+            return
+        conn = await connect(self.dsn, autocommit=False, what="outbox")
+        try:
+            await migrate(conn, MESSAGING_MIGRATIONS)
+        finally:
+            await conn.close()
+        await open_pool(self.pool, "outbox")
+        self._opened = True
+
+    async def aclose(self) -> None:
+        if self._opened:
+            self._opened = False
+            await self.pool.close()
+
+    def notify(self) -> None:
+        waiters, self._waiters = self._waiters, None
+        if waiters is not None:
+            waiters.set()
+
+    async def wait(self, max_wait: float) -> None:
+        if self._waiters is None:
+            self._waiters = asyncio.Event()
+        waiters = self._waiters
+        try:
+            async with asyncio.timeout(max_wait):
+                await waiters.wait()
+        except TimeoutError:
+            return
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Any]:
+        await self.open()
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(sql.encode(), tuple(params))
+            return await cursor.fetchall() if cursor.description else []
+
+
+class _Transaction:
+    """``Transaction`` on an open PostgreSQL transaction; published messages are
+    inserted just before it commits."""
+
+    def __init__(self, conn: AsyncConn) -> None:
+        self.conn = conn
+        self.rows: list[tuple[Any, ...]] = []
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[tuple[Any, ...]]:
+        cursor = await self.conn.execute(sql.encode(), tuple(params))
+        return await cursor.fetchall() if cursor.description else []
+
+    async def publish(self, subject: str, message: Message) -> None:
+        if not isinstance(subject, str) or not subject or " " in subject:
+            raise ConfigError(f"a subject must be a non-empty string without spaces: {subject!r}")
+        if not isinstance(message, Message):
+            raise ConfigError(f"publish takes a Message, got {type(message).__name__}")
+        encode(message)  # refuse now what the relay could never send
+        self.rows.append(
+            (
+                message.id,
+                subject,
+                message.type,
+                dumps(message.data),
+                message.flow,
+                message.causation_id,
+                dumps(dict(message.headers)),
+                time.time(),
+            )
+        )
+
+    async def flush(self) -> None:
+        if self.rows:
+            async with self.conn.cursor() as cursor:
+                await cursor.executemany(_INSERT_OUTBOX, self.rows)
+
+
+class PostgresOutbox(Outbox):
+    """``Outbox`` in PostgreSQL; ``Outbox.postgres(dsn)`` builds one."""
+
+    def __init__(self, store: PostgresMessageStore) -> None:
+        self.store = store
+
+    @classmethod
+    def open_dsn(cls, dsn: str, **options: Any) -> PostgresOutbox:
+        return cls(PostgresMessageStore(dsn, **options))
+
+    def __repr__(self) -> str:
+        return "PostgresOutbox(...)"
+
+    def inbox(self) -> PostgresInbox:
+        return PostgresInbox(self.store)
+
+    async def open(self) -> None:
+        await self.store.open()
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        await self.store.open()
+        async with self.store.pool.connection() as conn, conn.transaction():
+            tx = _Transaction(conn)
+            yield tx
+            await tx.flush()
+        if tx.rows:
+            self.store.notify()
+
+    async def pending(self, limit: int) -> builtins.list[OutboxRecord]:
+        rows = await self.store.fetch(
+            "SELECT seq, id, subject, type, data, correlation_id, causation_id, headers "
+            "FROM seamwork_outbox WHERE sent_at IS NULL ORDER BY seq LIMIT %s",
+            (limit,),
+        )
+        return [
+            OutboxRecord(
+                seq,
+                subject,
+                Message(type_, data, id=id_, correlation_id=cor, causation_id=cau, headers=hdr),
+            )
+            for seq, id_, subject, type_, data, cor, cau, hdr in rows
+        ]
+
+    async def mark_sent(self, seqs: Collection[int]) -> None:
+        if seqs:
+            await self.store.fetch(
+                "UPDATE seamwork_outbox SET sent_at = %s WHERE seq = ANY(%s)",
+                (time.time(), builtins.list(seqs)),
+            )
+
+    async def pending_count(self) -> int:
+        rows = await self.store.fetch("SELECT count(*) FROM seamwork_outbox WHERE sent_at IS NULL")
+        return int(rows[0][0])
+
+    async def purge_sent(self, older_than: float) -> int:
+        rows = await self.store.fetch(
+            "DELETE FROM seamwork_outbox WHERE sent_at IS NOT NULL AND sent_at < %s RETURNING seq",
+            (older_than,),
+        )
+        return len(rows)
+
+    async def resend_since(self, since: float) -> int:
+        rows = await self.store.fetch(
+            "UPDATE seamwork_outbox SET sent_at = NULL WHERE sent_at >= %s RETURNING seq", (since,)
+        )
+        self.store.notify()
+        return len(rows)
+
+    async def wait_for_messages(self, max_wait: float) -> None:
+        await self.store.wait(max_wait)
+
+
+class _Batch:
+    """``InboxBatch`` on one PostgreSQL transaction: a savepoint per message."""
+
+    def __init__(self, conn: AsyncConn) -> None:
+        self.conn = conn
+        self.published = False
+
+    async def apply(
+        self, message: Message, fn: Callable[[Message, Transaction], Awaitable[None]]
+    ) -> BaseException | None:
+        try:
+            async with self.conn.transaction():
+                cursor = await self.conn.execute(_CLAIM_ID, (message.id, message.type, time.time()))
+                if await cursor.fetchone() is None:
+                    return None  # applied before
+                tx = _Transaction(self.conn)
+                await fn(message, tx)
+                await tx.flush()
+                self.published = self.published or bool(tx.rows)
+        except psycopg.OperationalError:
+            raise
+        except Exception as exc:
+            return exc
+        return None
+
+
+class PostgresInbox(Inbox):
+    """``Inbox`` in PostgreSQL; ``Inbox.postgres(dsn)`` or ``Inbox.of(outbox)``."""
+
+    def __init__(self, store: PostgresMessageStore) -> None:
+        self.store = store
+
+    @classmethod
+    def open_dsn(cls, dsn: str, **options: Any) -> PostgresInbox:
+        return cls(PostgresMessageStore(dsn, **options))
+
+    def __repr__(self) -> str:
+        return "PostgresInbox(...)"
+
+    async def open(self) -> None:
+        await self.store.open()
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+    async def seen(self, message_id: str) -> bool:
+        rows = await self.store.fetch("SELECT 1 FROM seamwork_inbox WHERE id = %s", (message_id,))
+        return bool(rows)
+
+    @asynccontextmanager
+    async def _transaction(self, message: Message) -> AsyncIterator[Transaction | None]:
+        await self.store.open()
+        async with self.store.pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(_CLAIM_ID, (message.id, message.type, time.time()))
+            if await cursor.fetchone() is None:
+                yield None  # applied before: apply nothing, acknowledge again
+                return
+            tx = _Transaction(conn)
+            yield tx
+            await tx.flush()
+        if tx.rows:
+            self.store.notify()
+
+    @asynccontextmanager
+    async def _batch(self, messages: Sequence[Message]) -> AsyncIterator[_Batch]:
+        await self.store.open()
+        async with self.store.pool.connection() as conn, conn.transaction():
+            batch = _Batch(conn)
+            yield batch
+        if batch.published:
+            self.store.notify()

@@ -1,0 +1,128 @@
+"""Outbox, relay and inbox in PostgreSQL, through a real (embedded) nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+
+from seamwork.brokers import EmbeddedNats, NatsBroker
+from seamwork.messaging import Delivery, Inbox, Message, Outbox, OutboxRelay, Transaction
+from seamwork.testing.broker import eventually
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+async def outbox(pg_dsn: str) -> AsyncIterator[Outbox]:
+    async with Outbox.postgres(pg_dsn) as box:
+        async with box.transaction() as tx:
+            await tx.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+            await tx.execute("CREATE TABLE effects (n int, message_id text)")
+        yield box
+
+
+async def count(dsn: str, sql: str) -> int:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cursor = await conn.execute(sql.encode())
+        row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+
+async def test_outbox_rows_commit_and_roll_back_with_the_services_writes(
+    outbox: Outbox, pg_dsn: str
+) -> None:
+    async with outbox.transaction() as tx:
+        await tx.execute("INSERT INTO orders (id) VALUES (%s)", (1,))
+        await tx.publish("orders.created", Message("OrderCreated", {"order_id": 1}))
+
+    async def failing() -> None:
+        async with outbox.transaction() as tx:
+            await tx.execute("INSERT INTO orders (id) VALUES (%s)", (2,))
+            await tx.publish("orders.created", Message("OrderCreated", {"order_id": 2}))
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await failing()
+    assert await count(pg_dsn, "SELECT count(*) FROM orders") == 1
+    assert await outbox.pending_count() == 1
+    (record,) = await outbox.pending(10)
+    assert record.message.data == {"order_id": 1}
+
+
+async def test_relay_and_inbox_apply_each_message_once_across_redelivery(
+    outbox: Outbox, pg_dsn: str
+) -> None:
+    inbox = Inbox.of(outbox)
+    subject = f"t{uuid.uuid4().hex[:10]}.created"
+    for n in range(20):
+        async with outbox.transaction() as tx:
+            await tx.publish(subject, Message("N", {"n": n}))
+    applied: list[int] = []
+
+    async def on_n(message: Message, tx: Transaction) -> None:
+        await tx.execute(
+            "INSERT INTO effects (n, message_id) VALUES (%s, %s)", (message.data["n"], message.id)
+        )
+        applied.append(message.data["n"])
+
+    handler = inbox.handler(on_n, types={"N"})
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        await broker.subscribe(subject, "effects", handler)
+        relay = OutboxRelay(outbox, broker)
+        assert await relay.drain() == 20
+        await eventually(lambda: len(applied) == 20)
+        record = (await outbox_sent(outbox, pg_dsn))[0]
+        redelivered = Delivery(record, subject, "effects", attempt=2)
+        await handler(redelivered)  # a redelivery applies nothing
+        await broker.aclose()
+    assert await count(pg_dsn, "SELECT count(*) FROM effects") == 20
+    assert await outbox.pending_count() == 0
+
+
+async def outbox_sent(outbox: Outbox, dsn: str) -> list[Message]:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cursor = await conn.execute(
+            "SELECT id, type, data FROM seamwork_outbox ORDER BY seq LIMIT 1"
+        )
+        return [Message(t, d, id=i) for i, t, d in await cursor.fetchall()]
+
+
+async def test_two_consumers_racing_on_one_message_apply_it_once(
+    outbox: Outbox, pg_dsn: str
+) -> None:
+    inbox = Inbox.of(outbox)
+    started = asyncio.Event()
+
+    async def slow(message: Message, tx: Transaction) -> None:
+        await tx.execute("INSERT INTO effects (n, message_id) VALUES (1, %s)", (message.id,))
+        started.set()
+        await asyncio.sleep(0.1)
+
+    handler = inbox.handler(slow)
+    delivery = Delivery(Message("N", {}), "x.y", "g")
+    await asyncio.gather(handler(delivery), handler(delivery))
+    assert await count(pg_dsn, "SELECT count(*) FROM effects") == 1
+
+
+async def test_a_batch_rolls_back_a_failing_message_alone(outbox: Outbox, pg_dsn: str) -> None:
+    inbox = Inbox.of(outbox)
+
+    async def fn(message: Message, tx: Transaction) -> None:
+        await tx.execute("INSERT INTO effects (n, message_id) VALUES (%s, %s)", (1, message.id))
+        await tx.publish("orders.next", message.caused("Next"))
+        if message.data.get("bad"):
+            raise ValueError("bad message")
+
+    handler = inbox.handler(fn)
+    deliveries = [Delivery(Message("N", {"bad": n == 1}), "x.y", "g") for n in range(3)]
+    outcomes = await handler.batch(deliveries)
+    assert [type(o).__name__ if o else None for o in outcomes] == [None, "ValueError", None]
+    assert await count(pg_dsn, "SELECT count(*) FROM effects") == 2
+    assert await outbox.pending_count() == 2
+    assert await inbox.seen(deliveries[0].message.id)
+    assert not await inbox.seen(deliveries[1].message.id)
