@@ -949,6 +949,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--rounds", type=int, default=5, help="interleaved seamwork/floor chunks per phase"
     )
     parser.add_argument("--no-dbos", action="store_true", help="skip DBOS")
+    parser.add_argument(
+        "--postgres",
+        metavar="DSN",
+        help="also run the PostgreSQL section on this server (fresh databases, dropped after)",
+    )
+    parser.add_argument("--no-sqlite", action="store_true", help="skip the SQLite section")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -1007,6 +1013,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     load_before = os.getloadavg()[0]
     have_dbos = not args.no_dbos and importlib.util.find_spec("dbos") is not None
+    if not args.no_sqlite:
+        sqlite_section(args, cfg, have_dbos, load_before)
+    if args.postgres:
+        postgres_section(args, cfg, have_dbos)
+    return 0
+
+
+def postgres_section(args: argparse.Namespace, cfg: dict[str, Any], have_dbos: bool) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import saga_pg
+
+    load_before = os.getloadavg()[0]
+    runs = []
+    for round_no in range(1, args.repeat + 1):
+        print(f"[{round_no}/{args.repeat}] postgres ...", file=sys.stderr, flush=True)
+        runs.append(saga_pg.measure(args.postgres, {**cfg, "parked": args.parked}, have_dbos))
+    header, rows = saga_pg.table(runs)
+    title = (
+        f"Saga throughput on PostgreSQL - {describe_source()}, 4-step order saga, "
+        f"{os.cpu_count()} CPUs (load avg {load_before:.2f} at start); seamwork/floor: "
+        f"{args.sequential} sequential, {args.concurrent} at {args.in_flight} in flight; "
+        f"DBOS: {args.dbos_sagas} per phase"
+        + (f"; best (worst) of {args.repeat} runs" if args.repeat > 1 else "")
+    )
+    print_table(title, header, rows)
+
+
+def sqlite_section(
+    args: argparse.Namespace, cfg: dict[str, Any], have_dbos: bool, load_before: float
+) -> None:
     runs: dict[str, list[dict[str, Any]]] = {"floor": [], "seamwork": [], "dbos": []}
     recovery: list[dict[str, Any]] = []
     for round_no in range(1, args.repeat + 1):
@@ -1036,7 +1072,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f"; median (min-max) of {args.repeat} runs" if args.repeat > 1 else "")
     )
     print_table(title, header, rows)
-    return 0
 
 
 if __name__ == "__main__":
