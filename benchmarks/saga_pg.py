@@ -321,9 +321,8 @@ def workers_together(dbs: Databases, cfg: dict[str, Any], count: int) -> float:
         for proc in procs:
             proc.communicate()
         spans = [json.loads(out.read_text()) for out in outs]
-    return (total // count * count) / (
-        max(s["end"] for s in spans) - min(s["start"] for s in spans)
-    )
+    wall = float(max(s["end"] for s in spans) - min(s["start"] for s in spans))
+    return float(total // count * count) / wall
 
 
 def recovery(dbs: Databases, cfg: dict[str, Any]) -> dict[str, Any]:
