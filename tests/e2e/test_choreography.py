@@ -8,17 +8,13 @@ sequence of message types and who published each) and each service's own databas
 from __future__ import annotations
 
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-
-from order_system.choreography import OrderSystem, running
-
 from seamwork.brokers import EmbeddedNats
+from seamwork.demo.choreography import OrderSystem, running
 from seamwork.messaging import FlowMonitor, Message
 
 SUCCESS = [

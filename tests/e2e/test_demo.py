@@ -34,6 +34,12 @@ INVARIANTS = (
     "stock conserved (initial = on shelf + held)",
     "idempotency keys stable (rows = ledger)",
     "SIGKILL mid-run, all in-flight sagas recovered",
+    # act two: the saga choreographed over an embedded nats-server
+    "every flow follows its planned path",
+    "orders' own status matches the flow",
+    "payments charged or declined as planned",
+    "stock conserved (available + reserved)",
+    "no message left in any outbox",
 )
 
 

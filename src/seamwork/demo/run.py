@@ -29,6 +29,7 @@ def run_demo(config: DemoConfig, console: Console) -> int:
     checks = asyncio.run(_check(demo))
     console.print(summary_table(demo))
     console.print(checks_table(checks))
+    checks += _act_two(config, console)
     failed = [c for c in checks if not c.ok]
     _print_where(console, config, demo)
     if failed:
@@ -36,6 +37,23 @@ def run_demo(config: DemoConfig, console: Console) -> int:
         return 1
     console.print(f"[bold green]all {len(checks)} invariants checked and hold")
     return 0
+
+
+def _act_two(config: DemoConfig, console: Console) -> list[Check]:
+    """The same saga choreographed: four services reacting to events over NATS."""
+    from seamwork.demo.choreo_act import check, prepare, run_choreography, summary
+
+    count = max(20, config.orders // 10)
+    console.print(
+        f"\n[bold]act two[/]: {count} orders through the same saga, choreographed - four "
+        "services with their own outbox and inbox, on an embedded nats-server"
+    )
+    prepare(config.directory / "choreography")
+    run = asyncio.run(run_choreography(config.directory / "choreography", count))
+    checks = check(run)
+    console.print(summary(run))
+    console.print(checks_table(checks))
+    return checks
 
 
 async def _check(demo: DemoRun) -> list[Check]:

@@ -1,0 +1,178 @@
+"""Act two of ``seamwork demo``: the same order saga, choreographed over NATS.
+
+Four services (``choreography``), each with its own SQLite database, outbox, inbox
+and relay, react to each other's events on an embedded ``nats-server``; nothing
+orchestrates them. The flow monitor rebuilds every order's flow from the messages'
+correlation and causation ids, and the checks compare that view with each service's
+own tables.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from seamwork.brokers import EmbeddedNats
+from seamwork.demo.choreography import CARD_LIMIT, running
+from seamwork.demo.invariants import Check
+from seamwork.messaging import Flow
+
+SUCCESS = (
+    "OrderCreated",
+    "InventoryReserved",
+    "PaymentProcessed",
+    "NotificationSent",
+    "OrderCompleted",
+)
+DECLINED = (
+    "OrderCreated",
+    "InventoryReserved",
+    "PaymentFailed",
+    "InventoryReleased",
+    "OrderCancelled",
+)
+NO_STOCK = ("OrderCreated", "InventoryFailed", "OrderCancelled")
+_FILES = ("orders", "inventory", "payment", "notification")
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedOrder:
+    order_id: str
+    sku: str
+    qty: int
+    amount: int
+
+    @property
+    def expected(self) -> tuple[str, ...]:
+        if self.sku == "lamp":
+            return NO_STOCK
+        return DECLINED if self.amount > CARD_LIMIT else SUCCESS
+
+
+@dataclass(slots=True)
+class ChoreographyRun:
+    orders: list[PlannedOrder]
+    flows: dict[str, Flow]
+    stock: dict[str, int]
+    boot_ms: float
+    seconds: float
+    directory: Path
+
+
+def plan(count: int) -> list[PlannedOrder]:
+    """Every 5th order's card is declined; every 7th wants 5 lamps (2 in stock)."""
+    orders = []
+    for n in range(count):
+        order_id = f"choreo-{n:04d}"
+        if n % 7 == 5:
+            orders.append(PlannedOrder(order_id, "lamp", 5, 80))
+        elif n % 5 == 3:
+            orders.append(PlannedOrder(order_id, "book", 1, CARD_LIMIT * 5))
+        else:
+            orders.append(PlannedOrder(order_id, "book", 1, 20 + n % 30))
+    return orders
+
+
+def prepare(directory: Path) -> None:
+    """A fresh directory for the four services' databases."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in _FILES:
+        for suffix in (".db", ".db-wal", ".db-shm"):
+            (directory / f"{name}{suffix}").unlink(missing_ok=True)
+
+
+async def run_choreography(directory: Path, count: int) -> ChoreographyRun:
+    """Place ``count`` orders in ``directory`` (see ``prepare``) until every flow settled."""
+    orders = plan(count)
+    stock = {"book": count, "lamp": 2}
+    async with EmbeddedNats() as server:
+        boot_ms = (server.boot_seconds or 0.0) * 1e3
+        async with running(directory, server.url, stock) as system:
+            started = time.perf_counter()
+            for order in orders:
+                await system.place_order(order.order_id, order.sku, order.qty, order.amount)
+            await system.settled(*(o.order_id for o in orders), seconds=60.0)
+            seconds = time.perf_counter() - started
+            flows = system.monitor.flows()
+    return ChoreographyRun(orders, flows, stock, boot_ms, seconds, directory)
+
+
+def check(run: ChoreographyRun) -> list[Check]:
+    """The invariants of the choreographed run, against each service's own tables."""
+    orders = {o.order_id: o for o in run.orders}
+    paths = {oid: tuple(step.type for step in run.flows[oid].steps) for oid in orders}
+    wrong = [oid for oid, o in orders.items() if paths[oid] != o.expected]
+    status = dict(_rows(run.directory / "orders.db", "SELECT id, status FROM orders"))
+    expected_status = {oid: _final(o) for oid, o in orders.items()}
+    mismatched = [oid for oid in orders if status.get(oid) != expected_status[oid]]
+    charged = dict(_rows(run.directory / "payment.db", "SELECT order_id, status FROM payments"))
+    bad_payments = [oid for oid, o in orders.items() if charged.get(oid) != _payment(o)]
+    available = dict(_rows(run.directory / "inventory.db", "SELECT sku, available FROM stock"))
+    held = Counter[str]()
+    for sku, qty in _rows(
+        run.directory / "inventory.db",
+        "SELECT sku, qty FROM reservations WHERE status = 'reserved'",
+    ):
+        held[sku] += qty
+    conserved = all(available[s] + held[s] == n for s, n in run.stock.items())
+    unsent = "SELECT count(*) FROM seamwork_outbox WHERE sent_at IS NULL"
+    pending = sum(_rows(run.directory / f"{n}.db", unsent)[0][0] for n in _FILES)
+    return [
+        Check("every flow follows its planned path", not wrong, _some(wrong) or f"{len(orders)}"),
+        Check("orders' own status matches the flow", not mismatched, _some(mismatched) or "all"),
+        Check(
+            "payments charged or declined as planned",
+            not bad_payments,
+            _some(bad_payments) or "all",
+        ),
+        Check("stock conserved (available + reserved)", conserved, f"{available} + {dict(held)}"),
+        Check("no message left in any outbox", pending == 0, f"{pending} pending"),
+    ]
+
+
+def summary(run: ChoreographyRun) -> Table:
+    outcomes = Counter(run.flows[o.order_id].status for o in run.orders)
+    kinds = Counter(o.expected for o in run.orders)
+    table = Table(
+        title="seamwork demo: the order saga choreographed over NATS",
+        show_header=False,
+        title_justify="left",
+    )
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("orders", str(len(run.orders)))
+    table.add_row("[green]completed", str(outcomes["completed"]))
+    table.add_row(
+        "[yellow]cancelled",
+        f"{outcomes['cancelled']}  ({kinds[DECLINED]} declined, {kinds[NO_STOCK]} out of stock)",
+    )
+    table.add_row("embedded nats-server boot", f"{run.boot_ms:.0f} ms")
+    table.add_row("all flows settled in", f"{run.seconds:.2f} s")
+    return table
+
+
+def _final(order: PlannedOrder) -> str:
+    return "completed" if order.expected == SUCCESS else "cancelled"
+
+
+def _payment(order: PlannedOrder) -> str | None:
+    if order.expected == NO_STOCK:
+        return None
+    return "charged" if order.expected == SUCCESS else "declined"
+
+
+def _rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def _some(ids: Iterable[str]) -> str:
+    listed = list(ids)
+    return "" if not listed else f"{len(listed)} wrong, e.g. {', '.join(listed[:3])}"
