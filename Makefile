@@ -27,8 +27,11 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench,nats,postgres,rabbitmq]'
 	$(BIN)/python benchmarks/saga_throughput.py
+	$(BIN)/python benchmarks/resilience_overhead.py
+	$(BIN)/python benchmarks/eventstore.py
+	$(BIN)/python benchmarks/messaging.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
