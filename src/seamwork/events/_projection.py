@@ -23,9 +23,9 @@ import builtins
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from seamwork._core.lifecycle import StartStop
 from seamwork.errors import ConfigError
 from seamwork.events._model import RecordedEvent
 from seamwork.events._store import EventStore
@@ -130,7 +130,7 @@ class ReadModelStore(Protocol):
         ...
 
 
-class ProjectionRunner:
+class ProjectionRunner(StartStop):
     """Runs one projection over an event store into a read model store.
 
     Use ``await runner.catch_up()`` to process everything committed so far, or
@@ -155,18 +155,6 @@ class ProjectionRunner:
         self._parked: set[str] = set()
         self._ready = False
         self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         await self._setup()

@@ -15,9 +15,9 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Generic, Self, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
+from seamwork._core.lifecycle import OpenClose
 from seamwork.errors import ConfigError
 from seamwork.events._model import (
     ANY,
@@ -69,7 +69,7 @@ class Loaded(Generic[S]):
     version: int
 
 
-class EventStore(ABC):
+class EventStore(OpenClose, ABC):
     """Append-only streams of events with optimistic concurrency and a global order.
 
     Args:
@@ -101,18 +101,6 @@ class EventStore(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Release connections and threads. Idempotent."""
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # --- writing ---------------------------------------------------------------------
 

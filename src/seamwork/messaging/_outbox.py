@@ -34,9 +34,9 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
+from seamwork._core.lifecycle import OpenClose, StartStop
 from seamwork.errors import ConfigError
 from seamwork.messaging._message import Message
 from seamwork.messaging._ports import Broker, Delivery, PoisonMessage
@@ -79,7 +79,7 @@ def _load(module: str, name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-class Outbox(ABC):
+class Outbox(OpenClose, ABC):
     """Messages written with the service's own state, published later by a relay."""
 
     @staticmethod
@@ -132,20 +132,8 @@ class Outbox(ABC):
     @abstractmethod
     async def aclose(self) -> None: ...
 
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
-class Inbox(ABC):
+class Inbox(OpenClose, ABC):
     """Remembers handled message ids in the service's database, with the effects."""
 
     @staticmethod
@@ -185,18 +173,6 @@ class Inbox(ABC):
 
     @abstractmethod
     async def aclose(self) -> None: ...
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def _batch(self, messages: Sequence[Message]) -> AbstractAsyncContextManager[InboxBatch]:
         """One transaction for ``messages``; committed when the block exits cleanly.
@@ -285,7 +261,7 @@ async def _outcome(call: Awaitable[None]) -> BaseException | None:
     return None
 
 
-class OutboxRelay:
+class OutboxRelay(StartStop):
     """Publishes an outbox's pending messages in order and marks them sent.
 
     ``await relay.drain()`` publishes everything pending once; ``async with relay:``
@@ -327,18 +303,6 @@ class OutboxRelay:
             await self.outbox.mark_sent([r.seq for r in records])
             total += len(records)
             self.published += len(records)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         if self._task is None:

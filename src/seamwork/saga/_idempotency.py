@@ -15,13 +15,14 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import Any, TypeVar, cast
+
+from seamwork._core.lifecycle import OpenClose
 
 T = TypeVar("T")
 
 
-class IdempotencyLedger(ABC):
+class IdempotencyLedger(OpenClose, ABC):
     """Records idempotency keys with results, atomically with the caller's effect.
 
     Example::
@@ -65,15 +66,3 @@ class IdempotencyLedger(ABC):
     @abstractmethod
     async def transaction(self, work: Callable[[Any], T]) -> T:
         """Run ``work(conn)`` in a transaction of the service's database (no key)."""
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

@@ -12,13 +12,13 @@ import builtins
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from seamwork._core.clock import Clock, SystemClock
 from seamwork._core.codec import dumps
 from seamwork._core.hooks import Hooks
 from seamwork._core.ids import new_id
+from seamwork._core.lifecycle import OpenClose
 from seamwork.errors import (
     ConfigError,
     CorruptSagaError,
@@ -121,7 +121,7 @@ class SagaRun:
         return f"SagaRun({self.saga_id!r})"
 
 
-class SagaOrchestrator:
+class SagaOrchestrator(OpenClose):
     """Runs sagas durably on a ``SagaStore``.
 
     Use it as an async context manager: entering opens the store, attaches to it,
@@ -220,18 +220,6 @@ class SagaOrchestrator:
         return self.hooks.on(event, callback)
 
     # --- lifecycle ----------------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def open(self) -> None:
         """Open the store, report stranded sagas, recover, and start the worker loop."""
