@@ -362,12 +362,14 @@ def measure(admin: str, cfg: dict[str, Any], have_dbos: bool) -> dict[str, Any]:
         dbs.drop()
 
 
-def _cell(values: list[float], fmt: str) -> str:
+def _cell(values: list[float], fmt: str, *, high: bool = False) -> str:
+    """The best value, the worst in parentheses (best = highest when ``high``)."""
     if not values:
         return "-"
+    best, worst = (max(values), min(values)) if high else (min(values), max(values))
     if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(min(values), fmt)} ({format(max(values), fmt)})"
+        return format(best, fmt)
+    return f"{format(best, fmt)} ({format(worst, fmt)})"
 
 
 def table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -389,21 +391,19 @@ def table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     rec, lst = got("recovery", "recovery_s"), got("listing", "list_ms")
     speedup = [t / o for t, o in zip(three, one, strict=True)]
 
-    def best_high(v: list[float]) -> list[float]:
-        return sorted(v, reverse=True)
-
     header = ["PostgreSQL", "seamwork", "DBOS", "psycopg floor", "target", "met"]
     rows = [
         ["sequential p50 (ms/saga)", _cell(sorted(seq), ".2f"),
          _cell(sorted(got("dbos", "seq_p50_ms")), ".2f"), _cell(sorted(floor_seq), ".2f"),
          "", ""],
-        ["  ratio to floor", _cell(sorted(ratios), ".2f"), "", "1.00",
-         f"<= {TARGETS['seq_ratio']}", _met(min(ratios) <= TARGETS["seq_ratio"])],
-        ["32 in flight (sagas/s)", _cell(best_high(rates), ".0f"),
-         _cell(best_high(got("dbos", "rate")), ".0f"), "", f">= {TARGETS['rate']:.0f}",
+        ["  ratio to floor (same run)", _cell(ratios, ".2f"), "", "1.00",
+         f"<= {TARGETS['seq_ratio']}", _met(statistics.median(ratios) <= TARGETS["seq_ratio"])],
+        ["  ratio, best to best", f"{min(seq) / min(floor_seq):.2f}", "", "", "", ""],
+        ["32 in flight (sagas/s)", _cell(rates, ".0f", high=True),
+         _cell(got("dbos", "rate"), ".0f", high=True), "", f">= {TARGETS['rate']:.0f}",
          _met(max(rates) >= TARGETS["rate"])],
-        ["1 worker process (sagas/s)", _cell(best_high(one), ".0f"), "", "", "", ""],
-        ["3 worker processes (sagas/s)", _cell(best_high(three), ".0f"), "", "",
+        ["1 worker process (sagas/s)", _cell(one, ".0f", high=True), "", "", "", ""],
+        ["3 worker processes (sagas/s)", _cell(three, ".0f", high=True), "", "",
          "> 1 worker", _met(max(speedup) > 1.0)],
         ["recover 100 parked (s)", _cell(sorted(rec), ".3f"), "", "",
          f"<= {TARGETS['recovery_s']}", _met(min(rec) <= TARGETS["recovery_s"])],
