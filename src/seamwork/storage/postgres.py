@@ -21,7 +21,6 @@ from typing import Any
 
 import psycopg
 
-from seamwork._core.codec import dumps
 from seamwork.errors import (
     ConfigError,
     CorruptSagaError,
@@ -40,6 +39,13 @@ from seamwork.storage._pg import (
     migrate,
     open_pool,
     translate,
+)
+from seamwork.storage._saga_rows import (
+    COLUMNS,
+    decode,
+    decode_or_none,
+    insert_values,
+    state_values,
 )
 
 SAGA_MIGRATIONS = (
@@ -83,12 +89,6 @@ SAGA_MIGRATIONS = (
     ),
 )
 
-_COLUMNS = (
-    "saga_id, saga_name, saga_version, status, current_step_index, completed_steps, "
-    "compensated_steps, uncertain_steps, skipped_steps, context, started_at, updated_at, "
-    "deadline_at, failure_reason, step_attempts, compensation_attempts, lease_owner, "
-    "lease_expires_at"
-)
 _EVENTS = (
     "INSERT INTO seamwork_saga_events (saga_id, at, event, step, attempt, detail) "
     "SELECT w.saga_id, e.at, e.event, e.step, e.attempt, e.detail FROM written w, "
@@ -102,7 +102,7 @@ _STATE_SET = (
     "compensation_attempts = %s::jsonb"
 )
 _CREATE = (
-    f"WITH written AS (INSERT INTO seamwork_sagas ({_COLUMNS}) VALUES "
+    f"WITH written AS (INSERT INTO seamwork_sagas ({COLUMNS}) VALUES "
     "(%s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb, %s, %s, %s, "
     "%s, %s::jsonb, %s::jsonb, %s, %s) ON CONFLICT DO NOTHING RETURNING saga_id), "
     f"events AS ({_EVENTS}) SELECT count(*) FROM written"
@@ -120,29 +120,13 @@ _SAVE_STATUS = (
     f"events AS ({_EVENTS}) SELECT count(*) FROM written"
 )
 _CLAIM = (
-    f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE status IN ('running', 'compensating') "
+    f"SELECT {COLUMNS} FROM seamwork_sagas WHERE status IN ('running', 'compensating') "
     "AND (lease_owner IS NULL OR lease_expires_at < %s) AND "
     "(saga_name, saga_version) IN (SELECT * FROM unnest(%s::text[], %s::int[])) "
     "ORDER BY updated_at LIMIT %s FOR UPDATE SKIP LOCKED"
 )
 _ACTIVE = ("running", "compensating")
 _BACKSTOP = 0.25  # seconds past the deadline before a severed statement is cancelled
-
-
-def _state_params(state: SagaState) -> tuple[Any, ...]:
-    return (
-        state.status.value,
-        state.current_step_index,
-        dumps(state.completed_steps),
-        dumps(state.compensated_steps),
-        dumps(state.uncertain_steps),
-        dumps(state.skipped_steps),
-        dumps(state.context, what=f"context of saga {state.saga_id!r}"),
-        state.updated_at,
-        state.failure_reason,
-        dumps(state.step_attempts),
-        dumps(state.compensation_attempts),
-    )
 
 
 def _event_params(events: Sequence[StepEvent]) -> tuple[list[Any], ...]:
@@ -153,51 +137,6 @@ def _event_params(events: Sequence[StepEvent]) -> tuple[list[Any], ...]:
         [e.attempt for e in events],
         [e.detail for e in events],
     )
-
-
-def _decode(row: Sequence[Any]) -> SagaState:
-    saga_id = str(row[0])
-    try:
-        return SagaState(
-            saga_id=saga_id,
-            saga_name=str(row[1]),
-            saga_version=int(row[2]),
-            status=SagaStatus(row[3]),
-            current_step_index=int(row[4]),
-            completed_steps=_names(row[5]),
-            compensated_steps=_names(row[6]),
-            uncertain_steps=_names(row[7]),
-            skipped_steps=_names(row[8]),
-            context=_mapping(row[9]),
-            started_at=float(row[10]),
-            updated_at=float(row[11]),
-            deadline_at=None if row[12] is None else float(row[12]),
-            failure_reason=row[13],
-            step_attempts=_counts(row[14]),
-            compensation_attempts=_counts(row[15]),
-            lease_owner=row[16],
-            lease_expires_at=None if row[17] is None else float(row[17]),
-        )
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CorruptSagaError(saga_id, f"{type(exc).__name__}: {exc}") from exc
-
-
-def _names(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"expected a list of step names, got {value!r:.80}")
-    return tuple(value)
-
-
-def _mapping(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ValueError(f"expected a JSON object as context, got {value!r:.80}")
-    return value
-
-
-def _counts(value: Any) -> dict[str, int]:
-    if not isinstance(value, dict) or not all(isinstance(v, int) for v in value.values()):
-        raise ValueError(f"expected a map of attempt counts, got {value!r:.80}")
-    return value
 
 
 def _keys(runnable: Collection[SagaKey]) -> tuple[list[str], list[int]]:
@@ -381,21 +320,7 @@ class PostgresStore:
         )
 
     async def create(self, state: SagaState, events: Sequence[StepEvent]) -> bool:
-        params = (
-            state.saga_id,
-            state.saga_name,
-            state.saga_version,
-            *_state_params(state)[:7],
-            state.started_at,
-            state.updated_at,
-            state.deadline_at,
-            state.failure_reason,
-            dumps(state.step_attempts),
-            dumps(state.compensation_attempts),
-            state.lease_owner,
-            state.lease_expires_at,
-            *_event_params(events),
-        )
+        params = (*insert_values(state), *_event_params(events))
         return await self._writer.run(_CREATE, params) == 1
 
     async def save(
@@ -408,7 +333,7 @@ class PostgresStore:
     ) -> None:
         if (owner is None) == (expect_status is None):
             raise ConfigError("save() is fenced on exactly one of owner or expect_status")
-        values = _state_params(state)
+        values = state_values(state)
         if owner is not None:
             sql = _SAVE_FINAL if state.terminal else _SAVE_RUNNING
             params = (*values, state.saga_id, owner, *_event_params(events))
@@ -424,9 +349,9 @@ class PostgresStore:
 
     async def get(self, saga_id: str) -> SagaState | None:
         rows = await self._fetch(
-            f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE saga_id = %s", (saga_id,)
+            f"SELECT {COLUMNS} FROM seamwork_sagas WHERE saga_id = %s", (saga_id,)
         )
-        return _decode(rows[0]) if rows else None
+        return decode(rows[0]) if rows else None
 
     async def list(
         self, *, status: SagaStatus | None = None, name: str | None = None, limit: int = 100
@@ -442,10 +367,10 @@ class PostgresStore:
             params.append(name)
         condition = f" WHERE {' AND '.join(where)}" if where else ""
         rows = await self._fetch(
-            f"SELECT {_COLUMNS} FROM seamwork_sagas{condition} ORDER BY updated_at DESC LIMIT %s",
+            f"SELECT {COLUMNS} FROM seamwork_sagas{condition} ORDER BY updated_at DESC LIMIT %s",
             (*params, limit),
         )
-        return [s for s in map(_decode_or_none, rows) if s is not None]
+        return [s for s in map(decode_or_none, rows) if s is not None]
 
     async def timeline(self, saga_id: str) -> builtins.list[StepEvent]:
         rows = await self._fetch(
@@ -474,7 +399,7 @@ class PostgresStore:
                     cursor = await conn.execute(_CLAIM, (now, names, versions, limit))
                     for row in await cursor.fetchall():
                         try:
-                            result.claimed.append(_decode(row))
+                            result.claimed.append(decode(row))
                         except CorruptSagaError as error:
                             result.corrupt.append(error)
                     expires = now + lease_seconds
@@ -513,12 +438,12 @@ class PostgresStore:
     async def stranded(self, runnable: Collection[SagaKey]) -> builtins.list[SagaState]:
         names, versions = _keys(runnable)
         rows = await self._fetch(
-            f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE status IN ('running', 'compensating') "
+            f"SELECT {COLUMNS} FROM seamwork_sagas WHERE status IN ('running', 'compensating') "
             "AND (saga_name, saga_version) NOT IN (SELECT * FROM unnest(%s::text[], %s::int[])) "
             "ORDER BY updated_at",
             (names, versions),
         )
-        return [s for s in map(_decode_or_none, rows) if s is not None]
+        return [s for s in map(decode_or_none, rows) if s is not None]
 
     async def _fetch(self, sql: str, params: tuple[Any, ...]) -> builtins.list[Any]:
         conns: builtins.list[AsyncConn] = []
@@ -573,10 +498,3 @@ def _stalled(exc: BaseException, deadline: float) -> BaseException:
 
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _decode_or_none(row: Sequence[Any]) -> SagaState | None:
-    try:
-        return _decode(row)
-    except CorruptSagaError:
-        return None

@@ -18,7 +18,7 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +33,13 @@ from seamwork.errors import (
 from seamwork.saga import IdempotencyLedger
 from seamwork.saga._ports import ClaimResult, SagaKey
 from seamwork.saga._state import SagaState, SagaStatus, StepEvent
+from seamwork.storage._saga_rows import (
+    COLUMNS,
+    decode,
+    decode_or_none,
+    insert_values,
+    state_values,
+)
 from seamwork.storage._sqlite_writer import Migration, SQLiteWriter, Synchronous
 
 T = TypeVar("T")
@@ -92,14 +99,8 @@ LEDGER_MIGRATIONS = (
     ),
 )
 
-_COLUMNS = (
-    "saga_id, saga_name, saga_version, status, current_step_index, completed_steps, "
-    "compensated_steps, uncertain_steps, skipped_steps, context, started_at, updated_at, "
-    "deadline_at, failure_reason, step_attempts, compensation_attempts, lease_owner, "
-    "lease_expires_at"
-)
 _INSERT = (
-    f"INSERT INTO seamwork_sagas ({_COLUMNS}) VALUES ({', '.join('?' * 18)}) ON CONFLICT DO NOTHING"
+    f"INSERT INTO seamwork_sagas ({COLUMNS}) VALUES ({', '.join('?' * 18)}) ON CONFLICT DO NOTHING"
 )
 _STATE_SET = (
     "status = ?, current_step_index = ?, completed_steps = ?, compensated_steps = ?, "
@@ -122,86 +123,16 @@ _INSERT_EVENT = (
 _ACTIVE = ("running", "compensating")
 
 
-def _state_values(state: SagaState) -> tuple[Any, ...]:
-    return (
-        state.status.value,
-        state.current_step_index,
-        _list(state.completed_steps),
-        _list(state.compensated_steps),
-        _list(state.uncertain_steps),
-        _list(state.skipped_steps),
-        dumps(state.context, what=f"context of saga {state.saga_id!r}"),
-        state.updated_at,
-        state.failure_reason,
-        _map(state.step_attempts),
-        _map(state.compensation_attempts),
-    )
+def _event_rows(events: Sequence[StepEvent]) -> Sequence[tuple[Any, ...]]:
+    return events  # a StepEvent is a tuple in the columns' order
 
 
-def _list(names: Sequence[str]) -> str:
-    return dumps(names) if names else "[]"  # most are empty on the happy path
+def _decode(row: Sequence[Any]) -> SagaState:
+    return decode(row, loads)
 
 
-def _map(counts: Mapping[str, int]) -> str:
-    return dumps(counts) if counts else "{}"
-
-
-def _event_rows(events: Sequence[StepEvent]) -> builtins.list[tuple[Any, ...]]:
-    return [(e.saga_id, e.at, e.event, e.step, e.attempt, e.detail) for e in events]
-
-
-def _decode(row: sqlite3.Row | tuple[Any, ...]) -> SagaState:
-    saga_id = str(row[0])
-    try:
-        return SagaState(
-            saga_id=saga_id,
-            saga_name=_text(row[1]),
-            saga_version=int(row[2]),
-            status=SagaStatus(row[3]),
-            current_step_index=int(row[4]),
-            completed_steps=_names(row[5]),
-            compensated_steps=_names(row[6]),
-            uncertain_steps=_names(row[7]),
-            skipped_steps=_names(row[8]),
-            context=_mapping(row[9]),
-            started_at=float(row[10]),
-            updated_at=float(row[11]),
-            deadline_at=None if row[12] is None else float(row[12]),
-            failure_reason=row[13],
-            step_attempts=_counts(row[14]),
-            compensation_attempts=_counts(row[15]),
-            lease_owner=row[16],
-            lease_expires_at=None if row[17] is None else float(row[17]),
-        )
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CorruptSagaError(saga_id, f"{type(exc).__name__}: {exc}") from exc
-
-
-def _text(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a non-empty string, got {value!r}")
-    return value
-
-
-def _names(text: str) -> tuple[str, ...]:
-    value = loads(text)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"expected a list of step names, got {text[:80]!r}")
-    return tuple(value)
-
-
-def _mapping(text: str) -> dict[str, Any]:
-    value = loads(text)
-    if not isinstance(value, dict):
-        raise ValueError(f"expected a JSON object as context, got {text[:80]!r}")
-    return value
-
-
-def _counts(text: str) -> dict[str, int]:
-    value = loads(text)
-    if not isinstance(value, dict) or not all(isinstance(v, int) for v in value.values()):
-        raise ValueError(f"expected a map of attempt counts, got {text[:80]!r}")
-    return value
+def _decode_or_none(row: Sequence[Any]) -> SagaState | None:
+    return decode_or_none(row, loads)
 
 
 def _keys_clause(keys: Collection[SagaKey]) -> tuple[str, list[Any]]:
@@ -275,20 +206,7 @@ class SQLiteStore:
         )
 
     async def create(self, state: SagaState, events: Sequence[StepEvent]) -> bool:
-        row = (
-            state.saga_id,
-            state.saga_name,
-            state.saga_version,
-            *_state_values(state)[:7],
-            state.started_at,
-            state.updated_at,
-            state.deadline_at,
-            state.failure_reason,
-            dumps(state.step_attempts),
-            dumps(state.compensation_attempts),
-            state.lease_owner,
-            state.lease_expires_at,
-        )
+        row = insert_values(state)
         rows = _event_rows(events)
 
         def insert(conn: sqlite3.Connection) -> bool:
@@ -312,7 +230,7 @@ class SQLiteStore:
         saga_id = state.saga_id
 
         def update(conn: sqlite3.Connection) -> None:
-            values = _state_values(state)
+            values = state_values(state)
             if owner is not None:
                 sql = _SAVE_FINAL if state.terminal else _SAVE_OWNED  # done: release the lease
                 cursor = conn.execute(sql, (*values, saga_id, owner))
@@ -331,7 +249,7 @@ class SQLiteStore:
     async def get(self, saga_id: str) -> SagaState | None:
         def select(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
             row: tuple[Any, ...] | None = conn.execute(
-                f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE saga_id = ?", (saga_id,)
+                f"SELECT {COLUMNS} FROM seamwork_sagas WHERE saga_id = ?", (saga_id,)
             ).fetchone()
             return row
 
@@ -353,7 +271,7 @@ class SQLiteStore:
             where.append("saga_name = ?")
             params.append(name)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        sql = f"SELECT {_COLUMNS} FROM seamwork_sagas {clause} ORDER BY updated_at DESC LIMIT ?"
+        sql = f"SELECT {COLUMNS} FROM seamwork_sagas {clause} ORDER BY updated_at DESC LIMIT ?"
         rows = await self._writer.read(lambda conn: conn.execute(sql, (*params, limit)).fetchall())
         return [state for state in map(_decode_or_none, rows) if state is not None]
 
@@ -376,7 +294,7 @@ class SQLiteStore:
     ) -> ClaimResult:
         keys, key_params = _keys_clause(runnable)
         sql = (
-            f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE status IN (?, ?) "
+            f"SELECT {COLUMNS} FROM seamwork_sagas WHERE status IN (?, ?) "
             f"AND (lease_owner IS NULL OR lease_expires_at < ?) AND {keys} "
             "ORDER BY updated_at LIMIT ?"
         )
@@ -439,20 +357,13 @@ class SQLiteStore:
     async def stranded(self, runnable: Collection[SagaKey]) -> builtins.list[SagaState]:
         keys, key_params = _keys_clause(runnable)
         sql = (
-            f"SELECT {_COLUMNS} FROM seamwork_sagas WHERE status IN (?, ?) "
+            f"SELECT {COLUMNS} FROM seamwork_sagas WHERE status IN (?, ?) "
             f"AND NOT {keys} ORDER BY updated_at"
         )
         rows = await self._writer.read(
             lambda conn: conn.execute(sql, (*_ACTIVE, *key_params)).fetchall()
         )
         return [state for state in map(_decode_or_none, rows) if state is not None]
-
-
-def _decode_or_none(row: tuple[Any, ...]) -> SagaState | None:
-    try:
-        return _decode(row)
-    except CorruptSagaError:
-        return None
 
 
 def _with_lease(state: SagaState, owner: str, expires: float) -> SagaState:

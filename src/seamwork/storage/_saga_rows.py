@@ -1,0 +1,127 @@
+"""The saga row both saga stores share: its columns, how a state becomes column values
+and how a row becomes a state again (or a ``CorruptSagaError`` naming the saga)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from seamwork._core.codec import dumps
+from seamwork.errors import CorruptSagaError
+from seamwork.saga._state import SagaState, SagaStatus
+
+COLUMNS = (
+    "saga_id, saga_name, saga_version, status, current_step_index, completed_steps, "
+    "compensated_steps, uncertain_steps, skipped_steps, context, started_at, updated_at, "
+    "deadline_at, failure_reason, step_attempts, compensation_attempts, lease_owner, "
+    "lease_expires_at"
+)
+_JSON_COLUMNS = (5, 6, 7, 8, 9, 14, 15)
+
+
+def state_values(state: SagaState) -> tuple[Any, ...]:
+    """The changing columns, in ``status ... compensation_attempts`` order (JSON as text)."""
+    return (
+        state.status.value,
+        state.current_step_index,
+        _list(state.completed_steps),
+        _list(state.compensated_steps),
+        _list(state.uncertain_steps),
+        _list(state.skipped_steps),
+        dumps(state.context, what=f"context of saga {state.saga_id!r}"),
+        state.updated_at,
+        state.failure_reason,
+        _map(state.step_attempts),
+        _map(state.compensation_attempts),
+    )
+
+
+def insert_values(state: SagaState) -> tuple[Any, ...]:
+    """Every column of a new row, in ``COLUMNS`` order."""
+    changing = state_values(state)
+    return (
+        state.saga_id,
+        state.saga_name,
+        state.saga_version,
+        *changing[:7],
+        state.started_at,
+        state.updated_at,
+        state.deadline_at,
+        state.failure_reason,
+        changing[9],
+        changing[10],
+        state.lease_owner,
+        state.lease_expires_at,
+    )
+
+
+def decode(row: Sequence[Any], parse: Callable[[Any], Any] | None = None) -> SagaState:
+    """A state from a row in ``COLUMNS`` order; ``parse`` turns stored JSON into values
+    (None when the driver already did)."""
+    saga_id = str(row[0])
+    try:
+        if parse is not None:
+            row = [parse(v) if i in _JSON_COLUMNS else v for i, v in enumerate(row)]
+        return SagaState(
+            saga_id=saga_id,
+            saga_name=_text(row[1]),
+            saga_version=int(row[2]),
+            status=SagaStatus(row[3]),
+            current_step_index=int(row[4]),
+            completed_steps=_names(row[5]),
+            compensated_steps=_names(row[6]),
+            uncertain_steps=_names(row[7]),
+            skipped_steps=_names(row[8]),
+            context=_mapping(row[9]),
+            started_at=float(row[10]),
+            updated_at=float(row[11]),
+            deadline_at=None if row[12] is None else float(row[12]),
+            failure_reason=row[13],
+            step_attempts=_counts(row[14]),
+            compensation_attempts=_counts(row[15]),
+            lease_owner=row[16],
+            lease_expires_at=None if row[17] is None else float(row[17]),
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CorruptSagaError(saga_id, f"{type(exc).__name__}: {exc}") from exc
+
+
+def decode_or_none(
+    row: Sequence[Any], parse: Callable[[Any], Any] | None = None
+) -> SagaState | None:
+    try:
+        return decode(row, parse)
+    except CorruptSagaError:
+        return None
+
+
+def _list(names: Sequence[str]) -> str:
+    return dumps(names) if names else "[]"  # most are empty on the happy path
+
+
+def _map(counts: Mapping[str, int]) -> str:
+    return dumps(counts) if counts else "{}"
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of step names, got {value!r:.80}")
+    return tuple(value)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object as context, got {value!r:.80}")
+    return value
+
+
+def _counts(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict) or not all(isinstance(v, int) for v in value.values()):
+        raise ValueError(f"expected a map of attempt counts, got {value!r:.80}")
+    return value
