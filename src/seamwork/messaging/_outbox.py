@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from seamwork._core.codec import dumps
 from seamwork._core.lifecycle import OpenClose, StartStop
 from seamwork.errors import ConfigError
-from seamwork.messaging._message import Message
+from seamwork.messaging._message import Message, encode
 from seamwork.messaging._ports import Broker, Delivery, PoisonMessage
 
 log = logging.getLogger("seamwork.messaging")
@@ -66,6 +67,27 @@ class InboxBatch(Protocol):
         applied before (or earlier in this batch); returns the error it raised, after
         rolling back its statements, or None."""
         ...
+
+
+def outbox_row(subject: str, message: Message) -> tuple[Any, ...]:
+    """The outbox row of ``message`` for ``subject`` - ``(id, subject, type, data,
+    correlation_id, causation_id, headers, created_at)``, JSON as text - refusing now
+    what a relay could never send."""
+    if not isinstance(subject, str) or not subject or " " in subject:
+        raise ConfigError(f"a subject must be a non-empty string without spaces: {subject!r}")
+    if not isinstance(message, Message):
+        raise ConfigError(f"publish takes a Message, got {type(message).__name__}")
+    encode(message)
+    return (
+        message.id,
+        subject,
+        message.type,
+        dumps(message.data),
+        message.flow,
+        message.causation_id,
+        dumps(dict(message.headers)),
+        time.time(),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,10 +24,9 @@ from typing import Any
 
 import psycopg
 
-from seamwork._core.codec import dumps
 from seamwork.errors import ConfigError
-from seamwork.messaging._message import Message, encode
-from seamwork.messaging._outbox import Inbox, Outbox, OutboxRecord, Transaction
+from seamwork.messaging._message import Message
+from seamwork.messaging._outbox import Inbox, Outbox, OutboxRecord, Transaction, outbox_row
 from seamwork.storage._pg import AsyncConn, PgMigration, connect, make_pool, migrate, open_pool
 
 MESSAGING_MIGRATIONS = (
@@ -131,23 +130,7 @@ class _Transaction:
         return await cursor.fetchall() if cursor.description else []
 
     async def publish(self, subject: str, message: Message) -> None:
-        if not isinstance(subject, str) or not subject or " " in subject:
-            raise ConfigError(f"a subject must be a non-empty string without spaces: {subject!r}")
-        if not isinstance(message, Message):
-            raise ConfigError(f"publish takes a Message, got {type(message).__name__}")
-        encode(message)  # refuse now what the relay could never send
-        self.rows.append(
-            (
-                message.id,
-                subject,
-                message.type,
-                dumps(message.data),
-                message.flow,
-                message.causation_id,
-                dumps(dict(message.headers)),
-                time.time(),
-            )
-        )
+        self.rows.append(outbox_row(subject, message))
 
     async def flush(self) -> None:
         if self.rows:

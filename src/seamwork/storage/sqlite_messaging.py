@@ -25,10 +25,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from seamwork._core.codec import dumps, loads
-from seamwork.errors import ConfigError, StoreError
-from seamwork.messaging._message import Message, encode
-from seamwork.messaging._outbox import Inbox, Outbox, OutboxRecord, Transaction
+from seamwork._core.codec import loads
+from seamwork.errors import StoreError
+from seamwork.messaging._message import Message
+from seamwork.messaging._outbox import Inbox, Outbox, OutboxRecord, Transaction, outbox_row
 from seamwork.storage._sqlite_session import Session, in_session, session
 from seamwork.storage._sqlite_writer import Migration, SQLiteWriter, Synchronous
 
@@ -123,23 +123,7 @@ class _Transaction:
         return await self._session.execute(sql, params)
 
     async def publish(self, subject: str, message: Message) -> None:
-        if not isinstance(subject, str) or not subject or " " in subject:
-            raise ConfigError(f"a subject must be a non-empty string without spaces: {subject!r}")
-        if not isinstance(message, Message):
-            raise ConfigError(f"publish takes a Message, got {type(message).__name__}")
-        encode(message)  # refuse now what the relay could never send
-        self.rows.append(
-            (
-                message.id,
-                subject,
-                message.type,
-                dumps(message.data),
-                message.flow,
-                message.causation_id,
-                dumps(dict(message.headers)),
-                time.time(),
-            )
-        )
+        self.rows.append(outbox_row(subject, message))
 
 
 class SQLiteOutbox(Outbox):
