@@ -22,6 +22,7 @@ from seamwork.saga import (
     Parallel,
     Retry,
     Saga,
+    SagaMachine,
     SagaOrchestrator,
     SagaState,
     SagaStatus,
@@ -630,3 +631,43 @@ async def test_a_condition_that_raises_stops_only_its_saga_and_is_logged(
     assert stored is not None
     assert stored.status is SagaStatus.RUNNING  # left as it was, to be retried
     assert "saga s-1 stopped on an unexpected error" in caplog.text
+
+
+async def test_max_running_caps_the_sagas_a_process_drives_at_once(db: Path) -> None:
+    gate = asyncio.Event()
+    running: list[str] = []
+    peak: list[int] = []
+
+    async def step(ctx: StepContext) -> None:
+        running.append(ctx.saga_id)
+        peak.append(len(running))
+        await gate.wait()
+        running.remove(ctx.saga_id)
+
+    parked = Saga("order", steps=[Step("a", step)])
+    async with SagaOrchestrator(SQLiteStore(db), [parked], recovery_interval=0.01) as orch:
+        for n in range(5):
+            await orch.start("order", {}, saga_id=f"s-{n}")
+    running.clear()  # the first process stopped (its steps were cancelled mid-way)
+    peak.clear()
+    async with SagaOrchestrator(
+        SQLiteStore(db), [parked], max_running=2, recovery_interval=0.01
+    ) as orch:
+        await asyncio.sleep(0.1)
+        assert orch.running == 2
+        gate.set()
+        states = [await orch.handle(f"s-{n}").wait() for n in range(5)]
+    assert all(s.status is SagaStatus.COMPLETED for s in states)
+    assert max(peak) == 2
+
+
+async def test_a_start_whose_commit_was_in_doubt_runs_on_the_retried_start(db: Path) -> None:
+    ledger = Ledger()
+    saga = Saga("order", steps=chain(ledger, "a"))
+    orch = SagaOrchestrator(SQLiteStore(db), [saga])
+    async with orch:
+        begun = SagaMachine(saga).begin("s-1", {}, 1.0, owner=orch.owner, lease_expires_at=9e12)
+        assert await orch._store.create(begun.state, begun.events)  # landed, caller never knew
+        state = await (await orch.start("order", {}, saga_id="s-1")).wait()
+    assert state.status is SagaStatus.COMPLETED
+    assert ledger.kinds("apply") == ["a"]

@@ -142,6 +142,8 @@ class SagaOrchestrator(OpenClose):
         lease_seconds: how long a claimed saga stays leased without renewal.
         recovery_interval: seconds between looks for sagas to claim.
         claim_batch: sagas claimed per look.
+        max_running: the most sagas this process drives at once (None: no limit);
+            with several workers on one store, a limit spreads a backlog over them.
         on_stuck: called with the ``SagaState`` of a saga that gave up compensating.
         on_stranded: called with the list of sagas no registered definition can run.
     """
@@ -157,6 +159,7 @@ class SagaOrchestrator(OpenClose):
         lease_seconds: float = 30.0,
         recovery_interval: float = 1.0,
         claim_batch: int = 100,
+        max_running: int | None = None,
         on_stuck: Callable[[SagaState], object] | None = None,
         on_stranded: Callable[[list[SagaState]], object] | None = None,
     ) -> None:
@@ -173,6 +176,9 @@ class SagaOrchestrator(OpenClose):
             raise ConfigError(f"recovery_interval must be > 0, got {recovery_interval!r}")
         if claim_batch < 1:
             raise ConfigError(f"claim_batch must be >= 1, got {claim_batch!r}")
+        if max_running is not None and max_running < 1:
+            raise ConfigError(f"max_running must be >= 1 or None, got {max_running!r}")
+        self._max_running = max_running
         if owner is not None and (not isinstance(owner, str) or not owner or ":" in owner):
             raise ConfigError(f"owner must be a non-empty name without ':', got {owner!r}")
         self.worker = owner or f"orchestrator-{new_id()[:8]}"
@@ -233,7 +239,7 @@ class SagaOrchestrator(OpenClose):
             raise
         self._open = True
         await self._report_stranded()
-        await self._recover_once()
+        await self._recover_once(drain=True)
         self._loop_task = asyncio.create_task(self._worker_loop(), name="seamwork-saga-worker")
 
     async def aclose(self) -> None:
@@ -298,6 +304,14 @@ class SagaOrchestrator(OpenClose):
                 raise InvalidSagaOperation(
                     f"saga id {saga_id!r} is already used by a {existing.saga_name!r} saga"
                 )
+            if (
+                existing is not None
+                and existing.lease_owner == self.owner
+                and existing.status.active
+                and saga_id not in self._runs
+            ):  # our own earlier start whose commit was in doubt: run it now
+                machine = self._machines[(existing.saga_name, existing.saga_version)]
+                self._spawn(machine, existing, recovered=True)
             return SagaRun(self, saga_id)
         self.stats["started"] += 1
         self.hooks.emit("started", begun.state)
@@ -651,14 +665,21 @@ class SagaOrchestrator(OpenClose):
             except Exception:
                 log.exception("saga recovery round failed; retrying in %.1fs", self._interval)
 
-    async def _recover_once(self) -> None:
+    async def _recover_once(self, *, drain: bool = False) -> None:
+        """Claim free sagas: one batch a round, or (``drain``, at start-up) until none is
+        left - never more than ``max_running`` at once, so workers share a backlog."""
         while True:
+            room = self._batch
+            if self._max_running is not None:
+                room = min(room, self._max_running - len(self._runs))
+                if room <= 0:
+                    return
             result = await self._store.claim(
                 self.owner,
                 list(self._machines),
                 now=self._clock.now(),
                 lease_seconds=self._lease,
-                limit=self._batch,
+                limit=room,
             )
             for error in result.corrupt:
                 self._report_corrupt(error)
@@ -669,7 +690,7 @@ class SagaOrchestrator(OpenClose):
                 self.hooks.emit("recovered", state)
                 machine = self._machines[(state.saga_name, state.saga_version)]
                 self._spawn(machine, state, recovered=True)
-            if len(result.claimed) < self._batch:
+            if not drain or len(result.claimed) < room:
                 return
 
     async def _renew(self) -> None:
