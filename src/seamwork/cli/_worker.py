@@ -55,6 +55,9 @@ def worker(
     ] = None,
     lease: Annotated[float, typer.Option(help="Lease seconds.", min=0.1)] = 30.0,
     interval: Annotated[float, typer.Option(help="Seconds between claims.", min=0.01)] = 1.0,
+    max_running: Annotated[
+        int | None, typer.Option(help="Most sagas this worker runs at once.", min=1)
+    ] = None,
 ) -> None:
     """Run sagas from a store until stopped (SIGTERM / Ctrl-C)."""
     if (postgres is None) == (sqlite is None):
@@ -71,7 +74,12 @@ def worker(
         assert sqlite is not None
         store = SQLiteStore(sqlite)
     orchestrator = SagaOrchestrator(
-        store, sagas, owner=worker_id, lease_seconds=lease, recovery_interval=interval
+        store,
+        sagas,
+        owner=worker_id,
+        lease_seconds=lease,
+        recovery_interval=interval,
+        max_running=max_running,
     )
     try:
         asyncio.run(_serve(orchestrator))
