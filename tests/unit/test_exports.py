@@ -46,6 +46,7 @@ def test_saga_exports() -> None:
 def test_storage_and_testing_exports() -> None:
     assert seamwork.storage.__all__ == [
         "PostgresEventStore",
+        "PostgresLedger",
         "PostgresStore",
         "SQLiteEventStore",
         "SQLiteLedger",

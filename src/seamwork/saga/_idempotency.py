@@ -43,6 +43,14 @@ class IdempotencyLedger(OpenClose, ABC):
         factory = cast(Callable[..., IdempotencyLedger], module.SQLiteLedger)
         return factory(path, synchronous=synchronous)
 
+    @staticmethod
+    def postgres(dsn: str, **options: Any) -> IdempotencyLedger:
+        """A ledger in the PostgreSQL database at ``dsn`` (``pip install 'seamwork[postgres]'``);
+        effects get the transaction's ``psycopg.AsyncConnection`` and may be async."""
+        module = importlib.import_module("seamwork.storage.postgres_ledger")
+        factory = cast(Callable[..., IdempotencyLedger], module.PostgresLedger)
+        return factory(dsn, **options)
+
     @abstractmethod
     async def open(self) -> None:
         """Connect and create the ledger table if needed (``once`` also opens)."""

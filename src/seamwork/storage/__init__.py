@@ -15,11 +15,13 @@ from seamwork.storage.sqlite_readmodel import SQLiteReadModel
 
 _LAZY = {
     "PostgresEventStore": "seamwork.storage.postgres_events",
+    "PostgresLedger": "seamwork.storage.postgres_ledger",
     "PostgresStore": "seamwork.storage.postgres",
 }
 
 __all__ = [
     "PostgresEventStore",
+    "PostgresLedger",
     "PostgresStore",
     "SQLiteEventStore",
     "SQLiteLedger",

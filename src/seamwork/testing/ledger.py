@@ -1,0 +1,88 @@
+"""The ``IdempotencyLedger`` contract: behaviour every ledger adapter must have.
+
+Subclass ``LedgerContract`` as ``Test...``; implement ``make_ledger`` (a new ledger on
+empty storage) and the three small effect helpers in the adapter's SQL dialect.
+Requires pytest with pytest-asyncio (``asyncio_mode=auto``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from seamwork.errors import SerializationError
+from seamwork.saga import IdempotencyLedger
+
+
+class LedgerContract:
+    """Behaviour shared by every ``IdempotencyLedger`` adapter."""
+
+    async def make_ledger(self, tmp_path: Path) -> IdempotencyLedger:
+        raise NotImplementedError
+
+    def insert_effect(self, value: Any, *, fail: bool = False) -> Callable[[Any], Any]:
+        """An effect that inserts ``value`` into table ``effects`` (created if need be),
+        returns ``{"value": value}``, and raises after inserting when ``fail``."""
+        raise NotImplementedError
+
+    async def count_effects(self, ledger: IdempotencyLedger) -> int:
+        raise NotImplementedError
+
+    @pytest.fixture
+    async def ledger(self, tmp_path: Path) -> AsyncIterator[IdempotencyLedger]:
+        ledger = await self.make_ledger(tmp_path)
+        async with ledger:
+            await ledger.transaction(self.insert_effect("setup"))
+            yield ledger
+
+    async def test_a_repeated_key_returns_the_first_result_and_applies_nothing(
+        self, ledger: IdempotencyLedger
+    ) -> None:
+        first = await ledger.once("saga-1:charge", self.insert_effect(1))
+        again = await ledger.once("saga-1:charge", self.insert_effect(2))
+        assert first == again == {"value": 1}
+        assert await ledger.result("saga-1:charge") == {"value": 1}
+        assert await ledger.result("saga-1:other") is None
+        assert await self.count_effects(ledger) == 2  # the setup row and one effect
+
+    async def test_a_failing_effect_records_nothing_and_its_writes_roll_back(
+        self, ledger: IdempotencyLedger
+    ) -> None:
+        with pytest.raises(RuntimeError, match="declined"):
+            await ledger.once("saga-2:charge", self.insert_effect(9, fail=True))
+        assert await ledger.result("saga-2:charge") is None
+        assert await self.count_effects(ledger) == 1
+        assert await ledger.once("saga-2:charge", self.insert_effect(3)) == {"value": 3}
+
+    async def test_racing_calls_with_one_key_apply_the_effect_once(
+        self, ledger: IdempotencyLedger
+    ) -> None:
+        results = await asyncio.gather(
+            *(ledger.once("saga-3:reserve", self.insert_effect(n)) for n in range(8))
+        )
+        assert len({r["value"] for r in results}) == 1
+        assert await self.count_effects(ledger) == 2
+
+    async def test_a_result_that_is_not_json_is_refused_and_nothing_is_applied(
+        self, ledger: IdempotencyLedger
+    ) -> None:
+        effect = self.insert_effect(5)
+
+        def bad(conn: Any) -> Any:
+            applied = effect(conn)
+            if asyncio.iscoroutine(applied):
+                return _then(applied, object())
+            return object()
+
+        with pytest.raises(SerializationError, match="saga-4:x"):
+            await ledger.once("saga-4:x", bad)
+        assert await self.count_effects(ledger) == 1
+
+
+async def _then(awaitable: Any, value: Any) -> Any:
+    await awaitable
+    return value

@@ -1,0 +1,60 @@
+"""The IdempotencyLedger contract on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from seamwork.saga import IdempotencyLedger
+from seamwork.testing.ledger import LedgerContract
+
+
+class TestSQLiteLedger(LedgerContract):
+    async def make_ledger(self, tmp_path: Path) -> IdempotencyLedger:
+        return IdempotencyLedger.sqlite(tmp_path / "service.db")
+
+    def insert_effect(self, value: Any, *, fail: bool = False) -> Any:
+        def effect(conn: sqlite3.Connection) -> dict[str, Any]:
+            conn.execute("CREATE TABLE IF NOT EXISTS effects (value TEXT)")
+            conn.execute("INSERT INTO effects (value) VALUES (?)", (str(value),))
+            if fail:
+                raise RuntimeError("declined")
+            return {"value": value}
+
+        return effect
+
+    async def count_effects(self, ledger: IdempotencyLedger) -> int:
+        rows = await ledger.transaction(
+            lambda conn: conn.execute("SELECT count(*) FROM effects").fetchone()
+        )
+        return int(rows[0])
+
+
+@pytest.mark.postgres
+class TestPostgresLedger(LedgerContract):
+    @pytest.fixture(autouse=True)
+    def _dsn(self, pg_dsn: str) -> None:
+        self.dsn = pg_dsn
+
+    async def make_ledger(self, tmp_path: Path) -> IdempotencyLedger:
+        return IdempotencyLedger.postgres(self.dsn)
+
+    def insert_effect(self, value: Any, *, fail: bool = False) -> Any:
+        async def effect(conn: Any) -> dict[str, Any]:
+            await conn.execute("CREATE TABLE IF NOT EXISTS effects (value text)")
+            await conn.execute("INSERT INTO effects (value) VALUES (%s)", (str(value),))
+            if fail:
+                raise RuntimeError("declined")
+            return {"value": value}
+
+        return effect
+
+    async def count_effects(self, ledger: IdempotencyLedger) -> int:
+        async def count(conn: Any) -> int:
+            cursor = await conn.execute("SELECT count(*) FROM effects")
+            return int((await cursor.fetchone())[0])
+
+        return await ledger.transaction(count)
