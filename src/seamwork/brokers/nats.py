@@ -38,7 +38,6 @@ import contextlib
 import json
 import logging
 import re
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -55,21 +54,20 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from seamwork.errors import BrokerUnavailable, ConfigError, InvalidMessage, PublishError
 from seamwork.messaging._message import Message, decode, encode
 from seamwork.messaging._ports import (
+    DLQ_HEADERS,
+    DLQ_SUBJECT,
     DeadLetter,
     Delivery,
     Handler,
     PoisonMessage,
     SubscriptionStats,
+    dead_letter_headers,
+    read_dead_letter,
 )
 
 log = logging.getLogger("seamwork.brokers")
 
 DLQ_STREAM = "DEADLETTER"
-DLQ_SUBJECT = "Seamwork-DLQ-Subject"
-DLQ_GROUP = "Seamwork-DLQ-Group"
-DLQ_ERROR = "Seamwork-DLQ-Error"
-DLQ_ATTEMPTS = "Seamwork-DLQ-Attempts"
-DLQ_AT = "Seamwork-DLQ-At"
 _MAX_ATOMIC = 1000
 _DUPLICATE_IN_BATCH = 10201
 _NAME = re.compile(r"[^A-Za-z0-9_-]")
@@ -350,16 +348,8 @@ class NatsBroker:
         original = dict(msg.headers or {})
         message_id = original.get("Nats-Msg-Id", f"seq-{msg.metadata.sequence.stream}")
         headers = {k: v for k, v in original.items() if not k.startswith("Nats-")}
-        headers.update(
-            {
-                DLQ_SUBJECT: subject,
-                DLQ_GROUP: group,
-                DLQ_ERROR: error[:1000],
-                DLQ_ATTEMPTS: str(attempts),
-                DLQ_AT: repr(time.time()),
-                "Nats-Msg-Id": f"dlq:{group}:{message_id}",
-            }
-        )
+        headers.update(dead_letter_headers(subject, group, error, attempts))
+        headers["Nats-Msg-Id"] = f"dlq:{group}:{message_id}"
         _, js = await self._context()
         await js.publish(f"deadletter.{_NAME.sub('_', group)}.{subject}", msg.data, headers=headers)
 
@@ -372,7 +362,7 @@ class NatsBroker:
         while seq and seq <= info.state.last_seq and len(letters) < limit:
             with contextlib.suppress(Exception):
                 raw = await js.get_msg(DLQ_STREAM, seq)
-                letters.append(_letter(seq, raw.data or b"", dict(raw.headers or {})))
+                letters.append(read_dead_letter(str(seq), raw.data or b"", dict(raw.headers or {})))
             seq += 1
         return letters
 
@@ -381,7 +371,7 @@ class NatsBroker:
         raw = await js.get_msg(DLQ_STREAM, int(key))
         headers = dict(raw.headers or {})
         subject = headers[DLQ_SUBJECT]
-        for name in (DLQ_SUBJECT, DLQ_GROUP, DLQ_ERROR, DLQ_ATTEMPTS, DLQ_AT):
+        for name in DLQ_HEADERS:
             headers.pop(name, None)
         original = headers.get("Nats-Msg-Id", "")
         headers = {k: v for k, v in headers.items() if not k.startswith("Nats-")}
@@ -606,25 +596,6 @@ def _is_status(msg: Msg) -> bool:
 
 async def _log_error(exc: Exception) -> None:
     log.warning("nats: %s: %s", type(exc).__name__, exc)
-
-
-def _letter(seq: int, body: bytes, headers: dict[str, str]) -> DeadLetter:
-    subject = headers.get(DLQ_SUBJECT, "?")
-    try:
-        message = decode(body, headers, fallback_id=f"dlq-{seq}")
-    except InvalidMessage:
-        message = Message(
-            headers.get("Seamwork-Type") or "?", {"raw": body.decode(errors="replace")}
-        )
-    return DeadLetter(
-        key=str(seq),
-        subject=subject,
-        group=headers.get(DLQ_GROUP, "?"),
-        message=message,
-        error=headers.get(DLQ_ERROR, ""),
-        attempts=int(headers.get(DLQ_ATTEMPTS, "0") or 0),
-        dead_lettered_at=float(headers.get(DLQ_AT, "0") or 0),
-    )
 
 
 __all__ = ["DLQ_STREAM", "NatsBroker", "NatsSubscription", "stream_for"]

@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -71,29 +70,28 @@ from seamwork.errors import (
     MessagingError,
     PublishError,
 )
-from seamwork.messaging._message import MSG_ID, TYPE, Message, decode, encode
+from seamwork.messaging._message import MSG_ID, Message, decode, encode
 from seamwork.messaging._ports import (
+    DLQ_HEADERS,
+    DLQ_SUBJECT,
     DeadLetter,
     Delivery,
     Handler,
     PoisonMessage,
     SubscriptionStats,
+    dead_letter_headers,
+    read_dead_letter,
 )
 
 log = logging.getLogger("seamwork.brokers")
 
-DLQ_SUBJECT = "Seamwork-DLQ-Subject"
-DLQ_GROUP = "Seamwork-DLQ-Group"
-DLQ_ERROR = "Seamwork-DLQ-Error"
-DLQ_ATTEMPTS = "Seamwork-DLQ-Attempts"
-DLQ_AT = "Seamwork-DLQ-At"
 RETRIES = "Seamwork-Deliveries"
 """Deliveries that failed before this one (set on the way through a retry queue)."""
 SUBJECT = "Seamwork-Subject"
 """The original subject (a retry comes back with the queue's name as routing key)."""
 _TOMBSTONE = "Seamwork-DLQ-Replayed"
 _END = "Seamwork-DLQ-End"
-_OURS = frozenset({DLQ_SUBJECT, DLQ_GROUP, DLQ_ERROR, DLQ_ATTEMPTS, DLQ_AT, RETRIES, SUBJECT})
+_OURS = DLQ_HEADERS | {RETRIES, SUBJECT}
 _BROKER_HEADERS = frozenset({"x-delivery-count", "x-death", "x-stream-offset"})
 _MAX_DELAY = 30.0
 _DRIVER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError)
@@ -364,14 +362,7 @@ class RabbitBroker:
     async def _dead_letter(
         self, msg: AbstractIncomingMessage, subject: str, group: str, error: str, attempts: int
     ) -> None:
-        headers = {
-            **_carried(msg),
-            DLQ_SUBJECT: subject,
-            DLQ_GROUP: group,
-            DLQ_ERROR: error[:1000],
-            DLQ_ATTEMPTS: str(attempts),
-            DLQ_AT: repr(time.time()),
-        }
+        headers = {**_carried(msg), **dead_letter_headers(subject, group, error, attempts)}
         await self._to_queue(self.dead_letter_queue, _copy(msg, headers), "a dead letter")
 
     # --- dead letters ----------------------------------------------------------------
@@ -573,21 +564,12 @@ def _copy(msg: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Mes
 
 
 def _letter(offset: int, body: bytes, headers: Mapping[str, Any]) -> DeadLetter:
-    text = {k: v for k, v in headers.items() if isinstance(v, str)}
-    user = {k: v for k, v in text.items() if k not in _OURS and not _broker_header(k)}
-    try:
-        message = decode(body, user, fallback_id=f"dlq-{offset}")
-    except InvalidMessage:
-        message = Message(text.get(TYPE) or "?", {"raw": body.decode(errors="replace")})
-    return DeadLetter(
-        key=str(offset),
-        subject=text.get(DLQ_SUBJECT, "?"),
-        group=text.get(DLQ_GROUP, "?"),
-        message=message,
-        error=text.get(DLQ_ERROR, ""),
-        attempts=_int(text.get(DLQ_ATTEMPTS)),
-        dead_lettered_at=float(text.get(DLQ_AT, "0") or 0),
-    )
+    own = {
+        k: v
+        for k, v in headers.items()
+        if (k in DLQ_HEADERS or k not in _OURS) and not _broker_header(k)
+    }
+    return read_dead_letter(str(offset), body, own)
 
 
 def _int(value: object) -> int:

@@ -12,12 +12,15 @@ passes ``seamwork.testing.broker.BrokerContract``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
-from seamwork.errors import MessagingError
-from seamwork.messaging._message import Message
+from seamwork.errors import InvalidMessage, MessagingError
+from seamwork.messaging._message import TYPE, Message, decode
+
+N = TypeVar("N", int, float)
 
 
 class PoisonMessage(MessagingError):
@@ -36,6 +39,52 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+
+DLQ_SUBJECT: Final = "Seamwork-DLQ-Subject"
+DLQ_GROUP: Final = "Seamwork-DLQ-Group"
+DLQ_ERROR: Final = "Seamwork-DLQ-Error"
+DLQ_ATTEMPTS: Final = "Seamwork-DLQ-Attempts"
+DLQ_AT: Final = "Seamwork-DLQ-At"
+DLQ_HEADERS: Final = frozenset({DLQ_SUBJECT, DLQ_GROUP, DLQ_ERROR, DLQ_ATTEMPTS, DLQ_AT})
+"""The headers a dead letter carries besides the message's own (every adapter)."""
+
+
+def dead_letter_headers(subject: str, group: str, error: str, attempts: int) -> dict[str, str]:
+    """What a broker adds to a message it dead-letters."""
+    return {
+        DLQ_SUBJECT: subject,
+        DLQ_GROUP: group,
+        DLQ_ERROR: error[:1000],
+        DLQ_ATTEMPTS: str(attempts),
+        DLQ_AT: repr(time.time()),
+    }
+
+
+def read_dead_letter(key: str, body: bytes, headers: Mapping[str, Any]) -> DeadLetter:
+    """A ``DeadLetter`` from a stored message; a body that is not a valid message is
+    kept as ``{"raw": text}`` so nothing is lost."""
+    text = {k: v for k, v in headers.items() if isinstance(v, str)}
+    own = {k: v for k, v in text.items() if k not in DLQ_HEADERS}
+    try:
+        message = decode(body, own, fallback_id=f"dlq-{key}")
+    except InvalidMessage:
+        message = Message(text.get(TYPE) or "?", {"raw": body.decode(errors="replace")})
+    return DeadLetter(
+        key=key,
+        subject=text.get(DLQ_SUBJECT, "?"),
+        group=text.get(DLQ_GROUP, "?"),
+        message=message,
+        error=text.get(DLQ_ERROR, ""),
+        attempts=_number(text.get(DLQ_ATTEMPTS), int),
+        dead_lettered_at=_number(text.get(DLQ_AT), float),
+    )
+
+
+def _number(value: str | None, kind: Callable[[str], N]) -> N:
+    try:
+        return kind(value or "0")
+    except ValueError:
+        return kind("0")
 
 
 @dataclass(frozen=True, slots=True)
