@@ -15,7 +15,6 @@ are found by ``sent_at IS NULL``, not by a position).
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
@@ -24,6 +23,7 @@ from typing import Any
 
 import psycopg
 
+from seamwork._core.wakeup import Wakeup
 from seamwork.errors import ConfigError
 from seamwork.messaging._message import Message
 from seamwork.messaging._outbox import Inbox, Outbox, OutboxRecord, Transaction, outbox_row
@@ -77,7 +77,7 @@ class PostgresMessageStore:
         self.dsn = dsn
         self.pool = make_pool(dsn, size=pool_size, name="seamwork-messaging")
         self._opened = False
-        self._waiters: asyncio.Event | None = None
+        self._wakeup = Wakeup()
 
     async def open(self) -> None:
         if self._opened:
@@ -96,19 +96,10 @@ class PostgresMessageStore:
             await self.pool.close()
 
     def notify(self) -> None:
-        waiters, self._waiters = self._waiters, None
-        if waiters is not None:
-            waiters.set()
+        self._wakeup.notify()
 
     async def wait(self, max_wait: float) -> None:
-        if self._waiters is None:
-            self._waiters = asyncio.Event()
-        waiters = self._waiters
-        try:
-            async with asyncio.timeout(max_wait):
-                await waiters.wait()
-        except TimeoutError:
-            return
+        await self._wakeup.wait(max_wait)
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Any]:
         await self.open()

@@ -16,7 +16,6 @@ session (``Session.run_here``): a batch costs two round trips, not two per messa
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import sqlite3
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from seamwork._core.codec import loads
+from seamwork._core.wakeup import Wakeup
 from seamwork.errors import StoreError
 from seamwork.messaging._message import Message
 from seamwork.messaging._outbox import Inbox, Outbox, OutboxRecord, Transaction, outbox_row
@@ -77,7 +77,7 @@ class SQLiteMessageStore:
         self.writer = SQLiteWriter(
             path, synchronous=synchronous, migrations=MESSAGING_MIGRATIONS, name="messaging"
         )
-        self._waiters: asyncio.Event | None = None
+        self._wakeup = Wakeup()
 
     async def open(self) -> None:
         await self.writer.start()
@@ -90,19 +90,10 @@ class SQLiteMessageStore:
             await self.open()
 
     def notify(self) -> None:
-        waiters, self._waiters = self._waiters, None
-        if waiters is not None:
-            waiters.set()
+        self._wakeup.notify()
 
     async def wait(self, max_wait: float) -> None:
-        if self._waiters is None:
-            self._waiters = asyncio.Event()
-        waiters = self._waiters
-        try:
-            async with asyncio.timeout(max_wait):
-                await waiters.wait()
-        except TimeoutError:
-            return
+        await self._wakeup.wait(max_wait)
 
     def check_free(self) -> None:
         if in_session(self.writer):
