@@ -133,3 +133,42 @@ def test_hooks_call_subscribers_and_survive_a_failing_one(caplog: pytest.LogCapt
     assert "alert system down" in caplog.text
     with pytest.raises(ConfigError, match="unknown event 'close'"):
         hooks.on("close", print)
+
+
+async def test_wakeup_wakes_current_waiters_and_times_out_otherwise() -> None:
+    from seamwork._core.wakeup import Wakeup
+
+    wakeup = Wakeup()
+    waiter = asyncio.create_task(wakeup.wait(10.0))
+    await asyncio.sleep(0)
+    wakeup.notify()
+    await asyncio.wait_for(waiter, 1.0)
+    started = asyncio.get_running_loop().time()
+    await wakeup.wait(0.05)  # the earlier notify is not replayed
+    assert asyncio.get_running_loop().time() - started >= 0.04
+
+
+async def test_lifecycle_mixins_pair_entry_and_exit() -> None:
+    from seamwork._core.lifecycle import OpenClose, StartStop
+
+    calls: list[str] = []
+
+    class Resource(OpenClose):
+        async def open(self) -> None:
+            calls.append("open")
+
+        async def aclose(self) -> None:
+            calls.append("aclose")
+
+    class Service(StartStop):
+        async def start(self) -> None:
+            calls.append("start")
+
+        async def stop(self) -> None:
+            calls.append("stop")
+
+    with pytest.raises(RuntimeError):
+        async with Resource() as resource, Service():
+            assert isinstance(resource, Resource)
+            raise RuntimeError("inside")
+    assert calls == ["open", "start", "stop", "aclose"]
