@@ -167,8 +167,11 @@ async def test_lifecycle_mixins_pair_entry_and_exit() -> None:
         async def stop(self) -> None:
             calls.append("stop")
 
-    with pytest.raises(RuntimeError):
+    async def use() -> None:
         async with Resource() as resource, Service():
-            assert isinstance(resource, Resource)
+            calls.append(type(resource).__name__)
             raise RuntimeError("inside")
-    assert calls == ["open", "start", "stop", "aclose"]
+
+    with pytest.raises(RuntimeError, match="inside"):
+        await use()
+    assert calls == ["open", "start", "Resource", "stop", "aclose"]
