@@ -16,6 +16,7 @@ from seamwork.errors import (
     InvalidSagaOperation,
     SagaDefinitionError,
     SerializationError,
+    StoreError,
     UnknownSagaError,
 )
 from seamwork.saga import (
@@ -671,3 +672,68 @@ async def test_a_start_whose_commit_was_in_doubt_runs_on_the_retried_start(db: P
         state = await (await orch.start("order", {}, saga_id="s-1")).wait()
     assert state.status is SagaStatus.COMPLETED
     assert ledger.kinds("apply") == ["a"]
+
+
+async def test_a_parallel_stage_whose_commit_fails_reruns_without_orphans(db: Path) -> None:
+    running: dict[str, int] = {"a": 0, "b": 0}
+    overlap: list[int] = []
+    ran_c: list[str] = []
+
+    def member(name: str, delay: float) -> Step:
+        async def run(ctx: StepContext) -> dict[str, int]:
+            running[name] += 1
+            overlap.append(running[name])
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                running[name] -= 1
+            return {name: 1}
+
+        return Step(name, run, compensate=_noop)
+
+    async def c(ctx: StepContext) -> None:
+        ran_c.append(ctx.saga_id)
+
+    saga = Saga("p", steps=[Parallel(member("a", 0.0), member("b", 0.3)), Step("c", c)])
+    store = SQLiteStore(db)
+    real_save = store.save
+    failed: list[int] = []
+
+    async def flaky_save(state: SagaState, events: Any, **kw: Any) -> None:
+        if not failed and "a" in state.completed_steps and "b" not in state.completed_steps:
+            failed.append(1)
+            raise StoreError("commit failed (injected; nothing written)")
+        await real_save(state, events, **kw)
+
+    store.save = flaky_save  # type: ignore[method-assign]
+    async with SagaOrchestrator(store, [saga]) as orch:
+        final = await asyncio.wait_for((await orch.start("p", {}, saga_id="p1")).wait(), 10)
+    assert failed == [1]
+    assert max(overlap) == 1  # no step ran twice at once
+    assert final.status is SagaStatus.COMPLETED
+    assert sorted(final.completed_steps) == ["a", "b", "c"]
+    assert ran_c == ["p1"]
+
+
+async def test_closing_an_orchestrator_releases_its_leases(db: Path) -> None:
+    entered = asyncio.Event()
+
+    async def hang(ctx: StepContext) -> None:
+        entered.set()
+        await asyncio.sleep(3600)
+
+    async with SagaOrchestrator(SQLiteStore(db), [Saga("order", steps=[Step("a", hang)])]) as orch:
+        await orch.start("order", {}, saga_id="s-1")
+        await entered.wait()
+    row = await _row(db, "s-1")
+    assert row[-2:] == (None, None)  # lease_owner, lease_expires_at
+
+
+def test_a_recovery_interval_too_long_for_lease_renewal_is_refused(db: Path) -> None:
+    with pytest.raises(ValueError, match="recovery_interval"):
+        SagaOrchestrator(
+            SQLiteStore(db),
+            [Saga("o", steps=[Step("a", _noop)])],
+            lease_seconds=3,
+            recovery_interval=2,
+        )

@@ -174,6 +174,11 @@ class SagaOrchestrator(OpenClose):
             raise ConfigError(f"lease_seconds must be > 0, got {lease_seconds!r}")
         if recovery_interval <= 0:
             raise ConfigError(f"recovery_interval must be > 0, got {recovery_interval!r}")
+        if recovery_interval > lease_seconds / 3:
+            raise ConfigError(
+                f"recovery_interval ({recovery_interval!r}) must be <= lease_seconds / 3 "
+                f"({lease_seconds / 3:g}): leases are renewed from the same loop"
+            )
         if claim_batch < 1:
             raise ConfigError(f"claim_batch must be >= 1, got {claim_batch!r}")
         if max_running is not None and max_running < 1:
@@ -247,11 +252,11 @@ class SagaOrchestrator(OpenClose):
         if not self._open:
             return
         self._open = False
+        owned = list(self._runs)  # read before the runs end and remove themselves
         tasks = [t for t in (self._loop_task, *(r.task for r in self._runs.values())) if t]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        owned = list(self._runs)
         for run in self._runs.values():
             if not run.done.done():
                 run.done.set_result(None)
@@ -476,7 +481,18 @@ class SagaOrchestrator(OpenClose):
                 await self._commit_success(run, step, outcome)
             return
         failures: builtins.list[StepFailure] = []
-        await asyncio.gather(*(self._run_member(run, step, failures) for step in action.steps))
+        members = [
+            asyncio.ensure_future(self._run_member(run, step, failures)) for step in action.steps
+        ]
+        try:
+            await asyncio.wait(members, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for member in members:  # siblings never outlive their stage: after a store
+                member.cancel()  # error the stage is re-read and run again as a whole
+            ended = await asyncio.gather(*members, return_exceptions=True)
+        for error in ended:
+            if isinstance(error, Exception):
+                raise error
         if failures:
             async with run.lock:
                 await self._commit(run, self._failed(run, failures))
