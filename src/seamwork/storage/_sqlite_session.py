@@ -21,6 +21,7 @@ import asyncio
 import contextvars
 import queue
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -50,26 +51,37 @@ class Session:
         loop: asyncio.AbstractEventLoop,
         opening: Any,
         conn: sqlite3.Connection,
-        activity: list[float],
+        state: _State,
+        committed: asyncio.Future[None],
     ) -> None:
         self._commands = commands
         self._loop = loop
         self._conn = conn
-        self._activity = activity
+        self._state = state
+        self._committed = committed
         self.opening = opening
         """What ``on_open(conn)`` returned when the transaction began."""
 
     def run_here(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` inside the transaction on this thread (the writer thread
         is parked in this session); for short statements only."""
-        self._activity[0] = time.monotonic()
-        return fn(self._conn)
+        with self._state.gate:  # the thread may be giving the session up right now
+            if self._state.dead:
+                raise StoreError("the transaction was rolled back (idle); nothing was applied")
+            self._state.active_at = time.monotonic()
+            return fn(self._conn)
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` inside the transaction and return its result."""
         future: asyncio.Future[T] = self._loop.create_future()
         self._commands.put((fn, future))
-        return await future
+        waiting: set[asyncio.Future[Any]] = {future, self._committed}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not future.done():  # the writer ended the session (idle, or it failed)
+            future.cancel()
+            self._committed.result()
+            raise StoreError("the transaction ended before the statement ran")
+        return future.result()
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Execute one statement; returns its rows (empty for writes)."""
@@ -97,7 +109,7 @@ async def session(
     loop = asyncio.get_running_loop()
     commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
     opened: asyncio.Future[Any] = loop.create_future()
-    activity = [time.monotonic()]  # last use by run_here, which the thread cannot see
+    state = _State()
 
     def serve(conn: sqlite3.Connection) -> None:
         opening = on_open(conn) if on_open is not None else None
@@ -106,8 +118,10 @@ async def session(
             try:
                 command = commands.get(timeout=idle_timeout)
             except queue.Empty:
-                if time.monotonic() - activity[0] < idle_timeout:
-                    continue
+                with state.gate:
+                    if time.monotonic() - state.active_at < idle_timeout:
+                        continue
+                    state.dead = True  # run_here must not touch the connection any more
                 raise StoreError(f"transaction idle for {idle_timeout}s; rolled back") from None
             if command is _END:
                 if on_commit is not None:
@@ -124,13 +138,18 @@ async def session(
                 loop.call_soon_threadsafe(_resolve, future, value, None)
 
     committed = writer.write(serve)
-    await asyncio.wait({opened, committed}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait({opened, committed}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled while queued: the session must not park the writer
+        commands.put(_ABORT)
+        committed.add_done_callback(_consume)
+        raise
     if committed.done():
         committed.result()  # the writer refused the session: raise why
     token = _active.set(writer)
     try:
         opening, conn = opened.result()
-        yield Session(commands, loop, opening, conn, activity)
+        yield Session(commands, loop, opening, conn, state, committed)
     except BaseException:
         commands.put(_ABORT)
         with suppress(_Aborted):
@@ -140,6 +159,23 @@ async def session(
         _active.reset(token)
     commands.put(_END)
     await committed
+
+
+class _State:
+    """What the writer thread and ``run_here`` share about a session."""
+
+    __slots__ = ("active_at", "dead", "gate")
+
+    def __init__(self) -> None:
+        self.gate = threading.Lock()
+        self.active_at = time.monotonic()
+        self.dead = False
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned session's outcome so asyncio does not log it as lost."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _resolve(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:

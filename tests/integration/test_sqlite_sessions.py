@@ -1,0 +1,106 @@
+"""Interactive SQLite transactions (the outbox's and inbox's) at their edges: idle
+roll-back, cancellation while queued, and a slow handler inside an inbox batch."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from seamwork.errors import StoreError
+from seamwork.messaging import Delivery, Inbox, Message, Outbox, Transaction
+from seamwork.storage._sqlite_session import session
+from seamwork.storage._sqlite_writer import SQLiteWriter
+
+
+async def test_a_statement_after_the_idle_roll_back_fails_instead_of_hanging(
+    tmp_path: Path,
+) -> None:
+    writer = SQLiteWriter(tmp_path / "w.db")
+    await writer.start()
+
+    async def idle_then_execute() -> None:
+        async with session(writer, idle_timeout=0.2) as open_session:
+            await asyncio.sleep(0.5)  # the writer gives the session up meanwhile
+            await asyncio.wait_for(open_session.execute("SELECT 1"), 3)
+
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="idle"):
+            await idle_then_execute()
+        assert time.monotonic() - started < 1.5  # the statement failed at once
+    finally:
+        await writer.close()
+
+
+async def test_a_session_cancelled_while_queued_does_not_park_the_writer(
+    tmp_path: Path,
+) -> None:
+    writer = SQLiteWriter(tmp_path / "w.db")
+    await writer.start()
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def holder() -> None:
+        async with session(writer, idle_timeout=3.0):
+            holding.set()
+            await release.wait()
+
+    async def queued() -> None:
+        async with session(writer, idle_timeout=3.0):
+            pass
+
+    try:
+        held = asyncio.create_task(holder())
+        await holding.wait()
+        waiter = asyncio.create_task(queued())
+        await asyncio.sleep(0.05)
+        waiter.cancel()  # a consumer stopped, a handler timed out...
+        await asyncio.gather(waiter, return_exceptions=True)
+        release.set()
+        await held
+        started = time.monotonic()
+        await writer.write(lambda conn: conn.execute("CREATE TABLE IF NOT EXISTS t (x)"))
+        assert time.monotonic() - started < 1.0
+    finally:
+        await writer.close()
+
+
+async def test_a_batch_handler_slower_than_the_idle_timeout_leaks_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(session.__wrapped__.__kwdefaults__, "idle_timeout", 0.3)  # type: ignore[attr-defined]
+    path = tmp_path / "svc.db"
+    outbox = Outbox.sqlite(path)
+    await outbox.open()
+    async with outbox.transaction() as tx:
+        await tx.execute("CREATE TABLE charges (order_id INTEGER)")
+
+    async def on_order(message: Message, tx: Transaction) -> None:
+        if message.data["slow"]:
+            await asyncio.sleep(0.8)  # a slow call to a payment provider
+        await tx.execute("INSERT INTO charges VALUES (?)", (message.data["n"],))
+
+    async def other_work() -> None:  # another transaction opens once the writer is free
+        await asyncio.sleep(0.4)
+        async with outbox.transaction() as tx:
+            for _ in range(8):
+                await tx.execute("SELECT 1")
+                await asyncio.sleep(0.1)
+
+    handler = Inbox.of(outbox).handler(on_order)
+    deliveries = [
+        Delivery(Message("OrderCreated", {"n": n, "slow": n == 1}), "orders.created", "g")
+        for n in (1, 2)
+    ]
+    other = asyncio.create_task(other_work())
+    with pytest.raises(StoreError, match="idle"):
+        await handler.batch(deliveries)  # the broker will redeliver both
+    await other
+    await outbox.aclose()
+    with sqlite3.connect(path) as conn:
+        charges = conn.execute("SELECT count(*) FROM charges").fetchone()[0]
+        recorded = conn.execute("SELECT count(*) FROM seamwork_inbox").fetchone()[0]
+    assert (charges, recorded) == (0, 0)  # nothing applied, so nothing applied twice later
