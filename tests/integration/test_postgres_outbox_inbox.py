@@ -126,3 +126,20 @@ async def test_a_batch_rolls_back_a_failing_message_alone(outbox: Outbox, pg_dsn
     assert await outbox.pending_count() == 2
     assert await inbox.seen(deliveries[0].message.id)
     assert not await inbox.seen(deliveries[1].message.id)
+
+
+async def test_one_handlers_statement_timeout_fails_only_its_message(
+    outbox: Outbox, pg_dsn: str
+) -> None:
+    async def on_order(message: Message, tx: Transaction) -> None:
+        if message.data["n"] == 2:  # this handler's own statement runs out of time
+            await tx.execute("SET LOCAL statement_timeout = '50ms'")
+            await tx.execute("SELECT pg_sleep(1)")
+        await tx.execute(
+            "INSERT INTO effects (n, message_id) VALUES (%s, %s)", (message.data["n"], message.id)
+        )
+
+    deliveries = [Delivery(Message("N", {"n": n}), "orders.created", "g") for n in (1, 2, 3)]
+    outcomes = await Inbox.of(outbox).handler(on_order).batch(deliveries)
+    assert [type(o).__name__ if o else None for o in outcomes] == [None, "QueryCanceled", None]
+    assert await count(pg_dsn, "SELECT count(*) FROM effects") == 2

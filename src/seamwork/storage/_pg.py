@@ -170,7 +170,11 @@ class PgWriter:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self._run_batch(batch)
+            try:
+                await self._run_batch(batch)
+            except asyncio.CancelledError:  # closed mid-batch: nobody may wait forever
+                _abandon([op.future for op in batch], self._name)
+                raise
 
     async def _run_batch(self, batch: list[_Op]) -> None:
         conn = self._conn
@@ -278,7 +282,11 @@ class PgBatcher(Generic[Item, R]):
             batch = [await queue.get()]
             while len(batch) < self._max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
-            await self._run_batch(batch)
+            try:
+                await self._run_batch(batch)
+            except asyncio.CancelledError:  # closed mid-batch: nobody may wait forever
+                _abandon([future for _, future in batch], self._name)
+                raise
 
     async def _run_batch(self, batch: list[tuple[Item, asyncio.Future[R]]]) -> None:
         conn = self._conn
@@ -310,3 +318,9 @@ class PgBatcher(Generic[Item, R]):
             log.exception(
                 "%s writer could not reconnect; the next write will try again", self._name
             )
+
+
+def _abandon(futures: list[asyncio.Future[Any]], name: str) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(StoreUnavailable(f"{name} store closed; the outcome is unknown"))

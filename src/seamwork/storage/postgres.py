@@ -160,6 +160,7 @@ class _GroupCommit:
         self._queue: asyncio.Queue[_Statement] = asyncio.Queue()
         self._conn: AsyncConn | None = None
         self._task: asyncio.Task[None] | None = None
+        self._inflight: list[_Statement] = []
         self.commits = 0
 
     async def start(self) -> None:
@@ -171,6 +172,11 @@ class _GroupCommit:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        left = [*self._inflight]  # nobody waits forever: in flight or queued, both fail
+        while not self._queue.empty():
+            left.append(self._queue.get_nowait())
+        self._inflight = []
+        self._fail(left, StoreUnavailable("the saga store closed; the outcome is unknown"))
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
@@ -188,6 +194,7 @@ class _GroupCommit:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < 256:
                 batch.append(self._queue.get_nowait())
+            self._inflight = batch
             try:
                 async with _deadline(self._deadline, [self._conn] if self._conn else []):
                     counts = await self._execute(batch)

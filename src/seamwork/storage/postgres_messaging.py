@@ -224,8 +224,10 @@ class _Batch:
                 await fn(message, tx)
                 await tx.flush()
                 self.published = self.published or bool(tx.rows)
-        except psycopg.OperationalError:
-            raise
+        except psycopg.OperationalError as exc:
+            if self.conn.broken or self.conn.closed:
+                raise  # the connection is gone: nothing commits, the batch fails whole
+            return exc  # a timeout or lock error of this message: its savepoint held it
         except Exception as exc:
             return exc
         return None
