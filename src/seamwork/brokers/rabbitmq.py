@@ -116,15 +116,23 @@ class RabbitSubscription:
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._stopping = False
 
     async def stop(self) -> None:
+        # The consumer takes no message after this flag: the one in hand finishes,
+        # the next one it may already have taken stays untouched (not started).
+        self._stopping = True
         task, self._task = self._task, None
         if task is not None:
-            await self._idle.wait()  # the message in hand finishes first
+            await self._idle.wait()
+        with contextlib.suppress(Exception):
+            # Prefetched, unacked messages go back. Closing the channel before the
+            # consumer's iterator closes returns them without a nack (a nack would
+            # count as a failed delivery on some RabbitMQ versions).
+            await self._channel.close()
+        if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self._channel.close()  # prefetched, unacked messages go back
 
 
 class RabbitBroker:
@@ -465,6 +473,10 @@ class _Consumer:
     async def run(self, subscription: RabbitSubscription) -> None:
         async with self.queue.iterator() as messages:
             async for msg in messages:
+                if subscription._stopping:
+                    # Not started: hold it until ``stop`` closes the channel, which
+                    # hands it back with the prefetched ones.
+                    await asyncio.Event().wait()
                 subscription._idle.clear()
                 try:
                     await self._handle(msg, subscription.stats)
