@@ -16,8 +16,8 @@ import aio_pika
 import pytest
 
 from seamwork.brokers import RabbitBroker
-from seamwork.messaging import Delivery, Message
-from seamwork.testing.broker import eventually
+from seamwork.messaging import Delivery, Message, PoisonMessage
+from seamwork.testing.broker import eventually, until
 
 
 @pytest.fixture
@@ -74,6 +74,36 @@ async def test_stop_lets_the_message_in_hand_finish_and_starts_no_other(
 
         await broker.subscribe(subject, "g", collect)
         await eventually(lambda: sorted(rest) == [1, 2, 3, 4])
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await _delete(rabbitmq_service, exchange, names)
+
+
+async def test_a_dead_letter_stream_deleted_under_a_subscription_loses_no_message(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    subject = f"edge{uuid.uuid4().hex[:6]}.poison"
+    calls: list[int] = []
+
+    async def poisoned(delivery: Delivery) -> None:
+        calls.append(delivery.attempt)
+        raise PoisonMessage("cannot be handled")
+
+    try:
+        await broker.subscribe(subject, "g", poisoned, retry_delay=0.05)
+        connection = await aio_pika.connect(rabbitmq_service)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(broker.dead_letter_queue)
+        message = Message("T", {"i": 1})
+        await broker.publish(subject, message)
+        # Returned by the broker (no stream), requeued, then dead-lettered into the
+        # stream declared again - not acknowledged into nowhere.
+        await eventually(lambda: len(calls) >= 2)
+        letters = await until(broker.dead_letters)
+        assert [x.message.id for x in letters] == [message.id]
     finally:
         names = broker.declared_queues
         await broker.aclose()

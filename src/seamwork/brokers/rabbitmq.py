@@ -27,6 +27,10 @@ One queue per delay (``retry_delay * 2**(attempt-1)``, capped at 30 s) keeps the
 TTL uniform inside a queue, which RabbitMQ needs: it expires only at the head.
 The attempt number is the deliveries counted in that header plus the quorum
 queue's ``x-delivery-count`` (deliveries lost to a crashed consumer).
+Retries and dead letters are published to their queue as mandatory: if that queue
+was deleted under a running broker, RabbitMQ returns the message instead of
+confirming it, the original is not acknowledged but requeued (after
+``retry_delay``), and the queue is declared again on the next try.
 
 Dead letters. After ``max_deliver`` counted deliveries, or at once for
 ``PoisonMessage`` / ``InvalidMessage``, the message is published (confirmed) to the
@@ -211,7 +215,7 @@ class RabbitBroker:
                     f"cannot connect to RabbitMQ at {_redact(self.url)}: {_reason(exc)}"
                 ) from exc
             try:
-                channel = await connection.channel(publisher_confirms=True)
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 exchange = await channel.declare_exchange(
                     self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
                 )
@@ -279,10 +283,18 @@ class RabbitBroker:
                 raise result
 
     async def _confirmed(
-        self, exchange: AbstractExchange, amqp: aio_pika.Message, routing_key: str, what: str
+        self,
+        exchange: AbstractExchange,
+        amqp: aio_pika.Message,
+        routing_key: str,
+        what: str,
+        *,
+        mandatory: bool = False,
     ) -> None:
         try:
-            await exchange.publish(amqp, routing_key, mandatory=False, timeout=self._timeout)
+            await exchange.publish(amqp, routing_key, mandatory=mandatory, timeout=self._timeout)
+        except aiormq.exceptions.PublishError as exc:  # returned: it reached no queue
+            raise _Unroutable(f"RabbitMQ returned {what}: no queue {routing_key!r}") from exc
         except aio_pika.exceptions.DeliveryError as exc:
             raise PublishError(f"RabbitMQ refused {what} to {routing_key!r}: {exc}") from exc
         except (*_DRIVER_ERRORS, aio_pika.exceptions.ChannelInvalidStateError) as exc:
@@ -292,8 +304,16 @@ class RabbitBroker:
             ) from exc
 
     async def _to_queue(self, queue: str, amqp: aio_pika.Message, what: str) -> None:
+        """Publish straight to ``queue``, mandatory: a queue deleted behind our back
+        returns the message (``PublishError``) and is declared again on the next try,
+        instead of the broker confirming a message that it dropped."""
         channel, _ = await self._context()
-        await self._confirmed(channel.default_exchange, amqp, queue, what)
+        try:
+            await self._confirmed(channel.default_exchange, amqp, queue, what, mandatory=True)
+        except _Unroutable:
+            if queue in self._declared:
+                self._declared.remove(queue)
+            raise
 
     # --- consuming -------------------------------------------------------------------
 
@@ -371,6 +391,9 @@ class RabbitBroker:
         self, msg: AbstractIncomingMessage, subject: str, group: str, error: str, attempts: int
     ) -> None:
         headers = {**_carried(msg), **dead_letter_headers(subject, group, error, attempts)}
+        if self.dead_letter_queue not in self._declared:
+            channel, _ = await self._context()
+            await self._declare_dead_letter_stream(channel)
         await self._to_queue(self.dead_letter_queue, _copy(msg, headers), "a dead letter")
 
     # --- dead letters ----------------------------------------------------------------
@@ -482,10 +505,11 @@ class _Consumer:
                     await self._handle(msg, subscription.stats)
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # settling failed: the channel gives it back later
+                except Exception:  # settling failed (a retry or dead letter not confirmed)
                     log.exception(
                         "consumer %s on %s: message left for redelivery", self.group, self.subject
                     )
+                    await self._give_back(msg)
                 finally:
                     subscription._idle.set()
 
@@ -516,6 +540,14 @@ class _Consumer:
         await msg.ack()
         stats.acked += 1
 
+    async def _give_back(self, msg: AbstractIncomingMessage) -> None:
+        """Requeue a message whose outcome could not be recorded, after a pause (a
+        broker that keeps refusing would otherwise spin it). If the channel is gone,
+        the broker has given it back already."""
+        await asyncio.sleep(min(self.retry_delay, _MAX_DELAY))
+        with contextlib.suppress(Exception):
+            await msg.nack(requeue=True)
+
     async def _give_up(
         self,
         msg: AbstractIncomingMessage,
@@ -528,6 +560,10 @@ class _Consumer:
         await msg.ack()
         stats.dead_lettered += 1
         log.warning("dead-lettered a message on %s for %s: %s", subject, self.group, reason)
+
+
+class _Unroutable(PublishError):
+    """A mandatory publish that the broker returned: no queue took it."""
 
 
 def _amqp_message(message: Message, extra: Mapping[str, str] | None) -> aio_pika.Message:
