@@ -157,3 +157,20 @@ async def test_a_live_runner_follows_new_events(
             await asyncio.sleep(0.01)
         assert runner.checkpoint == (await store.read_all())[-1].position
     assert await totals(read_model) == {"s": 15}
+
+
+async def test_replicas_starting_together_apply_each_event_once(
+    store: EventStore, pg_dsn: str
+) -> None:
+    for n in range(1, 4):
+        await store.append("s", [NewEvent("Added", {"n": n})])
+    first, second = PostgresReadModel(pg_dsn), PostgresReadModel(pg_dsn)
+    try:
+        await asyncio.gather(
+            ProjectionRunner(store, Totals(), first).catch_up(),
+            ProjectionRunner(store, Totals(), second).catch_up(),
+        )
+        assert await totals(first) == {"s": 6}
+    finally:
+        await first.aclose()
+        await second.aclose()

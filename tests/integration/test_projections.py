@@ -211,3 +211,82 @@ async def test_an_aggregate_gives_up_after_its_retries(store: EventStore) -> Non
     store.append = original  # type: ignore[method-assign]
     final = await account.load(store, "a2")
     assert (final.version, final.state) == (3, {"balance": 8})  # three rivals', none of ours
+
+
+# --- runners that overlap ------------------------------------------------------------------
+
+
+async def test_catch_up_beside_a_live_runner_applies_each_event_once(
+    store: EventStore, read_model: SQLiteReadModel
+) -> None:
+    import asyncio
+
+    for n in range(1, 4):
+        await store.append("s", [NewEvent("Added", {"n": n})])
+    async with ProjectionRunner(store, Totals(), read_model) as runner:
+        await runner.catch_up()
+        await asyncio.sleep(0.2)
+    assert await totals(read_model) == {"s": 6}
+
+
+async def test_two_runners_on_one_read_model_apply_each_event_once(
+    store: EventStore, read_model: SQLiteReadModel
+) -> None:
+    import asyncio
+
+    for n in range(1, 4):
+        await store.append("s", [NewEvent("Added", {"n": n})])
+    first = ProjectionRunner(store, Totals(), read_model)
+    second = ProjectionRunner(store, Totals(), read_model)  # an overlapping replica
+    await asyncio.gather(first.catch_up(), second.catch_up())
+    assert await totals(read_model) == {"s": 6}
+
+
+async def test_a_live_runner_keeps_following_after_a_rebuild(
+    store: EventStore, read_model: SQLiteReadModel
+) -> None:
+    import asyncio
+
+    await store.append("s", [NewEvent("Added", {"n": 1})])
+    async with ProjectionRunner(store, Totals(), read_model) as runner:
+        await runner.rebuild()
+        await store.append("s", [NewEvent("Added", {"n": 2})])
+        for _ in range(200):
+            if await totals(read_model) == {"s": 3}:
+                break
+            await asyncio.sleep(0.01)
+    assert await totals(read_model) == {"s": 3}
+
+
+async def test_a_replay_while_events_keep_arriving_leaves_nothing_parked(
+    store: EventStore, read_model: SQLiteReadModel
+) -> None:
+    import asyncio
+
+    await store.append("s", [NewEvent("Added", {"n": 1, "poison": True})])
+
+    class Fixed(Totals):
+        @handles("Added")
+        def added(self, event: RecordedEvent, conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO totals VALUES (?, ?) "
+                "ON CONFLICT(stream) DO UPDATE SET total = total * 10 + excluded.total",
+                (event.stream, event.data["n"]),
+            )
+
+    async with ProjectionRunner(store, Totals(), read_model):
+        await asyncio.sleep(0.2)
+        await store.append("s", [NewEvent("Added", {"n": 2})])  # parked behind the poison
+        await asyncio.sleep(0.2)
+    async with ProjectionRunner(store, Fixed(), read_model) as fixed:
+        appending = asyncio.create_task(store.append("s", [NewEvent("Added", {"n": 3})]))
+        await fixed.replay("s")
+        await appending
+        await store.append("s", [NewEvent("Added", {"n": 4})])
+        for _ in range(200):
+            if not await fixed.parked() and (await totals(read_model)).get("s") == 1234:
+                break
+            await asyncio.sleep(0.01)
+        parked = await fixed.parked()
+    assert parked == []
+    assert await totals(read_model) == {"s": 1234}  # applied once each, in stream order

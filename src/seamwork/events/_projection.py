@@ -113,7 +113,9 @@ class ReadModelStore(Protocol):
     async def apply_batch(
         self, projection: Projection, events: Sequence[RecordedEvent], parked: Collection[str]
     ) -> BatchResult:
-        """Apply ``events`` and move the checkpoint, in one transaction."""
+        """Apply the ``events`` after the stored checkpoint and move it, in one
+        transaction; streams parked in the store (``parked`` is only a hint) keep
+        their order by parking what follows a failure."""
         ...
 
     async def reset(self, projection: Projection) -> None:
@@ -125,8 +127,9 @@ class ReadModelStore(Protocol):
     async def replay(
         self, projection: Projection, stream: str, events: Sequence[RecordedEvent]
     ) -> int:
-        """Apply a parked stream's events again in order; returns how many succeeded
-        (the rest stay parked)."""
+        """Apply the stream's events that are still parked (``events`` holds the
+        stream's events; the parked ones are read in the same transaction), in order,
+        stopping at the first that still fails; returns how many succeeded."""
         ...
 
 
@@ -155,6 +158,7 @@ class ProjectionRunner(StartStop):
         self._parked: set[str] = set()
         self._ready = False
         self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one page or replay at a time (live loop, callers)
 
     async def start(self) -> None:
         await self._setup()
@@ -174,12 +178,17 @@ class ProjectionRunner(StartStop):
         return self.checkpoint
 
     async def rebuild(self) -> int:
-        """Empty the read model and project everything again from position 0."""
+        """Empty the read model and project everything again from position 0 (a live
+        runner goes on following new events afterwards)."""
+        live = self._task is not None
         await self.stop()
         await self._setup()
         await self.read_model.reset(self.projection)
         self.checkpoint, self._parked = 0, set()
-        return await self.catch_up()
+        checkpoint = await self.catch_up()
+        if live:
+            await self.start()
+        return checkpoint
 
     async def parked(self) -> builtins.list[ParkedEvent]:
         """The events parked for this projection, stream by stream, in order."""
@@ -188,16 +197,14 @@ class ProjectionRunner(StartStop):
     async def replay(self, stream: str) -> int:
         """Apply ``stream``'s parked events again; returns how many now succeeded."""
         await self._setup()
-        waiting = [p for p in await self.parked() if p.stream == stream]
-        if not waiting:
-            return 0
-        events = await self.store.read_stream(stream)
-        by_position = {e.position: e for e in events}
-        todo = [by_position[p.position] for p in waiting if p.position in by_position]
-        done = await self.read_model.replay(self.projection, stream, todo)
-        if done == len(waiting):
-            self._parked.discard(stream)
-        return done
+        async with self._lock:  # the live loop cannot park behind our back meanwhile
+            if not any(p.stream == stream for p in await self.parked()):
+                return 0
+            events = await self.store.read_stream(stream)
+            done = await self.read_model.replay(self.projection, stream, events)
+            if not any(p.stream == stream for p in await self.parked()):
+                self._parked.discard(stream)
+            return done
 
     async def _setup(self) -> None:
         if not self._ready:
@@ -205,6 +212,10 @@ class ProjectionRunner(StartStop):
             self._ready = True
 
     async def _step(self) -> bool:
+        async with self._lock:
+            return await self._page()
+
+    async def _page(self) -> bool:
         events = await self.store.read_all(from_position=self.checkpoint, limit=self.batch_size)
         if not events:
             return False

@@ -26,6 +26,7 @@ from seamwork.errors import StoreUnavailable
 from seamwork.events._model import RecordedEvent
 from seamwork.events._projection import BatchResult, ParkedEvent, Projection
 from seamwork.storage._pg import translate
+from seamwork.storage._readmodel import PageSQL, apply_page, replay_stream
 
 T = TypeVar("T")
 SyncConn = psycopg.Connection[Any]
@@ -45,11 +46,7 @@ _SCHEMA = (
         PRIMARY KEY (projection, stream, position)
     )""",
 )
-_PARK = (
-    "INSERT INTO seamwork_parked (projection, stream, position, event_type, error, parked_at) "
-    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (projection, stream, position) "
-    "DO UPDATE SET error = excluded.error, parked_at = excluded.parked_at"
-)
+_SQL = PageSQL("%s", lock_checkpoint=" FOR UPDATE")  # replicas serialise on the row
 
 
 class PostgresReadModel:
@@ -90,9 +87,17 @@ class PostgresReadModel:
         name = projection.name
 
         def setup(conn: SyncConn) -> tuple[int, set[str]]:
+            # Replicas may start together: DDL under one lock, then a checkpoint row
+            # that every page locks (FOR UPDATE) so two never apply the same events.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('seamwork.readmodel'))")
             for statement in _SCHEMA:
                 conn.execute(statement.encode())
             projection.setup(conn)
+            conn.execute(
+                "INSERT INTO seamwork_checkpoints (projection, position) VALUES (%s, 0) "
+                "ON CONFLICT DO NOTHING",
+                (name,),
+            )
             row = conn.execute(
                 "SELECT position FROM seamwork_checkpoints WHERE projection = %s", (name,)
             ).fetchone()
@@ -106,32 +111,10 @@ class PostgresReadModel:
     async def apply_batch(
         self, projection: Projection, events: Sequence[RecordedEvent], parked: Collection[str]
     ) -> BatchResult:
-        name = projection.name
         now = time.time()
-
-        def apply(conn: SyncConn) -> BatchResult:
-            newly: list[str] = []
-            blocked = set(parked)
-            applied = 0
-            for event in events:
-                if event.stream in blocked:
-                    conn.execute(_PARK, (name, event.stream, event.position, event.type, None, now))
-                    continue
-                error = _apply_in_savepoint(conn, projection, event)
-                if error is None:
-                    applied += 1
-                    continue
-                conn.execute(_PARK, (name, event.stream, event.position, event.type, error, now))
-                blocked.add(event.stream)
-                newly.append(event.stream)
-            conn.execute(
-                "INSERT INTO seamwork_checkpoints (projection, position) VALUES (%s, %s) "
-                "ON CONFLICT (projection) DO UPDATE SET position = excluded.position",
-                (name, events[-1].position),
-            )
-            return BatchResult(events[-1].position, applied, tuple(newly))
-
-        return await self._run(apply)
+        return await self._run(
+            lambda conn: apply_page(conn, _SQL, _apply_in_savepoint, projection, events, now)
+        )
 
     async def reset(self, projection: Projection) -> None:
         name = projection.name
@@ -157,28 +140,9 @@ class PostgresReadModel:
     async def replay(
         self, projection: Projection, stream: str, events: Sequence[RecordedEvent]
     ) -> int:
-        name = projection.name
-
-        def replay(conn: SyncConn) -> int:
-            done = 0
-            for event in events:
-                error = _apply_in_savepoint(conn, projection, event)
-                if error is not None:
-                    conn.execute(
-                        "UPDATE seamwork_parked SET error = %s "
-                        "WHERE projection = %s AND stream = %s AND position = %s",
-                        (error, name, stream, event.position),
-                    )
-                    return done
-                conn.execute(
-                    "DELETE FROM seamwork_parked "
-                    "WHERE projection = %s AND stream = %s AND position = %s",
-                    (name, stream, event.position),
-                )
-                done += 1
-            return done
-
-        return await self._run(replay)
+        return await self._run(
+            lambda conn: replay_stream(conn, _SQL, _apply_in_savepoint, projection, stream, events)
+        )
 
     # --- plumbing ----------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from seamwork.events._model import RecordedEvent
 from seamwork.events._projection import BatchResult, ParkedEvent, Projection
+from seamwork.storage._readmodel import PageSQL, apply_page, replay_stream
 from seamwork.storage._sqlite_writer import Migration, SQLiteWriter, Synchronous
 
 READ_MODEL_MIGRATIONS = (
@@ -40,10 +41,7 @@ READ_MODEL_MIGRATIONS = (
     ),
 )
 
-_PARK = (
-    "INSERT OR REPLACE INTO seamwork_parked "
-    "(projection, stream, position, event_type, error, parked_at) VALUES (?, ?, ?, ?, ?, ?)"
-)
+_SQL = PageSQL("?")
 
 
 class SQLiteReadModel:
@@ -101,28 +99,10 @@ class SQLiteReadModel:
     async def apply_batch(
         self, projection: Projection, events: Sequence[RecordedEvent], parked: Collection[str]
     ) -> BatchResult:
-        name = projection.name
         now = time.time()
-
-        def apply(conn: sqlite3.Connection) -> BatchResult:
-            newly: list[str] = []
-            blocked = set(parked)
-            applied = 0
-            for event in events:
-                if event.stream in blocked:
-                    conn.execute(_PARK, (name, event.stream, event.position, event.type, None, now))
-                    continue
-                error = _apply_in_savepoint(conn, projection, event)
-                if error is None:
-                    applied += 1
-                    continue
-                conn.execute(_PARK, (name, event.stream, event.position, event.type, error, now))
-                blocked.add(event.stream)
-                newly.append(event.stream)
-            _set_checkpoint(conn, name, events[-1].position)
-            return BatchResult(events[-1].position, applied, tuple(newly))
-
-        return await self._writer.write(apply)
+        return await self._writer.write(
+            lambda conn: apply_page(conn, _SQL, _apply_in_savepoint, projection, events, now)
+        )
 
     async def reset(self, projection: Projection) -> None:
         name = projection.name
@@ -149,28 +129,9 @@ class SQLiteReadModel:
     async def replay(
         self, projection: Projection, stream: str, events: Sequence[RecordedEvent]
     ) -> int:
-        name = projection.name
-
-        def replay(conn: sqlite3.Connection) -> int:
-            done = 0
-            for event in events:
-                error = _apply_in_savepoint(conn, projection, event)
-                if error is not None:
-                    conn.execute(
-                        "UPDATE seamwork_parked SET error = ? "
-                        "WHERE projection = ? AND stream = ? AND position = ?",
-                        (error, name, stream, event.position),
-                    )
-                    return done
-                conn.execute(
-                    "DELETE FROM seamwork_parked "
-                    "WHERE projection = ? AND stream = ? AND position = ?",
-                    (name, stream, event.position),
-                )
-                done += 1
-            return done
-
-        return await self._writer.write(replay)
+        return await self._writer.write(
+            lambda conn: replay_stream(conn, _SQL, _apply_in_savepoint, projection, stream, events)
+        )
 
 
 def _apply_in_savepoint(
@@ -186,11 +147,3 @@ def _apply_in_savepoint(
         return f"{type(exc).__name__}: {exc}"
     conn.execute("RELEASE event")
     return None
-
-
-def _set_checkpoint(conn: sqlite3.Connection, name: str, position: int) -> None:
-    conn.execute(
-        "INSERT INTO seamwork_checkpoints (projection, position) VALUES (?, ?) "
-        "ON CONFLICT(projection) DO UPDATE SET position = excluded.position",
-        (name, position),
-    )
