@@ -108,3 +108,106 @@ async def test_a_dead_letter_stream_deleted_under_a_subscription_loses_no_messag
         names = broker.declared_queues
         await broker.aclose()
         await _delete(rabbitmq_service, exchange, names)
+
+
+async def test_messages_handed_back_by_stopped_members_have_not_failed(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    """Three graceful restarts return prefetched messages; none of that is a failure."""
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    subject = f"edge{uuid.uuid4().hex[:6]}.restart"
+    first_attempt: dict[int, int] = {}
+    started = asyncio.Event()
+
+    async def hold(delivery: Delivery) -> None:
+        first_attempt.setdefault(delivery.message.data["i"], delivery.attempt)
+        started.set()
+        await asyncio.sleep(0.2)
+
+    try:
+        for restart in range(3):
+            started.clear()
+            subscription = await broker.subscribe(subject, "g", hold, max_deliver=3)
+            if restart == 0:
+                for i in range(10):
+                    await broker.publish(subject, Message("T", {"i": i}))
+            await started.wait()
+            await subscription.stop()
+        assert 9 not in first_attempt  # prefetched and handed back, never handled
+        failures: list[int] = []
+        handled: list[int] = []
+
+        async def fails_once(delivery: Delivery) -> None:
+            i = delivery.message.data["i"]
+            if i == 9 and not failures:
+                failures.append(delivery.attempt)
+                raise RuntimeError("transient")
+            handled.append(i)
+
+        await broker.subscribe(subject, "g", fails_once, max_deliver=3, retry_delay=0.05)
+        await eventually(lambda: 9 in handled)
+        assert failures == [1]
+        assert await broker.dead_letters() == []
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await _delete(rabbitmq_service, exchange, names)
+
+
+async def test_a_message_that_keeps_coming_back_unsettled_is_dead_lettered_unhandled(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange, crash_limit=2)
+    subject = f"edge{uuid.uuid4().hex[:6]}.crash"
+    calls: list[Delivery] = []
+
+    async def handler(delivery: Delivery) -> None:
+        calls.append(delivery)
+
+    try:
+        await (await broker.subscribe(subject, "g", handler)).stop()  # the group's queue
+        message = Message("T", {"i": 1})
+        await broker.publish(subject, message)
+        connection = await aio_pika.connect(rabbitmq_service)
+        async with connection:
+            for _ in range(2):  # a consumer that dies holding the message, twice
+                channel = await connection.channel()
+                queue = await channel.get_queue(f"g.{subject}", ensure=False)
+                assert await queue.get(no_ack=False, timeout=5) is not None
+                await channel.close()
+        await broker.subscribe(subject, "g", handler)
+        (letter,) = await until(broker.dead_letters)
+        assert letter.message.id == message.id
+        assert letter.error == "delivered 2 times without an outcome (consumer crash loop)"
+        assert calls == []
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await _delete(rabbitmq_service, exchange, names)
+
+
+async def test_a_group_queue_declared_without_a_delivery_limit_still_subscribes(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    subject = f"edge{uuid.uuid4().hex[:6]}.old"
+    got: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        got.append(delivery.message.id)
+
+    connection = await aio_pika.connect(rabbitmq_service)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(
+            f"g.{subject}", durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await broker.subscribe(subject, "g", handler)
+        message = Message("T", {"i": 1})
+        await broker.publish(subject, message)
+        await eventually(lambda: got == [message.id])
+    finally:
+        await connection.close()
+        names = (*broker.declared_queues, f"g.{subject}")
+        await broker.aclose()
+        await _delete(rabbitmq_service, exchange, names)

@@ -25,8 +25,16 @@ group's queue (default exchange, the queue's name as routing key), so the messag
 comes back to this group only, after the delay, and survives a broker restart.
 One queue per delay (``retry_delay * 2**(attempt-1)``, capped at 30 s) keeps the
 TTL uniform inside a queue, which RabbitMQ needs: it expires only at the head.
-The attempt number is the deliveries counted in that header plus the quorum
-queue's ``x-delivery-count`` (deliveries lost to a crashed consumer).
+The attempt number counts only the failures the handler raised (that header): a
+message handed back unhandled - prefetched by a member that stopped, or held by
+one that crashed - has not failed. The quorum queue's ``x-delivery-count`` counts
+those returns; once it reaches ``crash_limit`` the message is dead-lettered before
+its handler runs, so a message that kills its consumer does not loop forever.
+Group queues are declared with ``x-delivery-limit`` 1000: RabbitMQ 4 gives a quorum
+queue without one a limit of 20 and drops (there is no dead-letter exchange) a
+message past it, which ``crash_limit`` must reach first. A group queue declared by
+an earlier version keeps its arguments (a warning says so; a ``delivery-limit``
+policy sets the limit on it).
 Retries and dead letters are published to their queue as mandatory: if that queue
 was deleted under a running broker, RabbitMQ returns the message instead of
 confirming it, the original is not acknowledged but requeued (after
@@ -98,6 +106,8 @@ _END = "Seamwork-DLQ-End"
 _OURS = DLQ_HEADERS | {RETRIES, SUBJECT}
 _BROKER_HEADERS = frozenset({"x-delivery-count", "x-death", "x-stream-offset"})
 _MAX_DELAY = 30.0
+_DELIVERY_LIMIT = 1000
+"""``x-delivery-limit`` of a group queue: far above ``crash_limit``, which acts first."""
 _DRIVER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError)
 
 
@@ -153,6 +163,10 @@ class RabbitBroker:
         prefetch: unacknowledged messages a subscription may hold.
         dead_letter_max_age: how long the dead-letter stream keeps letters, in
             RabbitMQ's ``x-max-age`` form (``"30D"``, ``"12h"``); None keeps them.
+        crash_limit: a message handed out this many times without an outcome (its
+            consumer crashed or was stopped while holding it) is dead-lettered
+            before its handler runs again. Failures the handler raises count
+            against ``max_deliver`` instead.
     """
 
     def __init__(
@@ -165,6 +179,7 @@ class RabbitBroker:
         reconnect_interval: float = 1.0,
         prefetch: int = 64,
         dead_letter_max_age: str | None = None,
+        crash_limit: int = 20,
     ) -> None:
         if not exchange or exchange.startswith("amq."):
             raise ConfigError(f"exchange must be a non-empty name outside 'amq.', got {exchange!r}")
@@ -172,6 +187,8 @@ class RabbitBroker:
             raise ConfigError("publish_timeout, connect_timeout, reconnect_interval must be > 0")
         if prefetch < 1:
             raise ConfigError(f"prefetch must be >= 1, got {prefetch}")
+        if not 1 <= crash_limit < _DELIVERY_LIMIT:
+            raise ConfigError(f"crash_limit must be in 1..{_DELIVERY_LIMIT - 1}, got {crash_limit}")
         self.url = url
         self.exchange_name = exchange
         self.dead_letter_queue = f"{exchange}.deadletter"
@@ -180,6 +197,7 @@ class RabbitBroker:
         self._reconnect = reconnect_interval
         self._prefetch = prefetch
         self._max_age = dead_letter_max_age
+        self.crash_limit = crash_limit
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -355,9 +373,27 @@ class RabbitBroker:
         self, channel: AbstractChannel, subject: str, group: str
     ) -> AbstractQueue:
         name = queue_name(group, subject)
-        queue = await channel.declare_queue(
-            name, durable=True, arguments={"x-queue-type": "quorum"}
-        )
+        arguments = {"x-queue-type": "quorum", "x-delivery-limit": _DELIVERY_LIMIT}
+        assert self._connection is not None
+        # Declared on a channel of its own: a queue declared by an earlier version
+        # (no x-delivery-limit) fails the declaration, which closes the channel.
+        probe = await self._connection.channel(publisher_confirms=False)
+        try:
+            await probe.declare_queue(name, durable=True, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            if "x-delivery-limit" not in str(exc):
+                raise
+            log.warning(
+                "queue %s has no x-delivery-limit (declared by an earlier version): on "
+                "RabbitMQ 4 its default limit of 20 drops messages; set a delivery-limit "
+                "policy of %d on it",
+                name,
+                _DELIVERY_LIMIT,
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                await probe.close()
+        queue = await channel.declare_queue(name, passive=True)
         await queue.bind(self.exchange_name, routing_key=binding_key(subject))
         self._remember(name)
         return queue
@@ -516,8 +552,13 @@ class _Consumer:
     async def _handle(self, msg: AbstractIncomingMessage, stats: SubscriptionStats) -> None:
         stats.delivered += 1
         headers = msg.headers or {}
-        attempt = 1 + _int(headers.get(RETRIES)) + _int(headers.get("x-delivery-count"))
+        attempt = 1 + _int(headers.get(RETRIES))  # failures the handler raised
         subject = str(headers.get(SUBJECT) or msg.routing_key or self.subject)
+        returned = _int(headers.get("x-delivery-count"))  # handed back without an outcome
+        if returned >= self.broker.crash_limit:
+            reason = f"delivered {returned} times without an outcome (consumer crash loop)"
+            await self._give_up(msg, stats, subject, reason, attempt)
+            return
         try:
             message = decode(msg.body, _user_headers(msg), fallback_id=msg.message_id or "")
             await self.handler(Delivery(message, subject, self.group, attempt))
