@@ -98,26 +98,39 @@ class EmbeddedNats(StartStop):
         started = time.perf_counter()
         if self._store is None:
             self._store = Path(tempfile.mkdtemp(prefix="seamwork-nats-"))
+        try:
+            await self._spawn()
+        except BaseException:  # no server: leave no process and no temporary store
+            await self._terminate(signal.SIGKILL)
+            if self._own_store and self._store is not None:
+                shutil.rmtree(self._store, ignore_errors=True)
+                self._store = None
+            raise
+        self._log_task = asyncio.create_task(self._drain_log())
+        self.boot_seconds = time.perf_counter() - started
+
+    async def _spawn(self) -> None:
+        assert self._store is not None
         self._store.mkdir(parents=True, exist_ok=True)
         config = self._store / "nats-server.conf"
         config.write_text(self._config())
         binary = self._binary or find_nats_server()
-        self._process = await asyncio.create_subprocess_exec(
-            binary,
-            "-c",
-            str(config),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                binary,
+                "-c",
+                str(config),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise BrokerUnavailable(f"cannot run {binary}: {exc}") from exc
         try:
             async with asyncio.timeout(self._timeout):
                 await self._wait_ready()
         except (TimeoutError, BrokerUnavailable) as exc:
-            await self._terminate(signal.SIGKILL)
             raise BrokerUnavailable(f"nats-server did not start: {exc}") from exc
-        self._log_task = asyncio.create_task(self._drain_log())
-        self.boot_seconds = time.perf_counter() - started
 
     async def stop(self) -> None:
         """Stop gracefully (SIGTERM, then SIGKILL after 5 s); remove a temporary store."""

@@ -136,6 +136,7 @@ class NatsBroker:
         self._js: JetStreamContext | None = None
         self._atomic = False
         self._streams: set[str] = set()
+        self._atomic_streams: set[str] = set()  # streams that accept atomic batches
         self._subscriptions: list[NatsSubscription] = []
         self._lock = asyncio.Lock()
 
@@ -217,6 +218,11 @@ class NatsBroker:
         error = reply.get("error")
         if error and error.get("err_code") != 10058:  # 10058: exists with this name
             raise BrokerUnavailable(f"cannot create stream {name}: {error.get('description')}")
+        if error:  # made elsewhere (an operator, an older seamwork): use it as it is
+            info = await self._api(nc, f"$JS.API.STREAM.INFO.{name}", {})
+            reply = info
+        if self._atomic and reply.get("config", {}).get("allow_atomic"):
+            self._atomic_streams.add(name)
         self._streams.add(name)
         return name
 
@@ -249,13 +255,15 @@ class NatsBroker:
         wired = [(subject, *self._wire(message, None)) for subject, message in items]
         for subject, _, _ in wired:
             await self.ensure_stream(subject)
-        if not self._atomic or len(wired) == 1:
+        if len(wired) == 1:
             await self._pipelined(wired)
             return
         for start in range(0, len(wired), _MAX_ATOMIC):
             chunk = wired[start : start + _MAX_ATOMIC]
-            if len({self._stream_name(s) for s, _, _ in chunk}) > 1:
-                await self._pipelined(chunk)  # an atomic batch targets one stream
+            streams = {self._stream_name(s) for s, _, _ in chunk}
+            (stream, *others) = streams
+            if others or stream not in self._atomic_streams:
+                await self._pipelined(chunk)  # one stream per atomic batch, and it must allow it
             elif not await self._atomic_batch(chunk):
                 await self._pipelined(chunk)
 
@@ -300,6 +308,9 @@ class NatsBroker:
         if error is None:
             return True
         if error.get("err_code") == _DUPLICATE_IN_BATCH:
+            return False
+        if "atomic publish is disabled" in str(error.get("description")):
+            self._atomic_streams.discard(self._stream_name(wired[0][0]))  # changed since
             return False
         raise PublishError(f"atomic batch of {last} refused: {error.get('description')}")
 

@@ -50,16 +50,13 @@ class Flow:
     correlation_id: str
     steps: tuple[FlowStep, ...]
     status: str
+    where: str = ""
+    """The service that published the message that arrived last."""
 
     @property
     def path(self) -> list[tuple[str, str]]:
         """``[(message type, publishing service), ...]`` in causal order."""
         return [(step.type, step.service) for step in self.steps]
-
-    @property
-    def where(self) -> str:
-        """The service that published the latest step."""
-        return self.steps[-1].service if self.steps else ""
 
 
 @dataclass
@@ -102,8 +99,13 @@ class FlowMonitor:
         if tree is None:
             return None
         steps = tuple(_causal_order(tree.arrivals, tree.ids))
-        status = self.terminal.get(steps[-1].type, IN_PROGRESS)
-        return Flow(correlation_id, steps, status)
+        # Where a flow stands is decided by what arrived last, not by the last step
+        # in causal order: after a fan-out a side branch may sort after the end.
+        status = next(
+            (self.terminal[s.type] for s in reversed(tree.arrivals) if s.type in self.terminal),
+            IN_PROGRESS,
+        )
+        return Flow(correlation_id, steps, status, tree.arrivals[-1].service)
 
     def flows(self) -> dict[str, Flow]:
         """Every flow seen, by correlation id, in the order they started."""

@@ -1,0 +1,66 @@
+"""NATS at its edges: streams made elsewhere, a server that will not start, and the
+flow monitor after a fan-out."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+
+import nats
+import pytest
+
+from seamwork.brokers import EmbeddedNats, NatsBroker
+from seamwork.errors import BrokerUnavailable
+from seamwork.messaging import FlowMonitor, Message
+
+
+async def test_a_batch_into_a_stream_made_without_atomic_publish_is_sent_one_by_one() -> None:
+    async with EmbeddedNats() as server:
+        nc = await nats.connect(server.url)
+        made = {"name": "ORDERS", "subjects": ["orders.>"], "storage": "file"}
+        reply = await nc.request("$JS.API.STREAM.CREATE.ORDERS", json.dumps(made).encode())
+        assert "error" not in json.loads(reply.data)
+        broker = NatsBroker(server.url)
+        try:
+            await broker.publish_batch(
+                [("orders.created", Message("B", {"i": i})) for i in range(3)]
+            )
+            info = await nc.jetstream().stream_info("ORDERS")
+        finally:
+            await broker.aclose()
+            await nc.close()
+    assert info.state.messages == 3
+
+
+async def test_a_server_that_will_not_start_leaves_no_temporary_store() -> None:
+    pattern = os.path.join(tempfile.gettempdir(), "seamwork-nats-*")
+    before = set(glob.glob(pattern))
+    with pytest.raises(BrokerUnavailable):
+        async with EmbeddedNats(binary="/bin/false"):
+            pass
+    with pytest.raises(BrokerUnavailable, match="cannot run"):
+        async with EmbeddedNats(binary="/nonexistent/nats-server"):
+            pass
+    assert set(glob.glob(pattern)) == before
+
+
+def test_a_flow_is_completed_when_its_end_arrives_after_a_side_branch() -> None:
+    monitor = FlowMonitor({"OrderCompleted": "completed"})
+    created = Message("OrderCreated", {}, correlation_id="order-1")
+    reserved = created.caused("InventoryReserved", {})
+    notified = created.caused("CustomerNotified", {})  # a side branch of the fan-out
+    charged = reserved.caused("PaymentCharged", {})
+    completed = charged.caused("OrderCompleted", {})
+    for subject, message in [
+        ("orders.created", created),
+        ("inventory.reserved", reserved),
+        ("notifications.sent", notified),
+        ("payments.charged", charged),
+        ("orders.completed", completed),
+    ]:
+        monitor.record(message, subject)
+    flow = monitor.flow("order-1")
+    assert flow is not None
+    assert (flow.status, flow.where) == ("completed", "orders")
