@@ -143,3 +143,31 @@ FILL = (
 LIST_BY_STATUS = (
     "SELECT saga_id FROM seamwork_sagas WHERE status = %s ORDER BY updated_at DESC LIMIT %s"
 )
+
+
+def test_listing_a_database_without_a_saga_store_creates_nothing(pg_dsn: str) -> None:
+    import psycopg
+    from typer.testing import CliRunner
+
+    from seamwork.cli import app
+
+    result = CliRunner().invoke(app, ["sagas", "list", "--postgres", pg_dsn])
+    assert result.exit_code == 1
+    assert "no seamwork saga store" in result.output
+    with psycopg.connect(pg_dsn) as conn:
+        tables = conn.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema()"
+        ).fetchone()
+    assert tables is not None
+    assert tables[0] == 0
+
+
+def test_a_malformed_dsn_is_a_one_line_error() -> None:
+    from typer.testing import CliRunner
+
+    from seamwork.cli import app
+
+    result = CliRunner().invoke(app, ["sagas", "list", "--postgres", "garbage=="])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "cannot connect" in result.output

@@ -75,7 +75,7 @@ def _open_store(db: Path | None, postgres: str | None, readonly: bool) -> SagaSt
             from seamwork.storage.postgres import PostgresStore
         except ImportError as exc:
             raise CliError(str(exc), code=2) from exc
-        return PostgresStore(postgres, pool_size=1)
+        return PostgresStore(postgres, pool_size=1, create=False)
     assert db is not None
     if not db.is_file():
         raise CliError(f"no saga database at {db}", code=2)

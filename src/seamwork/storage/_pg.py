@@ -50,7 +50,7 @@ async def connect(dsn: str, *, autocommit: bool, what: str) -> AsyncConn:
     """Open a connection; an unreachable server is ``StoreUnavailable`` naming ``what``."""
     try:
         return await psycopg.AsyncConnection.connect(dsn, autocommit=autocommit)
-    except psycopg.OperationalError as exc:
+    except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # down, or a bad DSN
         raise StoreUnavailable(f"cannot connect the {what} to PostgreSQL: {exc}".strip()) from exc
 
 

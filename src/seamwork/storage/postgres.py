@@ -276,15 +276,20 @@ class PostgresStore:
         pool_size: connections for reads and claims.
         query_timeout: the application deadline of every statement, in seconds; a
             server that stalls (it never answers) is noticed after this, never hung on.
+        create: create (migrate) the schema if needed; False for tools that must find
+            an existing store and change nothing.
     """
 
-    def __init__(self, dsn: str, *, pool_size: int = 4, query_timeout: float = 5.0) -> None:
+    def __init__(
+        self, dsn: str, *, pool_size: int = 4, query_timeout: float = 5.0, create: bool = True
+    ) -> None:
         if not dsn:
             raise ConfigError("PostgresStore needs a DSN")
         if query_timeout <= 0:
             raise ConfigError(f"query_timeout must be > 0 seconds, got {query_timeout!r}")
         self._dsn = dsn
         self._deadline = query_timeout
+        self._create = create
         self._writer = _GroupCommit(dsn, query_timeout)
         self._pool = make_pool(dsn, size=pool_size, name="seamwork-sagas")
         self._opened = False
@@ -301,7 +306,13 @@ class PostgresStore:
             return
         conn = await connect(self._dsn, autocommit=False, what="saga store")
         try:
-            await migrate(conn, SAGA_MIGRATIONS)
+            if self._create:
+                await migrate(conn, SAGA_MIGRATIONS)
+            else:
+                cursor = await conn.execute("SELECT to_regclass('seamwork_sagas') IS NOT NULL")
+                found = await cursor.fetchone()
+                if not (found and found[0]):
+                    raise StoreUnavailable("this database holds no seamwork saga store")
         finally:
             await conn.close()
         await open_pool(self._pool, "saga store")
