@@ -14,8 +14,11 @@ from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
+from typer.testing import CliRunner
 
 from seamwork.brokers import RabbitBroker
+from seamwork.cli import app
+from seamwork.errors import BrokerUnavailable
 from seamwork.messaging import Delivery, Message, PoisonMessage
 from seamwork.testing.broker import eventually, until
 
@@ -211,3 +214,108 @@ async def test_a_group_queue_declared_without_a_delivery_limit_still_subscribes(
         names = (*broker.declared_queues, f"g.{subject}")
         await broker.aclose()
         await _delete(rabbitmq_service, exchange, names)
+
+
+async def _exists(url: str, *, exchange: str | None = None, queue: str | None = None) -> bool:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            if exchange is not None:
+                await channel.get_exchange(exchange, ensure=True)
+            if queue is not None:
+                await channel.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return False
+    return True
+
+
+async def _stream_length(url: str, name: str) -> int:
+    """Every message in stream ``name`` (read until 0.5 s pass without one)."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=100)
+        queue = await channel.get_queue(name, ensure=False)
+        got: list[int] = []
+
+        async def take(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+            await msg.ack()
+            got.append(1)
+
+        await queue.consume(take, arguments={"x-stream-offset": "first"})
+        seen = -1
+        while seen != len(got):
+            seen = len(got)
+            await asyncio.sleep(0.5)
+        return seen
+
+
+async def test_listing_an_exchange_that_does_not_exist_creates_nothing(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    typo = f"{exchange}-typo"
+    broker = RabbitBroker(rabbitmq_service, exchange=typo)
+    try:
+        with pytest.raises(BrokerUnavailable, match=f"no seamwork exchange '{typo}'"):
+            await broker.dead_letters()
+    finally:
+        await broker.aclose()
+    result = await asyncio.to_thread(
+        CliRunner().invoke,
+        app,
+        ["dlq", "list", "--rabbitmq", rabbitmq_service, "--exchange", typo],
+        env={"COLUMNS": "200"},
+    )
+    try:
+        assert result.exit_code == 1, result.output
+        assert f"no seamwork exchange '{typo}' on the broker" in result.output
+        assert not await _exists(rabbitmq_service, exchange=typo)
+        assert not await _exists(rabbitmq_service, queue=f"{typo}.deadletter")
+    finally:
+        await _delete(rabbitmq_service, typo, [f"{typo}.deadletter"])
+
+
+async def test_listing_dead_letters_writes_nothing_to_the_stream(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    subject = f"edge{uuid.uuid4().hex[:6]}.list"
+
+    async def poisoned(delivery: Delivery) -> None:
+        raise PoisonMessage("no")
+
+    try:
+        await broker.subscribe(subject, "g", poisoned)
+        message = Message("T", {"i": 1})
+        await broker.publish(subject, message)
+        await until(broker.dead_letters)
+        before = await _stream_length(rabbitmq_service, broker.dead_letter_queue)
+        assert before == 1
+        reader = RabbitBroker(rabbitmq_service, exchange=exchange)  # connects read-only
+        try:
+            for lister in (broker, reader, reader):
+                assert [x.message.id for x in await lister.dead_letters()] == [message.id]
+        finally:
+            await reader.aclose()
+        assert reader.declared_queues == ()
+        assert await _stream_length(rabbitmq_service, broker.dead_letter_queue) == before
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await _delete(rabbitmq_service, exchange, names)
+
+
+async def test_a_missing_dead_letter_stream_lists_as_empty_and_stays_missing(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    connection = await aio_pika.connect(rabbitmq_service)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    try:
+        assert await broker.dead_letters() == []
+    finally:
+        await broker.aclose()
+    assert not await _exists(rabbitmq_service, queue=f"{exchange}.deadletter")

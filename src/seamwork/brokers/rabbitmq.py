@@ -47,10 +47,15 @@ attempts and time in headers, and then acknowledged. A stream, not a queue, so
 listing reads it without consuming (a queue would have to be drained and requeued,
 which reorders it and, on quorum queues, counts against the delivery limit).
 A stream is append-only, so ``replay_dead_letter`` re-publishes the letter and then
-appends a tombstone naming its offset; listing skips tombstoned letters. To know
-where the stream ends, a listing appends a small end marker and reads up to it.
-A crash between the replay and the tombstone replays once more on the next try
-with the same message id, which an ``Inbox`` ignores.
+appends a tombstone naming its offset; listing skips tombstoned letters. A crash
+between the replay and the tombstone replays once more on the next try with the
+same message id, which an ``Inbox`` ignores.
+
+Listing writes nothing (``_rabbit_dlq``): ``dead_letters`` on a broker that is not
+connected yet connects read-only - it checks that the exchange exists (passively)
+and declares nothing, raising ``BrokerUnavailable`` if there is no such exchange;
+a missing dead-letter stream lists as empty. A read-only connected broker still
+publishes and subscribes: the dead-letter stream is declared on first use.
 """
 
 from __future__ import annotations
@@ -58,7 +63,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -75,6 +79,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("RabbitMQ support needs: pip install 'seamwork[rabbitmq]'") from exc
 
+from seamwork.brokers._rabbit_dlq import TOMBSTONE, Raw, read_letters
 from seamwork.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -101,8 +106,6 @@ RETRIES = "Seamwork-Deliveries"
 """Deliveries that failed before this one (set on the way through a retry queue)."""
 SUBJECT = "Seamwork-Subject"
 """The original subject (a retry comes back with the queue's name as routing key)."""
-_TOMBSTONE = "Seamwork-DLQ-Replayed"
-_END = "Seamwork-DLQ-End"
 _OURS = DLQ_HEADERS | {RETRIES, SUBJECT}
 _BROKER_HEADERS = frozenset({"x-delivery-count", "x-death", "x-stream-offset"})
 _MAX_DELAY = 30.0
@@ -216,6 +219,11 @@ class RabbitBroker:
     # --- connection ------------------------------------------------------------------
 
     async def connect(self) -> None:
+        """Connect, declaring the exchange and the dead-letter stream."""
+        await self._connect(read_only=False)
+
+    async def _connect(self, *, read_only: bool) -> None:
+        """Connect; ``read_only`` declares nothing and needs the exchange to exist."""
         if self._exchange is not None:
             return
         async with self._lock:
@@ -234,10 +242,18 @@ class RabbitBroker:
                 ) from exc
             try:
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                exchange = await channel.declare_exchange(
-                    self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
-                )
-                await self._declare_dead_letter_stream(channel)
+                if read_only:
+                    exchange = await channel.get_exchange(self.exchange_name, ensure=True)
+                else:
+                    exchange = await channel.declare_exchange(
+                        self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+                    )
+                    await self._declare_dead_letter_stream(channel)
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                await connection.close()
+                raise BrokerUnavailable(
+                    f"no seamwork exchange {self.exchange_name!r} on the broker"
+                ) from exc
             except Exception as exc:
                 await connection.close()
                 raise BrokerUnavailable(
@@ -435,6 +451,7 @@ class RabbitBroker:
     # --- dead letters ----------------------------------------------------------------
 
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
+        """The dead letters, oldest first; reads only (see the module's docstring)."""
         letters = await self._read_dead_letters()
         return [_letter(offset, body, headers) for offset, body, headers in letters[:limit]]
 
@@ -455,62 +472,23 @@ class RabbitBroker:
         _, exchange = await self._context()
         await self._confirmed(exchange, amqp, subject, f"replay of dead letter {key}")
         tombstone = aio_pika.Message(
-            b"", headers={_TOMBSTONE: key}, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            b"", headers={TOMBSTONE: key}, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
         )
         await self._to_queue(self.dead_letter_queue, tombstone, f"tombstone of {key}")
 
-    async def _read_dead_letters(self) -> list[tuple[int, bytes, dict[str, Any]]]:
-        """The live letters of the stream, oldest first: read up to a fresh end marker."""
-        marker = uuid.uuid4().hex
-        end = aio_pika.Message(b"", headers={_END: marker})
-        await self._to_queue(self.dead_letter_queue, end, "a dead-letter end marker")
+    async def _read_dead_letters(self) -> list[Raw]:
+        """The live letters of the stream, oldest first, read without writing."""
+        if self._exchange is None:
+            await self._connect(read_only=True)
         assert self._connection is not None
         try:
-            channel = await self._connection.channel(publisher_confirms=False)
-        except _DRIVER_ERRORS as exc:
-            raise BrokerUnavailable(
-                f"cannot read {self.dead_letter_queue}: {_reason(exc)}"
-            ) from exc
-        try:
             async with asyncio.timeout(self._timeout):
-                return await _read_stream(channel, self.dead_letter_queue, marker)
+                letters = await read_letters(self._connection, self.dead_letter_queue)
         except TimeoutError as exc:
             raise BrokerUnavailable(
                 f"reading {self.dead_letter_queue} took over {self._timeout} s"
             ) from exc
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
-
-
-async def _read_stream(
-    channel: AbstractChannel, name: str, marker: str
-) -> list[tuple[int, bytes, dict[str, Any]]]:
-    # A plain consumer, not ``queue.iterator()``: leaving an iterator early nacks what
-    # it prefetched, and a stream answers a nack by closing the connection.
-    await channel.set_qos(prefetch_count=500)
-    queue = await channel.get_queue(name, ensure=False)
-    inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-
-    async def take(msg: AbstractIncomingMessage) -> None:
-        await msg.ack()
-        inbox.put_nowait(msg)
-
-    tag = await queue.consume(take, arguments={"x-stream-offset": "first"})
-    letters: dict[int, tuple[int, bytes, dict[str, Any]]] = {}
-    replayed: set[str] = set()
-    try:
-        while (msg := await inbox.get()).headers.get(_END) != marker:
-            headers = dict(msg.headers or {})
-            offset = _int(headers.get("x-stream-offset"))
-            if _TOMBSTONE in headers:
-                replayed.add(str(headers[_TOMBSTONE]))
-            elif DLQ_SUBJECT in headers:
-                letters[offset] = (offset, msg.body, headers)
-    finally:
-        with contextlib.suppress(Exception):
-            await queue.cancel(tag)
-    return [letter for offset, letter in sorted(letters.items()) if str(offset) not in replayed]
+        return letters or []
 
 
 class _Consumer:

@@ -103,8 +103,14 @@ def run_on_broker(
     exchange: str,
     seconds: float,
     work: Callable[[Broker], Awaitable[T]],
+    *,
+    connect: bool = True,
 ) -> T:
-    """Connect to the chosen broker, run ``work``, close; errors as ``CliError``."""
+    """Connect to the chosen broker, run ``work``, close; errors as ``CliError``.
+
+    ``connect=False`` leaves connecting to ``work``: ``dead_letters`` alone connects
+    read-only on RabbitMQ (declares nothing; a missing exchange is an error).
+    """
     broker, url, default_port = _choose(nats, rabbitmq, exchange)
     for noisy in ("nats", "aiormq", "aio_pika"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
@@ -113,7 +119,8 @@ def run_on_broker(
         await _reachable(url, default_port, seconds)
         try:
             async with asyncio.timeout(seconds):
-                await broker.connect()
+                if connect:
+                    await broker.connect()
                 return await work(broker)
         finally:
             await broker.aclose()
@@ -173,10 +180,10 @@ def list_letters(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     timeout: Timeout = 10.0,
 ) -> None:
-    """List dead letters, oldest first."""
+    """List dead letters, oldest first (reads only: creates and writes nothing)."""
     try:
         letters = run_on_broker(
-            nats, rabbitmq, exchange, timeout, lambda b: b.dead_letters(limit=limit)
+            nats, rabbitmq, exchange, timeout, lambda b: b.dead_letters(limit=limit), connect=False
         )
     except CliError as exc:
         raise fail(exc) from None

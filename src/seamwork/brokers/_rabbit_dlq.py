@@ -1,0 +1,98 @@
+"""Reading the RabbitMQ dead-letter stream, without writing anything to the broker.
+
+The stream is append-only: a replayed letter is followed, later in the stream, by a
+tombstone naming its offset, and a listing drops tombstoned letters. AMQP tells a
+stream consumer neither where the stream ends nor (on RabbitMQ 3.x) how many
+messages it holds, so a listing reads from the first offset until no message has
+come for ``IDLE_GAP`` seconds. (Earlier versions appended an end marker per listing,
+which grew the stream forever; markers still in a stream carry no letter headers
+and are skipped like anything else that is not a letter.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from seamwork.errors import BrokerUnavailable
+from seamwork.messaging._ports import DLQ_SUBJECT
+
+TOMBSTONE = "Seamwork-DLQ-Replayed"
+"""Header of a tombstone: the offset of the letter it replaced."""
+IDLE_GAP = 0.2
+"""Seconds without a new message after which a listing takes the stream as read."""
+
+Raw = tuple[int, bytes, dict[str, Any]]
+"""A letter as stored: offset, body, headers."""
+
+
+async def read_letters(connection: AbstractRobustConnection, name: str) -> list[Raw] | None:
+    """The live letters of stream ``name``, oldest first; None if there is no stream.
+
+    Only passive declares and a consumer: a missing stream is not created. (The
+    caller bounds the time.)
+    """
+    try:
+        channel = await connection.channel(publisher_confirms=False)
+    except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
+        raise BrokerUnavailable(f"cannot read {name}: {_first_line(exc)}") from exc
+    try:
+        return await _read(channel, name)
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+
+
+async def _read(channel: aio_pika.abc.AbstractChannel, name: str) -> list[Raw] | None:
+    await channel.set_qos(prefetch_count=500)
+    try:
+        queue = await channel.declare_queue(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return None
+    # A plain consumer, not ``queue.iterator()``: leaving an iterator early nacks what
+    # it prefetched, and a stream answers a nack by closing the connection.
+    inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+    async def take(msg: AbstractIncomingMessage) -> None:
+        await msg.ack()
+        inbox.put_nowait(msg)
+
+    tag = await queue.consume(take, arguments={"x-stream-offset": "first"})
+    letters: dict[int, Raw] = {}
+    replayed: set[str] = set()
+    try:
+        while True:
+            try:
+                msg = await asyncio.wait_for(inbox.get(), IDLE_GAP)
+            except TimeoutError:
+                break
+            headers = dict(msg.headers or {})
+            offset = _int(headers.get("x-stream-offset"))
+            if TOMBSTONE in headers:
+                replayed.add(str(headers[TOMBSTONE]))
+            elif DLQ_SUBJECT in headers:
+                letters[offset] = (offset, msg.body, headers)
+    finally:
+        with contextlib.suppress(Exception):
+            await queue.cancel(tag)
+    return [letter for offset, letter in sorted(letters.items()) if str(offset) not in replayed]
+
+
+def _int(value: object) -> int:
+    try:
+        return int(str(value)) if value is not None else 0
+    except ValueError:
+        return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+__all__ = ["IDLE_GAP", "TOMBSTONE", "Raw", "read_letters"]
