@@ -19,7 +19,7 @@ behind the ones published after it.
 Retries. RabbitMQ has no delayed requeue: a nack with requeue hands the message
 straight back. So a failed delivery is re-published (confirmed) to a retry queue
 of its group for that delay, ``<group>.<subject>.retry.<ms>``, with the number of
-deliveries so far in a header, and only then acknowledged. The retry queue is a
+failed deliveries so far in a header, and only then acknowledged. The retry queue is a
 quorum queue with a queue-wide TTL and at-least-once dead-lettering back into the
 group's queue (default exchange, the queue's name as routing key), so the message
 comes back to this group only, after the delay, and survives a broker restart.
@@ -35,12 +35,13 @@ queue without one a limit of 20 and drops (there is no dead-letter exchange) a
 message past it, which ``crash_limit`` must reach first. A group queue declared by
 an earlier version keeps its arguments (a warning says so; a ``delivery-limit``
 policy sets the limit on it).
+
 Retries and dead letters are published to their queue as mandatory: if that queue
 was deleted under a running broker, RabbitMQ returns the message instead of
 confirming it, the original is not acknowledged but requeued (after
 ``retry_delay``), and the queue is declared again on the next try.
 
-Dead letters. After ``max_deliver`` counted deliveries, or at once for
+Dead letters. After ``max_deliver`` failed attempts, or at once for
 ``PoisonMessage`` / ``InvalidMessage``, the message is published (confirmed) to the
 dead-letter stream ``<exchange>.deadletter`` with its subject, group, error,
 attempts and time in headers, and then acknowledged. A stream, not a queue, so
