@@ -23,21 +23,13 @@ from seamwork.errors import (
     ConfigError,
     CorruptSagaError,
     InvalidSagaOperation,
-    LeaseLost,
     SagaNotFound,
-    SerializationError,
-    StepFailed,
-    StoreError,
     UnknownSagaError,
 )
-from seamwork.saga._definition import Saga, Step, StepContext
+from seamwork.saga._definition import Saga
+from seamwork.saga._driver import Driver, _Run
 from seamwork.saga._machine import (
-    Compensate,
-    FailureKind,
-    RunStage,
     SagaMachine,
-    StepFailure,
-    Transition,
     abort,
     retry_stuck,
 )
@@ -58,41 +50,6 @@ EVENTS = (
     "recovered",
     "lease_lost",
 )
-
-
-class _Run:
-    """One saga being driven by this process."""
-
-    __slots__ = (
-        "cancel_reason",
-        "cancelled",
-        "done",
-        "lock",
-        "machine",
-        "resumed",
-        "scopes",
-        "state",
-        "task",
-    )
-
-    def __init__(self, machine: SagaMachine, state: SagaState) -> None:
-        self.machine = machine
-        self.state = state
-        self.task: asyncio.Task[None] | None = None
-        self.done: asyncio.Future[SagaState | None] = asyncio.get_running_loop().create_future()
-        self.scopes: set[asyncio.Timeout] = set()
-        self.cancel_reason: str | None = None
-        self.cancelled = asyncio.Event()
-        self.lock = asyncio.Lock()
-        # Steps of the current stage that may have run (and applied) in a process
-        # that died before their checkpoint: their outcome is uncertain until re-run.
-        self.resumed: set[str] = set()
-
-    def interrupt(self, reason: str) -> None:
-        self.cancel_reason = reason
-        now = asyncio.get_running_loop().time()
-        for scope in self.scopes:
-            scope.reschedule(now)
 
 
 class SagaRun:
@@ -121,7 +78,7 @@ class SagaRun:
         return f"SagaRun({self.saga_id!r})"
 
 
-class SagaOrchestrator(OpenClose):
+class SagaOrchestrator(Driver, OpenClose):
     """Runs sagas durably on a ``SagaStore``.
 
     Use it as an async context manager: entering opens the store, attaches to it,
@@ -391,279 +348,6 @@ class SagaOrchestrator(OpenClose):
         """How many sagas this process is driving right now."""
         return len(self._runs)
 
-    # --- driving one saga ---------------------------------------------------------
-
-    def _spawn(self, machine: SagaMachine, state: SagaState, *, recovered: bool = False) -> None:
-        run = _Run(machine, state)
-        action = machine.next_action(state)
-        if recovered and isinstance(action, RunStage):
-            run.resumed = {step.name for step in action.steps}
-        self._runs[state.saga_id] = run
-        run.task = asyncio.create_task(self._drive(run), name=f"saga:{state.saga_id}")
-
-    async def _drive(self, run: _Run) -> None:
-        try:
-            await self._advance(run)
-        except LeaseLost as exc:
-            self.stats["lease_lost"] += 1
-            log.warning("saga %s: %s; this process stops running it", run.state.saga_id, exc)
-            self.hooks.emit("lease_lost", run.state)
-        except Exception:
-            # A bug in user code the engine calls outside a step (a `when` condition) or
-            # in the engine: the row is left as it is, and the recovery loop claims it
-            # again once its lease expires - retried, logged, never silently dropped.
-            self.stats["errors"] += 1
-            log.exception(
-                "saga %s stopped on an unexpected error; it will be retried after its lease "
-                "(%gs) expires",
-                run.state.saga_id,
-                self._lease,
-            )
-        finally:
-            if self._runs.get(run.state.saga_id) is run:
-                del self._runs[run.state.saga_id]
-            if not run.done.done():
-                run.done.set_result(run.state if run.state.terminal else None)
-        if run.state.terminal:
-            self._finished(run.state)
-
-    async def _advance(self, run: _Run) -> None:
-        """Ask the machine, do what it says, persist, repeat until it says nothing."""
-        while True:
-            if run.cancel_reason is not None:
-                if run.state.status is SagaStatus.RUNNING:
-                    in_flight = tuple(run.resumed)
-                    cancel = run.machine.cancel(
-                        run.state, run.cancel_reason, in_flight, self._now()
-                    )
-                    await self._commit(run, cancel)
-                run.cancelled.set()
-            action = run.machine.next_action(run.state)
-            # A store error under a stage or compensation leaves its commit in doubt:
-            # the row is re-read, never guessed, and the step runs again under its
-            # unchanged idempotency key.
-            try:
-                if type(action) is RunStage:
-                    await self._run_stage(run, action)
-                elif type(action) is Compensate:
-                    await self._compensate(run, action)
-                else:
-                    return
-            except StoreError:
-                log.exception("saga %s: store error; reloading its row", run.state.saga_id)
-                await self._reload(run)
-
-    async def _reload(self, run: _Run) -> None:
-        delay = 0.05
-        while True:
-            await self._clock.sleep(delay)
-            try:
-                state = await self._store.get(run.state.saga_id)
-            except Exception:
-                log.exception("saga %s: reload failed; retrying", run.state.saga_id)
-                delay = min(delay * 2, 5.0)
-                continue
-            if state is not None and state.terminal and state.updated_at >= run.state.updated_at:
-                run.state = state  # the commit in doubt did land, and finished the saga
-                return
-            if state is None or state.lease_owner != self.owner:
-                raise LeaseLost(f"saga {run.state.saga_id!r} is no longer leased to {self.owner}")
-            run.state = state
-            return
-
-    async def _run_stage(self, run: _Run, action: RunStage) -> None:
-        if len(action.steps) == 1:
-            step = action.steps[0]
-            outcome = await self._run_step(run, step)
-            if isinstance(outcome, StepFailure):
-                await self._commit(run, self._failed(run, [outcome]))
-            else:
-                await self._commit_success(run, step, outcome)
-            return
-        failures: builtins.list[StepFailure] = []
-        members = [
-            asyncio.ensure_future(self._run_member(run, step, failures)) for step in action.steps
-        ]
-        try:
-            await asyncio.wait(members, return_when=asyncio.FIRST_EXCEPTION)
-        finally:
-            for member in members:  # siblings never outlive their stage: after a store
-                member.cancel()  # error the stage is re-read and run again as a whole
-            ended = await asyncio.gather(*members, return_exceptions=True)
-        for error in ended:
-            if isinstance(error, Exception):
-                raise error
-        if failures:
-            async with run.lock:
-                await self._commit(run, self._failed(run, failures))
-
-    async def _run_member(
-        self, run: _Run, step: Step, failures: builtins.list[StepFailure]
-    ) -> None:
-        outcome = await self._run_step(run, step)
-        if isinstance(outcome, StepFailure):
-            failures.append(outcome)
-            return
-        async with run.lock:
-            await self._commit_success(run, step, outcome)
-
-    async def _commit_success(
-        self, run: _Run, step: Step, result: Mapping[str, Any] | None
-    ) -> None:
-        succeeded = run.machine.step_succeeded(run.state, step.name, result, self._now())
-        try:
-            await self._commit(run, succeeded)
-        except SerializationError as exc:  # the result cannot be stored: nothing was
-            attempt = run.state.step_attempts.get(step.name, 0) + 1  # written
-            failure = StepFailure(step.name, attempt, "uncertain", str(exc))
-            await self._commit(run, self._failed(run, [failure]))
-            return
-        self.hooks.emit("step_completed", run.state, step.name)
-
-    def _failed(self, run: _Run, failures: builtins.list[StepFailure]) -> Transition:
-        if run.cancel_reason is not None:
-            uncertain = [f.step for f in failures if f.kind != "definite"]
-            return run.machine.cancel(run.state, run.cancel_reason, uncertain, self._now())
-        return run.machine.stage_failed(run.state, failures, self._now())
-
-    async def _run_step(self, run: _Run, step: Step) -> Mapping[str, Any] | StepFailure | None:
-        """Run ``step`` with its retries; returns its result or how it failed."""
-        state = run.state
-        attempt = state.step_attempts.get(step.name, 0)
-        while True:
-            attempt += 1
-            outcome, error = await self._attempt(run, step, attempt)
-            if not isinstance(outcome, StepFailure) or run.cancel_reason is not None:
-                return outcome
-            delay = run.machine.retry_delay(step, outcome, error, self._rng)
-            if delay is None or self._past_deadline(run, delay):
-                return outcome
-            async with run.lock:
-                await self._commit(run, run.machine.attempt_failed(run.state, outcome, self._now()))
-            if not await self._interruptible_sleep(run, delay):
-                return outcome
-
-    async def _attempt(
-        self, run: _Run, step: Step, attempt: int
-    ) -> tuple[Mapping[str, Any] | StepFailure | None, BaseException | None]:
-        state = run.state
-        ctx = StepContext(
-            state.saga_id,
-            state.saga_name,
-            step.name,
-            attempt,
-            f"{state.saga_id}:{step.name}",
-            state.context,
-        )
-        timeout = self._step_timeout(run, step)
-        if timeout is not None and timeout <= 0:
-            # Not started here. A step resumed after a crash may have applied its effect
-            # in the dead process (uncertain, compensated); any other was never run.
-            run.interrupt(f"deadline of {run.machine.saga.deadline:g}s exceeded")
-            kind: FailureKind = "uncertain" if step.name in run.resumed else "definite"
-            return StepFailure(step.name, attempt, kind, "saga deadline exceeded"), None
-        run.resumed.discard(step.name)
-        try:
-            async with self._clock.timeout(timeout) as scope:
-                run.scopes.add(scope)  # cancel() ends the attempt through its scope
-                try:
-                    result = await step.action(ctx)
-                finally:
-                    run.scopes.discard(scope)
-        except StepFailed as exc:
-            return StepFailure(step.name, attempt, "definite", exc.reason), exc
-        except TimeoutError as exc:
-            if run.cancel_reason is not None:
-                return StepFailure(step.name, attempt, "uncertain", run.cancel_reason), exc
-            if self._deadline_hit(run):
-                run.interrupt(f"deadline of {run.machine.saga.deadline:g}s exceeded")
-            reason = f"timed out after {timeout:g}s" if timeout is not None else repr(exc)
-            return StepFailure(step.name, attempt, "timeout", reason), exc
-        except Exception as exc:
-            return StepFailure(step.name, attempt, "uncertain", f"{type(exc).__name__}: {exc}"), exc
-        if result is None or type(result) is dict:
-            return result, None
-        if not isinstance(result, Mapping):
-            reason = f"returned {type(result).__name__}; a step returns a mapping or None"
-            return StepFailure(step.name, attempt, "uncertain", reason), None
-        return result, None
-
-    async def _compensate(self, run: _Run, action: Compensate) -> None:
-        step, state = action.step, run.state
-        assert step.compensate is not None
-        ctx = StepContext(
-            state.saga_id,
-            state.saga_name,
-            step.name,
-            action.attempt,
-            f"{state.saga_id}:{step.name}:compensate",
-            state.context,
-            compensating=True,
-        )
-        try:
-            async with self._clock.timeout(step.effective_compensate_timeout):
-                await step.compensate(ctx)
-        except Exception as exc:
-            reason = _describe(exc, step.effective_compensate_timeout)
-            moved = run.machine.compensation_failed(state, step.name, reason, self._now())
-            await self._commit(run, moved)
-            if moved.state.status is SagaStatus.COMPENSATING:
-                await self._clock.sleep(
-                    run.machine.compensation_delay(moved.state, step.name, self._rng)
-                )
-            return
-        await self._commit(run, run.machine.compensated(state, step.name, self._now()))
-        self.hooks.emit("compensated", run.state, step.name)
-
-    async def _commit(self, run: _Run, transition: Transition) -> None:
-        state = transition.state
-        if state.terminal:  # the store releases a finished saga's lease with this save
-            state = state.evolve(lease_owner=None, lease_expires_at=None)
-        await self._store.save(state, transition.events, owner=self.owner)
-        run.state = state
-
-    async def _interruptible_sleep(self, run: _Run, seconds: float) -> bool:
-        """Sleep unless the saga is cancelled meanwhile; False if it was."""
-        try:
-            async with self._clock.timeout(None) as scope:
-                run.scopes.add(scope)
-                try:
-                    await self._clock.sleep(seconds)
-                finally:
-                    run.scopes.discard(scope)
-        except TimeoutError:
-            return False
-        return run.cancel_reason is None
-
-    def _step_timeout(self, run: _Run, step: Step) -> float | None:
-        deadline = run.state.deadline_at
-        if deadline is None:
-            return step.timeout
-        remaining = deadline - self._clock.now()
-        return remaining if step.timeout is None else min(step.timeout, remaining)
-
-    def _deadline_hit(self, run: _Run) -> bool:
-        deadline = run.state.deadline_at
-        return deadline is not None and self._clock.now() >= deadline
-
-    def _past_deadline(self, run: _Run, delay: float) -> bool:
-        deadline = run.state.deadline_at
-        return deadline is not None and self._clock.now() + delay >= deadline
-
-    def _finished(self, state: SagaState) -> None:
-        status = state.status
-        self.stats[status.value] += 1
-        if status is SagaStatus.STUCK:
-            log.error(
-                "ALERT saga %s (%s v%d) is stuck: %s; run `seamwork sagas retry %s` or `abort`",
-                state.saga_id,
-                state.saga_name,
-                state.saga_version,
-                _stuck_reason(state),
-                state.saga_id,
-            )
-        self.hooks.emit(status.value, state)
-
     # --- recovery -----------------------------------------------------------------
 
     async def _worker_loop(self) -> None:
@@ -790,17 +474,3 @@ class SagaOrchestrator(OpenClose):
             raise InvalidSagaOperation(
                 "the orchestrator is not open: use `async with SagaOrchestrator(...)` or open()"
             )
-
-    def _now(self) -> float:
-        return self._clock.now()
-
-
-def _describe(exc: BaseException, timeout: float | None) -> str:
-    if isinstance(exc, TimeoutError) and timeout is not None:
-        return f"timed out after {timeout:g}s"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _stuck_reason(state: SagaState) -> str:
-    failed = {s: n for s, n in state.compensation_attempts.items() if n}
-    return f"compensation attempts {failed}; saga failed because {state.failure_reason}"
