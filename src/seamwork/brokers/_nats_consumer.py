@@ -1,0 +1,241 @@
+"""The consume loop of a ``NatsBroker`` subscription: pull, handle (one message or a
+batch), acknowledge after the handler's commit, retry with a growing delay, dead-letter.
+Split from ``brokers/nats.py``, which owns connections, streams and publishing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from seamwork.errors import InvalidMessage
+from seamwork.messaging._message import decode
+from seamwork.messaging._ports import Delivery, Handler, PoisonMessage, SubscriptionStats
+
+if TYPE_CHECKING:
+    from seamwork.brokers.nats import NatsBroker
+
+log = logging.getLogger("seamwork.brokers")
+BatchFn = Callable[[Sequence[Delivery]], Awaitable[Sequence[BaseException | None]]]
+FETCH = 64
+FETCH_BATCH = 256
+
+
+class _Consumer:
+    """The fetch-handle-ack loop of one subscription."""
+
+    def __init__(
+        self,
+        broker: NatsBroker,
+        pull: JetStreamContext.PullSubscription,
+        subject: str,
+        group: str,
+        handler: Handler,
+        max_deliver: int,
+        retry_delay: float,
+        ack_wait: float,
+    ) -> None:
+        self.broker, self.pull, self.subject, self.group = broker, pull, subject, group
+        self.handler, self.max_deliver, self.retry_delay = handler, max_deliver, retry_delay
+        self.ack_wait = ack_wait
+
+    async def run(self, stats: SubscriptionStats) -> None:
+        batch = getattr(self.handler, "batch", None)
+        puller = _Puller(self.pull, FETCH if batch is None else FETCH_BATCH)
+        connection = -1  # the client's reconnect count when in-flight messages were checked
+        while True:
+            # no await between this check and the fetch's request: a reconnect cannot
+            # slip in between, so no request reaches a new server unchecked
+            if self.broker.ordered_recovery and connection != _reconnects(self.pull):
+                current = _reconnects(self.pull)
+                if not await self._in_flight_first():
+                    await asyncio.sleep(0.5)
+                    continue
+                connection = current
+            try:
+                messages = await puller.fetch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "consumer %s on %s: fetch failed (%s); retrying", self.group, self.subject, exc
+                )
+                await asyncio.sleep(0.5)
+                continue
+            if batch is not None and len(messages) > 1:
+                await self._handle_batch(batch, messages, stats)
+                continue
+            for msg in messages:
+                await self._guarded(self._handle(msg, stats))
+
+    async def _in_flight_first(self) -> bool:
+        """If the group has messages in flight (held by a member that died, or lost
+        with a connection), wait one ack_wait so they are redelivered before anything
+        newer. False if the server cannot be asked right now."""
+        try:
+            info = await self.pull.consumer_info()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return False
+        if info.num_ack_pending:
+            log.info(
+                "consumer %s on %s: %d messages in flight; fetching again in %.1fs",
+                self.group,
+                self.subject,
+                info.num_ack_pending,
+                self.ack_wait,
+            )
+            await asyncio.sleep(self.ack_wait)
+        return True
+
+    async def _guarded(self, step: Awaitable[None]) -> None:
+        try:
+            await step
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # ack or dead-letter publish failed: redelivered later
+            log.exception(
+                "consumer %s on %s: message left for redelivery", self.group, self.subject
+            )
+
+    async def _handle(self, msg: Msg, stats: SubscriptionStats) -> None:
+        stats.delivered += 1
+        attempt = msg.metadata.num_delivered
+        try:
+            message = decode(
+                msg.data, msg.headers, fallback_id=f"seq-{msg.metadata.sequence.stream}"
+            )
+            await self.handler(Delivery(message, msg.subject, self.group, attempt))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._settle(msg, stats, exc, attempt)
+            return
+        await self._settle(msg, stats, None, attempt)
+
+    async def _handle_batch(
+        self, batch: BatchFn, messages: Sequence[Msg], stats: SubscriptionStats
+    ) -> None:
+        """Hand every decodable message to ``batch`` at once; settle each after it
+        returns (i.e. after its single commit), in order."""
+        held: list[tuple[Msg, Delivery]] = []
+        for msg in messages:
+            stats.delivered += 1
+            attempt = msg.metadata.num_delivered
+            try:
+                message = decode(
+                    msg.data, msg.headers, fallback_id=f"seq-{msg.metadata.sequence.stream}"
+                )
+            except InvalidMessage as exc:
+                await self._guarded(self._settle(msg, stats, exc, attempt))
+                continue
+            held.append((msg, Delivery(message, msg.subject, self.group, attempt)))
+        if not held:
+            return
+        outcomes: Sequence[BaseException | None]
+        try:
+            outcomes = await batch([delivery for _, delivery in held])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # nothing committed: every message is retried
+            outcomes = [exc] * len(held)
+        for (msg, delivery), error in zip(held, outcomes, strict=True):
+            await self._guarded(self._settle(msg, stats, error, delivery.attempt))
+
+    async def _settle(
+        self, msg: Msg, stats: SubscriptionStats, error: BaseException | None, attempt: int
+    ) -> None:
+        """Ack a handled message; retry or dead-letter a failed one."""
+        if error is None:
+            await msg.ack()
+            stats.acked += 1
+            return
+        reason = f"{type(error).__name__}: {error}"
+        if isinstance(error, InvalidMessage | PoisonMessage):
+            await self._give_up(msg, stats, reason, attempt)
+            return
+        stats.errors[type(error).__name__] = stats.errors.get(type(error).__name__, 0) + 1
+        if attempt >= self.max_deliver:
+            await self._give_up(msg, stats, reason, attempt)
+            return
+        stats.retried += 1
+        await msg.nak(delay=min(self.retry_delay * 2 ** (attempt - 1), 30.0))
+
+    async def _give_up(self, msg: Msg, stats: SubscriptionStats, reason: str, attempt: int) -> None:
+        await self.broker._dead_letter(msg, self.subject, self.group, reason, attempt)
+        await msg.term()
+        stats.dead_lettered += 1
+        log.warning("dead-lettered a message on %s for %s: %s", self.subject, self.group, reason)
+
+
+class _Puller:
+    """Fetches from a pull consumer without a task per message.
+
+    nats-py's ``fetch`` awaits each message of a batch with its own ``wait_for``; at
+    tens of thousands of messages a second that is most of a consumer's cost. This
+    sends one pull request, waits for its first message and takes whatever else has
+    arrived; the request lingers until ``expires`` and keeps filling the queue, which
+    the next call drains before asking again. Status messages (request expired, no
+    messages, ...) only end a request; they are dropped.
+    """
+
+    def __init__(
+        self, pull: JetStreamContext.PullSubscription, size: int, expires: float = 1.0
+    ) -> None:
+        self.pull = pull
+        self.size = size
+        self.expires = expires
+
+    async def fetch(self) -> list[Msg]:
+        messages = self._drain()
+        if messages:
+            return messages
+        pull: Any = self.pull  # its pending queue and request subject are not typed public
+        if not pull._nc.is_connected:  # a request buffered now would reach the next server
+            await asyncio.sleep(0.1)
+            return []
+        request = {"batch": self.size, "expires": int(self.expires * 1e9)}
+        await pull._nc.publish(pull._nms, json.dumps(request).encode(), reply=pull._deliver)
+        try:
+            async with asyncio.timeout(self.expires + 0.25):
+                first = await pull._sub._pending_queue.get()
+        except TimeoutError:
+            return []
+        pull._sub._pending_queue.task_done()
+        pull._sub._pending_size -= len(first.data)
+        if _is_status(first):
+            if first.headers and first.headers.get("Status") != "408":  # not just expired
+                log.debug("pull request ended: %s", first.headers.get("Description"))
+                await asyncio.sleep(0.1)  # e.g. too many waiting requests: do not spin
+            return []
+        await asyncio.sleep(0)  # let the reader parse the rest of what arrived with it
+        return [first, *self._drain()]
+
+    def _drain(self) -> list[Msg]:
+        pull: Any = self.pull
+        queue: asyncio.Queue[Msg] = pull._sub._pending_queue
+        messages: list[Msg] = []
+        while not queue.empty() and len(messages) < self.size:
+            msg = queue.get_nowait()
+            queue.task_done()  # the client's drain() joins this queue
+            pull._sub._pending_size -= len(msg.data)
+            if not _is_status(msg):
+                messages.append(msg)
+        return messages
+
+
+def _reconnects(pull: JetStreamContext.PullSubscription) -> int:
+    """How often the client reconnected (counted before it resumes sending)."""
+    client: Any = pull
+    return int(client._nc.stats["reconnects"])
+
+
+def _is_status(msg: Msg) -> bool:
+    return not msg.data and msg.headers is not None and "Status" in msg.headers
