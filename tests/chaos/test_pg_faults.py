@@ -52,7 +52,12 @@ def orchestrator(store: str, ledger: str, **options: Any) -> tuple[SagaOrchestra
 
 
 async def run_plan(
-    orch: SagaOrchestrator, plan: list[dict[str, str]], *, in_flight: int = 16, timeout: float = 60
+    orch: SagaOrchestrator,
+    plan: list[dict[str, str]],
+    *,
+    in_flight: int = 16,
+    timeout: float = 60,
+    errors: list[float] | None = None,
 ) -> list[SagaState]:
     """Start and await every saga, as a client would: a store error means try again
     (``start`` with the same id is idempotent)."""
@@ -66,6 +71,8 @@ async def run_plan(
                     run = await orch.start("order", data, saga_id=entry["id"])
                     return await run.wait()
                 except StoreError:
+                    if errors is not None:
+                        errors.append(time.monotonic())
                     await asyncio.sleep(0.05)
 
     tasks = [asyncio.ensure_future(one(entry)) for entry in plan]
@@ -96,14 +103,16 @@ class Transitions:
 
 
 class StoreErrors(logging.Handler):
-    """Times at which the orchestrator logged a store error under a saga."""
+    """Times at which the store's failure surfaced: under a saga, in a recovery round,
+    or to a client whose start() got a StoreError (``run_plan`` reports those here)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.times: list[float] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "store error" in record.getMessage():
+        message = record.getMessage()
+        if "store error" in message or "recovery round failed" in message:
             self.times.append(time.monotonic())
 
 
@@ -167,7 +176,7 @@ async def test_a_stalled_connection_is_detected_within_2s_and_recovered_after(
     transitions = Transitions(orch)
     plan = make_plan(150, seed=3)
     async with orch:
-        work = asyncio.create_task(run_plan(orch, plan, in_flight=8))
+        work = asyncio.create_task(run_plan(orch, plan, in_flight=8, errors=store_errors.times))
         await asyncio.sleep(0.5)
         stalled = time.monotonic()
         proxy.stall()
