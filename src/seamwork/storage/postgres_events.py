@@ -10,10 +10,10 @@ is finished, and every later one gets a larger id, so once a position is readabl
 nothing can ever appear before it. The price: a long-open transaction anywhere in the
 cluster holds subscribers back until it ends (nothing is skipped, only delayed).
 
-Appends are one round trip each (the ``seamwork_append`` function checks the
+Appends are one round trip each (the ``seamwork_append_events`` function checks the
 expected version under the stream row's lock, computes versions and positions, and
 inserts). Concurrent appends are group-committed by a ``PgBatcher``: the queued
-appends go to ``seamwork_append_many`` in ONE statement on an autocommit connection,
+appends go to ``seamwork_append_batch`` in ONE statement on an autocommit connection,
 which runs each in its own subtransaction (an exception block: a conflict rolls back
 only its own append) - one round trip and one WAL flush for the whole batch.
 An append's events travel as one JSON text (jsonb), built on the client with the C
@@ -58,88 +58,6 @@ from seamwork.storage._pg import (
     translate,
 )
 
-_APPEND_FUNCTION = r"""
-CREATE OR REPLACE FUNCTION seamwork_append(
-    p_stream text, p_expected text, p_ids text[], p_types text[], p_schemas int[],
-    p_data text[], p_meta text[], p_at double precision
-) RETURNS TABLE (new_version bigint, last_position bigint) LANGUAGE plpgsql AS $$
-DECLARE
-    cur bigint;
-    del boolean;
-    visible bigint;
-    n int := cardinality(p_ids);
-    seq int;
-    base bigint;
-BEGIN
-    SELECT s.version, s.deleted INTO cur, del FROM seamwork_streams s
-        WHERE s.stream = p_stream FOR UPDATE;
-    IF NOT FOUND THEN
-        INSERT INTO seamwork_streams (stream, version) VALUES (p_stream, -1)
-            ON CONFLICT DO NOTHING;
-        SELECT s.version, s.deleted INTO cur, del FROM seamwork_streams s
-            WHERE s.stream = p_stream FOR UPDATE;
-    END IF;
-    visible := CASE WHEN del THEN -1 ELSE cur END;
-    IF NOT (p_expected = 'any' OR p_expected = visible::text
-            OR (p_expected = 'no_stream' AND visible = -1)
-            OR (p_expected = 'stream_exists' AND visible >= 0)) THEN
-        RAISE EXCEPTION USING ERRCODE = 'SW001', MESSAGE = visible::text;
-    END IF;
-    seq := coalesce(nullif(current_setting('seamwork.seq', true), ''), '0')::int;
-    base := (pg_current_xact_id()::text::bigint << 20) + seq;
-    PERFORM set_config('seamwork.seq', (seq + n)::text, true);
-    IF n = 1 THEN
-        INSERT INTO seamwork_events
-            (position, stream, version, id, type, schema_version, data, metadata, recorded_at)
-        VALUES (base, p_stream, cur + 1, p_ids[1], p_types[1], p_schemas[1],
-                p_data[1]::jsonb, p_meta[1]::jsonb, p_at);
-    ELSE
-        INSERT INTO seamwork_events
-            (position, stream, version, id, type, schema_version, data, metadata, recorded_at)
-        SELECT base + i - 1, p_stream, cur + i, p_ids[i], p_types[i], p_schemas[i],
-               p_data[i]::jsonb, p_meta[i]::jsonb, p_at
-        FROM generate_series(1, n) AS i;
-    END IF;
-    UPDATE seamwork_streams SET version = cur + n, deleted = false WHERE stream = p_stream;
-    PERFORM pg_notify('seamwork_events', '');
-    new_version := cur + n;
-    last_position := base + n - 1;
-    RETURN NEXT;
-END $$
-"""
-
-_APPEND_MANY_FUNCTION = r"""
-CREATE OR REPLACE FUNCTION seamwork_append_many(
-    p_streams text[], p_expected text[], p_counts int[], p_ids text[], p_types text[],
-    p_schemas int[], p_data text[], p_meta text[], p_at double precision
-) RETURNS TABLE (out_version bigint, out_position bigint, out_code text, out_detail text)
-LANGUAGE plpgsql AS $$
-DECLARE
-    first int := 1;
-    last int;
-BEGIN
-    FOR i IN 1 .. cardinality(p_streams) LOOP
-        last := first + p_counts[i] - 1;
-        BEGIN
-            SELECT a.new_version, a.last_position, NULL, NULL
-                INTO out_version, out_position, out_code, out_detail
-                FROM seamwork_append(
-                    p_streams[i], p_expected[i], p_ids[first:last], p_types[first:last],
-                    p_schemas[first:last], p_data[first:last], p_meta[first:last], p_at) a;
-        EXCEPTION WHEN OTHERS THEN
-            out_version := NULL;
-            out_position := NULL;
-            out_code := SQLSTATE;
-            out_detail := SQLERRM;
-        END;
-        RETURN NEXT;
-        first := last + 1;
-    END LOOP;
-END $$
-"""
-
-# One append: its events as ONE jsonb parameter, [[id, type, schema, data, meta], ...]
-# (a JSON text built on the client costs a third of five parameter arrays).
 _APPEND_EVENTS_FUNCTION = r"""
 CREATE OR REPLACE FUNCTION seamwork_append_events(
     p_stream text, p_expected text, p_events jsonb, p_at double precision
@@ -205,12 +123,15 @@ BEGIN
 END $$
 """
 
+# One step, idempotent: the schema before the first release went through three
+# versions (array-argument functions, then jsonb ones); a database at any of them, or
+# a fresh one, ends up the same.
 EVENT_MIGRATIONS = (
     PgMigration(
         "events",
-        1,
+        3,
         (
-            """CREATE TABLE seamwork_events (
+            """CREATE TABLE IF NOT EXISTS seamwork_events (
                 position bigint PRIMARY KEY,
                 stream text NOT NULL,
                 version bigint NOT NULL,
@@ -222,34 +143,26 @@ EVENT_MIGRATIONS = (
                 recorded_at double precision NOT NULL,
                 UNIQUE (stream, version)
             )""",
-            """CREATE TABLE seamwork_streams (
+            """CREATE TABLE IF NOT EXISTS seamwork_streams (
                 stream text PRIMARY KEY,
                 version bigint NOT NULL,
                 truncate_before bigint NOT NULL DEFAULT 0,
                 deleted boolean NOT NULL DEFAULT false,
                 metadata jsonb NOT NULL DEFAULT '{}'
             )""",
-            """CREATE TABLE seamwork_snapshots (
+            """CREATE TABLE IF NOT EXISTS seamwork_snapshots (
                 stream text NOT NULL,
                 name text NOT NULL,
                 version bigint NOT NULL,
                 state jsonb NOT NULL,
                 PRIMARY KEY (stream, name, version)
             )""",
-            _APPEND_FUNCTION,
-        ),
-    ),
-    PgMigration("events", 2, (_APPEND_FUNCTION, _APPEND_MANY_FUNCTION)),
-    PgMigration(
-        "events",
-        3,
-        (
             _APPEND_EVENTS_FUNCTION,
             _APPEND_BATCH_FUNCTION,
-            "DROP FUNCTION seamwork_append_many(text[], text[], int[], text[], text[], int[], "
+            "DROP FUNCTION IF EXISTS seamwork_append_many(text[], text[], int[], text[], "
+            "text[], int[], text[], text[], double precision)",
+            "DROP FUNCTION IF EXISTS seamwork_append(text, text, text[], text[], int[], "
             "text[], text[], double precision)",
-            "DROP FUNCTION seamwork_append(text, text, text[], text[], int[], text[], text[], "
-            "double precision)",
         ),
     ),
 )
@@ -520,7 +433,8 @@ async def _append(
 
 
 class AppendParams(NamedTuple):
-    """One queued append: ``seamwork_append``'s arguments and the caller's expectation."""
+    """One queued append: ``seamwork_append_events``'s arguments and the caller's
+    expectation."""
 
     params: tuple[Any, ...]
     expected: ExpectedVersion
