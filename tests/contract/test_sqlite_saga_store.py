@@ -15,6 +15,8 @@ from seamwork.testing.saga_store import OWNER, SagaStoreContract, saga_state
 
 
 class TestSQLiteSagaStore(SagaStoreContract):
+    single_orchestrator = True
+
     async def make_store(self, tmp_path: Path) -> SagaStore:
         return SQLiteStore(tmp_path / "sagas.db")
 

@@ -213,6 +213,22 @@ async def test_an_aggregate_gives_up_after_its_retries(store: EventStore) -> Non
     assert (final.version, final.state) == (3, {"balance": 8})  # three rivals', none of ours
 
 
+async def test_an_aggregate_recreated_after_a_delete_reports_the_store_versions(
+    store: EventStore,
+) -> None:
+    def note_where(state: dict[str, int], event: RecordedEvent) -> dict[str, int]:
+        return {**evolve(state, event), "version": event.version, "position": event.position}
+
+    tracked = Aggregate("account", {"balance": 0}, note_where, decide)
+    await tracked.handle(store, "a3", ("deposit", 5))
+    await tracked.handle(store, "a3", ("deposit", 5))
+    await store.delete_stream("account-a3", expected_version=1)
+    decision = await tracked.handle(store, "a3", ("deposit", 7))
+    (stored,) = await store.read_stream("account-a3")
+    assert decision.state == {"balance": 7, "version": stored.version, "position": stored.position}
+    assert decision.state == (await tracked.load(store, "a3")).state  # folded == reloaded
+
+
 # --- runners that overlap ------------------------------------------------------------------
 
 

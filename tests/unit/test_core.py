@@ -135,6 +135,50 @@ def test_hooks_call_subscribers_and_survive_a_failing_one(caplog: pytest.LogCapt
         hooks.on("close", print)
 
 
+def test_codec_names_a_circular_reference_and_a_mapping_json_cannot_encode() -> None:
+    from types import MappingProxyType
+
+    loop: dict[str, object] = {"a": 1}
+    loop["self"] = loop
+    with pytest.raises(SerializationError, match="circular reference"):
+        dumps({"outer": loop})
+    shared = [1, 2]
+    assert loads(dumps({"x": shared, "y": shared})) == {"x": [1, 2], "y": [1, 2]}
+    with pytest.raises(SerializationError, match="mappingproxy"):
+        dumps({"m": MappingProxyType({"k": 1})})
+
+
+def test_retry_delay_of_a_huge_attempt_is_the_cap_not_an_overflow() -> None:
+    policy = Retry(5, backoff=0.1, max_backoff=30, jitter="none")
+    assert policy.delay(5000) == 30
+
+
+def test_hooks_unsubscribing_twice_leaves_a_second_copy_subscribed() -> None:
+    hooks = Hooks(["open"], logging.getLogger("test"))
+    seen: list[int] = []
+    first = hooks.on("open", seen.append)
+    hooks.on("open", seen.append)
+    first()
+    first()
+    hooks.emit("open", 1)
+    assert seen == [1]
+
+
+async def test_manual_clock_timeout_of_zero_expires_at_the_first_await() -> None:
+    clock = ManualClock()
+    with pytest.raises(TimeoutError):
+        async with clock.timeout(0):
+            await asyncio.sleep(0)
+    async with clock.timeout(5):
+        pass
+    for _ in range(100):
+        sleeper = asyncio.create_task(clock.sleep(1))
+        await asyncio.sleep(0)
+        clock.advance(1)
+        await sleeper
+    assert len(clock._cancelled) <= 1  # fired timers leave nothing behind
+
+
 async def test_wakeup_wakes_current_waiters_and_times_out_otherwise() -> None:
     from seamwork._core.wakeup import Wakeup
 

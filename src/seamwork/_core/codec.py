@@ -8,7 +8,6 @@ input is rejected before anything is written.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
 
 from seamwork.errors import SerializationError
@@ -31,23 +30,24 @@ def loads(text: str | bytes) -> Any:
     return json.loads(text)
 
 
-def _first_problem(value: Any, path: str) -> tuple[str, str]:
+def _first_problem(value: Any, path: str, seen: set[int] | None = None) -> tuple[str, str]:
     if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
         return path, f"{value!r} has no JSON form"
     if isinstance(value, _SCALARS):
         return path, "unknown"
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if not isinstance(key, str | int | float | bool | type(None)):
-                return f"{path}[{key!r}]", f"key of type {type(key).__name__}"
-            found = _first_problem(item, f"{path}[{key!r}]")
-            if found[1] != "unknown":
-                return found
-        return path, "unknown"
-    if isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            found = _first_problem(item, f"{path}[{index}]")
-            if found[1] != "unknown":
-                return found
-        return path, "unknown"
-    return path, f"object of type {type(value).__name__}"
+    if not isinstance(value, dict | list | tuple):  # what json encodes; other Mappings fail
+        return path, f"object of type {type(value).__name__}"
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return path, "circular reference"
+    seen.add(id(value))
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        if isinstance(value, dict) and not isinstance(key, str | int | float | bool | type(None)):
+            return f"{path}[{key!r}]", f"key of type {type(key).__name__}"
+        label = f"{path}[{key!r}]" if isinstance(value, dict) else f"{path}[{key}]"
+        found = _first_problem(item, label, seen)
+        if found[1] != "unknown":
+            return found
+    seen.discard(id(value))
+    return path, "unknown"

@@ -6,6 +6,7 @@ component that called it. Emitting with no subscriber costs one dict lookup.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -39,7 +40,16 @@ class Hooks:
             raise ConfigError(f"callback for {event!r} must be callable, got {callback!r}")
         listeners = self._subscribers.setdefault(event, [])
         listeners.append(callback)
-        return lambda: listeners.remove(callback) if callback in listeners else None
+        done = False
+
+        def unsubscribe() -> None:  # once: a second call must not remove another copy
+            nonlocal done
+            if not done:
+                done = True
+                with contextlib.suppress(ValueError):
+                    listeners.remove(callback)
+
+        return unsubscribe
 
     def emit(self, event: str, *args: Any) -> None:
         listeners = self._subscribers.get(event)

@@ -89,7 +89,7 @@ class Retry:
 
     def delay(self, attempt: int, rng: _random.Random | None = None) -> float:
         """Seconds to wait after failed attempt ``attempt`` (1-based) before the next."""
-        ceiling = float(min(self.max_backoff, self.backoff * (2 ** (attempt - 1))))
+        ceiling = float(min(self.max_backoff, self.backoff * 2.0 ** min(attempt - 1, 1023)))
         if self.jitter == "none":
             return ceiling
         draw: float = (rng or _random).random()

@@ -70,6 +70,8 @@ class Aggregate(Generic[S, C]):
         A concurrent writer makes the append fail with ``WrongExpectedVersion``; the
         command is then decided again on the new state, up to ``retries`` times.
         """
+        if retries < 0:
+            raise ConfigError(f"retries must be >= 0, got {retries}")
         for attempt in range(retries + 1):
             loaded = await self.load(store, id)
             events = tuple(self.decide(command, loaded.state))
@@ -92,8 +94,8 @@ class Aggregate(Generic[S, C]):
         for offset, event in enumerate(events, start=1):
             recorded = RecordedEvent(
                 stream=self.stream(id),
-                version=loaded.version + offset,
-                position=result.position,
+                version=result.version - len(events) + offset,  # after a delete, too
+                position=result.position - len(events) + offset,  # consecutive in an append
                 type=event.type,
                 data=dict(event.data),
                 metadata=None if event.metadata is None else dict(event.metadata),

@@ -10,6 +10,7 @@ to an ``evolve`` function that does not expect it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -82,6 +83,8 @@ class Upcasters:
         type, version, data = event.type, event.schema_version, event.data
         while (step := self._steps.get((type, version))) is not None:
             target, next_version, fn = step
+            if data is event.data:  # upcasters may edit their input; events are immutable
+                data = copy.deepcopy(data)
             try:
                 data = dict(fn(data))
             except Exception as exc:

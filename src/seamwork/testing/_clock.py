@@ -61,7 +61,8 @@ class ManualClock:
         try:
             await future
         finally:
-            self._cancelled.add(seq)
+            if not future.done() or future.cancelled():  # a fired timer is gone already
+                self._cancelled.add(seq)
 
     def sleep_blocking(self, seconds: float) -> None:
         self.advance(max(seconds, 0.0))
@@ -76,11 +77,22 @@ class ManualClock:
             if seconds is None:
                 yield scope
                 return
-            seq = self._call_at(self._elapsed + seconds, lambda: _expire(scope, loop))
+            if seconds <= 0:  # like asyncio.timeout(0): expired at the first await
+                _expire(scope, loop)
+                yield scope
+                return
+            fired = [False]
+
+            def fire() -> None:
+                fired[0] = True
+                _expire(scope, loop)
+
+            seq = self._call_at(self._elapsed + seconds, fire)
             try:
                 yield scope
             finally:
-                self._cancelled.add(seq)
+                if not fired[0]:
+                    self._cancelled.add(seq)
 
     @property
     def pending_timers(self) -> int:

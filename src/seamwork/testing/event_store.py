@@ -238,10 +238,13 @@ class EventStoreContract:
     async def test_a_soft_deleted_stream_reads_empty_and_can_start_again(
         self, store: EventStore
     ) -> None:
+        policy: Snapshots[int] = Snapshots("count", every=1)
         await store.append("s", events("A", "B"))
+        assert await store.load("s", count, 0, snapshots=policy) == 2  # leaves a snapshot
         await store.delete_stream("s", expected_version=1)
         assert await store.read_stream("s") == []
         assert await store.load("s", count, 0) == 0
+        assert await store.load("s", count, 0, snapshots=policy) == 0  # the snapshot is gone too
         info = await store.stream_info("s")
         assert info is not None
         assert info.deleted
