@@ -60,6 +60,7 @@ from seamwork.messaging._ports import (
     DeadLetter,
     Handler,
     SubscriptionStats,
+    check_subscribe_settings,
     dead_letter_headers,
     read_dead_letter,
 )
@@ -322,12 +323,7 @@ class NatsBroker:
         ack_wait: float = 30.0,
         retry_delay: float = 0.5,
     ) -> NatsSubscription:
-        if not group or not isinstance(group, str):
-            raise ConfigError(f"a consumer group must be a non-empty string, got {group!r}")
-        if max_deliver < 1:
-            raise ConfigError(f"max_deliver must be >= 1, got {max_deliver}")
-        if ack_wait <= 0:
-            raise ConfigError(f"ack_wait must be > 0, got {ack_wait}")
+        check_subscribe_settings(group, max_deliver, ack_wait, retry_delay)
         stream = await self.ensure_stream(subject)
         await self.ensure_stream(f"deadletter.{group}")
         _, js = await self._context()

@@ -97,6 +97,7 @@ from seamwork.messaging._ports import (
     Handler,
     PoisonMessage,
     SubscriptionStats,
+    check_subscribe_settings,
     dead_letter_headers,
     read_dead_letter,
 )
@@ -364,12 +365,7 @@ class RabbitBroker:
     ) -> RabbitSubscription:
         """Consume ``subject`` as ``group``. ``ack_wait`` is not used: RabbitMQ
         redelivers a message when its consumer's channel closes, not on a timer."""
-        if not group or not isinstance(group, str):
-            raise ConfigError(f"a consumer group must be a non-empty string, got {group!r}")
-        if max_deliver < 1:
-            raise ConfigError(f"max_deliver must be >= 1, got {max_deliver}")
-        if ack_wait <= 0 or retry_delay <= 0:
-            raise ConfigError("ack_wait and retry_delay must be > 0")
+        check_subscribe_settings(group, max_deliver, ack_wait, retry_delay)
         await self._context()
         assert self._connection is not None
         try:

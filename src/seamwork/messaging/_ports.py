@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
-from seamwork.errors import InvalidMessage, MessagingError
+from seamwork.errors import ConfigError, InvalidMessage, MessagingError
 from seamwork.messaging._message import TYPE, Message, decode
 
 N = TypeVar("N", int, float)
@@ -47,6 +47,20 @@ DLQ_ATTEMPTS: Final = "Seamwork-DLQ-Attempts"
 DLQ_AT: Final = "Seamwork-DLQ-At"
 DLQ_HEADERS: Final = frozenset({DLQ_SUBJECT, DLQ_GROUP, DLQ_ERROR, DLQ_ATTEMPTS, DLQ_AT})
 """The headers a dead letter carries besides the message's own (every adapter)."""
+
+
+def check_subscribe_settings(
+    group: str, max_deliver: int, ack_wait: float, retry_delay: float
+) -> None:
+    """Refuse a ``subscribe`` setting no adapter can honour, naming it (every adapter)."""
+    if not group or not isinstance(group, str):
+        raise ConfigError(f"a consumer group must be a non-empty string, got {group!r}")
+    if max_deliver < 1:
+        raise ConfigError(f"max_deliver must be >= 1, got {max_deliver}")
+    if ack_wait <= 0:
+        raise ConfigError(f"ack_wait must be > 0, got {ack_wait}")
+    if retry_delay <= 0:
+        raise ConfigError(f"retry_delay must be > 0, got {retry_delay}")
 
 
 def dead_letter_headers(subject: str, group: str, error: str, attempts: int) -> dict[str, str]:

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import pytest
 
-from seamwork.errors import InvalidMessage
+from seamwork.errors import ConfigError, InvalidMessage
 from seamwork.messaging import Broker, DeadLetter, Delivery, Message, PoisonMessage
 
 T = TypeVar("T")
@@ -201,3 +201,23 @@ class BrokerContract:
         big = Message("N", {}, headers={"x-big": "a" * 20_000})
         with pytest.raises(InvalidMessage, match="headers"):
             await broker.publish(self.subject(), big)
+
+    @pytest.mark.parametrize(
+        ("settings", "named"),
+        [
+            ({"group": ""}, "consumer group"),
+            ({"max_deliver": 0}, "max_deliver"),
+            ({"ack_wait": 0}, "ack_wait"),
+            ({"retry_delay": -1}, "retry_delay"),
+        ],
+    )
+    async def test_bad_subscribe_settings_are_refused_by_name(
+        self, broker: Broker, settings: dict[str, object], named: str
+    ) -> None:
+        async def handler(delivery: Delivery) -> None:
+            raise AssertionError("nothing is delivered to a refused subscription")
+
+        options = {k: v for k, v in settings.items() if k != "group"}
+        group = str(settings.get("group", "g"))
+        with pytest.raises(ConfigError, match=named):
+            await broker.subscribe(self.subject(), group, handler, **options)  # type: ignore[arg-type]
