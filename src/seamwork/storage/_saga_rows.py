@@ -55,6 +55,26 @@ def insert_values(state: SagaState) -> tuple[Any, ...]:
     )
 
 
+def list_query(
+    status: SagaStatus | None, name: str | None, limit: int, mark: str
+) -> tuple[str, tuple[Any, ...]]:
+    """``SagaStore.list`` as SQL with ``mark`` placeholders, and its parameters.
+
+    Only the filters given, as plain equalities: a prepared (generic) plan keeps the
+    (status, updated_at) index, where "$1 IS NULL OR status = $1" loses it.
+    """
+    where, params = [], []
+    if status is not None:
+        where.append(f"status = {mark}")
+        params.append(SagaStatus(status).value)
+    if name is not None:
+        where.append(f"saga_name = {mark}")
+        params.append(name)
+    condition = f" WHERE {' AND '.join(where)}" if where else ""
+    sql = f"SELECT {COLUMNS} FROM seamwork_sagas{condition} ORDER BY updated_at DESC LIMIT {mark}"
+    return sql, (*params, limit)
+
+
 def decode(row: Sequence[Any], parse: Callable[[Any], Any] | None = None) -> SagaState:
     """A state from a row in ``COLUMNS`` order; ``parse`` turns stored JSON into values
     (None when the driver already did)."""

@@ -45,6 +45,7 @@ from seamwork.storage._saga_rows import (
     decode,
     decode_or_none,
     insert_values,
+    list_query,
     state_values,
 )
 
@@ -374,20 +375,7 @@ class PostgresStore:
     async def list(
         self, *, status: SagaStatus | None = None, name: str | None = None, limit: int = 100
     ) -> builtins.list[SagaState]:
-        # Only the filters given, as plain equalities: a prepared (generic) plan keeps
-        # the (status, updated_at) index, where "$1 IS NULL OR status = $1" loses it.
-        where, params = [], []
-        if status is not None:
-            where.append("status = %s")
-            params.append(SagaStatus(status).value)
-        if name is not None:
-            where.append("saga_name = %s")
-            params.append(name)
-        condition = f" WHERE {' AND '.join(where)}" if where else ""
-        rows = await self._fetch(
-            f"SELECT {COLUMNS} FROM seamwork_sagas{condition} ORDER BY updated_at DESC LIMIT %s",
-            (*params, limit),
-        )
+        rows = await self._fetch(*list_query(status, name, limit, "%s"))
         return [s for s in map(decode_or_none, rows) if s is not None]
 
     async def timeline(self, saga_id: str) -> builtins.list[StepEvent]:

@@ -38,6 +38,7 @@ from seamwork.storage._saga_rows import (
     decode,
     decode_or_none,
     insert_values,
+    list_query,
     state_values,
 )
 from seamwork.storage._sqlite_writer import Migration, SQLiteWriter, Synchronous
@@ -263,16 +264,8 @@ class SQLiteStore:
         name: str | None = None,
         limit: int = 100,
     ) -> builtins.list[SagaState]:
-        where, params = [], []
-        if status is not None:
-            where.append("status = ?")
-            params.append(SagaStatus(status).value)
-        if name is not None:
-            where.append("saga_name = ?")
-            params.append(name)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        sql = f"SELECT {COLUMNS} FROM seamwork_sagas {clause} ORDER BY updated_at DESC LIMIT ?"
-        rows = await self._writer.read(lambda conn: conn.execute(sql, (*params, limit)).fetchall())
+        sql, params = list_query(status, name, limit, "?")
+        rows = await self._writer.read(lambda conn: conn.execute(sql, params).fetchall())
         return [state for state in map(_decode_or_none, rows) if state is not None]
 
     async def timeline(self, saga_id: str) -> builtins.list[StepEvent]:
