@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from seamwork._core.codec import dumps
 from seamwork._core.ids import new_id
 from seamwork.errors import ConfigError
 
@@ -52,6 +53,14 @@ def check_stream_name(stream: object) -> str:
     if stream.startswith("$"):
         raise ConfigError(f"stream names starting with '$' are reserved, got {stream!r}")
     return stream
+
+
+def encode_stream_metadata(stream: str, metadata: object) -> str:
+    """``set_stream_metadata``'s input checked and as stored (JSON), else ``ConfigError``."""
+    check_stream_name(stream)
+    if not isinstance(metadata, Mapping):
+        raise ConfigError(f"stream metadata must be a mapping, got {type(metadata).__name__}")
+    return dumps(metadata, what=f"metadata of stream {stream!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ from seamwork.events._model import (
     StreamInfo,
     check_expected_version,
     check_stream_name,
+    encode_stream_metadata,
 )
 from seamwork.events._store import EventStore
 from seamwork.events._upcast import Upcasters
@@ -291,10 +292,7 @@ class SQLiteEventStore(EventStore):
             self._data_version = version
 
     async def set_stream_metadata(self, stream: str, metadata: Mapping[str, Any]) -> None:
-        check_stream_name(stream)
-        if not isinstance(metadata, Mapping):
-            raise ConfigError(f"stream metadata must be a mapping, got {type(metadata).__name__}")
-        text = dumps(metadata, what=f"metadata of stream {stream!r}")
+        text = encode_stream_metadata(stream, metadata)
 
         def update(conn: sqlite3.Connection) -> None:
             self._versions.pop(stream, None)
