@@ -234,6 +234,13 @@ class EventStoreContract:
         assert info is not None
         assert (info.version, info.metadata) == (0, {"owner": "orders", "max_age": 3600})
         assert await store.stream_info("missing") is None
+        with pytest.raises(ConfigError, match="must be a mapping, got list"):
+            await store.set_stream_metadata("s", ["owner"])  # type: ignore[arg-type]
+        with pytest.raises(SerializationError):
+            await store.set_stream_metadata("s", {"when": object()})
+        info = await store.stream_info("s")
+        assert info is not None
+        assert info.metadata == {"owner": "orders", "max_age": 3600}  # refusals change nothing
 
     async def test_a_soft_deleted_stream_reads_empty_and_can_start_again(
         self, store: EventStore
