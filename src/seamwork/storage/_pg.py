@@ -108,22 +108,18 @@ def translate(exc: BaseException, what: str) -> BaseException:
     return error
 
 
-class _Op:
-    __slots__ = ("fn", "future")
+class _QueueOwner(Generic[Item, R]):
+    """What both writers share: one connection and one task that drains a queue of
+    ``(item, future)`` pairs a batch at a time, reconnecting when the connection broke.
+    A subclass says how a batch runs (``_results``: one result or error per item)."""
 
-    def __init__(self, fn: WriteFn[Any], future: asyncio.Future[Any]) -> None:
-        self.fn = fn
-        self.future = future
+    _autocommit: bool
 
-
-class PgWriter:
-    """One connection, one task, group commit (see the module docstring)."""
-
-    def __init__(self, dsn: str, *, name: str, max_batch: int = 256) -> None:
+    def __init__(self, dsn: str, *, name: str, max_batch: int) -> None:
         self._dsn = dsn
         self._name = name
         self._max_batch = max_batch
-        self._queue: asyncio.Queue[_Op] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Item, asyncio.Future[R]]] = asyncio.Queue()
         self._conn: AsyncConn | None = None
         self._task: asyncio.Task[None] | None = None
         self.commits = 0
@@ -132,128 +128,18 @@ class PgWriter:
     def running(self) -> bool:
         return self._task is not None
 
-    async def start(self, migrations: Sequence[PgMigration] = ()) -> None:
+    async def _start(self, migrations: Sequence[PgMigration] | None = None) -> None:
         if self._task is not None:
             return
-        self._conn = await connect(self._dsn, autocommit=False, what=f"{self._name} writer")
+        self._conn = await self._connect()
         try:
-            await migrate(self._conn, migrations)
+            if migrations is not None:
+                await migrate(self._conn, migrations)
         except BaseException:
             await self._conn.close()
             self._conn = None
             raise
         self._task = asyncio.create_task(self._serve(), name=f"seamwork-{self._name}-writer")
-
-    async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        while not self._queue.empty():
-            op = self._queue.get_nowait()
-            if not op.future.done():
-                op.future.set_exception(StoreError(f"{self._name} store closed"))
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
-
-    def write(self, fn: WriteFn[T]) -> asyncio.Future[T]:
-        """Run ``fn(conn)`` in a transaction; the future resolves after its commit."""
-        if self._task is None:
-            raise StoreError(f"{self._name} store is not open")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Op(fn, future))
-        return future
-
-    async def _serve(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                await self._run_batch(batch)
-            except asyncio.CancelledError:  # closed mid-batch: nobody may wait forever
-                _abandon([op.future for op in batch], self._name)
-                raise
-
-    async def _run_batch(self, batch: list[_Op]) -> None:
-        conn = self._conn
-        assert conn is not None
-        results: list[tuple[_Op, Any, BaseException | None]] = []
-        try:
-            async with conn.transaction():
-                if len(batch) == 1:
-                    results.append((batch[0], await batch[0].fn(conn), None))
-                else:
-                    for op in batch:
-                        results.append(await self._run_in_savepoint(conn, op))
-            self.commits += 1
-        except Exception as exc:
-            if len(batch) == 1 and not isinstance(exc, psycopg.OperationalError):
-                results = [(batch[0], None, translate(exc, f"{self._name} store"))]
-            else:
-                failure = translate(exc, f"{self._name} store: commit failed")
-                results = [(op, None, failure) for op in batch]
-                await self._reconnect_if_broken()
-        for op, value, error in results:
-            if op.future.done():
-                continue
-            if error is not None:
-                op.future.set_exception(error)
-            else:
-                op.future.set_result(value)
-
-    async def _run_in_savepoint(
-        self, conn: AsyncConn, op: _Op
-    ) -> tuple[_Op, Any, BaseException | None]:
-        try:
-            async with conn.transaction():
-                return (op, await op.fn(conn), None)
-        except psycopg.OperationalError:
-            raise
-        except Exception as exc:
-            return (op, None, translate(exc, f"{self._name} store"))
-
-    async def _reconnect_if_broken(self) -> None:
-        if self._conn is not None and not self._conn.closed:
-            return
-        log.warning("%s writer lost its connection; reconnecting", self._name)
-        try:
-            self._conn = await connect(self._dsn, autocommit=False, what=f"{self._name} writer")
-        except StoreUnavailable:
-            log.exception(
-                "%s writer could not reconnect; the next write will try again", self._name
-            )
-
-
-RunBatch = Callable[[AsyncConn, list[Item]], Awaitable[list[R | BaseException]]]
-
-
-class PgBatcher(Generic[Item, R]):
-    """One autocommit connection, one task: ``run(conn, items)`` handles every queued
-    item in one statement and returns a result or an exception per item, in order.
-
-    Args:
-        max_batch: most items per statement. Each item usually runs in a server-side
-            subtransaction; PostgreSQL caches 64 subtransaction ids per backend, and
-            past that every snapshot in the cluster gets slower, so stay at 64.
-    """
-
-    def __init__(self, dsn: str, run: RunBatch[Item, R], *, name: str, max_batch: int = 64) -> None:
-        self._dsn = dsn
-        self._run = run
-        self._name = name
-        self._max_batch = max_batch
-        self._queue: asyncio.Queue[tuple[Item, asyncio.Future[R]]] = asyncio.Queue()
-        self._conn: AsyncConn | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.commits = 0
-
-    async def start(self) -> None:
-        if self._task is not None:
-            return
-        self._conn = await connect(self._dsn, autocommit=True, what=f"{self._name} writer")
-        self._task = asyncio.create_task(self._serve(), name=f"seamwork-{self._name}-batcher")
 
     async def close(self) -> None:
         task, self._task = self._task, None
@@ -268,8 +154,7 @@ class PgBatcher(Generic[Item, R]):
             await self._conn.close()
             self._conn = None
 
-    def submit(self, item: Item) -> asyncio.Future[R]:
-        """Queue ``item``; the future resolves after the commit of its batch."""
+    def _enqueue(self, item: Item) -> asyncio.Future[R]:
         if self._task is None:
             raise StoreError(f"{self._name} store is not open")
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
@@ -294,10 +179,10 @@ class PgBatcher(Generic[Item, R]):
         try:
             if conn is None or conn.closed:
                 raise StoreUnavailable(f"{self._name} writer has no connection")
-            results = await self._run(conn, [item for item, _ in batch])
+            results = await self._results(conn, [item for item, _ in batch])
             self.commits += 1
         except Exception as exc:
-            failure = translate(exc, f"{self._name} store")
+            failure = translate(exc, f"{self._name} store: commit failed")
             results = [failure] * len(batch)
             await self._reconnect_if_broken()
         for (_, future), result in zip(batch, results, strict=True):
@@ -308,16 +193,90 @@ class PgBatcher(Generic[Item, R]):
             else:
                 future.set_result(result)
 
+    async def _results(self, conn: AsyncConn, items: list[Item]) -> list[R | BaseException]:
+        raise NotImplementedError
+
+    async def _connect(self) -> AsyncConn:
+        what = f"{self._name} writer"
+        return await connect(self._dsn, autocommit=self._autocommit, what=what)
+
     async def _reconnect_if_broken(self) -> None:
         if self._conn is not None and not self._conn.closed:
             return
         log.warning("%s writer lost its connection; reconnecting", self._name)
         try:
-            self._conn = await connect(self._dsn, autocommit=True, what=f"{self._name} writer")
+            self._conn = await self._connect()
         except StoreUnavailable:
             log.exception(
                 "%s writer could not reconnect; the next write will try again", self._name
             )
+
+
+class PgWriter(_QueueOwner[WriteFn[Any], Any]):
+    """One connection, one task, group commit (see the module docstring)."""
+
+    _autocommit = False
+
+    def __init__(self, dsn: str, *, name: str, max_batch: int = 256) -> None:
+        super().__init__(dsn, name=name, max_batch=max_batch)
+
+    async def start(self, migrations: Sequence[PgMigration] = ()) -> None:
+        await self._start(migrations)
+
+    def write(self, fn: WriteFn[T]) -> asyncio.Future[T]:
+        """Run ``fn(conn)`` in a transaction; the future resolves after its commit."""
+        return self._enqueue(fn)
+
+    async def _results(self, conn: AsyncConn, fns: list[WriteFn[Any]]) -> list[Any]:
+        if len(fns) > 1:  # a SAVEPOINT each: a failing write rolls back alone
+            async with conn.transaction():
+                return [await self._in_savepoint(conn, fn) for fn in fns]
+        try:
+            async with conn.transaction():
+                return [await fns[0](conn)]
+        except psycopg.OperationalError:
+            raise
+        except Exception as exc:  # its own failure, not the connection's
+            return [translate(exc, f"{self._name} store")]
+
+    async def _in_savepoint(self, conn: AsyncConn, fn: WriteFn[Any]) -> Any:
+        try:
+            async with conn.transaction():
+                return await fn(conn)
+        except psycopg.OperationalError:
+            raise
+        except Exception as exc:
+            return translate(exc, f"{self._name} store")
+
+
+RunBatch = Callable[[AsyncConn, list[Item]], Awaitable[list[R | BaseException]]]
+
+
+class PgBatcher(_QueueOwner[Item, R]):
+    """One autocommit connection, one task: ``run(conn, items)`` handles every queued
+    item in one statement and returns a result or an exception per item, in order.
+
+    Args:
+        max_batch: most items per statement. Each item usually runs in a server-side
+            subtransaction; PostgreSQL caches 64 subtransaction ids per backend, and
+            past that every snapshot in the cluster gets slower, so stay at 64.
+    """
+
+    _autocommit = True
+
+    def __init__(self, dsn: str, run: RunBatch[Item, R], *, name: str, max_batch: int = 64) -> None:
+        super().__init__(dsn, name=name, max_batch=max_batch)
+        self._run = run
+
+    async def start(self) -> None:
+        await self._start()
+
+    def submit(self, item: Item) -> asyncio.Future[R]:
+        """Queue ``item``; the future resolves after the commit of its batch."""
+        return self._enqueue(item)
+
+    async def _results(self, conn: AsyncConn, items: list[Item]) -> list[R | BaseException]:
+        return await self._run(conn, items)
 
 
 def _abandon(futures: list[asyncio.Future[Any]], name: str) -> None:
