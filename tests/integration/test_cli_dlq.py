@@ -16,10 +16,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
+import aiormq
+import nats
 import pytest
+from nats.js.errors import NotFoundError
 from typer.testing import CliRunner, Result
 
 from seamwork.brokers import EmbeddedNats, NatsBroker, RabbitBroker
+from seamwork.brokers.nats import DLQ_STREAM
 from seamwork.cli import app
 from seamwork.messaging import Broker, Delivery, Message, PoisonMessage
 from seamwork.testing.broker import eventually, until
@@ -119,6 +123,32 @@ async def test_dlq_replay_of_an_unknown_key_is_a_one_line_error(nats_url: str) -
     assert result.exit_code == 1
     assert "no dead letter with key '999'" in result.output
     assert "Traceback" not in result.output
+
+
+async def test_dlq_list_on_a_server_without_dead_letters_creates_nothing(nats_url: str) -> None:
+    assert await listed("--nats", nats_url) == []
+    connection = await nats.connect(nats_url)
+    try:
+        with pytest.raises(NotFoundError):
+            await connection.jetstream().stream_info(DLQ_STREAM)
+    finally:
+        await connection.close()
+
+
+async def test_dlq_replay_with_a_mistyped_exchange_is_an_error_and_creates_it_not(
+    rabbitmq_service: str,
+) -> None:
+    exchange = f"seamwork-typo-{uuid.uuid4().hex[:8]}"
+    result = await cli(
+        "dlq", "replay", "--all", "--rabbitmq", rabbitmq_service, "--exchange", exchange
+    )
+    assert result.exit_code == 1
+    assert f"no seamwork exchange {exchange!r} on the broker" in result.output
+    connection = await aio_pika.connect(rabbitmq_service)
+    async with connection:
+        channel = await connection.channel()
+        with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+            await channel.get_exchange(exchange, ensure=True)
 
 
 async def test_dlq_on_an_unreachable_broker_is_a_one_line_error() -> None:

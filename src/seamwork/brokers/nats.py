@@ -48,11 +48,12 @@ try:
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
     from nats.js.api import AckPolicy, ConsumerConfig
+    from nats.js.errors import NotFoundError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("NATS support needs: pip install 'seamwork[nats]'") from exc
 
 from seamwork.brokers._nats_consumer import _Consumer
-from seamwork.errors import BrokerUnavailable, ConfigError, PublishError
+from seamwork.errors import BrokerUnavailable, ConfigError, MessagingError, PublishError
 from seamwork.messaging._message import Message, encode
 from seamwork.messaging._ports import (
     DLQ_HEADERS,
@@ -357,9 +358,12 @@ class NatsBroker:
         await js.publish(f"deadletter.{_NAME.sub('_', group)}.{subject}", msg.data, headers=headers)
 
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
-        await self.ensure_stream("deadletter.any")
+        """The dead letters, oldest first; reads only (a missing stream lists as empty)."""
         _, js = await self._context()
-        info = await js.stream_info(DLQ_STREAM)
+        try:
+            info = await js.stream_info(DLQ_STREAM)
+        except NotFoundError:
+            return []
         letters: list[DeadLetter] = []
         seq = info.state.first_seq
         while seq and seq <= info.state.last_seq and len(letters) < limit:
@@ -371,7 +375,10 @@ class NatsBroker:
 
     async def replay_dead_letter(self, key: str) -> None:
         _, js = await self._context()
-        raw = await js.get_msg(DLQ_STREAM, int(key))
+        try:
+            raw = await js.get_msg(DLQ_STREAM, int(key))
+        except (ValueError, NotFoundError) as exc:
+            raise MessagingError(f"no dead letter with key {key!r} in {DLQ_STREAM}") from exc
         headers = dict(raw.headers or {})
         subject = headers[DLQ_SUBJECT]
         for name in DLQ_HEADERS:

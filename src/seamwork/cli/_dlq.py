@@ -217,8 +217,8 @@ def replay_letters(
             await broker.replay_dead_letter(letter.key)
         return chosen
 
-    try:
-        done = run_on_broker(nats, rabbitmq, exchange, timeout, replay)
+    try:  # connects read-only first: a mistyped --exchange is an error, never created
+        done = run_on_broker(nats, rabbitmq, exchange, timeout, replay, connect=False)
     except CliError as exc:
         raise fail(exc) from None
     console = Console(highlight=False, soft_wrap=True)

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import pytest
 
-from seamwork.errors import ConfigError, InvalidMessage
+from seamwork.errors import ConfigError, InvalidMessage, MessagingError
 from seamwork.messaging import Broker, DeadLetter, Delivery, Message, PoisonMessage
 
 T = TypeVar("T")
@@ -196,6 +196,13 @@ class BrokerContract:
         await broker.replay_dead_letter(letter.key)
         await eventually(lambda: handled == [message.id])
         assert all(x.key != letter.key for x in await broker.dead_letters())
+
+    @pytest.mark.parametrize("key", ["999999999", "not-a-key"])
+    async def test_replaying_an_unknown_dead_letter_is_refused_by_its_key(
+        self, broker: Broker, key: str
+    ) -> None:
+        with pytest.raises(MessagingError, match=f"no dead letter with key '{key}'"):
+            await broker.replay_dead_letter(key)
 
     async def test_headers_too_large_are_refused_before_sending(self, broker: Broker) -> None:
         big = Message("N", {}, headers={"x-big": "a" * 20_000})
