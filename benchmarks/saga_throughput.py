@@ -49,6 +49,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from seamwork._core import runtime
+
 IN_FLIGHT_DEFAULT = 32
 STEPS = ("reserve_inventory", "charge_payment", "ship_order", "send_confirmation")
 HAPPY_TRANSITIONS = 1 + len(STEPS)  # start + one per step (the last also completes it)
@@ -709,12 +711,12 @@ def run_worker(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
 
 def worker_main(name: str, cfg: dict[str, Any], out: str | None) -> None:
     if name == "park":
-        asyncio.run(run_park(cfg))
+        runtime.run(run_park(cfg))
         return
-    runners: dict[str, Callable[[dict[str, Any]], Any]] = {
-        "pair": lambda c: asyncio.run(run_pair(c)),
+    runners: dict[str, Callable[[dict[str, Any]], Any]] = {  # seamwork on the loop its
+        "pair": lambda c: runtime.run(run_pair(c)),  # own commands use (uvloop)
         "dbos": lambda c: asyncio.run(run_dbos(c)),
-        "recover": lambda c: asyncio.run(run_recover(c)),
+        "recover": lambda c: runtime.run(run_recover(c)),
     }
     result = runners[name](cfg)
     if out is not None:
@@ -955,6 +957,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also run the PostgreSQL section on this server (fresh databases, dropped after)",
     )
     parser.add_argument("--no-sqlite", action="store_true", help="skip the SQLite section")
+    parser.add_argument(
+        "--cpu",
+        type=int,
+        help="keep every process of the run on this CPU (a worker's deployment on a VM)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -974,6 +981,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
+
+
+def placement(args: argparse.Namespace) -> str:
+    """Which loop seamwork ran on and where the processes ran, for the title."""
+    loop = "uvloop" if runtime.loop_factory() is not None else "asyncio"
+    where = "all CPUs" if args.cpu is None else f"pinned to CPU {args.cpu}"
+    return f"seamwork on {loop}, {where}"
 
 
 def describe_source() -> str:
@@ -999,6 +1013,8 @@ def describe_source() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cpu is not None:  # inherited by every subprocess of the run
+        os.sched_setaffinity(0, {args.cpu})
     if args.worker:
         worker_main(args.worker, json.loads(args.config), args.out)
         return 0
@@ -1066,7 +1082,7 @@ def sqlite_section(
     title = (
         f"Saga throughput - {describe_source()}, 4-step order saga, SQLite WAL + "
         f"synchronous=FULL, {os.cpu_count()} CPUs (load avg {load_before:.2f} at start), "
-        f"Python {sys.version.split()[0]}; seamwork/floor: "
+        f"Python {sys.version.split()[0]}, {placement(args)}; seamwork/floor: "
         f"{args.sequential} sequential, {args.failures} failing, {args.concurrent} at "
         f"{args.in_flight} in flight; DBOS: {args.dbos_sagas} per phase"
         + (f"; median (min-max) of {args.repeat} runs" if args.repeat > 1 else "")

@@ -219,3 +219,17 @@ async def test_lifecycle_mixins_pair_entry_and_exit() -> None:
     with pytest.raises(RuntimeError, match="inside"):
         await use()
     assert calls == ["open", "start", "Resource", "stop", "aclose"]
+
+
+async def _loop_module() -> str:
+    return type(asyncio.get_running_loop()).__module__
+
+
+def test_seamwork_processes_run_on_uvloop_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from seamwork._core import runtime
+
+    assert runtime.run(_loop_module()).startswith("uvloop")
+    monkeypatch.setenv("SEAMWORK_LOOP", "asyncio")
+    assert runtime.run(_loop_module()).startswith("asyncio")

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from seamwork._core import runtime
 from seamwork.errors import SeamworkError
 from seamwork.saga import Saga, SagaOrchestrator, SagaStore
 
@@ -82,7 +83,7 @@ def worker(
         max_running=max_running,
     )
     try:
-        asyncio.run(_serve(orchestrator))
+        runtime.run(_serve(orchestrator))
     except SeamworkError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from exc

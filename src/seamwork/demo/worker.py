@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from seamwork._core import runtime
 from seamwork.demo.saga import SAGA_NAME, SAGAS_DB, make_orders, order_saga, saga_id
 from seamwork.demo.services import Order, Services
 from seamwork.saga import SagaOrchestrator, SagaState
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO,
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(run(args.dir, args.orders, args.concurrency))
+    runtime.run(run(args.dir, args.orders, args.concurrency))
 
 
 if __name__ == "__main__":
