@@ -23,7 +23,7 @@ import builtins
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from seamwork._core.lifecycle import StartStop
 from seamwork.errors import ConfigError
@@ -56,17 +56,29 @@ class Projection:
     connection, inside the transaction that also moves the checkpoint."""
 
     name: str = ""
+    _handler_attrs: ClassVar[dict[str, str]] = {}  # event type -> method name
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        found: dict[str, str] = {}
+        for attr in dir(cls):
+            for event_type in getattr(getattr(cls, attr, None), "__seamwork_handles__", ()):
+                if event_type in found:
+                    raise ConfigError(
+                        f"{cls.__name__}: two handlers for {event_type!r} "
+                        f"({found[event_type]} and {attr})"
+                    )
+                found[event_type] = attr
+        cls._handler_attrs = found
 
     def __init__(self) -> None:
         if not self.name:
             raise ConfigError(f"{type(self).__name__} needs a name")
-        self.handlers: dict[str, Callable[[RecordedEvent, Any], None]] = {}
-        for attr in dir(type(self)):
-            method = getattr(self, attr)
-            for event_type in getattr(method, "__seamwork_handles__", ()):
-                if event_type in self.handlers:
-                    raise ConfigError(f"{self.name}: two handlers for {event_type!r}")
-                self.handlers[event_type] = method
+
+    @property
+    def handlers(self) -> dict[str, Callable[[RecordedEvent, Any], None]]:
+        """The handler of each event type, as bound methods."""
+        return {kind: getattr(self, attr) for kind, attr in self._handler_attrs.items()}
 
     def setup(self, conn: Any) -> None:
         """Create the read model's tables (idempotently)."""
@@ -75,9 +87,9 @@ class Projection:
         """Empty the read model before a rebuild from position 0."""
 
     def apply(self, event: RecordedEvent, conn: Any) -> None:
-        handler = self.handlers.get(event.type)
-        if handler is not None:
-            handler(event, conn)
+        attr = self._handler_attrs.get(event.type)
+        if attr is not None:
+            getattr(self, attr)(event, conn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +162,8 @@ class ProjectionRunner(StartStop):
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if not isinstance(projection, Projection) or not projection.name:
+            raise ConfigError(f"{projection!r} is not a Projection with a name")
         self.store = store
         self.projection = projection
         self.read_model = read_model

@@ -1,0 +1,283 @@
+"""The read-model contract: what projections into a ``ReadModelStore`` must do.
+
+Subclass ``ReadModelContract`` as ``Test...`` and implement ``make_store`` (a new,
+empty, unopened event store), ``make_read_model`` (an unopened read model; every call
+in one test must reach the same database, as replicas of one service would) and
+``drift`` (change the ``totals`` table behind the runner's back). Set ``placeholder``
+to the driver's parameter mark. Requires pytest with pytest-asyncio
+(``asyncio_mode=auto``).
+
+The projection under test keeps a sum per stream in a ``totals`` table and fails on
+an event marked ``poison``; the checks are the ones a demanding user relies on: each
+event applied exactly once with its checkpoint, rebuild from zero, a failing event
+parking its own stream (later events queue behind it) while the others flow, replay
+in order once fixed, a failing SQL statement parking only its event, a live runner
+following new events (also after a rebuild and beside a catch-up), and overlapping
+runners and replicas starting together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from seamwork.events import (
+    EventStore,
+    NewEvent,
+    Projection,
+    ProjectionRunner,
+    ReadModelStore,
+    RecordedEvent,
+    handles,
+)
+
+
+class Totals(Projection):
+    """Sum of ``n`` per stream; an event with ``poison`` set fails."""
+
+    name = "totals"
+
+    def __init__(self, placeholder: str, combine: str = "totals.total + excluded.total") -> None:
+        super().__init__()
+        self.upsert = (
+            f"INSERT INTO totals VALUES ({placeholder}, {placeholder}) "
+            f"ON CONFLICT (stream) DO UPDATE SET total = {combine}"
+        )
+
+    def setup(self, conn: Any) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS totals (stream TEXT PRIMARY KEY, total INT)")
+
+    def reset(self, conn: Any) -> None:
+        conn.execute("DELETE FROM totals")
+
+    @handles("Added")
+    def added(self, event: RecordedEvent, conn: Any) -> None:
+        if event.data.get("poison"):
+            raise ValueError("cannot add poison")
+        conn.execute(self.upsert, (event.stream, event.data["n"]))
+
+
+class Fixed(Totals):
+    """The same projection after the poison bug was fixed."""
+
+    @handles("Added")
+    def added(self, event: RecordedEvent, conn: Any) -> None:
+        conn.execute(self.upsert, (event.stream, event.data["n"]))
+
+
+class BadSql(Totals):
+    """A projection whose ``Broken`` handler runs SQL the database refuses."""
+
+    @handles("Broken")
+    def broken(self, event: RecordedEvent, conn: Any) -> None:
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+
+def added(n: int, *, poison: bool = False) -> list[NewEvent]:
+    return [NewEvent("Added", {"n": n, "poison": True} if poison else {"n": n})]
+
+
+async def totals(model: Any) -> dict[str, int]:
+    rows = await model.query("SELECT stream, total FROM totals")
+    return {row["stream"]: row["total"] for row in rows}
+
+
+async def settled(check: Callable[[], Awaitable[bool]], seconds: float = 10.0) -> None:
+    """Wait until a live runner has caught up with what the test expects."""
+    async with asyncio.timeout(seconds):
+        while not await check():  # noqa: ASYNC110 - a real store watched from outside
+            await asyncio.sleep(0.01)
+
+
+class ReadModelContract:
+    """Behaviour shared by every ``ReadModelStore``."""
+
+    placeholder = "?"
+
+    def make_store(self) -> EventStore:
+        raise NotImplementedError
+
+    def make_read_model(self) -> ReadModelStore:
+        raise NotImplementedError
+
+    async def drift(self, model: ReadModelStore) -> None:
+        """Set every total to -1 without the runner knowing."""
+        raise NotImplementedError
+
+    def totals_projection(self) -> Totals:
+        return Totals(self.placeholder)
+
+    @pytest.fixture
+    async def store(self) -> AsyncIterator[EventStore]:
+        async with self.make_store() as store:
+            yield store
+
+    @pytest.fixture
+    async def read_model(self) -> AsyncIterator[ReadModelStore]:
+        model = self.make_read_model()
+        await model.open()
+        try:
+            yield model
+        finally:
+            await model.aclose()
+
+    async def test_a_projection_applies_every_event_once_and_checkpoints_with_it(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        for i in range(50):
+            await store.append(f"s-{i % 3}", [*added(1), NewEvent("Other")])
+        runner = ProjectionRunner(store, self.totals_projection(), read_model, batch_size=7)
+        checkpoint = await runner.catch_up()
+        assert await totals(read_model) == {"s-0": 17, "s-1": 17, "s-2": 16}
+        assert checkpoint == (await store.read_all(limit=1000))[-1].position
+        again = ProjectionRunner(store, self.totals_projection(), read_model)  # a restart
+        assert await again.catch_up() == checkpoint
+        assert await totals(read_model) == {"s-0": 17, "s-1": 17, "s-2": 16}
+
+    async def test_rebuild_projects_everything_again_from_zero(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        for i in range(20):
+            await store.append("s", added(i))
+        runner = ProjectionRunner(store, self.totals_projection(), read_model)
+        await runner.catch_up()
+        await self.drift(read_model)
+        assert await totals(read_model) == {"s": -1}
+        await runner.rebuild()
+        assert await totals(read_model) == {"s": sum(range(20))}
+
+    async def test_a_failing_event_parks_its_stream_while_others_flow(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        await store.append("good", added(1))
+        await store.append("bad", added(1))
+        await store.append("bad", added(5, poison=True))
+        await store.append("bad", added(7))
+        await store.append("good", added(2))
+        runner = ProjectionRunner(store, self.totals_projection(), read_model)
+        await runner.catch_up()
+        assert await totals(read_model) == {"good": 3, "bad": 1}
+        parked = await runner.parked()
+        assert [(p.stream, p.error is not None) for p in parked] == [("bad", True), ("bad", False)]
+        assert "cannot add poison" in (parked[0].error or "")
+        await store.append("bad", added(100))
+        await runner.catch_up()
+        assert len(await runner.parked()) == 3  # still queued behind the poison
+        assert await runner.replay("bad") == 0  # not fixed yet: nothing moves
+
+    async def test_replaying_a_fixed_stream_applies_its_parked_events_in_order(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        await store.append("bad", added(5, poison=True))
+        await store.append("bad", added(7))
+        await ProjectionRunner(store, self.totals_projection(), read_model).catch_up()
+        assert await totals(read_model) == {}
+        fixed = ProjectionRunner(store, Fixed(self.placeholder), read_model)
+        assert await fixed.replay("bad") == 2
+        assert await totals(read_model) == {"bad": 12}
+        assert await fixed.parked() == []
+        await store.append("bad", added(1))
+        await fixed.catch_up()
+        assert await totals(read_model) == {"bad": 13}
+
+    async def test_a_failing_sql_statement_in_a_handler_parks_only_its_event(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        await store.append("a", added(1))
+        await store.append("b", [NewEvent("Broken")])
+        await store.append("a", added(2))
+        runner = ProjectionRunner(store, BadSql(self.placeholder), read_model)
+        await runner.catch_up()
+        assert await totals(read_model) == {"a": 3}
+        assert [p.stream for p in await runner.parked()] == ["b"]
+
+    async def test_a_live_runner_follows_new_events(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        async with ProjectionRunner(store, self.totals_projection(), read_model) as runner:
+            for n in range(1, 6):
+                await store.append("s", added(n))
+
+            async def caught_up() -> bool:
+                return (await totals(read_model)).get("s") == 15
+
+            await settled(caught_up)
+            assert runner.checkpoint == (await store.read_all())[-1].position
+        assert await totals(read_model) == {"s": 15}
+
+    async def test_a_live_runner_keeps_following_after_a_rebuild(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        await store.append("s", added(1))
+        async with ProjectionRunner(store, self.totals_projection(), read_model) as runner:
+            await runner.rebuild()
+            await store.append("s", added(2))
+
+            async def caught_up() -> bool:
+                return await totals(read_model) == {"s": 3}
+
+            await settled(caught_up)
+        assert await totals(read_model) == {"s": 3}
+
+    async def test_catch_up_beside_a_live_runner_applies_each_event_once(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        for n in range(1, 4):
+            await store.append("s", added(n))
+        async with ProjectionRunner(store, self.totals_projection(), read_model) as runner:
+            await runner.catch_up()
+            await asyncio.sleep(0.2)  # the live loop runs over the same events meanwhile
+        assert await totals(read_model) == {"s": 6}
+
+    async def test_two_runners_on_one_read_model_apply_each_event_once(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        for n in range(1, 4):
+            await store.append("s", added(n))
+        first = ProjectionRunner(store, self.totals_projection(), read_model)
+        second = ProjectionRunner(store, self.totals_projection(), read_model)  # overlapping
+        await asyncio.gather(first.catch_up(), second.catch_up())
+        assert await totals(read_model) == {"s": 6}
+
+    async def test_replicas_starting_together_apply_each_event_once(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        for n in range(1, 4):
+            await store.append("s", added(n))
+        second = self.make_read_model()  # another process of the same service
+        await second.open()
+        try:
+            await asyncio.gather(
+                ProjectionRunner(store, self.totals_projection(), read_model).catch_up(),
+                ProjectionRunner(store, self.totals_projection(), second).catch_up(),
+            )
+        finally:
+            await second.aclose()
+        assert await totals(read_model) == {"s": 6}
+
+    async def test_a_replay_while_events_keep_arriving_leaves_nothing_parked(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        await store.append("s", added(1, poison=True))
+        async with ProjectionRunner(store, self.totals_projection(), read_model):
+            await asyncio.sleep(0.2)
+            await store.append("s", added(2))  # parked behind the poison
+            await asyncio.sleep(0.2)
+        shifting = Fixed(self.placeholder, combine="totals.total * 10 + excluded.total")
+        async with ProjectionRunner(store, shifting, read_model) as fixed:
+            appending = asyncio.create_task(store.append("s", added(3)))
+            await fixed.replay("s")
+            await appending
+            await store.append("s", added(4))
+
+            async def drained() -> bool:
+                return not await fixed.parked() and (await totals(read_model)).get("s") == 1234
+
+            await settled(drained)
+        assert await totals(read_model) == {"s": 1234}  # once each, in stream order
+
+
+__all__ = ["ReadModelContract", "Totals"]

@@ -1,0 +1,71 @@
+"""How a ``Projection`` class is checked and dispatches events (no store involved)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from seamwork.errors import ConfigError
+from seamwork.events import EventStore, Projection, ProjectionRunner, RecordedEvent, handles
+
+
+def recorded(event_type: str) -> RecordedEvent:
+    return RecordedEvent(
+        stream="s",
+        version=0,
+        position=1,
+        type=event_type,
+        data={},
+        metadata={},
+        recorded_at=0.0,
+        id="e-1",
+    )
+
+
+def test_two_handlers_for_one_event_type_are_refused_when_the_class_is_defined() -> None:
+    with pytest.raises(ConfigError, match=r"two handlers for 'Placed' \(first and second\)"):
+
+        class Twice(Projection):
+            name = "twice"
+
+            @handles("Placed")
+            def first(self, event: RecordedEvent, conn: Any) -> None: ...
+
+            @handles("Placed")
+            def second(self, event: RecordedEvent, conn: Any) -> None: ...
+
+
+def test_a_subclass_overriding_a_handler_replaces_it_even_with_its_own_init() -> None:
+    class Base(Projection):
+        name = "base"
+
+        @handles("Placed")
+        def placed(self, event: RecordedEvent, conn: list[str]) -> None:
+            conn.append("base")
+
+    class Patched(Base):
+        def __init__(self, label: str) -> None:  # does not call Projection.__init__
+            self.label = label
+
+        @handles("Placed")
+        def placed(self, event: RecordedEvent, conn: list[str]) -> None:
+            conn.append(self.label)
+
+    seen: list[str] = []
+    Patched("patched").apply(recorded("Placed"), seen)
+    Base().apply(recorded("Placed"), seen)
+    Base().apply(recorded("Other"), seen)  # no handler: ignored
+    assert seen == ["patched", "base"]
+    assert set(Patched("x").handlers) == {"Placed"}
+
+
+def test_a_projection_without_a_name_is_refused(tmp_path: Any) -> None:
+    class Nameless(Projection):
+        def __init__(self) -> None:
+            pass
+
+    with pytest.raises(ConfigError, match="needs a name"):
+        Projection()
+    with pytest.raises(ConfigError, match="is not a Projection with a name"):
+        ProjectionRunner(EventStore.sqlite(tmp_path / "e.db"), Nameless(), None)  # type: ignore[arg-type]
