@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sqlite3
 import statistics
 import tempfile
@@ -25,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from seamwork._core import runtime
 from seamwork.saga import Saga, SagaOrchestrator, Step, StepContext
 from seamwork.storage import SQLiteStore
 from seamwork.storage._sqlite_writer import Migration, SQLiteWriter
@@ -170,5 +172,11 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sequential", type=int, default=300)
     parser.add_argument("--concurrent", type=int, default=2000)
+    parser.add_argument("--cpu", type=int, help="keep the process (all its threads) on this CPU")
     args = parser.parse_args()
-    asyncio.run(main(args.rounds, args.sequential, args.concurrent))
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    loop = "uvloop" if runtime.loop_factory() is not None else "asyncio"
+    where = "all CPUs" if args.cpu is None else f"CPU {args.cpu}"
+    print(f"(on {loop}, {where})")
+    runtime.run(main(args.rounds, args.sequential, args.concurrent))

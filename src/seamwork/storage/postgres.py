@@ -34,6 +34,7 @@ from seamwork.saga._state import SagaState, SagaStatus, StepEvent
 from seamwork.storage._pg import (
     AsyncConn,
     PgMigration,
+    _QueueOwner,
     connect,
     make_pool,
     migrate,
@@ -144,129 +145,96 @@ def _keys(runnable: Collection[SagaKey]) -> tuple[list[str], list[int]]:
     return [k[0] for k in runnable], [k[1] for k in runnable]
 
 
-class _Statement:
-    __slots__ = ("future", "params", "sql")
-
-    def __init__(self, sql: str, params: tuple[Any, ...], future: asyncio.Future[int]) -> None:
-        self.sql, self.params, self.future = sql, params, future
+Statement = tuple[str, tuple[Any, ...]]
 
 
-class _GroupCommit:
+class _GroupCommit(_QueueOwner[Statement, int]):
     """One autocommit connection: a lone statement is its own transaction (one round
-    trip); statements that queued meanwhile go as one pipelined transaction."""
+    trip); statements that queued meanwhile go as one pipelined transaction. Each
+    statement resolves to its row count (the ``SELECT count(*)`` of its CTE).
+
+    Every batch runs under the store's deadline; a stalled or broken connection fails
+    its batch with ``StoreUnavailable`` (the outcome is unknown: callers re-read their
+    row) and is replaced before the next batch."""
+
+    _autocommit = True
 
     def __init__(self, dsn: str, deadline: float) -> None:
-        self._dsn = dsn
+        super().__init__(dsn, name="saga", max_batch=256)
         self._deadline = deadline
-        self._queue: asyncio.Queue[_Statement] = asyncio.Queue()
-        self._conn: AsyncConn | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._inflight: list[_Statement] = []
-        self.commits = 0
 
     async def start(self) -> None:
-        self._conn = await connect(self._dsn, autocommit=True, what="saga store writer")
-        self._task = asyncio.create_task(self._serve(), name="seamwork-saga-pg-writer")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        left = [*self._inflight]  # nobody waits forever: in flight or queued, both fail
-        while not self._queue.empty():
-            left.append(self._queue.get_nowait())
-        self._inflight = []
-        self._fail(left, StoreUnavailable("the saga store closed; the outcome is unknown"))
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        await self._start()
 
     def run(self, sql: str, params: tuple[Any, ...]) -> asyncio.Future[int]:
         """Execute a single-row-count statement; resolves to its count after commit."""
-        if self._task is None:
-            raise StoreError("the PostgreSQL saga store is not open")
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Statement(sql, params, future))
-        return future
+        return self._enqueue((sql, params))
 
-    async def _serve(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while not self._queue.empty() and len(batch) < 256:
-                batch.append(self._queue.get_nowait())
-            self._inflight = batch
-            try:
-                async with _deadline(self._deadline, [self._conn] if self._conn else []):
-                    counts = await self._execute(batch)
-            except (psycopg.OperationalError, TimeoutError) as exc:
-                # Lost or stalled mid-commit: the outcome is unknown to us. Callers get a
-                # store error and re-read their row; the connection is replaced.
-                self._fail(batch, _stalled(exc, self._deadline))
-                await self._replace_connection()
-                continue
-            except Exception as exc:
-                if len(batch) == 1:
-                    self._fail(batch, exc)
-                    continue
-                # One statement spoiled the shared transaction (nothing committed):
-                # run each alone so only the culprit fails.
-                for item in batch:
-                    await self._alone(item)
-                continue
-            self.commits += 1
-            for item, count in zip(batch, counts, strict=True):
-                if not item.future.done():
-                    item.future.set_result(count)
-
-    async def _alone(self, item: _Statement) -> None:
+    async def _results(
+        self, conn: AsyncConn, statements: list[Statement]
+    ) -> list[int | BaseException]:
         try:
-            (count,) = await self._execute([item])
+            return list(await self._timed(conn, statements))
+        except StoreUnavailable:
+            raise  # the whole batch: its outcome is unknown
         except Exception as exc:
-            self._fail([item], exc)
-            return
-        self.commits += 1
-        if not item.future.done():
-            item.future.set_result(count)
+            if len(statements) == 1:
+                return [translate(exc, "saga store")]
+        # One statement spoiled the shared transaction (nothing committed): run each
+        # alone, so only the culprit fails.
+        results: list[int | BaseException] = []
+        for statement in statements:
+            try:
+                (count,) = await self._timed(conn, [statement])
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                results.append(translate(exc, "saga store"))
+                continue
+            results.append(count)
+        self.commits += sum(not isinstance(r, BaseException) for r in results) - 1
+        return results
 
-    @staticmethod
-    def _fail(batch: list[_Statement], exc: BaseException) -> None:
-        error = translate(exc, "saga store")
-        for item in batch:
-            if not item.future.done():
-                item.future.set_exception(error)
-
-    async def _execute(self, batch: list[_Statement]) -> list[int]:
-        conn = self._conn
-        if conn is None or conn.closed:
-            raise StoreError("saga store writer is disconnected")
-        if len(batch) == 1:
-            cursor = await conn.execute(batch[0].sql.encode(), batch[0].params)
-            row = await cursor.fetchone()
-            return [int(row[0]) if row else 0]
-        cursors = []
-        async with conn.transaction(), conn.pipeline():
-            for item in batch:
-                cursors.append(await conn.execute(item.sql.encode(), item.params))
-        counts = []
-        for cursor in cursors:
-            row = await cursor.fetchone()
-            counts.append(int(row[0]) if row else 0)
-        return counts
-
-    async def _replace_connection(self) -> None:
-        old, self._conn = self._conn, None
-        if old is not None:
-            with contextlib.suppress(Exception):
-                await old.close()
+    async def _reconnect_if_broken(self) -> None:
+        """Keep trying (backing off to 2 s) before the next batch: transitions queued
+        meanwhile wait for the database to come back instead of failing one by one."""
         delay = 0.05
-        while self._conn is None:
+        while self._conn is None or self._conn.closed:
             try:
                 async with asyncio.timeout(self._deadline):
-                    self._conn = await connect(self._dsn, autocommit=True, what="saga writer")
+                    self._conn = await self._connect()
             except (StoreError, TimeoutError):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    async def _timed(self, conn: AsyncConn, statements: list[Statement]) -> list[int]:
+        """Run ``statements`` under the deadline. A lost or stalled connection closes
+        (it is replaced before the next batch) and raises ``StoreUnavailable``."""
+        try:
+            async with _deadline(self._deadline, [conn]):
+                return await _execute(conn, statements)
+        except (psycopg.OperationalError, TimeoutError) as exc:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            lost = translate(_stalled(exc, self._deadline), "saga store")
+            assert isinstance(lost, StoreUnavailable)
+            raise lost from exc
+
+
+async def _execute(conn: AsyncConn, statements: list[Statement]) -> list[int]:
+    if len(statements) == 1:
+        sql, params = statements[0]
+        row = await (await conn.execute(sql.encode(), params)).fetchone()
+        return [int(row[0]) if row else 0]
+    cursors = []
+    async with conn.transaction(), conn.pipeline():
+        for sql, params in statements:
+            cursors.append(await conn.execute(sql.encode(), params))
+    counts = []
+    for cursor in cursors:
+        row = await cursor.fetchone()
+        counts.append(int(row[0]) if row else 0)
+    return counts
 
 
 class PostgresStore:
