@@ -175,6 +175,7 @@ class SQLiteStore:
             create=create,
             readonly=readonly,
             rerun_safe=True,  # every call is plain SQL, safe to run again after a rollback
+            coalesce=True,  # sagas woken by one commit send their next transitions together
         )
         self._lock_fd: int | None = None
 
