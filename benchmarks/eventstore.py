@@ -31,6 +31,7 @@ import asyncio
 import importlib.util
 import json
 import math
+import os
 import sqlite3
 import sys
 import tempfile
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from seamwork._core import runtime
 from seamwork.events import (
     EventStore,
     NewEvent,
@@ -554,7 +556,10 @@ async def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs; best-of is reported")
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--cpu", type=int, help="keep the run (all its threads) on this CPU")
     args = parser.parse_args()
+    if args.cpu is not None:  # before any store starts its threads: they inherit it
+        os.sched_setaffinity(0, {args.cpu})
     n = 1000 if args.quick else 3000
     spread: dict[str, list[float]] = {}
     final = make_rows()
@@ -574,11 +579,16 @@ async def main() -> None:
     for key, row in final.items():
         if spread.get(key):
             row.seamwork = best(spread[key], row.higher_is_better)
-    print(f"python {sys.version.split()[0]}, best of {args.repeat} (spread: min-max)")
+    loop = "uvloop" if runtime.loop_factory() is not None else "asyncio"
+    where = "all CPUs" if args.cpu is None else f"pinned to CPU {args.cpu}"
+    print(
+        f"python {sys.version.split()[0]}, seamwork on {loop}, {where}, "
+        f"best of {args.repeat} (spread: min-max)"
+    )
     print_table(final, spread)
     if not es_available():
         print("eventsourcing not installed: pip install 'seamwork[bench]'")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    runtime.run(main())
