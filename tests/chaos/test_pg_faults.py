@@ -27,9 +27,11 @@ from pg_chaos import check_invariants, fresh_schema, store_and_books
 from pg_faults import PrivateCluster, Proxy, pg_bin
 from pg_saga_app import Services, create_books, order_sagas
 
-from seamwork.errors import StoreError
+from seamwork.errors import StoreError, StoreUnavailable
 from seamwork.saga import SagaOrchestrator, SagaState
 from seamwork.storage import PostgresStore
+from seamwork.testing.broker import until
+from seamwork.testing.saga_store import OWNER, saga_state, started
 
 pytestmark = pytest.mark.chaos
 
@@ -214,6 +216,42 @@ async def test_a_connection_cut_after_commit_is_resolved_by_rereading(
             "SELECT saga_id, step, kind, count(*) FROM calls GROUP BY 1, 2, 3 HAVING count(*) > 1"
         ).fetchall()
     assert reruns == [], "a commit in doubt was guessed (the step ran again), not re-read"
+
+
+async def test_a_save_on_a_stalled_server_fails_within_the_deadline_not_after_it(
+    pg_database: str,
+) -> None:
+    dsn = fresh_schema(pg_database, "sagas")
+    proxy = Proxy(5432)
+    await proxy.start()
+    store = PostgresStore(with_port(dsn, proxy.port), query_timeout=1.0)
+    await store.open()
+    try:
+        state = saga_state("s-1")
+        assert await store.create(state, started("s-1"))
+        proxy.stall()
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.save(state.evolve(updated_at=1001.0), [], owner=OWNER)
+        waited = time.monotonic() - began
+        assert waited <= 2.0, f"the caller waited {waited:.2f}s on a 1s deadline"
+        proxy.resume()  # the writer reconnects in the background; the next save lands
+
+        async def saved() -> bool:
+            try:
+                await store.save(state.evolve(updated_at=1002.0), [], owner=OWNER)
+            except StoreUnavailable:
+                return False
+            return True
+
+        await until(saved, seconds=15)
+        reread = await store.get("s-1")
+        assert reread is not None
+        assert reread.updated_at == 1002.0
+    finally:
+        proxy.resume()
+        await store.aclose()
+        await proxy.aclose()
 
 
 @pytest.fixture

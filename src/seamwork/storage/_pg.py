@@ -180,11 +180,11 @@ class _QueueOwner(Generic[Item, R]):
             if conn is None or conn.closed:
                 raise StoreUnavailable(f"{self._name} writer has no connection")
             results = await self._results(conn, [item for item, _ in batch])
-            self.commits += 1
+            if any(not isinstance(result, BaseException) for result in results):
+                self.commits += 1
         except Exception as exc:
             failure = translate(exc, f"{self._name} store: commit failed")
             results = [failure] * len(batch)
-            await self._reconnect_if_broken()
         for (_, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue
@@ -192,6 +192,7 @@ class _QueueOwner(Generic[Item, R]):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+        await self._reconnect_if_broken()  # after the callers know: none waits on it
 
     async def _results(self, conn: AsyncConn, items: list[Item]) -> list[R | BaseException]:
         raise NotImplementedError

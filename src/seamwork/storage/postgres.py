@@ -181,18 +181,21 @@ class _GroupCommit(_QueueOwner[Statement, int]):
             if len(statements) == 1:
                 return [translate(exc, "saga store")]
         # One statement spoiled the shared transaction (nothing committed): run each
-        # alone, so only the culprit fails.
+        # alone, so only the culprit fails. If the connection goes meanwhile, what
+        # committed keeps its count and only the rest is in doubt.
         results: list[int | BaseException] = []
         for statement in statements:
             try:
                 (count,) = await self._timed(conn, [statement])
-            except StoreUnavailable:
-                raise
+            except StoreUnavailable as lost:
+                results += [lost] * (len(statements) - len(results))
+                break
             except Exception as exc:
                 results.append(translate(exc, "saga store"))
                 continue
             results.append(count)
-        self.commits += sum(not isinstance(r, BaseException) for r in results) - 1
+        committed = sum(not isinstance(result, BaseException) for result in results)
+        self.commits += max(committed - 1, 0)  # the caller counts one
         return results
 
     async def _reconnect_if_broken(self) -> None:
