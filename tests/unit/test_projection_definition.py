@@ -69,3 +69,23 @@ def test_a_projection_without_a_name_is_refused(tmp_path: Any) -> None:
         Projection()
     with pytest.raises(ConfigError, match="is not a Projection with a name"):
         ProjectionRunner(EventStore.sqlite(tmp_path / "e.db"), Nameless(), None)  # type: ignore[arg-type]
+
+
+def test_handlers_survive_a_mixin_that_skips_init_subclass_and_can_be_added_per_instance() -> None:
+    class Quiet:
+        def __init_subclass__(cls, **kwargs: Any) -> None:  # does not call super()
+            pass
+
+    class Mixed(Quiet, Projection):
+        name = "mixed"
+
+        @handles("Placed")
+        def placed(self, event: RecordedEvent, conn: list[str]) -> None:
+            conn.append("placed")
+
+    seen: list[str] = []
+    projection = Mixed()
+    projection.handlers["Paid"] = lambda event, conn: conn.append("paid")
+    projection.apply(recorded("Placed"), seen)
+    projection.apply(recorded("Paid"), seen)
+    assert seen == ["placed", "paid"]

@@ -23,7 +23,7 @@ import builtins
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from seamwork._core.lifecycle import StartStop
 from seamwork.errors import ConfigError
@@ -56,20 +56,10 @@ class Projection:
     connection, inside the transaction that also moves the checkpoint."""
 
     name: str = ""
-    _handler_attrs: ClassVar[dict[str, str]] = {}  # event type -> method name
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        found: dict[str, str] = {}
-        for attr in dir(cls):
-            for event_type in getattr(getattr(cls, attr, None), "__seamwork_handles__", ()):
-                if event_type in found:
-                    raise ConfigError(
-                        f"{cls.__name__}: two handlers for {event_type!r} "
-                        f"({found[event_type]} and {attr})"
-                    )
-                found[event_type] = attr
-        cls._handler_attrs = found
+        _collect_handlers(cls)  # a clash is refused where the class is written
 
     def __init__(self) -> None:
         if not self.name:
@@ -77,8 +67,18 @@ class Projection:
 
     @property
     def handlers(self) -> dict[str, Callable[[RecordedEvent, Any], None]]:
-        """The handler of each event type, as bound methods."""
-        return {kind: getattr(self, attr) for kind, attr in self._handler_attrs.items()}
+        """The handler of each event type (bound methods), found on first use, so a
+        subclass whose own ``__init__`` skips this one's still has them."""
+        found: dict[str, Callable[[RecordedEvent, Any], None]] | None
+        found = self.__dict__.get("_handlers")
+        if found is None:
+            found = {kind: getattr(self, attr) for kind, attr in _collect_handlers(type(self))}
+            self.__dict__["_handlers"] = found
+        return found
+
+    @handlers.setter
+    def handlers(self, handlers: dict[str, Callable[[RecordedEvent, Any], None]]) -> None:
+        self.__dict__["_handlers"] = handlers
 
     def setup(self, conn: Any) -> None:
         """Create the read model's tables (idempotently)."""
@@ -87,9 +87,23 @@ class Projection:
         """Empty the read model before a rebuild from position 0."""
 
     def apply(self, event: RecordedEvent, conn: Any) -> None:
-        attr = self._handler_attrs.get(event.type)
-        if attr is not None:
-            getattr(self, attr)(event, conn)
+        handler = self.handlers.get(event.type)
+        if handler is not None:
+            handler(event, conn)
+
+
+def _collect_handlers(cls: type) -> list[tuple[str, str]]:
+    """``(event type, method name)`` of every ``@handles`` method of ``cls``."""
+    found: dict[str, str] = {}
+    for attr in dir(cls):
+        for event_type in getattr(getattr(cls, attr, None), "__seamwork_handles__", ()):
+            if event_type in found:
+                raise ConfigError(
+                    f"{cls.__name__}: two handlers for {event_type!r} "
+                    f"({found[event_type]} and {attr})"
+                )
+            found[event_type] = attr
+    return list(found.items())
 
 
 @dataclass(frozen=True, slots=True)
