@@ -374,11 +374,14 @@ class NatsBroker:
         return letters
 
     async def replay_dead_letter(self, key: str) -> None:
+        missing = MessagingError(f"no dead letter with key {key!r} in {DLQ_STREAM}")
+        if not key.isdigit() or int(key) < 1:  # keys are stream sequences: 1, 2, ...
+            raise missing
         _, js = await self._context()
         try:
             raw = await js.get_msg(DLQ_STREAM, int(key))
-        except (ValueError, NotFoundError) as exc:
-            raise MessagingError(f"no dead letter with key {key!r} in {DLQ_STREAM}") from exc
+        except NotFoundError as exc:
+            raise missing from exc
         headers = dict(raw.headers or {})
         subject = headers[DLQ_SUBJECT]
         for name in DLQ_HEADERS:

@@ -197,7 +197,7 @@ class BrokerContract:
         await eventually(lambda: handled == [message.id])
         assert all(x.key != letter.key for x in await broker.dead_letters())
 
-    @pytest.mark.parametrize("key", ["999999999", "not-a-key"])
+    @pytest.mark.parametrize("key", ["999999999", "not-a-key", "0", "-1"])
     async def test_replaying_an_unknown_dead_letter_is_refused_by_its_key(
         self, broker: Broker, key: str
     ) -> None:
