@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -26,5 +27,5 @@ class TestSQLiteReadModel(ReadModelContract):
         return SQLiteReadModel(self.directory / "read.db")
 
     async def drift(self, model: ReadModelStore) -> None:
-        with sqlite3.connect(self.directory / "read.db") as conn:
+        with closing(sqlite3.connect(self.directory / "read.db")) as conn, conn:
             conn.execute("UPDATE totals SET total = -1")
