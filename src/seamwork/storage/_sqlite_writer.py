@@ -92,9 +92,10 @@ class SQLiteWriter:
         on_rollback: called on the writer thread after a whole write transaction
             was rolled back.
         coalesce: hand the thread every call made during one event-loop iteration
-            as one item (when many tasks are woken by one commit, their next calls
-            then form one batch, instead of the thread starting a batch with the
-            first of them and committing the rest separately).
+            as one item, at the end of that iteration (when many tasks are woken by
+            one commit, their next calls then form one batch and cost one thread
+            wake-up, instead of the thread starting a batch with the first of them
+            and committing the rest separately).
     """
 
     def __init__(
@@ -125,7 +126,6 @@ class SQLiteWriter:
         self._on_begin = on_begin
         self._on_rollback = on_rollback
         self._coalesce = coalesce
-        self._busy = False  # the thread is running a batch (read without a lock: a hint)
         self._pending: list[_Op] | None = None
         self._pending_lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Op | list[_Op] | object] = queue.SimpleQueue()
@@ -178,8 +178,8 @@ class SQLiteWriter:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         op = _Op(fn, future, loop, write)
-        if not self._coalesce or not self._busy:  # an idle thread takes it now; calls made
-            self._queue.put(op)  # while it is busy are handed over together
+        if not self._coalesce:
+            self._queue.put(op)
             return future
         with self._pending_lock:
             pending = self._pending
@@ -222,7 +222,6 @@ class SQLiteWriter:
             first = get()
             if first is _STOP:
                 return
-            self._busy = True
             batch: list[_Op] = []
             stop = _add(batch, first)
             while not stop and len(batch) < self._max_batch:
@@ -233,7 +232,6 @@ class SQLiteWriter:
                 stop = _add(batch, item)
             for start in range(0, len(batch), self._max_batch):
                 self._run_batch(batch[start : start + self._max_batch])
-            self._busy = self._queue.qsize() > 0
             if stop:
                 return
 
