@@ -218,6 +218,33 @@ async def test_a_connection_cut_after_commit_is_resolved_by_rereading(
     assert reruns == [], "a commit in doubt was guessed (the step ran again), not re-read"
 
 
+async def test_a_read_after_the_pools_connections_were_terminated_still_answers(
+    pg_database: str,
+) -> None:
+    name = f"seamwork_store_{uuid.uuid4().hex[:8]}"
+    store = PostgresStore(f"{fresh_schema(pg_database, 'sagas')} application_name={name}")
+    await store.open()
+    try:
+        assert await store.create(saga_state("s-1"), started("s-1"))
+        await asyncio.gather(*(store.get("s-1") for _ in range(4)))  # the pool fills up
+        async with await psycopg.AsyncConnection.connect(pg_database, autocommit=True) as conn:
+            cursor = await conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (name,),
+            )
+            row = await cursor.fetchone()
+            assert row is not None
+            assert row[0] >= 2
+        await asyncio.sleep(0.2)  # the backends are gone; the pool does not know yet
+        state = await store.get("s-1")
+        assert state is not None
+        assert state.saga_id == "s-1"
+        assert [s.saga_id for s in await store.list()] == ["s-1"]
+    finally:
+        await store.aclose()
+
+
 async def test_a_save_on_a_stalled_server_fails_within_the_deadline_not_after_it(
     pg_database: str,
 ) -> None:

@@ -128,6 +128,7 @@ _CLAIM = (
     "ORDER BY updated_at LIMIT %s FOR UPDATE SKIP LOCKED"
 )
 _ACTIVE = ("running", "compensating")
+_READ_ATTEMPTS = 3  # a read on a connection that broke is tried again on another
 _BACKSTOP = 0.25  # seconds past the deadline before a severed statement is cancelled
 
 
@@ -338,7 +339,7 @@ class PostgresStore:
             raise InvalidSagaOperation(f"saga {state.saga_id!r} is no longer {expect_status}")
 
     async def get(self, saga_id: str) -> SagaState | None:
-        rows = await self._fetch(
+        rows = await self._read(
             f"SELECT {COLUMNS} FROM seamwork_sagas WHERE saga_id = %s", (saga_id,)
         )
         return decode(rows[0]) if rows else None
@@ -346,11 +347,11 @@ class PostgresStore:
     async def list(
         self, *, status: SagaStatus | None = None, name: str | None = None, limit: int = 100
     ) -> builtins.list[SagaState]:
-        rows = await self._fetch(*list_query(status, name, limit, "%s"))
+        rows = await self._read(*list_query(status, name, limit, "%s"))
         return [s for s in map(decode_or_none, rows) if s is not None]
 
     async def timeline(self, saga_id: str) -> builtins.list[StepEvent]:
-        rows = await self._fetch(
+        rows = await self._read(
             "SELECT saga_id, at, event, step, attempt, detail FROM seamwork_saga_events "
             "WHERE saga_id = %s ORDER BY id",
             (saga_id,),
@@ -431,6 +432,19 @@ class PostgresStore:
                 return await cursor.fetchall()
         except (psycopg.Error, TimeoutError) as exc:
             raise translate(_stalled(exc, self._deadline), "saga store") from exc
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> builtins.list[Any]:
+        """``_fetch`` for a read, tried again at once on a connection that broke (the
+        pool hands out connections that died while idle - a terminated backend, a
+        failover - and drops each after its failure). Writes are never retried here:
+        their outcome would be unknown."""
+        for _ in range(_READ_ATTEMPTS - 1):
+            try:
+                return await self._fetch(sql, params)
+            except StoreUnavailable as exc:
+                if not isinstance(exc.__cause__, psycopg.OperationalError):
+                    raise  # a deadline passed: no time left for another try
+        return await self._fetch(sql, params)
 
 
 @contextlib.asynccontextmanager
