@@ -128,7 +128,6 @@ _CLAIM = (
     "ORDER BY updated_at LIMIT %s FOR UPDATE SKIP LOCKED"
 )
 _ACTIVE = ("running", "compensating")
-_READ_ATTEMPTS = 3  # a read on a connection that broke is tried again on another
 _BACKSTOP = 0.25  # seconds past the deadline before a severed statement is cancelled
 
 
@@ -265,6 +264,7 @@ class PostgresStore:
         self._create = create
         self._writer = _GroupCommit(dsn, query_timeout)
         self._pool = make_pool(dsn, size=pool_size, name="seamwork-sagas")
+        self._read_attempts = pool_size + 1  # past every idle connection, to a new one
         self._opened = False
 
     def __repr__(self) -> str:
@@ -436,9 +436,10 @@ class PostgresStore:
     async def _read(self, sql: str, params: tuple[Any, ...]) -> builtins.list[Any]:
         """``_fetch`` for a read, tried again at once on a connection that broke (the
         pool hands out connections that died while idle - a terminated backend, a
-        failover - and drops each after its failure). Writes are never retried here:
-        their outcome would be unknown."""
-        for _ in range(_READ_ATTEMPTS - 1):
+        failover - and drops each after its failure; one more try than the pool holds
+        reaches a new connection). Writes are never retried here: their outcome would
+        be unknown."""
+        for _ in range(self._read_attempts - 1):
             try:
                 return await self._fetch(sql, params)
             except StoreUnavailable as exc:
