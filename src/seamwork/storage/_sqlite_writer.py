@@ -157,11 +157,14 @@ class SQLiteWriter:
 
     async def close(self) -> None:
         """Finish queued work, close the connection and stop the thread."""
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        self._flush()
-        self._queue.put(_STOP)
+        with self._pending_lock:  # every call accepted so far is queued before the stop
+            thread, self._thread = self._thread, None
+            if thread is None:
+                return
+            pending, self._pending = self._pending, None
+            if pending:
+                self._queue.put(pending)
+            self._queue.put(_STOP)
         await asyncio.to_thread(thread.join)
 
     def write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
@@ -178,10 +181,12 @@ class SQLiteWriter:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         op = _Op(fn, future, loop, write)
-        if not self._coalesce:
-            self._queue.put(op)
-            return future
-        with self._pending_lock:
+        with self._pending_lock:  # against close() on another thread: accepted means run
+            if self._thread is None:
+                raise StoreError(f"{self._name} store at {self.path} closed")
+            if not self._coalesce:
+                self._queue.put(op)
+                return future
             pending = self._pending
             if pending is None:
                 self._pending = [op]
@@ -196,10 +201,10 @@ class SQLiteWriter:
         return future
 
     def _flush(self) -> None:
-        with self._pending_lock:
+        with self._pending_lock:  # queued under the lock: never after close()'s stop
             pending, self._pending = self._pending, None
-        if pending:
-            self._queue.put(pending)
+            if pending:
+                self._queue.put(pending)
 
     # --- the writer thread ----------------------------------------------------------
 

@@ -1,0 +1,67 @@
+"""Closing a SQLite writer while another thread's event loop writes to it: every
+write either commits or is refused - none is accepted and then left waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from seamwork.errors import StoreError
+from seamwork.storage import _sqlite_writer
+from seamwork.storage._sqlite_writer import SQLiteWriter
+
+
+class SlowOp(_sqlite_writer._Op):
+    """An op whose creation stalls once ``stall`` is set: the writing thread is
+    preempted between being let in and handing its call over."""
+
+    __slots__ = ()
+    stall = threading.Event()
+    stalled = threading.Event()
+
+    def __init__(self, *args: Any) -> None:
+        if SlowOp.stall.is_set() and threading.current_thread() is not threading.main_thread():
+            SlowOp.stalled.set()
+            time.sleep(0.3)
+        super().__init__(*args)
+
+
+def write_from_another_loop(writer: SQLiteWriter, outcomes: list[str]) -> None:
+    async def go() -> None:
+        for _ in range(2):  # one while open, one racing close()
+            try:
+                future = writer.write(lambda conn: conn.execute("SELECT 1").fetchone())
+                await asyncio.wait_for(future, 2.0)
+            except TimeoutError:
+                outcomes.append("lost")
+                return
+            except StoreError:
+                outcomes.append("refused")
+                return
+            outcomes.append("committed")
+            SlowOp.stall.set()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("coalesce", [False, True])
+async def test_a_write_racing_close_from_another_thread_is_run_or_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coalesce: bool
+) -> None:
+    monkeypatch.setattr(_sqlite_writer, "_Op", SlowOp)
+    SlowOp.stall.clear()
+    SlowOp.stalled.clear()
+    writer = SQLiteWriter(tmp_path / "w.db", coalesce=coalesce)
+    await writer.start()
+    outcomes: list[str] = []
+    thread = threading.Thread(target=write_from_another_loop, args=(writer, outcomes))
+    thread.start()
+    assert await asyncio.to_thread(SlowOp.stalled.wait, 5.0)
+    await writer.close()  # while the other thread is between the door and the queue
+    await asyncio.to_thread(thread.join, 10.0)
+    assert outcomes == ["committed", "refused"]
