@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
 
 from seamwork.errors import StoreError
-from seamwork.storage._sqlite_writer import SQLiteWriter
+from seamwork.storage._sqlite_writer import SQLiteWriter, settle
 
 T = TypeVar("T")
 _END = object()
@@ -113,7 +113,7 @@ async def session(
 
     def serve(conn: sqlite3.Connection) -> None:
         opening = on_open(conn) if on_open is not None else None
-        loop.call_soon_threadsafe(_resolve, opened, (opening, conn), None)
+        loop.call_soon_threadsafe(settle, opened, (opening, conn), None)
         while True:
             try:
                 command = commands.get(timeout=idle_timeout)
@@ -133,9 +133,9 @@ async def session(
             try:
                 value = fn(conn)
             except Exception as exc:
-                loop.call_soon_threadsafe(_resolve, future, None, exc)
+                loop.call_soon_threadsafe(settle, future, None, exc)
             else:
-                loop.call_soon_threadsafe(_resolve, future, value, None)
+                loop.call_soon_threadsafe(settle, future, value, None)
 
     committed = writer.write(serve)
     try:
@@ -176,12 +176,3 @@ def _consume(future: asyncio.Future[Any]) -> None:
     """Retrieve an abandoned session's outcome so asyncio does not log it as lost."""
     if not future.cancelled():
         future.exception()
-
-
-def _resolve(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)

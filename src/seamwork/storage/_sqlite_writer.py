@@ -212,9 +212,9 @@ class SQLiteWriter:
         try:
             self._conn = self._connect()
         except BaseException as exc:
-            loop.call_soon_threadsafe(_settle_one, ready, None, exc)
+            loop.call_soon_threadsafe(settle, ready, None, exc)
             return
-        loop.call_soon_threadsafe(_settle_one, ready, None, None)
+        loop.call_soon_threadsafe(settle, ready, None, None)
         try:
             self._serve()
         finally:
@@ -240,7 +240,9 @@ class SQLiteWriter:
             if stop:
                 return
 
-    def _run_batch(self, batch: list[_Op]) -> None:
+    def _run_batch(self, batch: list[_Op], *, in_savepoints: bool = False) -> None:
+        """One transaction for ``batch``; ``in_savepoints`` forces a savepoint per call
+        (a rerun-safe batch that failed after changing rows runs again that way)."""
         conn = self._conn
         assert conn is not None
         results: list[tuple[_Op, Any, BaseException | None]] | None = None
@@ -249,7 +251,7 @@ class SQLiteWriter:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             if write and self._on_begin is not None:
                 self._on_begin(conn)
-            if len(batch) == 1:
+            if len(batch) == 1 and not in_savepoints:
                 op = batch[0]
                 try:
                     results = [(op, op.fn(conn), None)]
@@ -257,34 +259,14 @@ class SQLiteWriter:
                     self._rollback(conn, write)
                     _deliver([(op, None, self._translate(exc))])
                     return
-            elif self._rerun_safe:
+            elif self._rerun_safe and not in_savepoints:
                 results = self._run_plain(conn, batch)
                 if results is None:
                     self._rollback(conn, write)
-                    self._run_batch_in_savepoints(batch, write)
+                    self._run_batch(batch, in_savepoints=True)
                     return
             else:
                 results = [self._run_in_savepoint(conn, op) for op in batch]
-            conn.execute("COMMIT")
-            self.commits += 1
-            self.calls += len(batch)
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                self._rollback(conn, write)
-            error = StoreError(f"{self._name} store at {self.path}: commit failed: {exc}")
-            error.__cause__ = exc
-            results = [(op, None, error) for op in batch]
-        _deliver(results)
-
-    def _run_batch_in_savepoints(self, batch: list[_Op], write: bool) -> None:
-        """The slow path of a rerun-safe batch: again, a savepoint per call."""
-        conn = self._conn
-        assert conn is not None
-        try:
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            if write and self._on_begin is not None:
-                self._on_begin(conn)
-            results = [self._run_in_savepoint(conn, op) for op in batch]
             conn.execute("COMMIT")
             self.commits += 1
             self.calls += len(batch)
@@ -428,10 +410,12 @@ def _deliver(results: list[tuple[_Op, Any, BaseException | None]]) -> None:
 
 def _settle_all(items: list[tuple[_Op, Any, BaseException | None]]) -> None:
     for op, value, error in items:
-        _settle_one(op.future, value, error)
+        settle(op.future, value, error)
 
 
-def _settle_one(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+def settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    """Resolve ``future`` with ``value`` or ``error`` unless its caller gave up on it
+    (call it on the future's loop: ``loop.call_soon_threadsafe(settle, ...)``)."""
     if future.done():
         return
     if error is not None:
