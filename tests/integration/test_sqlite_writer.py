@@ -1,5 +1,6 @@
-"""Closing a SQLite writer while another thread's event loop writes to it: every
-write either commits or is refused - none is accepted and then left waiting."""
+"""The SQLite writer on its own: a batch in which one call fails after writing, and
+closing while another thread's event loop writes (every write either commits or is
+refused - none is accepted and then left waiting)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from seamwork.errors import StoreError
 from seamwork.storage import _sqlite_writer
-from seamwork.storage._sqlite_writer import SQLiteWriter
+from seamwork.storage._sqlite_writer import Migration, SQLiteWriter
 
 
 class SlowOp(_sqlite_writer._Op):
@@ -65,3 +66,38 @@ async def test_a_write_racing_close_from_another_thread_is_run_or_refused(
     await writer.close()  # while the other thread is between the door and the queue
     await asyncio.to_thread(thread.join, 10.0)
     assert outcomes == ["committed", "refused"]
+
+
+async def test_a_call_failing_after_it_wrote_is_rolled_back_alone_in_a_rerun_batch(
+    tmp_path: Path,
+) -> None:
+    table = Migration("t", 1, ("CREATE TABLE t (id INTEGER PRIMARY KEY)",))
+    writer = SQLiteWriter(tmp_path / "w.db", migrations=[table], rerun_safe=True, coalesce=True)
+    await writer.start()
+
+    def insert(row: int, fail: bool = False) -> Any:
+        def run(conn: Any) -> int:
+            conn.execute("INSERT INTO t VALUES (?)", (row,))
+            if fail:
+                raise ValueError(f"call {row} failed after writing")
+            return row
+
+        return run
+
+    try:
+        commits = writer.commits
+        # One loop iteration: the coalescing writer gets the three calls as one batch.
+        calls = [
+            writer.write(insert(1)),
+            writer.write(insert(2, fail=True)),
+            writer.write(insert(3)),
+        ]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert outcomes[0] == 1
+        assert outcomes[2] == 3
+        assert isinstance(outcomes[1], ValueError)
+        assert writer.commits == commits + 1  # the plain try rolled back, the rerun committed
+        rows = await writer.read(lambda conn: conn.execute("SELECT id FROM t").fetchall())
+        assert rows == [(1,), (3,)]
+    finally:
+        await writer.close()
