@@ -579,10 +579,9 @@ async def main() -> None:
     for key, row in final.items():
         if spread.get(key):
             row.seamwork = best(spread[key], row.higher_is_better)
-    loop = "uvloop" if runtime.loop_factory() is not None else "asyncio"
     where = "all CPUs" if args.cpu is None else f"pinned to CPU {args.cpu}"
     print(
-        f"python {sys.version.split()[0]}, seamwork on {loop}, {where}, "
+        f"python {sys.version.split()[0]}, seamwork on {runtime.loop_name()}, {where}, "
         f"best of {args.repeat} (spread: min-max)"
     )
     print_table(final, spread)

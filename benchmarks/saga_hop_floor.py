@@ -176,7 +176,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
-    loop = "uvloop" if runtime.loop_factory() is not None else "asyncio"
     where = "all CPUs" if args.cpu is None else f"CPU {args.cpu}"
-    print(f"(on {loop}, {where})")
+    print(f"(on {runtime.loop_name()}, {where})")
     runtime.run(main(args.rounds, args.sequential, args.concurrent))

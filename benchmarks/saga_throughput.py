@@ -985,9 +985,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def placement(args: argparse.Namespace) -> str:
     """Which loop seamwork ran on and where the processes ran, for the title."""
-    loop = "uvloop" if runtime.loop_factory() is not None else "asyncio"
     where = "all CPUs" if args.cpu is None else f"pinned to CPU {args.cpu}"
-    return f"seamwork on {loop}, {where}"
+    return f"seamwork on {runtime.loop_name()}, {where}"
 
 
 def describe_source() -> str:
