@@ -266,7 +266,13 @@ class CircuitBreaker(Policy):
 
     def _settle_result(self, ticket: int, started: float, result: object) -> None:
         now = self._monotonic()
-        failed = self._failure_if is not None and self._failure_if(result)
+        try:
+            failed = self._failure_if is not None and self._failure_if(result)
+        except BaseException:
+            # The predicate could not judge the call: its outcome counts for nothing,
+            # and a HALF_OPEN probe's permit goes back (else the circuit never closes).
+            self._settle_ignored(ticket)
+            raise
         machine, lock = self._machine, self._lock
         lock.acquire()  # explicit acquire/release: half the cost of `with` on CPython 3.11
         try:
@@ -300,6 +306,15 @@ class CircuitBreaker(Policy):
             if isinstance(error, CallTimeout):
                 self._hooks.emit("timeout", self, error)
         return counted
+
+    def _settle_ignored(self, ticket: int) -> None:
+        """Report an outcome that does not count; wake callers parked for a permit."""
+        with self._lock:
+            self._machine.on_ignored(ticket)
+            wake = self._machine.state is HALF_OPEN
+            moved = self._take_transitions(wake) if self._machine.transitions or wake else None
+        if moved is not None:
+            self._publish(moved)
 
     def _on_rejected(self) -> Any:
         error = CircuitOpenError(f"circuit {self.name!r} is {self._machine.state.value}")

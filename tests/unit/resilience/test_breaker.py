@@ -310,3 +310,34 @@ def test_a_failing_hook_is_logged_and_ignored(caplog: pytest.LogCaptureFixture) 
     trip(breaker)
     assert breaker.state is BreakerState.OPEN
     assert "ignored" in caplog.text
+
+
+async def test_a_failing_result_predicate_returns_the_half_open_permit() -> None:
+    clock = ManualClock()
+
+    def judge(result: object) -> bool:
+        if result == "unjudgeable":
+            raise ValueError("cannot judge")
+        return result is None
+
+    async def unjudgeable() -> str:
+        return "unjudgeable"
+
+    for driver in ("sync", "async"):
+        breaker = make(clock, failure_if=judge, half_open_mode="wait")
+        while breaker.state is BreakerState.CLOSED:
+            breaker.call_sync(lambda: None)
+        clock.advance(30.0)
+        probe = (
+            breaker.call(unjudgeable)
+            if driver == "async"
+            else asyncio.to_thread(breaker.call_sync, lambda: "unjudgeable")
+        )
+        with pytest.raises(ValueError, match="cannot judge"):
+            await probe
+        # The probe's permit came back: the next caller probes instead of being
+        # rejected (or parked) forever in HALF_OPEN.
+        assert breaker.state is BreakerState.HALF_OPEN
+        assert await asyncio.wait_for(breaker.call(aok, 3), 1.0) == 3
+        assert breaker.state is BreakerState.CLOSED
+        assert breaker.stats().ignored_total == 1
