@@ -424,6 +424,31 @@ async def test_start_with_an_existing_id_starts_nothing(db: Path) -> None:
     assert ledger.kinds("apply") == ["a"]
 
 
+async def test_start_with_the_id_of_a_running_saga_of_another_name_is_refused(
+    db: Path,
+) -> None:
+    ledger = Ledger()
+    gate = asyncio.Event()
+
+    async def parked(ctx: StepContext) -> None:
+        await gate.wait()
+
+    saga = Saga("order", steps=[Step("a", parked)])
+    other = Saga("refund", steps=chain(ledger, "r"))
+    async with SagaOrchestrator(SQLiteStore(db), [saga, other]) as orch:
+        run = await orch.start("order", {}, saga_id="s-1")
+        assert orch.running == 1  # still running here: the id is found in memory
+        with pytest.raises(InvalidSagaOperation, match="already used by a 'order' saga"):
+            await orch.start("refund", {}, saga_id="s-1")
+        again = await orch.start("order", {}, saga_id="s-1")
+        gate.set()
+        final = await again.wait()
+        assert final == await run.wait()
+    assert final.saga_name == "order"
+    assert final.status is SagaStatus.COMPLETED
+    assert ledger.kinds("apply") == []
+
+
 async def test_a_saga_begun_by_an_earlier_process_resumes_and_can_be_awaited(db: Path) -> None:
     ledger = Ledger()
     entered = asyncio.Event()

@@ -254,7 +254,9 @@ class SagaOrchestrator(Driver, OpenClose):
             saga_id = new_id()
         elif not isinstance(saga_id, str) or not saga_id.strip():
             raise ConfigError(f"saga_id must be a non-empty string, got {saga_id!r}")
-        if saga_id in self._runs:
+        running = self._runs.get(saga_id)
+        if running is not None:
+            _check_same_saga(saga_id, name, running.state)
             return SagaRun(self, saga_id)
         now = self._clock.now()
         begun = machine.begin(
@@ -262,10 +264,8 @@ class SagaOrchestrator(Driver, OpenClose):
         )
         if not await self._store.create(begun.state, begun.events):
             existing = await self._store.get(saga_id)
-            if existing is not None and existing.saga_name != name:
-                raise InvalidSagaOperation(
-                    f"saga id {saga_id!r} is already used by a {existing.saga_name!r} saga"
-                )
+            if existing is not None:
+                _check_same_saga(saga_id, name, existing)
             if (
                 existing is not None
                 and existing.lease_owner == self.owner
@@ -474,3 +474,11 @@ class SagaOrchestrator(Driver, OpenClose):
             raise InvalidSagaOperation(
                 "the orchestrator is not open: use `async with SagaOrchestrator(...)` or open()"
             )
+
+
+def _check_same_saga(saga_id: str, name: str, existing: SagaState) -> None:
+    """An idempotent start names the saga that holds the id; another name is a mistake."""
+    if existing.saga_name != name:
+        raise InvalidSagaOperation(
+            f"saga id {saga_id!r} is already used by a {existing.saga_name!r} saga"
+        )
