@@ -598,6 +598,18 @@ def _sync(ctx: StepContext) -> None:
             "duplicate step name 'a'",
         ),
         (lambda: Saga("", steps=[Step("a", _noop)]), "saga name"),
+        (
+            lambda: Saga("order", steps=[Step("a", _noop)], compensation_backoff="1"),
+            "compensation_backoff",
+        ),
+        (
+            lambda: Saga("order", steps=[Step("a", _noop)], compensation_backoff=float("nan")),
+            "compensation_backoff",
+        ),
+        (
+            lambda: Saga("order", steps=[Step("a", _noop)], max_compensation_attempts=True),
+            "max_compensation_attempts",
+        ),
         (lambda: Saga("o", version=0, steps=[Step("a", _noop)]), "version must be an int >= 1"),
         (lambda: Step("a", "charge"), "action must be callable"),  # type: ignore[arg-type]
         (lambda: Step("a", _sync), "action must be an async function"),  # type: ignore[arg-type]

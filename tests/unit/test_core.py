@@ -110,6 +110,14 @@ def test_retry_gives_up_after_max_attempts_and_on_other_errors() -> None:
         ({"backoff": -1}, "backoff"),
         ({"backoff": 5, "max_backoff": 1}, "max_backoff"),
         ({"jitter": "some"}, "jitter"),
+        ({"max_attempts": True}, "max_attempts"),
+        ({"backoff": float("nan")}, "backoff"),
+        ({"backoff": float("inf"), "max_backoff": float("inf")}, "backoff"),
+        ({"backoff": "0.5"}, "backoff"),
+        ({"max_backoff": float("nan")}, "max_backoff"),
+        ({"max_backoff": None}, "max_backoff"),
+        ({"retry_on": ("ConnectionError",)}, "retry_on"),
+        ({"retry_on": (ConnectionError, 3)}, "retry_on"),
     ],
 )
 def test_bad_retry_settings_name_the_field(kwargs: dict[str, object], field: str) -> None:

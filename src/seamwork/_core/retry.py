@@ -15,6 +15,7 @@ fraction of recent calls instead of multiplying the load on a dependency.
 
 from __future__ import annotations
 
+import math
 import random as _random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,10 +63,17 @@ class Retry:
     budget: RetryBudgetLike | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
-            raise ConfigError(f"Retry.max_attempts must be an int >= 1, got {self.max_attempts!r}")
-        if self.backoff < 0:
-            raise ConfigError(f"Retry.backoff must be >= 0 seconds, got {self.backoff!r}")
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ConfigError(f"Retry.max_attempts must be an int >= 1, got {attempts!r}")
+        if not _is_seconds(self.backoff) or self.backoff == math.inf:
+            raise ConfigError(
+                f"Retry.backoff must be a finite number of seconds >= 0, got {self.backoff!r}"
+            )
+        if not _is_seconds(self.max_backoff):
+            raise ConfigError(
+                f"Retry.max_backoff must be a number of seconds >= 0, got {self.max_backoff!r}"
+            )
         if self.max_backoff < self.backoff:
             raise ConfigError(
                 f"Retry.max_backoff ({self.max_backoff!r}) must be >= backoff ({self.backoff!r})"
@@ -74,8 +82,15 @@ class Retry:
             raise ConfigError(
                 f"Retry.jitter must be 'full', 'equal' or 'none', got {self.jitter!r}"
             )
-        if not callable(self.retry_on) and not isinstance(self.retry_on, tuple):
-            raise ConfigError("Retry.retry_on must be a tuple of exception types or a predicate")
+        retry_on = self.retry_on
+        if not callable(retry_on) and not (
+            isinstance(retry_on, tuple)
+            and all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on)
+        ):
+            raise ConfigError(
+                f"Retry.retry_on must be a tuple of exception types or a predicate, "
+                f"got {retry_on!r}"
+            )
         if self.budget is not None and not isinstance(self.budget, RetryBudgetLike):
             raise ConfigError(f"Retry.budget must be a RetryBudget, got {self.budget!r}")
 
@@ -96,3 +111,10 @@ class Retry:
         if self.jitter == "full":
             return ceiling * draw
         return ceiling / 2 + ceiling / 2 * draw
+
+
+def _is_seconds(value: object) -> bool:
+    """A number (not a bool, not NaN) >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return value >= 0  # False for NaN too

@@ -7,6 +7,7 @@ time of the module that defines it, never halfway through a run.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -172,14 +173,20 @@ class Saga:
         if not steps:
             raise SagaDefinitionError(f"saga {name!r} has no steps")
         _check_timeout(f"saga {name!r}", "deadline", deadline)
-        if not isinstance(max_compensation_attempts, int) or max_compensation_attempts < 1:
+        attempts = max_compensation_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
             raise SagaDefinitionError(
-                f"saga {name!r}: max_compensation_attempts must be an int >= 1, "
-                f"got {max_compensation_attempts!r}"
+                f"saga {name!r}: max_compensation_attempts must be an int >= 1, got {attempts!r}"
             )
-        if compensation_backoff < 0:
+        backoff = compensation_backoff
+        if (
+            isinstance(backoff, bool)
+            or not isinstance(backoff, int | float)
+            or not 0 <= backoff < math.inf  # NaN fails too
+        ):
             raise SagaDefinitionError(
-                f"saga {name!r}: compensation_backoff must be >= 0, got {compensation_backoff!r}"
+                f"saga {name!r}: compensation_backoff must be a finite number of seconds >= 0, "
+                f"got {backoff!r}"
             )
         self.name = name
         self.version = version
