@@ -103,13 +103,13 @@ class RateLimiter(Policy):
 
     async def acquire(self, cost: int = 1, max_wait: float | None = None) -> None:
         """Take ``cost`` tokens, sleeping up to ``max_wait`` (default: the limiter's)."""
-        wait = self._reserve_or_raise(cost, self.max_wait if max_wait is None else max_wait)
+        wait = self._reserve_or_raise(cost, self._max_wait(max_wait))
         if wait:
             await self._clock.sleep(wait)
 
     def acquire_sync(self, cost: int = 1, max_wait: float | None = None) -> None:
         """``acquire`` for plain callers: blocks the thread while it waits."""
-        wait = self._reserve_or_raise(cost, self.max_wait if max_wait is None else max_wait)
+        wait = self._reserve_or_raise(cost, self._max_wait(max_wait))
         if wait:
             self._clock.sleep_blocking(wait)
 
@@ -124,6 +124,12 @@ class RateLimiter(Policy):
         if wait:
             self._clock.sleep_blocking(wait)
         return fn(*args, **kwargs)
+
+    def _max_wait(self, max_wait: float | None) -> float:
+        if max_wait is None:
+            return self.max_wait
+        check.seconds("max_wait", max_wait, allow_zero=True)
+        return max_wait
 
     def _reserve(self, cost: int, max_wait: float) -> float | None:
         if cost != 1 and (not isinstance(cost, int) or not 1 <= cost <= self._core.burst):

@@ -18,6 +18,7 @@ from seamwork.resilience import (
     RetryPolicy,
     Timeout,
 )
+from seamwork.testing import ManualClock
 
 CASES: list[tuple[str, Callable[[], Any]]] = [
     ("failure_rate", lambda: CircuitBreaker("b", failure_rate=0.0)),
@@ -49,6 +50,9 @@ CASES: list[tuple[str, Callable[[], Any]]] = [
     ("burst", lambda: RateLimiter(1.0, burst=0)),
     ("max_wait", lambda: RateLimiter(1.0, max_wait=-1)),
     ("cost", lambda: RateLimiter(1.0, burst=2).try_acquire(3)),
+    ("max_wait", lambda: RateLimiter(1.0).acquire_sync(max_wait=-1.0)),
+    ("max_wait", lambda: RateLimiter(1.0).acquire_sync(max_wait=float("nan"))),
+    ("max_wait", lambda: RateLimiter(1.0).acquire_sync(max_wait="1")),  # type: ignore[arg-type]
     ("Timeout.seconds", lambda: Timeout(0)),
     ("Timeout.seconds", lambda: Timeout(-3.0)),
     ("ratio", lambda: RetryBudget(0.0)),
@@ -77,3 +81,14 @@ def test_bad_configuration_raises_config_error_naming_the_field(
 def test_config_error_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="failure_rate"):
         CircuitBreaker("b", failure_rate=2)
+
+
+async def test_a_bad_max_wait_for_one_acquire_is_refused_and_takes_no_token() -> None:
+    limiter = RateLimiter(1.0, clock=ManualClock())
+    with pytest.raises(ConfigError, match="max_wait"):
+        await limiter.acquire(max_wait=-1.0)
+    with pytest.raises(ConfigError, match="max_wait"):
+        await limiter.acquire(max_wait=float("nan"))
+    stats = limiter.stats()
+    assert (stats.admitted_total, stats.rejected_total) == (0, 0)
+    assert limiter.try_acquire()  # the one token is still there
