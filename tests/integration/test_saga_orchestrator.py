@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -568,6 +569,20 @@ async def test_a_context_that_is_not_json_is_refused_before_anything_is_written(
         with pytest.raises(SerializationError, match="nan"):
             await orch.start("order", {"total": float("nan")})
         assert await orch.list() == []
+
+
+async def test_start_data_and_step_results_may_be_any_mapping(db: Path) -> None:
+    async def frozen(ctx: StepContext) -> Mapping[str, Any]:
+        return MappingProxyType({"seen": ctx.data["order_id"]})
+
+    saga = Saga("order", steps=[Step("a", frozen)])
+    async with SagaOrchestrator(SQLiteStore(db), [saga]) as orch:
+        run = await orch.start("order", MappingProxyType({"order_id": 7}), saga_id="s-1")
+        final = await run.wait()
+        stored = await orch.get("s-1")
+    assert final.status is SagaStatus.COMPLETED
+    assert stored is not None
+    assert stored.context == final.context == {"order_id": 7, "seen": 7}
 
 
 async def test_a_step_result_that_is_not_json_is_an_uncertain_failure(db: Path) -> None:

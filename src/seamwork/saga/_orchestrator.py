@@ -249,6 +249,8 @@ class SagaOrchestrator(Driver, OpenClose):
             data = {}
         if not isinstance(data, Mapping):
             raise ConfigError(f"saga data must be a mapping, got {type(data).__name__}")
+        if type(data) is not dict:  # any mapping will do (a step's result may be one too);
+            data = dict(data)  # the context is stored as a JSON object
         dumps(data, what="saga data")
         if saga_id is None:
             saga_id = new_id()
