@@ -401,6 +401,43 @@ async def test_cancel_interrupts_the_step_in_flight_and_compensates(db: Path) ->
     assert ledger.kinds("undo") == ["ship", "reserve"]
 
 
+async def test_cancel_during_the_commit_before_a_retry_backoff_does_not_wait_it_out(
+    db: Path,
+) -> None:
+    ledger = Ledger()
+    flaky = Step(
+        "charge",
+        ledger.action("charge", fail=lambda ctx: RuntimeError("connection reset")),
+        compensate=ledger.undo("charge"),
+        retry=Retry(5, backoff=60.0, max_backoff=60.0, jitter="none"),
+    )
+    saga = Saga("order", steps=chain(ledger, "reserve", "charge", charge=flaky))
+    store = SQLiteStore(db)
+    real_save = store.save
+    saving, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_save(state: SagaState, events: Any, **kw: Any) -> None:
+        if any(e.event == "errored" for e in events):  # the attempt's failure, before backoff
+            saving.set()
+            await release.wait()
+        await real_save(state, events, **kw)
+
+    store.save = slow_save  # type: ignore[method-assign]
+    async with SagaOrchestrator(store, [saga]) as orch:
+        run = await orch.start("order", {}, saga_id="s-1")
+        await saving.wait()
+        cancel = asyncio.create_task(orch.cancel("s-1"))
+        await asyncio.sleep(0.01)
+        release.set()
+        cancelled = await asyncio.wait_for(cancel, 5.0)  # not after the 60 s backoff
+        final = await asyncio.wait_for(run.wait(), 5.0)
+    assert cancelled.status is SagaStatus.COMPENSATING
+    assert final.status is SagaStatus.FAILED
+    assert final.failure_reason == "cancelled by operator"
+    assert ledger.kinds("apply") == ["reserve", "charge"]
+    assert ledger.kinds("undo") == ["charge", "reserve"]
+
+
 async def test_cancel_of_a_completed_saga_is_refused(db: Path) -> None:
     saga = Saga("order", steps=chain(Ledger(), "a"))
     async with SagaOrchestrator(SQLiteStore(db), [saga]) as orch:

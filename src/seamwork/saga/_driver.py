@@ -311,6 +311,8 @@ class Driver:
 
     async def _interruptible_sleep(self, run: _Run, seconds: float) -> bool:
         """Sleep unless the saga is cancelled meanwhile; False if it was."""
+        if run.cancel_reason is not None:  # cancelled before the sleep began (during the
+            return False  # commit before it): no scope of ours was there to interrupt
         try:
             async with self._clock.timeout(None) as scope:
                 run.scopes.add(scope)
