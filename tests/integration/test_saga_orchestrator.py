@@ -438,6 +438,27 @@ async def test_cancel_during_the_commit_before_a_retry_backoff_does_not_wait_it_
     assert ledger.kinds("undo") == ["charge", "reserve"]
 
 
+async def test_cancel_as_a_parallel_stage_begins_stops_its_members_before_they_run(
+    db: Path,
+) -> None:
+    ledger = Ledger()
+    slow = {n: Step(n, ledger.action(n, sleep=2.0), compensate=ledger.undo(n)) for n in "ab"}
+    saga = Saga("order", steps=[Parallel(slow["a"], slow["b"])])
+    async with SagaOrchestrator(SQLiteStore(db), [saga]) as orch:
+        run = await orch.start("order", {}, saga_id="s-1")
+        await asyncio.sleep(0)  # the saga's task enters the stage; its members start next
+        began = asyncio.get_running_loop().time()
+        cancelled = await orch.cancel("s-1")  # awaited here: it runs before the members
+        took = asyncio.get_running_loop().time() - began
+        final = await run.wait()
+    assert took < 1.0  # not after the members' 2 s
+    assert cancelled.status is not SagaStatus.COMPLETED
+    assert final.status is SagaStatus.FAILED
+    assert final.failure_reason == "cancelled by operator"
+    assert final.completed_steps == ()
+    assert ledger.log == []  # never started, so nothing to compensate
+
+
 async def test_cancel_of_a_completed_saga_is_refused(db: Path) -> None:
     saga = Saga("order", steps=chain(Ledger(), "a"))
     async with SagaOrchestrator(SQLiteStore(db), [saga]) as orch:

@@ -242,12 +242,17 @@ class Driver:
             f"{state.saga_id}:{step.name}",
             state.context,
         )
+        if run.cancel_reason is not None:
+            # Cancelled before this attempt began (a parallel member starts a loop turn
+            # after its stage): not started here; as below, a resumed step is uncertain.
+            kind: FailureKind = "uncertain" if step.name in run.resumed else "definite"
+            return StepFailure(step.name, attempt, kind, run.cancel_reason), None
         timeout = self._step_timeout(run, step)
         if timeout is not None and timeout <= 0:
             # Not started here. A step resumed after a crash may have applied its effect
             # in the dead process (uncertain, compensated); any other was never run.
             run.interrupt(f"deadline of {run.machine.saga.deadline:g}s exceeded")
-            kind: FailureKind = "uncertain" if step.name in run.resumed else "definite"
+            kind = "uncertain" if step.name in run.resumed else "definite"
             return StepFailure(step.name, attempt, kind, "saga deadline exceeded"), None
         run.resumed.discard(step.name)
         try:
