@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from seamwork.errors import (
+    ConfigError,
     CorruptSagaError,
     InvalidSagaOperation,
     SagaDefinitionError,
@@ -847,3 +848,12 @@ def test_a_recovery_interval_too_long_for_lease_renewal_is_refused(db: Path) -> 
             lease_seconds=3,
             recovery_interval=2,
         )
+
+
+async def test_listing_with_an_unknown_status_is_refused_naming_it(db: Path) -> None:
+    saga = Saga("order", steps=[Step("a", _noop)])
+    async with SagaOrchestrator(SQLiteStore(db), [saga]) as orch:
+        with pytest.raises(ConfigError, match=r"status must be one of running, .*'sleeping'"):
+            await orch.list(status="sleeping")
+        with pytest.raises(ConfigError, match="limit"):
+            await orch.list(limit=-1)

@@ -34,7 +34,7 @@ from seamwork.saga._machine import (
     retry_stuck,
 )
 from seamwork.saga._ports import SagaKey, SagaStore
-from seamwork.saga._state import SagaState, SagaStatus
+from seamwork.saga._state import SagaState, SagaStatus, as_status
 
 log = logging.getLogger("seamwork.saga")
 
@@ -295,7 +295,7 @@ class SagaOrchestrator(Driver, OpenClose):
     ) -> builtins.list[SagaState]:
         """Stored sagas, most recently updated first."""
         return await self._store.list(
-            status=SagaStatus(status) if status is not None else None, name=name, limit=limit
+            status=as_status(status) if status is not None else None, name=name, limit=limit
         )
 
     async def retry(self, saga_id: str) -> SagaRun:

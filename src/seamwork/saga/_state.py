@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, NamedTuple
 
+from seamwork.errors import ConfigError
+
 
 class SagaStatus(StrEnum):
     """Where a saga is. ``completed``, ``failed`` and ``stuck`` are terminal for the engine;
@@ -21,6 +23,15 @@ class SagaStatus(StrEnum):
     def active(self) -> bool:
         """The engine still has work to do on a saga in this status."""
         return self in (SagaStatus.RUNNING, SagaStatus.COMPENSATING)
+
+
+def as_status(value: str) -> SagaStatus:
+    """``value`` (a ``SagaStatus`` or its name) as a status; ``ConfigError`` if it is none."""
+    try:
+        return SagaStatus(value)
+    except ValueError:
+        names = ", ".join(s.value for s in SagaStatus)
+        raise ConfigError(f"status must be one of {names}; got {value!r}") from None
 
 
 TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.FAILED, SagaStatus.STUCK})

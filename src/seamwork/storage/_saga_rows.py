@@ -7,8 +7,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from seamwork._core.codec import dumps
-from seamwork.errors import CorruptSagaError
-from seamwork.saga._state import SagaState, SagaStatus
+from seamwork.errors import ConfigError, CorruptSagaError
+from seamwork.saga._state import SagaState, SagaStatus, as_status
 
 COLUMNS = (
     "saga_id, saga_name, saga_version, status, current_step_index, completed_steps, "
@@ -63,10 +63,12 @@ def list_query(
     Only the filters given, as plain equalities: a prepared (generic) plan keeps the
     (status, updated_at) index, where "$1 IS NULL OR status = $1" loses it.
     """
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ConfigError(f"limit must be an int >= 0, got {limit!r}")
     where, params = [], []
     if status is not None:
         where.append(f"status = {mark}")
-        params.append(SagaStatus(status).value)
+        params.append(as_status(status).value)
     if name is not None:
         where.append(f"saga_name = {mark}")
         params.append(name)

@@ -23,7 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from seamwork.errors import CorruptSagaError, InvalidSagaOperation, LeaseLost, SerializationError
+from seamwork.errors import (
+    ConfigError,
+    CorruptSagaError,
+    InvalidSagaOperation,
+    LeaseLost,
+    SerializationError,
+)
 from seamwork.saga import SagaState, SagaStatus, SagaStore, StepEvent
 
 OWNER = "owner-a"
@@ -178,6 +184,24 @@ class SagaStoreContract:
         running = await store.list(status=SagaStatus.RUNNING)
         assert [s.saga_id for s in running] == ["d", "c", "a"]
         assert [s.saga_id for s in await store.list(name="order", limit=2)] == ["b", "c"]
+
+    @pytest.mark.parametrize(
+        ("bad", "field"),
+        [
+            ({"limit": -1}, "limit"),
+            ({"limit": True}, "limit"),
+            ({"limit": "2"}, "limit"),
+            ({"limit": 2.5}, "limit"),
+            ({"status": "sleeping"}, "status"),
+        ],
+    )
+    async def test_list_refuses_a_bad_limit_or_status_naming_it(
+        self, store: SagaStore, bad: dict[str, object], field: str
+    ) -> None:
+        await store.create(saga_state("a"), [])
+        with pytest.raises(ConfigError, match=field):
+            await store.list(**bad)  # type: ignore[arg-type]
+        assert await store.list(limit=0) == []
 
     async def test_timeline_keeps_the_order_events_were_stored(self, store: SagaStore) -> None:
         await store.create(saga_state("s1"), started("s1"))
