@@ -7,7 +7,10 @@ by ``n`` emission intervals (``1 / rate``); it is admitted if the new TAT is at 
 at most ``rate * t + burst`` calls in any interval of length ``t``, exactly like a
 token bucket of capacity ``burst`` refilled at ``rate`` per second, in O(1) time and
 one float of state. A caller that agrees to wait *reserves* its place: the TAT moves
-at once and the caller sleeps the difference, so waiters are served in order.
+at once and the caller sleeps the difference, so waiters are served in order. A waiter
+cancelled while it sleeps gives its place back when nobody reserved after it (the TAT
+is still the one it set); behind later waiters, its place stays spent: moving them
+forward would break the promise made to each about when it runs.
 """
 
 from __future__ import annotations
@@ -48,6 +51,18 @@ class Gcra:
             return None
         self._tat = new_tat
         return wait if wait > 0.0 else 0.0
+
+    @property
+    def tat(self) -> float:
+        """The theoretical arrival time: when the bucket is full again if no call comes."""
+        return self._tat
+
+    def cancel(self, tat: float, cost: int) -> bool:
+        """Give back a reservation that moved the TAT to ``tat``, if it is the latest."""
+        if self._tat != tat:
+            return False
+        self._tat = tat - cost * self.interval
+        return True
 
     def available(self, now: float) -> float:
         """Tokens in the bucket at ``now`` (fractional)."""
@@ -102,27 +117,32 @@ class RateLimiter(Policy):
         return self._reserve(cost, 0.0) is not None
 
     async def acquire(self, cost: int = 1, max_wait: float | None = None) -> None:
-        """Take ``cost`` tokens, sleeping up to ``max_wait`` (default: the limiter's)."""
-        wait = self._reserve_or_raise(cost, self._max_wait(max_wait))
+        """Take ``cost`` tokens, sleeping up to ``max_wait`` (default: the limiter's).
+        Cancelled while it sleeps, it gives its place back if no one queued behind it."""
+        wait, tat = self._reserve_or_raise(cost, self._max_wait(max_wait))
         if wait:
-            await self._clock.sleep(wait)
+            try:
+                await self._clock.sleep(wait)
+            except BaseException:
+                self._cancel(tat, cost)
+                raise
 
     def acquire_sync(self, cost: int = 1, max_wait: float | None = None) -> None:
         """``acquire`` for plain callers: blocks the thread while it waits."""
-        wait = self._reserve_or_raise(cost, self._max_wait(max_wait))
+        wait, tat = self._reserve_or_raise(cost, self._max_wait(max_wait))
         if wait:
-            self._clock.sleep_blocking(wait)
+            try:
+                self._clock.sleep_blocking(wait)
+            except BaseException:
+                self._cancel(tat, cost)
+                raise
 
     async def call(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        wait = self._reserve_or_raise(1, self.max_wait)
-        if wait:
-            await self._clock.sleep(wait)
+        await self.acquire(1, self.max_wait)
         return await fn(*args, **kwargs)
 
     def call_sync(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        wait = self._reserve_or_raise(1, self.max_wait)
-        if wait:
-            self._clock.sleep_blocking(wait)
+        self.acquire_sync(1, self.max_wait)
         return fn(*args, **kwargs)
 
     def _max_wait(self, max_wait: float | None) -> float:
@@ -132,26 +152,36 @@ class RateLimiter(Policy):
         return max_wait
 
     def _reserve(self, cost: int, max_wait: float) -> float | None:
+        return self._reserve_at(cost, max_wait)[0]
+
+    def _reserve_at(self, cost: int, max_wait: float) -> tuple[float | None, float]:
+        """Seconds to wait (None: refused) and the TAT the reservation set."""
         if cost != 1 and (not isinstance(cost, int) or not 1 <= cost <= self._core.burst):
             raise ConfigError(f"cost must be an int in [1, burst={self._core.burst}]")
         now = self._clock.monotonic()
-        lock = self._lock
+        core, lock = self._core, self._lock
         lock.acquire()  # explicit acquire/release: half the cost of `with` on CPython 3.11
         try:
-            wait = self._core.reserve(now, cost, max_wait)
+            wait = core.reserve(now, cost, max_wait)
             if wait is None:
                 self._rejected += 1
             else:
                 self._admitted += 1
+            return wait, core.tat
         finally:
             lock.release()
-        return wait
 
-    def _reserve_or_raise(self, cost: int, max_wait: float) -> float:
-        wait = self._reserve(cost, max_wait)
+    def _reserve_or_raise(self, cost: int, max_wait: float) -> tuple[float, float]:
+        """Seconds to wait and the TAT this reservation set (to cancel it by)."""
+        wait, tat = self._reserve_at(cost, max_wait)
         if wait is None:
             raise RateLimitedError(f"{self.name!r}: over {self._core.rate}/s")
-        return wait
+        return wait, tat
+
+    def _cancel(self, tat: float, cost: int) -> None:
+        with self._lock:
+            self._admitted -= 1  # it never ran
+            self._core.cancel(tat, cost)
 
     def stats(self) -> RateLimiterStats:
         """Tokens available now and the admitted/rejected counters."""

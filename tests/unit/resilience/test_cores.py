@@ -80,6 +80,7 @@ class GcraRules(RuleBasedStateMachine):
         self.core, self.rate, self.burst = Gcra(rate, burst), rate, burst
         self.now = 0.0
         self.admitted: list[tuple[float, int]] = []
+        self.reservations: list[tuple[float, int, tuple[float, int]]] = []  # (tat, cost, slot)
 
     @rule(seconds=st.floats(0.0, 2.0))
     def advance(self, seconds: float) -> None:
@@ -91,7 +92,22 @@ class GcraRules(RuleBasedStateMachine):
         wait = self.core.reserve(self.now, cost, max_wait)
         if wait is not None:
             assert 0.0 <= wait <= max_wait + 1e-6
-            self.admitted.append((self.now + wait, cost))
+            slot = (self.now + wait, cost)
+            self.admitted.append(slot)
+            if wait > 0:
+                self.reservations.append((self.core.tat, cost, slot))
+
+    @rule(pick=st.integers(0, 5))
+    def cancel_a_waiter(self, pick: int) -> None:
+        """A waiter still sleeping gives its place back only if it is the latest."""
+        self.reservations = [r for r in self.reservations if r[2][0] > self.now]  # ran
+        if not self.reservations:
+            return
+        tat, cost, slot = self.reservations.pop(pick % len(self.reservations))
+        latest = self.core.tat == tat
+        assert self.core.cancel(tat, cost) is latest
+        if latest:
+            self.admitted.remove(slot)  # it never runs
 
     @invariant()
     def no_interval_exceeds_rate_times_length_plus_burst(self) -> None:

@@ -133,6 +133,34 @@ async def test_rate_limiter_acquire_waits_its_turn_on_the_clock() -> None:
         await limiter.acquire(max_wait=0.0)
 
 
+async def test_a_waiter_cancelled_while_it_sleeps_gives_its_place_back() -> None:
+    clock = ManualClock()
+    limiter = RateLimiter(1.0, burst=1, max_wait=5.0, clock=clock)
+    await limiter.acquire()  # the burst
+    waiter = asyncio.create_task(limiter.acquire())  # reserves the token due in 1 s
+    await asyncio.sleep(0)
+    assert not limiter.try_acquire()
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    clock.advance(1.0)
+    assert limiter.try_acquire()  # the cancelled waiter's token was handed back
+    assert limiter.stats().admitted_total == 2
+
+
+async def test_a_cancelled_waiter_behind_others_keeps_their_places() -> None:
+    clock = ManualClock()
+    limiter = RateLimiter(1.0, burst=1, max_wait=5.0, clock=clock)
+    await limiter.acquire()
+    first = asyncio.create_task(limiter.acquire())  # due at +1 s
+    second = asyncio.create_task(limiter.acquire())  # due at +2 s
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    clock.advance(2.0)
+    await second  # still served when it was promised
+    assert not limiter.try_acquire()  # the place the first gave up stays spent
+
+
 async def test_retry_retries_with_capped_backoff_on_the_clock() -> None:
     clock, flaky = ManualClock(auto_advance=True), Flaky(2)
     policy = RetryPolicy(Retry(3, backoff=1.0, max_backoff=1.5, jitter="none"), clock=clock)
