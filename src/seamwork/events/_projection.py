@@ -154,8 +154,9 @@ class ReadModelStore(Protocol):
         self, projection: Projection, stream: str, events: Sequence[RecordedEvent]
     ) -> int:
         """Apply the stream's events that are still parked (``events`` holds the
-        stream's events; the parked ones are read in the same transaction), in order,
-        stopping at the first that still fails; returns how many succeeded."""
+        stream's events, and parked ones from before a soft delete; the parked ones are
+        read in the same transaction), in order, stopping at the first that still
+        fails; returns how many succeeded."""
         ...
 
 
@@ -226,9 +227,19 @@ class ProjectionRunner(StartStop):
         """Apply ``stream``'s parked events again; returns how many now succeeded."""
         await self._setup()
         async with self._lock:  # the live loop cannot park behind our back meanwhile
-            if not any(p.stream == stream for p in await self.parked()):
+            waiting = [p.position for p in await self.parked() if p.stream == stream]
+            if not waiting:
                 return 0
             events = await self.store.read_stream(stream)
+            readable = {e.position for e in events}
+            for position in waiting:
+                if position in readable:
+                    continue
+                # Parked before the stream was soft-deleted: no longer in the stream's
+                # reads, still in $all (positions are > 0, read_all is exclusive).
+                found = await self.store.read_all(from_position=position - 1, limit=1)
+                if found and found[0].position == position:
+                    events.append(found[0])
             done = await self.read_model.replay(self.projection, stream, events)
             if not any(p.stream == stream for p in await self.parked()):
                 self._parked.discard(stream)

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from seamwork.events import (
+    NO_STREAM,
     EventStore,
     NewEvent,
     Projection,
@@ -182,6 +183,21 @@ class ReadModelContract:
         await store.append("bad", added(1))
         await fixed.catch_up()
         assert await totals(read_model) == {"bad": 13}
+
+    async def test_a_stream_deleted_after_parking_can_still_be_replayed(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        await store.append("bad", added(5, poison=True))
+        await store.append("bad", added(7))
+        await ProjectionRunner(store, self.totals_projection(), read_model).catch_up()
+        await store.delete_stream("bad")  # its events stay in $all, parked or not
+        await store.append("bad", added(1), expected_version=NO_STREAM)
+        fixed = ProjectionRunner(store, Fixed(self.placeholder), read_model)
+        await fixed.catch_up()
+        assert len(await fixed.parked()) == 3  # the new event queues behind the old ones
+        assert await fixed.replay("bad") == 3
+        assert await totals(read_model) == {"bad": 13}
+        assert await fixed.parked() == []
 
     async def test_a_failing_sql_statement_in_a_handler_parks_only_its_event(
         self, store: EventStore, read_model: ReadModelStore
