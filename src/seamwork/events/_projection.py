@@ -212,8 +212,9 @@ class ProjectionRunner(StartStop):
         live = self._task is not None
         await self.stop()
         await self._setup()
-        await self.read_model.reset(self.projection)
-        self.checkpoint, self._parked = 0, set()
+        async with self._lock:  # a catch_up's page lands wholly before the reset or after
+            await self.read_model.reset(self.projection)
+            self.checkpoint, self._parked = 0, set()
         checkpoint = await self.catch_up()
         if live:
             await self.start()

@@ -11,9 +11,10 @@ The projection under test keeps a sum per stream in a ``totals`` table and fails
 an event marked ``poison``; the checks are the ones a demanding user relies on: each
 event applied exactly once with its checkpoint, rebuild from zero, a failing event
 parking its own stream (later events queue behind it) while the others flow, replay
-in order once fixed, a failing SQL statement parking only its event, a live runner
-following new events (also after a rebuild and beside a catch-up), and overlapping
-runners and replicas starting together.
+in order once fixed (also after the stream was soft-deleted), a failing SQL statement
+parking only its event, a live runner following new events (also after a rebuild and
+beside a catch-up), a rebuild during a catch-up, and overlapping runners and replicas
+starting together.
 """
 
 from __future__ import annotations
@@ -149,6 +150,21 @@ class ReadModelContract:
         assert await totals(read_model) == {"s": -1}
         await runner.rebuild()
         assert await totals(read_model) == {"s": sum(range(20))}
+
+    async def test_a_rebuild_during_a_catch_up_projects_every_event_once(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        for n in range(1, 61):
+            await store.append("s", added(n))
+        runner = ProjectionRunner(store, self.totals_projection(), read_model, batch_size=1)
+        catching_up = asyncio.create_task(runner.catch_up())
+        async with asyncio.timeout(10):
+            while runner.checkpoint == 0:  # noqa: ASYNC110 - a page in, the rebuild starts
+                await asyncio.sleep(0)
+        await runner.rebuild()
+        await catching_up
+        assert await totals(read_model) == {"s": sum(range(1, 61))}
+        assert runner.checkpoint == (await store.read_all())[-1].position
 
     async def test_a_failing_event_parks_its_stream_while_others_flow(
         self, store: EventStore, read_model: ReadModelStore
