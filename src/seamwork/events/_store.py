@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import importlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,19 @@ Evolve = Callable[[S, RecordedEvent], S]
 
 def _identity(value: Any) -> Any:
     return value
+
+
+_MAX_INT = 2**63 - 1  # the stores keep versions and positions in 64-bit integers
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    """Raise ``ConfigError`` unless ``value`` is an int from ``minimum`` to 2**63 - 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if value > _MAX_INT:
+        raise ConfigError(f"{name} must be below 2**63, got {value}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +202,11 @@ class EventStore(OpenClose, ABC):
         """A stream's events from ``from_version`` (forwards), or from ``to_version`` down
         (``backwards=True``), upcast to their current shape."""
         check_stream_name(stream)
-        if from_version < 0:
-            raise ConfigError(f"from_version must be >= 0, got {from_version}")
+        _check_int("from_version", from_version, 0)
+        if to_version is not None:
+            _check_int("to_version", to_version, 0)
+        if limit is not None:
+            _check_int("limit", limit, 1)
         events = await self._read_stream(stream, from_version, to_version, backwards, limit)
         return self._upcast_all(events)
 
@@ -197,10 +214,8 @@ class EventStore(OpenClose, ABC):
         self, *, from_position: int = 0, limit: int = 1000
     ) -> builtins.list[RecordedEvent]:
         """Up to ``limit`` events after ``from_position`` (exclusive) in ``$all`` order."""
-        if from_position < 0:
-            raise ConfigError(f"from_position must be >= 0, got {from_position}")
-        if limit < 1:
-            raise ConfigError(f"limit must be >= 1, got {limit}")
+        _check_int("from_position", from_position, 0)
+        _check_int("limit", limit, 1)
         return self._upcast_all(await self._read_all(from_position, limit))
 
     async def subscribe(
@@ -260,8 +275,14 @@ class EventStore(OpenClose, ABC):
         check_stream_name(stream)
         if as_of_version is not None and as_of_time is not None:
             raise ConfigError("give as_of_version or as_of_time, not both")
-        if as_of_version is not None and as_of_version < 0:
-            raise ConfigError(f"as_of_version must be >= 0, got {as_of_version}")
+        if as_of_version is not None:
+            _check_int("as_of_version", as_of_version, 0)
+        if as_of_time is not None and (
+            isinstance(as_of_time, bool)
+            or not isinstance(as_of_time, int | float)
+            or math.isnan(as_of_time)
+        ):
+            raise ConfigError(f"as_of_time must be a Unix time in seconds, got {as_of_time!r}")
         upper = as_of_version
         if as_of_time is not None:
             upper = await self._version_at(stream, as_of_time)

@@ -124,6 +124,38 @@ class EventStoreContract:
             NewEvent("A", ["not", "a", "mapping"])  # type: ignore[arg-type]
         assert await store.read_all() == []
 
+    async def test_bad_read_arguments_are_refused_by_name(self, store: EventStore) -> None:
+        await store.append("s", events("A", "B"))
+        too_big = 2**64
+        stream_reads: list[tuple[dict[str, Any], str]] = [
+            ({"limit": -1}, "limit"),
+            ({"limit": 0}, "limit"),
+            ({"limit": 1.5}, "limit"),
+            ({"from_version": "1"}, "from_version"),
+            ({"from_version": too_big}, "from_version"),
+            ({"to_version": -1}, "to_version"),
+            ({"to_version": too_big}, "to_version"),
+        ]
+        for bad, name in stream_reads:
+            with pytest.raises(ConfigError, match=name):
+                await store.read_stream("s", **bad)
+        all_reads: list[tuple[dict[str, Any], str]] = [
+            ({"limit": 1.5}, "limit"),
+            ({"from_position": too_big}, "from_position"),
+        ]
+        for bad, name in all_reads:
+            with pytest.raises(ConfigError, match=name):
+                await store.read_all(**bad)
+        loads: list[tuple[dict[str, Any], str]] = [
+            ({"as_of_version": too_big}, "as_of_version"),
+            ({"as_of_version": "1"}, "as_of_version"),
+            ({"as_of_time": "now"}, "as_of_time"),
+            ({"as_of_time": float("nan")}, "as_of_time"),
+        ]
+        for bad, name in loads:
+            with pytest.raises(ConfigError, match=name):
+                await store.load("s", count, 0, **bad)
+
     async def test_an_unknown_event_type_is_refused_when_types_are_declared(
         self, tmp_path: Path
     ) -> None:
