@@ -27,6 +27,7 @@ ExpectedVersion = int | str
 ``ANY``, ``NO_STREAM``, ``STREAM_EXISTS``."""
 
 _EXPECTATIONS = frozenset({ANY, NO_STREAM, STREAM_EXISTS})
+_MAX_SCHEMA_VERSION = 2**31 - 1
 
 
 def check_expected_version(expected: object) -> None:
@@ -94,6 +95,14 @@ class NewEvent:
             raise ConfigError(f"event {self.type!r}: schema_version must be an int")
         if self.schema_version < 1:
             raise ConfigError(f"event {self.type!r}: schema_version must be >= 1")
+        if self.schema_version > _MAX_SCHEMA_VERSION:  # a 32-bit column on PostgreSQL
+            raise ConfigError(
+                f"event {self.type!r}: schema_version must be <= {_MAX_SCHEMA_VERSION}"
+            )
+        if not isinstance(self.id, str) or not self.id:
+            raise ConfigError(
+                f"event {self.type!r}: id must be a non-empty string, got {self.id!r}"
+            )
 
 
 @dataclass(slots=True)

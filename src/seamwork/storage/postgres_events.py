@@ -489,8 +489,6 @@ def _events_json(events: Sequence[NewEvent]) -> str:
 
 
 def _event_json(e: NewEvent) -> str:
-    if not isinstance(e.id, str):
-        raise ConfigError(f"event {e.type!r}: id must be a string, got {e.id!r}")
     data = dumps(e.data, what=f"data of {e.type!r} event")
     meta = "null" if e.metadata is None else dumps(e.metadata, what=f"metadata of {e.type!r}")
     return f"[{_quote(e.id)},{_quote(e.type)},{e.schema_version},{data},{meta}]"

@@ -122,6 +122,12 @@ class EventStoreContract:
             await store.append("s", [])
         with pytest.raises(ConfigError, match="mapping"):
             NewEvent("A", ["not", "a", "mapping"])  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="id must be a non-empty string"):
+            await store.append("s", [NewEvent("A", id=5)])  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="id must be a non-empty string"):
+            await store.append("s", [NewEvent("A", id="")])
+        with pytest.raises(ConfigError, match="schema_version must be <= 2147483647"):
+            await store.append("s", [NewEvent("A", schema_version=2**31)])
         assert await store.read_all() == []
 
     async def test_bad_read_arguments_are_refused_by_name(self, store: EventStore) -> None:
