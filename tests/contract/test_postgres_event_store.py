@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from seamwork.events import EventStore, Upcasters
+from seamwork.events import EventStore, NewEvent, RecordedEvent, Upcasters
 from seamwork.testing.event_store import EventStoreContract
 
 pytestmark = pytest.mark.postgres
@@ -19,3 +22,35 @@ class TestPostgresEventStore(EventStoreContract):
 
     async def make_store(self, tmp_path: Path, upcasters: Upcasters | None = None) -> EventStore:
         return EventStore.postgres(self.dsn, upcasters=upcasters)
+
+
+async def _connections(dsn: str, application: str) -> int:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cursor = await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (application,)
+        )
+        row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def test_subscribers_going_live_together_leave_no_connection_after_aclose(
+    pg_dsn: str,
+) -> None:
+    application = f"seamwork-test-{uuid.uuid4().hex[:12]}"
+    store = EventStore.postgres(f"{pg_dsn} application_name={application}")
+
+    async def first_event() -> RecordedEvent:
+        async for event in store.subscribe():
+            return event
+        raise AssertionError("a subscription does not end")
+
+    async with store:
+        subscribers = [asyncio.create_task(first_event()) for _ in range(3)]
+        await asyncio.sleep(0.3)  # all three are waiting for events now
+        await store.append("s", [NewEvent("A")])
+        seen = await asyncio.wait_for(asyncio.gather(*subscribers), 5)
+        assert [e.type for e in seen] == ["A", "A", "A"]
+    async with asyncio.timeout(5):
+        while await _connections(pg_dsn, application):  # closed backends go away soon
+            await asyncio.sleep(0.05)

@@ -205,6 +205,7 @@ class PostgresEventStore(EventStore):
         self._listener: AsyncConn | None = None
         self._listen_task: asyncio.Task[None] | None = None
         self._notified: asyncio.Event | None = None
+        self._listen_lock = asyncio.Lock()
         self._opened = False
 
     def __repr__(self) -> str:
@@ -376,7 +377,9 @@ class PostgresEventStore(EventStore):
 
     async def _wait_for_events(self, after_position: int) -> None:
         if self._listen_task is None:
-            await self._listen()
+            async with self._listen_lock:  # subscribers going live together: one listener
+                if self._listen_task is None:
+                    await self._listen()
         assert self._notified is not None
         notified = self._notified
         try:
