@@ -9,6 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from seamwork.errors import StoreUnavailable
 from seamwork.events import EventStore, NewEvent, RecordedEvent, Upcasters
 from seamwork.testing.event_store import EventStoreContract
 
@@ -51,6 +52,19 @@ async def test_subscribers_going_live_together_leave_no_connection_after_aclose(
         await store.append("s", [NewEvent("A")])
         seen = await asyncio.wait_for(asyncio.gather(*subscribers), 5)
         assert [e.type for e in seen] == ["A", "A", "A"]
+    async with asyncio.timeout(5):
+        while await _connections(pg_dsn, application):  # closed backends go away soon
+            await asyncio.sleep(0.05)
+
+
+async def test_an_open_that_fails_part_way_leaves_no_connection(pg_dsn: str) -> None:
+    application = f"seamwork-test-{uuid.uuid4().hex[:12]}"
+    store = EventStore.postgres(f"{pg_dsn} application_name={application}")
+    async with store:
+        pass
+    with pytest.raises(StoreUnavailable):  # its read pool cannot be opened a second time
+        await store.open()
+    await store.aclose()
     async with asyncio.timeout(5):
         while await _connections(pg_dsn, application):  # closed backends go away soon
             await asyncio.sleep(0.05)

@@ -221,10 +221,14 @@ class PostgresEventStore(EventStore):
         await self._writer.start(EVENT_MIGRATIONS)
         try:
             await self._appender.start()
+            try:
+                await open_pool(self._pool, "event store")
+            except BaseException:
+                await self._appender.close()
+                raise
         except BaseException:
             await self._writer.close()
             raise
-        await open_pool(self._pool, "event store")
         self._opened = True
 
     async def aclose(self) -> None:
