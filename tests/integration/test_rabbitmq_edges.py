@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aio_pika
 import pytest
@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from seamwork.brokers import RabbitBroker
 from seamwork.cli import app
-from seamwork.errors import BrokerUnavailable
+from seamwork.errors import BrokerUnavailable, ConfigError
 from seamwork.messaging import Delivery, Message, PoisonMessage
 from seamwork.testing.broker import eventually, until
 
@@ -319,3 +319,45 @@ async def test_a_missing_dead_letter_stream_lists_as_empty_and_stays_missing(
     finally:
         await broker.aclose()
     assert not await _exists(rabbitmq_service, queue=f"{exchange}.deadletter")
+
+
+async def test_a_wildcard_group_gets_every_matching_subject_with_its_own_subject(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    prefix = f"edge{uuid.uuid4().hex[:6]}"
+    got: dict[str, list[str]] = {"one": [], "all": []}
+
+    def collect(name: str) -> Callable[[Delivery], Awaitable[None]]:
+        async def handler(delivery: Delivery) -> None:
+            got[name].append(delivery.subject)
+
+        return handler
+
+    try:
+        await broker.subscribe(f"{prefix}.*", "g", collect("one"))
+        await broker.subscribe(f"{prefix}.>", "g", collect("all"))
+        await broker.publish(f"{prefix}.a", Message("T"))
+        await broker.publish(f"{prefix}.b.c", Message("T"))
+        await eventually(lambda: len(got["all"]) == 2 and len(got["one"]) == 1)
+        assert got == {"one": [f"{prefix}.a"], "all": [f"{prefix}.a", f"{prefix}.b.c"]}
+        assert set(broker.declared_queues) >= {f"g.{prefix}..any", f"g.{prefix}..all"}
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await _delete(rabbitmq_service, exchange, names)
+
+
+@pytest.mark.parametrize("group", ["café", "a" * 250])
+async def test_a_group_that_cannot_name_a_queue_is_refused_before_anything_is_declared(
+    rabbitmq_service: str, exchange: str, group: str
+) -> None:
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+
+    async def handler(delivery: Delivery) -> None:
+        raise AssertionError("nothing is delivered to a refused subscription")
+
+    with pytest.raises(ConfigError, match="cannot name a RabbitMQ queue"):
+        await broker.subscribe("orders.created", group, handler)
+    await broker.aclose()
+    assert not await _exists(rabbitmq_service, exchange=exchange)

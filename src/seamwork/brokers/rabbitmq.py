@@ -11,10 +11,10 @@ by RabbitMQ, as with any topic exchange: subscribe the groups first.
 
 Groups. A consumer group is one durable quorum queue, ``<group>.<subject>``, bound
 to the exchange with the subject as binding key (NATS wildcards map: ``*`` stays
-``*``, ``>`` becomes ``#``). Every member consumes that queue, so each message goes
-to one of them. A member handles its messages one at a time; a group with one
-member sees its messages in publish order, except that a retried message goes
-behind the ones published after it.
+``*``, ``>`` becomes ``#``; in the queue's name they are ``..any`` and ``..all``).
+Every member consumes that queue, so each message goes to one of them. A member
+handles its messages one at a time; a group with one member sees its messages in
+publish order, except that a retried message goes behind the ones published after it.
 
 Retries. RabbitMQ has no delayed requeue: a nack with requeue hands the message
 straight back. So a failed delivery is re-published (confirmed) to a retry queue
@@ -64,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -114,6 +115,10 @@ _MAX_DELAY = 30.0
 _DELIVERY_LIMIT = 1000
 """``x-delivery-limit`` of a group queue: far above ``crash_limit``, which acts first."""
 _DRIVER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError)
+_QUEUE_NAME = re.compile(r"[a-zA-Z0-9-_.:@#,/+ ]+")
+"""What AMQP (pamqp) takes as a queue name."""
+_MAX_QUEUE_NAME = 255 - len(".retry.30000")
+"""A group queue's name leaves room for its retry queues' suffix (255 bytes in all)."""
 
 
 def binding_key(subject: str) -> str:
@@ -122,8 +127,21 @@ def binding_key(subject: str) -> str:
 
 
 def queue_name(group: str, subject: str) -> str:
-    """The quorum queue that a consumer group of ``subject`` shares."""
-    return f"{group}.{subject}"
+    """The quorum queue that a consumer group of ``subject`` shares.
+
+    AMQP queue names cannot hold ``*`` or ``>``: a wildcard token becomes an empty
+    token and a word (``orders.*`` -> ``<group>.orders..any``, ``>`` -> ``..all``),
+    which no literal subject can spell (subjects have no empty tokens).
+    """
+    tokens = {"*": ".any", ">": ".all"}
+    name = ".".join([group, *(tokens.get(token, token) for token in subject.split("."))])
+    if len(name.encode()) > _MAX_QUEUE_NAME or not _QUEUE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"group {group!r} on subject {subject!r} cannot name a RabbitMQ queue: "
+            f"{name!r} needs letters, digits and -_.:@#,/+ only, at most "
+            f"{_MAX_QUEUE_NAME} bytes"
+        )
+    return name
 
 
 class RabbitSubscription:
@@ -366,12 +384,13 @@ class RabbitBroker:
         """Consume ``subject`` as ``group``. ``ack_wait`` is not used: RabbitMQ
         redelivers a message when its consumer's channel closes, not on a timer."""
         check_subscribe_settings(group, max_deliver, ack_wait, retry_delay)
+        name = queue_name(group, subject)  # refused before anything is declared
         await self._context()
         assert self._connection is not None
         try:
             channel = await self._connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=self._prefetch)
-            queue = await self._group_queue(channel, subject, group)
+            queue = await self._group_queue(channel, name, subject)
         except _DRIVER_ERRORS as exc:
             raise BrokerUnavailable(
                 f"cannot set up group {group!r} on {subject!r}: {_reason(exc)}"
@@ -383,9 +402,8 @@ class RabbitBroker:
         return subscription
 
     async def _group_queue(
-        self, channel: AbstractChannel, subject: str, group: str
+        self, channel: AbstractChannel, name: str, subject: str
     ) -> AbstractQueue:
-        name = queue_name(group, subject)
         arguments = {"x-queue-type": "quorum", "x-delivery-limit": _DELIVERY_LIMIT}
         assert self._connection is not None
         # Declared on a channel of its own: a queue declared by an earlier version
