@@ -169,10 +169,12 @@ class _Consumer:
         await msg.nak(delay=min(self.retry_delay * 2 ** (attempt - 1), 30.0))
 
     async def _give_up(self, msg: Msg, stats: SubscriptionStats, reason: str, attempt: int) -> None:
-        await self.broker._dead_letter(msg, self.subject, self.group, reason, attempt)
+        # the message's own subject, not the subscription's (``orders.*``): a replay
+        # publishes the letter there
+        await self.broker._dead_letter(msg, msg.subject, self.group, reason, attempt)
         await msg.term()
         stats.dead_lettered += 1
-        log.warning("dead-lettered a message on %s for %s: %s", self.subject, self.group, reason)
+        log.warning("dead-lettered a message on %s for %s: %s", msg.subject, self.group, reason)
 
 
 class _Puller:

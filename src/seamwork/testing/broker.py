@@ -197,6 +197,31 @@ class BrokerContract:
         await eventually(lambda: handled == [message.id])
         assert all(x.key != letter.key for x in await broker.dead_letters())
 
+    async def test_a_dead_letter_of_a_wildcard_group_keeps_and_replays_to_its_own_subject(
+        self, broker: Broker
+    ) -> None:
+        fixed = False
+        handled: list[str] = []
+
+        async def handler(delivery: Delivery) -> None:
+            if not fixed:
+                raise PoisonMessage("not yet")
+            handled.append(delivery.subject)
+
+        subject = self.subject("created")
+        await broker.subscribe(self.subject("*"), "wild", handler)
+        await broker.publish(subject, Message("N", {}))
+
+        async def dead() -> DeadLetter | None:
+            letters = await broker.dead_letters(limit=10_000)
+            return next((x for x in letters if x.subject.startswith(self._prefix)), None)
+
+        letter = await until(dead)
+        assert letter.subject == subject
+        fixed = True
+        await broker.replay_dead_letter(letter.key)
+        await eventually(lambda: handled == [subject])
+
     @pytest.mark.parametrize("key", ["999999999", "not-a-key", "0", "-1"])
     async def test_replaying_an_unknown_dead_letter_is_refused_by_its_key(
         self, broker: Broker, key: str
