@@ -12,7 +12,7 @@ import nats
 import pytest
 
 from seamwork.brokers import EmbeddedNats, NatsBroker
-from seamwork.errors import BrokerUnavailable
+from seamwork.errors import BrokerUnavailable, ConfigError
 from seamwork.messaging import FlowMonitor, Message
 
 
@@ -32,6 +32,25 @@ async def test_a_batch_into_a_stream_made_without_atomic_publish_is_sent_one_by_
             await broker.aclose()
             await nc.close()
     assert info.state.messages == 3
+
+
+@pytest.mark.parametrize("bad", ["orders..created", "orders.>.x", "orders.a b"])
+async def test_a_malformed_subject_is_refused_before_any_stream_is_made(bad: str) -> None:
+    async def handler(delivery: object) -> None:
+        raise AssertionError("nothing is delivered to a refused subscription")
+
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        try:
+            with pytest.raises(ConfigError, match=repr(bad)):
+                await broker.subscribe(bad, "g", handler)
+            with pytest.raises(ConfigError, match=repr(bad)):
+                await broker.publish(bad, Message("T"))
+            _, js = await broker._context()
+            made = [info.config.name for info in await js.streams_info()]
+        finally:
+            await broker.aclose()
+    assert made == []
 
 
 async def test_a_server_that_will_not_start_leaves_no_temporary_store() -> None:

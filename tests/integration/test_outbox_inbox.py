@@ -13,7 +13,7 @@ import nats
 import pytest
 
 from seamwork.brokers import EmbeddedNats, NatsBroker
-from seamwork.errors import InvalidMessage
+from seamwork.errors import ConfigError, InvalidMessage
 from seamwork.messaging import (
     Broker,
     DeadLetter,
@@ -144,6 +144,30 @@ async def test_a_message_with_oversized_headers_is_refused_inside_the_transactio
 
     with pytest.raises(InvalidMessage, match="headers"):
         await place_order()
+    assert await outbox.pending_count() == 0
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        ("orders..created", "empty token"),
+        ("orders.created.", "empty token"),
+        ("orders.a\tb", "whitespace"),
+        ("orders.*", "wildcards"),
+        (">", "wildcards"),
+    ],
+)
+async def test_a_subject_the_relay_could_never_send_is_refused_inside_the_transaction(
+    outbox: Outbox, tmp_path: Path, bad: str, named: str
+) -> None:
+    async def place_order() -> None:
+        async with outbox.transaction() as tx:
+            await tx.execute("INSERT INTO orders (id) VALUES (1)")
+            await tx.publish(bad, Message("OrderCreated"))
+
+    with pytest.raises(ConfigError, match=named):
+        await place_order()
+    assert rows(tmp_path / "orders.db", "SELECT id FROM orders") == []
     assert await outbox.pending_count() == 0
 
 

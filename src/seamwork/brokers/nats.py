@@ -54,7 +54,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from seamwork.brokers._nats_consumer import _Consumer
 from seamwork.errors import BrokerUnavailable, ConfigError, MessagingError, PublishError
-from seamwork.messaging._message import Message, encode
+from seamwork.messaging._message import Message, check_subject, encode
 from seamwork.messaging._ports import (
     DLQ_HEADERS,
     DLQ_SUBJECT,
@@ -237,6 +237,7 @@ class NatsBroker:
     async def publish(
         self, subject: str, message: Message, headers: Mapping[str, str] | None = None
     ) -> None:
+        check_subject(subject)
         body, wire = self._wire(message, headers)
         await self.ensure_stream(subject)
         _, js = await self._context()
@@ -250,7 +251,7 @@ class NatsBroker:
     async def publish_batch(self, items: Sequence[tuple[str, Message]]) -> None:
         if not items:
             return
-        wired = [(subject, *self._wire(message, None)) for subject, message in items]
+        wired = [(check_subject(subject), *self._wire(message, None)) for subject, message in items]
         for subject, _, _ in wired:
             await self.ensure_stream(subject)
         if len(wired) == 1:
@@ -324,6 +325,7 @@ class NatsBroker:
         ack_wait: float = 30.0,
         retry_delay: float = 0.5,
     ) -> NatsSubscription:
+        check_subject(subject, wildcards=True)
         check_subscribe_settings(group, max_deliver, ack_wait, retry_delay)
         stream = await self.ensure_stream(subject)
         await self.ensure_stream(f"deadletter.{group}")

@@ -89,7 +89,7 @@ from seamwork.errors import (
     MessagingError,
     PublishError,
 )
-from seamwork.messaging._message import MSG_ID, Message, decode, encode
+from seamwork.messaging._message import MSG_ID, Message, check_subject, decode, encode
 from seamwork.messaging._ports import (
     DLQ_HEADERS,
     DLQ_SUBJECT,
@@ -314,6 +314,7 @@ class RabbitBroker:
     async def publish(
         self, subject: str, message: Message, headers: Mapping[str, str] | None = None
     ) -> None:
+        check_subject(subject)
         amqp = _amqp_message(message, headers)
         _, exchange = await self._context()
         await self._confirmed(exchange, amqp, subject, f"{message.type} {message.id}")
@@ -321,7 +322,7 @@ class RabbitBroker:
     async def publish_batch(self, items: Sequence[tuple[str, Message]]) -> None:
         if not items:
             return
-        wired = [(subject, _amqp_message(message, None)) for subject, message in items]
+        wired = [(check_subject(s), _amqp_message(message, None)) for s, message in items]
         _, exchange = await self._context()
         # One channel writes its publishes in call order (aiormq serializes them under
         # a FIFO lock), so starting them in order keeps the batch in order.
@@ -383,6 +384,7 @@ class RabbitBroker:
     ) -> RabbitSubscription:
         """Consume ``subject`` as ``group``. ``ack_wait`` is not used: RabbitMQ
         redelivers a message when its consumer's channel closes, not on a timer."""
+        check_subject(subject, wildcards=True)
         check_subscribe_settings(group, max_deliver, ack_wait, retry_delay)
         name = queue_name(group, subject)  # refused before anything is declared
         await self._context()

@@ -9,6 +9,7 @@ any consumer - in any language - can route and trace without parsing the body.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -24,6 +25,32 @@ MSG_ID: Final = "Seamwork-Id"
 """The message id header (NATS also gets it as ``Nats-Msg-Id``, RabbitMQ as ``message_id``)."""
 MAX_HEADER_BYTES: Final = 8 * 1024
 _RESERVED = frozenset({TYPE, CORRELATION, CAUSATION, MSG_ID})
+_BLANK = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def check_subject(subject: object, *, wildcards: bool = False) -> str:
+    """``subject`` if it is a well-formed subject, else ``ConfigError`` naming the flaw.
+
+    Dot-separated, non-empty tokens without whitespace or control characters (what
+    NATS takes, and what every adapter routes on). A token ``*`` (any one token) or a
+    last token ``>`` (one or more) is a wildcard: allowed only to subscribe
+    (``wildcards=True``), never to publish - a message has one subject.
+    """
+    if not isinstance(subject, str) or not subject:
+        raise ConfigError(f"a subject must be a non-empty string, got {subject!r}")
+    if _BLANK.search(subject):
+        raise ConfigError(f"subject {subject!r} has whitespace or control characters")
+    tokens = subject.split(".")
+    if not all(tokens):
+        raise ConfigError(f"subject {subject!r} has an empty token")
+    for index, token in enumerate(tokens):
+        if token not in ("*", ">"):
+            continue
+        if not wildcards:
+            raise ConfigError(f"cannot publish to {subject!r}: wildcards only subscribe")
+        if token == ">" and index != len(tokens) - 1:
+            raise ConfigError(f"subject {subject!r}: '>' must be the last token")
+    return subject
 
 
 @dataclass(frozen=True, slots=True)

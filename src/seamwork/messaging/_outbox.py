@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from seamwork._core.codec import dumps
 from seamwork._core.lifecycle import OpenClose, StartStop
 from seamwork.errors import ConfigError
-from seamwork.messaging._message import Message, encode
+from seamwork.messaging._message import Message, check_subject, encode
 from seamwork.messaging._ports import Broker, Delivery, PoisonMessage
 
 log = logging.getLogger("seamwork.messaging")
@@ -73,8 +73,7 @@ def outbox_row(subject: str, message: Message) -> tuple[Any, ...]:
     """The outbox row of ``message`` for ``subject`` - ``(id, subject, type, data,
     correlation_id, causation_id, headers, created_at)``, JSON as text - refusing now
     what a relay could never send."""
-    if not isinstance(subject, str) or not subject or " " in subject:
-        raise ConfigError(f"a subject must be a non-empty string without spaces: {subject!r}")
+    check_subject(subject)
     if not isinstance(message, Message):
         raise ConfigError(f"publish takes a Message, got {type(message).__name__}")
     encode(message)

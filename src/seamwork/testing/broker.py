@@ -235,6 +235,37 @@ class BrokerContract:
             await broker.publish(self.subject(), big)
 
     @pytest.mark.parametrize(
+        ("name", "named"),
+        [
+            ("a..b", "empty token"),
+            ("a b", "whitespace"),
+            ("a\r\nb", "whitespace"),
+            ("*", "wildcard"),
+        ],
+    )
+    async def test_a_malformed_subject_is_refused_by_name_before_sending(
+        self, broker: Broker, name: str, named: str
+    ) -> None:
+        with pytest.raises(ConfigError, match=named):
+            await broker.publish(self.subject(name), Message("N"))
+        with pytest.raises(ConfigError, match=named):
+            await broker.publish_batch(
+                [(self.subject(), Message("N")), (self.subject(name), Message("N"))]
+            )
+
+    @pytest.mark.parametrize(
+        ("name", "named"), [("a..b", "empty token"), ("a b", "whitespace"), (">.a", "last token")]
+    )
+    async def test_subscribing_to_a_malformed_subject_is_refused_by_name(
+        self, broker: Broker, name: str, named: str
+    ) -> None:
+        async def handler(delivery: Delivery) -> None:
+            raise AssertionError("nothing is delivered to a refused subscription")
+
+        with pytest.raises(ConfigError, match=named):
+            await broker.subscribe(self.subject(name), "g", handler)
+
+    @pytest.mark.parametrize(
         ("settings", "named"),
         [
             ({"group": ""}, "consumer group"),
