@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 import uuid
@@ -145,6 +146,41 @@ async def test_a_message_with_oversized_headers_is_refused_inside_the_transactio
     with pytest.raises(InvalidMessage, match="headers"):
         await place_order()
     assert await outbox.pending_count() == 0
+
+
+@pytest.mark.parametrize(
+    ("message", "named"),
+    [
+        (Message("Created", headers={"bad key": "v"}), "header name 'bad key'"),
+        (Message("Created", headers={"k:v": "v"}), "header name 'k:v'"),
+        (Message("Created", headers={"k": "v\r\nSeamwork-Type: Forged"}), "line break"),
+        (Message("Created", headers={"k": " padded "}), "surrounding whitespace"),
+        (Message("Created\n"), "type"),
+        (Message("Created", id="id\r\nX: y"), "id"),
+        (Message("Created", correlation_id="flow "), "correlation_id"),
+    ],
+)
+async def test_a_message_no_broker_carries_unchanged_is_refused_inside_the_transaction(
+    outbox: Outbox, broker: NatsBroker, message: Message, named: str
+) -> None:
+    async def place_order() -> None:
+        async with outbox.transaction() as tx:
+            await tx.execute("INSERT INTO orders (id) VALUES (1)")
+            await tx.publish("orders.created", message)
+
+    with pytest.raises(InvalidMessage, match=re.escape(named)):
+        await place_order()
+    assert await outbox.pending_count() == 0
+    with pytest.raises(InvalidMessage, match=re.escape(named)):
+        await broker.publish(subject(), message)
+
+
+@pytest.mark.parametrize("field", ["correlation_id", "causation_id"])
+def test_a_correlation_or_causation_id_that_is_not_a_string_is_refused_by_name(
+    field: str,
+) -> None:
+    with pytest.raises(ConfigError, match=field):
+        Message("Created", **{field: 42})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,9 @@ MSG_ID: Final = "Seamwork-Id"
 MAX_HEADER_BYTES: Final = 8 * 1024
 _RESERVED = frozenset({TYPE, CORRELATION, CAUSATION, MSG_ID})
 _BLANK = re.compile(r"[\s\x00-\x1f\x7f]")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""A header name (an RFC 7230 token): what NATS accepts."""
+_LINE_BREAK = re.compile(r"[\r\n]")
 
 
 def check_subject(subject: object, *, wildcards: bool = False) -> str:
@@ -81,6 +84,12 @@ class Message:
             raise ConfigError(f"message {self.type!r}: data must be a mapping")
         if not isinstance(self.id, str) or not self.id:
             raise ConfigError(f"message {self.type!r}: id must be a non-empty string")
+        for name in ("correlation_id", "causation_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"message {self.type!r}: {name} must be a non-empty string")
+        if not isinstance(self.headers, Mapping):
+            raise ConfigError(f"message {self.type!r}: headers must be a mapping")
         for key, value in self.headers.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise ConfigError(f"message {self.type!r}: headers must map str to str")
@@ -104,6 +113,7 @@ class Message:
 def encode(message: Message) -> tuple[bytes, dict[str, str]]:
     """The body and headers of ``message``; ``InvalidMessage`` if it cannot be sent."""
     body = dumps(message.data, what=f"data of message {message.type!r}").encode()
+    _check_wire(message)
     headers = dict(message.headers)
     headers[TYPE] = message.type
     headers[MSG_ID] = message.id
@@ -117,6 +127,30 @@ def encode(message: Message) -> tuple[bytes, dict[str, str]]:
             f"over the {MAX_HEADER_BYTES}-byte limit"
         )
     return body, headers
+
+
+def _check_wire(message: Message) -> None:
+    """Refuse what a broker would not carry unchanged: NATS takes only token header
+    names, and turns line breaks in a header into spaces and trims it."""
+    for key in message.headers:
+        if not _HEADER_NAME.fullmatch(key):
+            raise InvalidMessage(
+                f"message {message.type!r} {message.id}: header name {key!r} must be "
+                "letters, digits and !#$%&'*+-.^_`|~ only"
+            )
+    fields = {
+        "type": message.type,
+        "id": message.id,
+        "correlation_id": message.correlation_id or "",
+        "causation_id": message.causation_id or "",
+        **{f"header {key!r}": value for key, value in message.headers.items()},
+    }
+    for what, value in fields.items():
+        if _LINE_BREAK.search(value) or value != value.strip():
+            raise InvalidMessage(
+                f"message {message.type!r}: {what} {value!r} has a line break or "
+                "surrounding whitespace, which would not arrive as sent"
+            )
 
 
 def decode(body: bytes, headers: Mapping[str, str] | None, *, fallback_id: str = "") -> Message:
@@ -138,7 +172,7 @@ def decode(body: bytes, headers: Mapping[str, str] | None, *, fallback_id: str =
         type_,
         data,
         id=message_id or new_id(),
-        correlation_id=headers.pop(CORRELATION, None),
-        causation_id=headers.pop(CAUSATION, None),
+        correlation_id=headers.pop(CORRELATION, None) or None,
+        causation_id=headers.pop(CAUSATION, None) or None,
         headers={k: v for k, v in headers.items() if not k.startswith("Nats-")},
     )
