@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from seamwork.brokers import EmbeddedNats, NatsBroker
+from seamwork.errors import StoreError, StoreUnavailable
 from seamwork.messaging import Delivery, Inbox, Message, Outbox, OutboxRelay, Transaction
 from seamwork.testing.broker import eventually
 
@@ -143,3 +144,44 @@ async def test_one_handlers_statement_timeout_fails_only_its_message(
     outcomes = await Inbox.of(outbox).handler(on_order).batch(deliveries)
     assert [type(o).__name__ if o else None for o in outcomes] == [None, "QueryCanceled", None]
     assert await count(pg_dsn, "SELECT count(*) FROM effects") == 2
+
+
+async def test_a_message_id_the_outbox_holds_already_is_a_store_error_and_writes_nothing(
+    outbox: Outbox, pg_dsn: str
+) -> None:
+    message = Message("OrderCreated", {"order_id": 1})
+    async with outbox.transaction() as tx:
+        await tx.publish("orders.created", message)
+
+    async def again() -> None:
+        async with outbox.transaction() as tx:
+            await tx.execute("INSERT INTO orders (id) VALUES (%s)", (2,))
+            await tx.publish("orders.created", message)
+
+    with pytest.raises(StoreError, match="outbox") as caught:
+        await again()
+    assert isinstance(caught.value.__cause__, psycopg.errors.UniqueViolation)
+    assert await count(pg_dsn, "SELECT count(*) FROM orders") == 0
+    assert await outbox.pending_count() == 1
+
+
+async def test_connections_killed_under_the_outbox_are_store_unavailable_not_driver_errors(
+    pg_dsn: str,
+) -> None:
+    async def kill_the_pool() -> None:
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+
+    async with Outbox.postgres(pg_dsn, pool_size=1) as outbox:  # one connection to kill
+        await kill_the_pool()
+        with pytest.raises(StoreUnavailable, match="outbox"):
+            await outbox.pending_count()
+        assert await outbox.pending_count() == 0  # on a new connection
+        await kill_the_pool()
+        with pytest.raises(StoreUnavailable, match="outbox"):
+            async with outbox.transaction() as tx:
+                await tx.publish("orders.created", Message("OrderCreated"))
+        assert await outbox.pending_count() == 0

@@ -27,7 +27,15 @@ from seamwork._core.wakeup import Wakeup
 from seamwork.errors import ConfigError
 from seamwork.messaging._message import Message
 from seamwork.messaging._outbox import Inbox, Outbox, OutboxRecord, Transaction, outbox_row
-from seamwork.storage._pg import AsyncConn, PgMigration, connect, make_pool, migrate, open_pool
+from seamwork.storage._pg import (
+    AsyncConn,
+    PgMigration,
+    connect,
+    make_pool,
+    migrate,
+    open_pool,
+    translate,
+)
 
 MESSAGING_MIGRATIONS = (
     PgMigration(
@@ -103,9 +111,29 @@ class PostgresMessageStore:
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Any]:
         await self.open()
-        async with self.pool.connection() as conn:
-            cursor = await conn.execute(sql.encode(), tuple(params))
-            return await cursor.fetchall() if cursor.description else []
+        try:
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(sql.encode(), tuple(params))
+                return await cursor.fetchall() if cursor.description else []
+        except psycopg.Error as exc:
+            raise translate(exc, "outbox/inbox") from exc
+
+    @asynccontextmanager
+    async def transaction(self, what: str) -> AsyncIterator[AsyncConn]:
+        """A pooled connection in a transaction. A failure to get the connection or to
+        commit is a ``StoreError``; an error of the caller's own statements passes
+        through as it is (as on SQLite)."""
+        await self.open()
+        inside = False
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                inside = True
+                yield conn
+                inside = False
+        except psycopg.Error as exc:
+            if inside:
+                raise
+            raise translate(exc, what) from exc
 
 
 class _Transaction:
@@ -124,9 +152,13 @@ class _Transaction:
         self.rows.append(outbox_row(subject, message))
 
     async def flush(self) -> None:
-        if self.rows:
+        if not self.rows:
+            return
+        try:
             async with self.conn.cursor() as cursor:
                 await cursor.executemany(_INSERT_OUTBOX, self.rows)
+        except psycopg.Error as exc:  # e.g. a message id the outbox holds already
+            raise translate(exc, "outbox: writing its messages") from exc
 
 
 class PostgresOutbox(Outbox):
@@ -153,8 +185,7 @@ class PostgresOutbox(Outbox):
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
-        await self.store.open()
-        async with self.store.pool.connection() as conn, conn.transaction():
+        async with self.store.transaction("outbox") as conn:
             tx = _Transaction(conn)
             yield tx
             await tx.flush()
@@ -258,10 +289,8 @@ class PostgresInbox(Inbox):
 
     @asynccontextmanager
     async def _transaction(self, message: Message) -> AsyncIterator[Transaction | None]:
-        await self.store.open()
-        async with self.store.pool.connection() as conn, conn.transaction():
-            cursor = await conn.execute(_CLAIM_ID, (message.id, message.type, time.time()))
-            if await cursor.fetchone() is None:
+        async with self.store.transaction("inbox") as conn:
+            if not await _claim(conn, message):
                 yield None  # applied before: apply nothing, acknowledge again
                 return
             tx = _Transaction(conn)
@@ -272,9 +301,17 @@ class PostgresInbox(Inbox):
 
     @asynccontextmanager
     async def _batch(self, messages: Sequence[Message]) -> AsyncIterator[_Batch]:
-        await self.store.open()
-        async with self.store.pool.connection() as conn, conn.transaction():
+        async with self.store.transaction("inbox") as conn:
             batch = _Batch(conn)
             yield batch
         if batch.published:
             self.store.notify()
+
+
+async def _claim(conn: AsyncConn, message: Message) -> bool:
+    """Record ``message``'s id in the open transaction; False if it was there before."""
+    try:
+        cursor = await conn.execute(_CLAIM_ID, (message.id, message.type, time.time()))
+        return await cursor.fetchone() is not None
+    except psycopg.Error as exc:
+        raise translate(exc, f"inbox: recording message {message.id}") from exc
