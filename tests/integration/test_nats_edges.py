@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import tempfile
+from pathlib import Path
 
 import nats
 import pytest
@@ -51,6 +52,18 @@ async def test_a_malformed_subject_is_refused_before_any_stream_is_made(bad: str
         finally:
             await broker.aclose()
     assert made == []
+
+
+async def test_a_store_dir_with_quotes_in_its_path_keeps_the_data_there(tmp_path: Path) -> None:
+    store = tmp_path / 'bob\'s "store" \\ é'
+    async with EmbeddedNats(store_dir=store) as server:
+        broker = NatsBroker(server.url)
+        try:
+            await broker.publish("orders.created", Message("T"))
+        finally:
+            await broker.aclose()
+    assert (store / "jetstream").is_dir()
+    assert list(store.rglob("ORDERS"))  # the stream is stored under the given path
 
 
 async def test_a_server_that_will_not_start_leaves_no_temporary_store() -> None:

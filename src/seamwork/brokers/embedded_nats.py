@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -165,9 +166,10 @@ class EmbeddedNats(StartStop):
     def _config(self) -> str:
         port = self._port if self._port is not None else -1
         sync = "\n  sync_interval: always" if self._sync else ""
-        return (
-            f"listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {str(self._store)!r}{sync}\n}}\n"
-        ).replace("'", '"')
+        # a JSON string is a quoted string to nats-server too, escapes included (a
+        # path holding ' or " broke the file when it was written with repr)
+        store = json.dumps(str(self._store), ensure_ascii=False)
+        return f"listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {store}{sync}\n}}\n"
 
     async def _wait_ready(self) -> None:
         assert self._process is not None
