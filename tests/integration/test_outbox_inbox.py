@@ -313,6 +313,11 @@ async def test_a_failing_message_in_a_batch_rolls_back_alone(inbox: Inbox, tmp_p
     assert rows(db, "SELECT n FROM effects ORDER BY rowid") == [(1,), (3,), (2,)]
 
 
+def test_types_given_as_one_string_are_refused_not_read_as_letters(inbox: Inbox) -> None:
+    with pytest.raises(ConfigError, match="types must be a collection"):
+        inbox.handler(record_effect, types="OrderCreated")  # would dead-letter OrderCreated
+
+
 async def test_an_undeclared_message_type_is_dead_lettered_and_the_rest_flow(
     inbox: Inbox, broker: NatsBroker, tmp_path: Path
 ) -> None:

@@ -227,6 +227,8 @@ class InboxHandler:
         fn: Callable[[Message, Transaction], Awaitable[None]],
         types: Collection[str] | None,
     ) -> None:
+        if isinstance(types, str):  # frozenset("OrderCreated") is a set of letters
+            raise ConfigError(f"types must be a collection of type names, got {types!r}")
         self.inbox = inbox
         self.fn = fn
         self.types = frozenset(types) if types is not None else None
