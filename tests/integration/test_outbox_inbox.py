@@ -135,15 +135,16 @@ async def test_an_exception_in_the_transaction_leaves_neither_the_row_nor_the_me
     assert await stored(broker, topic) == 0
 
 
+@pytest.mark.parametrize("value", ["a" * 20_000, "é" * 5_000], ids=["ascii", "two-byte"])
 async def test_a_message_with_oversized_headers_is_refused_inside_the_transaction(
-    outbox: Outbox,
+    outbox: Outbox, value: str
 ) -> None:
     async def place_order() -> None:
         async with outbox.transaction() as tx:
             await tx.execute("INSERT INTO orders (id) VALUES (1)")
-            await tx.publish("orders.created", Message("Big", headers={"x": "a" * 20_000}))
+            await tx.publish("orders.created", Message("Big", headers={"x": value}))
 
-    with pytest.raises(InvalidMessage, match="headers"):
+    with pytest.raises(InvalidMessage, match="headers"):  # 5,000 characters, 10,000 bytes
         await place_order()
     assert await outbox.pending_count() == 0
 

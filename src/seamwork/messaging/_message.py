@@ -120,7 +120,7 @@ def encode(message: Message) -> tuple[bytes, dict[str, str]]:
     headers[CORRELATION] = message.flow
     if message.causation_id:
         headers[CAUSATION] = message.causation_id
-    size = sum(len(k) + len(v) + 4 for k, v in headers.items())
+    size = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
     if size > MAX_HEADER_BYTES:
         raise InvalidMessage(
             f"message {message.type!r} {message.id}: headers are {size} bytes, "
