@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
+from typing import NoReturn
 
 import psycopg
 import pytest
 
 from seamwork.errors import StoreUnavailable
 from seamwork.events import EventStore, NewEvent, RecordedEvent, Upcasters
+from seamwork.storage import postgres_events
 from seamwork.testing.event_store import EventStoreContract
 
 pytestmark = pytest.mark.postgres
@@ -57,12 +59,18 @@ async def test_subscribers_going_live_together_leave_no_connection_after_aclose(
             await asyncio.sleep(0.05)
 
 
-async def test_an_open_that_fails_part_way_leaves_no_connection(pg_dsn: str) -> None:
+async def test_an_open_that_fails_part_way_leaves_no_connection(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     application = f"seamwork-test-{uuid.uuid4().hex[:12]}"
     store = EventStore.postgres(f"{pg_dsn} application_name={application}")
-    async with store:
-        pass
-    with pytest.raises(StoreUnavailable):  # its read pool cannot be opened a second time
+
+    async def refuse(*args: object, **kwargs: object) -> NoReturn:
+        raise StoreUnavailable("cannot connect the event store to PostgreSQL: refused")
+
+    # the writer and the appender connect for real; the read pool is the one that fails
+    monkeypatch.setattr(postgres_events, "open_pool", refuse)
+    with pytest.raises(StoreUnavailable, match="refused"):
         await store.open()
     await store.aclose()
     async with asyncio.timeout(5):

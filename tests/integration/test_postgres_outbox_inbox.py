@@ -185,3 +185,13 @@ async def test_connections_killed_under_the_outbox_are_store_unavailable_not_dri
             async with outbox.transaction() as tx:
                 await tx.publish("orders.created", Message("OrderCreated"))
         assert await outbox.pending_count() == 0
+
+
+async def test_a_closed_outbox_opens_again(outbox: Outbox, pg_dsn: str) -> None:
+    async with outbox.transaction() as tx:
+        await tx.execute("INSERT INTO orders (id) VALUES (%s)", (7,))
+    await outbox.aclose()
+    await outbox.open()  # (the fixture closes it again)
+    async with outbox.transaction() as tx:
+        await tx.execute("INSERT INTO orders (id) VALUES (%s)", (8,))
+    assert await count(pg_dsn, "SELECT count(*) FROM orders") == 2

@@ -65,12 +65,25 @@ def make_pool(dsn: str, *, size: int, name: str) -> AsyncConnectionPool[AsyncCon
     )
 
 
-async def open_pool(pool: AsyncConnectionPool[AsyncConn], what: str, wait: float = 10.0) -> None:
+async def open_pool(
+    pool: AsyncConnectionPool[AsyncConn], what: str, wait: float = 10.0
+) -> AsyncConnectionPool[AsyncConn]:
+    """Open a pool like ``pool`` and return it: a new one each time, because a closed
+    psycopg pool cannot be opened again, and a store may be (``open()`` after ``aclose()``)."""
+    fresh: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
+        pool.conninfo,
+        min_size=pool.min_size,
+        max_size=pool.max_size,
+        open=False,
+        name=pool.name,
+        kwargs=pool.kwargs,
+    )
     try:
-        await pool.open(wait=True, timeout=wait)
+        await fresh.open(wait=True, timeout=wait)
     except Exception as exc:
-        await pool.close()
+        await fresh.close()
         raise StoreUnavailable(f"cannot connect the {what} to PostgreSQL: {exc}") from exc
+    return fresh
 
 
 async def migrate(conn: AsyncConn, migrations: Sequence[PgMigration]) -> None:

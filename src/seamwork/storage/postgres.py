@@ -288,7 +288,7 @@ class PostgresStore:
                     raise StoreUnavailable("this database holds no seamwork saga store")
         finally:
             await conn.close()
-        await open_pool(self._pool, "saga store")
+        self._pool = await open_pool(self._pool, "saga store")
         await self._writer.start()
         self._opened = True
 

@@ -222,7 +222,7 @@ class PostgresEventStore(EventStore):
         try:
             await self._appender.start()
             try:
-                await open_pool(self._pool, "event store")
+                self._pool = await open_pool(self._pool, "event store")
             except BaseException:
                 await self._appender.close()
                 raise

@@ -61,7 +61,7 @@ class PostgresLedger(IdempotencyLedger):
             await migrate(conn, LEDGER_MIGRATIONS)
         finally:
             await conn.close()
-        await open_pool(self._pool, "idempotency ledger")
+        self._pool = await open_pool(self._pool, "idempotency ledger")
         self._opened = True
 
     async def aclose(self) -> None:

@@ -95,7 +95,7 @@ class PostgresMessageStore:
             await migrate(conn, MESSAGING_MIGRATIONS)
         finally:
             await conn.close()
-        await open_pool(self.pool, "outbox")
+        self.pool = await open_pool(self.pool, "outbox")
         self._opened = True
 
     async def aclose(self) -> None:

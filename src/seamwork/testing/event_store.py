@@ -130,6 +130,13 @@ class EventStoreContract:
             await store.append("s", [NewEvent("A", schema_version=2**31)])
         assert await store.read_all() == []
 
+    async def test_a_closed_store_opens_again(self, store: EventStore) -> None:
+        await store.append("s", events("A"))
+        await store.aclose()
+        await store.open()  # (the fixture closes it again)
+        await store.append("s", events("B"), expected_version=0)
+        assert [e.type for e in await store.read_stream("s")] == ["A", "B"]
+
     async def test_bad_read_arguments_are_refused_by_name(self, store: EventStore) -> None:
         await store.append("s", events("A", "B"))
         too_big = 2**64

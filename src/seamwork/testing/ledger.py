@@ -49,6 +49,12 @@ class LedgerContract:
         assert await ledger.result("saga-1:other") is None
         assert await self.count_effects(ledger) == 2  # the setup row and one effect
 
+    async def test_a_closed_ledger_opens_again(self, ledger: IdempotencyLedger) -> None:
+        await ledger.once("saga-3:charge", self.insert_effect(5))
+        await ledger.aclose()
+        await ledger.open()  # (the fixture closes it again)
+        assert await ledger.result("saga-3:charge") == {"value": 5}
+
     async def test_a_failing_effect_records_nothing_and_its_writes_roll_back(
         self, ledger: IdempotencyLedger
     ) -> None:

@@ -110,6 +110,14 @@ class SagaStoreContract:
         assert await store.get("s1") == first
         assert len(await store.timeline("s1")) == 2
 
+    async def test_a_closed_store_opens_again(self, store: SagaStore) -> None:
+        await store.create(saga_state("a"), started("a"))
+        await store.aclose()
+        await store.open()  # (the fixture closes it again)
+        found = await store.get("a")
+        assert found is not None
+        assert found.saga_id == "a"
+
     async def test_get_of_an_unknown_id_is_none(self, store: SagaStore) -> None:
         assert await store.get("nope") is None
 
