@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import uuid
 from pathlib import Path
 from typing import NoReturn
@@ -10,7 +11,7 @@ from typing import NoReturn
 import psycopg
 import pytest
 
-from seamwork.errors import StoreUnavailable
+from seamwork.errors import EventStoreError, StoreError, StoreUnavailable
 from seamwork.events import EventStore, NewEvent, RecordedEvent, Upcasters
 from seamwork.storage import postgres_events
 from seamwork.testing.event_store import EventStoreContract
@@ -76,3 +77,26 @@ async def test_an_open_that_fails_part_way_leaves_no_connection(
     async with asyncio.timeout(5):
         while await _connections(pg_dsn, application):  # closed backends go away soon
             await asyncio.sleep(0.05)
+
+
+async def test_a_driver_failure_is_the_same_error_alone_and_in_a_batch(pg_dsn: str) -> None:
+    # a stream name too long for the primary key's index entry: the server refuses it
+    too_long = secrets.token_hex(8000)
+    async with postgres_events.PostgresEventStore(pg_dsn) as store:
+        with pytest.raises(StoreError) as alone:
+            await store.append(too_long, [NewEvent("A")])
+        commits = store.commits
+        results = await asyncio.gather(
+            store.append("ok-1", [NewEvent("A")]),
+            store.append(too_long, [NewEvent("A")]),
+            store.append("ok-2", [NewEvent("A")]),
+            return_exceptions=True,
+        )
+        assert store.commits == commits + 1  # the three went in one batch
+        in_batch = results[1]
+        assert isinstance(in_batch, StoreError)
+        assert type(in_batch) is type(alone.value)
+        assert not isinstance(in_batch, EventStoreError)
+        assert str(in_batch).startswith(f"append to '{too_long[:20]}")
+        assert [type(r).__name__ for r in (results[0], results[2])] == ["AppendResult"] * 2
+        assert [e.stream for e in await store.read_all()] == ["ok-1", "ok-2"]

@@ -487,7 +487,17 @@ def _batch_result(item: AppendParams, row: tuple[Any, ...]) -> AppendResult | Ba
         return EventStoreError(
             f"append to {stream!r} refused: an event id was already stored ({detail})"
         )
-    return EventStoreError(f"append to {stream!r} failed: [{code}] {detail}")
+    return translate(_driver_error(code, detail), f"append to {stream!r}")
+
+
+def _driver_error(code: str, detail: str) -> psycopg.Error:
+    """The exception psycopg raises for ``code``, rebuilt from a batch row, so an append
+    that failed inside a batch is translated exactly as one that ran alone."""
+    try:
+        cls = psycopg.errors.lookup(code)
+    except KeyError:
+        cls = psycopg.DatabaseError
+    return cls(f"[{code}] {detail}")
 
 
 def _events_json(events: Sequence[NewEvent]) -> str:
