@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from seamwork._core.codec import dumps
 from seamwork._core.ids import new_id
-from seamwork.errors import ConfigError
+from seamwork.errors import ConfigError, SerializationError
 
 ANY: Final = "any"
 """Append whatever the stream's version is."""
@@ -53,7 +53,50 @@ def check_stream_name(stream: object) -> str:
         raise ConfigError(f"a stream name must be a non-empty string, got {stream!r}")
     if stream.startswith("$"):
         raise ConfigError(f"stream names starting with '$' are reserved, got {stream!r}")
+    check_no_nul(stream, "a stream name")
     return stream
+
+
+def check_no_nul(text: str, what: str) -> None:
+    """Raise ``ConfigError`` if ``text`` holds a NUL character.
+
+    PostgreSQL's ``text`` and ``jsonb`` cannot store U+0000, so every event store
+    refuses it (SQLite could keep it, but a store must not accept what another refuses).
+    """
+    if "\x00" in text:
+        raise ConfigError(f"{what} must not contain a NUL character (\\u0000), got {text!r}")
+
+
+def encode_json(value: object, what: str) -> str:
+    """``value`` as stored JSON text; ``SerializationError`` naming where it is when it
+    is not JSON or holds a NUL character (see ``check_no_nul``)."""
+    text = dumps(value, what=what)
+    if "\\u0000" in text:  # the encoder's escape for U+0000 (or an escaped backslash)
+        where = _nul_path(value, what)
+        if where is not None:
+            raise SerializationError(
+                f"{where} contains a NUL character (\\u0000), which the event store cannot hold"
+            )
+    return text
+
+
+def _nul_path(value: object, path: str) -> str | None:
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            label = f"{path}[{key!r}]"
+            if isinstance(key, str) and "\x00" in key:
+                return label
+            found = _nul_path(item, label)
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = _nul_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 def encode_stream_metadata(stream: str, metadata: object) -> str:
@@ -61,7 +104,15 @@ def encode_stream_metadata(stream: str, metadata: object) -> str:
     check_stream_name(stream)
     if not isinstance(metadata, Mapping):
         raise ConfigError(f"stream metadata must be a mapping, got {type(metadata).__name__}")
-    return dumps(metadata, what=f"metadata of stream {stream!r}")
+    return encode_json(metadata, f"metadata of stream {stream!r}")
+
+
+def encode_event(event: NewEvent) -> tuple[str, str | None]:
+    """An event's data and metadata as stored JSON text (metadata None stays None)."""
+    data = encode_json(event.data, f"data of {event.type!r} event")
+    if event.metadata is None:
+        return data, None
+    return data, encode_json(event.metadata, f"metadata of {event.type!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +136,7 @@ class NewEvent:
     def __post_init__(self) -> None:
         if not isinstance(self.type, str) or not self.type.strip():
             raise ConfigError(f"an event type must be a non-empty string, got {self.type!r}")
+        check_no_nul(self.type, "an event type")
         if not isinstance(self.data, Mapping):
             raise ConfigError(
                 f"event {self.type!r}: data must be a mapping, got {type(self.data).__name__}"
@@ -103,6 +155,7 @@ class NewEvent:
             raise ConfigError(
                 f"event {self.type!r}: id must be a non-empty string, got {self.id!r}"
             )
+        check_no_nul(self.id, f"event {self.type!r}: the id")
 
 
 @dataclass(slots=True)

@@ -27,6 +27,7 @@ from seamwork.events._model import (
     NewEvent,
     RecordedEvent,
     StreamInfo,
+    check_no_nul,
     check_stream_name,
 )
 from seamwork.events._upcast import Upcasters
@@ -71,6 +72,7 @@ class Snapshots(Generic[S]):
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("Snapshots.name must be a non-empty string")
+        check_no_nul(self.name, "Snapshots.name")
         if self.every < 1:
             raise ConfigError(f"Snapshots.every must be >= 1, got {self.every}")
 
@@ -133,7 +135,8 @@ class EventStore(OpenClose, ABC):
 
         Raises:
             WrongExpectedVersion: the stream is elsewhere (carries ``actual``).
-            SerializationError: data or metadata is not JSON (nothing written).
+            SerializationError: data or metadata is not JSON, or holds a NUL character
+                (U+0000, which PostgreSQL cannot store); nothing is written.
             ConfigError: empty stream name, bad expected version, unknown type.
         """
 

@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 
 import psycopg
 
-from seamwork._core.codec import dumps
 from seamwork.errors import ConfigError, EventStoreError, SeamworkError, WrongExpectedVersion
 from seamwork.events._model import (
     ANY,
@@ -44,6 +43,8 @@ from seamwork.events._model import (
     StreamInfo,
     check_expected_version,
     check_stream_name,
+    encode_event,
+    encode_json,
     encode_stream_metadata,
 )
 from seamwork.events._store import EventStore
@@ -322,7 +323,7 @@ class PostgresEventStore(EventStore):
         return StreamInfo(stream, -1 if row[2] else int(row[0]), dict(row[1]), bool(row[2]))
 
     async def save_snapshot(self, stream: str, name: str, version: int, state: Any) -> None:
-        text = dumps(state, what=f"snapshot {name!r} of {stream!r}")
+        text = encode_json(state, f"snapshot {name!r} of {stream!r}")
 
         async def save(conn: AsyncConn) -> None:
             await conn.execute(
@@ -506,9 +507,8 @@ def _events_json(events: Sequence[NewEvent]) -> str:
 
 
 def _event_json(e: NewEvent) -> str:
-    data = dumps(e.data, what=f"data of {e.type!r} event")
-    meta = "null" if e.metadata is None else dumps(e.metadata, what=f"metadata of {e.type!r}")
-    return f"[{_quote(e.id)},{_quote(e.type)},{e.schema_version},{data},{meta}]"
+    data, meta = encode_event(e)
+    return f"[{_quote(e.id)},{_quote(e.type)},{e.schema_version},{data},{meta or 'null'}]"
 
 
 def _satisfied(expected: ExpectedVersion, visible: int) -> bool:

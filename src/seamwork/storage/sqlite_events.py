@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from seamwork._core.codec import dumps, loads
+from seamwork._core.codec import loads
 from seamwork.errors import ConfigError, CorruptRecord, EventStoreError, WrongExpectedVersion
 from seamwork.events._model import (
     ANY,
@@ -44,6 +44,8 @@ from seamwork.events._model import (
     StreamInfo,
     check_expected_version,
     check_stream_name,
+    encode_event,
+    encode_json,
     encode_stream_metadata,
 )
 from seamwork.events._store import EventStore
@@ -223,16 +225,7 @@ class SQLiteEventStore(EventStore):
         self._check_append(stream, events)
         check_expected_version(expected_version)
         now = time.time()
-        encoded = [
-            (
-                e.id,
-                e.type,
-                e.schema_version,
-                dumps(e.data, what=f"data of {e.type!r} event"),
-                None if e.metadata is None else dumps(e.metadata, what=f"metadata of {e.type!r}"),
-            )
-            for e in events
-        ]
+        encoded = [(e.id, e.type, e.schema_version, *encode_event(e)) for e in events]
 
         versions = self._versions
 
@@ -340,7 +333,7 @@ class SQLiteEventStore(EventStore):
         return StreamInfo(stream, version, loads(row[1]), bool(row[2]))
 
     async def save_snapshot(self, stream: str, name: str, version: int, state: Any) -> None:
-        text = dumps(state, what=f"snapshot {name!r} of {stream!r}")
+        text = encode_json(state, f"snapshot {name!r} of {stream!r}")
         await self._writer.write(
             lambda conn: conn.execute(
                 "INSERT OR REPLACE INTO seamwork_snapshots (stream, name, version, state) "

@@ -130,6 +130,59 @@ class EventStoreContract:
             await store.append("s", [NewEvent("A", schema_version=2**31)])
         assert await store.read_all() == []
 
+    async def test_a_nul_character_is_refused_by_name_before_anything_is_written(
+        self, store: EventStore
+    ) -> None:
+        # PostgreSQL's text and jsonb cannot hold U+0000; every store refuses it alike
+        refused: list[tuple[Any, type[Exception], str]] = [
+            (
+                lambda: NewEvent("A", {"a": {"b": ["x", "y\x00"]}}),
+                SerializationError,
+                r"data of 'A' event\['a'\]\['b'\]\[1\] contains a NUL",
+            ),
+            (
+                lambda: NewEvent("A", {"k\x00": 1}),
+                SerializationError,
+                r"data of 'A' event\['k\\x00'\] contains a NUL",
+            ),
+            (
+                lambda: NewEvent("A", metadata={"user": "\x00"}),
+                SerializationError,
+                r"metadata of 'A'\['user'\] contains a NUL",
+            ),
+        ]
+        for make, error, where in refused:
+            with pytest.raises(error, match=where):
+                await store.append("s", [NewEvent("B"), make()])
+        with pytest.raises(ConfigError, match="an event type must not contain a NUL"):
+            NewEvent("A\x00")
+        with pytest.raises(ConfigError, match="the id must not contain a NUL"):
+            NewEvent("A", id="a\x00")
+        with pytest.raises(ConfigError, match="a stream name must not contain a NUL"):
+            await store.append("s\x00", events("A"))
+        with pytest.raises(ConfigError, match="a stream name must not contain a NUL"):
+            await store.read_stream("s\x00")
+        with pytest.raises(SerializationError, match=r"metadata of stream 's'\['owner'\]"):
+            await store.set_stream_metadata("s", {"owner": "\x00"})
+        with pytest.raises(ConfigError, match=r"Snapshots\.name must not contain a NUL"):
+            Snapshots("count\x00")
+        with pytest.raises(SerializationError, match=r"snapshot 'count' of 's'\['x'\]"):
+            await store.save_snapshot("s", "count", 0, {"x": "\x00"})
+        # a bad append does not take the appends queued beside it down with it
+        results = await asyncio.gather(
+            store.append("ok-1", events("A")),
+            store.append("s", [NewEvent("A", {"a": "\x00"})]),
+            store.append("ok-2", events("A")),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], SerializationError)
+        assert [e.stream for e in await store.read_all()] == ["ok-1", "ok-2"]
+        assert await store.stream_info("s") is None
+        # a backslash followed by "u0000" is ordinary text
+        await store.append("s", [NewEvent("A", {"path": "C:\\u0000"}, {"m": "\\u0000"})])
+        (stored,) = await store.read_stream("s")
+        assert (stored.data, stored.metadata) == ({"path": "C:\\u0000"}, {"m": "\\u0000"})
+
     async def test_a_closed_store_opens_again(self, store: EventStore) -> None:
         await store.append("s", events("A"))
         await store.aclose()
