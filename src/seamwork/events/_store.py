@@ -157,7 +157,11 @@ class EventStore(OpenClose, ABC):
 
     @abstractmethod
     async def save_snapshot(self, stream: str, name: str, version: int, state: Any) -> None:
-        """Store ``state`` (JSON) as the ``name`` snapshot of ``stream`` at ``version``."""
+        """Store ``state`` (JSON) as the ``name`` snapshot of ``stream`` at ``version``.
+
+        A snapshot already stored at that version is replaced: the last save wins, so a
+        snapshot written by a faulty ``encode`` can be put right by saving it again.
+        """
 
     @abstractmethod
     async def load_snapshot(

@@ -328,7 +328,8 @@ class PostgresEventStore(EventStore):
         async def save(conn: AsyncConn) -> None:
             await conn.execute(
                 "INSERT INTO seamwork_snapshots (stream, name, version, state) "
-                "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                "VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (stream, name, version) DO UPDATE SET state = excluded.state",
                 (stream, name, version, text),
             )
 

@@ -294,6 +294,16 @@ class EventStoreContract:
         early = await store.load("s", count, 0, as_of_version=3, snapshots=policy)
         assert early == await store.load("s", count, 0, as_of_version=3)
 
+    async def test_a_snapshot_saved_again_at_its_version_replaces_the_old_one(
+        self, store: EventStore
+    ) -> None:
+        await store.append("s", events("A", "B", "C", "D"))
+        await store.save_snapshot("s", "count", 3, {"n": 1})
+        await store.save_snapshot("s", "count", 3, {"n": 2})  # e.g. a fixed encode
+        assert await store.load_snapshot("s", "count", 2**62) == (3, {"n": 2})
+        policy: Snapshots[int] = Snapshots("count", every=1, decode=lambda v: int(v["n"]))
+        assert await store.load("s", count, 0, snapshots=policy) == 2
+
     async def test_upcasters_bring_old_shapes_forward(self, tmp_path: Path) -> None:
         old = await self.make_store(tmp_path)
         async with old:
