@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
+import time
 import uuid
 from pathlib import Path
 from typing import NoReturn
@@ -100,3 +102,46 @@ async def test_a_driver_failure_is_the_same_error_alone_and_in_a_batch(pg_dsn: s
         assert str(in_batch).startswith(f"append to '{too_long[:20]}")
         assert [type(r).__name__ for r in (results[0], results[2])] == ["AppendResult"] * 2
         assert [e.stream for e in await store.read_all()] == ["ok-1", "ok-2"]
+
+
+async def _terminate_listener(dsn: str, application: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cursor = await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = %s AND query = 'LISTEN seamwork_events'",
+            (application,),
+        )
+        assert [row[0] for row in await cursor.fetchall()] == [True]
+
+
+async def test_a_live_subscriber_is_woken_by_notifications_again_after_the_listener_dies(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    application = f"seamwork-test-{uuid.uuid4().hex[:12]}"
+    poll = 30.0  # a subscriber left to polling would wait this long
+    store = EventStore.postgres(f"{pg_dsn} application_name={application}", poll_interval=poll)
+    seen: asyncio.Queue[str] = asyncio.Queue()
+
+    async def follow() -> None:
+        async for event in store.subscribe():
+            seen.put_nowait(event.type)
+
+    async def lag(type_: str) -> float:
+        started = time.monotonic()
+        await store.append("s", [NewEvent(type_)])
+        assert await asyncio.wait_for(seen.get(), poll / 3) == type_
+        return time.monotonic() - started
+
+    async with store:
+        subscriber = asyncio.create_task(follow())
+        try:
+            await asyncio.sleep(0.3)  # live, and the listener is up
+            assert await lag("Before") < 2.0
+            with caplog.at_level(logging.WARNING, logger="seamwork.storage"):
+                await _terminate_listener(pg_dsn, application)
+                assert await lag("Right after") < 5.0
+                assert await lag("Later") < 2.0
+            assert any("listener" in r.getMessage() for r in caplog.records)
+        finally:
+            subscriber.cancel()
+            await asyncio.gather(subscriber, return_exceptions=True)

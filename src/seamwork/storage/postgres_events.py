@@ -19,13 +19,15 @@ only its own append) - one round trip and one WAL flush for the whole batch.
 An append's events travel as one JSON text (jsonb), built on the client with the C
 encoder: psycopg's per-element array dumping cost more than the rest of an append.
 Subscribers are woken by ``LISTEN seamwork_events``; ``poll_interval`` bounds the wait
-when the notification was for events not yet below the horizon.
+when the notification was for events not yet below the horizon. A listening connection
+that dies is reopened (and the subscribers woken once, for what it may have missed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from json.encoder import encode_basestring as _quote
@@ -33,7 +35,13 @@ from typing import Any, NamedTuple
 
 import psycopg
 
-from seamwork.errors import ConfigError, EventStoreError, SeamworkError, WrongExpectedVersion
+from seamwork.errors import (
+    ConfigError,
+    EventStoreError,
+    SeamworkError,
+    StoreUnavailable,
+    WrongExpectedVersion,
+)
 from seamwork.events._model import (
     ANY,
     AppendResult,
@@ -168,6 +176,10 @@ EVENT_MIGRATIONS = (
         ),
     ),
 )
+
+_RELISTEN_FIRST_DELAY = 0.05  # seconds before a lost listener connects again, doubling
+_RELISTEN_MAX_DELAY = 2.0
+log = logging.getLogger("seamwork.storage")
 
 _APPEND_SQL = b"SELECT * FROM seamwork_append_events(%b::text, %b::text, %b::jsonb, %b::float8)"
 _APPEND_BATCH_SQL = b"SELECT * FROM seamwork_append_batch(%b::jsonb, %b::float8)"
@@ -398,14 +410,43 @@ class PostgresEventStore(EventStore):
 
     async def _listen(self) -> None:
         self._notified = asyncio.Event()
-        self._listener = await connect(self._dsn, autocommit=True, what="event listener")
-        await self._listener.execute("LISTEN seamwork_events")
-        self._listen_task = asyncio.create_task(self._relay_notifications(self._listener))
+        self._listener = await self._open_listener()
+        self._listen_task = asyncio.create_task(
+            self._relay_notifications(), name="seamwork-event-listener"
+        )
 
-    async def _relay_notifications(self, conn: AsyncConn) -> None:
-        async for _ in conn.notifies():
-            if self._notified is not None:
-                self._notified.set()
+    async def _open_listener(self) -> AsyncConn:
+        conn = await connect(self._dsn, autocommit=True, what="event listener")
+        try:
+            await conn.execute("LISTEN seamwork_events")
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _relay_notifications(self) -> None:
+        """Wake subscribers on each notification; when the listening connection dies,
+        open another (subscribers would otherwise only find events by polling)."""
+        notified = self._notified
+        assert notified is not None
+        delay = _RELISTEN_FIRST_DELAY
+        while True:
+            try:
+                if self._listener is None:
+                    self._listener = await self._open_listener()
+                    log.info("event listener is listening again")
+                    delay = _RELISTEN_FIRST_DELAY
+                    notified.set()  # events may have been appended while it was away
+                async for _ in self._listener.notifies():
+                    notified.set()
+                raise psycopg.OperationalError("the notification stream ended")
+            except (psycopg.Error, StoreUnavailable) as exc:
+                log.warning("event listener lost its connection (%s); reconnecting", exc)
+                lost, self._listener = self._listener, None
+                if lost is not None:
+                    await lost.close()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RELISTEN_MAX_DELAY)
 
     async def _fetch_events(
         self, sql: str, params: tuple[Any, ...]
