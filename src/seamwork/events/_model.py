@@ -183,7 +183,8 @@ class AppendResult:
 
 @dataclass(frozen=True, slots=True)
 class StreamInfo:
-    """A stream's current version (-1: no events), metadata and deletion mark."""
+    """A stream's current version (-1: no events, e.g. only metadata, or deleted),
+    metadata and deletion mark."""
 
     stream: str
     version: int

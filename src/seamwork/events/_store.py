@@ -153,7 +153,12 @@ class EventStore(OpenClose, ABC):
 
     @abstractmethod
     async def stream_info(self, stream: str) -> StreamInfo | None:
-        """Version, metadata and deletion mark of a stream, or None if it never existed."""
+        """Version, metadata and deletion mark of a stream, or None if the store knows
+        nothing of it.
+
+        A stream exists once it has events or metadata: a stream with metadata but no
+        events has version -1 (and still accepts ``NO_STREAM``), as does a deleted one.
+        """
 
     @abstractmethod
     async def save_snapshot(self, stream: str, name: str, version: int, state: Any) -> None:

@@ -350,6 +350,19 @@ class EventStoreContract:
         assert info is not None
         assert info.metadata == {"owner": "orders", "max_age": 3600}  # refusals change nothing
 
+    async def test_metadata_alone_makes_a_stream_known_at_version_minus_one(
+        self, store: EventStore
+    ) -> None:
+        await store.set_stream_metadata("s", {"owner": "orders"})
+        info = await store.stream_info("s")
+        assert info is not None
+        assert (info.version, info.metadata, info.deleted) == (-1, {"owner": "orders"}, False)
+        assert await store.read_stream("s") == []
+        await store.append("s", events("A"), expected_version=NO_STREAM)  # still no events
+        info = await store.stream_info("s")
+        assert info is not None
+        assert (info.version, info.metadata) == (0, {"owner": "orders"})
+
     async def test_a_soft_deleted_stream_reads_empty_and_can_start_again(
         self, store: EventStore
     ) -> None:
