@@ -70,11 +70,10 @@ class Snapshots(Generic[S]):
     decode: Callable[[Any], S] = _identity
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise ConfigError("Snapshots.name must be a non-empty string")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"Snapshots.name must be a non-empty string, got {self.name!r}")
         check_no_nul(self.name, "Snapshots.name")
-        if self.every < 1:
-            raise ConfigError(f"Snapshots.every must be >= 1, got {self.every}")
+        _check_int("Snapshots.every", self.every, 1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,14 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from seamwork.errors import ConfigError, UpcastError
-from seamwork.events._model import RecordedEvent
+from seamwork.events._model import _MAX_SCHEMA_VERSION, RecordedEvent
 
 UpcastFn = Callable[[dict[str, Any]], Mapping[str, Any]]
+
+
+def _check_type(name: str, value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must be a non-empty event type name, got {value!r}")
 
 
 class Upcasters:
@@ -45,10 +50,20 @@ class Upcasters:
     ) -> None:
         """Turn ``type`` events of ``from_version`` into version ``from_version + 1``
         (optionally renamed ``to_type``) with ``fn(data) -> data``."""
+        _check_type("type", type)
+        if to_type is not None:
+            _check_type("to_type", to_type)
+        if (
+            isinstance(from_version, bool)
+            or not isinstance(from_version, int)
+            or not 1 <= from_version < _MAX_SCHEMA_VERSION
+        ):
+            raise ConfigError(
+                f"from_version must be an int from 1 to {_MAX_SCHEMA_VERSION - 1} "
+                f"(a schema version with one after it), got {from_version!r}"
+            )
         if (type, from_version) in self._steps:
             raise ConfigError(f"an upcaster for ({type!r}, {from_version}) is already registered")
-        if from_version < 1:
-            raise ConfigError(f"from_version must be >= 1, got {from_version}")
         if not callable(fn):
             raise ConfigError(f"upcaster for ({type!r}, {from_version}) must be callable")
         target = to_type or type
