@@ -53,6 +53,16 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ConfigError(f"{name} must be below 2**63, got {value}")
 
 
+def check_snapshot_key(stream: str, name: object, version_field: str, version: object) -> None:
+    """Raise ``ConfigError`` naming the field unless a snapshot's stream, name and
+    version are usable (checked before a snapshot is stored or looked up)."""
+    check_stream_name(stream)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"a snapshot name must be a non-empty string, got {name!r}")
+    check_no_nul(name, "a snapshot name")
+    _check_int(version_field, version, 0)
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshots(Generic[S]):
     """How to snapshot one kind of state derived from a stream.

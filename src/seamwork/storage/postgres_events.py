@@ -55,7 +55,7 @@ from seamwork.events._model import (
     encode_json,
     encode_stream_metadata,
 )
-from seamwork.events._store import EventStore
+from seamwork.events._store import EventStore, check_snapshot_key
 from seamwork.events._upcast import Upcasters
 from seamwork.storage._pg import (
     AsyncConn,
@@ -335,6 +335,7 @@ class PostgresEventStore(EventStore):
         return StreamInfo(stream, -1 if row[2] else int(row[0]), dict(row[1]), bool(row[2]))
 
     async def save_snapshot(self, stream: str, name: str, version: int, state: Any) -> None:
+        check_snapshot_key(stream, name, "version", version)
         text = encode_json(state, f"snapshot {name!r} of {stream!r}")
 
         async def save(conn: AsyncConn) -> None:
@@ -350,6 +351,7 @@ class PostgresEventStore(EventStore):
     async def load_snapshot(
         self, stream: str, name: str, max_version: int
     ) -> tuple[int, Any] | None:
+        check_snapshot_key(stream, name, "max_version", max_version)
         row = await self._fetchone(
             "SELECT s.version, s.state FROM seamwork_snapshots s "
             "JOIN seamwork_streams t ON t.stream = s.stream "

@@ -48,7 +48,7 @@ from seamwork.events._model import (
     encode_json,
     encode_stream_metadata,
 )
-from seamwork.events._store import EventStore
+from seamwork.events._store import EventStore, check_snapshot_key
 from seamwork.events._upcast import Upcasters
 from seamwork.storage._sqlite_writer import Migration, SQLiteWriter, Synchronous
 
@@ -333,6 +333,7 @@ class SQLiteEventStore(EventStore):
         return StreamInfo(stream, version, loads(row[1]), bool(row[2]))
 
     async def save_snapshot(self, stream: str, name: str, version: int, state: Any) -> None:
+        check_snapshot_key(stream, name, "version", version)
         text = encode_json(state, f"snapshot {name!r} of {stream!r}")
         await self._writer.write(
             lambda conn: conn.execute(
@@ -345,6 +346,7 @@ class SQLiteEventStore(EventStore):
     async def load_snapshot(
         self, stream: str, name: str, max_version: int
     ) -> tuple[int, Any] | None:
+        check_snapshot_key(stream, name, "max_version", max_version)
         row = await self._reader.read(
             lambda conn: conn.execute(
                 "SELECT s.version, s.state FROM seamwork_snapshots s "

@@ -304,6 +304,26 @@ class EventStoreContract:
         policy: Snapshots[int] = Snapshots("count", every=1, decode=lambda v: int(v["n"]))
         assert await store.load("s", count, 0, snapshots=policy) == 2
 
+    async def test_a_snapshot_with_a_bad_key_is_refused_by_name_and_not_stored(
+        self, store: EventStore
+    ) -> None:
+        await store.append("s", events("A", "B", "C"))
+        bad: list[tuple[tuple[Any, Any, Any], str]] = [
+            (("s", "count", 1.5), "version"),
+            (("s", "count", "1"), "version"),
+            (("s", "count", -1), "version"),
+            (("s", "count", True), "version"),
+            (("s", "", 1), "snapshot name"),
+            (("s", None, 1), "snapshot name"),
+            (("", "count", 1), "stream name"),
+        ]
+        for (stream, name, version), field in bad:
+            with pytest.raises(ConfigError, match=field):
+                await store.save_snapshot(stream, name, version, 3)
+            with pytest.raises(ConfigError, match=field):
+                await store.load_snapshot(stream, name, version)
+        assert await store.load_snapshot("s", "count", 2**62) is None
+
     async def test_upcasters_bring_old_shapes_forward(self, tmp_path: Path) -> None:
         old = await self.make_store(tmp_path)
         async with old:
