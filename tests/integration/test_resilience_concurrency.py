@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
+from types import FrameType
 
 import pytest
 
@@ -214,6 +216,41 @@ def test_thread_burst_queued_callers_run_when_slots_free_in_time() -> None:
     assert peak[0] <= 10
     assert done.count("rejected") == 70
     assert done.count("ran") == 30
+
+
+class Interrupted(BaseException):
+    """What a signal handler raises into a blocked thread (as KeyboardInterrupt does)."""
+
+
+def test_a_sync_waiter_interrupted_in_the_queue_gives_its_slot_back() -> None:
+    bulkhead = Bulkhead("db", 1, max_queue=1, max_wait=5.0)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        release.wait(10)
+
+    holder = threading.Thread(target=bulkhead.call_sync, args=(hold,))
+    holder.start()
+    assert entered.wait(10)
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            bulkhead.call_sync(lambda: "never")  # queued behind the holder, then interrupted
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert bulkhead.stats().queued == 0  # the interrupted caller left the queue
+    release.set()
+    holder.join(10)
+    stats = bulkhead.stats()
+    assert (stats.active, stats.queued) == (0, 0)  # the holder's slot came back
+    assert bulkhead.call_sync(lambda: "ok") == "ok"
 
 
 def _check_burst(outcomes: list[tuple[str, float]], max_wait: float) -> None:

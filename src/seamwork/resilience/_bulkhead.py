@@ -200,7 +200,13 @@ class Bulkhead(Policy):
 
     def _wait_sync(self) -> None:
         waiter = self._enqueue(_SyncWaiter())
-        if not waiter.event.wait(self.max_wait) and self._withdraw(waiter):
+        try:
+            woken = waiter.event.wait(self.max_wait)
+        except BaseException:  # KeyboardInterrupt, or whatever a signal handler raises
+            if not self._withdraw(waiter):
+                self._leave()  # interrupted while handed a slot: pass it on
+            raise
+        if not woken and self._withdraw(waiter):
             raise self._full("timed out in the queue")
 
     def _enqueue(self, waiter: W) -> W:
