@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import threading
 import time
@@ -251,6 +252,45 @@ def test_a_sync_waiter_interrupted_in_the_queue_gives_its_slot_back() -> None:
     stats = bulkhead.stats()
     assert (stats.active, stats.queued) == (0, 0)  # the holder's slot came back
     assert bulkhead.call_sync(lambda: "ok") == "ok"
+
+
+def test_a_waiter_whose_event_loop_closed_does_not_take_the_slot_with_it() -> None:
+    bulkhead = Bulkhead("db", 1, max_queue=1, max_wait=5.0)
+    entered, release = threading.Event(), threading.Event()
+    holder_saw: list[object] = []
+
+    def hold() -> str:
+        entered.set()
+        release.wait(10)
+        return "held"
+
+    def holder() -> None:
+        try:
+            holder_saw.append(bulkhead.call_sync(hold))
+        except BaseException as error:
+            holder_saw.append(error)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert entered.wait(10)
+    loop = asyncio.new_event_loop()
+
+    async def queue_a_waiter() -> asyncio.Task[str]:
+        task = asyncio.create_task(bulkhead.call(asyncio.sleep, 0, "never"))
+        while bulkhead.stats().queued == 0:
+            await asyncio.sleep(0)
+        return task
+
+    waiting = loop.run_until_complete(queue_a_waiter())
+    loop.close()  # with its task still queued: nobody is left to take a slot there
+    release.set()
+    thread.join(10)
+    assert holder_saw == ["held"]  # releasing the slot raised nothing into the holder
+    assert bulkhead.call_sync(lambda: "ok") == "ok"  # the slot was passed on, not lost
+    del waiting
+    gc.collect()  # the dead waiter's coroutine is closed: it must not free a slot again
+    stats = bulkhead.stats()
+    assert (stats.active, stats.queued) == (0, 0)
 
 
 def _check_burst(outcomes: list[tuple[str, float]], max_wait: float) -> None:

@@ -90,24 +90,32 @@ class BulkheadStats:
 
 
 class _AsyncWaiter:
-    __slots__ = ("future", "loop")
+    __slots__ = ("future", "loop", "passed_on")
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.future: asyncio.Future[None] = self.loop.create_future()
+        self.passed_on = False  # the slot it was handed went to the next waiter
 
-    def wake(self) -> None:
-        self.loop.call_soon_threadsafe(_resolve, self.future)
+    def wake(self) -> bool:
+        """Hand over the slot; False if the waiter's loop is closed (nobody can take it)."""
+        try:
+            self.loop.call_soon_threadsafe(_resolve, self.future)
+        except RuntimeError:
+            return False
+        return True
 
 
 class _SyncWaiter:
-    __slots__ = ("event",)
+    __slots__ = ("event", "passed_on")
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self.passed_on = False
 
-    def wake(self) -> None:
+    def wake(self) -> bool:
         self.event.set()
+        return True
 
 
 class Bulkhead(Policy):
@@ -158,11 +166,11 @@ class Bulkhead(Policy):
         try:
             return await fn(*args, **kwargs)
         finally:
-            lock.acquire()  # _leave, inlined: it is half the cost of a call
+            lock.acquire()  # leave and hand over, inlined: half the cost of a call
             successor = self._admission.leave()
             lock.release()
-            if successor is not None:
-                successor.wake()
+            if successor is not None and not successor.wake():
+                self._pass_on(successor)
 
     def call_sync(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         lock = self._lock
@@ -176,11 +184,11 @@ class Bulkhead(Policy):
         try:
             return fn(*args, **kwargs)
         finally:
-            lock.acquire()  # _leave, inlined: it is half the cost of a call
+            lock.acquire()  # leave and hand over, inlined: half the cost of a call
             successor = self._admission.leave()
             lock.release()
-            if successor is not None:
-                successor.wake()
+            if successor is not None and not successor.wake():
+                self._pass_on(successor)
 
     async def _wait_async(self) -> None:
         waiter = self._enqueue(_AsyncWaiter())
@@ -195,7 +203,7 @@ class Bulkhead(Policy):
                 raise
             if timed_out:  # handed a slot just as the wait ran out: use it
                 return
-            self._leave()  # cancelled while handed a slot: pass it on
+            self._pass_on(waiter)  # cancelled while handed a slot (or its loop closed)
             raise
 
     def _wait_sync(self) -> None:
@@ -204,7 +212,7 @@ class Bulkhead(Policy):
             woken = waiter.event.wait(self.max_wait)
         except BaseException:  # KeyboardInterrupt, or whatever a signal handler raises
             if not self._withdraw(waiter):
-                self._leave()  # interrupted while handed a slot: pass it on
+                self._pass_on(waiter)  # interrupted while handed a slot
             raise
         if not woken and self._withdraw(waiter):
             raise self._full("timed out in the queue")
@@ -220,15 +228,21 @@ class Bulkhead(Policy):
         with self._lock:
             return self._admission.abandon(waiter)
 
-    def _leave(self) -> None:
-        lock = self._lock
-        lock.acquire()
-        try:
-            successor = self._admission.leave()
-        finally:
-            lock.release()
-        if successor is not None:
-            successor.wake()
+    def _pass_on(self, waiter: _AsyncWaiter | _SyncWaiter) -> None:
+        """Give the slot ``waiter`` was handed but will not use to the next waiter.
+
+        Exactly once per waiter: a waiter whose loop closed is passed over by the caller
+        that woke it, and later its coroutine is closed (GeneratorExit) and lands here too.
+        """
+        while True:
+            with self._lock:
+                if waiter.passed_on:
+                    return
+                waiter.passed_on = True
+                successor = self._admission.leave()
+            if successor is None or successor.wake():
+                return
+            waiter = successor
 
     def _full(self, why: str) -> BulkheadFullError:
         return BulkheadFullError(f"bulkhead {self.name!r}: {why}")
