@@ -267,7 +267,8 @@ class Bulkheads(Mapping[str, Bulkhead]):
     """One bulkhead per dependency: ``Bulkheads({"payments": 10, "catalog": 20})``.
 
     Args:
-        limits: dependency name -> ``max_concurrent`` (or a ready ``Bulkhead``).
+        limits: dependency name -> ``max_concurrent`` (or a ready ``Bulkhead`` of that
+            name: its errors and stats name it, so the key must agree).
         max_queue, max_wait, clock: applied to every bulkhead built from an int.
     """
 
@@ -281,6 +282,12 @@ class Bulkheads(Mapping[str, Bulkhead]):
     ) -> None:
         if not isinstance(limits, Mapping) or not limits:
             raise ConfigError("limits must be a non-empty mapping of name -> max_concurrent")
+        for name, limit in limits.items():
+            if isinstance(limit, Bulkhead) and limit.name != name:
+                raise ConfigError(
+                    f"limits[{name!r}] is a Bulkhead named {limit.name!r}: a ready bulkhead "
+                    "must be listed under its own name"
+                )
         self._pools = {
             name: limit
             if isinstance(limit, Bulkhead)

@@ -92,3 +92,9 @@ async def test_a_bad_max_wait_for_one_acquire_is_refused_and_takes_no_token() ->
     stats = limiter.stats()
     assert (stats.admitted_total, stats.rejected_total) == (0, 0)
     assert limiter.try_acquire()  # the one token is still there
+
+
+def test_a_ready_bulkhead_under_another_dependency_name_is_refused() -> None:
+    # Its errors and its stats would name "catalog" while it guards "payments".
+    with pytest.raises(ConfigError, match=r"limits\['payments'\] is a Bulkhead named 'catalog'"):
+        Bulkheads({"payments": Bulkhead("catalog", 1)})

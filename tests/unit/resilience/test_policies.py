@@ -111,6 +111,16 @@ def test_bulkheads_give_one_pool_per_dependency() -> None:
     assert pools["payments"] is not pools["catalog"]
 
 
+def test_bulkheads_take_a_ready_bulkhead_under_its_own_name() -> None:
+    payments = Bulkhead("payments", 3, max_queue=1)
+    pools = Bulkheads({"payments": payments, "catalog": 20})
+    assert pools["payments"] is payments
+    assert {name: stats.name for name, stats in pools.stats().items()} == {
+        "payments": "payments",
+        "catalog": "catalog",
+    }
+
+
 async def test_rate_limiter_rejects_over_the_rate_and_refills() -> None:
     clock = ManualClock()
     limiter = RateLimiter(2.0, burst=2, clock=clock)
