@@ -655,6 +655,27 @@ async def test_a_step_result_that_is_not_json_is_an_uncertain_failure(db: Path) 
     assert ledger.kinds("undo") == ["charge"]
 
 
+async def test_data_with_a_non_string_key_is_refused_not_rewritten_as_a_string(
+    db: Path,
+) -> None:
+    # JSON would store {7: "x"} as {"7": "x"}: the saga would see ctx.data[7] while it
+    # runs in this process and ctx.data["7"] after a recovery.
+    ledger = Ledger()
+    odd = Step("charge", ledger.action("charge", result={7: "x"}), compensate=ledger.undo("charge"))
+    saga = Saga("order", steps=chain(ledger, "charge", charge=odd))
+    async with SagaOrchestrator(SQLiteStore(db), [saga]) as orch:
+        with pytest.raises(SerializationError, match=r"saga data\[1\]"):
+            await orch.start("order", {1: "x"}, saga_id="s-0")  # type: ignore[dict-item]
+        assert await orch.get("s-0") is None
+        final = await (await orch.start("order", {"order_id": 1}, saga_id="s-1")).wait()
+        stored = await orch.get("s-1")
+    assert stored is not None
+    assert stored.context == final.context == {"order_id": 1}
+    assert final.status is SagaStatus.FAILED
+    assert "[7]" in (final.failure_reason or "")
+    assert ledger.kinds("undo") == ["charge"]
+
+
 async def _noop(ctx: StepContext) -> None:
     return None
 

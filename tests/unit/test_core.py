@@ -70,6 +70,26 @@ def test_codec_names_the_path_of_an_unserializable_value() -> None:
         dumps({"total": float("inf")})
 
 
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [
+        ({"lines": {1: "x"}}, r"data\['lines'\]\[1\]"),
+        ([{"ok": 1}, {True: "x"}], r"data\[1\]\[True\]"),
+        ({None: 1}, r"data\[None\]"),
+        ({"total": {2.5: 1}}, r"data\['total'\]\[2\.5\]"),
+    ],
+)
+def test_codec_refuses_a_key_json_would_turn_into_a_string(value: object, where: str) -> None:
+    # json writes {1: "x"} as {"1": "x"}: what is read back would not be what was given.
+    with pytest.raises(SerializationError, match=where + ".*str"):
+        dumps(value, what="data")
+
+
+def test_codec_keeps_string_keys_that_look_like_numbers_or_constants() -> None:
+    value = {"1": {"true": [{"null": 0, "-2.5e3": "x", "ok": '{"7":'}]}, "false": None}
+    assert loads(dumps(value)) == value
+
+
 @given(
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.text(),

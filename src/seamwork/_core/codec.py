@@ -1,28 +1,44 @@
 """The JSON codec every store and broker uses.
 
-Strict on the way in: NaN and infinities are refused, and a value JSON cannot hold
-raises ``SerializationError`` naming where it sits (``data['order']['at']``), so bad
-input is rejected before anything is written.
+Strict on the way in: NaN and infinities are refused, and so are mapping keys that
+are not strings (json would write ``{1: "x"}`` as ``{"1": "x"}``, so what is read back
+would differ from what was given); a value JSON cannot hold raises
+``SerializationError`` naming where it sits (``data['order']['at']``), so bad input
+is rejected before anything is written.
+
+The value is walked only when something is wrong: when encoding fails, or when the
+text holds a key that reads like a number, ``true``, ``false`` or ``null`` (how json
+writes a non-string key; a string key like ``"1"`` looks the same, and passes).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from seamwork.errors import SerializationError
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _SCALARS = (str, int, float, bool, type(None))
+# What a key json wrote from an int, float, bool or None looks like: a whole quoted
+# key (`":` ends only keys) that reads as a number or a constant. A quote escaped in a
+# string cannot end one. Searched on the text (a sixth of the cost of encoding it).
+_ODD_KEY = re.compile(r'"(?:[-0-9][0-9.eE+-]*|true|false|null)":')
 
 
 def dumps(value: Any, *, what: str = "value") -> str:
     """Encode ``value`` as compact JSON; ``what`` names it in the error message."""
     try:
-        return _ENCODER.encode(value)
+        text = _ENCODER.encode(value)
     except (TypeError, ValueError) as exc:
         path, reason = _first_problem(value, what)
         raise SerializationError(f"{path} is not JSON-serializable: {reason}") from exc
+    if _ODD_KEY.search(text) is not None:
+        path, reason = _first_problem(value, what)
+        if reason != "unknown":  # not just a string key that reads like a number
+            raise SerializationError(f"{path} is not JSON-serializable: {reason}")
+    return text
 
 
 def loads(text: str | bytes) -> Any:
@@ -43,8 +59,8 @@ def _first_problem(value: Any, path: str, seen: set[int] | None = None) -> tuple
     seen.add(id(value))
     items = value.items() if isinstance(value, dict) else enumerate(value)
     for key, item in items:
-        if isinstance(value, dict) and not isinstance(key, str | int | float | bool | type(None)):
-            return f"{path}[{key!r}]", f"key of type {type(key).__name__}"
+        if isinstance(value, dict) and not isinstance(key, str):
+            return f"{path}[{key!r}]", f"key of type {type(key).__name__} (keys must be str)"
         label = f"{path}[{key!r}]" if isinstance(value, dict) else f"{path}[{key}]"
         found = _first_problem(item, label, seen)
         if found[1] != "unknown":
