@@ -468,6 +468,35 @@ async def test_cancel_of_a_completed_saga_is_refused(db: Path) -> None:
             await orch.cancel("s-1")
 
 
+async def test_cancel_of_a_saga_that_completes_while_the_cancel_is_pending_is_refused(
+    db: Path,
+) -> None:
+    ledger = Ledger()
+    saga = Saga("order", steps=chain(ledger, "a"))
+    store = SQLiteStore(db)
+    real_save = store.save
+    saving, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_save(state: SagaState, events: Any, **kw: Any) -> None:
+        if any(e.event == "saga_completed" for e in events):  # the last step's commit
+            saving.set()
+            await release.wait()
+        await real_save(state, events, **kw)
+
+    store.save = slow_save  # type: ignore[method-assign]
+    async with SagaOrchestrator(store, [saga]) as orch:
+        run = await orch.start("order", {}, saga_id="s-1")
+        await saving.wait()
+        cancel = asyncio.create_task(orch.cancel("s-1"))
+        await asyncio.sleep(0.01)
+        release.set()
+        with pytest.raises(InvalidSagaOperation, match="completed"):
+            await asyncio.wait_for(cancel, 5.0)  # as for a saga completed before the cancel
+        final = await asyncio.wait_for(run.wait(), 5.0)
+    assert final.status is SagaStatus.COMPLETED
+    assert ledger.kinds("undo") == []
+
+
 # --- identity, restarts, versions ---------------------------------------------------------
 
 

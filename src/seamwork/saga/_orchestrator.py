@@ -322,7 +322,13 @@ class SagaOrchestrator(Driver, OpenClose):
         """Stop a running saga and compensate what it applied; returns once that is stored.
 
         The step in flight, if any, is interrupted; its outcome is uncertain, so it is
-        compensated too.
+        compensated too. A saga already compensating is returned as it is.
+
+        Raises:
+            InvalidSagaOperation: the saga is not running here: it completed (also when
+                it completes while the cancel waits for the step in flight or the commit
+                under way: nothing is undone), failed, is stuck, or another process runs
+                it.
         """
         self._require_open()
         run = self._runs.get(saga_id)
@@ -333,16 +339,19 @@ class SagaOrchestrator(Driver, OpenClose):
             raise InvalidSagaOperation(
                 f"saga {saga_id!r} is {state.status.value} and not run by this orchestrator"
             )
-        if run.state.status is not SagaStatus.RUNNING:
-            return run.state
-        run.interrupt(reason)
-        waiters: set[asyncio.Future[Any]] = {
-            asyncio.ensure_future(run.cancelled.wait()),
-            asyncio.shield(run.done),
-        }
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for waiter in waiters:
-            waiter.cancel()
+        if run.state.status is SagaStatus.RUNNING:
+            run.interrupt(reason)
+            waiters: set[asyncio.Future[Any]] = {
+                asyncio.ensure_future(run.cancelled.wait()),
+                asyncio.shield(run.done),
+            }
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+        if run.state.status is SagaStatus.COMPLETED:  # its last step landed first
+            raise InvalidSagaOperation(
+                f"saga {saga_id!r} is completed: it finished before the cancel took hold"
+            )
         return run.state
 
     @property
