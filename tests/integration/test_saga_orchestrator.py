@@ -907,3 +907,40 @@ async def test_listing_with_an_unknown_status_is_refused_naming_it(db: Path) -> 
             await orch.list(status="sleeping")
         with pytest.raises(ConfigError, match="limit"):
             await orch.list(limit=-1)
+
+
+async def test_a_cancel_whose_commit_fails_rereads_the_row_and_still_compensates(
+    db: Path,
+) -> None:
+    ledger = Ledger()
+    saga = Saga("order", steps=chain(ledger, "reserve", "ship"))
+    store = SQLiteStore(db)
+    real_save = store.save
+    saving, release = asyncio.Event(), asyncio.Event()
+    failed: list[str] = []
+
+    async def flaky_save(state: SagaState, events: Any, **kw: Any) -> None:
+        names = [e.event for e in events]
+        if "completed" in names and state.completed_steps == ("reserve",):
+            saving.set()  # the cancel arrives while this commit is under way
+            await release.wait()
+        if "cancelled" in names and not failed:
+            failed.append("cancelled")
+            raise StoreError("commit failed (injected; nothing written)")
+        await real_save(state, events, **kw)
+
+    store.save = flaky_save  # type: ignore[method-assign]
+    async with SagaOrchestrator(store, [saga]) as orch:
+        run = await orch.start("order", {}, saga_id="s-1")
+        await saving.wait()
+        cancel = asyncio.create_task(orch.cancel("s-1"))
+        await asyncio.sleep(0.01)
+        release.set()
+        cancelled = await asyncio.wait_for(cancel, 5.0)
+        final = await asyncio.wait_for(run.wait(), 5.0)  # not after the lease (30 s)
+    assert failed == ["cancelled"]
+    assert cancelled.status is SagaStatus.COMPENSATING
+    assert final.status is SagaStatus.FAILED
+    assert final.failure_reason == "cancelled by operator"
+    assert ledger.kinds("apply") == ["reserve"]
+    assert ledger.kinds("undo") == ["reserve"]

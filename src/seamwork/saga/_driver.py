@@ -117,19 +117,19 @@ class Driver:
     async def _advance(self, run: _Run) -> None:
         """Ask the machine, do what it says, persist, repeat until it says nothing."""
         while True:
-            if run.cancel_reason is not None:
-                if run.state.status is SagaStatus.RUNNING:
-                    in_flight = tuple(run.resumed)
-                    cancel = run.machine.cancel(
-                        run.state, run.cancel_reason, in_flight, self._now()
-                    )
-                    await self._commit(run, cancel)
-                run.cancelled.set()
-            action = run.machine.next_action(run.state)
-            # A store error under a stage or compensation leaves its commit in doubt:
-            # the row is re-read, never guessed, and the step runs again under its
-            # unchanged idempotency key.
+            # A store error under a cancel, a stage or a compensation leaves its commit
+            # in doubt: the row is re-read, never guessed, and the cancel is committed
+            # again or the step runs again under its unchanged idempotency key.
             try:
+                if run.cancel_reason is not None:
+                    if run.state.status is SagaStatus.RUNNING:
+                        in_flight = tuple(run.resumed)
+                        cancel = run.machine.cancel(
+                            run.state, run.cancel_reason, in_flight, self._now()
+                        )
+                        await self._commit(run, cancel)
+                    run.cancelled.set()
+                action = run.machine.next_action(run.state)
                 if type(action) is RunStage:
                     await self._run_stage(run, action)
                 elif type(action) is Compensate:
