@@ -40,6 +40,7 @@ class _Run:
         "cancel_reason",
         "cancelled",
         "done",
+        "lease_until",
         "lock",
         "machine",
         "resumed",
@@ -48,9 +49,12 @@ class _Run:
         "task",
     )
 
-    def __init__(self, machine: SagaMachine, state: SagaState) -> None:
+    def __init__(self, machine: SagaMachine, state: SagaState, lease_until: float) -> None:
         self.machine = machine
         self.state = state
+        # When this process's lease runs out unless renewed (its monotonic clock): past
+        # it another worker may claim the saga, so the run must have stopped by then.
+        self.lease_until = lease_until
         self.task: asyncio.Task[None] | None = None
         self.done: asyncio.Future[SagaState | None] = asyncio.get_running_loop().create_future()
         self.scopes: set[asyncio.Timeout] = set()
@@ -81,7 +85,9 @@ class Driver:
     stats: dict[str, int]
 
     def _spawn(self, machine: SagaMachine, state: SagaState, *, recovered: bool = False) -> None:
-        run = _Run(machine, state)
+        now = self._clock.now()
+        expires = state.lease_expires_at if state.lease_expires_at is not None else now
+        run = _Run(machine, state, self._clock.monotonic() + expires - now)
         action = machine.next_action(state)
         if recovered and isinstance(action, RunStage):
             run.resumed = {step.name for step in action.steps}

@@ -96,7 +96,8 @@ class SagaOrchestrator(Driver, OpenClose):
             and anything that incarnation still tries to write is fenced off.
         clock: time source (``seamwork.testing.ManualClock`` in tests).
         rng: randomness for backoff jitter.
-        lease_seconds: how long a claimed saga stays leased without renewal.
+        lease_seconds: how long a claimed saga stays leased without renewal; a saga
+            whose renewals fail is stopped here before its lease runs out.
         recovery_interval: seconds between looks for sagas to claim.
         claim_batch: sagas claimed per look.
         max_running: the most sagas this process drives at once (None: no limit);
@@ -153,6 +154,7 @@ class SagaOrchestrator(Driver, OpenClose):
         self._runs: dict[str, _Run] = {}
         self._reported: set[str] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._open = False
         self.hooks = Hooks(EVENTS, log)
         if on_stuck is not None:
@@ -203,6 +205,7 @@ class SagaOrchestrator(Driver, OpenClose):
         await self._report_stranded()
         await self._recover_once(drain=True)
         self._loop_task = asyncio.create_task(self._worker_loop(), name="seamwork-saga-worker")
+        self._watch_task = asyncio.create_task(self._lease_watch(), name="seamwork-saga-leases")
 
     async def aclose(self) -> None:
         """Stop every run (it resumes on the next start), release leases, close the store."""
@@ -210,7 +213,8 @@ class SagaOrchestrator(Driver, OpenClose):
             return
         self._open = False
         owned = list(self._runs)  # read before the runs end and remove themselves
-        tasks = [t for t in (self._loop_task, *(r.task for r in self._runs.values())) if t]
+        loops = (self._loop_task, self._watch_task)
+        tasks = [t for t in (*loops, *(r.task for r in self._runs.values())) if t]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -408,17 +412,39 @@ class SagaOrchestrator(Driver, OpenClose):
         owned = list(self._runs)
         if not owned:
             return
+        began = self._clock.monotonic()  # the new expiry counts from before the call
         kept = await self._store.renew(
             self.owner, owned, now=self._clock.now(), lease_seconds=self._lease
         )
-        for saga_id in set(owned) - kept:
+        for saga_id in owned:
             run = self._runs.get(saga_id)
-            if run is not None and run.task is not None:
-                # Counted and announced like a fenced write: whichever finds out first.
-                self.stats["lease_lost"] += 1
-                log.warning("saga %s: lease lost to another owner; stopping it here", saga_id)
-                self.hooks.emit("lease_lost", run.state)
-                run.task.cancel()
+            if run is None:
+                continue
+            if saga_id in kept:
+                run.lease_until = max(run.lease_until, began + self._lease)
+            else:
+                self._stop(run, "lease lost to another owner")
+
+    async def _lease_watch(self) -> None:
+        """Stop every run whose lease runs out before the next look: renewals failed
+        (the store is unreachable from here, or too slow), and once the lease expires
+        another worker may claim the saga and run its step too. Apart from the worker
+        loop, which may be held up in a renewal for as long as the store's deadline."""
+        while True:
+            horizon = self._clock.monotonic() + self._interval
+            for run in builtins.list(self._runs.values()):
+                if run.lease_until <= horizon:
+                    self._stop(run, "lease runs out before it could be renewed")
+            await self._clock.sleep(self._interval)
+
+    def _stop(self, run: _Run, why: str) -> None:
+        if run.task is None or run.task.done():
+            return
+        # Counted and announced like a fenced write: whichever finds out first.
+        self.stats["lease_lost"] += 1
+        log.warning("saga %s: %s; stopping it here", run.state.saga_id, why)
+        self.hooks.emit("lease_lost", run.state)
+        run.task.cancel()
 
     async def _report_stranded(self) -> None:
         stranded = await self._store.stranded(list(self._machines))
