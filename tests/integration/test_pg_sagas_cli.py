@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -171,3 +172,57 @@ def test_a_malformed_dsn_is_a_one_line_error() -> None:
     assert result.exit_code == 1
     assert "Traceback" not in result.output
     assert "cannot connect" in result.output
+
+
+@pytest.mark.parametrize(
+    ("module", "source", "expected"),
+    [
+        ("bad_syntax", "def broken(:\n", "SyntaxError"),
+        ("raises_on_import", "raise RuntimeError('no config here')\n", "no config here"),
+        ("bad_factory", "def SAGAS():\n    raise ValueError('factory failed')\n", "factory failed"),
+    ],
+)
+def test_a_worker_whose_app_cannot_be_loaded_says_so_without_a_traceback(
+    pg_dsn: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    module: str,
+    source: str,
+    expected: str,
+) -> None:
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = CliRunner().invoke(app, ["worker", "--postgres", pg_dsn, "--app", f"{module}:SAGAS"])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    said = _unboxed(result.output)
+    assert f"cannot load {module}:SAGAS" in said
+    assert expected in said
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--worker-id", "w:1"], "owner must be a non-empty name without ':'"),
+        (["--lease", "1", "--interval", "1"], "recovery_interval"),
+        (["--app", f"{__name__}:TWICE"], "registered twice"),
+    ],
+)
+def test_a_worker_with_a_bad_option_is_refused_with_a_one_line_error(
+    pg_dsn: str, options: list[str], expected: str
+) -> None:
+    argv = ["worker", "--postgres", pg_dsn, "--app", f"{__name__}:V1", *options]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert expected in _unboxed(result.output)
+    assert "Traceback" not in result.output
+
+
+def TWICE() -> list[Saga]:  # the same definition listed twice
+    return [*definitions(1), *definitions(1)]
+
+
+def _unboxed(output: str) -> str:
+    """The words of a CLI message, without the box and the line breaks around them."""
+    return " ".join(output.replace("\u2502", " ").split())

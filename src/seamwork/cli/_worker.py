@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from seamwork._core import runtime
-from seamwork.errors import SeamworkError
+from seamwork.errors import ConfigError, SeamworkError
 from seamwork.saga import Saga, SagaOrchestrator, SagaStore
 
 
@@ -29,10 +29,14 @@ def load_sagas(spec: str) -> list[Saga]:
         raise typer.BadParameter(f"expected module:attribute, got {spec!r}", param_hint="--app")
     try:
         target: Any = getattr(importlib.import_module(module_name), attribute)
+        if callable(target) and not isinstance(target, Saga):
+            target = target()
     except (ImportError, AttributeError) as exc:
         raise typer.BadParameter(f"cannot load {spec}: {exc}", param_hint="--app") from exc
-    if callable(target) and not isinstance(target, Saga):
-        target = target()
+    except Exception as exc:  # the module (or the factory) itself failed: say how
+        raise typer.BadParameter(
+            f"cannot load {spec}: {type(exc).__name__}: {exc}", param_hint="--app"
+        ) from exc
     sagas = [target] if isinstance(target, Saga) else list(_iterable(target, spec))
     if not sagas or not all(isinstance(s, Saga) for s in sagas):
         raise typer.BadParameter(f"{spec} is not a list of Saga definitions", param_hint="--app")
@@ -65,23 +69,27 @@ def worker(
         raise typer.BadParameter("give exactly one of --postgres or --sqlite")
     sagas = load_sagas(app)
     store: SagaStore
-    if postgres is not None:
-        from seamwork.storage import PostgresStore
+    try:
+        if postgres is not None:
+            from seamwork.storage import PostgresStore
 
-        store = PostgresStore(postgres)
-    else:
-        from seamwork.storage import SQLiteStore
+            store = PostgresStore(postgres)
+        else:
+            from seamwork.storage import SQLiteStore
 
-        assert sqlite is not None
-        store = SQLiteStore(sqlite)
-    orchestrator = SagaOrchestrator(
-        store,
-        sagas,
-        owner=worker_id,
-        lease_seconds=lease,
-        recovery_interval=interval,
-        max_running=max_running,
-    )
+            assert sqlite is not None
+            store = SQLiteStore(sqlite)
+        orchestrator = SagaOrchestrator(
+            store,
+            sagas,
+            owner=worker_id,
+            lease_seconds=lease,
+            recovery_interval=interval,
+            max_running=max_running,
+        )
+    except ConfigError as exc:  # the options (or the definitions) do not fit together
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
     try:
         runtime.run(_serve(orchestrator))
     except SeamworkError as exc:
