@@ -944,3 +944,36 @@ async def test_a_cancel_whose_commit_fails_rereads_the_row_and_still_compensates
     assert final.failure_reason == "cancelled by operator"
     assert ledger.kinds("apply") == ["reserve"]
     assert ledger.kinds("undo") == ["reserve"]
+
+
+async def test_a_start_up_whose_recovery_fails_closes_and_can_be_tried_again(db: Path) -> None:
+    ledger = Ledger()
+    entered = asyncio.Event()
+
+    async def hang(ctx: StepContext) -> None:
+        entered.set()
+        await asyncio.sleep(3600)
+
+    hanging = Saga("order", steps=chain(ledger, "reserve", "ship", ship=Step("ship", hang)))
+    async with SagaOrchestrator(SQLiteStore(db), [hanging]) as orch:
+        await orch.start("order", {}, saga_id="s-1")
+        await entered.wait()
+    store = SQLiteStore(db)
+    real_claim = store.claim
+    failed: list[int] = []
+
+    async def flaky_claim(*args: Any, **kw: Any) -> Any:
+        if not failed:
+            failed.append(1)
+            raise StoreError("claim failed (injected)")
+        return await real_claim(*args, **kw)
+
+    store.claim = flaky_claim  # type: ignore[method-assign]
+    orch = SagaOrchestrator(store, [Saga("order", steps=chain(ledger, "reserve", "ship"))])
+    with pytest.raises(StoreError, match="claim failed"):
+        await orch.open()
+    assert orch.running == 0
+    async with orch:  # opened for real this time: recovery runs
+        state = await asyncio.wait_for(orch.handle("s-1").wait(), 5.0)
+    assert state.status is SagaStatus.COMPLETED
+    assert ledger.kinds("apply") == ["reserve", "ship"]  # reserve was not run again

@@ -202,8 +202,14 @@ class SagaOrchestrator(Driver, OpenClose):
             await self._store.aclose()
             raise
         self._open = True
-        await self._report_stranded()
-        await self._recover_once(drain=True)
+        try:
+            await self._report_stranded()
+            await self._recover_once(drain=True)
+        except BaseException:
+            # Not open after all: stop what the start-up recovery spawned, release its
+            # leases and close the store, so a later open() starts afresh.
+            await self.aclose()
+            raise
         self._loop_task = asyncio.create_task(self._worker_loop(), name="seamwork-saga-worker")
         self._watch_task = asyncio.create_task(self._lease_watch(), name="seamwork-saga-leases")
 
