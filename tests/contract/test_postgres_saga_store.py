@@ -52,3 +52,41 @@ async def test_closing_the_store_fails_a_queued_write_instead_of_stranding_it(
     except StoreError:
         return  # a clear error: fine
     assert created is True  # or it landed before the close
+
+
+async def test_an_open_that_fails_half_way_leaves_no_connection_behind(pg_dsn: str) -> None:
+    import asyncio
+    import uuid
+
+    from seamwork.errors import StoreUnavailable
+
+    role = f"seamwork_one_{uuid.uuid4().hex[:8]}"
+    schema = pg_dsn.split("search_path=")[1].rstrip("'")
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        # Room for the read pool's connection, none for the writer's: open() fails
+        # after the pool is up.
+        admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 1".encode())
+        admin.execute(f'GRANT ALL ON SCHEMA "{schema}" TO {role}'.encode())
+    try:
+        store = PostgresStore(f"{pg_dsn} user={role}")
+        with pytest.raises(StoreUnavailable, match="saga writer"):
+            await store.open()
+        left = -1
+        for _ in range(50):  # a closed connection's backend takes a moment to go
+            with psycopg.connect(pg_dsn, autocommit=True) as admin:
+                row = admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (role,)
+                ).fetchone()
+            left = row[0] if row else -1
+            if left == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert left == 0
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (role,),
+            )
+            admin.execute(f"DROP OWNED BY {role}".encode())
+            admin.execute(f"DROP ROLE {role}".encode())

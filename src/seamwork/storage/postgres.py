@@ -289,7 +289,11 @@ class PostgresStore:
         finally:
             await conn.close()
         self._pool = await open_pool(self._pool, "saga store")
-        await self._writer.start()
+        try:
+            await self._writer.start()
+        except BaseException:
+            await self._pool.close()  # not opened after all: leave no connection behind
+            raise
         self._opened = True
 
     async def aclose(self) -> None:
