@@ -100,8 +100,10 @@ class SagaOrchestrator(Driver, OpenClose):
             whose renewals fail is stopped here before its lease runs out.
         recovery_interval: seconds between looks for sagas to claim.
         claim_batch: sagas claimed per look.
-        max_running: the most sagas this process drives at once (None: no limit);
-            with several workers on one store, a limit spreads a backlog over them.
+        max_running: the most sagas this process claims to drive at once (None: no
+            limit); with several workers on one store, a limit spreads a backlog over
+            them. It caps what recovery claims, not ``start()``: a saga started here
+            always runs here (refusing it would leave the caller's request undone).
         on_stuck: called with the ``SagaState`` of a saga that gave up compensating.
         on_stranded: called with the list of sagas no registered definition can run.
     """
