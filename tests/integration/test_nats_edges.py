@@ -3,9 +3,11 @@ flow monitor after a fan-out."""
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -14,7 +16,8 @@ import pytest
 
 from seamwork.brokers import EmbeddedNats, NatsBroker
 from seamwork.errors import BrokerUnavailable, ConfigError
-from seamwork.messaging import FlowMonitor, Message
+from seamwork.messaging import Delivery, FlowMonitor, Handler, Message
+from seamwork.testing.broker import eventually
 
 
 async def test_a_batch_into_a_stream_made_without_atomic_publish_is_sent_one_by_one() -> None:
@@ -96,3 +99,58 @@ def test_a_flow_is_completed_when_its_end_arrives_after_a_side_branch() -> None:
     flow = monitor.flow("order-1")
     assert flow is not None
     assert (flow.status, flow.where) == ("completed", "orders")
+
+
+async def test_subjects_of_one_group_get_consumers_of_their_own() -> None:
+    """orders.* and orders.>, orders.a_b and orders.a.b once spelt one durable name:
+    the second subscription bound to the first one's consumer and its filter."""
+    subjects = ["p.*", "p.>", "p.a_b", "p.a.b"]
+    got: dict[str, list[str]] = {s: [] for s in subjects}
+
+    def collect(name: str) -> Handler:
+        async def handler(delivery: Delivery) -> None:
+            got[name].append(delivery.subject)
+
+        return handler
+
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        try:
+            for name in subjects:
+                await broker.subscribe(name, "g", collect(name))
+            for published in ["p.x", "p.a.b", "p.a_b"]:
+                await broker.publish(published, Message("T"))
+            expected = {
+                "p.*": ["p.x", "p.a_b"],
+                "p.>": ["p.x", "p.a.b", "p.a_b"],
+                "p.a_b": ["p.a_b"],
+                "p.a.b": ["p.a.b"],
+            }
+            await eventually(lambda: sum(map(len, got.values())) >= 7)
+            await asyncio.sleep(0.3)
+            _, js = await broker._context()
+            names = {info.name for info in await js.consumers_info("P")}
+        finally:
+            await broker.aclose()
+    assert {name: sorted(x) for name, x in got.items()} == {
+        name: sorted(x) for name, x in expected.items()
+    }
+    assert len(names) == 4
+    assert "g__p_a_b" in names  # a plain subject keeps the name earlier versions gave it
+
+
+async def test_a_consumer_left_with_the_name_but_another_filter_is_refused_not_shared() -> None:
+    async def handler(delivery: Delivery) -> None:
+        raise AssertionError("nothing is delivered to a refused subscription")
+
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        try:
+            await broker.ensure_stream("p.a.b")
+            _, js = await broker._context()
+            # what an earlier version made for g on p.a_b, which p.a.b is named now
+            await js.add_consumer("P", durable_name="g__p_a_b", filter_subject="p.a_b")
+            with pytest.raises(ConfigError, match=re.escape("filters 'p.a_b', not 'p.a.b'")):
+                await broker.subscribe("p.a.b", "g", handler)
+        finally:
+            await broker.aclose()

@@ -21,7 +21,11 @@ crashes, at the price of that pause). A retried message always comes back behind
 the ones after it; a handler that needs per-key order checks a sequence number in
 the message and raises to have an early one retried.
 
-Consumers. A group is one durable pull consumer shared by all its members. A
+Consumers. A group is one durable pull consumer per subject, shared by all its
+members; each (group, subject) has a name of its own (``_consumer_name``:
+``payments__orders_created`` for a plain one, a readable part and a hash for a
+wildcard or any other character), and a consumer of that name left filtering another
+subject is refused, not shared. A
 handler with a ``batch(deliveries)`` method (``Inbox.handler`` builds one) gets each
 fetched batch at once and returns one outcome per delivery, after its single
 commit; the messages are then acknowledged, retried or dead-lettered in order. The
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -72,6 +77,9 @@ DLQ_STREAM = "DEADLETTER"
 _MAX_ATOMIC = 1000
 _DUPLICATE_IN_BATCH = 10201
 _NAME = re.compile(r"[^A-Za-z0-9_-]")
+_PLAIN = re.compile(r"[A-Za-z0-9-]+")
+_MAX_READABLE = 200
+"""Characters of a hashed consumer name before its hash (JetStream takes 255)."""
 
 
 def stream_for(subject: str) -> str:
@@ -83,7 +91,27 @@ def stream_for(subject: str) -> str:
 
 
 def _consumer_name(group: str, subject: str) -> str:
-    return _NAME.sub("_", f"{group}__{subject}").replace(">", "all").replace("*", "any")
+    """The durable consumer of ``group`` on ``subject``: one per pair, never shared.
+
+    A group and a subject spelt with letters, digits and ``-`` only (dots between the
+    subject's tokens) keep the name earlier versions gave them: ``<group>__<tokens
+    joined by _>`` (``payments`` on ``orders.created`` -> ``payments__orders_created``).
+    Those names are distinct, since neither part holds an ``_``. Any other pair - a
+    wildcard, an ``_`` or another character in the group or the subject - would share
+    its name with another (``orders.*`` and ``orders.>``, ``orders.a_b`` and
+    ``orders.a.b``), so it is spelt readably (``*`` -> ``any``, ``>`` -> ``all``, any
+    other character ``_``) and followed by ``___`` and a hash of the exact group and
+    subject. A plain name never holds ``___``, so the two kinds cannot meet. (A group
+    of such a pair made by an earlier version gets a new consumer, which starts at the
+    stream's first message, as any new group does.)
+    """
+    tokens = subject.split(".")
+    if _PLAIN.fullmatch(group) and all(_PLAIN.fullmatch(token) for token in tokens):
+        return f"{group}__{'_'.join(tokens)}"
+    words = {"*": "any", ">": "all"}
+    readable = _NAME.sub("_", f"{group}__{'_'.join(words.get(t, t) for t in tokens)}")
+    digest = hashlib.sha256(json.dumps([group, subject]).encode()).hexdigest()[:32]
+    return f"{readable[:_MAX_READABLE]}___{digest}"
 
 
 class NatsSubscription:
@@ -337,9 +365,9 @@ class NatsBroker:
             max_ack_pending=1000,
             filter_subject=subject,
         )
-        pull = await js.pull_subscribe(
-            subject, durable=_consumer_name(group, subject), stream=stream, config=config
-        )
+        durable = _consumer_name(group, subject)
+        await self._check_consumer(js, stream, durable, subject)
+        pull = await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
         subscription = NatsSubscription()
         consumer = _Consumer(
             self, pull, subject, group, handler, max_deliver, retry_delay, ack_wait
@@ -347,6 +375,23 @@ class NatsBroker:
         subscription._task = asyncio.create_task(consumer.run(subscription.stats))
         self._subscriptions.append(subscription)
         return subscription
+
+    async def _check_consumer(
+        self, js: JetStreamContext, stream: str, durable: str, subject: str
+    ) -> None:
+        """Refuse to bind to a consumer of this name that filters another subject (an
+        earlier version gave ``orders.a_b`` the name ``orders.a.b`` has now)."""
+        try:
+            info = await js.consumer_info(stream, durable)
+        except NotFoundError:
+            return
+        made = info.config.filter_subject
+        if made != subject:
+            raise ConfigError(
+                f"consumer {durable!r} in stream {stream} filters {made!r}, not {subject!r} "
+                "(made by an earlier seamwork version for another subject): delete it "
+                "(nats consumer rm) to subscribe"
+            )
 
     async def _dead_letter(
         self, msg: Msg, subject: str, group: str, error: str, attempts: int
