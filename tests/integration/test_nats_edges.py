@@ -15,9 +15,10 @@ import nats
 import pytest
 
 from seamwork.brokers import EmbeddedNats, NatsBroker
+from seamwork.brokers.nats import DLQ_STREAM
 from seamwork.errors import BrokerUnavailable, ConfigError
-from seamwork.messaging import Delivery, FlowMonitor, Handler, Message
-from seamwork.testing.broker import eventually
+from seamwork.messaging import Delivery, FlowMonitor, Handler, Message, PoisonMessage
+from seamwork.testing.broker import eventually, until
 
 
 async def test_a_batch_into_a_stream_made_without_atomic_publish_is_sent_one_by_one() -> None:
@@ -154,3 +155,65 @@ async def test_a_consumer_left_with_the_name_but_another_filter_is_refused_not_s
                 await broker.subscribe("p.a.b", "g", handler)
         finally:
             await broker.aclose()
+
+
+async def test_a_stream_deleted_under_a_running_broker_is_made_again_to_publish() -> None:
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        try:
+            await broker.publish("p.x", Message("T"))
+            _, js = await broker._context()
+            await js.delete_stream("P")
+            await broker.publish("p.x", Message("T"))
+            await js.delete_stream("P")
+            await broker.publish_batch([("p.x", Message("T")), ("p.y", Message("T"))])
+            info = await js.stream_info("P")
+        finally:
+            await broker.aclose()
+    assert info.state.messages == 2
+
+
+async def test_a_dead_letter_stream_deleted_under_a_subscription_is_made_again() -> None:
+    calls: list[int] = []
+
+    async def poisoned(delivery: Delivery) -> None:
+        calls.append(delivery.attempt)
+        raise PoisonMessage("cannot be handled")
+
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        try:
+            await broker.subscribe("p.x", "g", poisoned, ack_wait=1)
+            _, js = await broker._context()
+            await js.delete_stream(DLQ_STREAM)
+            message = Message("T")
+            await broker.publish("p.x", message)
+            letters = await until(broker.dead_letters)
+            await asyncio.sleep(1.5)  # past ack_wait: a letter not filed comes back
+        finally:
+            await broker.aclose()
+    assert [x.message.id for x in letters] == [message.id]
+    assert calls == [1]
+
+
+async def test_a_dead_letter_replays_into_a_stream_deleted_since() -> None:
+    async def poisoned(delivery: Delivery) -> None:
+        raise PoisonMessage("cannot be handled")
+
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        try:
+            await broker.subscribe("p.x", "g", poisoned)
+            message = Message("T")
+            await broker.publish("p.x", message)
+            (letter,) = await until(broker.dead_letters)
+            _, js = await broker._context()
+            await js.delete_stream("P")
+            await broker.replay_dead_letter(letter.key)
+            replayed = await js.get_last_msg("P", "p.x")
+            left = await broker.dead_letters()
+        finally:
+            await broker.aclose()
+    assert replayed.headers is not None
+    assert replayed.headers["Seamwork-Id"] == message.id
+    assert left == []

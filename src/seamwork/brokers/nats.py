@@ -51,9 +51,10 @@ try:
     import nats
     from nats.aio.client import Client as NatsClient
     from nats.aio.msg import Msg
+    from nats.errors import NoRespondersError
     from nats.js import JetStreamContext
     from nats.js.api import AckPolicy, ConsumerConfig
-    from nats.js.errors import NotFoundError
+    from nats.js.errors import NoStreamResponseError, NotFoundError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("NATS support needs: pip install 'seamwork[nats]'") from exc
 
@@ -268,13 +269,29 @@ class NatsBroker:
         check_subject(subject)
         body, wire = self._wire(message, headers)
         await self.ensure_stream(subject)
-        _, js = await self._context()
         try:
-            await js.publish(subject, body, headers=wire)
+            await self._stored(subject, body, wire)
         except Exception as exc:
             raise PublishError(
                 f"publish of {message.type} {message.id} to {subject}: {exc}"
             ) from exc
+
+    async def _stored(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
+        """Publish to the stream of ``subject``; one deleted since it was made (no
+        stream answers) is made again and the message sent once more."""
+        _, js = await self._context()
+        try:
+            await js.publish(subject, body, headers=headers)
+        except NoStreamResponseError:
+            self._forget(subject)
+            await self.ensure_stream(subject)
+            await js.publish(subject, body, headers=headers)
+
+    def _forget(self, subject: str) -> None:
+        """Take the stream of ``subject`` as not made (it was deleted under us)."""
+        name = self._stream_name(subject)
+        self._streams.discard(name)
+        self._atomic_streams.discard(name)
 
     async def publish_batch(self, items: Sequence[tuple[str, Message]]) -> None:
         if not items:
@@ -305,15 +322,32 @@ class NatsBroker:
 
     async def _pipelined(self, wired: Sequence[tuple[str, bytes, dict[str, str]]]) -> None:
         _, js = await self._context()
-        results = await asyncio.gather(
-            *(js.publish(subject, body, headers=headers) for subject, body, headers in wired),
-            return_exceptions=True,
-        )
+        results = await self._gathered(js, wired)
+        missing = [
+            s
+            for (s, _, _), r in zip(wired, results, strict=True)
+            if isinstance(r, NoStreamResponseError)
+        ]
+        if missing:  # a stream deleted since it was made: make it, send all again
+            for subject in missing:  # (what was stored already is dropped as a duplicate)
+                self._forget(subject)
+            for subject in missing:
+                await self.ensure_stream(subject)
+            results = await self._gathered(js, wired)
         for (subject, _, headers), result in zip(wired, results, strict=True):
             if isinstance(result, BaseException):
                 raise PublishError(
                     f"publish of {headers['Nats-Msg-Id']} to {subject}: {result}"
                 ) from result
+
+    @staticmethod
+    async def _gathered(
+        js: JetStreamContext, wired: Sequence[tuple[str, bytes, dict[str, str]]]
+    ) -> list[Any]:
+        return await asyncio.gather(
+            *(js.publish(subject, body, headers=headers) for subject, body, headers in wired),
+            return_exceptions=True,
+        )
 
     async def _atomic_batch(self, wired: Sequence[tuple[str, bytes, dict[str, str]]]) -> bool:
         """Publish ``wired`` as one atomic batch; False if it holds a stored id."""
@@ -328,6 +362,9 @@ class NatsBroker:
             headers["Nats-Batch-Commit"] = "1"
             try:
                 reply = await nc.request(subject, body, headers=headers, timeout=self._timeout)
+            except NoRespondersError:  # the stream was deleted: sent one by one, made again
+                self._forget(subject)
+                return False
             except Exception as exc:
                 raise PublishError(f"atomic batch of {last} to {subject}: {exc}") from exc
         answer = json.loads(reply.data)
@@ -401,8 +438,7 @@ class NatsBroker:
         headers = {k: v for k, v in original.items() if not k.startswith("Nats-")}
         headers.update(dead_letter_headers(subject, group, error, attempts))
         headers["Nats-Msg-Id"] = f"dlq:{group}:{message_id}"
-        _, js = await self._context()
-        await js.publish(f"deadletter.{_NAME.sub('_', group)}.{subject}", msg.data, headers=headers)
+        await self._stored(f"deadletter.{_NAME.sub('_', group)}.{subject}", msg.data, headers)
 
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
         """The dead letters, oldest first; reads only (a missing stream lists as empty)."""
@@ -436,7 +472,11 @@ class NatsBroker:
         original = headers.get("Nats-Msg-Id", "")
         headers = {k: v for k, v in headers.items() if not k.startswith("Nats-")}
         headers["Nats-Msg-Id"] = f"{original.removeprefix('dlq:')}:replay:{key}"
-        await js.publish(subject, raw.data or b"", headers=headers)
+        await self.ensure_stream(subject)
+        try:
+            await self._stored(subject, raw.data or b"", headers)
+        except Exception as exc:
+            raise PublishError(f"replay of dead letter {key} to {subject}: {exc}") from exc
         await js.delete_msg(DLQ_STREAM, int(key))
 
 
