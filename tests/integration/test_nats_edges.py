@@ -18,6 +18,7 @@ from seamwork.brokers import EmbeddedNats, NatsBroker
 from seamwork.brokers.nats import DLQ_STREAM
 from seamwork.errors import BrokerUnavailable, ConfigError
 from seamwork.messaging import Delivery, FlowMonitor, Handler, Message, PoisonMessage
+from seamwork.messaging._ports import DLQ_GROUP, DLQ_SUBJECT
 from seamwork.testing.broker import eventually, until
 
 
@@ -217,3 +218,24 @@ async def test_a_dead_letter_replays_into_a_stream_deleted_since() -> None:
     assert replayed.headers is not None
     assert replayed.headers["Seamwork-Id"] == message.id
     assert left == []
+
+
+async def test_listing_dead_letters_when_the_server_goes_away_raises_not_a_partial_list() -> None:
+    server = EmbeddedNats()
+    await server.start()
+    broker = NatsBroker(server.url, publish_timeout=0.5)
+    try:
+        filed = {DLQ_SUBJECT: "p.x", DLQ_GROUP: "g"}
+        await broker.ensure_stream("deadletter.g")
+        await broker.publish_batch(
+            [("deadletter.g.p.x", Message("T", headers=filed)) for _ in range(3000)]
+        )
+        listing = asyncio.create_task(broker.dead_letters(limit=10_000))
+        await asyncio.sleep(0.02)
+        await server.kill()
+        with pytest.raises(BrokerUnavailable, match=f"{DLQ_STREAM} at"):
+            async with asyncio.timeout(10):
+                await listing
+    finally:
+        await broker.aclose()
+        await server.stop()

@@ -441,18 +441,30 @@ class NatsBroker:
         await self._stored(f"deadletter.{_NAME.sub('_', group)}.{subject}", msg.data, headers)
 
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
-        """The dead letters, oldest first; reads only (a missing stream lists as empty)."""
+        """The dead letters, oldest first; reads only (a missing stream lists as empty).
+
+        Raises:
+            BrokerUnavailable: the stream could not be read to its end (a partial
+                list would pass for the whole).
+        """
         _, js = await self._context()
         try:
             info = await js.stream_info(DLQ_STREAM)
         except NotFoundError:
             return []
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot read {DLQ_STREAM}: {exc}") from exc
         letters: list[DeadLetter] = []
         seq = info.state.first_seq
         while seq and seq <= info.state.last_seq and len(letters) < limit:
-            with contextlib.suppress(Exception):
+            try:
                 raw = await js.get_msg(DLQ_STREAM, seq)
-                letters.append(read_dead_letter(str(seq), raw.data or b"", dict(raw.headers or {})))
+            except NotFoundError:  # a gap: replayed letters are deleted
+                seq += 1
+                continue
+            except Exception as exc:
+                raise BrokerUnavailable(f"cannot read {DLQ_STREAM} at {seq}: {exc}") from exc
+            letters.append(read_dead_letter(str(seq), raw.data or b"", dict(raw.headers or {})))
             seq += 1
         return letters
 
