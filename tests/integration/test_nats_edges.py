@@ -16,7 +16,7 @@ import pytest
 
 from seamwork.brokers import EmbeddedNats, NatsBroker
 from seamwork.brokers.nats import DLQ_STREAM
-from seamwork.errors import BrokerUnavailable, ConfigError
+from seamwork.errors import BrokerUnavailable, ConfigError, MessagingError
 from seamwork.messaging import Delivery, FlowMonitor, Handler, Message, PoisonMessage
 from seamwork.messaging._ports import DLQ_GROUP, DLQ_SUBJECT
 from seamwork.testing.broker import eventually, until
@@ -218,6 +218,23 @@ async def test_a_dead_letter_replays_into_a_stream_deleted_since() -> None:
     assert replayed.headers is not None
     assert replayed.headers["Seamwork-Id"] == message.id
     assert left == []
+
+
+async def test_a_dead_letter_that_names_no_subject_is_refused_by_key_on_replay() -> None:
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        try:
+            await broker.ensure_stream("deadletter.g")
+            # filed by hand (an operator, another tool): no Seamwork-DLQ-Subject
+            await broker.publish("deadletter.g.p.x", Message("T"))
+            (letter,) = await broker.dead_letters()
+            with pytest.raises(MessagingError, match=f"dead letter {letter.key} names no subject"):
+                await broker.replay_dead_letter(letter.key)
+            left = await broker.dead_letters()
+        finally:
+            await broker.aclose()
+    assert letter.subject == "?"
+    assert [x.key for x in left] == [letter.key]  # kept, not lost
 
 
 async def test_listing_dead_letters_when_the_server_goes_away_raises_not_a_partial_list() -> None:

@@ -478,7 +478,13 @@ class NatsBroker:
         except NotFoundError as exc:
             raise missing from exc
         headers = dict(raw.headers or {})
-        subject = headers[DLQ_SUBJECT]
+        subject = headers.get(DLQ_SUBJECT, "")
+        try:
+            check_subject(subject)
+        except ConfigError as exc:  # filed by hand or by another tool: nowhere to send it
+            raise MessagingError(
+                f"dead letter {key} names no subject to replay to ({DLQ_SUBJECT}: {subject!r})"
+            ) from exc
         for name in DLQ_HEADERS:
             headers.pop(name, None)
         original = headers.get("Nats-Msg-Id", "")
