@@ -314,9 +314,7 @@ class NatsBroker:
     def _wire(
         self, message: Message, extra: Mapping[str, str] | None
     ) -> tuple[bytes, dict[str, str]]:
-        body, headers = encode(message)
-        if extra:
-            headers.update(extra)
+        body, headers = encode(message, extra)
         headers["Nats-Msg-Id"] = headers.get("Nats-Msg-Id", message.id)
         return body, headers
 

@@ -603,9 +603,7 @@ class _Unroutable(PublishError):
 
 
 def _amqp_message(message: Message, extra: Mapping[str, str] | None) -> aio_pika.Message:
-    body, headers = encode(message)
-    if extra:
-        headers.update(extra)
+    body, headers = encode(message, extra)
     return aio_pika.Message(
         body,
         headers=dict(headers),

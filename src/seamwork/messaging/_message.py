@@ -110,11 +110,15 @@ class Message:
         )
 
 
-def encode(message: Message) -> tuple[bytes, dict[str, str]]:
-    """The body and headers of ``message``; ``InvalidMessage`` if it cannot be sent."""
+def encode(
+    message: Message, extra: Mapping[str, str] | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of ``message``, with ``extra`` headers (those given to a
+    broker's ``publish``) checked like the message's own; ``InvalidMessage`` if it
+    cannot be sent."""
     body = dumps(message.data, what=f"data of message {message.type!r}").encode()
-    _check_wire(message)
-    headers = dict(message.headers)
+    headers = {**message.headers, **_extra(message, extra or {})}
+    _check_wire(message, headers)
     headers[TYPE] = message.type
     headers[MSG_ID] = message.id
     headers[CORRELATION] = message.flow
@@ -129,10 +133,19 @@ def encode(message: Message) -> tuple[bytes, dict[str, str]]:
     return body, headers
 
 
-def _check_wire(message: Message) -> None:
+def _extra(message: Message, extra: Mapping[str, str]) -> Mapping[str, str]:
+    for key, value in extra.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidMessage(f"message {message.type!r}: headers must map str to str")
+        if key in _RESERVED:
+            raise InvalidMessage(f"message {message.type!r}: header {key!r} is set by seamwork")
+    return extra
+
+
+def _check_wire(message: Message, headers: Mapping[str, str]) -> None:
     """Refuse what a broker would not carry unchanged: NATS takes only token header
     names, and turns line breaks in a header into spaces and trims it."""
-    for key in message.headers:
+    for key in headers:
         if not _HEADER_NAME.fullmatch(key):
             raise InvalidMessage(
                 f"message {message.type!r} {message.id}: header name {key!r} must be "
@@ -143,7 +156,7 @@ def _check_wire(message: Message) -> None:
         "id": message.id,
         "correlation_id": message.correlation_id or "",
         "causation_id": message.causation_id or "",
-        **{f"header {key!r}": value for key, value in message.headers.items()},
+        **{f"header {key!r}": value for key, value in headers.items()},
     }
     for what, value in fields.items():
         if _LINE_BREAK.search(value) or value != value.strip():

@@ -235,6 +235,32 @@ class BrokerContract:
             await broker.publish(self.subject(), big)
 
     @pytest.mark.parametrize(
+        ("extra", "named"),
+        [
+            ({"x-big": "a" * 20_000}, "headers are"),
+            ({"bad name": "x"}, "header name 'bad name'"),
+            ({"x-trace": "a\r\nb"}, "line break"),
+            ({"x-trace": " padded"}, "surrounding whitespace"),
+            ({"Seamwork-Type": "Other"}, "set by seamwork"),
+        ],
+    )
+    async def test_extra_headers_given_to_publish_are_checked_like_the_messages_own(
+        self, broker: Broker, extra: dict[str, str], named: str
+    ) -> None:
+        got: list[Delivery] = []
+
+        async def handler(delivery: Delivery) -> None:
+            got.append(delivery)
+
+        subject = self.subject()
+        await broker.subscribe(subject, "extra", handler)
+        with pytest.raises(InvalidMessage, match=named):
+            await broker.publish(subject, Message("N", {}), headers=extra)
+        await broker.publish(subject, Message("N", {}), headers={"x-trace": "ok"})
+        await eventually(lambda: len(got) == 1)
+        assert got[0].message.headers == {"x-trace": "ok"}
+
+    @pytest.mark.parametrize(
         ("name", "named"),
         [
             ("a..b", "empty token"),
