@@ -9,6 +9,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import nats
@@ -256,3 +257,38 @@ async def test_listing_dead_letters_when_the_server_goes_away_raises_not_a_parti
     finally:
         await broker.aclose()
         await server.stop()
+
+
+class MiscountingBatch:
+    """A batch handler that returns no outcome the first time, then one per delivery."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.handled: list[tuple[int, int]] = []
+
+    async def __call__(self, delivery: Delivery) -> None:
+        self.handled.append((delivery.message.data["i"], delivery.attempt))
+
+    async def batch(self, deliveries: Sequence[Delivery]) -> list[BaseException | None]:
+        self.calls += 1
+        if self.calls == 1:
+            return []
+        for delivery in deliveries:
+            await self(delivery)
+        return [None] * len(deliveries)
+
+
+async def test_a_batch_handler_returning_the_wrong_number_of_outcomes_has_the_batch_retried() -> (
+    None
+):
+    handler = MiscountingBatch()
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        try:
+            await broker.publish_batch([("p.x", Message("T", {"i": i})) for i in range(3)])
+            subscription = await broker.subscribe("p.x", "g", handler, retry_delay=0.05)
+            await eventually(lambda: len(handler.handled) == 3)
+        finally:
+            await broker.aclose()
+    assert sorted(handler.handled) == [(0, 2), (1, 2), (2, 2)]
+    assert subscription.stats.retried == 3

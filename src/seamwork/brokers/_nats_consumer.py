@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from seamwork.errors import InvalidMessage
+from seamwork.errors import InvalidMessage, MessagingError
 from seamwork.messaging._message import decode
 from seamwork.messaging._ports import Delivery, Handler, PoisonMessage, SubscriptionStats
 
@@ -146,6 +146,12 @@ class _Consumer:
             raise
         except Exception as exc:  # nothing committed: every message is retried
             outcomes = [exc] * len(held)
+        if len(outcomes) != len(held):  # which one failed is unknown: retry them all
+            wrong = MessagingError(
+                f"batch handler returned {len(outcomes)} outcomes for {len(held)} deliveries"
+            )
+            log.error("consumer %s on %s: %s", self.group, self.subject, wrong)
+            outcomes = [wrong] * len(held)
         for (msg, delivery), error in zip(held, outcomes, strict=True):
             await self._guarded(self._settle(msg, stats, error, delivery.attempt))
 
