@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import sqlite3
 import time
@@ -10,10 +12,11 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import nats
 import pytest
 
-from seamwork.brokers import EmbeddedNats, NatsBroker
+from seamwork.brokers import EmbeddedNats, NatsBroker, RabbitBroker
 from seamwork.errors import ConfigError, InvalidMessage
 from seamwork.messaging import (
     Broker,
@@ -227,6 +230,49 @@ async def test_the_relay_publishes_in_order_and_marks_rows_sent(
     assert await outbox.pending_count() == 0
     await eventually(lambda: len(got) == 60)
     assert got == list(range(60))
+
+
+async def test_a_drain_while_the_relay_runs_publishes_each_message_once(
+    outbox: Outbox, rabbitmq_service: str
+) -> None:
+    """RabbitMQ keeps every copy (no de-duplication by id), so a page published by two
+    drains at once would reach the group twice."""
+    broker = RabbitBroker(rabbitmq_service, exchange=f"seamwork-relay-{uuid.uuid4().hex[:10]}")
+    topic = subject()
+    got: list[str] = []
+
+    async def collect(delivery: Delivery) -> None:
+        got.append(delivery.message.id)
+
+    try:
+        await broker.subscribe(topic, "once", collect)
+        async with outbox.transaction() as tx:
+            for n in range(30):
+                await tx.publish(topic, Message("N", {"n": n}))
+        relay = OutboxRelay(outbox, broker, poll_interval=0.05)
+        async with relay:
+            counts = await asyncio.gather(relay.drain(), relay.drain())
+            await eventually(lambda: len(got) >= 30)
+            await asyncio.sleep(0.5)
+        assert len(got) == len(set(got)) == 30
+        assert sum(counts) <= 30
+        assert relay.published == 30
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await _delete_rabbit(rabbitmq_service, broker.exchange_name, names)
+
+
+async def _delete_rabbit(url: str, exchange: str, queues: Sequence[str]) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        for name in queues:
+            channel = await connection.channel()
+            with contextlib.suppress(aio_pika.exceptions.AMQPError):
+                await channel.queue_delete(name)
+        channel = await connection.channel()
+        with contextlib.suppress(aio_pika.exceptions.AMQPError):
+            await channel.exchange_delete(exchange)
 
 
 async def test_a_relay_killed_between_ack_and_mark_sent_resends_and_the_copy_is_dropped(

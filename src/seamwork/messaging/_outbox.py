@@ -314,18 +314,25 @@ class OutboxRelay(StartStop):
         self.retention = retention
         self.published = 0
         self._task: asyncio.Task[None] | None = None
+        self._draining = asyncio.Lock()
 
     async def drain(self) -> int:
-        """Publish every pending message once, in order; returns how many."""
-        total = 0
-        while True:
-            records = await self.outbox.pending(self.page_size)
-            if not records:
-                return total
-            await self.broker.publish_batch([(r.subject, r.message) for r in records])
-            await self.outbox.mark_sent([r.seq for r in records])
-            total += len(records)
-            self.published += len(records)
+        """Publish every pending message once, in order; returns how many.
+
+        Drains of one relay (a call while ``async with relay`` runs one) take turns:
+        two reading the same page would both publish it, and a broker that does not
+        drop duplicate ids (RabbitMQ) would deliver it twice.
+        """
+        async with self._draining:
+            total = 0
+            while True:
+                records = await self.outbox.pending(self.page_size)
+                if not records:
+                    return total
+                await self.broker.publish_batch([(r.subject, r.message) for r in records])
+                await self.outbox.mark_sent([r.seq for r in records])
+                total += len(records)
+                self.published += len(records)
 
     async def start(self) -> None:
         if self._task is None:
