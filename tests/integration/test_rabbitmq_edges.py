@@ -361,3 +361,33 @@ async def test_a_group_that_cannot_name_a_queue_is_refused_before_anything_is_de
         await broker.subscribe("orders.created", group, handler)
     await broker.aclose()
     assert not await _exists(rabbitmq_service, exchange=exchange)
+
+
+async def test_a_message_with_a_blank_type_is_dead_lettered_at_once_and_listed(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    """Sent by another producer: RabbitMQ carries a type of spaces as it is."""
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    subject = f"edge{uuid.uuid4().hex[:6]}.blank"
+    calls: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        calls.append(delivery.attempt)
+
+    try:
+        await broker.subscribe(subject, "g", handler, max_deliver=3, retry_delay=0.05)
+        connection = await aio_pika.connect(rabbitmq_service)
+        async with connection:
+            channel = await connection.channel()
+            target = await channel.get_exchange(exchange)
+            raw = aio_pika.Message(b"{}", headers={"Seamwork-Type": "  "}, message_id="m-1")
+            await target.publish(raw, routing_key=subject)
+        (letter,) = await until(broker.dead_letters)
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await _delete(rabbitmq_service, exchange, names)
+    assert calls == []
+    assert (letter.subject, letter.attempts) == (subject, 1)
+    assert letter.error.startswith("InvalidMessage")
+    assert letter.message.data == {"raw": "{}"}

@@ -181,11 +181,14 @@ def decode(body: bytes, headers: Mapping[str, str] | None, *, fallback_id: str =
         ) from exc
     if not isinstance(data, dict):
         raise InvalidMessage(f"message {type_} {message_id}: body is not a JSON object")
-    return Message(
-        type_,
-        data,
-        id=message_id or new_id(),
-        correlation_id=headers.pop(CORRELATION, None) or None,
-        causation_id=headers.pop(CAUSATION, None) or None,
-        headers={k: v for k, v in headers.items() if not k.startswith("Nats-")},
-    )
+    try:
+        return Message(
+            type_,
+            data,
+            id=message_id or new_id(),
+            correlation_id=headers.pop(CORRELATION, None) or None,
+            causation_id=headers.pop(CAUSATION, None) or None,
+            headers={k: v for k, v in headers.items() if not k.startswith("Nats-")},
+        )
+    except ConfigError as exc:  # e.g. a type of spaces from another producer
+        raise InvalidMessage(f"message {type_!r} {message_id}: {exc}") from exc

@@ -82,7 +82,8 @@ def read_dead_letter(key: str, body: bytes, headers: Mapping[str, Any]) -> DeadL
     try:
         message = decode(body, own, fallback_id=f"dlq-{key}")
     except InvalidMessage:
-        message = Message(text.get(TYPE) or "?", {"raw": body.decode(errors="replace")})
+        type_ = text.get(TYPE, "")
+        message = Message(type_ if type_.strip() else "?", {"raw": body.decode(errors="replace")})
     return DeadLetter(
         key=key,
         subject=text.get(DLQ_SUBJECT, "?"),
