@@ -9,6 +9,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -292,3 +293,23 @@ async def test_a_batch_handler_returning_the_wrong_number_of_outcomes_has_the_ba
             await broker.aclose()
     assert sorted(handler.handled) == [(0, 2), (1, 2), (2, 2)]
     assert subscription.stats.retried == 3
+
+
+async def test_a_stopped_subscription_does_not_hold_up_closing_the_broker() -> None:
+    """A stopped member's pull request kept its inbox subscribed: the status that ends
+    the request waited in a queue nobody read, and aclose() drained it for 30 s."""
+
+    async def handler(delivery: Delivery) -> None:
+        pass
+
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        subscription = await broker.subscribe("p.x", "g", handler)
+        await broker.publish("p.x", Message("T"))
+        await eventually(lambda: subscription.stats.acked == 1)
+        await subscription.stop()
+        await asyncio.sleep(1.5)  # the pull request expires
+        started = time.monotonic()
+        await broker.aclose()
+        took = time.monotonic() - started
+    assert took < 5

@@ -118,15 +118,26 @@ def _consumer_name(group: str, subject: str) -> str:
 class NatsSubscription:
     """A running consumer of one group on one subject."""
 
-    def __init__(self, task: asyncio.Task[None] | None = None) -> None:
+    def __init__(
+        self,
+        task: asyncio.Task[None] | None = None,
+        pull: JetStreamContext.PullSubscription | None = None,
+    ) -> None:
         self.stats = SubscriptionStats()
         self._task = task
+        self._pull = pull
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        pull, self._pull = self._pull, None
+        if pull is not None:
+            # its inbox would keep taking what a pending pull request still brings,
+            # which no one reads: closing the connection would wait on it for 30 s
+            with contextlib.suppress(Exception):
+                await pull.unsubscribe()
 
 
 class NatsBroker:
@@ -403,7 +414,7 @@ class NatsBroker:
         durable = _consumer_name(group, subject)
         await self._check_consumer(js, stream, durable, subject)
         pull = await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
-        subscription = NatsSubscription()
+        subscription = NatsSubscription(pull=pull)
         consumer = _Consumer(
             self, pull, subject, group, handler, max_deliver, retry_delay, ack_wait
         )
