@@ -19,7 +19,7 @@ from seamwork.messaging._message import decode
 from seamwork.messaging._ports import Delivery, Handler, PoisonMessage, SubscriptionStats
 
 if TYPE_CHECKING:
-    from seamwork.brokers.nats import NatsBroker
+    from seamwork.brokers.nats import NatsBroker, NatsSubscription
 
 log = logging.getLogger("seamwork.brokers")
 BatchFn = Callable[[Sequence[Delivery]], Awaitable[Sequence[BaseException | None]]]
@@ -45,7 +45,8 @@ class _Consumer:
         self.handler, self.max_deliver, self.retry_delay = handler, max_deliver, retry_delay
         self.ack_wait = ack_wait
 
-    async def run(self, stats: SubscriptionStats) -> None:
+    async def run(self, subscription: NatsSubscription) -> None:
+        stats = subscription.stats
         batch = getattr(self.handler, "batch", None)
         puller = _Puller(self.pull, FETCH if batch is None else FETCH_BATCH)
         connection = -1  # the client's reconnect count when in-flight messages were checked
@@ -68,11 +69,25 @@ class _Consumer:
                 )
                 await asyncio.sleep(0.5)
                 continue
+            # stop() waits while the subscription is not idle: a message (or batch)
+            # started here is finished and settled; none is started once it stops
+            if subscription._stopping:
+                return
             if batch is not None and len(messages) > 1:
-                await self._handle_batch(batch, messages, stats)
+                subscription._idle.clear()
+                try:
+                    await self._handle_batch(batch, messages, stats)
+                finally:
+                    subscription._idle.set()
                 continue
             for msg in messages:
-                await self._guarded(self._handle(msg, stats))
+                if subscription._stopping:
+                    return  # not started: redelivered after ack_wait
+                subscription._idle.clear()
+                try:
+                    await self._guarded(self._handle(msg, stats))
+                finally:
+                    subscription._idle.set()
 
     async def _in_flight_first(self) -> bool:
         """If the group has messages in flight (held by a member that died, or lost

@@ -116,22 +116,44 @@ def _consumer_name(group: str, subject: str) -> str:
 
 
 class NatsSubscription:
-    """A running consumer of one group on one subject."""
+    """A running consumer of one group on one subject.
+
+    ``stop()`` takes no message after it is called and lets the one in hand (or the
+    batch) finish and settle, waiting at most ``ack_wait``: by then the server has
+    handed the message to another member anyway, so a handler still running is
+    cancelled and its message redelivered.
+    """
 
     def __init__(
         self,
         task: asyncio.Task[None] | None = None,
         pull: JetStreamContext.PullSubscription | None = None,
+        *,
+        grace: float = 30.0,
     ) -> None:
         self.stats = SubscriptionStats()
         self._task = task
         self._pull = pull
+        self._grace = grace
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None:
+            try:
+                async with asyncio.timeout(self._grace):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning(
+                    "subscription stopped with its handler still running after %gs: "
+                    "cancelled, its message is redelivered",
+                    self._grace,
+                )
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         pull, self._pull = self._pull, None
         if pull is not None:
             # its inbox would keep taking what a pending pull request still brings,
@@ -414,11 +436,11 @@ class NatsBroker:
         durable = _consumer_name(group, subject)
         await self._check_consumer(js, stream, durable, subject)
         pull = await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
-        subscription = NatsSubscription(pull=pull)
+        subscription = NatsSubscription(pull=pull, grace=ack_wait)
         consumer = _Consumer(
             self, pull, subject, group, handler, max_deliver, retry_delay, ack_wait
         )
-        subscription._task = asyncio.create_task(consumer.run(subscription.stats))
+        subscription._task = asyncio.create_task(consumer.run(subscription))
         self._subscriptions.append(subscription)
         return subscription
 

@@ -145,11 +145,17 @@ def queue_name(group: str, subject: str) -> str:
 
 
 class RabbitSubscription:
-    """A running consumer of one group on one subject (its own channel)."""
+    """A running consumer of one group on one subject (its own channel).
 
-    def __init__(self, channel: AbstractChannel) -> None:
+    ``stop()`` takes no message after it is called and lets the one in hand finish
+    and settle, waiting at most ``ack_wait``; a handler still running then is
+    cancelled and its message handed back (redelivered).
+    """
+
+    def __init__(self, channel: AbstractChannel, *, grace: float = 30.0) -> None:
         self.stats = SubscriptionStats()
         self._channel = channel
+        self._grace = grace
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -161,7 +167,15 @@ class RabbitSubscription:
         self._stopping = True
         task, self._task = self._task, None
         if task is not None:
-            await self._idle.wait()
+            try:
+                async with asyncio.timeout(self._grace):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning(
+                    "subscription stopped with its handler still running after %gs: "
+                    "cancelled, its message is handed back",
+                    self._grace,
+                )
         with contextlib.suppress(Exception):
             # Prefetched, unacked messages go back. Closing the channel before the
             # consumer's iterator closes returns them without a nack (a nack would
@@ -382,8 +396,9 @@ class RabbitBroker:
         ack_wait: float = 30.0,
         retry_delay: float = 0.5,
     ) -> RabbitSubscription:
-        """Consume ``subject`` as ``group``. ``ack_wait`` is not used: RabbitMQ
-        redelivers a message when its consumer's channel closes, not on a timer."""
+        """Consume ``subject`` as ``group``. ``ack_wait`` only bounds how long
+        ``stop()`` waits for the message in hand: RabbitMQ redelivers a message when
+        its consumer's channel closes, not on a timer."""
         check_subject(subject, wildcards=True)
         check_subscribe_settings(group, max_deliver, ack_wait, retry_delay)
         name = queue_name(group, subject)  # refused before anything is declared
@@ -397,7 +412,7 @@ class RabbitBroker:
             raise BrokerUnavailable(
                 f"cannot set up group {group!r} on {subject!r}: {_reason(exc)}"
             ) from exc
-        subscription = RabbitSubscription(channel)
+        subscription = RabbitSubscription(channel, grace=ack_wait)
         consumer = _Consumer(self, queue, subject, group, handler, max_deliver, retry_delay)
         subscription._task = asyncio.create_task(consumer.run(subscription))
         self._subscriptions.append(subscription)

@@ -127,7 +127,9 @@ class SubscriptionStats:
 
 @runtime_checkable
 class Subscription(Protocol):
-    """A running consumer; ``stop()`` lets the message in hand finish first."""
+    """A running consumer; ``stop()`` starts no other message and lets the one in hand
+    finish and settle first, waiting at most the subscription's ``ack_wait``: a
+    handler still running then is cancelled and its message redelivered."""
 
     stats: SubscriptionStats
 

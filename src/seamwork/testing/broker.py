@@ -310,3 +310,63 @@ class BrokerContract:
         group = str(settings.get("group", "g"))
         with pytest.raises(ConfigError, match=named):
             await broker.subscribe(self.subject(), group, handler, **options)  # type: ignore[arg-type]
+
+    async def test_stop_lets_the_message_in_hand_finish_and_starts_no_other(
+        self, broker: Broker
+    ) -> None:
+        events: list[str] = []
+        first_started = asyncio.Event()
+
+        async def handler(delivery: Delivery) -> None:
+            i = delivery.message.data["i"]
+            events.append(f"start {i}")
+            first_started.set()
+            try:
+                await asyncio.sleep(0.3)
+            except asyncio.CancelledError:
+                events.append(f"cancelled {i}")
+                raise
+            events.append(f"done {i}")
+
+        subject = self.subject()
+        subscription = await broker.subscribe(subject, "g", handler, ack_wait=1)
+        await broker.publish_batch([(subject, Message("N", {"i": i})) for i in range(5)])
+        await first_started.wait()
+        await subscription.stop()
+        assert events == ["start 0", "done 0"]
+        rest: list[int] = []
+
+        async def collect(delivery: Delivery) -> None:
+            rest.append(delivery.message.data["i"])
+
+        await broker.subscribe(subject, "g", collect, ack_wait=1)
+        await eventually(lambda: sorted(rest) == [1, 2, 3, 4])
+        await asyncio.sleep(1.5)  # past ack_wait: the message that finished was settled
+        assert sorted(rest) == [1, 2, 3, 4]
+
+    async def test_stop_waits_for_a_handler_that_never_returns_only_ack_wait(
+        self, broker: Broker
+    ) -> None:
+        started = asyncio.Event()
+
+        async def stuck(delivery: Delivery) -> None:
+            started.set()
+            await asyncio.Event().wait()
+
+        subject = self.subject()
+        subscription = await broker.subscribe(subject, "g", stuck, ack_wait=1)
+        sent = Message("N", {})
+        await broker.publish(subject, sent)
+        await started.wait()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        async with asyncio.timeout(10):
+            await subscription.stop()
+        assert loop.time() - began < 5
+        got: list[str] = []
+
+        async def collect(delivery: Delivery) -> None:
+            got.append(delivery.message.id)
+
+        await broker.subscribe(subject, "g", collect, ack_wait=1)
+        await eventually(lambda: got == [sent.id])  # not lost: handed to another member
