@@ -17,7 +17,7 @@ import nats
 import pytest
 
 from seamwork.brokers import EmbeddedNats, NatsBroker
-from seamwork.brokers.nats import DLQ_STREAM
+from seamwork.brokers.nats import DLQ_STREAM, stream_for
 from seamwork.errors import BrokerUnavailable, ConfigError, MessagingError
 from seamwork.messaging import Delivery, FlowMonitor, Handler, Message, PoisonMessage
 from seamwork.messaging._ports import DLQ_GROUP, DLQ_SUBJECT
@@ -313,3 +313,26 @@ async def test_a_stopped_subscription_does_not_hold_up_closing_the_broker() -> N
         await broker.aclose()
         took = time.monotonic() - started
     assert took < 5
+
+
+async def test_first_tokens_differing_in_case_or_odd_characters_get_streams_of_their_own() -> None:
+    """``Orders.x`` and ``café.x`` were named ORDERS and CAF_ like ``orders.x`` and
+    ``caf_.x``: the second reused a stream not covering it and every publish failed."""
+    subjects = ["orders.x", "Orders.x", "ORDERS.x", "caf_.x", "café.x", "caf-.x", "a_b-9.x"]
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        try:
+            for subject in subjects:
+                await broker.publish(subject, Message("T", {"subject": subject}))
+            _, js = await broker._context()
+            streams = {info.config.name: info for info in await js.streams_info()}
+        finally:
+            await broker.aclose()
+    names = [stream_for(subject) for subject in subjects]
+    assert len(set(names)) == len(subjects)
+    assert names[0] == "ORDERS"  # plain lowercase tokens keep the name they had
+    assert names[3] == "CAF_"
+    assert names[-1] == "A_B-9"
+    for subject, name in zip(subjects, names, strict=True):
+        assert streams[name].config.subjects == [f"{subject.split('.')[0]}.>"]
+        assert streams[name].state.messages == 1

@@ -1,7 +1,8 @@
 """``NatsBroker``: the ``Broker`` port on NATS JetStream (nats-py).
 
 Streams. A subject's first token names its stream (``orders.created`` -> ``ORDERS``
-over ``orders.>``), created on first use with file storage and a duplicate window,
+over ``orders.>``; a token that is not plain lowercase ASCII gets a hash in its name,
+``stream_for``), created on first use with file storage and a duplicate window,
 so a message re-published with the same id inside the window is dropped by the
 server (``Nats-Msg-Id``).
 
@@ -79,16 +80,31 @@ _MAX_ATOMIC = 1000
 _DUPLICATE_IN_BATCH = 10201
 _NAME = re.compile(r"[^A-Za-z0-9_-]")
 _PLAIN = re.compile(r"[A-Za-z0-9-]+")
+_LOWER = re.compile(r"[a-z0-9_-]+")
+"""A first token whose stream keeps the upper-cased name (``stream_for``)."""
+_MAX_READABLE_STREAM = 64
 _MAX_READABLE = 200
 """Characters of a hashed consumer name before its hash (JetStream takes 255)."""
 
 
 def stream_for(subject: str) -> str:
-    """The stream a subject belongs to: its first token, upper-cased."""
+    """The stream a subject belongs to, named after its first token.
+
+    A token of lowercase ASCII letters, digits, ``_`` and ``-`` is upper-cased
+    (``orders.created`` -> ``ORDERS``), the name earlier versions gave it. Any other
+    token would share its upper-cased name with another (``Orders`` and ``orders``,
+    ``café`` and ``caf_``), and the second would reuse a stream that does not hold
+    its subjects; it is spelt readably (upper-cased, any other character ``_``) and
+    followed by ``_h`` and a hash of the exact token. A plain name has no lowercase
+    letter, so the two kinds cannot meet.
+    """
     token = subject.split(".", 1)[0]
     if not token or token in ("*", ">"):
         raise ConfigError(f"subject {subject!r} needs a literal first token to name its stream")
-    return _NAME.sub("_", token).upper()
+    if _LOWER.fullmatch(token):
+        return token.upper()
+    readable = _NAME.sub("_", token).upper()[:_MAX_READABLE_STREAM]
+    return f"{readable}_h{hashlib.sha256(token.encode()).hexdigest()[:16]}"
 
 
 def _consumer_name(group: str, subject: str) -> str:
