@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import re
+import signal
 import tempfile
 import time
 from collections.abc import Sequence
@@ -336,3 +337,66 @@ async def test_first_tokens_differing_in_case_or_odd_characters_get_streams_of_t
     for subject, name in zip(subjects, names, strict=True):
         assert streams[name].config.subjects == [f"{subject.split('.')[0]}.>"]
         assert streams[name].state.messages == 1
+
+
+async def test_a_group_too_long_for_a_plain_consumer_name_gets_a_hashed_one() -> None:
+    """``<group>__<subject>`` over JetStream's 255 characters was refused by the server
+    with a raw BadRequestError."""
+    got: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        got.append(delivery.group)
+
+    group = "g" * 300
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        try:
+            await broker.subscribe("p.x", group, handler)
+            await broker.publish("p.x", Message("T"))
+            await eventually(lambda: got == [group])
+            _, js = await broker._context()
+            (name,) = [info.name for info in await js.consumers_info("P")]
+        finally:
+            await broker.aclose()
+    assert len(name) <= 255
+    assert "___" in name
+
+
+async def test_a_consumer_the_server_refuses_is_a_config_error_naming_the_group() -> None:
+    async def handler(delivery: Delivery) -> None:
+        pass
+
+    async with EmbeddedNats() as server:
+        nc = await nats.connect(server.url)
+        made = {"name": "P", "subjects": ["p.>"], "storage": "file", "max_consumers": 1}
+        reply = await nc.request("$JS.API.STREAM.CREATE.P", json.dumps(made).encode())
+        assert "error" not in json.loads(reply.data)
+        await nc.close()
+        broker = NatsBroker(server.url)
+        try:
+            await broker.subscribe("p.x", "first", handler)
+            with pytest.raises(ConfigError, match=r"'second'.*maximum consumers"):
+                await broker.subscribe("p.x", "second", handler)
+        finally:
+            await broker.aclose()
+
+
+async def test_a_server_that_does_not_answer_while_subscribing_is_broker_unavailable() -> None:
+    async def handler(delivery: Delivery) -> None:
+        pass
+
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url, publish_timeout=0.5)
+        try:
+            await broker.ensure_stream("p.x")
+            await broker.ensure_stream("deadletter.g")
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(BrokerUnavailable, match="'g'"):
+                    async with asyncio.timeout(10):
+                        await broker.subscribe("p.x", "g", handler)
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+        finally:
+            await broker.aclose()

@@ -55,7 +55,7 @@ try:
     from nats.errors import NoRespondersError
     from nats.js import JetStreamContext
     from nats.js.api import AckPolicy, ConsumerConfig
-    from nats.js.errors import NoStreamResponseError, NotFoundError
+    from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("NATS support needs: pip install 'seamwork[nats]'") from exc
 
@@ -84,6 +84,7 @@ _LOWER = re.compile(r"[a-z0-9_-]+")
 """A first token whose stream keeps the upper-cased name (``stream_for``)."""
 _MAX_READABLE_STREAM = 64
 _MAX_READABLE = 200
+_MAX_CONSUMER_NAME = 255
 """Characters of a hashed consumer name before its hash (JetStream takes 255)."""
 
 
@@ -118,13 +119,20 @@ def _consumer_name(group: str, subject: str) -> str:
     its name with another (``orders.*`` and ``orders.>``, ``orders.a_b`` and
     ``orders.a.b``), so it is spelt readably (``*`` -> ``any``, ``>`` -> ``all``, any
     other character ``_``) and followed by ``___`` and a hash of the exact group and
-    subject. A plain name never holds ``___``, so the two kinds cannot meet. (A group
+    subject; so is a plain pair whose name would pass JetStream's 255 characters
+    (no consumer of such a name can exist). A plain name never holds ``___``, so the
+    two kinds cannot meet. (A group
     of such a pair made by an earlier version gets a new consumer, which starts at the
     stream's first message, as any new group does.)
     """
     tokens = subject.split(".")
-    if _PLAIN.fullmatch(group) and all(_PLAIN.fullmatch(token) for token in tokens):
-        return f"{group}__{'_'.join(tokens)}"
+    plain = f"{group}__{'_'.join(tokens)}"
+    if (
+        _PLAIN.fullmatch(group)
+        and all(_PLAIN.fullmatch(token) for token in tokens)
+        and len(plain) <= _MAX_CONSUMER_NAME
+    ):
+        return plain
     words = {"*": "any", ">": "all"}
     readable = _NAME.sub("_", f"{group}__{'_'.join(words.get(t, t) for t in tokens)}")
     digest = hashlib.sha256(json.dumps([group, subject]).encode()).hexdigest()[:32]
@@ -450,8 +458,20 @@ class NatsBroker:
             filter_subject=subject,
         )
         durable = _consumer_name(group, subject)
-        await self._check_consumer(js, stream, durable, subject)
-        pull = await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+        try:
+            await self._check_consumer(js, stream, durable, subject)
+            pull = await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+        except ConfigError:
+            raise
+        except APIError as exc:
+            what = f"group {group!r} on {subject!r} (consumer {durable} in stream {stream})"
+            if exc.code is not None and 400 <= exc.code < 500:  # refused: not transient
+                raise ConfigError(f"JetStream refused {what}: {exc.description}") from exc
+            raise BrokerUnavailable(f"cannot subscribe {what}: {exc.description}") from exc
+        except Exception as exc:
+            raise BrokerUnavailable(
+                f"cannot subscribe group {group!r} on {subject!r}: {exc or type(exc).__name__}"
+            ) from exc
         subscription = NatsSubscription(pull=pull, grace=ack_wait)
         consumer = _Consumer(
             self, pull, subject, group, handler, max_deliver, retry_delay, ack_wait
