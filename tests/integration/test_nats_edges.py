@@ -201,8 +201,13 @@ async def test_a_dead_letter_stream_deleted_under_a_subscription_is_made_again()
 
 
 async def test_a_dead_letter_replays_into_a_stream_deleted_since() -> None:
+    fixed = False
+    handled: list[str] = []
+
     async def poisoned(delivery: Delivery) -> None:
-        raise PoisonMessage("cannot be handled")
+        if not fixed:
+            raise PoisonMessage("cannot be handled")
+        handled.append(delivery.message.id)
 
     async with EmbeddedNats() as server:
         broker = NatsBroker(server.url)
@@ -213,8 +218,10 @@ async def test_a_dead_letter_replays_into_a_stream_deleted_since() -> None:
             (letter,) = await until(broker.dead_letters)
             _, js = await broker._context()
             await js.delete_stream("P")
+            fixed = True
             await broker.replay_dead_letter(letter.key)
             replayed = await js.get_last_msg("P", "p.x")
+            await eventually(lambda: handled == [message.id])  # the group's consumer is back
             left = await broker.dead_letters()
         finally:
             await broker.aclose()
@@ -398,5 +405,59 @@ async def test_a_server_that_does_not_answer_while_subscribing_is_broker_unavail
                         await broker.subscribe("p.x", "g", handler)
             finally:
                 os.kill(server.pid, signal.SIGCONT)
+        finally:
+            await broker.aclose()
+
+
+@pytest.mark.parametrize("deleted", ["stream", "consumer"])
+async def test_a_subscription_whose_stream_or_consumer_is_deleted_makes_them_again(
+    deleted: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pull requests of a subscription whose consumer was gone ended with no
+    responders, quietly, forever: nothing published afterwards reached it."""
+    got: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        got.append(delivery.message.data["i"])
+
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        try:
+            await broker.subscribe("p.x", "g", handler)
+            await broker.publish("p.x", Message("T", {"i": 0}))
+            await eventually(lambda: got == [0])
+            _, js = await broker._context()
+            if deleted == "stream":
+                await js.delete_stream("P")
+            else:
+                await js.delete_consumer("P", "g__p_x")
+            await asyncio.sleep(1.5)  # past the pending pull request's expiry
+            await broker.publish("p.x", Message("T", {"i": 1}))
+            await eventually(lambda: 1 in got)
+            (info,) = await js.consumers_info("P")
+        finally:
+            await broker.aclose()
+    # made again, a consumer starts at the stream's first message: 0 again if it is kept
+    assert got == ([0, 1] if deleted == "stream" else [0, 0, 1])
+    assert info.name == "g__p_x"
+    assert info.config.filter_subject == "p.x"
+    assert any("consumer g on p.x was deleted" in r.getMessage() for r in caplog.records)
+
+
+async def test_subscribing_to_a_stream_deleted_under_a_running_broker_makes_it_again() -> None:
+    got: list[int] = []
+
+    async def handler(delivery: Delivery) -> None:
+        got.append(delivery.message.data["i"])
+
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        try:
+            await broker.publish("p.x", Message("T", {"i": 0}))
+            _, js = await broker._context()
+            await js.delete_stream("P")
+            await broker.subscribe("p.x", "g", handler)
+            await broker.publish("p.x", Message("T", {"i": 1}))
+            await eventually(lambda: got == [1])
         finally:
             await broker.aclose()

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
+from nats.js.errors import NotFoundError
 
 from seamwork.errors import InvalidMessage, MessagingError
 from seamwork.messaging._message import decode
@@ -40,10 +42,12 @@ class _Consumer:
         max_deliver: int,
         retry_delay: float,
         ack_wait: float,
+        config: ConsumerConfig,
     ) -> None:
         self.broker, self.pull, self.subject, self.group = broker, pull, subject, group
         self.handler, self.max_deliver, self.retry_delay = handler, max_deliver, retry_delay
         self.ack_wait = ack_wait
+        self.config = config
 
     async def run(self, subscription: NatsSubscription) -> None:
         stats = subscription.stats
@@ -63,6 +67,9 @@ class _Consumer:
                 messages = await puller.fetch()
             except asyncio.CancelledError:
                 raise
+            except _ConsumerGone as exc:
+                await self._restore(exc)
+                continue
             except Exception as exc:
                 log.warning(
                     "consumer %s on %s: fetch failed (%s); retrying", self.group, self.subject, exc
@@ -88,6 +95,44 @@ class _Consumer:
                     await self._guarded(self._handle(msg, stats))
                 finally:
                     subscription._idle.set()
+
+    async def _restore(self, gone: _ConsumerGone) -> None:
+        """Make the group's consumer (and its stream) again if it was deleted; a server
+        that only had no responder for a moment (the consumer still there) is left."""
+        try:
+            await self.pull.consumer_info()
+        except asyncio.CancelledError:
+            raise
+        except NotFoundError:
+            pass
+        except Exception:  # cannot tell now: ask again
+            await asyncio.sleep(0.5)
+            return
+        else:
+            await asyncio.sleep(0.5)
+            return
+        try:
+            stream = await self.broker._remake_consumer(self.subject, self.config)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning(
+                "consumer %s on %s was deleted (%s) and cannot be made again yet (%s); retrying",
+                self.group,
+                self.subject,
+                gone,
+                exc,
+            )
+            await asyncio.sleep(0.5)
+            return
+        log.warning(
+            "consumer %s on %s was deleted (%s): made it again in stream %s, from the "
+            "stream's first message",
+            self.group,
+            self.subject,
+            gone,
+            stream,
+        )
 
     async def _in_flight_first(self) -> bool:
         """If the group has messages in flight (held by a member that died, or lost
@@ -234,7 +279,11 @@ class _Puller:
         pull._sub._pending_queue.task_done()
         pull._sub._pending_size -= len(first.data)
         if _is_status(first):
-            if first.headers and first.headers.get("Status") != "408":  # not just expired
+            assert first.headers is not None
+            status, reason = first.headers.get("Status"), first.headers.get("Description", "")
+            if status == "503" or (status == "409" and "Consumer Deleted" in reason):
+                raise _ConsumerGone(reason or "no responders")  # its stream may be gone too
+            if status != "408":  # not just expired
                 log.debug("pull request ended: %s", first.headers.get("Description"))
                 await asyncio.sleep(0.1)  # e.g. too many waiting requests: do not spin
             return []
@@ -252,6 +301,10 @@ class _Puller:
             if not _is_status(msg):
                 messages.append(msg)
         return messages
+
+
+class _ConsumerGone(Exception):
+    """A pull request found no consumer to answer it (deleted, or its stream was)."""
 
 
 def _reconnects(pull: JetStreamContext.PullSubscription) -> int:

@@ -85,6 +85,7 @@ _LOWER = re.compile(r"[a-z0-9_-]+")
 _MAX_READABLE_STREAM = 64
 _MAX_READABLE = 200
 _MAX_CONSUMER_NAME = 255
+_STREAM_NOT_FOUND = 10059
 """Characters of a hashed consumer name before its hash (JetStream takes 255)."""
 
 
@@ -450,35 +451,61 @@ class NatsBroker:
         stream = await self.ensure_stream(subject)
         await self.ensure_stream(f"deadletter.{group}")
         _, js = await self._context()
+        durable = _consumer_name(group, subject)
         config = ConsumerConfig(
+            name=durable,
+            durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=ack_wait,
             max_deliver=-1,
             max_ack_pending=1000,
             filter_subject=subject,
         )
-        durable = _consumer_name(group, subject)
+        what = f"group {group!r} on {subject!r} (consumer {durable} in stream {stream})"
         try:
-            await self._check_consumer(js, stream, durable, subject)
-            pull = await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+            try:
+                pull = await self._bind(js, stream, subject, config)
+            except NotFoundError as exc:
+                if exc.err_code != _STREAM_NOT_FOUND:
+                    raise
+                self._forget(subject)  # deleted since it was made here: make it again
+                stream = await self.ensure_stream(subject)
+                pull = await self._bind(js, stream, subject, config)
         except ConfigError:
             raise
         except APIError as exc:
-            what = f"group {group!r} on {subject!r} (consumer {durable} in stream {stream})"
             if exc.code is not None and 400 <= exc.code < 500:  # refused: not transient
                 raise ConfigError(f"JetStream refused {what}: {exc.description}") from exc
             raise BrokerUnavailable(f"cannot subscribe {what}: {exc.description}") from exc
         except Exception as exc:
             raise BrokerUnavailable(
-                f"cannot subscribe group {group!r} on {subject!r}: {exc or type(exc).__name__}"
+                f"cannot subscribe {what}: {exc or type(exc).__name__}"
             ) from exc
         subscription = NatsSubscription(pull=pull, grace=ack_wait)
         consumer = _Consumer(
-            self, pull, subject, group, handler, max_deliver, retry_delay, ack_wait
+            self, pull, subject, group, handler, max_deliver, retry_delay, ack_wait, config
         )
         subscription._task = asyncio.create_task(consumer.run(subscription))
         self._subscriptions.append(subscription)
         return subscription
+
+    async def _bind(
+        self, js: JetStreamContext, stream: str, subject: str, config: ConsumerConfig
+    ) -> JetStreamContext.PullSubscription:
+        """Pull from the group's durable consumer, made if missing."""
+        durable = config.durable_name
+        assert durable is not None
+        await self._check_consumer(js, stream, durable, subject)
+        return await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+
+    async def _remake_consumer(self, subject: str, config: ConsumerConfig) -> str:
+        """Make the stream of ``subject`` (unless it is there) and the durable consumer
+        ``config`` describes again, after either was deleted under a subscription."""
+        self._forget(subject)
+        stream = await self.ensure_stream(subject)
+        _, js = await self._context()
+        await js.add_consumer(stream, config=config)
+        return stream
 
     async def _check_consumer(
         self, js: JetStreamContext, stream: str, durable: str, subject: str
@@ -487,7 +514,9 @@ class NatsBroker:
         earlier version gave ``orders.a_b`` the name ``orders.a.b`` has now)."""
         try:
             info = await js.consumer_info(stream, durable)
-        except NotFoundError:
+        except NotFoundError as exc:
+            if exc.err_code == _STREAM_NOT_FOUND:
+                raise
             return
         made = info.config.filter_subject
         if made != subject:
