@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 
 from seamwork.brokers import RabbitBroker
 from seamwork.cli import app
-from seamwork.errors import BrokerUnavailable, ConfigError
+from seamwork.errors import BrokerUnavailable, ConfigError, MessagingError
 from seamwork.messaging import Delivery, Message, PoisonMessage
+from seamwork.messaging._ports import DLQ_SUBJECT
 from seamwork.testing.broker import eventually, until
 
 
@@ -391,3 +392,38 @@ async def test_a_message_with_a_blank_type_is_dead_lettered_at_once_and_listed(
     assert (letter.subject, letter.attempts) == (subject, 1)
     assert letter.error.startswith("InvalidMessage")
     assert letter.message.data == {"raw": "{}"}
+
+
+@pytest.mark.parametrize("named", ["", "p.*", "p.>", "p..x", "p x"])
+async def test_a_dead_letter_that_names_no_subject_is_refused_by_key_on_replay(
+    rabbitmq_service: str, exchange: str, named: str
+) -> None:
+    """Filed by hand or by another tool: a letter whose Seamwork-DLQ-Subject is not a
+    subject was replayed with it as routing key (a wildcard reaching every group bound
+    to a matching pattern, ``p.*`` here) and then tombstoned."""
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    prefix = f"edge{uuid.uuid4().hex[:6]}"
+    got: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        got.append(delivery.subject)
+
+    try:
+        await broker.subscribe(f"{prefix}.*", "g", handler)
+        headers = {DLQ_SUBJECT: named.replace("p", prefix, 1)}
+        connection = await aio_pika.connect(rabbitmq_service)
+        async with connection:
+            channel = await connection.channel()
+            letter = aio_pika.Message(b"{}", headers={"Seamwork-Type": "T", **headers})
+            await channel.default_exchange.publish(letter, routing_key=broker.dead_letter_queue)
+        (filed,) = await until(broker.dead_letters)
+        with pytest.raises(MessagingError, match=f"dead letter {filed.key} names no subject"):
+            await broker.replay_dead_letter(filed.key)
+        await asyncio.sleep(0.3)
+        left = await broker.dead_letters()
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await _delete(rabbitmq_service, exchange, names)
+    assert got == []
+    assert [x.key for x in left] == [filed.key]  # kept, not lost

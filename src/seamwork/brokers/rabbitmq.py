@@ -492,7 +492,13 @@ class RabbitBroker:
         if found is None:
             raise MessagingError(f"no dead letter with key {key!r} in {self.dead_letter_queue}")
         _, body, headers = found
-        subject = str(headers[DLQ_SUBJECT])
+        subject = str(headers[DLQ_SUBJECT])  # a letter is a message with this header
+        try:
+            check_subject(subject)
+        except ConfigError as exc:  # filed by hand or by another tool: nowhere to send it
+            raise MessagingError(
+                f"dead letter {key} names no subject to replay to ({DLQ_SUBJECT}: {subject!r})"
+            ) from exc
         carried = {k: v for k, v in headers.items() if k not in _OURS}
         amqp = aio_pika.Message(
             body,
