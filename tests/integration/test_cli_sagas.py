@@ -257,3 +257,25 @@ def test_listing_a_foreign_database_changes_nothing_in_it(tmp_path: Path) -> Non
     with sqlite3.connect(path) as conn:
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
     assert tables == ["users"]
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "named"),
+    [
+        ("at", "'noon'", "time 'noon'"),
+        ("at", "9e999", "time inf"),
+        ("attempt", "'two'", "attempt 'two'"),
+        ("step", "x'00'", "step b'\\x00'"),
+    ],
+)
+@pytest.mark.parametrize("as_json", [[], ["--json"]])
+def test_a_corrupt_timeline_event_is_named_not_a_traceback(
+    db: Path, column: str, value: str, named: str, as_json: list[str]
+) -> None:
+    with sqlite3.connect(db) as conn:
+        sql = f"UPDATE seamwork_saga_events SET {column} = {value} WHERE saga_id = 't-stuck'"
+        conn.execute(sql)
+    code, out, err = invoke("sagas", "show", "t-stuck", "--db", str(db), *as_json)
+    assert code == 1
+    assert err.strip() == f"error: saga 't-stuck' is corrupt: a timeline event has the {named}"
+    assert "Traceback" not in out + err

@@ -226,3 +226,13 @@ def TWICE() -> list[Saga]:  # the same definition listed twice
 def _unboxed(output: str) -> str:
     """The words of a CLI message, without the box and the line breaks around them."""
     return " ".join(output.replace("\u2502", " ").split())
+
+
+def test_sagas_show_names_a_timeline_event_whose_time_is_not_a_number(pg_dsn: str) -> None:
+    asyncio.run(park_three(pg_dsn))
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE seamwork_saga_events SET at = 'NaN' WHERE saga_id = 'old-1'")
+    result = CliRunner().invoke(app, ["sagas", "show", "old-1", "--postgres", pg_dsn])
+    assert result.exit_code == 1
+    assert "saga 'old-1' is corrupt: a timeline event has the time nan" in result.output
+    assert "Traceback" not in result.output

@@ -3,12 +3,13 @@ and how a row becomes a state again (or a ``CorruptSagaError`` naming the saga).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from seamwork._core.codec import dumps
 from seamwork.errors import ConfigError, CorruptSagaError
-from seamwork.saga._state import SagaState, SagaStatus, as_status
+from seamwork.saga._state import SagaState, SagaStatus, StepEvent, as_status
 
 COLUMNS = (
     "saga_id, saga_name, saga_version, status, current_step_index, completed_steps, "
@@ -106,6 +107,26 @@ def decode(row: Sequence[Any], parse: Callable[[Any], Any] | None = None) -> Sag
         )
     except (ValueError, TypeError, KeyError) as exc:
         raise CorruptSagaError(saga_id, f"{type(exc).__name__}: {exc}") from exc
+
+
+def decode_event(row: Sequence[Any]) -> StepEvent:
+    """A timeline event from ``saga_id, at, event, step, attempt, detail``, or a
+    ``CorruptSagaError`` naming the saga when a column is not what the engine writes."""
+    saga_id, at, event, step, attempt, detail = row
+    problem = None
+    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+        problem = f"time {at!r:.80}"
+    elif not isinstance(event, str) or not event:
+        problem = f"kind {event!r:.80}"
+    elif step is not None and not isinstance(step, str):
+        problem = f"step {step!r:.80}"
+    elif attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int)):
+        problem = f"attempt {attempt!r:.80}"
+    elif detail is not None and not isinstance(detail, str):
+        problem = f"detail {detail!r:.80}"
+    if problem is not None:
+        raise CorruptSagaError(str(saga_id), f"a timeline event has the {problem}")
+    return StepEvent(saga_id, float(at), event, step, attempt, detail)
 
 
 def decode_or_none(

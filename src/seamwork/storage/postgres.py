@@ -44,6 +44,7 @@ from seamwork.storage._pg import (
 from seamwork.storage._saga_rows import (
     COLUMNS,
     decode,
+    decode_event,
     decode_or_none,
     insert_values,
     list_query,
@@ -360,7 +361,7 @@ class PostgresStore:
             "WHERE saga_id = %s ORDER BY id",
             (saga_id,),
         )
-        return [StepEvent(*row) for row in rows]
+        return [decode_event(row) for row in rows]
 
     async def claim(
         self,

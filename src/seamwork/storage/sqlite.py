@@ -36,6 +36,7 @@ from seamwork.saga._state import SagaState, SagaStatus, StepEvent
 from seamwork.storage._saga_rows import (
     COLUMNS,
     decode,
+    decode_event,
     decode_or_none,
     insert_values,
     list_query,
@@ -275,7 +276,7 @@ class SQLiteStore:
             "WHERE saga_id = ? ORDER BY id"
         )
         rows = await self._writer.read(lambda conn: conn.execute(sql, (saga_id,)).fetchall())
-        return [StepEvent(*row) for row in rows]
+        return [decode_event(row) for row in rows]
 
     async def claim(
         self,
