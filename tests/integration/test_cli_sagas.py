@@ -279,3 +279,24 @@ def test_a_corrupt_timeline_event_is_named_not_a_traceback(
     assert code == 1
     assert err.strip() == f"error: saga 't-stuck' is corrupt: a timeline event has the {named}"
     assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "command"),
+    [
+        ("started_at", "1e300", ["show", "t-stuck"]),
+        ("updated_at", "9e999", ["show", "t-stuck"]),
+        ("updated_at", "-1e300", ["list"]),
+        ("deadline_at", "9e999", ["show", "t-stuck"]),
+    ],
+)
+def test_a_time_no_calendar_holds_is_shown_as_its_number(
+    db: Path, column: str, value: str, command: list[str]
+) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"UPDATE seamwork_sagas SET {column} = {value} WHERE saga_id = 't-stuck'")
+    code, out, err = invoke("sagas", *command, "--db", str(db))
+    assert code == 0, err
+    assert "t-stuck" in out
+    assert "(not a time)" in out
+    assert "Traceback" not in out + err

@@ -46,14 +46,27 @@ def status_text(status: SagaStatus) -> Text:
     return Text(status.value, style=STATUS_STYLE.get(status, ""))
 
 
+def _local(at: float) -> time.struct_time | None:
+    """``at`` as local time, or None for a time no calendar holds (a row written by
+    hand can hold 1e300 or infinity: shown as its number, never a traceback)."""
+    try:
+        return time.localtime(at)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
 def clock_time(at: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+    local = _local(at)
+    return f"{at!r} (not a time)" if local is None else time.strftime("%Y-%m-%d %H:%M:%S", local)
 
 
 def short_time(at: float, now: float) -> str:
     """``HH:MM:SS`` for today, the date too for older times."""
-    today = time.localtime(now)[:3] == time.localtime(at)[:3]
-    return time.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M", time.localtime(at))
+    local = _local(at)
+    if local is None:
+        return f"{at!r} (not a time)"
+    today = time.localtime(now)[:3] == local[:3]
+    return time.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M", local)
 
 
 def sagas_table(states: Sequence[SagaState], now: float) -> Table:
