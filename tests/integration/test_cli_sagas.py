@@ -185,6 +185,20 @@ def test_an_unknown_status_is_a_usage_error(db: Path) -> None:
     assert "bogus" in err
 
 
+@pytest.mark.parametrize("limit", ["0", "-1", str(2**63), "99999999999999999999999"])
+def test_a_limit_out_of_range_is_a_usage_error(db: Path, limit: str) -> None:
+    code, out, err = invoke("sagas", "list", "--db", str(db), "--limit", limit)
+    assert code == 2
+    assert "--limit" in err
+    assert "Traceback" not in out + err
+
+
+def test_the_largest_limit_lists_everything(db: Path) -> None:
+    code, out, err = invoke("sagas", "list", "--db", str(db), "--limit", str(2**63 - 1), "--json")
+    assert code == 0, err
+    assert len(json.loads(out)) == 2
+
+
 def test_the_db_can_come_from_the_environment(db: Path) -> None:
     result = CliRunner().invoke(app, ["sagas", "list", "--json"], env={"SEAMWORK_DB": str(db)})
     assert result.exit_code == 0

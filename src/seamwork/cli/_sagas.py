@@ -27,6 +27,7 @@ from seamwork.cli._render import event_json, saga_view, sagas_table, state_json
 from seamwork.errors import SagaError, StoreError
 from seamwork.saga import SagaState, SagaStatus, SagaStore, StepEvent, abort_stuck, retry_stuck
 from seamwork.storage import SQLiteStore
+from seamwork.storage._saga_rows import MAX_LIMIT
 
 T = TypeVar("T")
 
@@ -129,7 +130,9 @@ def list_sagas(
         typer.Option("--status", "-s", help="Only sagas in this status.", case_sensitive=False),
     ] = None,
     name: Annotated[str | None, typer.Option("--name", "-n", help="Only this saga.")] = None,
-    limit: Annotated[int, typer.Option("--limit", "-l", min=1, help="At most this many.")] = 50,
+    limit: Annotated[
+        int, typer.Option("--limit", "-l", min=1, max=MAX_LIMIT, help="At most this many.")
+    ] = 50,
     stranded: Annotated[
         bool,
         typer.Option("--stranded", help="Only running sagas none of --app's definitions can run."),

@@ -18,6 +18,8 @@ COLUMNS = (
     "lease_expires_at"
 )
 _JSON_COLUMNS = (5, 6, 7, 8, 9, 14, 15)
+MAX_LIMIT = 2**63 - 1
+"""The largest ``list`` limit: what both databases' 64-bit integers hold."""
 
 
 def state_values(state: SagaState) -> tuple[Any, ...]:
@@ -64,8 +66,8 @@ def list_query(
     Only the filters given, as plain equalities: a prepared (generic) plan keeps the
     (status, updated_at) index, where "$1 IS NULL OR status = $1" loses it.
     """
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise ConfigError(f"limit must be an int >= 0, got {limit!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_LIMIT:
+        raise ConfigError(f"limit must be an int from 0 to 2**63 - 1, got {limit!r}")
     where, params = [], []
     if status is not None:
         where.append(f"status = {mark}")

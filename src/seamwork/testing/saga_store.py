@@ -200,6 +200,7 @@ class SagaStoreContract:
             ({"limit": True}, "limit"),
             ({"limit": "2"}, "limit"),
             ({"limit": 2.5}, "limit"),
+            ({"limit": 2**63}, "limit"),
             ({"status": "sleeping"}, "status"),
         ],
     )
