@@ -461,3 +461,23 @@ async def test_subscribing_to_a_stream_deleted_under_a_running_broker_makes_it_a
             await eventually(lambda: got == [1])
         finally:
             await broker.aclose()
+
+
+async def test_a_cancel_while_the_broker_closes_is_not_swallowed() -> None:
+    # nats-py's drain() catches CancelledError and returns; the caller cancelled (a
+    # Ctrl-C in `seamwork demo` cancels the main task) must still see it
+    import asyncio
+
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        nc, _ = await broker._context()
+        await nc.subscribe("unread.subject")  # a message nobody reads holds the drain
+        await nc.publish("unread.subject", b"x")
+        await nc.flush()
+        closing = asyncio.create_task(broker.aclose())
+        await asyncio.sleep(0.3)
+        closing.cancel()
+        async with asyncio.timeout(5):
+            await asyncio.wait({closing})
+        assert closing.cancelled()
+        assert nc.is_closed

@@ -258,6 +258,8 @@ class NatsBroker:
             self._nc = nc
 
     async def aclose(self) -> None:
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         for subscription in self._subscriptions:
             await subscription.stop()
         self._subscriptions.clear()
@@ -267,6 +269,10 @@ class NatsBroker:
                 await nc.drain()
             with contextlib.suppress(Exception):
                 await nc.close()
+        # nats-py's drain() swallows a CancelledError and returns: the caller's cancel
+        # (a Ctrl-C under asyncio.run) is passed on once the connection is closed
+        if task is not None and task.cancelling() > cancels:
+            raise asyncio.CancelledError
 
     async def _context(self) -> tuple[NatsClient, JetStreamContext]:
         if self._nc is None:
