@@ -481,3 +481,49 @@ async def test_a_cancel_while_the_broker_closes_is_not_swallowed() -> None:
             await asyncio.wait({closing})
         assert closing.cancelled()
         assert nc.is_closed
+
+
+OWNER = """
+import asyncio, socket, sys
+from seamwork.brokers import EmbeddedNats
+
+async def main():
+    async with EmbeddedNats() as server:
+        print(server.pid, server.port, server._store, flush=True)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.5)  # the owner closes its clients first...
+            try:
+                socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+                print("server still up", flush=True)  # ...while the server still serves
+            except OSError:
+                print("server already gone", flush=True)
+            raise
+
+asyncio.run(main())
+"""
+
+
+def test_a_terminal_ctrl_c_reaches_the_owner_not_the_embedded_server() -> None:
+    # a terminal sends SIGINT to its whole foreground process group: the server must
+    # not die under its owner, which still has clients to close (and then stops it)
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", OWNER],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group, as a shell job would be
+    )
+    assert child.stdout is not None
+    pid, _, store = child.stdout.readline().split(" ", 2)
+    os.killpg(child.pid, signal.SIGINT)
+    out, _ = child.communicate(timeout=20)
+    assert out.strip() == "server still up"
+    assert child.returncode != 0  # interrupted, as asked
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid), 0)
+    assert not os.path.exists(store.strip())

@@ -124,6 +124,11 @@ class EmbeddedNats(StartStop):
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
+                # its own process group: a terminal's Ctrl-C (sent to the whole
+                # foreground group) reaches the owner alone, which closes its clients
+                # and then stops the server; were the server hit too, it would die
+                # under them and each client would wait out its drain timeout
+                process_group=0,
             )
         except OSError as exc:
             raise BrokerUnavailable(f"cannot run {binary}: {exc}") from exc
