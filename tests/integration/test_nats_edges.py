@@ -527,3 +527,27 @@ def test_a_terminal_ctrl_c_reaches_the_owner_not_the_embedded_server() -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid), 0)
     assert not os.path.exists(store.strip())
+
+
+async def test_closing_a_broker_with_fetched_messages_unhandled_is_prompt() -> None:
+    # messages a stopped consumer had fetched but not handled wait in its inbox; the
+    # client's drain would wait for someone to read them until its 30 s timeout. The
+    # stuck handler itself is cancelled once its ack_wait (the stop's grace) is over.
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        started = asyncio.Event()
+
+        async def stuck(delivery: Delivery) -> None:
+            started.set()
+            await asyncio.Event().wait()
+
+        await broker.subscribe("backlog.item", "slow", stuck, ack_wait=1)
+        await broker.publish("backlog.item", Message("Item", {"i": 0}))
+        async with asyncio.timeout(5):
+            await started.wait()
+        for i in range(1, 20):  # the pending pull request brings them to the inbox
+            await broker.publish("backlog.item", Message("Item", {"i": i}))
+        await asyncio.sleep(0.3)
+        began = time.perf_counter()
+        await broker.aclose()
+        assert time.perf_counter() - began < 5
