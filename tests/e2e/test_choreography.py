@@ -124,3 +124,29 @@ def test_a_flow_without_a_terminal_message_is_in_progress_where_it_stopped() -> 
     monitor.record(created.caused("InventoryReserved"), "inventory.reserved")
     flow = monitor.flows()["o-2"]
     assert (flow.status, flow.where) == ("in progress", "inventory")
+
+
+@pytest.mark.parametrize("steps_before_cancel", [1, 2, 3, 5, 10, 20])
+async def test_a_cancel_while_stopping_still_stops_every_service(
+    tmp_path: Path, steps_before_cancel: int
+) -> None:
+    # a Ctrl-C landing in stop() must not leave the later services' relays, broker
+    # connections and database writer threads running (the process could not exit)
+    import asyncio
+
+    async with EmbeddedNats() as server:
+        system = OrderSystem(tmp_path, server.url)
+        await system.start()
+        await system.place_order("o-1", "book", 1, 30)
+        stopping = asyncio.create_task(system.stop())
+        for _ in range(steps_before_cancel):
+            await asyncio.sleep(0)
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        assert system._monitor_broker._nc is None
+        for service in system.services:
+            relay = service.relay._task
+            assert relay is None or relay.done(), service.name
+            assert service.broker._nc is None, service.name
+            assert not service.outbox.store.writer.running, service.name

@@ -258,20 +258,29 @@ class NatsBroker:
             self._nc = nc
 
     async def aclose(self) -> None:
+        """Stop every subscription, drain and close the connection.
+
+        A cancel that lands meanwhile (a Ctrl-C under asyncio.run) still stops every
+        subscription and closes the connection, without waiting for a drain, and is
+        then raised (nats-py's drain() would swallow it).
+        """
         task = asyncio.current_task()
         cancels = task.cancelling() if task is not None else 0
-        for subscription in self._subscriptions:
-            await subscription.stop()
-        self._subscriptions.clear()
+        subscriptions, self._subscriptions = self._subscriptions, []
         nc, self._nc, self._js = self._nc, None, None
+        interrupted = False
+        for subscription in subscriptions:
+            try:
+                await subscription.stop()
+            except asyncio.CancelledError:
+                interrupted = True
         if nc is not None:
-            with contextlib.suppress(Exception):
-                await nc.drain()
+            if not interrupted:
+                with contextlib.suppress(Exception):
+                    await nc.drain()
             with contextlib.suppress(Exception):
                 await nc.close()
-        # nats-py's drain() swallows a CancelledError and returns: the caller's cancel
-        # (a Ctrl-C under asyncio.run) is passed on once the connection is closed
-        if task is not None and task.cancelling() > cancels:
+        if interrupted or (task is not None and task.cancelling() > cancels):
             raise asyncio.CancelledError
 
     async def _context(self) -> tuple[NatsClient, JetStreamContext]:

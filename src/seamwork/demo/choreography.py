@@ -70,9 +70,22 @@ class Service:
         await self.broker.subscribe(subject, self.name, handler, retry_delay=0.1)
 
     async def stop(self) -> None:
-        await self.broker.aclose()
-        await self.relay.stop()
-        await self.outbox.aclose()
+        # the relay first: left running, it would connect the closed broker again
+        await close_all(self.relay.stop, self.broker.aclose, self.outbox.aclose)
+
+
+async def close_all(*closers: Callable[[], Awaitable[None]]) -> None:
+    """Run every closer, even after one raised or the caller was cancelled (a Ctrl-C),
+    so no relay, connection or database thread is left running; then raise the first
+    error."""
+    first: BaseException | None = None
+    for close in closers:
+        try:
+            await close()
+        except BaseException as exc:  # re-raised once all are closed
+            first = first or exc
+    if first is not None:
+        raise first
 
 
 # --- the services' handlers -----------------------------------------------------------
@@ -203,9 +216,7 @@ class OrderSystem:
         await self.orders.on("inventory.released", cancel, "InventoryReleased")
 
     async def stop(self) -> None:
-        await self._monitor_broker.aclose()
-        for service in self.services:
-            await service.stop()
+        await close_all(self._monitor_broker.aclose, *(s.stop for s in self.services))
 
     async def place_order(self, order_id: str, sku: str, qty: int, amount: int) -> None:
         """The orders service takes an order: its row and OrderCreated, one transaction."""
