@@ -551,3 +551,30 @@ async def test_closing_a_broker_with_fetched_messages_unhandled_is_prompt() -> N
         began = time.perf_counter()
         await broker.aclose()
         assert time.perf_counter() - began < 5
+
+
+@pytest.mark.parametrize("steps_before_cancel", [1, 2, 3])
+async def test_a_cancel_while_the_embedded_server_stops_still_removes_it(
+    steps_before_cancel: int,
+) -> None:
+    import asyncio
+
+    server = EmbeddedNats()
+    await server.start()
+    pid, store = server.pid, server._store
+    assert pid is not None
+    assert store is not None
+    stopping = asyncio.create_task(server.stop())
+    for _ in range(steps_before_cancel):
+        await asyncio.sleep(0)
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert not store.exists()
+    async with asyncio.timeout(5):
+        while True:  # SIGKILLed if the cancel cut the wait short: gone at once
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            await asyncio.sleep(0.05)

@@ -140,10 +140,12 @@ class EmbeddedNats(StartStop):
 
     async def stop(self) -> None:
         """Stop gracefully (SIGTERM, then SIGKILL after 5 s); remove a temporary store."""
-        await self._terminate(signal.SIGTERM)
-        if self._own_store and self._store is not None:
-            shutil.rmtree(self._store, ignore_errors=True)
-            self._store = None
+        try:
+            await self._terminate(signal.SIGTERM)
+        finally:  # a cancel (a Ctrl-C) meanwhile still leaves no temporary store
+            if self._own_store and self._store is not None:
+                shutil.rmtree(self._store, ignore_errors=True)
+                self._store = None
 
     async def kill(self) -> None:
         """SIGKILL the server (for chaos tests); ``start()`` brings it back, same port
@@ -163,6 +165,10 @@ class EmbeddedNats(StartStop):
             except TimeoutError:
                 process.kill()
                 await process.wait()
+            except asyncio.CancelledError:  # no time left to wait: leave no server
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                raise
         if self._log_task is not None:
             self._log_task.cancel()
             await asyncio.gather(self._log_task, return_exceptions=True)
