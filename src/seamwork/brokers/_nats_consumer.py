@@ -50,11 +50,17 @@ class _Consumer:
         self.config = config
 
     async def run(self, subscription: NatsSubscription) -> None:
+        await self._consume(subscription)
+        # stopped by its own handler (any other stop() cancels this task): nothing is
+        # taken any more, so the inbox goes
+        await subscription._release()
+
+    async def _consume(self, subscription: NatsSubscription) -> None:
         stats = subscription.stats
         batch = getattr(self.handler, "batch", None)
         puller = _Puller(self.pull, FETCH if batch is None else FETCH_BATCH)
         connection = -1  # the client's reconnect count when in-flight messages were checked
-        while True:
+        while not subscription._stopping:
             # no await between this check and the fetch's request: a reconnect cannot
             # slip in between, so no request reaches a new server unchecked
             if self.broker.ordered_recovery and connection != _reconnects(self.pull):

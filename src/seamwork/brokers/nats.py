@@ -146,7 +146,9 @@ class NatsSubscription:
     ``stop()`` takes no message after it is called and lets the one in hand (or the
     batch) finish and settle, waiting at most ``ack_wait``: by then the server has
     handed the message to another member anyway, so a handler still running is
-    cancelled and its message redelivered.
+    cancelled and its message redelivered. Called by the subscription's own handler,
+    it returns at once: that handler's message is settled when it returns, and the
+    consumer then ends without taking another.
     """
 
     def __init__(
@@ -166,6 +168,8 @@ class NatsSubscription:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._task is not None and self._task is asyncio.current_task():
+            return  # from its own handler: the consumer ends once that one is settled
         task, self._task = self._task, None
         if task is not None:
             try:
@@ -179,6 +183,10 @@ class NatsSubscription:
                 )
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        await self._release()
+
+    async def _release(self) -> None:
+        """Unsubscribe the consumer's inbox (once, whoever ends the subscription)."""
         pull, self._pull = self._pull, None
         if pull is not None:
             # its inbox would keep taking what a pending pull request still brings,

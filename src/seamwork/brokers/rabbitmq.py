@@ -149,7 +149,10 @@ class RabbitSubscription:
 
     ``stop()`` takes no message after it is called and lets the one in hand finish
     and settle, waiting at most ``ack_wait``; a handler still running then is
-    cancelled and its message handed back (redelivered).
+    cancelled and its message handed back (redelivered). Called by the subscription's
+    own handler, it returns at once: that handler's message is settled when it
+    returns, then the channel closes (handing back what was prefetched) and the
+    consumer ends.
     """
 
     def __init__(self, channel: AbstractChannel, *, grace: float = 30.0) -> None:
@@ -165,6 +168,8 @@ class RabbitSubscription:
         # The consumer takes no message after this flag: the one in hand finishes,
         # the next one it may already have taken stays untouched (not started).
         self._stopping = True
+        if self._task is not None and self._task is asyncio.current_task():
+            return  # from its own handler: the consumer ends once that one is settled
         task, self._task = self._task, None
         if task is not None:
             try:
@@ -176,14 +181,17 @@ class RabbitSubscription:
                     "cancelled, its message is handed back",
                     self._grace,
                 )
+        await self._close_channel()
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _close_channel(self) -> None:
         with contextlib.suppress(Exception):
             # Prefetched, unacked messages go back. Closing the channel before the
             # consumer's iterator closes returns them without a nack (a nack would
             # count as a failed delivery on some RabbitMQ versions).
             await self._channel.close()
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
 
 class RabbitBroker:
@@ -546,6 +554,10 @@ class _Consumer:
         self.handler, self.max_deliver, self.retry_delay = handler, max_deliver, retry_delay
 
     async def run(self, subscription: RabbitSubscription) -> None:
+        with contextlib.suppress(aio_pika.exceptions.ChannelInvalidStateError):
+            await self._consume(subscription)
+
+    async def _consume(self, subscription: RabbitSubscription) -> None:
         async with self.queue.iterator() as messages:
             async for msg in messages:
                 if subscription._stopping:
@@ -564,6 +576,9 @@ class _Consumer:
                     await self._give_back(msg)
                 finally:
                     subscription._idle.set()
+                if subscription._stopping:  # by its own handler (any other stop() waits
+                    await subscription._close_channel()  # for this, then cancels us)
+                    return
 
     async def _handle(self, msg: AbstractIncomingMessage, stats: SubscriptionStats) -> None:
         stats.delivered += 1

@@ -16,7 +16,14 @@ from typing import TypeVar
 import pytest
 
 from seamwork.errors import ConfigError, InvalidMessage, MessagingError
-from seamwork.messaging import Broker, DeadLetter, Delivery, Message, PoisonMessage
+from seamwork.messaging import (
+    Broker,
+    DeadLetter,
+    Delivery,
+    Message,
+    PoisonMessage,
+    Subscription,
+)
 
 T = TypeVar("T")
 
@@ -343,6 +350,45 @@ class BrokerContract:
         await eventually(lambda: sorted(rest) == [1, 2, 3, 4])
         await asyncio.sleep(1.5)  # past ack_wait: the message that finished was settled
         assert sorted(rest) == [1, 2, 3, 4]
+
+    async def test_stop_called_by_its_own_handler_returns_at_once_and_settles_that_message(
+        self, broker: Broker
+    ) -> None:
+        subject = self.subject()
+        subscriptions: list[Subscription] = []
+        events: list[str] = []
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        async def handler(delivery: Delivery) -> None:
+            i = delivery.message.data["i"]
+            events.append(f"start {i}")
+            began = loop.time()
+            try:
+                await subscriptions[0].stop()
+            except asyncio.CancelledError:
+                events.append(f"cancelled {i}")
+                raise
+            events.append(f"stopped {i} in {loop.time() - began < 0.5}")
+            stopped.set()
+
+        subscriptions.append(await broker.subscribe(subject, "g", handler, ack_wait=2))
+        await broker.publish_batch([(subject, Message("N", {"i": i})) for i in range(3)])
+        async with asyncio.timeout(10):
+            await stopped.wait()
+        await asyncio.sleep(0.5)
+        assert events == ["start 0", "stopped 0 in True"]  # returned at once, took no other
+        rest: list[int] = []
+
+        async def collect(delivery: Delivery) -> None:
+            rest.append(delivery.message.data["i"])
+
+        await broker.subscribe(subject, "g", collect, ack_wait=2)
+        await eventually(lambda: sorted(rest) == [1, 2])
+        await asyncio.sleep(2.5)  # past ack_wait: the message whose handler stopped was settled
+        assert sorted(rest) == [1, 2]
+        async with asyncio.timeout(5):
+            await subscriptions[0].stop()  # stopping it again from outside is harmless
 
     async def test_stop_waits_for_a_handler_that_never_returns_only_ack_wait(
         self, broker: Broker
