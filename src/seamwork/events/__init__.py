@@ -10,6 +10,7 @@ from seamwork.errors import EventStoreError, StreamNotFound, UpcastError, WrongE
 from seamwork.events._aggregate import Aggregate, Decision
 from seamwork.events._model import (
     ANY,
+    MAX_KEY_BYTES,
     NO_STREAM,
     STREAM_EXISTS,
     AppendResult,
@@ -31,6 +32,7 @@ from seamwork.events._upcast import Upcasters
 
 __all__ = [
     "ANY",
+    "MAX_KEY_BYTES",
     "NO_STREAM",
     "STREAM_EXISTS",
     "Aggregate",

@@ -28,6 +28,10 @@ ExpectedVersion = int | str
 
 _EXPECTATIONS = frozenset({ANY, NO_STREAM, STREAM_EXISTS})
 _MAX_SCHEMA_VERSION = 2**31 - 1
+MAX_KEY_BYTES: Final = 1024
+"""Longest stream name, event id and snapshot name, in bytes of UTF-8. They are
+indexed, and a PostgreSQL btree entry holds at most about 2,700 bytes (a snapshot's
+key holds a stream name and a snapshot name): every store refuses a longer one."""
 
 
 def check_expected_version(expected: object) -> None:
@@ -54,7 +58,18 @@ def check_stream_name(stream: object) -> str:
     if stream.startswith("$"):
         raise ConfigError(f"stream names starting with '$' are reserved, got {stream!r}")
     check_no_nul(stream, "a stream name")
+    check_key_length(stream, "a stream name")
     return stream
+
+
+def check_key_length(text: str, what: str) -> None:
+    """Raise ``ConfigError`` if ``text`` is over ``MAX_KEY_BYTES`` bytes of UTF-8."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_KEY_BYTES:
+        raise ConfigError(
+            f"{what} must be at most {MAX_KEY_BYTES} bytes of UTF-8 (it is indexed), "
+            f"got {size}: {text[:40]!r}..."
+        )
 
 
 def check_no_nul(text: str, what: str) -> None:
@@ -156,6 +171,7 @@ class NewEvent:
                 f"event {self.type!r}: id must be a non-empty string, got {self.id!r}"
             )
         check_no_nul(self.id, f"event {self.type!r}: the id")
+        check_key_length(self.id, f"event {self.type!r}: the id")
 
 
 @dataclass(slots=True)

@@ -27,6 +27,7 @@ from seamwork.events._model import (
     NewEvent,
     RecordedEvent,
     StreamInfo,
+    check_key_length,
     check_no_nul,
     check_stream_name,
 )
@@ -60,6 +61,7 @@ def check_snapshot_key(stream: str, name: object, version_field: str, version: o
     if not isinstance(name, str) or not name:
         raise ConfigError(f"a snapshot name must be a non-empty string, got {name!r}")
     check_no_nul(name, "a snapshot name")
+    check_key_length(name, "a snapshot name")
     _check_int(version_field, version, 0)
 
 
@@ -83,6 +85,7 @@ class Snapshots(Generic[S]):
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"Snapshots.name must be a non-empty string, got {self.name!r}")
         check_no_nul(self.name, "Snapshots.name")
+        check_key_length(self.name, "Snapshots.name")
         _check_int("Snapshots.every", self.every, 1)
 
 
@@ -146,7 +149,10 @@ class EventStore(OpenClose, ABC):
             WrongExpectedVersion: the stream is elsewhere (carries ``actual``).
             SerializationError: data or metadata is not JSON, or holds a NUL character
                 (U+0000, which PostgreSQL cannot store); nothing is written.
-            ConfigError: empty stream name, bad expected version, unknown type.
+            ConfigError: empty stream name, bad expected version, unknown type; a
+                stream name or event id over ``MAX_KEY_BYTES`` (1024) bytes of UTF-8
+                (both are indexed, and a PostgreSQL index entry holds about 2,700
+                bytes; every store refuses them alike, before anything is written).
         """
 
     @abstractmethod

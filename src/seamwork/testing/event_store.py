@@ -183,6 +183,36 @@ class EventStoreContract:
         (stored,) = await store.read_stream("s")
         assert (stored.data, stored.metadata) == ({"path": "C:\\u0000"}, {"m": "\\u0000"})
 
+    async def test_an_overlong_indexed_key_is_refused_by_name_before_anything_is_written(
+        self, store: EventStore
+    ) -> None:
+        # stream names, event ids and snapshot names are indexed; a PostgreSQL index
+        # entry holds about 2,700 bytes, so every store refuses a key over the limit
+        longest = "".join(random.choices("abcdefghijklmnopqrstuvwxyz0123456789", k=1024))
+        overlong = "s" + longest  # 1025 bytes, not compressible into an index entry
+        wide = "é" * 513  # 513 characters, 1026 bytes of UTF-8
+        for stream in (overlong, wide, longest * 3):
+            with pytest.raises(ConfigError, match="stream name must be at most 1024 bytes"):
+                await store.append(stream, events("A"))
+            with pytest.raises(ConfigError, match="stream name must be at most 1024 bytes"):
+                await store.set_stream_metadata(stream, {"owner": "x"})
+            with pytest.raises(ConfigError, match="stream name must be at most 1024 bytes"):
+                await store.save_snapshot(stream, "count", 0, 1)
+        with pytest.raises(ConfigError, match="the id must be at most 1024 bytes"):
+            NewEvent("A", id=longest * 3)
+        with pytest.raises(ConfigError, match="snapshot name must be at most 1024 bytes"):
+            await store.save_snapshot("s", longest * 3, 0, 1)
+        with pytest.raises(ConfigError, match=r"Snapshots\.name must be at most 1024 bytes"):
+            Snapshots(longest * 3)
+        assert await store.read_all() == []
+        assert await store.stream_info(longest) is None
+        # the limit itself is accepted, and reads back
+        await store.append(longest, [NewEvent("A", id=longest)])
+        await store.save_snapshot(longest, longest, 0, 1)
+        (stored,) = await store.read_stream(longest)
+        assert (stored.stream, stored.id) == (longest, longest)
+        assert await store.load_snapshot(longest, longest, 0) == (0, 1)
+
     async def test_a_closed_store_opens_again(self, store: EventStore) -> None:
         await store.append("s", events("A"))
         await store.aclose()
