@@ -52,6 +52,13 @@ class PageSQL:
         )
 
 
+def storable(error: str) -> str:
+    """``error`` as text both stores can keep: PostgreSQL's text holds no NUL and
+    neither driver encodes a lone surrogate, so each is written as its escape
+    (``\\x00``, ``\\ud800``); a failing write would lose the parking."""
+    return error.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def apply_page(
     conn: Any,
     sql: PageSQL,
@@ -78,6 +85,7 @@ def apply_page(
         if error is None:
             applied += 1
             continue
+        error = storable(error)
         conn.execute(sql.park, (name, event.stream, event.position, event.type, error, now))
         blocked.add(event.stream)
         newly.append(event.stream)
@@ -105,7 +113,7 @@ def replay_stream(
             return done
         error = apply_one(conn, projection, event)
         if error is not None:
-            conn.execute(sql.note_error, (error, name, stream, position))
+            conn.execute(sql.note_error, (storable(error), name, stream, position))
             return done
         conn.execute(sql.unpark, (name, stream, position))
         done += 1

@@ -12,7 +12,8 @@ an event marked ``poison``; the checks are the ones a demanding user relies on: 
 event applied exactly once with its checkpoint, rebuild from zero, a failing event
 parking its own stream (later events queue behind it) while the others flow, replay
 in order once fixed (also after the stream was soft-deleted), a failing SQL statement
-parking only its event, a live runner following new events (also after a rebuild and
+parking only its event, an error text with a NUL or a lone surrogate parked
+readably, a live runner following new events (also after a rebuild and
 beside a catch-up), a rebuild during a catch-up, and overlapping runners and replicas
 starting together.
 """
@@ -76,6 +77,15 @@ class BadSql(Totals):
     @handles("Broken")
     def broken(self, event: RecordedEvent, conn: Any) -> None:
         conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+
+class UnprintableError(Totals):
+    """A projection whose ``Odd`` handler fails with a NUL character and a lone
+    surrogate in its error text (PostgreSQL's text cannot hold either)."""
+
+    @handles("Odd")
+    def odd(self, event: RecordedEvent, conn: Any) -> None:
+        raise ValueError(f"bad byte \x00 in {event.data['at']} \ud800 here")
 
 
 def added(n: int, *, poison: bool = False) -> list[NewEvent]:
@@ -184,6 +194,21 @@ class ReadModelContract:
         await runner.catch_up()
         assert len(await runner.parked()) == 3  # still queued behind the poison
         assert await runner.replay("bad") == 0  # not fixed yet: nothing moves
+
+    async def test_an_error_text_no_column_can_hold_is_parked_readably(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        await store.append("odd", [NewEvent("Odd", {"at": "first"})])
+        await store.append("odd", added(1))
+        await store.append("good", added(2))
+        runner = ProjectionRunner(store, UnprintableError(self.placeholder), read_model)
+        await runner.catch_up()
+        assert await totals(read_model) == {"good": 2}
+        parked = await runner.parked()
+        assert [(p.stream, p.event_type) for p in parked] == [("odd", "Odd"), ("odd", "Added")]
+        assert parked[0].error == "ValueError: bad byte \\x00 in first \\ud800 here"
+        assert await runner.replay("odd") == 0  # fails again: its new error is noted
+        assert (await runner.parked())[0].error == parked[0].error
 
     async def test_replaying_a_fixed_stream_applies_its_parked_events_in_order(
         self, store: EventStore, read_model: ReadModelStore
