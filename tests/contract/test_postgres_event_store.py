@@ -150,3 +150,47 @@ async def test_a_live_subscriber_is_woken_by_notifications_again_after_the_liste
         finally:
             subscriber.cancel()
             await asyncio.gather(subscriber, return_exceptions=True)
+
+
+async def test_a_listener_that_ended_on_an_unexpected_error_is_started_again(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    application = f"seamwork-test-{uuid.uuid4().hex[:12]}"
+    poll = 30.0  # a subscriber left to polling would wait this long
+    store = postgres_events.PostgresEventStore(
+        f"{pg_dsn} application_name={application}", poll_interval=poll
+    )
+    seen: asyncio.Queue[str] = asyncio.Queue()
+    reopen = store._open_listener
+
+    async def broken() -> NoReturn:
+        monkeypatch.setattr(store, "_open_listener", reopen)  # fails this once only
+        raise RuntimeError("not a connection error")
+
+    async def follow() -> None:
+        async for event in store.subscribe():
+            seen.put_nowait(event.type)
+
+    async with store:
+        subscriber = asyncio.create_task(follow())
+        try:
+            await asyncio.sleep(0.3)  # live, and the listener is up
+            await store.append("s", [NewEvent("Before")])
+            assert await asyncio.wait_for(seen.get(), 2) == "Before"
+            monkeypatch.setattr(store, "_open_listener", broken)
+            relay = store._listen_task
+            assert relay is not None
+            with caplog.at_level(logging.WARNING, logger="seamwork.storage"):
+                await _terminate_listener(pg_dsn, application)
+                async with asyncio.timeout(5):
+                    while not relay.done():  # it dies on the RuntimeError
+                        await asyncio.sleep(0.02)
+                await asyncio.sleep(0.3)  # its subscriber woke and started another
+                await store.append("s", [NewEvent("After")])
+                assert await asyncio.wait_for(seen.get(), 2) == "After"  # notified, not polled
+            stopped = [r for r in caplog.records if "listener stopped" in r.getMessage()]
+            assert len(stopped) == 1
+            assert "RuntimeError: not a connection error" in stopped[0].getMessage()
+        finally:
+            subscriber.cancel()
+            await asyncio.gather(subscriber, return_exceptions=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -396,9 +397,9 @@ class PostgresEventStore(EventStore):
         return -1 if row is None or row[0] is None else int(row[0])
 
     async def _wait_for_events(self, after_position: int) -> None:
-        if self._listen_task is None:
+        if self._listen_task is None or self._listen_task.done():
             async with self._listen_lock:  # subscribers going live together: one listener
-                if self._listen_task is None:
+                if self._listen_task is None or self._listen_task.done():
                     await self._listen()
         assert self._notified is not None
         notified = self._notified
@@ -411,7 +412,22 @@ class PostgresEventStore(EventStore):
             notified.clear()
 
     async def _listen(self) -> None:
-        self._notified = asyncio.Event()
+        """Start the listener, or start it again if its relay ended (it only ends on
+        an error it cannot take as a lost connection: that is logged)."""
+        ended, self._listen_task = self._listen_task, None
+        if ended is not None:
+            error = None if ended.cancelled() else ended.exception()
+            log.error(
+                "event listener stopped (%s); starting it again",
+                f"{type(error).__name__}: {error}" if error else "cancelled",
+                exc_info=error,
+            )
+        stale, self._listener = self._listener, None
+        if stale is not None:
+            with contextlib.suppress(Exception):
+                await stale.close()
+        if ended is None or self._notified is None:  # a restart keeps the waiters' event
+            self._notified = asyncio.Event()
         self._listener = await self._open_listener()
         self._listen_task = asyncio.create_task(
             self._relay_notifications(), name="seamwork-event-listener"
@@ -431,6 +447,12 @@ class PostgresEventStore(EventStore):
         open another (subscribers would otherwise only find events by polling)."""
         notified = self._notified
         assert notified is not None
+        try:
+            await self._relay(notified)
+        finally:  # ended by an error it cannot take as a lost connection (or aclose):
+            notified.set()  # the subscribers look again, and start a listener again
+
+    async def _relay(self, notified: asyncio.Event) -> None:
         delay = _RELISTEN_FIRST_DELAY
         while True:
             try:
