@@ -194,3 +194,43 @@ async def test_a_listener_that_ended_on_an_unexpected_error_is_started_again(
         finally:
             subscriber.cancel()
             await asyncio.gather(subscriber, return_exceptions=True)
+
+
+async def test_a_listener_kept_from_its_server_logs_the_loss_and_the_recovery_once(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    application = f"seamwork-test-{uuid.uuid4().hex[:12]}"
+    store = postgres_events.PostgresEventStore(
+        f"{pg_dsn} application_name={application}", poll_interval=30.0
+    )
+    seen: asyncio.Queue[str] = asyncio.Queue()
+
+    async def follow() -> None:
+        async for event in store.subscribe():
+            seen.put_nowait(event.type)
+
+    async with store:
+        subscriber = asyncio.create_task(follow())
+        try:
+            await asyncio.sleep(0.3)  # live, and the listener is up
+            dsn = store._dsn
+            store._dsn = "host=127.0.0.1 port=1 connect_timeout=1"  # no server there
+            with caplog.at_level(logging.DEBUG, logger="seamwork.storage"):
+                await _terminate_listener(pg_dsn, application)
+                await asyncio.sleep(3.5)  # reconnects after 0.05, 0.1, ... 1.6 s: all fail
+                store._dsn = dsn
+                await store.append("s", [NewEvent("Back")])
+                assert await asyncio.wait_for(seen.get(), 5) == "Back"
+            logged = [
+                (r.levelno, r.getMessage())
+                for r in caplog.records
+                if r.name == "seamwork.storage" and "listener" in r.getMessage()
+            ]
+            above_debug = [m for level, m in logged if level > logging.DEBUG]
+            assert len(above_debug) == 2, above_debug
+            assert "lost its connection" in above_debug[0]
+            assert "listening again" in above_debug[1]
+            assert len([m for level, m in logged if level == logging.DEBUG]) >= 4
+        finally:
+            subscriber.cancel()
+            await asyncio.gather(subscriber, return_exceptions=True)

@@ -453,19 +453,24 @@ class PostgresEventStore(EventStore):
             notified.set()  # the subscribers look again, and start a listener again
 
     async def _relay(self, notified: asyncio.Event) -> None:
+        """The loss of the connection is logged once, and so is its recovery: the
+        attempts in between (one every 2 s while the server is down) log at debug."""
         delay = _RELISTEN_FIRST_DELAY
         while True:
             try:
                 if self._listener is None:
                     self._listener = await self._open_listener()
-                    log.info("event listener is listening again")
+                    log.warning("event listener is listening again")
                     delay = _RELISTEN_FIRST_DELAY
                     notified.set()  # events may have been appended while it was away
                 async for _ in self._listener.notifies():
                     notified.set()
                 raise psycopg.OperationalError("the notification stream ended")
             except (psycopg.Error, StoreUnavailable) as exc:
-                log.warning("event listener lost its connection (%s); reconnecting", exc)
+                if self._listener is not None:  # connected until now
+                    log.warning("event listener lost its connection (%s); reconnecting", exc)
+                else:
+                    log.debug("event listener cannot reconnect yet (%s)", exc)
                 lost, self._listener = self._listener, None
                 if lost is not None:
                     await lost.close()
