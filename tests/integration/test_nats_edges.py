@@ -578,3 +578,38 @@ async def test_a_cancel_while_the_embedded_server_stops_still_removes_it(
             except ProcessLookupError:
                 break
             await asyncio.sleep(0.05)
+
+
+async def test_configured_streams_take_subjects_their_patterns_match_and_refuse_the_rest() -> None:
+    got: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        got.append(delivery.subject)
+
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(
+            server.url, streams={"SHOP": ["orders.*", "payments.>"], "AUDIT": ["audit.log"]}
+        )
+        try:
+            await broker.subscribe("orders.*", "g", handler)
+            await broker.subscribe("payments.>", "g", handler)
+            await broker.publish("orders.created", Message("A"))
+            await broker.publish_batch(
+                [("payments.card.taken", Message("B")), ("audit.log", Message("C"))]
+            )
+            await eventually(lambda: sorted(got) == ["orders.created", "payments.card.taken"])
+            for uncovered in ("orders.created.late", "invoices.sent", "audit.other"):
+                with pytest.raises(ConfigError, match=re.escape(f"{uncovered!r} is in none")):
+                    await broker.publish(uncovered, Message("D"))
+                with pytest.raises(ConfigError, match=re.escape(f"{uncovered!r} is in none")):
+                    await broker.publish_batch(
+                        [("orders.ok", Message("E")), (uncovered, Message("D"))]
+                    )
+            for uncovered in ("orders.>", "audit.*", "invoices.sent"):
+                with pytest.raises(ConfigError, match=re.escape(f"{uncovered!r} is in none")):
+                    await broker.subscribe(uncovered, "g", handler)
+            _, js = await broker._context()
+            made = {info.config.name: info.state.messages for info in await js.streams_info()}
+        finally:
+            await broker.aclose()
+    assert made == {"SHOP": 2, "AUDIT": 1, DLQ_STREAM: 0}

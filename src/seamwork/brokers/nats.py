@@ -140,6 +140,20 @@ def _consumer_name(group: str, subject: str) -> str:
     return f"{readable[:_MAX_READABLE]}___{digest}"
 
 
+def _covers(pattern: str, subject: str) -> bool:
+    """Whether a stream subject ``pattern`` matches every subject that ``subject``
+    (literal or wildcard) matches: ``*`` is one token, ``>`` one or more at the end."""
+    tokens, wanted = pattern.split("."), subject.split(".")
+    for index, token in enumerate(tokens):
+        if token == ">":
+            return len(wanted) > index
+        if index >= len(wanted) or wanted[index] == ">":
+            return False
+        if token not in ("*", wanted[index]):
+            return False
+    return len(wanted) == len(tokens)
+
+
 class NatsSubscription:
     """A running consumer of one group on one subject.
 
@@ -203,6 +217,11 @@ class NatsBroker:
         duplicate_window: seconds the server remembers message ids.
         publish_timeout: seconds to wait for a publish acknowledgement.
         streams: explicit stream name -> subjects, instead of one per first token.
+            A subject goes to the stream whose subjects match it as NATS matches
+            them (``*`` one token, ``>`` the rest; a wildcard subscription needs
+            one pattern that covers all it matches); a subject that no configured
+            stream covers is refused (``ConfigError``) before anything is sent.
+            Dead letters keep their own ``DEADLETTER`` stream.
         ordered_recovery: after a (re)start or reconnect with messages in flight,
             wait ``ack_wait`` before fetching so they are redelivered first.
     """
@@ -301,7 +320,18 @@ class NatsBroker:
     # --- streams ---------------------------------------------------------------------
 
     def _stream_name(self, subject: str) -> str:
-        return self._explicit.get(subject) or stream_for(subject)
+        if not self._explicit or subject.split(".", 1)[0] == "deadletter":
+            return stream_for(subject)
+        exact = self._explicit.get(subject)
+        if exact is not None:
+            return exact
+        for pattern, name in self._explicit.items():
+            if _covers(pattern, subject):
+                return name
+        raise ConfigError(
+            f"subject {subject!r} is in none of the configured streams "
+            f"({', '.join(f'{n}: {p}' for p, n in self._explicit.items())}): add it to streams="
+        )
 
     async def ensure_stream(self, subject: str) -> str:
         """Create (or reuse) the stream that holds ``subject``; returns its name."""
