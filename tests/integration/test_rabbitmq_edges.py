@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from seamwork.brokers import RabbitBroker
 from seamwork.cli import app
 from seamwork.errors import BrokerUnavailable, ConfigError, MessagingError
-from seamwork.messaging import Delivery, Message, PoisonMessage
+from seamwork.messaging import DeadLetter, Delivery, Message, PoisonMessage
 from seamwork.messaging._ports import DLQ_SUBJECT
 from seamwork.testing.broker import eventually, until
 
@@ -427,3 +427,63 @@ async def test_a_dead_letter_that_names_no_subject_is_refused_by_key_on_replay(
         await _delete(rabbitmq_service, exchange, names)
     assert got == []
     assert [x.key for x in left] == [filed.key]  # kept, not lost
+
+
+async def test_header_values_sent_as_bytes_are_read_as_utf8_and_other_types_refused(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    """Another client's headers may arrive as AMQP byte arrays (bytearray here, what
+    aio-pika sends as one); those are text, and a
+    value that is not text (a number, bytes that are not UTF-8) makes the message
+    invalid instead of being dropped or spelt ``"b'...'"``."""
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    subject = f"edge{uuid.uuid4().hex[:6]}.created"
+    got: list[Delivery] = []
+
+    async def handler(delivery: Delivery) -> None:
+        got.append(delivery)
+
+    def raw(id_: str, **odd: object) -> aio_pika.Message:
+        headers = {
+            "Seamwork-Type": bytearray(b"OrderCreated"),
+            "Seamwork-Id": bytearray(id_.encode()),
+            "Seamwork-Subject": bytearray(subject.encode()),
+            "traceparent": bytearray(b"00-abc-def-01"),
+            **odd,
+        }
+        return aio_pika.Message(b'{"n": 1}', headers=headers, message_id=id_)  # type: ignore[arg-type]
+
+    try:
+        await broker.subscribe(subject, "g", handler)
+        connection = await aio_pika.connect(rabbitmq_service)
+        async with connection:
+            channel = await connection.channel()
+            target = await channel.get_exchange(exchange)
+            await target.publish(raw("m-1"), routing_key=subject)
+            await target.publish(raw("m-2", note=7), routing_key=subject)
+            await target.publish(raw("m-3", note=bytearray(b"\xff\xfe")), routing_key=subject)
+        await eventually(lambda: len(got) == 1)
+        letters = await until(lambda: _at_least(broker.dead_letters(), 2))
+        await asyncio.sleep(0.3)
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await _delete(rabbitmq_service, exchange, names)
+    (delivery,) = got
+    assert (delivery.message.type, delivery.message.id, delivery.subject) == (
+        "OrderCreated",
+        "m-1",
+        subject,
+    )
+    assert delivery.message.data == {"n": 1}
+    assert delivery.message.headers == {"traceparent": "00-abc-def-01"}
+    by_id = {letter.message.id: letter for letter in letters}
+    assert sorted(by_id) == ["m-2", "m-3"]
+    assert "header 'note' must be text, got int" in by_id["m-2"].error
+    assert "header 'note' is not UTF-8" in by_id["m-3"].error
+    assert all(letter.subject == subject for letter in letters)
+
+
+async def _at_least(letters: Awaitable[list[DeadLetter]], count: int) -> list[DeadLetter] | None:
+    found = await letters
+    return found if len(found) >= count else None

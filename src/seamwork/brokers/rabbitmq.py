@@ -500,18 +500,20 @@ class RabbitBroker:
         if found is None:
             raise MessagingError(f"no dead letter with key {key!r} in {self.dead_letter_queue}")
         _, body, headers = found
-        subject = str(headers[DLQ_SUBJECT])  # a letter is a message with this header
         try:
+            subject = _text(headers[DLQ_SUBJECT], DLQ_SUBJECT)  # a letter holds this header
+            message_id = _text(headers.get(MSG_ID), MSG_ID)
             check_subject(subject)
-        except ConfigError as exc:  # filed by hand or by another tool: nowhere to send it
+        except (ConfigError, InvalidMessage) as exc:  # filed by hand or by another tool
             raise MessagingError(
-                f"dead letter {key} names no subject to replay to ({DLQ_SUBJECT}: {subject!r})"
+                f"dead letter {key} names no subject to replay to "
+                f"({DLQ_SUBJECT}: {headers[DLQ_SUBJECT]!r}; {exc})"
             ) from exc
         carried = {k: v for k, v in headers.items() if k not in _OURS}
         amqp = aio_pika.Message(
             body,
             headers=carried,
-            message_id=str(headers.get(MSG_ID, "")) or None,
+            message_id=message_id or None,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
@@ -584,7 +586,12 @@ class _Consumer:
         stats.delivered += 1
         headers = msg.headers or {}
         attempt = 1 + _int(headers.get(RETRIES))  # failures the handler raised
-        subject = str(headers.get(SUBJECT) or msg.routing_key or self.subject)
+        try:
+            subject = _text(headers.get(SUBJECT), SUBJECT) or msg.routing_key or self.subject
+        except InvalidMessage as exc:
+            subject = msg.routing_key or self.subject
+            await self._give_up(msg, stats, subject, f"InvalidMessage: {exc}", attempt)
+            return
         returned = _int(headers.get("x-delivery-count"))  # handed back without an outcome
         if returned >= self.broker.crash_limit:
             reason = f"delivered {returned} times without an outcome (consumer crash loop)"
@@ -661,12 +668,34 @@ def _broker_header(key: str) -> bool:
 
 
 def _user_headers(msg: AbstractIncomingMessage) -> dict[str, str]:
-    """The string headers ``decode`` should see: no broker or seamwork bookkeeping."""
+    """The headers ``decode`` should see, as text: no broker or seamwork bookkeeping.
+
+    Raises:
+        InvalidMessage: a header is neither text nor UTF-8 bytes.
+    """
     return {
-        k: v
+        k: _text(v, k)
         for k, v in (msg.headers or {}).items()
-        if isinstance(v, str) and k not in _OURS and not _broker_header(k)
+        if k not in _OURS and not _broker_header(k)
     }
+
+
+def _text(value: object, name: str) -> str:
+    """A header value as text: a string as it is, bytes (an AMQP byte array, or a
+    string that is not UTF-8) decoded as UTF-8; a missing header is empty.
+
+    Raises:
+        InvalidMessage: any other value (a number, a table...), or bytes that are not
+            UTF-8 - not turned into text that only looks like one (``"b'...'"``).
+    """
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidMessage(f"header {name!r} is not UTF-8: {bytes(value)[:40]!r}") from None
+    raise InvalidMessage(f"header {name!r} must be text, got {type(value).__name__}: {value!r}")
 
 
 def _copy(msg: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
@@ -682,11 +711,11 @@ def _copy(msg: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Mes
 
 
 def _letter(offset: int, body: bytes, headers: Mapping[str, Any]) -> DeadLetter:
-    own = {
-        k: v
-        for k, v in headers.items()
-        if (k in DLQ_HEADERS or k not in _OURS) and not _broker_header(k)
-    }
+    own: dict[str, str] = {}
+    for k, v in headers.items():
+        if (k in DLQ_HEADERS or k not in _OURS) and not _broker_header(k):
+            with contextlib.suppress(InvalidMessage):  # listed without what is not text
+                own[k] = _text(v, k)
     return read_dead_letter(str(offset), body, own)
 
 
