@@ -314,3 +314,66 @@ def test_a_time_no_calendar_holds_is_shown_as_its_number(
     assert "t-stuck" in out
     assert "(not a time)" in out
     assert "Traceback" not in out + err
+
+
+APP_MODULE = """
+from seamwork.saga import Saga, Step
+
+async def noop(ctx):
+    return None
+
+SAGAS = [Saga("transfer", steps=[Step("debit", noop), Step("credit", noop)])]
+"""
+
+
+def installed_script(cwd: Path) -> tuple[list[str], dict[str, str]]:
+    """The ``seamwork`` console script installed beside this Python, importing this tree
+    (an absolute PYTHONPATH: nothing in it names the current directory)."""
+    import os
+
+    import seamwork
+
+    script = Path(sys.executable).parent / "seamwork"
+    assert script.is_file(), script
+    src = str(Path(seamwork.__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": src, "COLUMNS": "200"}
+    assert str(cwd) not in env["PYTHONPATH"].split(os.pathsep)
+    return [str(script)], env
+
+
+def test_the_installed_script_finds_an_app_module_in_the_current_directory(
+    db: Path, tmp_path: Path
+) -> None:
+    """A console script does not put the current directory on sys.path (``python -m``
+    does); ``--app`` modules are found there anyway, as with uvicorn and celery."""
+    import subprocess
+
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    (workdir / "mysagas.py").write_text(APP_MODULE)
+    script, env = installed_script(workdir)
+    listed = subprocess.run(
+        [*script, "sagas", "list", "--stranded", "--app", "mysagas:SAGAS", "--db", str(db)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "0 sagas" in listed.stdout
+    with subprocess.Popen(
+        [*script, "worker", "--app", "mysagas:SAGAS", "--sqlite", str(tmp_path / "w.db")],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as worker:
+        try:
+            assert worker.stdout is not None
+            first = worker.stdout.readline()
+            assert "running" in first, first + (worker.stderr.read() if worker.stderr else "")
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)

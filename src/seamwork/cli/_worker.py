@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 import signal
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,10 +25,15 @@ from seamwork.saga import Saga, SagaOrchestrator, SagaStore
 
 
 def load_sagas(spec: str) -> list[Saga]:
-    """``module:attribute`` naming a list of ``Saga`` (or a callable returning one)."""
+    """``module:attribute`` naming a list of ``Saga`` (or a callable returning one).
+
+    The module is looked up in the current directory too, as by ``python -m``: the
+    installed ``seamwork`` script does not put it on ``sys.path`` by itself.
+    """
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise typer.BadParameter(f"expected module:attribute, got {spec!r}", param_hint="--app")
+    _importable_here()
     try:
         target: Any = getattr(importlib.import_module(module_name), attribute)
         if callable(target) and not isinstance(target, Saga):
@@ -41,6 +48,14 @@ def load_sagas(spec: str) -> list[Saga]:
     if not sagas or not all(isinstance(s, Saga) for s in sagas):
         raise typer.BadParameter(f"{spec} is not a list of Saga definitions", param_hint="--app")
     return sagas
+
+
+def _importable_here() -> None:
+    """Put the current directory first on ``sys.path`` unless it is there already
+    (``""`` under ``python -m`` and ``python -c``)."""
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path:
+        sys.path.insert(0, here)
 
 
 def _iterable(target: Any, spec: str) -> Iterable[Any]:
