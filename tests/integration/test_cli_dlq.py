@@ -241,3 +241,25 @@ async def test_seamwork_nats_serves_jetstream_until_sigterm(tmp_path: Any) -> No
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def _store_in_the_way(tmp_path: Any) -> list[tuple[str, str]]:
+    """--store-dir values nats-server cannot keep its store in, and the reason."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a directory\n")
+    cases = [(str(a_file), "File exists"), (str(a_file / "js"), "Not a directory")]
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        cases.append((str(locked), "Permission denied"))
+    return cases
+
+
+def test_seamwork_nats_names_a_store_dir_it_cannot_use(tmp_path: Any) -> None:
+    for store, reason in _store_in_the_way(tmp_path):
+        result = CliRunner().invoke(app, ["nats", "--store-dir", store], env={"COLUMNS": "500"})
+        assert result.exit_code == 1, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        assert result.output.strip() == (
+            f"error: cannot keep the JetStream store in {store}: {reason}"
+        )

@@ -98,7 +98,10 @@ class EmbeddedNats(StartStop):
             return
         started = time.perf_counter()
         if self._store is None:
-            self._store = Path(tempfile.mkdtemp(prefix="seamwork-nats-"))
+            try:
+                self._store = Path(tempfile.mkdtemp(prefix="seamwork-nats-"))
+            except OSError as exc:  # no usable temporary directory
+                raise BrokerUnavailable(f"cannot make a JetStream store: {exc}") from exc
         try:
             await self._spawn()
         except BaseException:  # no server: leave no process and no temporary store
@@ -112,9 +115,15 @@ class EmbeddedNats(StartStop):
 
     async def _spawn(self) -> None:
         assert self._store is not None
-        self._store.mkdir(parents=True, exist_ok=True)
         config = self._store / "nats-server.conf"
-        config.write_text(self._config())
+        try:
+            self._store.mkdir(parents=True, exist_ok=True)
+            config.write_text(self._config())
+        except OSError as exc:  # a file in the way, no permission, a read-only disk
+            reason = exc.strerror or str(exc)
+            raise BrokerUnavailable(
+                f"cannot keep the JetStream store in {self._store}: {reason}"
+            ) from exc
         binary = self._binary or find_nats_server()
         try:
             self._process = await asyncio.create_subprocess_exec(
