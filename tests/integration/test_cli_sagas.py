@@ -12,6 +12,7 @@ import json
 import sqlite3
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -377,3 +378,32 @@ def test_the_installed_script_finds_an_app_module_in_the_current_directory(
         finally:
             worker.terminate()
             worker.wait(timeout=30)
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads`` that refuses ``Infinity`` and ``NaN`` as JSON itself does."""
+
+    def refuse(word: str) -> None:
+        raise ValueError(f"{word} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_of_times_and_context_no_json_number_holds_is_valid_json(db: Path) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "UPDATE seamwork_sagas SET started_at = 9e999, updated_at = 9e999,"
+            " deadline_at = -9e999,"
+            " context = '{\"amount\": NaN, \"limits\": [Infinity]}' WHERE saga_id = 't-stuck'"
+        )
+    code, out, err = invoke("sagas", "list", "--db", str(db), "--json")
+    assert code == 0, err
+    (row,) = [r for r in strict_json(out) if r["saga_id"] == "t-stuck"]
+    assert (row["started_at"], row["updated_at"], row["deadline_at"]) == ("inf", "inf", "-inf")
+    assert row["context"] == {"amount": "nan", "limits": ["inf"]}
+    code, out, err = invoke("sagas", "show", "t-stuck", "--db", str(db), "--json")
+    assert code == 0, err
+    shown = strict_json(out)
+    assert shown["saga"] == row
+    assert shown["timeline"]
+    assert all(e["offset"] == "-inf" for e in shown["timeline"])

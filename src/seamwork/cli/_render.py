@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -164,6 +165,23 @@ def _names(names: Sequence[str], style: str) -> Text:
 
 def _counts(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in counts.items())
+
+
+def json_text(document: Any) -> str:
+    """``document`` as strict JSON: a number JSON has no word for (a corrupted row can
+    hold infinity or NaN) is written as a string, ``"inf"``, ``"-inf"`` or ``"nan"``,
+    never as the ``Infinity`` / ``NaN`` that JSON parsers refuse."""
+    return json.dumps(_finite(document), indent=2, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def state_json(state: SagaState) -> dict[str, Any]:

@@ -13,7 +13,6 @@ name and version none of those definitions can run (left behind by a deploy).
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +22,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 
-from seamwork.cli._render import event_json, saga_view, sagas_table, state_json
+from seamwork.cli._render import event_json, json_text, saga_view, sagas_table, state_json
 from seamwork.errors import SagaError, StoreError
 from seamwork.saga import SagaState, SagaStatus, SagaStore, StepEvent, abort_stuck, retry_stuck
 from seamwork.storage import SQLiteStore
@@ -153,7 +152,7 @@ def list_sagas(
     except CliError as exc:
         raise fail(exc) from None
     if as_json:
-        sys.stdout.write(json.dumps([state_json(s) for s in states], indent=2) + "\n")
+        sys.stdout.write(json_text([state_json(s) for s in states]) + "\n")
         return
     _console().print(sagas_table(states, time.time()))
 
@@ -199,7 +198,7 @@ def show_saga(
             "saga": state_json(state),
             "timeline": [event_json(e, state.started_at) for e in events],
         }
-        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        sys.stdout.write(json_text(document) + "\n")
         return
     _console().print(saga_view(state, events))
 
