@@ -150,3 +150,41 @@ async def test_a_cancel_while_stopping_still_stops_every_service(
             assert relay is None or relay.done(), service.name
             assert service.broker._nc is None, service.name
             assert not service.outbox.store.writer.running, service.name
+
+
+def _act_two(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from seamwork.demo.run import _act_two
+    from seamwork.demo.scenario import DemoConfig
+
+    _act_two(DemoConfig(tmp_path, orders=20), Console(file=io.StringIO()))
+
+
+def test_demo_act_two_that_cannot_settle_is_a_demo_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from seamwork.demo import choreo_act
+    from seamwork.demo.scenario import DemoError
+
+    monkeypatch.setattr(choreo_act, "SETTLE_SECONDS", 0.0)
+    with pytest.raises(DemoError, match=r"^act two: \d+ of 20 choreographed orders did not"):
+        _act_two(tmp_path)
+
+
+def test_demo_act_two_without_a_nats_server_is_a_demo_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import functools
+
+    from seamwork.demo import choreo_act
+    from seamwork.demo.scenario import DemoError
+
+    # a real EmbeddedNats whose server exits at once, as a broken install's would
+    monkeypatch.setattr(
+        choreo_act, "EmbeddedNats", functools.partial(EmbeddedNats, binary="/bin/false")
+    )
+    with pytest.raises(DemoError, match=r"^act two could not run: nats-server did not start"):
+        _act_two(tmp_path)

@@ -20,8 +20,9 @@ from typing import Any
 from rich.table import Table
 
 from seamwork.brokers import EmbeddedNats
-from seamwork.demo.choreography import CARD_LIMIT, running
+from seamwork.demo.choreography import CARD_LIMIT, TERMINAL, running
 from seamwork.demo.invariants import Check
+from seamwork.demo.scenario import DemoError
 from seamwork.messaging import Flow
 
 SUCCESS = (
@@ -40,6 +41,8 @@ DECLINED = (
 )
 NO_STOCK = ("OrderCreated", "InventoryFailed", "OrderCancelled")
 _FILES = ("orders", "inventory", "payment", "notification")
+SETTLE_SECONDS = 60.0
+"""How long every order's flow may take to reach its end state."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,10 +101,26 @@ async def run_choreography(directory: Path, count: int) -> ChoreographyRun:
             started = time.perf_counter()
             for order in orders:
                 await system.place_order(order.order_id, order.sku, order.qty, order.amount)
-            await system.settled(*(o.order_id for o in orders), seconds=60.0)
+            try:
+                await system.settled(*(o.order_id for o in orders), seconds=SETTLE_SECONDS)
+            except TimeoutError:
+                raise DemoError(_unsettled(system.monitor.flows(), orders)) from None
             seconds = time.perf_counter() - started
             flows = system.monitor.flows()
     return ChoreographyRun(orders, flows, stock, boot_ms, seconds, directory)
+
+
+def _unsettled(flows: dict[str, Flow], orders: list[PlannedOrder]) -> str:
+    ended = set(TERMINAL.values())
+    late = [
+        o.order_id
+        for o in orders
+        if o.order_id not in flows or flows[o.order_id].status not in ended
+    ]
+    return (
+        f"act two: {len(late)} of {len(orders)} choreographed orders did not reach an end "
+        f"state within {SETTLE_SECONDS:g}s, e.g. {', '.join(late[:3])}"
+    )
 
 
 def check(run: ChoreographyRun) -> list[Check]:

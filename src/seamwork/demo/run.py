@@ -15,7 +15,8 @@ from rich.console import Console
 
 from seamwork.demo.invariants import Check, check_all, gather_evidence
 from seamwork.demo.report import RichReporter, checks_table, stuck_ids, summary_table
-from seamwork.demo.scenario import DemoConfig, DemoRun, run_scenario
+from seamwork.demo.scenario import DemoConfig, DemoError, DemoRun, run_scenario
+from seamwork.errors import SeamworkError
 
 
 def run_demo(config: DemoConfig, console: Console) -> int:
@@ -48,8 +49,11 @@ def _act_two(config: DemoConfig, console: Console) -> list[Check]:
         f"\n[bold]act two[/]: {count} orders through the same saga, choreographed - four "
         "services with their own outbox and inbox, on an embedded nats-server"
     )
-    prepare(config.directory / "choreography")
-    run = asyncio.run(run_choreography(config.directory / "choreography", count))
+    try:
+        prepare(config.directory / "choreography")
+        run = asyncio.run(run_choreography(config.directory / "choreography", count))
+    except (SeamworkError, OSError) as exc:  # no nats-server, no broker, no disk
+        raise DemoError(f"act two could not run: {exc}") from exc
     checks = check(run)
     console.print(summary(run))
     console.print(checks_table(checks))
