@@ -59,6 +59,7 @@ def test_storage_and_testing_exports() -> None:
 def test_events_messaging_and_brokers_exports() -> None:
     assert seamwork.events.__all__ == [
         "ANY",
+        "MAX_KEY_BYTES",
         "NO_STREAM",
         "STREAM_EXISTS",
         "Aggregate",
