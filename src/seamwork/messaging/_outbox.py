@@ -347,6 +347,8 @@ class OutboxRelay(StartStop):
     async def _run(self) -> None:
         delay = self.poll_interval
         last_purge = 0.0
+        task = asyncio.current_task()
+        assert task is not None
         while True:
             try:
                 await self.drain()
@@ -354,10 +356,20 @@ class OutboxRelay(StartStop):
                 if time.time() - last_purge > max(self.retention / 10, 1.0):
                     await self.outbox.purge_sent(time.time() - self.retention)
                     last_purge = time.time()
+                _raise_if_cancelled(task)
                 await self.outbox.wait_for_messages(self.poll_interval)
+                _raise_if_cancelled(task)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("outbox relay: %s; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+
+def _raise_if_cancelled(task: asyncio.Task[Any]) -> None:
+    """Stop a task whose cancel was swallowed by a callee: on Python 3.11,
+    ``asyncio.wait_for`` (which nats-py's publish uses) drops a cancel that lands as its
+    future completes, and the relay would then go on forever under a ``stop()``."""
+    if task.cancelling():
+        raise asyncio.CancelledError
