@@ -8,6 +8,7 @@ checks are not vacuous by breaking a service's data and watching them fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import sqlite3
@@ -165,3 +166,79 @@ def test_a_shipment_under_a_foreign_key_is_caught(copy: Path) -> None:
             "WHERE order_id = 'order-0001'"
         )
     assert "idempotency keys stable (rows = ledger)" in failing(copy)
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The live child processes of ``pid``: their pids and command lines."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def _alive(pid: int, cmdline: str) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        now = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    return now == cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("child", ["seamwork.demo.worker", "nats-server"])
+def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path: Path, child: str) -> None:
+    """SIGTERM to the demo alone (not its group: a service manager or ``kill PID``)
+    while an orchestrator (act one) or the nats-server (act two) runs."""
+    import os
+    import signal
+    import time
+
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "seamwork.cli", "demo", "--orders", "20", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    orders_db = tmp_path / "choreography" / "orders.db"
+
+    def ready() -> bool:  # act two: once its services run and take orders
+        if child != "nats-server":
+            return True
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{orders_db}?mode=ro", uri=True)) as db:
+                return bool(db.execute("SELECT count(*) FROM orders").fetchone()[0])
+        except sqlite3.Error:
+            return False
+
+    started: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while not any(child in cmd for cmd in started.values()) or not ready():
+            assert demo.poll() is None, f"the demo ended before {child} ran"
+            assert time.monotonic() < deadline, f"no {child} within 120 s"
+            time.sleep(0.02)
+            started = _children(demo.pid)
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=15) != 0
+        deadline = time.monotonic() + 5
+        while (left := [cmd for pid, cmd in started.items() if _alive(pid, cmd)]) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        assert left == []
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        for pid, cmd in started.items():  # whatever outlived it is ours to stop
+            if _alive(pid, cmd):
+                os.kill(pid, signal.SIGKILL)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -36,9 +38,27 @@ def demo(
 
     console = Console(highlight=False)
     config = DemoConfig(directory.absolute(), orders, concurrency, kill_at)
+    terminated = False
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        nonlocal terminated
+        terminated = True
+        signal.raise_signal(signal.SIGINT)
+
+    # SIGTERM stops the demo as Ctrl-C does: what is running is cancelled, and the
+    # orchestrator processes and the nats-server it started are stopped (by default
+    # SIGTERM ends the process at once and leaves them running)
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         code = run_demo(config, console)
     except DemoError as exc:
         Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        if not terminated:
+            raise
+        Console(stderr=True, highlight=False).print("stopped by SIGTERM", soft_wrap=True)
+        raise typer.Exit(128 + signal.SIGTERM) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(code)
