@@ -613,3 +613,24 @@ async def test_configured_streams_take_subjects_their_patterns_match_and_refuse_
         finally:
             await broker.aclose()
     assert made == {"SHOP": 2, "AUDIT": 1, DLQ_STREAM: 0}
+
+
+def test_a_message_after_the_end_is_shown_but_does_not_reopen_the_flow() -> None:
+    monitor = FlowMonitor({"OrderCompleted": "completed", "OrderCancelled": "cancelled"})
+    created = Message("OrderCreated", {}, correlation_id="order-1")
+    completed = created.caused("OrderCompleted", {})
+    late = created.caused("CustomerNotified", {})  # a side branch, arriving last
+    for subject, message in [
+        ("orders.created", created),
+        ("orders.completed", completed),
+        ("notifications.sent", late),
+    ]:
+        monitor.record(message, subject)
+    flow = monitor.flow("order-1")
+    assert flow is not None
+    assert (flow.status, flow.where) == ("completed", "notifications")
+    assert [kind for kind, _ in flow.path] == ["OrderCreated", "OrderCompleted", "CustomerNotified"]
+    monitor.record(completed.caused("OrderCancelled", {}), "orders.cancelled")
+    flow = monitor.flow("order-1")
+    assert flow is not None
+    assert flow.status == "cancelled"  # a later end state does decide

@@ -13,8 +13,10 @@ feeds it from broker subscriptions.
 
 Invariants: a flow's ``path`` lists every recorded message of the flow exactly once,
 each after the message that caused it (messages whose cause was not seen come first,
-by arrival); ``status`` is the terminal status named by the last message's type, or
-``"in progress"``.
+by arrival); ``status`` is the terminal status named by the type of the last message
+to arrive that has one, or ``"in progress"``: a message arriving after the end (a
+late side branch, a stray retry) does not reopen a finished flow, but it is in
+``path`` and ``where`` names its service.
 """
 
 from __future__ import annotations
