@@ -188,3 +188,42 @@ def test_demo_act_two_without_a_nats_server_is_a_demo_error(
     )
     with pytest.raises(DemoError, match=r"^act two could not run: nats-server did not start"):
         _act_two(tmp_path)
+
+
+def _open_files() -> set[str]:
+    import os
+
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+    return found
+
+
+async def test_demo_checks_report_missing_data_as_failures_and_close_their_databases(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+    from contextlib import closing
+
+    from seamwork.demo.choreo_act import _rows, check, prepare, run_choreography
+
+    prepare(tmp_path)
+    run = await run_choreography(tmp_path, 20)
+    assert all(c.ok for c in check(run))
+    assert not {p for p in _open_files() if p.startswith(str(tmp_path))}
+    with pytest.raises(sqlite3.OperationalError) as failed:  # the frame stays referenced
+        _rows(tmp_path / "orders.db", "SELECT nothing FROM nowhere")
+    assert failed.value is not None
+    assert str(tmp_path / "orders.db") not in _open_files()
+    del run.flows["choreo-0003"]  # a flow the monitor never saw
+    with closing(sqlite3.connect(tmp_path / "inventory.db")) as db, db:
+        db.execute("DELETE FROM stock WHERE sku = 'lamp'")  # a service's row gone
+    failing = {c.name: c.detail for c in check(run) if not c.ok}
+    assert set(failing) == {
+        "every flow follows its planned path",
+        "stock conserved (available + reserved)",
+    }
+    assert "choreo-0003" in failing["every flow follows its planned path"]

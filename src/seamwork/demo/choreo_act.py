@@ -9,6 +9,7 @@ own tables.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections import Counter
@@ -126,7 +127,7 @@ def _unsettled(flows: dict[str, Flow], orders: list[PlannedOrder]) -> str:
 def check(run: ChoreographyRun) -> list[Check]:
     """The invariants of the choreographed run, against each service's own tables."""
     orders = {o.order_id: o for o in run.orders}
-    paths = {oid: tuple(step.type for step in run.flows[oid].steps) for oid in orders}
+    paths = {oid: _path(run.flows.get(oid)) for oid in orders}
     wrong = [oid for oid, o in orders.items() if paths[oid] != o.expected]
     status = dict(_rows(run.directory / "orders.db", "SELECT id, status FROM orders"))
     expected_status = {oid: _final(o) for oid, o in orders.items()}
@@ -140,7 +141,7 @@ def check(run: ChoreographyRun) -> list[Check]:
         "SELECT sku, qty FROM reservations WHERE status = 'reserved'",
     ):
         held[sku] += qty
-    conserved = all(available[s] + held[s] == n for s, n in run.stock.items())
+    conserved = all(available.get(s, -1) + held[s] == n for s, n in run.stock.items())
     unsent = "SELECT count(*) FROM seamwork_outbox WHERE sent_at IS NULL"
     pending = sum(_rows(run.directory / f"{n}.db", unsent)[0][0] for n in _FILES)
     return [
@@ -157,7 +158,7 @@ def check(run: ChoreographyRun) -> list[Check]:
 
 
 def summary(run: ChoreographyRun) -> Table:
-    outcomes = Counter(run.flows[o.order_id].status for o in run.orders)
+    outcomes = Counter(f.status for o in run.orders if (f := run.flows.get(o.order_id)))
     kinds = Counter(o.expected for o in run.orders)
     table = Table(
         title="seamwork demo: the order saga choreographed over NATS",
@@ -187,8 +188,14 @@ def _payment(order: PlannedOrder) -> str | None:
     return "charged" if order.expected == SUCCESS else "declined"
 
 
+def _path(flow: Flow | None) -> tuple[str, ...] | None:
+    """The flow's message types in causal order; None for a flow the monitor never saw."""
+    return None if flow is None else tuple(step.type for step in flow.steps)
+
+
 def _rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+    # closing(): ``with sqlite3.connect()`` alone commits and leaves the connection open
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
         return conn.execute(sql).fetchall()
 
 
