@@ -104,3 +104,21 @@ async def test_a_batch_handler_slower_than_the_idle_timeout_leaks_nothing(
         charges = conn.execute("SELECT count(*) FROM charges").fetchone()[0]
         recorded = conn.execute("SELECT count(*) FROM seamwork_inbox").fetchone()[0]
     assert (charges, recorded) == (0, 0)  # nothing applied, so nothing applied twice later
+
+
+async def test_a_statement_raising_stop_iteration_fails_and_the_session_goes_on(
+    tmp_path: Path,
+) -> None:
+    writer = SQLiteWriter(tmp_path / "w.db")
+    await writer.start()
+    try:
+        async with session(writer) as open_session:
+            await open_session.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            with pytest.raises(RuntimeError, match="StopIteration"):
+                await asyncio.wait_for(
+                    open_session.run(lambda conn: next(conn.execute("SELECT id FROM t"))), 5
+                )
+            await open_session.execute("INSERT INTO t VALUES (1)")
+        assert await writer.read(lambda conn: conn.execute("SELECT id FROM t").fetchall()) == [(1,)]
+    finally:
+        await writer.close()

@@ -101,3 +101,29 @@ async def test_a_call_failing_after_it_wrote_is_rolled_back_alone_in_a_rerun_bat
         assert rows == [(1,), (3,)]
     finally:
         await writer.close()
+
+
+async def test_a_call_raising_stop_iteration_fails_instead_of_leaving_its_batch_waiting(
+    tmp_path: Path,
+) -> None:
+    table = Migration("t", 1, ("CREATE TABLE t (id INTEGER PRIMARY KEY)",))
+    writer = SQLiteWriter(tmp_path / "w.db", migrations=[table], coalesce=True)
+    await writer.start()
+
+    def first_row(conn: Any) -> Any:  # next() on an empty cursor raises StopIteration
+        return next(conn.execute("SELECT id FROM t"))
+
+    try:
+        with pytest.raises(RuntimeError, match="StopIteration") as raised:
+            await asyncio.wait_for(writer.write(first_row), 5)
+        assert isinstance(raised.value.__cause__, StopIteration)
+        failing = writer.write(first_row)  # coalesced: one batch with the insert
+        insert = writer.write(lambda conn: conn.execute("INSERT INTO t VALUES (1)").rowcount)
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(failing, insert, return_exceptions=True), 5
+        )
+        assert isinstance(outcomes[0], RuntimeError)
+        assert outcomes[1] == 1
+        assert await writer.read(lambda conn: conn.execute("SELECT id FROM t").fetchall()) == [(1,)]
+    finally:
+        await writer.close()

@@ -418,6 +418,10 @@ def settle(future: asyncio.Future[Any], value: Any, error: BaseException | None)
     (call it on the future's loop: ``loop.call_soon_threadsafe(settle, ...)``)."""
     if future.done():
         return
+    if isinstance(error, StopIteration):  # a Future refuses it (it would end a coroutine)
+        wrapped = RuntimeError(f"the function raised StopIteration: {error}")
+        wrapped.__cause__ = error
+        error = wrapped
     if error is not None:
         future.set_exception(error)
     else:
