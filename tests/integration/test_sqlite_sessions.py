@@ -122,3 +122,24 @@ async def test_a_statement_raising_stop_iteration_fails_and_the_session_goes_on(
         assert await writer.read(lambda conn: conn.execute("SELECT id FROM t").fetchall()) == [(1,)]
     finally:
         await writer.close()
+
+
+async def test_run_here_after_the_session_ended_is_refused_and_applies_nothing(
+    tmp_path: Path,
+) -> None:
+    writer = SQLiteWriter(tmp_path / "w.db")
+    await writer.start()
+    try:
+        await writer.write(lambda conn: conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+        async with session(writer) as committed_session:
+            committed_session.run_here(lambda conn: conn.execute("INSERT INTO t VALUES (1)"))
+        with pytest.raises(StoreError, match="ended"):  # e.g. a task the handler left behind
+            committed_session.run_here(lambda conn: conn.execute("INSERT INTO t VALUES (2)"))
+        with pytest.raises(ValueError, match="the block failed"):
+            async with session(writer) as aborted_session:
+                raise ValueError("the block failed")
+        with pytest.raises(StoreError, match="ended"):
+            aborted_session.run_here(lambda conn: conn.execute("INSERT INTO t VALUES (3)"))
+        assert await writer.read(lambda conn: conn.execute("SELECT id FROM t").fetchall()) == [(1,)]
+    finally:
+        await writer.close()

@@ -68,6 +68,8 @@ class Session:
         with self._state.gate:  # the thread may be giving the session up right now
             if self._state.dead:
                 raise StoreError("the transaction was rolled back (idle); nothing was applied")
+            if self._state.ended:
+                raise StoreError("the transaction has ended; nothing was applied")
             self._state.active_at = time.monotonic()
             return fn(self._conn)
 
@@ -112,6 +114,13 @@ async def session(
     state = _State()
 
     def serve(conn: sqlite3.Connection) -> None:
+        try:
+            _serve(conn)
+        finally:
+            with state.gate:  # the connection is the writer's again: run_here must not use it
+                state.ended = True
+
+    def _serve(conn: sqlite3.Connection) -> None:
         opening = on_open(conn) if on_open is not None else None
         loop.call_soon_threadsafe(settle, opened, (opening, conn), None)
         while True:
@@ -123,6 +132,9 @@ async def session(
                         continue
                     state.dead = True  # run_here must not touch the connection any more
                 raise StoreError(f"transaction idle for {idle_timeout}s; rolled back") from None
+            if command is _END or command is _ABORT:
+                with state.gate:  # before on_commit: run_here must not race it on conn
+                    state.ended = True
             if command is _END:
                 if on_commit is not None:
                     on_commit(conn)
@@ -164,12 +176,13 @@ async def session(
 class _State:
     """What the writer thread and ``run_here`` share about a session."""
 
-    __slots__ = ("active_at", "dead", "gate")
+    __slots__ = ("active_at", "dead", "ended", "gate")
 
     def __init__(self) -> None:
         self.gate = threading.Lock()
         self.active_at = time.monotonic()
         self.dead = False
+        self.ended = False
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
