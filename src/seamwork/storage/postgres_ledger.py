@@ -14,10 +14,20 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import psycopg
+
 from seamwork._core.codec import dumps
 from seamwork.errors import ConfigError
 from seamwork.saga import IdempotencyLedger
-from seamwork.storage._pg import AsyncConn, PgMigration, connect, make_pool, migrate, open_pool
+from seamwork.storage._pg import (
+    AsyncConn,
+    PgMigration,
+    connect,
+    make_pool,
+    migrate,
+    open_pool,
+    translate,
+)
 
 T = TypeVar("T")
 
@@ -72,6 +82,12 @@ class PostgresLedger(IdempotencyLedger):
     async def once(self, key: str, effect: Callable[[Any], T]) -> T:
         _check_key(key)
         await self.open()
+        try:
+            return await self._once(key, effect)
+        except psycopg.Error as exc:  # the effect's statements or the ledger's own
+            raise translate(exc, f"idempotency ledger, key {key!r}") from exc
+
+    async def _once(self, key: str, effect: Callable[[Any], T]) -> T:
         async with self._pool.connection() as conn, conn.transaction():
             claimed = await conn.execute(
                 "INSERT INTO seamwork_idempotency (key, created_at) VALUES (%s, %s) "
@@ -92,16 +108,22 @@ class PostgresLedger(IdempotencyLedger):
     async def result(self, key: str) -> Any | None:
         _check_key(key)
         await self.open()
-        async with self._pool.connection() as conn:
-            return await self._recorded(conn, key)
+        try:
+            async with self._pool.connection() as conn:
+                return await self._recorded(conn, key)
+        except psycopg.Error as exc:
+            raise translate(exc, f"idempotency ledger, key {key!r}") from exc
 
     async def transaction(self, work: Callable[[Any], T]) -> T:
         await self.open()
-        async with self._pool.connection() as conn, conn.transaction():
-            value = work(conn)
-            if inspect.isawaitable(value):
-                value = await value
-            return value
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                value = work(conn)
+                if inspect.isawaitable(value):
+                    value = await value
+                return value
+        except psycopg.Error as exc:
+            raise translate(exc, "idempotency ledger transaction") from exc
 
     @staticmethod
     async def _recorded(conn: AsyncConn, key: str) -> Any:

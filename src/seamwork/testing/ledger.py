@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from seamwork.errors import SerializationError
+from seamwork.errors import SerializationError, StoreError
 from seamwork.saga import IdempotencyLedger
 
 
@@ -88,7 +88,28 @@ class LedgerContract:
             await ledger.once("saga-4:x", bad)
         assert await self.count_effects(ledger) == 1
 
+    async def test_a_statement_failing_in_the_store_raises_store_error_and_applies_nothing(
+        self, ledger: IdempotencyLedger
+    ) -> None:
+        effect = self.insert_effect(6)
 
-async def _then(awaitable: Any, value: Any) -> Any:
+        def bad(conn: Any) -> Any:
+            applied = effect(conn)
+            if asyncio.iscoroutine(applied):
+                return _then(applied, None, conn, "SELECT * FROM seamwork_no_such_table")
+            return conn.execute("SELECT * FROM seamwork_no_such_table")
+
+        with pytest.raises(StoreError, match="seamwork_no_such_table"):
+            await ledger.once("saga-5:x", bad)
+        with pytest.raises(StoreError, match="seamwork_no_such_table"):
+            await ledger.transaction(bad)
+        assert await ledger.result("saga-5:x") is None
+        assert await self.count_effects(ledger) == 1
+        assert await ledger.once("saga-5:x", effect) == {"value": 6}
+
+
+async def _then(awaitable: Any, value: Any, conn: Any = None, sql: str = "") -> Any:
     await awaitable
+    if sql:
+        await conn.execute(sql)
     return value
