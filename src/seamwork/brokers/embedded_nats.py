@@ -177,7 +177,16 @@ class EmbeddedNats(StartStop):
             except asyncio.CancelledError:  # no time left to wait: leave no server
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
+                # reap it (SIGKILL is prompt): an unreaped child keeps its transport
+                # open until garbage collection, which warns "still running"
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(2.0):
+                        await process.wait()
+                await self._stop_log()
                 raise
+        await self._stop_log()
+
+    async def _stop_log(self) -> None:
         if self._log_task is not None:
             self._log_task.cancel()
             await asyncio.gather(self._log_task, return_exceptions=True)
