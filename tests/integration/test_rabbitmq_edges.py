@@ -45,45 +45,6 @@ async def _delete(url: str, exchange: str, queues: list[str] | tuple[str, ...]) 
             await channel.exchange_delete(exchange)
 
 
-async def test_stop_lets_the_message_in_hand_finish_and_starts_no_other(
-    rabbitmq_service: str, exchange: str
-) -> None:
-    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
-    subject = f"edge{uuid.uuid4().hex[:6]}.stop"
-    events: list[str] = []
-    first_started = asyncio.Event()
-
-    async def handler(delivery: Delivery) -> None:
-        i = delivery.message.data["i"]
-        events.append(f"start {i}")
-        first_started.set()
-        try:
-            await asyncio.sleep(0.3)
-        except asyncio.CancelledError:
-            events.append(f"CANCELLED {i}")
-            raise
-        events.append(f"done {i}")
-
-    try:
-        subscription = await broker.subscribe(subject, "g", handler)
-        for i in range(5):
-            await broker.publish(subject, Message("T", {"i": i}))
-        await first_started.wait()
-        await subscription.stop()
-        assert events == ["start 0", "done 0"]
-        rest: list[int] = []
-
-        async def collect(delivery: Delivery) -> None:
-            rest.append(delivery.message.data["i"])
-
-        await broker.subscribe(subject, "g", collect)
-        await eventually(lambda: sorted(rest) == [1, 2, 3, 4])
-    finally:
-        names = broker.declared_queues
-        await broker.aclose()
-        await _delete(rabbitmq_service, exchange, names)
-
-
 async def test_a_dead_letter_stream_deleted_under_a_subscription_loses_no_message(
     rabbitmq_service: str, exchange: str
 ) -> None:
