@@ -60,6 +60,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("NATS support needs: pip install 'seamwork[nats]'") from exc
 
 from seamwork.brokers._nats_consumer import _Consumer
+from seamwork.brokers._subscription import GracefulStop
 from seamwork.errors import BrokerUnavailable, ConfigError, MessagingError, PublishError
 from seamwork.messaging._message import Message, check_subject, encode
 from seamwork.messaging._ports import (
@@ -67,7 +68,6 @@ from seamwork.messaging._ports import (
     DLQ_SUBJECT,
     DeadLetter,
     Handler,
-    SubscriptionStats,
     check_subscribe_settings,
     dead_letter_headers,
     read_dead_letter,
@@ -154,16 +154,10 @@ def _covers(pattern: str, subject: str) -> bool:
     return len(wanted) == len(tokens)
 
 
-class NatsSubscription:
-    """A running consumer of one group on one subject.
-
-    ``stop()`` takes no message after it is called and lets the one in hand (or the
-    batch) finish and settle, waiting at most ``ack_wait``: by then the server has
-    handed the message to another member anyway, so a handler still running is
-    cancelled and its message redelivered. Called by the subscription's own handler,
-    it returns at once: that handler's message is settled when it returns, and the
-    consumer then ends without taking another.
-    """
+class NatsSubscription(GracefulStop):
+    """A running consumer of one group on one subject; ``stop()`` as in
+    ``seamwork.brokers._subscription`` (a NATS batch in hand finishes too; a handler
+    still running after ``ack_wait`` is cancelled and its message redelivered)."""
 
     def __init__(
         self,
@@ -172,29 +166,16 @@ class NatsSubscription:
         *,
         grace: float = 30.0,
     ) -> None:
-        self.stats = SubscriptionStats()
+        super().__init__(grace)
         self._task = task
         self._pull = pull
-        self._grace = grace
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._stopping = False
 
     async def stop(self) -> None:
-        self._stopping = True
-        if self._task is not None and self._task is asyncio.current_task():
-            return  # from its own handler: the consumer ends once that one is settled
+        if self._stopped_by_own_handler():
+            return
         task, self._task = self._task, None
         if task is not None:
-            try:
-                async with asyncio.timeout(self._grace):
-                    await self._idle.wait()
-            except TimeoutError:
-                log.warning(
-                    "subscription stopped with its handler still running after %gs: "
-                    "cancelled, its message is redelivered",
-                    self._grace,
-                )
+            await self._wait_for_hand("redelivered")
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await self._release()

@@ -82,6 +82,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("RabbitMQ support needs: pip install 'seamwork[rabbitmq]'") from exc
 
 from seamwork.brokers._rabbit_dlq import TOMBSTONE, Raw, read_letters
+from seamwork.brokers._subscription import GracefulStop
 from seamwork.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -144,43 +145,24 @@ def queue_name(group: str, subject: str) -> str:
     return name
 
 
-class RabbitSubscription:
-    """A running consumer of one group on one subject (its own channel).
-
-    ``stop()`` takes no message after it is called and lets the one in hand finish
-    and settle, waiting at most ``ack_wait``; a handler still running then is
-    cancelled and its message handed back (redelivered). Called by the subscription's
-    own handler, it returns at once: that handler's message is settled when it
-    returns, then the channel closes (handing back what was prefetched) and the
-    consumer ends.
-    """
+class RabbitSubscription(GracefulStop):
+    """A running consumer of one group on one subject (its own channel); ``stop()`` as
+    in ``seamwork.brokers._subscription`` (a handler still running after ``ack_wait``
+    is cancelled and its message handed back; closing the channel hands back what was
+    prefetched)."""
 
     def __init__(self, channel: AbstractChannel, *, grace: float = 30.0) -> None:
-        self.stats = SubscriptionStats()
+        super().__init__(grace)
         self._channel = channel
-        self._grace = grace
-        self._task: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._stopping = False
 
     async def stop(self) -> None:
-        # The consumer takes no message after this flag: the one in hand finishes,
-        # the next one it may already have taken stays untouched (not started).
-        self._stopping = True
-        if self._task is not None and self._task is asyncio.current_task():
-            return  # from its own handler: the consumer ends once that one is settled
+        # the one in hand finishes; the next one the consumer may already have taken
+        # stays untouched (not started) and goes back with the channel
+        if self._stopped_by_own_handler():
+            return
         task, self._task = self._task, None
         if task is not None:
-            try:
-                async with asyncio.timeout(self._grace):
-                    await self._idle.wait()
-            except TimeoutError:
-                log.warning(
-                    "subscription stopped with its handler still running after %gs: "
-                    "cancelled, its message is handed back",
-                    self._grace,
-                )
+            await self._wait_for_hand("handed back")
         await self._close_channel()
         if task is not None:
             task.cancel()
