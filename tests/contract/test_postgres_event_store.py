@@ -41,6 +41,12 @@ async def _connections(dsn: str, application: str) -> int:
         return int(row[0])
 
 
+async def _no_connection_left(dsn: str, application: str) -> None:
+    async with asyncio.timeout(5):
+        while await _connections(dsn, application):  # closed backends go away soon
+            await asyncio.sleep(0.05)
+
+
 async def test_subscribers_going_live_together_leave_no_connection_after_aclose(
     pg_dsn: str,
 ) -> None:
@@ -58,9 +64,7 @@ async def test_subscribers_going_live_together_leave_no_connection_after_aclose(
         await store.append("s", [NewEvent("A")])
         seen = await asyncio.wait_for(asyncio.gather(*subscribers), 5)
         assert [e.type for e in seen] == ["A", "A", "A"]
-    async with asyncio.timeout(5):
-        while await _connections(pg_dsn, application):  # closed backends go away soon
-            await asyncio.sleep(0.05)
+    await _no_connection_left(pg_dsn, application)
 
 
 async def test_an_open_that_fails_part_way_leaves_no_connection(
@@ -77,9 +81,7 @@ async def test_an_open_that_fails_part_way_leaves_no_connection(
     with pytest.raises(StoreUnavailable, match="refused"):
         await store.open()
     await store.aclose()
-    async with asyncio.timeout(5):
-        while await _connections(pg_dsn, application):  # closed backends go away soon
-            await asyncio.sleep(0.05)
+    await _no_connection_left(pg_dsn, application)
 
 
 async def test_a_driver_failure_is_the_same_error_alone_and_in_a_batch(
