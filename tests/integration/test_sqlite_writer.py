@@ -127,3 +127,45 @@ async def test_a_call_raising_stop_iteration_fails_instead_of_leaving_its_batch_
         assert await writer.read(lambda conn: conn.execute("SELECT id FROM t").fetchall()) == [(1,)]
     finally:
         await writer.close()
+
+
+@pytest.mark.parametrize("hook", ["on_begin", "on_rollback"])
+async def test_a_failing_hook_fails_its_batch_and_the_writer_serves_on(
+    tmp_path: Path, hook: str
+) -> None:
+    table = Migration("t", 1, ("CREATE TABLE t (id INTEGER PRIMARY KEY)",))
+    broken = threading.Event()
+
+    def begin(conn: Any) -> None:
+        if hook == "on_begin" and broken.is_set():
+            raise ValueError("cache check broke")
+
+    def rollback() -> None:
+        if hook == "on_rollback" and broken.is_set():
+            raise ValueError("cache reset broke")
+
+    writer = SQLiteWriter(
+        tmp_path / "w.db", migrations=[table], on_begin=begin, on_rollback=rollback
+    )
+    await writer.start()
+
+    def insert(id_: int) -> Any:
+        def run(conn: Any) -> int:
+            conn.execute("INSERT INTO t VALUES (?)", (id_,))
+            if hook == "on_rollback" and id_ == 1:
+                raise KeyError("this call fails, so its transaction rolls back")
+            return id_
+
+        return run
+
+    try:
+        broken.set()
+        with pytest.raises(StoreError, match="broke") as raised:
+            await asyncio.wait_for(writer.write(insert(1)), 5)
+        assert isinstance(raised.value.__cause__, ValueError)
+        broken.clear()
+        assert await asyncio.wait_for(writer.write(insert(2)), 5) == 2
+        rows = await writer.read(lambda conn: conn.execute("SELECT id FROM t").fetchall())
+        assert rows == [(2,)]
+    finally:
+        await asyncio.wait_for(writer.close(), 5)

@@ -242,41 +242,57 @@ class SQLiteWriter:
 
     def _run_batch(self, batch: list[_Op], *, in_savepoints: bool = False) -> None:
         """One transaction for ``batch``; ``in_savepoints`` forces a savepoint per call
-        (a rerun-safe batch that failed after changing rows runs again that way)."""
+        (a rerun-safe batch that failed after changing rows runs again that way).
+        Whatever goes wrong, every call of the batch gets an outcome and the thread
+        serves on."""
         conn = self._conn
         assert conn is not None
-        results: list[tuple[_Op, Any, BaseException | None]] | None = None
         write = any(op.write for op in batch)
         try:
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            if write and self._on_begin is not None:
-                self._on_begin(conn)
-            if len(batch) == 1 and not in_savepoints:
-                op = batch[0]
-                try:
-                    results = [(op, op.fn(conn), None)]
-                except BaseException as exc:
-                    self._rollback(conn, write)
-                    _deliver([(op, None, self._translate(exc))])
-                    return
-            elif self._rerun_safe and not in_savepoints:
-                results = self._run_plain(conn, batch)
-                if results is None:
-                    self._rollback(conn, write)
-                    self._run_batch(batch, in_savepoints=True)
-                    return
-            else:
-                results = [self._run_in_savepoint(conn, op) for op in batch]
-            conn.execute("COMMIT")
-            self.commits += 1
-            self.calls += len(batch)
-        except sqlite3.Error as exc:
+            results = self._transaction(conn, batch, write, in_savepoints)
+        except Exception as exc:  # the driver, or a hook (on_begin, on_rollback)
             if conn.in_transaction:
-                self._rollback(conn, write)
-            error = StoreError(f"{self._name} store at {self.path}: commit failed: {exc}")
+                try:
+                    self._rollback(conn, write)
+                except Exception:
+                    log.exception("%s store at %s: rollback failed", self._name, self.path)
+            reason = f"commit failed: {exc}" if isinstance(exc, sqlite3.Error) else f"{exc}"
+            error = StoreError(f"{self._name} store at {self.path}: {reason}")
             error.__cause__ = exc
             results = [(op, None, error) for op in batch]
-        _deliver(results)
+        if results is not None:
+            _deliver(results)
+
+    def _transaction(
+        self, conn: sqlite3.Connection, batch: list[_Op], write: bool, in_savepoints: bool
+    ) -> list[tuple[_Op, Any, BaseException | None]] | None:
+        """Run and commit ``batch``: the results to deliver, or None if they were."""
+        results: list[tuple[_Op, Any, BaseException | None]]
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        if write and self._on_begin is not None:
+            self._on_begin(conn)
+        if len(batch) == 1 and not in_savepoints:
+            op = batch[0]
+            try:
+                results = [(op, op.fn(conn), None)]
+            except BaseException as exc:
+                error = self._translate(exc)
+                self._rollback(conn, write)
+                _deliver([(op, None, error)])
+                return None
+        elif self._rerun_safe and not in_savepoints:
+            plain = self._run_plain(conn, batch)
+            if plain is None:
+                self._rollback(conn, write)
+                self._run_batch(batch, in_savepoints=True)
+                return None
+            results = plain
+        else:
+            results = [self._run_in_savepoint(conn, op) for op in batch]
+        conn.execute("COMMIT")
+        self.commits += 1
+        self.calls += len(batch)
+        return results
 
     def _run_plain(
         self, conn: sqlite3.Connection, batch: list[_Op]
