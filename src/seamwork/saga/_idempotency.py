@@ -64,7 +64,9 @@ class IdempotencyLedger(OpenClose, ABC):
         """Run ``effect(conn)`` and record ``key`` with its result in one transaction.
 
         If ``key`` was recorded before, return that first result and run nothing. If
-        ``effect`` raises, nothing is recorded and its writes are rolled back.
+        ``effect`` raises, nothing is recorded and its writes are rolled back. The
+        result is returned as recorded, in its JSON form (a tuple comes back a list),
+        on the first call as on every repeat.
         """
 
     @abstractmethod

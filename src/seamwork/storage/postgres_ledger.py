@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from seamwork._core.codec import dumps
+from seamwork._core.codec import dumps, loads
 from seamwork.errors import ConfigError
 from seamwork.saga import IdempotencyLedger
 from seamwork.storage._pg import (
@@ -99,11 +99,11 @@ class PostgresLedger(IdempotencyLedger):
             value = effect(conn)
             if inspect.isawaitable(value):
                 value = await value
+            text = dumps(value, what=f"result for key {key!r}")
             await conn.execute(
-                "UPDATE seamwork_idempotency SET result = %s::jsonb WHERE key = %s",
-                (dumps(value, what=f"result for key {key!r}"), key),
+                "UPDATE seamwork_idempotency SET result = %s::jsonb WHERE key = %s", (text, key)
             )
-            return value
+            return loads(text)  # type: ignore[no-any-return]  # as a repeat will return it
 
     async def result(self, key: str) -> Any | None:
         _check_key(key)

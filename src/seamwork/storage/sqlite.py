@@ -421,12 +421,12 @@ class SQLiteLedger(IdempotencyLedger):
             ).fetchone()
             if row is not None:
                 return loads(row[0])
-            value = effect(conn)
+            text = dumps(effect(conn), what=f"result for key {key!r}")
             conn.execute(
                 "INSERT INTO seamwork_idempotency (key, result, created_at) VALUES (?, ?, ?)",
-                (key, dumps(value, what=f"result for key {key!r}"), time.time()),
+                (key, text, time.time()),
             )
-            return value
+            return loads(text)  # as a repeat will return it
 
         result: T = await self._writer.write(run)
         return result

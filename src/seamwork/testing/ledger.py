@@ -49,6 +49,23 @@ class LedgerContract:
         assert await ledger.result("saga-1:other") is None
         assert await self.count_effects(ledger) == 2  # the setup row and one effect
 
+    async def test_the_first_call_returns_the_result_as_every_repeat_will(
+        self, ledger: IdempotencyLedger
+    ) -> None:
+        effect = self.insert_effect(7)
+        shape = {"pair": (1, 2), "ids": ("a",)}
+
+        def shaped(conn: Any) -> Any:
+            applied = effect(conn)
+            if asyncio.iscoroutine(applied):
+                return _then(applied, shape)
+            return shape
+
+        first = await ledger.once("saga-6:x", shaped)
+        again = await ledger.once("saga-6:x", shaped)
+        assert first == again == {"pair": [1, 2], "ids": ["a"]}
+        assert await ledger.result("saga-6:x") == first
+
     async def test_a_closed_ledger_opens_again(self, ledger: IdempotencyLedger) -> None:
         await ledger.once("saga-3:charge", self.insert_effect(5))
         await ledger.aclose()
