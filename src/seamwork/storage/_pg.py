@@ -87,7 +87,18 @@ async def open_pool(
 
 
 async def migrate(conn: AsyncConn, migrations: Sequence[PgMigration]) -> None:
-    """Apply pending migrations once, even when several processes start together."""
+    """Apply pending migrations once, even when several processes start together; a
+    failure (no privilege to create tables, say) is a ``StoreError`` naming it."""
+    try:
+        await _migrate(conn, migrations)
+    except psycopg.Error as exc:
+        names = ", ".join(sorted({m.component for m in migrations}))
+        kind = StoreUnavailable if isinstance(exc, psycopg.OperationalError) else StoreError
+        reason = exc.diag.message_primary or str(exc).strip()
+        raise kind(f"cannot create the {names} schema: {reason}") from exc
+
+
+async def _migrate(conn: AsyncConn, migrations: Sequence[PgMigration]) -> None:
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('seamwork_migrations'))")
         await conn.execute(
