@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -141,5 +142,39 @@ async def test_run_here_after_the_session_ended_is_refused_and_applies_nothing(
         with pytest.raises(StoreError, match="ended"):
             aborted_session.run_here(lambda conn: conn.execute("INSERT INTO t VALUES (3)"))
         assert await writer.read(lambda conn: conn.execute("SELECT id FROM t").fetchall()) == [(1,)]
+    finally:
+        await writer.close()
+
+
+async def test_run_here_waits_for_a_statement_another_task_runs_on_the_writer(
+    tmp_path: Path,
+) -> None:
+    writer = SQLiteWriter(tmp_path / "w.db")
+    await writer.start()
+    started, running = threading.Event(), threading.Event()
+    overlaps: list[str] = []
+
+    def slow(conn: sqlite3.Connection) -> None:
+        running.set()
+        started.set()
+        time.sleep(0.2)  # another thread using conn now would share it
+        conn.execute("INSERT INTO t VALUES (1)")
+        running.clear()
+
+    def quick(conn: sqlite3.Connection) -> None:
+        if running.is_set():
+            overlaps.append("run_here ran while the writer thread was using the connection")
+        conn.execute("INSERT INTO t VALUES (2)")
+
+    try:
+        await writer.write(lambda conn: conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+        async with session(writer) as shared:
+            on_writer = asyncio.create_task(shared.run(slow))
+            await asyncio.to_thread(started.wait, 5)
+            shared.run_here(quick)
+            await on_writer
+        assert overlaps == []
+        rows = await writer.read(lambda conn: conn.execute("SELECT id FROM t").fetchall())
+        assert rows == [(1,), (2,)]
     finally:
         await writer.close()

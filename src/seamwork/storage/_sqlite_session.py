@@ -12,7 +12,8 @@ than ``idle_timeout`` is rolled back.
 session is open the writer thread is parked waiting for its next command, so the
 connection is never used by two threads at once, and a short statement costs
 microseconds instead of two thread hops. Use it for short statements only: it
-blocks the event loop while it runs.
+blocks the event loop while it runs (and while a statement another task sent with
+``run`` finishes on the writer thread: the two never share the connection).
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ async def session(
                 raise _Aborted
             fn, future = command
             try:
-                value = fn(conn)
+                with state.gate:  # run_here from another task waits, never shares conn
+                    value = fn(conn)
             except Exception as exc:
                 loop.call_soon_threadsafe(settle, future, None, exc)
             else:
