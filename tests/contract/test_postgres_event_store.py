@@ -221,7 +221,8 @@ async def test_a_listener_kept_from_its_server_logs_the_loss_and_the_recovery_on
                 await _terminate_listener(pg_dsn, application)
                 await asyncio.sleep(3.5)  # reconnects after 0.05, 0.1, ... 1.6 s: all fail
                 store._dsn = dsn
-                await store.append("s", [NewEvent("Back")])
+                async with postgres_events.PostgresEventStore(pg_dsn) as other_process:
+                    await other_process.append("s", [NewEvent("Back")])  # a NOTIFY wakes it
                 assert await asyncio.wait_for(seen.get(), 5) == "Back"
             logged = [
                 (r.levelno, r.getMessage())
@@ -233,6 +234,31 @@ async def test_a_listener_kept_from_its_server_logs_the_loss_and_the_recovery_on
             assert "lost its connection" in above_debug[0]
             assert "listening again" in above_debug[1]
             assert len([m for level, m in logged if level == logging.DEBUG]) >= 4
+        finally:
+            subscriber.cancel()
+            await asyncio.gather(subscriber, return_exceptions=True)
+
+
+async def test_appends_from_another_store_wake_a_live_subscriber_without_polling(
+    pg_dsn: str,
+) -> None:
+    reader = postgres_events.PostgresEventStore(pg_dsn, poll_interval=30.0)
+    seen: asyncio.Queue[str] = asyncio.Queue()
+
+    async def follow() -> None:
+        async for event in reader.subscribe():
+            seen.put_nowait(event.type)
+
+    async with reader, postgres_events.PostgresEventStore(pg_dsn) as writer:
+        subscriber = asyncio.create_task(follow())
+        try:
+            await asyncio.sleep(0.3)  # live, and listening
+            await writer.append("s", [NewEvent("Appended")])  # notified after its commit
+            assert await asyncio.wait_for(seen.get(), 5) == "Appended"
+            conn = await psycopg.AsyncConnection.connect(pg_dsn)
+            async with conn, conn.transaction():  # the caller's own transaction notifies
+                await writer.append_in(conn, "s", [NewEvent("InTransaction")])
+            assert await asyncio.wait_for(seen.get(), 5) == "InTransaction"
         finally:
             subscriber.cancel()
             await asyncio.gather(subscriber, return_exceptions=True)
