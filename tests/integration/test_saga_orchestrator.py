@@ -977,3 +977,29 @@ async def test_a_start_up_whose_recovery_fails_closes_and_can_be_tried_again(db:
         state = await asyncio.wait_for(orch.handle("s-1").wait(), 5.0)
     assert state.status is SagaStatus.COMPLETED
     assert ledger.kinds("apply") == ["reserve", "ship"]  # reserve was not run again
+
+
+class LateFinalReply(SQLiteStore):
+    """The real store, whose reply to a saga's final save arrives late (as from a slow
+    network), so lease renewals run while that commit is already in."""
+
+    async def save(self, state: SagaState, events: Any, **options: Any) -> None:
+        await super().save(state, events, **options)
+        if state.terminal:  # long enough for a renewal (every 0.5 s), short of the lease
+            await asyncio.sleep(0.8)
+
+
+async def test_a_renewal_racing_the_final_commit_does_not_stop_the_saga(db: Path) -> None:
+    ledger = Ledger()
+    saga = Saga("order", steps=chain(ledger, "reserve", "charge"))
+    lost: list[str] = []
+    async with SagaOrchestrator(
+        LateFinalReply(db), [saga], lease_seconds=1.5, recovery_interval=0.1
+    ) as orch:
+        orch.hooks.on("lease_lost", lambda state: lost.append(state.saga_id))
+        run = await orch.start("order", {"order_id": 1}, saga_id="s-1")
+        state = await asyncio.wait_for(run.wait(), 5)
+        assert state.status is SagaStatus.COMPLETED
+        assert lost == []
+        assert orch.stats["lease_lost"] == 0
+        assert orch.stats["completed"] == 1

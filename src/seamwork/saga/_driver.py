@@ -40,6 +40,7 @@ class _Run:
         "cancel_reason",
         "cancelled",
         "done",
+        "finishing",
         "lease_until",
         "lock",
         "machine",
@@ -55,6 +56,9 @@ class _Run:
         # When this process's lease runs out unless renewed (its monotonic clock): past
         # it another worker may claim the saga, so the run must have stopped by then.
         self.lease_until = lease_until
+        # Awaiting the save that ends the saga: that save releases the lease, so a
+        # renewal may find the lease gone because the save is in, not stolen.
+        self.finishing = False
         self.task: asyncio.Task[None] | None = None
         self.done: asyncio.Future[SagaState | None] = asyncio.get_running_loop().create_future()
         self.scopes: set[asyncio.Timeout] = set()
@@ -317,7 +321,11 @@ class Driver:
         state = transition.state
         if state.terminal:  # the store releases a finished saga's lease with this save
             state = state.evolve(lease_owner=None, lease_expires_at=None)
-        await self._store.save(state, transition.events, owner=self.owner)
+        run.finishing = state.terminal
+        try:
+            await self._store.save(state, transition.events, owner=self.owner)
+        finally:
+            run.finishing = False
         run.state = state
 
     async def _interruptible_sleep(self, run: _Run, seconds: float) -> bool:

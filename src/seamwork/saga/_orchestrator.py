@@ -430,7 +430,7 @@ class SagaOrchestrator(Driver, OpenClose):
                 continue
             if saga_id in kept:
                 run.lease_until = max(run.lease_until, began + self._lease)
-            else:
+            elif not run.finishing:  # (its final save, fenced, released the lease itself)
                 self._stop(run, "lease lost to another owner")
 
     async def _lease_watch(self) -> None:
