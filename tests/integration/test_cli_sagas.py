@@ -11,6 +11,7 @@ import asyncio
 import json
 import sqlite3
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -407,3 +408,62 @@ def test_json_output_of_times_and_context_no_json_number_holds_is_valid_json(db:
     assert shown["saga"] == row
     assert shown["timeline"]
     assert all(e["offset"] == "-inf" for e in shown["timeline"])
+
+
+def app_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str) -> str:
+    """A module of ``source`` for ``--app``, under a name no other test imported."""
+    name = f"app_{uuid.uuid4().hex[:12]}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def load_app(command: str, spec: str, db: Path) -> tuple[int, str]:
+    """``--app spec`` through the worker or ``sagas list --stranded``: the exit code and
+    the words of what was printed, without the box around them."""
+    if command == "worker":
+        argv = ["worker", "--app", spec, "--sqlite", str(db.with_name("worker.db"))]
+    else:
+        argv = ["sagas", "list", "--stranded", "--app", spec, "--db", str(db)]
+    code, out, err = invoke(*argv)
+    assert "Traceback" not in out + err
+    return code, " ".join((out + err).replace("\u2502", " ").split())
+
+
+EXITS = {
+    "at import": ("import sys\nsys.exit(3)\n", "importing {m} called sys.exit(3)"),
+    "with no code": ("import sys\nsys.exit()\n", "importing {m} called sys.exit()"),
+    "with a message": (
+        "raise SystemExit('no config')\n",
+        "importing {m} called sys.exit('no config')",
+    ),
+    "in __getattr__": (
+        "import sys\ndef __getattr__(name):\n    sys.exit(4)\n",
+        "reading {m}:SAGAS called sys.exit(4)",
+    ),
+    "in the factory": (
+        "import sys\ndef SAGAS():\n    sys.exit(5)\n",
+        "running {m}:SAGAS() called sys.exit(5)",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["worker", "stranded"])
+@pytest.mark.parametrize("how", list(EXITS))
+def test_an_app_that_exits_while_loading_is_a_usage_error_not_its_exit(
+    db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, how: str
+) -> None:
+    source, said = EXITS[how]
+    module = app_module(tmp_path, monkeypatch, source)
+    code, words = load_app(command, f"{module}:SAGAS", db)
+    assert code == 2, words
+    assert f"--app: cannot load {module}:SAGAS: {said.format(m=module)}" in words
+
+
+def test_ctrl_c_while_an_app_loads_still_interrupts_the_command(
+    db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = app_module(tmp_path, monkeypatch, "raise KeyboardInterrupt\n")
+    code, words = load_app("worker", f"{module}:SAGAS", db)
+    assert code == 130, words
+    assert "cannot load" not in words

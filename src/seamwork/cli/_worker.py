@@ -12,9 +12,9 @@ import importlib
 import os
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -22,6 +22,8 @@ from rich.console import Console
 from seamwork._core import runtime
 from seamwork.errors import ConfigError, SeamworkError
 from seamwork.saga import Saga, SagaOrchestrator, SagaStore
+
+T = TypeVar("T")
 
 
 def load_sagas(spec: str) -> list[Saga]:
@@ -32,22 +34,37 @@ def load_sagas(spec: str) -> list[Saga]:
     """
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise typer.BadParameter(f"expected module:attribute, got {spec!r}", param_hint="--app")
+        raise _bad_app(f"expected module:attribute, got {spec!r}")
     _importable_here()
-    try:
-        target: Any = getattr(importlib.import_module(module_name), attribute)
-        if callable(target) and not isinstance(target, Saga):
-            target = target()
-    except (ImportError, AttributeError) as exc:
-        raise typer.BadParameter(f"cannot load {spec}: {exc}", param_hint="--app") from exc
-    except Exception as exc:  # the module (or the factory) itself failed: say how
-        raise typer.BadParameter(
-            f"cannot load {spec}: {type(exc).__name__}: {exc}", param_hint="--app"
-        ) from exc
+    module = _user_code(
+        spec, f"importing {module_name}", lambda: importlib.import_module(module_name)
+    )
+    target: Any = _user_code(spec, f"reading {spec}", lambda: getattr(module, attribute))
+    if callable(target) and not isinstance(target, Saga):
+        target = _user_code(spec, f"running {spec}()", target)
     sagas = [target] if isinstance(target, Saga) else list(_iterable(target, spec))
     if not sagas or not all(isinstance(s, Saga) for s in sagas):
-        raise typer.BadParameter(f"{spec} is not a list of Saga definitions", param_hint="--app")
+        raise _bad_app(f"{spec} is not a list of Saga definitions")
     return sagas
+
+
+def _user_code(spec: str, doing: str, call: Callable[[], T]) -> T:
+    """``call()`` runs the user's code: whatever it raises is the ``--app`` error, even
+    ``sys.exit()`` (which would otherwise end the CLI silently, with the user's exit
+    code); a Ctrl-C still interrupts."""
+    try:
+        return call()
+    except (ImportError, AttributeError) as exc:
+        raise _bad_app(f"cannot load {spec}: {exc}") from exc
+    except Exception as exc:  # the module (or the factory) itself failed: say how
+        raise _bad_app(f"cannot load {spec}: {type(exc).__name__}: {exc}") from exc
+    except SystemExit as exc:
+        called = "sys.exit()" if exc.code is None else f"sys.exit({exc.code!r})"
+        raise _bad_app(f"cannot load {spec}: {doing} called {called}") from exc
+
+
+def _bad_app(message: str) -> typer.BadParameter:
+    return typer.BadParameter(message, param_hint="--app")
 
 
 def _importable_here() -> None:
@@ -61,7 +78,7 @@ def _importable_here() -> None:
 def _iterable(target: Any, spec: str) -> Iterable[Any]:
     if isinstance(target, Iterable):
         return target
-    raise typer.BadParameter(f"{spec} is not a list of Saga definitions", param_hint="--app")
+    raise _bad_app(f"{spec} is not a list of Saga definitions")
 
 
 def worker(
