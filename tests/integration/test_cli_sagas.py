@@ -467,3 +467,46 @@ def test_ctrl_c_while_an_app_loads_still_interrupts_the_command(
     code, words = load_app("worker", f"{module}:SAGAS", db)
     assert code == 130, words
     assert "cannot load" not in words
+
+
+ENDLESS = {
+    "itertools.count()": "import itertools\nSAGAS = itertools.count()\n",
+    "a generator of sagas": APP_MODULE.replace("SAGAS = [", "BASE = [")
+    + "def SAGAS():\n    while True:\n        yield BASE[0]\n",
+}
+
+
+@pytest.mark.parametrize("command", ["worker", "stranded"])
+@pytest.mark.parametrize("what", list(ENDLESS))
+def test_an_endless_app_attribute_is_refused_not_read_forever(
+    db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, what: str
+) -> None:
+    module = app_module(tmp_path, monkeypatch, ENDLESS[what])
+    code, words = load_app(command, f"{module}:SAGAS", db)
+    assert code == 2, words
+    assert f"--app: {module}:SAGAS yields more than 10,000 items; is it endless?" in words
+
+
+NOT_SAGAS = {
+    "'transfer'": "it is of type str",
+    "b'transfer'": "it is of type bytes",
+    "42": "it is of type int",
+    "None": "it is of type NoneType",
+    "{'transfer': BASE[0]}": "it is of type dict",
+    "[]": "it is empty",
+    "iter(())": "it is empty",
+    "[BASE[0], 'credit']": "item 1 is of type str",
+    "(BASE[0], BASE[0], 7)": "item 2 is of type int",
+}
+
+
+@pytest.mark.parametrize("value", list(NOT_SAGAS))
+def test_an_app_attribute_that_is_not_saga_definitions_is_named_for_what_it_is(
+    db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    source = APP_MODULE.replace("SAGAS = [", "BASE = [") + f"SAGAS = {value}\n"
+    module = app_module(tmp_path, monkeypatch, source)
+    code, words = load_app("stranded", f"{module}:SAGAS", db)
+    assert code == 2, words
+    said = f"--app: {module}:SAGAS is not a list of Saga definitions: {NOT_SAGAS[value]}"
+    assert said in words

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import itertools
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -24,6 +25,9 @@ from seamwork.errors import ConfigError, SeamworkError
 from seamwork.saga import Saga, SagaOrchestrator, SagaStore
 
 T = TypeVar("T")
+
+MAX_SAGAS = 10_000
+"""The most definitions ``--app`` may hold: past that, it is taken for an endless iterator."""
 
 
 def load_sagas(spec: str) -> list[Saga]:
@@ -42,10 +46,7 @@ def load_sagas(spec: str) -> list[Saga]:
     target: Any = _user_code(spec, f"reading {spec}", lambda: getattr(module, attribute))
     if callable(target) and not isinstance(target, Saga):
         target = _user_code(spec, f"running {spec}()", target)
-    sagas = [target] if isinstance(target, Saga) else list(_iterable(target, spec))
-    if not sagas or not all(isinstance(s, Saga) for s in sagas):
-        raise _bad_app(f"{spec} is not a list of Saga definitions")
-    return sagas
+    return [target] if isinstance(target, Saga) else _definitions(target, spec)
 
 
 def _user_code(spec: str, doing: str, call: Callable[[], T]) -> T:
@@ -75,10 +76,24 @@ def _importable_here() -> None:
         sys.path.insert(0, here)
 
 
-def _iterable(target: Any, spec: str) -> Iterable[Any]:
-    if isinstance(target, Iterable):
-        return target
-    raise _bad_app(f"{spec} is not a list of Saga definitions")
+def _definitions(target: Any, spec: str) -> list[Saga]:
+    """The ``Saga`` items of ``target``, reading at most one past ``MAX_SAGAS``: an
+    endless iterator is refused, not read until memory runs out."""
+    if isinstance(target, (str, bytes, Mapping)) or not isinstance(target, Iterable):
+        raise _not_sagas(spec, f"it is of type {type(target).__name__}")
+    found = list(itertools.islice(target, MAX_SAGAS + 1))
+    if len(found) > MAX_SAGAS:
+        raise _bad_app(f"{spec} yields more than {MAX_SAGAS:,} items; is it endless?")
+    if not found:
+        raise _not_sagas(spec, "it is empty")
+    for index, item in enumerate(found):
+        if not isinstance(item, Saga):
+            raise _not_sagas(spec, f"item {index} is of type {type(item).__name__}")
+    return found
+
+
+def _not_sagas(spec: str, found: str) -> typer.BadParameter:
+    return _bad_app(f"{spec} is not a list of Saga definitions: {found}")
 
 
 def worker(
