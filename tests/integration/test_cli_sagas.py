@@ -510,3 +510,23 @@ def test_an_app_attribute_that_is_not_saga_definitions_is_named_for_what_it_is(
     assert code == 2, words
     said = f"--app: {module}:SAGAS is not a list of Saga definitions: {NOT_SAGAS[value]}"
     assert said in words
+
+
+FAILS_WHILE_READ = {
+    "raises": ("raise RuntimeError('ledger down')", "RuntimeError: ledger down"),
+    "exits": ("import sys; sys.exit(6)", "iterating {m}:SAGAS called sys.exit(6)"),
+}
+
+
+@pytest.mark.parametrize("command", ["worker", "stranded"])
+@pytest.mark.parametrize("how", list(FAILS_WHILE_READ))
+def test_an_app_generator_that_fails_while_read_is_a_usage_error(
+    db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, how: str
+) -> None:
+    failure, said = FAILS_WHILE_READ[how]
+    source = APP_MODULE.replace("SAGAS = [", "BASE = [")
+    source += f"def SAGAS():\n    yield BASE[0]\n    {failure}\n"
+    module = app_module(tmp_path, monkeypatch, source)
+    code, words = load_app(command, f"{module}:SAGAS", db)
+    assert code == 2, words
+    assert f"--app: cannot load {module}:SAGAS: {said.format(m=module)}" in words

@@ -57,7 +57,7 @@ def _user_code(spec: str, doing: str, call: Callable[[], T]) -> T:
         return call()
     except (ImportError, AttributeError) as exc:
         raise _bad_app(f"cannot load {spec}: {exc}") from exc
-    except Exception as exc:  # the module (or the factory) itself failed: say how
+    except Exception as exc:  # the module, factory or iterator itself failed: say how
         raise _bad_app(f"cannot load {spec}: {type(exc).__name__}: {exc}") from exc
     except SystemExit as exc:
         called = "sys.exit()" if exc.code is None else f"sys.exit({exc.code!r})"
@@ -81,7 +81,9 @@ def _definitions(target: Any, spec: str) -> list[Saga]:
     endless iterator is refused, not read until memory runs out."""
     if isinstance(target, (str, bytes, Mapping)) or not isinstance(target, Iterable):
         raise _not_sagas(spec, f"it is of type {type(target).__name__}")
-    found = list(itertools.islice(target, MAX_SAGAS + 1))
+    found = _user_code(
+        spec, f"iterating {spec}", lambda: list(itertools.islice(target, MAX_SAGAS + 1))
+    )
     if len(found) > MAX_SAGAS:
         raise _bad_app(f"{spec} yields more than {MAX_SAGAS:,} items; is it endless?")
     if not found:
