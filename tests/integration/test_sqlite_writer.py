@@ -169,3 +169,24 @@ async def test_a_failing_hook_fails_its_batch_and_the_writer_serves_on(
         assert rows == [(2,)]
     finally:
         await asyncio.wait_for(writer.close(), 5)
+
+
+async def test_a_start_cancelled_while_the_thread_opens_the_file_ends_and_leaves_no_thread(
+    tmp_path: Path,
+) -> None:
+    table = Migration("t", 1, ("CREATE TABLE t (id INTEGER PRIMARY KEY)",))
+    for step in range(31):  # cancels 0, 2, ... 60 ms into start(): before, during, after
+        writer = SQLiteWriter(tmp_path / f"w{step}.db", migrations=[table], name=f"cut-{step}")
+        start = asyncio.create_task(writer.start())
+        await asyncio.sleep(step * 0.002)
+        start.cancel()
+        try:
+            done, _ = await asyncio.wait({start}, timeout=5.0)
+            assert done, f"start() cancelled after {step * 2} ms did not end within 5 s"
+        finally:
+            await writer.close()  # lets a hung start() go, so the failure shows
+        if not start.cancelled():  # the cancel came after start() had finished
+            assert start.exception() is None
+        threads = [t.name for t in threading.enumerate() if t.name.startswith("seamwork-cut-")]
+        assert threads == []
+        assert not writer.running

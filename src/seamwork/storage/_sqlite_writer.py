@@ -150,9 +150,11 @@ class SQLiteWriter:
         self._thread.start()
         try:
             await ready
-        except BaseException:
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
+        except BaseException:  # the open failed, or a cancel came while it ran
+            # a thread whose open succeeded after all serves until it reads the stop
+            await self.close()
+            # one whose open failed never read it: the next thread must not
+            self._queue = queue.SimpleQueue()
             raise
 
     async def close(self) -> None:
