@@ -49,7 +49,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 try:
-    import nats
     from nats.aio.client import Client as NatsClient
     from nats.aio.msg import Msg
     from nats.errors import NoRespondersError
@@ -244,20 +243,27 @@ class NatsBroker:
         async with self._lock:
             if self._nc is not None:
                 return
+            nc = NatsClient()
             try:
                 # nats-py retries a first connection forever when reconnects are
                 # unlimited; the first one gets a deadline, later ones retry.
                 async with asyncio.timeout(self._timeout):
-                    nc = await nats.connect(
+                    await nc.connect(
                         self.url,
                         name=self._name,
                         connect_timeout=2,
-                        reconnect_time_wait=0.2,
+                        reconnect_time_wait=0.2,  # type: ignore[arg-type]  # seconds, a float
                         max_reconnect_attempts=-1,
                         allow_reconnect=True,
                         error_cb=_log_error,
                     )
-            except Exception as exc:
+            except BaseException as exc:
+                # cut short (the deadline, a cancel) mid-handshake, nats-py leaves its
+                # socket open
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                if not isinstance(exc, Exception):
+                    raise
                 reason = str(exc) or f"no answer within {self._timeout:g}s"
                 raise BrokerUnavailable(f"cannot connect to NATS at {self.url}: {reason}") from exc
             version = nc.connected_server_version
