@@ -227,3 +227,43 @@ async def test_demo_checks_report_missing_data_as_failures_and_close_their_datab
         "stock conserved (available + reserved)",
     }
     assert "choreo-0003" in failing["every flow follows its planned path"]
+
+
+def _children() -> list[int]:
+    """The live child processes of this process (a nats-server left running)."""
+    import os
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError):  # not a process, or gone meanwhile
+            continue
+        if int(ppid) == os.getpid() and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.timeout(30)
+async def test_act_two_cancelled_in_its_start_up_ends_at_once_and_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
+    # a Ctrl-C (SIGINT, SIGTERM: asyncio.run cancels the act) in the first ms of act
+    # two lands in the server's boot, a database being opened or a broker's request
+    import asyncio
+    import threading
+
+    from seamwork.demo.choreo_act import prepare, run_choreography
+
+    for step in range(31):  # cancels 0, 2, ... 60 ms in
+        directory = tmp_path / f"run-{step}"
+        prepare(directory)
+        act = asyncio.create_task(run_choreography(directory, 20))
+        await asyncio.sleep(step * 0.002)
+        act.cancel()
+        done, _ = await asyncio.wait({act}, timeout=5)
+        assert done, f"act two cancelled {step * 2} ms in did not end within 5 s"
+        assert act.cancelled(), f"act two went on after a cancel {step * 2} ms in"
+        assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+        assert [t.name for t in threading.enumerate() if t.name.startswith("seamwork-")] == []
+        assert _children() == []

@@ -663,3 +663,34 @@ async def test_a_connect_cut_short_by_a_cancel_leaves_no_socket_open() -> None:
             assert done
             await broker.aclose()
             assert _sockets() == open_before, f"a socket left by a cancel {step / 20} ms in"
+
+
+async def test_a_cancel_while_a_broker_connects_or_subscribes_is_raised_not_swallowed() -> None:
+    # nats-py awaits its connect and its requests through asyncio.wait_for, which on
+    # Python 3.11 drops a cancel that lands as the awaited answer arrives: the cancel
+    # (a Ctrl-C in the demo's start-up) must still end the call
+    import asyncio
+
+    async def handler(delivery: Delivery) -> None: ...
+
+    async with EmbeddedNats() as server:
+        warm = NatsBroker(server.url)  # the streams exist: each subscribe takes ms
+        await warm.subscribe("cut.created", "g", handler)
+        await warm.aclose()
+        cut = 0
+        for step in range(60):  # cancels 0, 0.1, ... 5.9 ms in: through every request
+            broker = NatsBroker(server.url)
+            subscribing = asyncio.create_task(broker.subscribe("cut.created", "g", handler))
+            await asyncio.sleep(step * 0.0001)
+            cancelled = subscribing.cancel()  # False: it had ended, nothing to cut
+            try:
+                done, _ = await asyncio.wait({subscribing}, timeout=5)
+            finally:
+                await broker.aclose()
+            assert done, f"a subscribe cancelled {step / 10} ms in did not end within 5 s"
+            if cancelled:
+                cut += 1
+                assert subscribing.cancelled(), f"a cancel {step / 10} ms in was swallowed"
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert [t for t in others if "_drain_log" not in repr(t)] == []  # nats-py's are gone
+        assert cut > 20  # most cancels landed inside the call

@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import re
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 try:
     from nats.aio.client import Client as NatsClient
@@ -86,6 +87,33 @@ _MAX_READABLE = 200
 _MAX_CONSUMER_NAME = 255
 _STREAM_NOT_FOUND = 10059
 """Characters of a hashed consumer name before its hash (JetStream takes 255)."""
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _cancels() -> int:
+    """How many cancels the running task has been asked for (``Task.cancelling``)."""
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
+
+
+def _keeps_cancels(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Raise, once ``method`` returns, a cancel that nats-py swallowed while it ran.
+
+    nats-py awaits its connect, its requests and its publish acknowledgements through
+    ``asyncio.wait_for``, which on Python 3.11 returns the answer that arrived as the
+    cancel landed and drops the cancel: a cancelled start-up (a Ctrl-C) went on.
+    """
+
+    @functools.wraps(method)
+    async def keeping(*args: P.args, **kwargs: P.kwargs) -> T:
+        before = _cancels()
+        result = await method(*args, **kwargs)
+        if _cancels() > before:
+            raise asyncio.CancelledError
+        return result
+
+    return keeping
 
 
 def stream_for(subject: str) -> str:
@@ -237,6 +265,7 @@ class NatsBroker:
 
     # --- connection ------------------------------------------------------------------
 
+    @_keeps_cancels
     async def connect(self) -> None:
         if self._nc is not None:
             return
@@ -278,8 +307,7 @@ class NatsBroker:
         subscription and closes the connection, without waiting for a drain, and is
         then raised (nats-py's drain() would swallow it).
         """
-        task = asyncio.current_task()
-        cancels = task.cancelling() if task is not None else 0
+        cancels = _cancels()
         subscriptions, self._subscriptions = self._subscriptions, []
         nc, self._nc, self._js = self._nc, None, None
         interrupted = False
@@ -294,7 +322,7 @@ class NatsBroker:
                     await nc.drain()
             with contextlib.suppress(Exception):
                 await nc.close()
-        if interrupted or (task is not None and task.cancelling() > cancels):
+        if interrupted or _cancels() > cancels:
             raise asyncio.CancelledError
 
     async def _context(self) -> tuple[NatsClient, JetStreamContext]:
@@ -320,6 +348,7 @@ class NatsBroker:
             f"({', '.join(f'{n}: {p}' for p, n in self._explicit.items())}): add it to streams="
         )
 
+    @_keeps_cancels
     async def ensure_stream(self, subject: str) -> str:
         """Create (or reuse) the stream that holds ``subject``; returns its name."""
         name = self._stream_name(subject)
@@ -361,6 +390,7 @@ class NatsBroker:
 
     # --- publishing ------------------------------------------------------------------
 
+    @_keeps_cancels
     async def publish(
         self, subject: str, message: Message, headers: Mapping[str, str] | None = None
     ) -> None:
@@ -391,6 +421,7 @@ class NatsBroker:
         self._streams.discard(name)
         self._atomic_streams.discard(name)
 
+    @_keeps_cancels
     async def publish_batch(self, items: Sequence[tuple[str, Message]]) -> None:
         if not items:
             return
@@ -476,6 +507,7 @@ class NatsBroker:
 
     # --- consuming -------------------------------------------------------------------
 
+    @_keeps_cancels
     async def subscribe(
         self,
         subject: str,
@@ -576,6 +608,7 @@ class NatsBroker:
         headers["Nats-Msg-Id"] = f"dlq:{group}:{message_id}"
         await self._stored(f"deadletter.{_NAME.sub('_', group)}.{subject}", msg.data, headers)
 
+    @_keeps_cancels
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
         """The dead letters, oldest first; reads only (a missing stream lists as empty).
 
@@ -604,6 +637,7 @@ class NatsBroker:
             seq += 1
         return letters
 
+    @_keeps_cancels
     async def replay_dead_letter(self, key: str) -> None:
         missing = MessagingError(f"no dead letter with key {key!r} in {DLQ_STREAM}")
         if not key.isdigit() or int(key) < 1:  # keys are stream sequences: 1, 2, ...
