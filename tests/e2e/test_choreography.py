@@ -267,3 +267,28 @@ async def test_act_two_cancelled_in_its_start_up_ends_at_once_and_leaves_nothing
         assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
         assert [t.name for t in threading.enumerate() if t.name.startswith("seamwork-")] == []
         assert _children() == []
+
+
+async def test_act_two_catches_a_duplicate_sent_just_as_every_flow_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the flows are checked once no service has anything left to send and the monitor
+    # has seen all they sent, not at the moment the last flow first reached its end
+    from seamwork.demo.choreo_act import check, prepare, run_choreography
+
+    settled = OrderSystem.settled
+
+    async def settled_then_duplicate(self: OrderSystem, *ids: str, seconds: float) -> None:
+        await settled(self, *ids, seconds=seconds)
+        async with self.payment.outbox.transaction() as tx:  # handled again, under a new id
+            order = {"order_id": "choreo-0000", "sku": "book", "qty": 1, "amount": 20}
+            await tx.publish(
+                "payment.processed",
+                Message("PaymentProcessed", order, correlation_id="choreo-0000"),
+            )
+
+    monkeypatch.setattr(OrderSystem, "settled", settled_then_duplicate)
+    prepare(tmp_path)
+    run = await run_choreography(tmp_path, 20)
+    failing = {c.name: c.detail for c in check(run) if not c.ok}
+    assert failing == {"every flow follows its planned path": "1 wrong, e.g. choreo-0000"}

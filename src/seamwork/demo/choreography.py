@@ -241,6 +241,26 @@ class OrderSystem:
             while not done():  # noqa: ASYNC110 - watching messages arrive from outside
                 await asyncio.sleep(0.02)
 
+    async def drained(self, seconds: float = 5.0) -> None:
+        """Wait until the monitor has seen every message the services sent: no outbox
+        holds an unsent one and the monitor recorded as many as the relays published.
+
+        A message still on its way when the last flow reached its end (a duplicate, a
+        step the monitor's consumer of that subject had not fetched yet) is then in
+        the flows, and is checked with them.
+        """
+
+        async def quiet() -> bool:
+            for service in self.services:
+                if await service.outbox.pending_count():
+                    return False
+            seen = sum(len(flow.steps) for flow in self.monitor.flows().values())
+            return seen >= sum(service.relay.published for service in self.services)
+
+        async with asyncio.timeout(seconds):
+            while not await quiet():  # noqa: ASYNC110 - polling databases and the monitor
+                await asyncio.sleep(0.02)
+
 
 @contextlib.asynccontextmanager
 async def running(
