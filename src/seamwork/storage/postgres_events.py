@@ -18,10 +18,7 @@ which runs each in its own subtransaction (an exception block: a conflict rolls 
 only its own append) - one round trip and one WAL flush for the whole batch.
 An append's events travel as one JSON text (jsonb), built on the client with the C
 encoder: psycopg's per-element array dumping cost more than the rest of an append.
-Subscribers are woken by ``LISTEN seamwork_events``. The store's own appends send that
-notification after they commit, from a connection of their own (see ``_Notifier``):
-PostgreSQL serializes notifying transactions through their WAL flush, which took a
-third off four concurrent writers' rate. ``poll_interval`` bounds the wait
+Subscribers are woken by ``LISTEN seamwork_events``; ``poll_interval`` bounds the wait
 when the notification was for events not yet below the horizon. A listening connection
 that dies is reopened (and the subscribers woken once, for what it may have missed).
 """
@@ -72,8 +69,8 @@ from seamwork.storage._pg import (
     translate,
 )
 
-_APPEND_QUIET_FUNCTION = r"""
-CREATE OR REPLACE FUNCTION seamwork_append_events_quiet(
+_APPEND_EVENTS_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION seamwork_append_events(
     p_stream text, p_expected text, p_events jsonb, p_at double precision
 ) RETURNS TABLE (new_version bigint, last_position bigint) LANGUAGE plpgsql AS $$
 DECLARE
@@ -107,23 +104,10 @@ BEGIN
            e.ev->3, nullif(e.ev->4, 'null'::jsonb), p_at
     FROM jsonb_array_elements(p_events) WITH ORDINALITY AS e(ev, i);
     UPDATE seamwork_streams SET version = cur + n, deleted = false WHERE stream = p_stream;
+    PERFORM pg_notify('seamwork_events', '');
     new_version := cur + n;
     last_position := base + n - 1;
     RETURN NEXT;
-END $$
-"""
-
-# For appends inside a caller's transaction (``append_in``): the notification is sent
-# when that transaction commits. PostgreSQL holds a database-wide lock from a notifying
-# transaction's pre-commit to its end, WAL flush included, so notifying transactions
-# never share a flush; the store's own appends notify from a connection of their own.
-_APPEND_EVENTS_FUNCTION = r"""
-CREATE OR REPLACE FUNCTION seamwork_append_events(
-    p_stream text, p_expected text, p_events jsonb, p_at double precision
-) RETURNS TABLE (new_version bigint, last_position bigint) LANGUAGE plpgsql AS $$
-BEGIN
-    RETURN QUERY SELECT * FROM seamwork_append_events_quiet(p_stream, p_expected, p_events, p_at);
-    PERFORM pg_notify('seamwork_events', '');
 END $$
 """
 
@@ -138,7 +122,7 @@ BEGIN
         BEGIN
             SELECT a.new_version, a.last_position, NULL, NULL
                 INTO out_version, out_position, out_code, out_detail
-                FROM seamwork_append_events_quiet(item->>0, item->>1, item->2, p_at) a;
+                FROM seamwork_append_events(item->>0, item->>1, item->2, p_at) a;
         EXCEPTION WHEN OTHERS THEN
             out_version := NULL;
             out_position := NULL;
@@ -150,14 +134,13 @@ BEGIN
 END $$
 """
 
-# One step, idempotent: the schema before the first release went through four
-# versions (array-argument functions, then jsonb ones, then appends that notify from
-# outside their transaction); a database at any of them, or a fresh one, ends up the
-# same.
+# One step, idempotent: the schema before the first release went through three
+# versions (array-argument functions, then jsonb ones); a database at any of them, or
+# a fresh one, ends up the same.
 EVENT_MIGRATIONS = (
     PgMigration(
         "events",
-        4,
+        3,
         (
             """CREATE TABLE IF NOT EXISTS seamwork_events (
                 position bigint PRIMARY KEY,
@@ -185,7 +168,6 @@ EVENT_MIGRATIONS = (
                 state jsonb NOT NULL,
                 PRIMARY KEY (stream, name, version)
             )""",
-            _APPEND_QUIET_FUNCTION,
             _APPEND_EVENTS_FUNCTION,
             _APPEND_BATCH_FUNCTION,
             "DROP FUNCTION IF EXISTS seamwork_append_many(text[], text[], int[], text[], "
@@ -201,58 +183,9 @@ _RELISTEN_MAX_DELAY = 2.0
 log = logging.getLogger("seamwork.storage")
 
 _APPEND_SQL = b"SELECT * FROM seamwork_append_events(%b::text, %b::text, %b::jsonb, %b::float8)"
-_APPEND_QUIET_SQL = (
-    b"SELECT * FROM seamwork_append_events_quiet(%b::text, %b::text, %b::jsonb, %b::float8)"
-)
 _APPEND_BATCH_SQL = b"SELECT * FROM seamwork_append_batch(%b::jsonb, %b::float8)"
 _COLUMNS = "position, stream, version, type, data, metadata, recorded_at, id, schema_version"
 _HORIZON = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
-
-
-class _Notifier:
-    """Sends ``NOTIFY seamwork_events`` after the store's appends commit, from its own
-    connection: one tiny transaction per wake-up however many appends it covers (calls
-    made while one is on its way are folded into the next). Best effort: a subscriber
-    that misses one finds the events by polling within ``poll_interval``."""
-
-    def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
-        self._wanted = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._conn: AsyncConn | None = None
-
-    def poke(self) -> None:
-        self._wanted.set()
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="seamwork-event-notifier")
-
-    async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
-
-    async def _run(self) -> None:
-        delay = _RELISTEN_FIRST_DELAY
-        while True:
-            await self._wanted.wait()
-            self._wanted.clear()
-            try:
-                if self._conn is None:
-                    self._conn = await connect(self._dsn, autocommit=True, what="event notifier")
-                await self._conn.execute("NOTIFY seamwork_events")
-                delay = _RELISTEN_FIRST_DELAY
-            except (psycopg.Error, StoreUnavailable) as exc:
-                log.debug("event notifier cannot notify yet (%s)", exc)
-                lost, self._conn = self._conn, None
-                if lost is not None:
-                    await lost.close()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RELISTEN_MAX_DELAY)
-                self._wanted.set()
 
 
 class PostgresEventStore(EventStore):
@@ -282,7 +215,6 @@ class PostgresEventStore(EventStore):
             dsn, _append_batch, name="event-append"
         )
         self._pool = make_pool(dsn, size=pool_size, name="seamwork-events")
-        self._notifier = _Notifier(dsn)
         self._poll = poll_interval
         self._listener: AsyncConn | None = None
         self._listen_task: asyncio.Task[None] | None = None
@@ -321,7 +253,6 @@ class PostgresEventStore(EventStore):
         if self._listener is not None:
             await self._listener.close()
             self._listener = None
-        await self._notifier.close()
         if self._opened:
             await self._pool.close()
             await self._appender.close()
@@ -338,11 +269,7 @@ class PostgresEventStore(EventStore):
         expected_version: ExpectedVersion = ANY,
     ) -> AppendResult:
         params = self._append_params(stream, events, expected_version)
-        result = await self._appender.submit(AppendParams(params, expected_version))
-        if self._notified is not None:  # this process's subscribers need no round trip
-            self._notified.set()
-        self._notifier.poke()
-        return result
+        return await self._appender.submit(AppendParams(params, expected_version))
 
     async def append_in(
         self,
@@ -571,10 +498,10 @@ class PostgresEventStore(EventStore):
 
 
 async def _append(
-    conn: AsyncConn, params: tuple[Any, ...], expected: ExpectedVersion, sql: bytes = _APPEND_SQL
+    conn: AsyncConn, params: tuple[Any, ...], expected: ExpectedVersion
 ) -> AppendResult:
     try:
-        cursor = await conn.execute(sql, params)
+        cursor = await conn.execute(_APPEND_SQL, params)
     except psycopg.Error as exc:
         raise _append_error(exc, params[0], expected) from exc
     row = await cursor.fetchone()
@@ -601,7 +528,7 @@ async def _append_batch(
     """Run queued appends in one statement (autocommit: one transaction)."""
     if len(batch) == 1:
         try:
-            return [await _append(conn, batch[0].params, batch[0].expected, _APPEND_QUIET_SQL)]
+            return [await _append(conn, batch[0].params, batch[0].expected)]
         except EventStoreError as exc:
             return [exc]
     appends = ",".join(
@@ -615,7 +542,7 @@ async def _append_batch(
             results.append(_batch_result(item, row))
             continue
         try:  # the batch is committed: report, never raise, from here on
-            results.append(await _append(conn, item.params, item.expected, _APPEND_QUIET_SQL))
+            results.append(await _append(conn, item.params, item.expected))
         except SeamworkError as exc:
             results.append(exc)
     return results
