@@ -253,37 +253,57 @@ class RabbitBroker:
         async with self._lock:
             if self._exchange is not None:
                 return
+            connection = await self._open()
             try:
-                connection = await aio_pika.connect_robust(
-                    self.url,
-                    timeout=self._connect_timeout,
-                    reconnect_interval=self._reconnect,
-                    client_properties={"connection_name": "seamwork"},
-                )
-            except Exception as exc:
-                raise BrokerUnavailable(
-                    f"cannot connect to RabbitMQ at {_redact(self.url)}: {_reason(exc)}"
-                ) from exc
-            try:
-                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                if read_only:
-                    exchange = await channel.get_exchange(self.exchange_name, ensure=True)
-                else:
-                    exchange = await channel.declare_exchange(
-                        self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
-                    )
-                    await self._declare_dead_letter_stream(channel)
-            except aiormq.exceptions.ChannelNotFoundEntity as exc:
-                await connection.close()
-                raise BrokerUnavailable(
-                    f"no seamwork exchange {self.exchange_name!r} on the broker"
-                ) from exc
-            except Exception as exc:
-                await connection.close()
-                raise BrokerUnavailable(
-                    f"cannot set up exchange {self.exchange_name!r} on RabbitMQ: {_reason(exc)}"
-                ) from exc
+                channel, exchange = await self._set_up(connection, read_only=read_only)
+            except BaseException:
+                await _close(connection)
+                raise
             self._connection, self._channel, self._exchange = connection, channel, exchange
+
+    async def _open(self) -> AbstractRobustConnection:
+        """A connection to the broker, closed again if its connect does not finish.
+
+        The connection is made here, not by ``aio_pika.connect_robust``: that one
+        connects in a task of its own, which a cancel of the caller (mid-handshake)
+        left running, to hold an open connection no one could close.
+        """
+        connection = aio_pika.RobustConnection(
+            aio_pika.connection.make_url(self.url, reconnect_interval=self._reconnect),
+            client_properties={"connection_name": "seamwork"},
+        )
+        try:
+            await connection.connect(timeout=self._connect_timeout)
+        except BaseException as exc:
+            await _close(connection)
+            if not isinstance(exc, Exception):
+                raise
+            raise BrokerUnavailable(
+                f"cannot connect to RabbitMQ at {_redact(self.url)}: {_reason(exc)}"
+            ) from exc
+        return connection
+
+    async def _set_up(
+        self, connection: AbstractRobustConnection, *, read_only: bool
+    ) -> tuple[AbstractChannel, AbstractExchange]:
+        """The publishing channel and the exchange (declared unless ``read_only``)."""
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            if read_only:
+                return channel, await channel.get_exchange(self.exchange_name, ensure=True)
+            exchange = await channel.declare_exchange(
+                self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            await self._declare_dead_letter_stream(channel)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise BrokerUnavailable(
+                f"no seamwork exchange {self.exchange_name!r} on the broker"
+            ) from exc
+        except Exception as exc:
+            raise BrokerUnavailable(
+                f"cannot set up exchange {self.exchange_name!r} on RabbitMQ: {_reason(exc)}"
+            ) from exc
+        return channel, exchange
 
     async def aclose(self) -> None:
         for subscription in self._subscriptions:
@@ -292,8 +312,7 @@ class RabbitBroker:
         connection, self._connection = self._connection, None
         self._channel = self._exchange = None
         if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.close()
+            await _close(connection)
 
     async def _context(self) -> tuple[AbstractChannel, AbstractExchange]:
         if self._exchange is None:
@@ -706,6 +725,12 @@ def _int(value: object) -> int:
         return int(str(value)) if value is not None else 0
     except ValueError:
         return 0
+
+
+async def _close(connection: AbstractRobustConnection) -> None:
+    """Close ``connection``, whatever state it is in (a failed close leaves nothing)."""
+    with contextlib.suppress(Exception):
+        await connection.close()
 
 
 def _reason(exc: BaseException) -> str:
