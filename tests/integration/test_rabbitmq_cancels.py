@@ -16,19 +16,29 @@ import aio_pika
 import pytest
 
 from seamwork.brokers import RabbitBroker
+from seamwork.brokers.rabbitmq import RabbitSubscription
+from seamwork.messaging import Delivery
 
 
 @pytest.fixture
 async def exchange(rabbitmq_service: str) -> AsyncIterator[str]:
     name = f"seamwork-cancel-{uuid.uuid4().hex[:10]}"
     yield name
-    connection = await aio_pika.connect(rabbitmq_service)
+    await _delete(rabbitmq_service, name, [f"{name}.deadletter"])
+
+
+async def _delete(url: str, exchange: str, queues: list[str] | tuple[str, ...]) -> None:
+    connection = await aio_pika.connect(url)
     async with connection:
+        for name in sorted(set(queues)):
+            channel = await connection.channel()
+            with contextlib.suppress(aio_pika.exceptions.AMQPError):
+                await channel.queue_delete(name)
+            with contextlib.suppress(Exception):
+                await channel.close()
         channel = await connection.channel()
         with contextlib.suppress(aio_pika.exceptions.AMQPError):
-            await channel.queue_delete(f"{name}.deadletter")
-        with contextlib.suppress(aio_pika.exceptions.AMQPError):
-            await channel.exchange_delete(name)
+            await channel.exchange_delete(exchange)
 
 
 def _sockets() -> int:
@@ -79,3 +89,45 @@ async def test_a_connect_cut_short_by_a_cancel_leaves_no_connection_open(
         assert _sockets() == open_before, f"a socket left by a cancel {step / 5} ms in"
         assert not await _left_running(running_before), f"tasks left {step / 5} ms in"
     assert cut > 20  # most cancels landed inside the call
+
+
+async def _ignored(delivery: Delivery) -> None: ...
+
+
+async def _stop(call: asyncio.Task[object]) -> None:
+    """Stop the subscription a call made (one that ended before its cancel did)."""
+    if not call.cancelled() and call.exception() is None:
+        made = call.result()
+        if isinstance(made, RabbitSubscription):
+            await made.stop()
+
+
+async def test_a_cancel_while_a_channel_closes_leaves_the_connection_up(
+    rabbitmq_service: str, exchange: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # aiormq answers a cancel that lands as a channel's Channel.Close is answered with
+    # a second Channel.Close, which RabbitMQ takes as a protocol error (504
+    # CHANNEL_ERROR): it closed the whole connection, every subscription's channel with it
+    subject = f"cut{uuid.uuid4().hex[:6]}.created"
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    cut = 0
+    try:
+        await (await broker.subscribe(subject, "g", _ignored)).stop()  # the queue exists
+        for step in range(150):  # cancels 0, 0.05, ... 7.45 ms in: subscribe closes a probe
+            subscribing = asyncio.create_task(broker.subscribe(subject, "g", _ignored))
+            await asyncio.sleep(step * 0.00005)
+            cut += subscribing.cancel()
+            await asyncio.wait({subscribing}, timeout=5)
+            await _stop(subscribing)
+        for step in range(100):  # cancels 0, 0.02, ... 1.98 ms into a stop(): its close
+            stopping = asyncio.create_task((await broker.subscribe(subject, "g", _ignored)).stop())
+            await asyncio.sleep(step * 0.00002)
+            cut += stopping.cancel()
+            await asyncio.wait({stopping}, timeout=5)
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await _delete(rabbitmq_service, exchange, names)
+    closed = [r.args[1:] for r in caplog.records if "Unexpected connection close" in str(r.msg)]
+    assert closed == []  # (reply code and text)
+    assert cut > 100

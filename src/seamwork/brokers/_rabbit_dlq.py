@@ -19,6 +19,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
+from seamwork.brokers._cancels import to_the_end
 from seamwork.errors import BrokerUnavailable
 from seamwork.messaging._ports import DLQ_SUBJECT
 
@@ -45,7 +46,7 @@ async def read_letters(connection: AbstractRobustConnection, name: str) -> list[
         return await _read(channel, name)
     finally:
         with contextlib.suppress(Exception):
-            await channel.close()
+            await to_the_end(channel.close())
 
 
 async def _read(channel: aio_pika.abc.AbstractChannel, name: str) -> list[Raw] | None:
@@ -79,7 +80,7 @@ async def _read(channel: aio_pika.abc.AbstractChannel, name: str) -> list[Raw] |
                 letters[offset] = (offset, msg.body, headers)
     finally:
         with contextlib.suppress(Exception):
-            await queue.cancel(tag)
+            await to_the_end(queue.cancel(tag))
     return [letter for offset, letter in sorted(letters.items()) if str(offset) not in replayed]
 
 

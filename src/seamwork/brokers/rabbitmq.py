@@ -81,6 +81,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("RabbitMQ support needs: pip install 'seamwork[rabbitmq]'") from exc
 
+from seamwork.brokers._cancels import to_the_end
 from seamwork.brokers._rabbit_dlq import TOMBSTONE, Raw, read_letters
 from seamwork.brokers._subscription import GracefulStop
 from seamwork.errors import (
@@ -173,7 +174,7 @@ class RabbitSubscription(GracefulStop):
             # Prefetched, unacked messages go back. Closing the channel before the
             # consumer's iterator closes returns them without a nack (a nack would
             # count as a failed delivery on some RabbitMQ versions).
-            await self._channel.close()
+            await to_the_end(self._channel.close())
 
 
 class RabbitBroker:
@@ -449,7 +450,7 @@ class RabbitBroker:
             )
         finally:
             with contextlib.suppress(Exception):
-                await probe.close()
+                await to_the_end(probe.close())
         queue = await channel.declare_queue(name, passive=True)
         await queue.bind(self.exchange_name, routing_key=binding_key(subject))
         self._remember(name)
