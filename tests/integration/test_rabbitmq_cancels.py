@@ -102,6 +102,33 @@ async def _stop(call: asyncio.Task[object]) -> None:
             await made.stop()
 
 
+async def test_a_subscribe_cut_short_by_a_cancel_leaves_no_channel_open(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    # a cancel that landed between opening the subscription's channel and starting its
+    # consumer left that channel open on the broker's connection for as long as it ran
+    subject = f"cut{uuid.uuid4().hex[:6]}.created"
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    cut = 0
+    try:
+        await (await broker.subscribe(subject, "g", _ignored)).stop()  # the queue exists
+        running_before = _others()  # the connection's own tasks and the first channel's
+        for step in range(80):  # cancels 0, 0.1, ... 7.9 ms in: through every request
+            subscribing = asyncio.create_task(broker.subscribe(subject, "g", _ignored))
+            await asyncio.sleep(step * 0.0001)
+            cut += subscribing.cancel()
+            done, _ = await asyncio.wait({subscribing}, timeout=5)
+            assert done, f"a subscribe cancelled {step / 10} ms in did not end within 5 s"
+            await _stop(subscribing)
+            left = await _left_running(running_before)  # an open channel runs its reader
+            assert not left, f"a cancel {step / 10} ms in left running: {left}"
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await _delete(rabbitmq_service, exchange, names)
+    assert cut > 30  # most cancels landed inside the call
+
+
 async def test_a_cancel_while_a_channel_closes_leaves_the_connection_up(
     rabbitmq_service: str, exchange: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -412,12 +412,8 @@ class RabbitBroker:
         check_subject(subject, wildcards=True)
         check_subscribe_settings(group, max_deliver, ack_wait, retry_delay)
         name = queue_name(group, subject)  # refused before anything is declared
-        await self._context()
-        assert self._connection is not None
         try:
-            channel = await self._connection.channel(publisher_confirms=False)
-            await channel.set_qos(prefetch_count=self._prefetch)
-            queue = await self._group_queue(channel, name, subject)
+            channel, queue = await self._member_channel(name, subject)
         except _DRIVER_ERRORS as exc:
             raise BrokerUnavailable(
                 f"cannot set up group {group!r} on {subject!r}: {_reason(exc)}"
@@ -427,6 +423,24 @@ class RabbitBroker:
         subscription._task = asyncio.create_task(consumer.run(subscription))
         self._subscriptions.append(subscription)
         return subscription
+
+    async def _member_channel(
+        self, name: str, subject: str
+    ) -> tuple[AbstractChannel, AbstractQueue]:
+        """A channel of its own for a member of a group, and the group's queue ``name``
+        on it; the channel is closed again if this does not finish (a cancel, an error)."""
+        await self._context()
+        assert self._connection is not None
+        channel: AbstractChannel | None = None
+        try:
+            channel = await self._connection.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=self._prefetch)
+            return channel, await self._group_queue(channel, name, subject)
+        except BaseException:
+            if channel is not None:
+                with contextlib.suppress(Exception):
+                    await to_the_end(channel.close())
+            raise
 
     async def _group_queue(
         self, channel: AbstractChannel, name: str, subject: str
