@@ -10,14 +10,15 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import aio_pika
 import pytest
 
 from seamwork.brokers import RabbitBroker
 from seamwork.brokers.rabbitmq import RabbitSubscription
-from seamwork.messaging import Delivery
+from seamwork.messaging import DeadLetter, Delivery, Message, PoisonMessage
+from seamwork.testing.broker import until
 
 
 @pytest.fixture
@@ -158,3 +159,50 @@ async def test_a_cancel_while_a_channel_closes_leaves_the_connection_up(
     closed = [r.args[1:] for r in caplog.records if "Unexpected connection close" in str(r.msg)]
     assert closed == []  # (reply code and text)
     assert cut > 100
+
+
+async def _filed(broker: RabbitBroker, subject: str, count: int) -> list[DeadLetter]:
+    """``count`` dead letters, filed by the broker itself."""
+
+    async def poisoned(delivery: Delivery) -> None:
+        raise PoisonMessage("filed for the test")
+
+    subscription = await broker.subscribe(subject, "filed", poisoned)
+    await broker.publish_batch([(subject, Message("T", {"i": i})) for i in range(count)])
+    letters = await until(lambda: _at_least(broker.dead_letters(limit=count), count))
+    await subscription.stop()
+    return letters
+
+
+async def _at_least(letters: Awaitable[list[DeadLetter]], count: int) -> list[DeadLetter] | None:
+    found = await letters
+    return found if len(found) >= count else None
+
+
+async def test_a_dead_letter_listing_cut_short_by_a_cancel_leaves_the_connection_working(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    # a cancel of the listing's Basic.Consume made aiormq stop reading the channel while
+    # the stream kept sending it letters: the connection's reader, blocked on that full
+    # channel, stopped reading for every channel (publishes, subscriptions) on it
+    subject = f"cut{uuid.uuid4().hex[:6]}.created"
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    cut = 0
+    try:
+        await _filed(broker, subject, 20)  # more frames in flight than a channel buffers
+        running_before = _others()
+        for step in range(80):  # cancels 0, 0.1, ... 7.9 ms in: until it consumes
+            listing = asyncio.create_task(broker.dead_letters())
+            await asyncio.sleep(step * 0.0001)
+            cut += listing.cancel()
+            done, _ = await asyncio.wait({listing}, timeout=5)
+            assert done, f"a listing cancelled {step / 10} ms in did not end within 5 s"
+            left = await _left_running(running_before)  # an open channel runs its reader
+            assert not left, f"a cancel {step / 10} ms in left running: {left}"
+        async with asyncio.timeout(5):
+            await broker.publish(subject, Message("T", {"after": True}))
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await _delete(rabbitmq_service, exchange, names)
+    assert cut > 60

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from typing import Any
 
 import aio_pika
@@ -60,27 +61,44 @@ async def _read(channel: aio_pika.abc.AbstractChannel, name: str) -> list[Raw] |
     inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
 
     async def take(msg: AbstractIncomingMessage) -> None:
-        await msg.ack()
         inbox.put_nowait(msg)
 
-    tag = await queue.consume(take, arguments={"x-stream-offset": "first"})
-    letters: dict[int, Raw] = {}
-    replayed: set[str] = set()
+    tag = f"seamwork-listing-{uuid.uuid4().hex}"
     try:
-        while True:
-            try:
-                msg = await asyncio.wait_for(inbox.get(), IDLE_GAP)
-            except TimeoutError:
-                break
-            headers = dict(msg.headers or {})
-            offset = _int(headers.get("x-stream-offset"))
-            if TOMBSTONE in headers:
-                replayed.add(str(headers[TOMBSTONE]))
-            elif DLQ_SUBJECT in headers:
-                letters[offset] = (offset, msg.body, headers)
+        # Not cut by a cancel: aiormq would stop reading the channel at once while the
+        # stream goes on sending it letters, and the connection's reader, blocked on
+        # that full channel, would stop reading every channel. Ended unhurried (the
+        # consumer cancelled, then the channel closed), the channel is read to the end.
+        first: dict[str, Any] = {"x-stream-offset": "first"}
+        await to_the_end(queue.consume(take, arguments=first, consumer_tag=tag))
+        return await _live_letters(inbox)
     finally:
         with contextlib.suppress(Exception):
             await to_the_end(queue.cancel(tag))
+
+
+async def _live_letters(inbox: asyncio.Queue[AbstractIncomingMessage]) -> list[Raw]:
+    """The letters the consumer puts in ``inbox``, read until it stays empty for
+    ``IDLE_GAP``, without the tombstoned ones.
+
+    Each is acknowledged here, as it is read, not by the consumer: an acknowledgement
+    sent after the channel's close would be a frame on a channel the broker closed
+    (504 CHANNEL_ERROR, which closes the whole connection).
+    """
+    letters: dict[int, Raw] = {}
+    replayed: set[str] = set()
+    while True:
+        try:
+            msg = await asyncio.wait_for(inbox.get(), IDLE_GAP)
+        except TimeoutError:
+            break
+        await msg.ack()
+        headers = dict(msg.headers or {})
+        offset = _int(headers.get("x-stream-offset"))
+        if TOMBSTONE in headers:
+            replayed.add(str(headers[TOMBSTONE]))
+        elif DLQ_SUBJECT in headers:
+            letters[offset] = (offset, msg.body, headers)
     return [letter for offset, letter in sorted(letters.items()) if str(offset) not in replayed]
 
 
