@@ -10,12 +10,12 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aio_pika
 import pytest
 
-from seamwork.brokers import RabbitBroker
+from seamwork.brokers import RabbitBroker, _rabbit_dlq
 from seamwork.brokers.rabbitmq import RabbitSubscription
 from seamwork.messaging import DeadLetter, Delivery, Message, PoisonMessage
 from seamwork.testing.broker import until
@@ -206,3 +206,72 @@ async def test_a_dead_letter_listing_cut_short_by_a_cancel_leaves_the_connection
         await broker.aclose()
         await _delete(rabbitmq_service, exchange, names)
     assert cut > 60
+
+
+Call = Callable[[RabbitBroker, int], Awaitable[object]]
+"""The call of one step of a sweep (the step picks the dead letter a replay takes)."""
+
+SWEEPS = {  # cancels, ms apart: from 0 to past the call's usual end on a quiet machine
+    "connect": (60, 0.15),
+    "subscribe": (80, 0.1),
+    "publish": (40, 0.04),
+    "publish_batch": (40, 0.1),
+    "dead_letters": (80, 0.5),
+    "replay_dead_letter": (80, 0.5),
+}
+
+
+def _calls(subject: str, keys: list[str]) -> dict[str, Call]:
+    message = Message("T", {"i": 1})
+    return {
+        "connect": lambda broker, _: broker.connect(),
+        "subscribe": lambda broker, _: broker.subscribe(subject, "g", _ignored),
+        "publish": lambda broker, _: broker.publish(subject, message),
+        "publish_batch": lambda broker, _: broker.publish_batch([(subject, message)] * 5),
+        "dead_letters": lambda broker, _: broker.dead_letters(),
+        "replay_dead_letter": lambda broker, step: broker.replay_dead_letter(keys[step]),
+    }
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+async def test_a_cancel_anywhere_in_a_call_is_raised_not_swallowed(
+    rabbitmq_service: str, exchange: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python 3.11's asyncio.wait_for drops a cancel that lands as its answer arrives
+    # (the dead-letter listing awaited each letter through it, and went on as if not
+    # cancelled; aio-pika and aiormq use it too): any call a cancel lands in must end
+    # as cancelled, and leave nothing running
+    monkeypatch.setattr(_rabbit_dlq, "IDLE_GAP", 0.02)  # a listing takes ms, not 200
+    cancels, ms = SWEEPS[name]
+    subject = f"cut{uuid.uuid4().hex[:6]}.created"
+    warm = RabbitBroker(rabbitmq_service, exchange=exchange)
+    cut = 0
+    try:
+        await (await warm.subscribe(subject, "g", _ignored)).stop()  # the queue exists
+        filed = await _filed(warm, f"{subject}.poison", cancels) if "dead" in name else []
+        call = _calls(subject, [letter.key for letter in filed])[name]
+        running_before = _others()
+        for step in range(cancels):
+            broker = warm
+            if name == "connect":  # (a short reconnect_interval: see the first test)
+                broker = RabbitBroker(rabbitmq_service, exchange=exchange, reconnect_interval=0.1)
+            calling = asyncio.create_task(call(broker, step))
+            await asyncio.sleep(step * ms / 1000)
+            cancelled = calling.cancel()  # False: it had ended, nothing to cut
+            done, _ = await asyncio.wait({calling}, timeout=5)
+            assert done, f"{name} cancelled {step * ms:g} ms in did not end within 5 s"
+            if broker is not warm:
+                await broker.aclose()
+            if not cancelled:
+                await _stop(calling)
+                continue
+            cut += 1
+            outcome = "cancelled" if calling.cancelled() else repr(calling.exception())
+            assert outcome == "cancelled", f"a cancel {step * ms:g} ms in ended as {outcome}"
+            left = await _left_running(running_before)  # a subscription it made, say
+            assert not left, f"a cancel {step * ms:g} ms in left running: {left}"
+    finally:
+        names = warm.declared_queues
+        await warm.aclose()
+        await _delete(rabbitmq_service, exchange, names)
+    assert cut > cancels // 3  # most cancels landed inside the call

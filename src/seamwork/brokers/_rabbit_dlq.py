@@ -89,7 +89,10 @@ async def _live_letters(inbox: asyncio.Queue[AbstractIncomingMessage]) -> list[R
     replayed: set[str] = set()
     while True:
         try:
-            msg = await asyncio.wait_for(inbox.get(), IDLE_GAP)
+            # not wait_for: on Python 3.11 it drops a cancel that lands as a letter
+            # arrives or the gap ends, and the listing went on as if not cancelled
+            async with asyncio.timeout(IDLE_GAP):
+                msg = await inbox.get()
         except TimeoutError:
             break
         await msg.ack()
