@@ -161,6 +161,32 @@ async def test_a_cancel_while_a_channel_closes_leaves_the_connection_up(
     assert cut > 100
 
 
+async def test_a_stop_cut_short_by_a_cancel_still_ends_its_consumer(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    # stop() let go of its consumer's task before closing the channel: a cancel that
+    # landed meanwhile left that task running, waiting for a channel that never came back
+    subject = f"cut{uuid.uuid4().hex[:6]}.created"
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    cut = 0
+    try:
+        await (await broker.subscribe(subject, "g", _ignored)).stop()  # the queue exists
+        running_before = _others()
+        for step in range(100):  # cancels 0, 0.02, ... 1.98 ms in: through its close
+            stopping = asyncio.create_task((await broker.subscribe(subject, "g", _ignored)).stop())
+            await asyncio.sleep(step * 0.00002)
+            cut += stopping.cancel()
+            done, _ = await asyncio.wait({stopping}, timeout=5)
+            assert done, f"a stop cancelled {step / 50} ms in did not end within 5 s"
+            left = await _left_running(running_before)
+            assert not left, f"a cancel {step / 50} ms in left running: {left}"
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await _delete(rabbitmq_service, exchange, names)
+    assert cut > 30
+
+
 async def _filed(broker: RabbitBroker, subject: str, count: int) -> list[DeadLetter]:
     """``count`` dead letters, filed by the broker itself."""
 

@@ -162,12 +162,22 @@ class RabbitSubscription(GracefulStop):
         if self._stopped_by_own_handler():
             return
         task, self._task = self._task, None
-        if task is not None:
-            await self._wait_for_hand("handed back")
-        await self._close_channel()
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        try:
+            if task is not None:
+                await self._wait_for_hand("handed back")
+        finally:
+            await self._end(task)
+
+    async def _end(self, consumer: asyncio.Task[None] | None) -> None:
+        """Close the channel, then end the consumer's task: both, even if a cancel
+        lands meanwhile (it is raised after), or the task would wait for its channel
+        forever."""
+        try:
+            await self._close_channel()
+        finally:
+            if consumer is not None:
+                consumer.cancel()
+                await asyncio.gather(consumer, return_exceptions=True)
 
     async def _close_channel(self) -> None:
         with contextlib.suppress(Exception):
