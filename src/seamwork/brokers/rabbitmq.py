@@ -277,14 +277,17 @@ class RabbitBroker:
 
         The connection is made here, not by ``aio_pika.connect_robust``: that one
         connects in a task of its own, which a cancel of the caller (mid-handshake)
-        left running, to hold an open connection no one could close.
+        left running, to hold an open connection no one could close. The attempt is
+        not cut short either (a cancel waits for it, at most ``connect_timeout``):
+        aio-pika's task, cancelled as its handshake ends, drops the connection it has
+        just opened.
         """
         connection = aio_pika.RobustConnection(
             aio_pika.connection.make_url(self.url, reconnect_interval=self._reconnect),
             client_properties={"connection_name": "seamwork"},
         )
         try:
-            await connection.connect(timeout=self._connect_timeout)
+            await to_the_end(connection.connect(timeout=self._connect_timeout))
         except BaseException as exc:
             await _close(connection)
             if not isinstance(exc, Exception):
