@@ -685,12 +685,14 @@ async def test_a_cancel_while_a_broker_connects_or_subscribes_is_raised_not_swal
             cancelled = subscribing.cancel()  # False: it had ended, nothing to cut
             try:
                 done, _ = await asyncio.wait({subscribing}, timeout=5)
+                consuming = len(broker._subscriptions)  # a cut subscribe starts no consumer
             finally:
                 await broker.aclose()
             assert done, f"a subscribe cancelled {step / 10} ms in did not end within 5 s"
             if cancelled:
                 cut += 1
                 assert subscribing.cancelled(), f"a cancel {step / 10} ms in was swallowed"
+                assert consuming == 0, f"a subscribe cancelled {step / 10} ms in consumes"
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         assert [t for t in others if "_drain_log" not in repr(t)] == []  # nats-py's are gone
         assert cut > 20  # most cancels landed inside the call

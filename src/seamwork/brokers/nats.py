@@ -520,6 +520,7 @@ class NatsBroker:
     ) -> NatsSubscription:
         check_subject(subject, wildcards=True)
         check_subscribe_settings(group, max_deliver, ack_wait, retry_delay)
+        cancels = _cancels()
         stream = await self.ensure_stream(subject)
         await self.ensure_stream(f"deadletter.{group}")
         _, js = await self._context()
@@ -553,6 +554,10 @@ class NatsBroker:
             raise BrokerUnavailable(
                 f"cannot subscribe {what}: {exc or type(exc).__name__}"
             ) from exc
+        if _cancels() > cancels:  # a cancel nats-py dropped: start no consumer
+            with contextlib.suppress(Exception):
+                await pull.unsubscribe()
+            raise asyncio.CancelledError
         subscription = NatsSubscription(pull=pull, grace=ack_wait)
         consumer = _Consumer(
             self, pull, subject, group, handler, max_deliver, retry_delay, ack_wait, config
