@@ -301,3 +301,36 @@ async def test_a_cancel_anywhere_in_a_call_is_raised_not_swallowed(
         await warm.aclose()
         await _delete(rabbitmq_service, exchange, names)
     assert cut > cancels // 3  # most cancels landed inside the call
+
+
+async def test_a_close_cut_short_by_a_cancel_still_stops_everything(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    # a cancel that landed while aclose() stopped the first subscription left the
+    # others consuming and the connection open, and the broker still holding both
+    subject = f"cut{uuid.uuid4().hex[:6]}.created"
+    names: set[str] = set()
+    sockets_before = _sockets()
+    cut = 0
+    try:
+        for step in range(12):  # cancels 0, 1, ... 11 ms in: through the stops
+            broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+            for group in ("a", "b", "c"):
+                await broker.subscribe(subject, group, _ignored)
+            names.update(broker.declared_queues)
+            running_before = _others()
+            closing = asyncio.create_task(broker.aclose())
+            await asyncio.sleep(step * 0.001)
+            cut += closing.cancel()
+            done, _ = await asyncio.wait({closing}, timeout=10)
+            assert done, f"an aclose cancelled {step} ms in did not end within 10 s"
+            if not closing.cancelled():
+                closing.result()
+            assert broker._subscriptions == []
+            assert broker._connection is None
+            left = await _left_running(running_before - {closing})
+            assert not left, f"an aclose cancelled {step} ms in left running: {left}"
+            assert _sockets() == sockets_before, f"an aclose cancelled {step} ms in left a socket"
+    finally:
+        await _delete(rabbitmq_service, exchange, sorted(names))
+    assert cut > 3  # cancels landed inside the call

@@ -320,13 +320,12 @@ class RabbitBroker:
         return channel, exchange
 
     async def aclose(self) -> None:
-        for subscription in self._subscriptions:
-            await subscription.stop()
-        self._subscriptions.clear()
+        """Stop every subscription, then close the connection. A cancel that lands
+        meanwhile is raised after both (a second one cuts the wait short)."""
+        subscriptions, self._subscriptions = self._subscriptions, []
         connection, self._connection = self._connection, None
         self._channel = self._exchange = None
-        if connection is not None:
-            await _close(connection)
+        await to_the_end(_shut(subscriptions, connection))
 
     async def _context(self) -> tuple[AbstractChannel, AbstractExchange]:
         if self._exchange is None:
@@ -753,6 +752,18 @@ def _int(value: object) -> int:
         return int(str(value)) if value is not None else 0
     except ValueError:
         return 0
+
+
+async def _shut(
+    subscriptions: list[RabbitSubscription], connection: AbstractRobustConnection | None
+) -> None:
+    for subscription in subscriptions:
+        try:
+            await subscription.stop()
+        except Exception:  # the others and the connection still close
+            log.exception("stopping a RabbitMQ subscription failed")
+    if connection is not None:
+        await _close(connection)
 
 
 async def _close(connection: AbstractRobustConnection) -> None:
