@@ -6,16 +6,15 @@ unique per test already. Everything a test's brokers declared is deleted after i
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
-import aio_pika
 import pytest
 
 from seamwork.brokers import RabbitBroker
 from seamwork.messaging import Broker
 from seamwork.testing.broker import BrokerContract
+from shared_helpers import delete_rabbit
 
 
 class TestRabbitBroker(BrokerContract):
@@ -27,24 +26,10 @@ class TestRabbitBroker(BrokerContract):
         self.exchange = f"seamwork-test-{uuid.uuid4().hex[:10]}"
         self.made: list[RabbitBroker] = []
         yield
-        await _delete(self.url, self.exchange, self.made)
+        made = (name for broker in self.made for name in broker.declared_queues)
+        await delete_rabbit(self.url, self.exchange, made)
 
     async def make_broker(self) -> Broker:
         broker = RabbitBroker(self.url, exchange=self.exchange)
         self.made.append(broker)
         return broker
-
-
-async def _delete(url: str, exchange: str, brokers: list[RabbitBroker]) -> None:
-    queues = {name for broker in brokers for name in broker.declared_queues}
-    connection = await aio_pika.connect(url)
-    async with connection:
-        for name in sorted(queues):
-            channel = await connection.channel()
-            with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                await channel.queue_delete(name)
-            with contextlib.suppress(Exception):
-                await channel.close()
-        channel = await connection.channel()
-        with contextlib.suppress(aio_pika.exceptions.AMQPError):
-            await channel.exchange_delete(exchange)

@@ -23,6 +23,7 @@ from seamwork.errors import BrokerUnavailable, ConfigError, MessagingError
 from seamwork.messaging import Delivery, FlowMonitor, Handler, Message, PoisonMessage
 from seamwork.messaging._ports import DLQ_GROUP, DLQ_SUBJECT
 from seamwork.testing.broker import eventually, until
+from shared_helpers import open_sockets
 
 
 async def test_a_batch_into_a_stream_made_without_atomic_publish_is_sent_one_by_one() -> None:
@@ -636,24 +637,13 @@ def test_a_message_after_the_end_is_shown_but_does_not_reopen_the_flow() -> None
     assert flow.status == "cancelled"  # a later end state does decide
 
 
-def _sockets() -> int:
-    """How many sockets this process holds open."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-        except OSError:  # the listing's own descriptor, closed by now
-            continue
-    return count
-
-
 async def test_a_connect_cut_short_by_a_cancel_leaves_no_socket_open() -> None:
     # nats-py's connect raises a cancel that lands mid-handshake with the socket it
     # opened still open, on a client the caller never gets to close
     import asyncio
 
     async with EmbeddedNats() as server:
-        open_before = _sockets()
+        open_before = open_sockets()
         for step in range(40):  # cancels 0, 0.05, ... 1.95 ms in: through the handshake
             broker = NatsBroker(server.url)
             connecting = asyncio.create_task(broker.connect())
@@ -662,7 +652,7 @@ async def test_a_connect_cut_short_by_a_cancel_leaves_no_socket_open() -> None:
             done, _ = await asyncio.wait({connecting}, timeout=5)
             assert done
             await broker.aclose()
-            assert _sockets() == open_before, f"a socket left by a cancel {step / 20} ms in"
+            assert open_sockets() == open_before, f"a socket left by a cancel {step / 20} ms in"
 
 
 async def test_a_cancel_while_a_broker_connects_or_subscribes_is_raised_not_swallowed() -> None:

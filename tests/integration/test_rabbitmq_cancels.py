@@ -7,50 +7,23 @@ Each test uses its own exchange and deletes what it declared.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aio_pika
 import pytest
 
 from seamwork.brokers import RabbitBroker, _rabbit_dlq
 from seamwork.brokers.rabbitmq import RabbitSubscription
 from seamwork.messaging import DeadLetter, Delivery, Message, PoisonMessage
 from seamwork.testing.broker import until
+from shared_helpers import delete_rabbit, open_sockets
 
 
 @pytest.fixture
 async def exchange(rabbitmq_service: str) -> AsyncIterator[str]:
     name = f"seamwork-cancel-{uuid.uuid4().hex[:10]}"
     yield name
-    await _delete(rabbitmq_service, name, [f"{name}.deadletter"])
-
-
-async def _delete(url: str, exchange: str, queues: list[str] | tuple[str, ...]) -> None:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        for name in sorted(set(queues)):
-            channel = await connection.channel()
-            with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                await channel.queue_delete(name)
-            with contextlib.suppress(Exception):
-                await channel.close()
-        channel = await connection.channel()
-        with contextlib.suppress(aio_pika.exceptions.AMQPError):
-            await channel.exchange_delete(exchange)
-
-
-def _sockets() -> int:
-    """How many sockets this process holds open."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-        except OSError:  # the listing's own descriptor, closed by now
-            continue
-    return count
+    await delete_rabbit(rabbitmq_service, name, [f"{name}.deadletter"])
 
 
 def _others() -> set[asyncio.Task[object]]:
@@ -77,7 +50,7 @@ async def test_a_connect_cut_short_by_a_cancel_ends_at_once_leaving_nothing_open
     first = RabbitBroker(rabbitmq_service, exchange=exchange)
     await first.connect()  # the exchange and the stream exist: a connect takes ms
     await first.aclose()
-    open_before, running_before = _sockets(), _others()
+    open_before, running_before = open_sockets(), _others()
     cut = 0
     for step in range(80):  # cancels 0, 0.2, ... 15.8 ms in: through handshake and set-up
         broker = RabbitBroker(rabbitmq_service, exchange=exchange, reconnect_interval=5)
@@ -87,7 +60,7 @@ async def test_a_connect_cut_short_by_a_cancel_ends_at_once_leaving_nothing_open
         done, _ = await asyncio.wait({connecting}, timeout=2)
         assert done, f"a connect cancelled {step / 5} ms in did not end within 2 s"
         await broker.aclose()
-        assert _sockets() == open_before, f"a socket left by a cancel {step / 5} ms in"
+        assert open_sockets() == open_before, f"a socket left by a cancel {step / 5} ms in"
         assert not await _left_running(running_before), f"tasks left {step / 5} ms in"
     assert cut > 20  # most cancels landed inside the call
 
@@ -126,7 +99,7 @@ async def test_a_subscribe_cut_short_by_a_cancel_leaves_no_channel_open(
     finally:
         names = broker.declared_queues
         await broker.aclose()
-        await _delete(rabbitmq_service, exchange, names)
+        await delete_rabbit(rabbitmq_service, exchange, names)
     assert cut > 30  # most cancels landed inside the call
 
 
@@ -155,7 +128,7 @@ async def test_a_cancel_while_a_channel_closes_leaves_the_connection_up(
     finally:
         names = broker.declared_queues
         await broker.aclose()
-        await _delete(rabbitmq_service, exchange, names)
+        await delete_rabbit(rabbitmq_service, exchange, names)
     closed = [r.args[1:] for r in caplog.records if "Unexpected connection close" in str(r.msg)]
     assert closed == []  # (reply code and text)
     assert cut > 100
@@ -183,7 +156,7 @@ async def test_a_stop_cut_short_by_a_cancel_still_ends_its_consumer(
     finally:
         names = broker.declared_queues
         await broker.aclose()
-        await _delete(rabbitmq_service, exchange, names)
+        await delete_rabbit(rabbitmq_service, exchange, names)
     assert cut > 30
 
 
@@ -230,7 +203,7 @@ async def test_a_dead_letter_listing_cut_short_by_a_cancel_leaves_the_connection
     finally:
         names = broker.declared_queues
         await broker.aclose()
-        await _delete(rabbitmq_service, exchange, names)
+        await delete_rabbit(rabbitmq_service, exchange, names)
     assert cut > 60
 
 
@@ -299,7 +272,7 @@ async def test_a_cancel_anywhere_in_a_call_is_raised_not_swallowed(
     finally:
         names = warm.declared_queues
         await warm.aclose()
-        await _delete(rabbitmq_service, exchange, names)
+        await delete_rabbit(rabbitmq_service, exchange, names)
     assert cut > cancels // 3  # most cancels landed inside the call
 
 
@@ -310,7 +283,7 @@ async def test_a_close_cut_short_by_a_cancel_still_stops_everything(
     # others consuming and the connection open, and the broker still holding both
     subject = f"cut{uuid.uuid4().hex[:6]}.created"
     names: set[str] = set()
-    sockets_before = _sockets()
+    sockets_before = open_sockets()
     cut = 0
     try:
         for step in range(12):  # cancels 0, 1, ... 11 ms in: through the stops
@@ -330,7 +303,9 @@ async def test_a_close_cut_short_by_a_cancel_still_stops_everything(
             assert broker._connection is None
             left = await _left_running(running_before - {closing})
             assert not left, f"an aclose cancelled {step} ms in left running: {left}"
-            assert _sockets() == sockets_before, f"an aclose cancelled {step} ms in left a socket"
+            assert open_sockets() == sockets_before, (
+                f"an aclose cancelled {step} ms in left a socket"
+            )
     finally:
-        await _delete(rabbitmq_service, exchange, sorted(names))
+        await delete_rabbit(rabbitmq_service, exchange, sorted(names))
     assert cut > 3  # cancels landed inside the call

@@ -8,7 +8,6 @@ Each test uses its own exchange and deletes what it declared.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -22,27 +21,14 @@ from seamwork.errors import BrokerUnavailable, ConfigError, MessagingError
 from seamwork.messaging import DeadLetter, Delivery, Message, PoisonMessage
 from seamwork.messaging._ports import DLQ_SUBJECT
 from seamwork.testing.broker import eventually, until
+from shared_helpers import delete_rabbit
 
 
 @pytest.fixture
 async def exchange(rabbitmq_service: str) -> AsyncIterator[str]:
     name = f"seamwork-edge-{uuid.uuid4().hex[:10]}"
     yield name
-    await _delete(rabbitmq_service, name, [f"{name}.deadletter"])
-
-
-async def _delete(url: str, exchange: str, queues: list[str] | tuple[str, ...]) -> None:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        for name in sorted(set(queues)):
-            channel = await connection.channel()
-            with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                await channel.queue_delete(name)
-            with contextlib.suppress(Exception):
-                await channel.close()
-        channel = await connection.channel()
-        with contextlib.suppress(aio_pika.exceptions.AMQPError):
-            await channel.exchange_delete(exchange)
+    await delete_rabbit(rabbitmq_service, name, [f"{name}.deadletter"])
 
 
 async def test_a_dead_letter_stream_deleted_under_a_subscription_loses_no_message(
@@ -72,7 +58,7 @@ async def test_a_dead_letter_stream_deleted_under_a_subscription_loses_no_messag
     finally:
         names = broker.declared_queues
         await broker.aclose()
-        await _delete(rabbitmq_service, exchange, names)
+        await delete_rabbit(rabbitmq_service, exchange, names)
 
 
 async def test_messages_handed_back_by_stopped_members_have_not_failed(
@@ -116,7 +102,7 @@ async def test_messages_handed_back_by_stopped_members_have_not_failed(
     finally:
         names = broker.declared_queues
         await broker.aclose()
-        await _delete(rabbitmq_service, exchange, names)
+        await delete_rabbit(rabbitmq_service, exchange, names)
 
 
 async def test_a_message_that_keeps_coming_back_unsettled_is_dead_lettered_unhandled(
@@ -148,7 +134,7 @@ async def test_a_message_that_keeps_coming_back_unsettled_is_dead_lettered_unhan
     finally:
         names = broker.declared_queues
         await broker.aclose()
-        await _delete(rabbitmq_service, exchange, names)
+        await delete_rabbit(rabbitmq_service, exchange, names)
 
 
 async def test_a_group_queue_declared_without_a_delivery_limit_still_subscribes(
@@ -175,7 +161,7 @@ async def test_a_group_queue_declared_without_a_delivery_limit_still_subscribes(
         await connection.close()
         names = (*broker.declared_queues, f"g.{subject}")
         await broker.aclose()
-        await _delete(rabbitmq_service, exchange, names)
+        await delete_rabbit(rabbitmq_service, exchange, names)
 
 
 async def _exists(url: str, *, exchange: str | None = None, queue: str | None = None) -> bool:
@@ -235,7 +221,7 @@ async def test_listing_an_exchange_that_does_not_exist_creates_nothing(
         assert not await _exists(rabbitmq_service, exchange=typo)
         assert not await _exists(rabbitmq_service, queue=f"{typo}.deadletter")
     finally:
-        await _delete(rabbitmq_service, typo, [f"{typo}.deadletter"])
+        await delete_rabbit(rabbitmq_service, typo, [f"{typo}.deadletter"])
 
 
 async def test_listing_dead_letters_writes_nothing_to_the_stream(
@@ -265,7 +251,7 @@ async def test_listing_dead_letters_writes_nothing_to_the_stream(
     finally:
         names = broker.declared_queues
         await broker.aclose()
-        await _delete(rabbitmq_service, exchange, names)
+        await delete_rabbit(rabbitmq_service, exchange, names)
 
 
 async def test_a_missing_dead_letter_stream_lists_as_empty_and_stays_missing(
@@ -307,7 +293,7 @@ async def test_a_wildcard_group_gets_every_matching_subject_with_its_own_subject
     finally:
         names = broker.declared_queues
         await broker.aclose()
-        await _delete(rabbitmq_service, exchange, names)
+        await delete_rabbit(rabbitmq_service, exchange, names)
 
 
 @pytest.mark.parametrize("group", ["café", "a" * 250])
@@ -348,7 +334,7 @@ async def test_a_message_with_a_blank_type_is_dead_lettered_at_once_and_listed(
     finally:
         names = broker.declared_queues
         await broker.aclose()
-        await _delete(rabbitmq_service, exchange, names)
+        await delete_rabbit(rabbitmq_service, exchange, names)
     assert calls == []
     assert (letter.subject, letter.attempts) == (subject, 1)
     assert letter.error.startswith("InvalidMessage")
@@ -385,7 +371,7 @@ async def test_a_dead_letter_that_names_no_subject_is_refused_by_key_on_replay(
     finally:
         names = broker.declared_queues
         await broker.aclose()
-        await _delete(rabbitmq_service, exchange, names)
+        await delete_rabbit(rabbitmq_service, exchange, names)
     assert got == []
     assert [x.key for x in left] == [filed.key]  # kept, not lost
 
@@ -429,7 +415,7 @@ async def test_header_values_sent_as_bytes_are_read_as_utf8_and_other_types_refu
     finally:
         names = broker.declared_queues
         await broker.aclose()
-        await _delete(rabbitmq_service, exchange, names)
+        await delete_rabbit(rabbitmq_service, exchange, names)
     (delivery,) = got
     assert (delivery.message.type, delivery.message.id, delivery.subject) == (
         "OrderCreated",
