@@ -13,7 +13,9 @@ Environment (read here, at the edge):
   the first time it gets there. Points: ``recovered`` (a saga was claimed),
   ``after_effect`` (a step's effect committed, before the saga's checkpoint),
   ``after_checkpoint`` (a step's completion committed), ``during_compensation``
-  (a compensation's effect committed, before its checkpoint).
+  (a compensation's effect committed, before its checkpoint), ``alerting`` (a saga
+  is stuck and committed, before its alert is out). Every alert goes to
+  ``WORKDIR/alerts.log``, one saga id a line.
 * ``SEAMWORK_CHAOS_RETRY_STUCK=1``: first retry every stuck saga (the operator).
 """
 
@@ -159,6 +161,14 @@ ORDER = Saga(
 )
 
 
+def alert(state: Any) -> None:
+    crash_here("alerting", None, state.saga_id)
+    with open(WORKDIR / "alerts.log", "a") as log:
+        log.write(f"{state.saga_id}\n")
+        log.flush()
+        os.fsync(log.fileno())
+
+
 async def main() -> None:
     plan = json.loads((WORKDIR / "plan.json").read_text())
     upto = int(os.environ.get("SEAMWORK_CHAOS_UPTO", len(plan)))
@@ -172,6 +182,7 @@ async def main() -> None:
         "step_completed",
         lambda state, name: crash_here("after_checkpoint", name, state.saga_id),
     )
+    orch.on("stuck", alert)
     async with orch:
         (WORKDIR / "ready").write_text(str(os.getpid()))  # the tests time kills from here
         if os.environ.get("SEAMWORK_CHAOS_RETRY_STUCK") == "1":

@@ -101,6 +101,8 @@ def read_books(workdir: Path) -> dict[str, Any]:
             books["calls"] += conn.execute("SELECT saga_id, step, kind, key FROM calls").fetchall()
             books["keys"] |= {r[0] for r in conn.execute("SELECT key FROM seamwork_idempotency")}
     books["effects"].sort(key=lambda row: row[3])
+    alerts = workdir / "alerts.log"
+    books["alerts"] = Counter(alerts.read_text().split() if alerts.exists() else [])
     with sqlite3.connect(workdir / "sagas.db") as conn:
         books["sagas"] = {
             row[0]: {
@@ -153,6 +155,7 @@ def check_invariants(workdir: Path, plan: list[dict[str, str]], *, rounds: int =
             assert counted["stuck"] == rounds, where
             rounds_seen = [e[1] for e in failed if e[1] in ("stuck", "retried")]
             assert rounds_seen == ["stuck", "retried"] * (rounds - 1) + ["stuck"], where
+            assert books["alerts"][saga_id] >= rounds, f"an alert never went out, {where}"
         else:
             assert row["status"] == "failed", where
             assert undone == list(reversed(applied)), f"not undone in reverse, {where}"
@@ -220,6 +223,7 @@ SWEEP = (
     "recovered",
     "after_checkpoint:ship_order",
     "during_compensation:reserve_inventory",
+    "alerting",
 )
 
 
@@ -239,6 +243,7 @@ def test_crash_at_each_transition_point_then_recover(tmp_path: Path) -> None:
         "recovered": 3,
         "after_checkpoint": 3,
         "during_compensation": 3,
+        "alerting": 1,
     }
     finish(tmp_path)
     check_invariants(tmp_path, plan)

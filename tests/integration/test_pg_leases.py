@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import psycopg
 
-from seamwork.saga import Saga, SagaOrchestrator, Step, StepContext
+from seamwork.saga import Saga, SagaOrchestrator, SagaState, SagaStatus, Step, StepContext
 from seamwork.storage import PostgresStore
 
 LEASE = 1.5
@@ -59,3 +59,48 @@ async def test_a_worker_that_cannot_renew_stops_its_sagas_before_their_lease_run
 async def _until(predicate: Callable[[], bool]) -> None:
     while not predicate():
         await asyncio.sleep(0.02)
+
+
+async def test_an_alert_its_worker_never_sent_goes_out_from_another_once_the_lease_expires(
+    pg_dsn: str,
+) -> None:
+    """Worker w1 died between a saga's stuck save and its alert (the row as that save
+    leaves it: stuck, leased to w1): w2 sends the alert when the lease has expired, not
+    before, and only once."""
+    saga = Saga("order", steps=[Step("reserve", _noop, compensate=_noop)])
+    expires = time.time() + 1.0
+    owed = SagaState(
+        "s-1",
+        "order",
+        1,
+        SagaStatus.STUCK,
+        completed_steps=("reserve",),
+        compensation_attempts={"reserve": 3},
+        lease_owner="w1:dead",
+        lease_expires_at=expires,
+    )
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    await store.create(owed, [])
+    await store.aclose()
+    alerts: list[tuple[str, float]] = []
+    orch = SagaOrchestrator(
+        PostgresStore(pg_dsn),
+        [saga],
+        owner="w2",
+        recovery_interval=0.05,
+        on_stuck=lambda state: alerts.append((state.saga_id, time.time())),
+    )
+    async with orch:
+        await asyncio.wait_for(_until(lambda: bool(alerts)), 5.0)
+        await asyncio.sleep(0.3)  # more recovery rounds: nothing more is owed
+        stored = await orch.get("s-1")
+    assert [saga_id for saga_id, _ in alerts] == ["s-1"]
+    assert alerts[0][1] >= expires
+    assert orch.stats["late_alerts"] == 1
+    assert stored is not None
+    assert (stored.status, stored.lease_owner) == (SagaStatus.STUCK, None)
+
+
+async def _noop(ctx: StepContext) -> None:
+    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -267,6 +268,55 @@ async def test_a_compensation_that_keeps_failing_ends_stuck_and_raises_the_alert
     assert any(
         "ALERT saga s-1" in r.getMessage() and "stuck" in r.getMessage() for r in caplog.records
     )
+    async with SagaOrchestrator(SQLiteStore(db), [saga], on_stuck=alerts.append) as orch:
+        stored = await orch.get("s-1")
+        await asyncio.sleep(0.05)  # a recovery round: nothing is owed, nothing is sent
+    assert stored is not None
+    assert stored.lease_owner is None  # the alert went out, and the lease with it
+    assert len(alerts) == 1
+    assert orch.stats["late_alerts"] == 0
+
+
+async def test_a_restarted_orchestrator_sends_the_alert_its_predecessor_never_did(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The process died between a saga's stuck save and its alert (the row as that save
+    leaves it: stuck, still leased): the next one sends the alert, once."""
+    saga = Saga("order", steps=[Step("reserve", _noop, compensate=_noop)])
+    dead = SagaState(
+        "s-1",
+        "order",
+        1,
+        SagaStatus.STUCK,
+        completed_steps=("reserve",),
+        compensation_attempts={"reserve": 3},
+        failure_reason="charge: declined",
+        lease_owner="worker:dead",
+        lease_expires_at=time.time() + 3600,
+    )
+    store = SQLiteStore(db)
+    await store.open()
+    await store.create(dead, [])
+    await store.aclose()
+    alerts: list[SagaState] = []
+    with caplog.at_level(logging.ERROR, logger="seamwork.saga"):
+        async with SagaOrchestrator(SQLiteStore(db), [saga], on_stuck=alerts.append) as orch:
+            await asyncio.sleep(0.05)
+    assert [(a.saga_id, a.status) for a in alerts] == [("s-1", SagaStatus.STUCK)]
+    assert orch.stats["late_alerts"] == 1
+    assert any(
+        "ALERT saga s-1" in r.getMessage() and "late" in r.getMessage() for r in caplog.records
+    )
+    async with SagaOrchestrator(SQLiteStore(db), [saga], on_stuck=alerts.append) as orch:
+        stored = await orch.get("s-1")
+        await asyncio.sleep(0.05)
+    assert len(alerts) == 1
+    assert stored is not None
+    assert (stored.status, stored.lease_owner) == (SagaStatus.STUCK, None)
+
+
+async def _noop(ctx: StepContext) -> None:
+    return None
 
 
 async def test_operator_retry_of_a_stuck_saga_finishes_its_compensation(db: Path) -> None:

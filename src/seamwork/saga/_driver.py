@@ -123,6 +123,8 @@ class Driver:
                 run.done.set_result(run.state if run.state.terminal else None)
         if run.state.terminal:
             self._finished(run.state)
+            if run.state.status is SagaStatus.STUCK:
+                await self._alerts_out([run.state.saga_id])
 
     async def _advance(self, run: _Run) -> None:
         """Ask the machine, do what it says, persist, repeat until it says nothing."""
@@ -319,7 +321,12 @@ class Driver:
 
     async def _commit(self, run: _Run, transition: Transition) -> None:
         state = transition.state
-        if state.terminal:  # the store releases a finished saga's lease with this save
+        if state.status is SagaStatus.STUCK:
+            # Held until the alert is out (``_alert`` releases it): if this process dies
+            # first, whoever claims the saga after the lease expires sends the alert.
+            expires = self._clock.now() + self._lease
+            state = state.evolve(lease_owner=self.owner, lease_expires_at=expires)
+        elif state.terminal:  # the save releases a finished saga's lease
             state = state.evolve(lease_owner=None, lease_expires_at=None)
         run.finishing = state.terminal
         try:
@@ -359,18 +366,38 @@ class Driver:
         return deadline is not None and self._clock.now() + delay >= deadline
 
     def _finished(self, state: SagaState) -> None:
-        status = state.status
-        self.stats[status.value] += 1
-        if status is SagaStatus.STUCK:
-            log.error(
-                "ALERT saga %s (%s v%d) is stuck: %s; run `seamwork sagas retry %s` or `abort`",
-                state.saga_id,
-                state.saga_name,
-                state.saga_version,
-                _stuck_reason(state),
-                state.saga_id,
+        self.stats[state.status.value] += 1
+        if state.status is SagaStatus.STUCK:
+            self._alert(state)
+        else:
+            self.hooks.emit(state.status.value, state)
+
+    def _alert(self, state: SagaState, *, late: bool = False) -> None:
+        """The alert for a stuck saga: an error log line and the ``stuck`` hook."""
+        log.error(
+            "ALERT saga %s (%s v%d) is stuck: %s; run `seamwork sagas retry %s` or `abort`%s",
+            state.saga_id,
+            state.saga_name,
+            state.saga_version,
+            _stuck_reason(state),
+            state.saga_id,
+            " (sent late: the process that got it stuck stopped before its alert)" if late else "",
+        )
+        self.hooks.emit(SagaStatus.STUCK.value, state)
+
+    async def _alerts_out(self, saga_ids: builtins.list[str]) -> None:
+        """Release the leases stuck sagas keep until their alert is out. If this fails,
+        the alerts go out again once the leases expire: twice rather than never."""
+        try:
+            await self._store.release(self.owner, saga_ids)
+        except StoreError as exc:
+            log.warning(
+                "could not record that the alerts of %s went out (%s); they will be sent "
+                "again when their leases (%gs) expire",
+                ", ".join(saga_ids),
+                exc,
+                self._lease,
             )
-        self.hooks.emit(status.value, state)
 
     def _now(self) -> float:
         return self._clock.now()

@@ -104,7 +104,9 @@ class SagaOrchestrator(Driver, OpenClose):
             limit); with several workers on one store, a limit spreads a backlog over
             them. It caps what recovery claims, not ``start()``: a saga started here
             always runs here (refusing it would leave the caller's request undone).
-        on_stuck: called with the ``SagaState`` of a saga that gave up compensating.
+        on_stuck: called with the ``SagaState`` of a saga that gave up compensating:
+            at least once, since the saga keeps its lease until the alert is out; if
+            the process dies first, whoever claims the saga next sends the alert.
         on_stranded: called with the list of sagas no registered definition can run.
     """
 
@@ -170,6 +172,7 @@ class SagaOrchestrator(Driver, OpenClose):
                 "failed",
                 "stuck",
                 "recovered",
+                "late_alerts",
                 "lease_lost",
                 "corrupt",
                 "errors",
@@ -413,7 +416,12 @@ class SagaOrchestrator(Driver, OpenClose):
                 self.hooks.emit("recovered", state)
                 machine = self._machines[(state.saga_name, state.saga_version)]
                 self._spawn(machine, state, recovered=True)
-            if not drain or len(result.claimed) < room:
+            if result.alerts:
+                self.stats["late_alerts"] += len(result.alerts)
+                for state in result.alerts:
+                    self._alert(state, late=True)
+                await self._alerts_out([state.saga_id for state in result.alerts])
+            if not drain or len(result.claimed) + len(result.alerts) < room:
                 return
 
     async def _renew(self) -> None:

@@ -9,6 +9,11 @@ carries ``lease_owner`` / ``lease_expires_at``; every write made by a running sa
 *fenced*: it applies only while the row is still leased to the writer, otherwise it
 raises ``LeaseLost`` and changes nothing. Operator writes (retry, abort) are fenced on
 the status they expect instead.
+
+The save that ends a saga stores the lease its state carries: none for a completed
+or failed saga, and the owner's for a ``stuck`` one, which keeps it until its alert is
+out (then ``release``). A stuck row still leased is an alert owed; once that lease
+expires, ``claim`` hands the saga over in ``ClaimResult.alerts``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ class ClaimResult:
 
     claimed: list[SagaState] = field(default_factory=list)
     corrupt: list[CorruptSagaError] = field(default_factory=list)
+    alerts: list[SagaState] = field(default_factory=list)
+    """Stuck sagas whose alert never went out (their lease expired), now leased to the
+    claimer: it sends each alert, then releases the lease."""
 
 
 @runtime_checkable
@@ -47,8 +55,9 @@ class SagaStore(Protocol):
     async def attach(self, owner: str) -> None:
         """Become an orchestrator of this store under ``owner`` (``"<worker>:<incarnation>"``).
 
-        Leases held by earlier incarnations of the same worker are released, so a
-        restarted worker resumes its sagas at once instead of waiting out their leases.
+        Leases held by earlier incarnations of the same worker are released (on stuck
+        sagas: expired), so a restarted worker resumes its sagas, and sends the alerts
+        they still owe, at once instead of waiting out their leases.
 
         Raises:
             StoreLocked: the store admits one orchestrator and another holds it.
@@ -102,8 +111,9 @@ class SagaStore(Protocol):
         lease_seconds: float,
         limit: int,
     ) -> ClaimResult:
-        """Lease up to ``limit`` active sagas of a ``runnable`` (name, version) whose lease
-        is free or expired to ``owner``."""
+        """Lease up to ``limit`` sagas of a ``runnable`` (name, version) to ``owner``:
+        active ones whose lease is free or expired, and stuck ones whose alert is owed
+        by an expired lease (in ``alerts``)."""
         ...
 
     async def renew(

@@ -9,6 +9,7 @@ from typing import Any
 
 from seamwork._core.codec import dumps
 from seamwork.errors import ConfigError, CorruptSagaError
+from seamwork.saga._ports import ClaimResult
 from seamwork.saga._state import SagaState, SagaStatus, StepEvent, as_status
 
 COLUMNS = (
@@ -109,6 +110,16 @@ def decode(row: Sequence[Any], parse: Callable[[Any], Any] | None = None) -> Sag
         )
     except (ValueError, TypeError, KeyError) as exc:
         raise CorruptSagaError(saga_id, f"{type(exc).__name__}: {exc}") from exc
+
+
+def split_claimed(found: ClaimResult, owner: str, expires: float) -> ClaimResult:
+    """What a claim leased to ``owner`` until ``expires``: stuck sagas (an alert owed)
+    apart from the ones to run."""
+    result = ClaimResult(corrupt=found.corrupt)
+    for state in found.claimed:
+        leased = state.evolve(lease_owner=owner, lease_expires_at=expires)
+        (result.alerts if state.status is SagaStatus.STUCK else result.claimed).append(leased)
+    return result
 
 
 def decode_event(row: Sequence[Any]) -> StepEvent:

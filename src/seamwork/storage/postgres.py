@@ -48,6 +48,7 @@ from seamwork.storage._saga_rows import (
     decode_or_none,
     insert_values,
     list_query,
+    split_claimed,
     state_values,
 )
 
@@ -116,15 +117,18 @@ _SAVE_OWNED = (
     f"events AS ({_EVENTS}) SELECT count(*) FROM written"
 )
 _SAVE_RUNNING = _SAVE_OWNED.format(lease="")
-_SAVE_FINAL = _SAVE_OWNED.format(lease=", lease_owner = NULL, lease_expires_at = NULL")
+# The lease the state carries: none, or a stuck saga's until its alert is out.
+_SAVE_FINAL = _SAVE_OWNED.format(lease=", lease_owner = %s, lease_expires_at = %s")
 _SAVE_STATUS = (
     f"WITH written AS (UPDATE seamwork_sagas SET {_STATE_SET}, lease_owner = %s, "
     "lease_expires_at = %s WHERE saga_id = %s AND status = %s RETURNING saga_id), "
     f"events AS ({_EVENTS}) SELECT count(*) FROM written"
 )
+# Claimable: an active saga whose lease is free or expired, or a stuck one whose lease
+# (kept until its alert went out) expired.
 _CLAIM = (
-    f"SELECT {COLUMNS} FROM seamwork_sagas WHERE status IN ('running', 'compensating') "
-    "AND (lease_owner IS NULL OR lease_expires_at < %s) AND "
+    f"SELECT {COLUMNS} FROM seamwork_sagas WHERE status IN ('running', 'compensating', "
+    "'stuck') AND (lease_expires_at < %s OR lease_owner IS NULL AND status <> 'stuck') AND "
     "(saga_name, saga_version) IN (SELECT * FROM unnest(%s::text[], %s::int[])) "
     "ORDER BY updated_at LIMIT %s FOR UPDATE SKIP LOCKED"
 )
@@ -308,10 +312,12 @@ class PostgresStore:
         """Release the leases of this worker's earlier incarnations (it restarted; they
         are dead, and any write they still attempt is fenced off by the new owner id)."""
         worker = owner.split(":", 1)[0]
-        await self._fetch(
-            "UPDATE seamwork_sagas SET lease_owner = NULL, lease_expires_at = NULL "
+        await self._fetch(  # (on a stuck saga, the lease marks an alert owed: due now)
+            "UPDATE seamwork_sagas SET "
+            "lease_owner = CASE WHEN status = 'stuck' THEN lease_owner END, "
+            "lease_expires_at = CASE WHEN status = 'stuck' THEN 0 END "
             "WHERE lease_owner LIKE %s AND lease_owner <> %s "
-            "AND status IN ('running', 'compensating') RETURNING saga_id",
+            "AND status IN ('running', 'compensating', 'stuck') RETURNING saga_id",
             (f"{_escape_like(worker)}:%", owner),
         )
 
@@ -330,8 +336,12 @@ class PostgresStore:
         if (owner is None) == (expect_status is None):
             raise ConfigError("save() is fenced on exactly one of owner or expect_status")
         values = state_values(state)
-        if owner is not None:
-            sql = _SAVE_FINAL if state.terminal else _SAVE_RUNNING
+        if owner is not None and state.terminal:
+            sql = _SAVE_FINAL
+            lease = (state.lease_owner, state.lease_expires_at)
+            params = (*values, *lease, state.saga_id, owner, *_event_params(events))
+        elif owner is not None:
+            sql = _SAVE_RUNNING
             params = (*values, state.saga_id, owner, *_event_params(events))
         else:
             assert expect_status is not None
@@ -395,11 +405,7 @@ class PostgresStore:
                         )
         except (psycopg.Error, TimeoutError) as exc:
             raise translate(_stalled(exc, self._deadline), "saga store claim") from exc
-        result.claimed[:] = [
-            s.evolve(lease_owner=owner, lease_expires_at=now + lease_seconds)
-            for s in result.claimed
-        ]
-        return result
+        return split_claimed(result, owner, now + lease_seconds)
 
     async def renew(
         self, owner: str, saga_ids: Collection[str], *, now: float, lease_seconds: float

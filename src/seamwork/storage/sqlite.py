@@ -40,6 +40,7 @@ from seamwork.storage._saga_rows import (
     decode_or_none,
     insert_values,
     list_query,
+    split_claimed,
     state_values,
 )
 from seamwork.storage._sqlite_writer import Migration, SQLiteWriter, Synchronous
@@ -110,8 +111,8 @@ _STATE_SET = (
     "step_attempts = ?, compensation_attempts = ?"
 )
 _SAVE_OWNED = f"UPDATE seamwork_sagas SET {_STATE_SET} WHERE saga_id = ? AND lease_owner = ?"
-_SAVE_FINAL = (
-    f"UPDATE seamwork_sagas SET {_STATE_SET}, lease_owner = NULL, lease_expires_at = NULL "
+_SAVE_FINAL = (  # the lease the state carries: none, or a stuck saga's until its alert
+    f"UPDATE seamwork_sagas SET {_STATE_SET}, lease_owner = ?, lease_expires_at = ? "
     "WHERE saga_id = ? AND lease_owner = ?"
 )
 _SAVE_STATUS = (
@@ -123,6 +124,13 @@ _INSERT_EVENT = (
     "VALUES (?, ?, ?, ?, ?, ?)"
 )
 _ACTIVE = ("running", "compensating")
+# Claimable: an active saga whose lease is free or expired, or a stuck one whose lease
+# (kept until its alert went out) expired.
+_CLAIM = (
+    f"SELECT {COLUMNS} FROM seamwork_sagas WHERE status IN ('running', 'compensating', "
+    "'stuck') AND (lease_expires_at < ? OR lease_owner IS NULL AND status <> 'stuck') "
+    "AND {keys} ORDER BY updated_at LIMIT ?"
+)
 
 
 def _event_rows(events: Sequence[StepEvent]) -> Sequence[tuple[Any, ...]]:
@@ -200,13 +208,19 @@ class SQLiteStore:
     async def attach(self, owner: str) -> None:
         if self.path != ":memory:" and self._lock_fd is None:
             self._lock_fd = _lock_exclusively(self.path + ".lock")
-        await self._writer.write(
-            lambda conn: conn.execute(
+
+        def release(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "UPDATE seamwork_sagas SET lease_owner = NULL, lease_expires_at = NULL "
                 "WHERE lease_owner IS NOT NULL AND status IN (?, ?)",
                 _ACTIVE,
             )
-        )
+            conn.execute(  # alerts a dead process owed: due now
+                "UPDATE seamwork_sagas SET lease_expires_at = 0 "
+                "WHERE lease_owner IS NOT NULL AND status = 'stuck'"
+            )
+
+        await self._writer.write(release)
 
     async def create(self, state: SagaState, events: Sequence[StepEvent]) -> bool:
         row = insert_values(state)
@@ -234,9 +248,11 @@ class SQLiteStore:
 
         def update(conn: sqlite3.Connection) -> None:
             values = state_values(state)
-            if owner is not None:
-                sql = _SAVE_FINAL if state.terminal else _SAVE_OWNED  # done: release the lease
-                cursor = conn.execute(sql, (*values, saga_id, owner))
+            if state.terminal and owner is not None:
+                lease = (state.lease_owner, state.lease_expires_at)
+                cursor = conn.execute(_SAVE_FINAL, (*values, *lease, saga_id, owner))
+            elif owner is not None:
+                cursor = conn.execute(_SAVE_OWNED, (*values, saga_id, owner))
             else:
                 assert expect_status is not None
                 params = (*values, state.lease_owner, state.lease_expires_at)
@@ -288,26 +304,21 @@ class SQLiteStore:
         limit: int,
     ) -> ClaimResult:
         keys, key_params = _keys_clause(runnable)
-        sql = (
-            f"SELECT {COLUMNS} FROM seamwork_sagas WHERE status IN (?, ?) "
-            f"AND (lease_owner IS NULL OR lease_expires_at < ?) AND {keys} "
-            "ORDER BY updated_at LIMIT ?"
-        )
+        sql = _CLAIM.format(keys=keys)
 
         def claim(conn: sqlite3.Connection) -> ClaimResult:
-            result = ClaimResult()
-            for row in conn.execute(sql, (*_ACTIVE, now, *key_params, limit)).fetchall():
+            found = ClaimResult()
+            for row in conn.execute(sql, (now, *key_params, limit)).fetchall():
                 try:
-                    result.claimed.append(_decode(row))
+                    found.claimed.append(_decode(row))
                 except CorruptSagaError as error:
-                    result.corrupt.append(error)
+                    found.corrupt.append(error)
             expires = now + lease_seconds
             conn.executemany(
                 "UPDATE seamwork_sagas SET lease_owner = ?, lease_expires_at = ? WHERE saga_id = ?",
-                [(owner, expires, s.saga_id) for s in result.claimed],
+                [(owner, expires, s.saga_id) for s in found.claimed],
             )
-            result.claimed[:] = [_with_lease(s, owner, expires) for s in result.claimed]
-            return result
+            return split_claimed(found, owner, expires)
 
         return await self._writer.write(claim)
 
@@ -359,11 +370,6 @@ class SQLiteStore:
             lambda conn: conn.execute(sql, (*_ACTIVE, *key_params)).fetchall()
         )
         return [state for state in map(_decode_or_none, rows) if state is not None]
-
-
-def _with_lease(state: SagaState, owner: str, expires: float) -> SagaState:
-
-    return state.evolve(lease_owner=owner, lease_expires_at=expires)
 
 
 def _chunks(items: list[str], size: int) -> builtins.list[list[str]]:

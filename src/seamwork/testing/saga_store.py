@@ -307,6 +307,68 @@ class SagaStoreContract:
         finally:
             await store.aclose()
 
+    # --- alerts owed by stuck sagas --------------------------------------------------
+
+    async def test_a_final_save_stores_the_lease_its_state_carries(self, store: SagaStore) -> None:
+        for saga_id in ("done", "stuck"):
+            await store.create(saga_state(saga_id, status=SagaStatus.COMPENSATING), [])
+        done = saga_state("done", status=SagaStatus.FAILED, lease_owner=None, lease_expires_at=None)
+        await store.save(done, [], owner=OWNER)
+        stuck = saga_state("stuck", status=SagaStatus.STUCK, lease_expires_at=1530.0)
+        await store.save(stuck, [], owner=OWNER)
+        assert await store.get("done") == done
+        assert await store.get("stuck") == stuck  # still OWNER's: its alert is owed
+
+    async def test_claim_hands_over_a_stuck_saga_whose_alert_lease_expired(
+        self, store: SagaStore
+    ) -> None:
+        owed = saga_state("owed", status=SagaStatus.STUCK, lease_expires_at=1400.0)
+        await store.create(owed, [])
+        live = saga_state("live", status=SagaStatus.STUCK, lease_expires_at=1600.0)
+        await store.create(live, [])
+        sent = saga_state("sent", status=SagaStatus.STUCK, lease_owner=None, lease_expires_at=None)
+        await store.create(sent, [])
+        await store.create(saga_state("v2", status=SagaStatus.STUCK, saga_version=2), [])
+        await store.create(saga_state("run", lease_owner=None), [])
+        result = await store.claim(OTHER, [KEY], now=1500.0, lease_seconds=30.0, limit=10)
+        assert [s.saga_id for s in result.claimed] == ["run"]
+        assert result.alerts == [owed.evolve(lease_owner=OTHER, lease_expires_at=1530.0)]
+        again = await store.claim(OWNER, [KEY], now=1510.0, lease_seconds=30.0, limit=10)
+        assert (again.claimed, again.alerts) == ([], [])  # OTHER holds it now
+        await store.release(OTHER, ["owed"])
+        released = await store.get("owed")
+        assert released is not None
+        assert (released.status, released.lease_owner) == (SagaStatus.STUCK, None)
+        later = await store.claim(OWNER, [KEY], now=9000.0, lease_seconds=30.0, limit=10)
+        assert [s.saga_id for s in later.alerts] == ["live"]  # "owed" went out
+
+    async def test_an_operator_write_to_a_stuck_saga_settles_its_alert(
+        self, store: SagaStore
+    ) -> None:
+        await store.create(saga_state("s1", status=SagaStatus.STUCK, lease_expires_at=1.0), [])
+        aborted = saga_state("s1", status=SagaStatus.FAILED, lease_owner=None)
+        await store.save(aborted.evolve(lease_expires_at=None), [], expect_status=SagaStatus.STUCK)
+        result = await store.claim(OWNER, [KEY], now=1500.0, lease_seconds=30.0, limit=10)
+        assert (result.claimed, result.alerts) == ([], [])
+
+    async def test_a_restarted_worker_sends_the_alerts_its_earlier_incarnation_owed(
+        self, tmp_path: Path
+    ) -> None:
+        store = await self.make_store(tmp_path)
+        await store.open()
+        try:
+            mine = saga_state("mine", status=SagaStatus.STUCK, lease_owner="w1:old")
+            await store.create(mine.evolve(lease_expires_at=9e12), [])
+            theirs = saga_state("theirs", status=SagaStatus.STUCK, lease_owner="w2:x")
+            await store.create(theirs.evolve(lease_expires_at=9e12), [])
+            await store.attach("w1:new")
+            result = await store.claim("w1:new", [KEY], now=1.0, lease_seconds=30, limit=10)
+            alerts = sorted(s.saga_id for s in result.alerts)
+            assert result.claimed == []
+            assert alerts == (["mine", "theirs"] if self.single_orchestrator else ["mine"])
+        finally:
+            await store.aclose()
+
     async def test_stranded_lists_active_sagas_no_registered_definition_runs(
         self, store: SagaStore
     ) -> None:
