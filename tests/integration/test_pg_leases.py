@@ -104,3 +104,40 @@ async def test_an_alert_its_worker_never_sent_goes_out_from_another_once_the_lea
 
 async def _noop(ctx: StepContext) -> None:
     return None
+
+
+async def test_a_renewal_beside_a_batch_of_saves_never_deadlocks_with_it(pg_dsn: str) -> None:
+    """A worker's writer commits several sagas' transitions in one transaction while its
+    recovery loop renews their leases on another connection: both lock the same rows,
+    so they must lock them in one order. (They did not: a batch saving s2 then s1 and a
+    renewal taking s1 then s2 deadlocked; PostgreSQL aborted the batch, and its sagas
+    were reloaded as if the database had gone away.)"""
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        base = SagaState("s1", "order", 1, SagaStatus.RUNNING, lease_owner="w1:a")
+        for saga_id in ("s1", "s2"):
+            await store.create(base.evolve(saga_id=saga_id, lease_expires_at=9e12), [])
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            # Saving s2 holds its row a while: the batch has locked s2 and not yet s1.
+            await conn.execute(
+                "CREATE FUNCTION slow_s2() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN PERFORM pg_sleep(0.5); RETURN NEW; END $$"
+            )
+            await conn.execute(
+                "CREATE TRIGGER slow_s2 BEFORE UPDATE ON seamwork_sagas FOR EACH ROW "
+                "WHEN (NEW.saga_id = 's2' AND NEW.current_step_index = 1) "
+                "EXECUTE FUNCTION slow_s2()"
+            )
+        moved = [base.evolve(saga_id=s, current_step_index=1) for s in ("s2", "s1")]
+        saves = asyncio.gather(*(store.save(s, [], owner="w1:a") for s in moved))
+        await asyncio.sleep(0.2)
+        kept = await store.renew("w1:a", ["s1", "s2"], now=time.time(), lease_seconds=30)
+        await saves
+        assert kept == {"s1", "s2"}
+        for saga_id in ("s1", "s2"):
+            stored = await store.get(saga_id)
+            assert stored is not None
+            assert stored.current_step_index == 1
+    finally:
+        await store.aclose()

@@ -133,6 +133,12 @@ _CLAIM = (
     "ORDER BY updated_at LIMIT %s FOR UPDATE SKIP LOCKED"
 )
 _ACTIVE = ("running", "compensating")
+# The rows of ``owner`` among ``saga_ids``, locked in saga id order (the order the
+# writer's batches lock them in, so neither waits on the other in a cycle).
+_OWNED_IN_ORDER = (
+    "SELECT saga_id FROM seamwork_sagas WHERE lease_owner = %s AND saga_id = ANY(%s) "
+    'ORDER BY saga_id COLLATE "C" FOR UPDATE'  # byte order: Python's sort of the ids
+)
 _BACKSTOP = 0.25  # seconds past the deadline before a severed statement is cancelled
 
 
@@ -150,7 +156,8 @@ def _keys(runnable: Collection[SagaKey]) -> tuple[list[str], list[int]]:
     return [k[0] for k in runnable], [k[1] for k in runnable]
 
 
-Statement = tuple[str, tuple[Any, ...]]
+Statement = tuple[str, tuple[Any, ...], str]
+"""SQL, its parameters, and the id of the saga whose row it writes."""
 
 
 class _GroupCommit(_QueueOwner[Statement, int]):
@@ -171,9 +178,10 @@ class _GroupCommit(_QueueOwner[Statement, int]):
     async def start(self) -> None:
         await self._start()
 
-    def run(self, sql: str, params: tuple[Any, ...]) -> asyncio.Future[int]:
-        """Execute a single-row-count statement; resolves to its count after commit."""
-        return self._enqueue((sql, params))
+    def run(self, sql: str, params: tuple[Any, ...], saga_id: str) -> asyncio.Future[int]:
+        """Execute a single-row-count statement writing ``saga_id``'s row; resolves to
+        its count after commit."""
+        return self._enqueue((sql, params, saga_id))
 
     async def _results(
         self, conn: AsyncConn, statements: list[Statement]
@@ -231,16 +239,20 @@ class _GroupCommit(_QueueOwner[Statement, int]):
 
 async def _execute(conn: AsyncConn, statements: list[Statement]) -> list[int]:
     if len(statements) == 1:
-        sql, params = statements[0]
+        sql, params, _ = statements[0]
         row = await (await conn.execute(sql.encode(), params)).fetchone()
         return [int(row[0]) if row else 0]
-    cursors = []
+    # Rows are locked in saga id order, as renew() and release() lock them: a batch
+    # and a renewal of the same sagas never wait on each other in a cycle.
+    order = sorted(range(len(statements)), key=lambda i: statements[i][2])
+    cursors = {}
     async with conn.transaction(), conn.pipeline():
-        for sql, params in statements:
-            cursors.append(await conn.execute(sql.encode(), params))
+        for i in order:
+            sql, params, _ = statements[i]
+            cursors[i] = await conn.execute(sql.encode(), params)
     counts = []
-    for cursor in cursors:
-        row = await cursor.fetchone()
+    for i in range(len(statements)):
+        row = await cursors[i].fetchone()
         counts.append(int(row[0]) if row else 0)
     return counts
 
@@ -323,7 +335,7 @@ class PostgresStore:
 
     async def create(self, state: SagaState, events: Sequence[StepEvent]) -> bool:
         params = (*insert_values(state), *_event_params(events))
-        return await self._writer.run(_CREATE, params) == 1
+        return await self._writer.run(_CREATE, params, state.saga_id) == 1
 
     async def save(
         self,
@@ -348,7 +360,7 @@ class PostgresStore:
             sql = _SAVE_STATUS
             lease = (state.lease_owner, state.lease_expires_at)
             params = (*values, *lease, state.saga_id, expect_status.value, *_event_params(events))
-        if await self._writer.run(sql, params) != 1:
+        if await self._writer.run(sql, params, state.saga_id) != 1:
             if owner is not None:
                 raise LeaseLost(f"saga {state.saga_id!r} is not leased to {owner}")
             raise InvalidSagaOperation(f"saga {state.saga_id!r} is no longer {expect_status}")
@@ -411,8 +423,8 @@ class PostgresStore:
         self, owner: str, saga_ids: Collection[str], *, now: float, lease_seconds: float
     ) -> set[str]:
         rows = await self._fetch(
-            "UPDATE seamwork_sagas SET lease_expires_at = %s WHERE lease_owner = %s "
-            "AND saga_id = ANY(%s) RETURNING saga_id",
+            f"UPDATE seamwork_sagas SET lease_expires_at = %s WHERE saga_id IN ({_OWNED_IN_ORDER}) "
+            "RETURNING saga_id",
             (now + lease_seconds, owner, builtins.list(saga_ids)),
         )
         return {row[0] for row in rows}
@@ -420,7 +432,7 @@ class PostgresStore:
     async def release(self, owner: str, saga_ids: Collection[str]) -> None:
         await self._fetch(
             "UPDATE seamwork_sagas SET lease_owner = NULL, lease_expires_at = NULL "
-            "WHERE lease_owner = %s AND saga_id = ANY(%s) RETURNING saga_id",
+            f"WHERE saga_id IN ({_OWNED_IN_ORDER}) RETURNING saga_id",
             (owner, builtins.list(saga_ids)),
         )
 
