@@ -137,15 +137,25 @@ class ReadModelStore(Protocol):
         ...
 
     async def apply_batch(
-        self, projection: Projection, events: Sequence[RecordedEvent], parked: Collection[str]
+        self,
+        projection: Projection,
+        events: Sequence[RecordedEvent],
+        parked: Collection[str],
+        *,
+        after: int | None = None,
     ) -> BatchResult:
         """Apply the ``events`` after the stored checkpoint and move it, in one
         transaction; streams parked in the store (``parked`` is only a hint) keep
-        their order by parking what follows a failure."""
+        their order by parking what follows a failure.
+
+        ``after`` is the position the page was read after (the runner's checkpoint).
+        A stored checkpoint behind it means the read model was reset since (a rebuild
+        elsewhere): nothing is applied and the stored checkpoint is returned, so the
+        runner reads again from there instead of leaving a hole in the rebuilt model."""
         ...
 
     async def reset(self, projection: Projection) -> None:
-        """Empty the read model, its checkpoint and its dead letters."""
+        """Empty the read model and its dead letters, and move its checkpoint to 0."""
         ...
 
     async def parked(self, projection: str) -> builtins.list[ParkedEvent]: ...
@@ -256,15 +266,21 @@ class ProjectionRunner(StartStop):
             return await self._page()
 
     async def _page(self) -> bool:
-        events = await self.store.read_all(from_position=self.checkpoint, limit=self.batch_size)
+        after = self.checkpoint
+        events = await self.store.read_all(from_position=after, limit=self.batch_size)
         if not events:
             return False
-        result = await self.read_model.apply_batch(self.projection, events, self._parked)
+        result = await self.read_model.apply_batch(
+            self.projection, events, self._parked, after=after
+        )
         for stream in result.parked:
             if stream not in self._parked:
                 log.error("projection %s parked stream %s", self.projection.name, stream)
         self._parked.update(result.parked)
         self.checkpoint = result.checkpoint
+        if result.checkpoint < after:  # reset by another runner: follow its rebuild
+            log.warning("projection %s was reset elsewhere; reading again", self.projection.name)
+            return True
         return len(events) == self.batch_size
 
     async def _run(self) -> None:

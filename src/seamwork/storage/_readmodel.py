@@ -38,6 +38,10 @@ class PageSQL:
             "ON CONFLICT (projection, stream, position) "
             "DO UPDATE SET error = excluded.error, parked_at = excluded.parked_at"
         )
+        self.reset_checkpoint = (
+            f"INSERT INTO seamwork_checkpoints (projection, position) VALUES ({mark}, 0) "
+            "ON CONFLICT (projection) DO UPDATE SET position = 0"
+        )
         self.set_checkpoint = (
             f"INSERT INTO seamwork_checkpoints (projection, position) VALUES ({mark}, {mark}) "
             "ON CONFLICT (projection) DO UPDATE SET position = excluded.position"
@@ -66,11 +70,16 @@ def apply_page(
     projection: Projection,
     events: Sequence[RecordedEvent],
     now: float,
+    after: int | None = None,
 ) -> BatchResult:
-    """Apply a page of events after the stored checkpoint, parking what fails."""
+    """Apply a page of events after the stored checkpoint, parking what fails; none
+    if the page was read after a position the stored checkpoint is behind (a reset
+    since: applying it would move the checkpoint past events the rebuild needs)."""
     name = projection.name
     row = conn.execute(sql.checkpoint, (name,)).fetchone()
     done = 0 if row is None else int(row[0])
+    if after is not None and done < after:
+        return BatchResult(done, 0, ())
     fresh = [e for e in events if e.position > done]
     if not fresh:
         return BatchResult(done, 0, ())

@@ -97,19 +97,26 @@ class SQLiteReadModel:
         return await self._writer.write(setup)
 
     async def apply_batch(
-        self, projection: Projection, events: Sequence[RecordedEvent], parked: Collection[str]
+        self,
+        projection: Projection,
+        events: Sequence[RecordedEvent],
+        parked: Collection[str],
+        *,
+        after: int | None = None,
     ) -> BatchResult:
         now = time.time()
         return await self._writer.write(
-            lambda conn: apply_page(conn, _SQL, _apply_in_savepoint, projection, events, now)
+            lambda conn: apply_page(conn, _SQL, _apply_in_savepoint, projection, events, now, after)
         )
 
     async def reset(self, projection: Projection) -> None:
         name = projection.name
 
         def reset(conn: sqlite3.Connection) -> None:
+            # First: the checkpoint row is what pages lock (fence on), so a page in
+            # flight commits before the read model is emptied. It is kept, at 0.
+            conn.execute(_SQL.reset_checkpoint, (name,))
             projection.reset(conn)
-            conn.execute("DELETE FROM seamwork_checkpoints WHERE projection = ?", (name,))
             conn.execute("DELETE FROM seamwork_parked WHERE projection = ?", (name,))
 
         await self._writer.write(reset)

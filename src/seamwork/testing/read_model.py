@@ -14,8 +14,8 @@ parking its own stream (later events queue behind it) while the others flow, rep
 in order once fixed (also after the stream was soft-deleted), a failing SQL statement
 parking only its event, an error text with a NUL or a lone surrogate parked
 readably, a live runner following new events (also after a rebuild and
-beside a catch-up), a rebuild during a catch-up, and overlapping runners and replicas
-starting together.
+beside a catch-up), a rebuild during a catch-up or beside another replica's runner, and
+overlapping runners and replicas starting together.
 """
 
 from __future__ import annotations
@@ -175,6 +175,33 @@ class ReadModelContract:
         await catching_up
         assert await totals(read_model) == {"s": sum(range(1, 61))}
         assert runner.checkpoint == (await store.read_all())[-1].position
+
+    async def test_a_rebuild_beside_another_runner_projects_every_event_once(
+        self, store: EventStore, read_model: ReadModelStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        for n in (1, 2, 3):
+            await store.append("s", added(n))
+        replica = self.make_read_model()  # another process of the same service
+        await replica.open()
+        try:
+            other = ProjectionRunner(store, self.totals_projection(), replica)
+            await other.catch_up()
+            reset = read_model.reset
+
+            async def reset_then_the_other_runner_moves(projection: Projection) -> None:
+                await reset(projection)
+                await store.append("s", added(4))
+                await other.catch_up()  # its next page lands between the reset and the rebuild
+
+            monkeypatch.setattr(read_model, "reset", reset_then_the_other_runner_moves)
+            rebuilding = ProjectionRunner(store, self.totals_projection(), read_model)
+            await rebuilding.rebuild()
+            await other.catch_up()
+        finally:
+            await replica.aclose()
+        assert await totals(read_model) == {"s": 10}
+        last = (await store.read_all())[-1].position
+        assert other.checkpoint == rebuilding.checkpoint == last
 
     async def test_a_failing_event_parks_its_stream_while_others_flow(
         self, store: EventStore, read_model: ReadModelStore
