@@ -177,11 +177,24 @@ class PostgresReadModel:
                 raise translate(exc, "read model") from exc
 
 
+class _WentOnAfterError(Exception):
+    """A handler caught a database error and returned: PostgreSQL refuses every later
+    statement of the transaction, so the event cannot be applied as the handler meant."""
+
+
 def _apply_in_savepoint(conn: SyncConn, projection: Projection, event: RecordedEvent) -> str | None:
     """Apply one event; on error roll back just its writes and say why."""
     try:
         with conn.transaction():
             projection.apply(event, conn)
+            if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                # left as is, the savepoint's release - and the whole page - would fail,
+                # on every retry: the projection would stop for good
+                raise _WentOnAfterError(
+                    "the handler went on after a database error, which aborts the "
+                    "transaction on PostgreSQL; its writes are rolled back (catch such "
+                    "an error inside its own savepoint: `with conn.transaction():`)"
+                )
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return None

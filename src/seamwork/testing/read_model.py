@@ -21,6 +21,7 @@ overlapping runners and replicas starting together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -77,6 +78,16 @@ class BadSql(Totals):
     @handles("Broken")
     def broken(self, event: RecordedEvent, conn: Any) -> None:
         conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+
+class SwallowsSql(Totals):
+    """A projection whose ``Swallow`` handler catches the error of a statement the
+    database refuses and goes on (as an "ignore a duplicate" handler would)."""
+
+    @handles("Swallow")
+    def swallow(self, event: RecordedEvent, conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            conn.execute("INSERT INTO no_such_table VALUES (1)")
 
 
 class UnprintableError(Totals):
@@ -287,6 +298,26 @@ class ReadModelContract:
         await runner.catch_up()
         assert await totals(read_model) == {"a": 3}
         assert [p.stream for p in await runner.parked()] == ["b"]
+
+    async def test_a_handler_that_swallows_a_database_error_does_not_stop_the_projection(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        await store.append("a", added(1))
+        await store.append("b", [NewEvent("Swallow")])
+        await store.append("a", added(2))
+        last = await readable(store, 3)
+        runner = ProjectionRunner(store, SwallowsSql(self.placeholder), read_model)
+        assert await runner.catch_up() == last
+        assert await totals(read_model) == {"a": 3}
+        # SQLite goes on after a failed statement; PostgreSQL cannot, so there the
+        # event is rolled back and parked, saying why
+        for parked in await runner.parked():
+            assert (parked.stream, parked.event_type) == ("b", "Swallow")
+            assert "went on after a database error" in (parked.error or "")
+        await store.append("a", added(3))
+        await readable(store, 4)
+        await runner.catch_up()
+        assert await totals(read_model) == {"a": 6}
 
     async def test_a_live_runner_follows_new_events(
         self, store: EventStore, read_model: ReadModelStore
