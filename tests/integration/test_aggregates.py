@@ -16,6 +16,7 @@ from seamwork.events import (
     EventStore,
     NewEvent,
     RecordedEvent,
+    Upcasters,
     WrongExpectedVersion,
 )
 
@@ -102,3 +103,24 @@ async def test_an_aggregate_recreated_after_a_delete_reports_the_store_versions(
     (stored,) = await store.read_stream("account-a3")
     assert decision.state == {"balance": 7, "version": stored.version, "position": stored.position}
     assert decision.state == (await tracked.load(store, "a3")).state  # folded == reloaded
+
+
+async def test_an_aggregate_folds_its_new_events_as_a_reload_reads_them(tmp_path: Path) -> None:
+    # Deposited v1 held "amount"; v2 holds "cents". A decide still writing v1 (the
+    # default schema version) is read back upcast: the state handed back must agree.
+    upcasters = Upcasters()
+    upcasters.register("Deposited", 1, lambda d: {"cents": d["amount"] * 100})
+
+    def evolve_v2(state: dict[str, int], event: RecordedEvent) -> dict[str, int]:
+        return {"balance": state["balance"] + event.data["cents"]}
+
+    def decide_v1(command: int, state: dict[str, int]) -> list[NewEvent]:
+        return [NewEvent("Deposited", {"amount": command})]
+
+    legacy: Aggregate[dict[str, int], int] = Aggregate(
+        "account", {"balance": 0}, evolve_v2, decide_v1
+    )
+    async with EventStore.sqlite(tmp_path / "events.db", upcasters=upcasters) as store:
+        decision = await legacy.handle(store, "a4", 5)
+        assert decision.state == {"balance": 500}
+        assert decision.state == (await legacy.load(store, "a4")).state

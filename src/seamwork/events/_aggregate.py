@@ -84,12 +84,18 @@ class Aggregate(Generic[S, C]):
                 if attempt == retries:
                     raise
                 continue
-            return Decision(self._fold(id, loaded, events, result), events, result)
+            return Decision(self._fold(store, id, loaded, events, result), events, result)
         raise AssertionError("unreachable")
 
     def _fold(
-        self, id: str, loaded: Loaded[S], events: tuple[NewEvent, ...], result: AppendResult
+        self,
+        store: EventStore,
+        id: str,
+        loaded: Loaded[S],
+        events: tuple[NewEvent, ...],
+        result: AppendResult,
     ) -> S:
+        """The state after ``events``, each as a reload will read it (upcast too)."""
         state = loaded.state
         for offset, event in enumerate(events, start=1):
             recorded = RecordedEvent(
@@ -103,5 +109,5 @@ class Aggregate(Generic[S, C]):
                 id=event.id,
                 schema_version=event.schema_version,
             )
-            state = self.evolve(state, recorded)
+            state = self.evolve(state, store.upcasters.upcast(recorded))
         return state
