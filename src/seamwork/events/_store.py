@@ -54,6 +54,19 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ConfigError(f"{name} must be below 2**63, got {value}")
 
 
+def _unix_time(value: object) -> float:
+    """``as_of_time`` as the float ``recorded_at`` is compared with (an int past 64
+    bits is a float to both stores alike), else ``ConfigError``."""
+    if not isinstance(value, bool) and isinstance(value, int | float):
+        try:
+            when = float(value)
+        except OverflowError:
+            when = math.nan
+        if not math.isnan(when):
+            return when
+    raise ConfigError(f"as_of_time must be a Unix time in seconds, got {value!r}")
+
+
 def check_snapshot_key(stream: str, name: object, version_field: str, version: object) -> None:
     """Raise ``ConfigError`` naming the field unless a snapshot's stream, name and
     version are usable (checked before a snapshot is stored or looked up)."""
@@ -304,15 +317,9 @@ class EventStore(OpenClose, ABC):
             raise ConfigError("give as_of_version or as_of_time, not both")
         if as_of_version is not None:
             _check_int("as_of_version", as_of_version, 0)
-        if as_of_time is not None and (
-            isinstance(as_of_time, bool)
-            or not isinstance(as_of_time, int | float)
-            or math.isnan(as_of_time)
-        ):
-            raise ConfigError(f"as_of_time must be a Unix time in seconds, got {as_of_time!r}")
         upper = as_of_version
         if as_of_time is not None:
-            upper = await self._version_at(stream, as_of_time)
+            upper = await self._version_at(stream, _unix_time(as_of_time))
             if upper < 0:
                 return Loaded(initial, -1)
         state, version = initial, -1

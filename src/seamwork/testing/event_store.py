@@ -247,6 +247,7 @@ class EventStoreContract:
             ({"as_of_version": "1"}, "as_of_version"),
             ({"as_of_time": "now"}, "as_of_time"),
             ({"as_of_time": float("nan")}, "as_of_time"),
+            ({"as_of_time": 10**400}, "as_of_time"),  # no float can hold it
         ]
         for bad, name in loads:
             with pytest.raises(ConfigError, match=name):
@@ -310,6 +311,8 @@ class EventStoreContract:
         middle = (await store.read_stream("s"))[2].recorded_at
         assert await store.load("s", count, 0, as_of_time=middle) == 6
         assert await store.load("s", count, 0, as_of_time=0.0) == 0
+        assert await store.load("s", count, 0, as_of_time=2**64) == 10  # an int past 64 bits
+        assert await store.load("s", count, 0, as_of_time=-(2**64)) == 0
 
     async def test_snapshots_give_the_same_state_as_a_full_replay(self, store: EventStore) -> None:
         policy: Snapshots[int] = Snapshots("count", every=10)
