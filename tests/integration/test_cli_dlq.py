@@ -263,3 +263,31 @@ def test_seamwork_nats_names_a_store_dir_it_cannot_use(tmp_path: Any) -> None:
         assert result.output.strip() == (
             f"error: cannot keep the JetStream store in {store}: {reason}"
         )
+
+
+def _refuse(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+async def test_dlq_list_json_of_a_letter_holding_nan_or_infinity_is_valid_json(
+    nats_url: str,
+) -> None:
+    broker, handler = NatsBroker(nats_url), Flaky()
+    subject = f"orders{uuid.uuid4().hex[:6]}.created"
+    connection = await nats.connect(nats_url)
+    try:
+        await broker.subscribe(subject, "shipping", handler)
+        # another producer's body: Python's json reads NaN and Infinity, so the
+        # message is taken, and dead-lettered by the handler with them in its data
+        body = b'{"order": 7, "amount": NaN, "limit": Infinity}'
+        headers = {"Seamwork-Type": "OrderCreated", "Seamwork-Id": "m-nan"}
+        await connection.jetstream().publish(subject, body, headers=headers)
+        await dead_lettered(broker, subject, 1)
+
+        result = await cli("dlq", "list", "--nats", nats_url, "--json")
+        assert result.exit_code == 0, result.output
+        (letter,) = json.loads(result.output, parse_constant=_refuse)
+        assert letter["data"] == {"order": 7, "amount": "nan", "limit": "inf"}
+    finally:
+        await connection.close()
+        await broker.aclose()

@@ -9,7 +9,6 @@ and removed from the dead-letter store.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 import time
@@ -21,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from seamwork.cli._render import short_time
+from seamwork.cli._render import json_text, short_time
 from seamwork.cli._sagas import CliError, fail
 from seamwork.errors import ConfigError, MessagingError
 from seamwork.messaging import Broker, DeadLetter
@@ -188,7 +187,7 @@ def list_letters(
     except CliError as exc:
         raise fail(exc) from None
     if as_json:
-        sys.stdout.write(json.dumps([_letter_json(x) for x in letters], indent=2) + "\n")
+        sys.stdout.write(json_text([_letter_json(x) for x in letters]) + "\n")
         return
     Console(highlight=False, soft_wrap=False).print(letters_table(letters, time.time()))
 
