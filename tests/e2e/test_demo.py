@@ -19,11 +19,14 @@ from pathlib import Path
 
 import pytest
 
+import seamwork as seamwork_package
 from seamwork.demo.invariants import check_all, gather_evidence
 from seamwork.demo.saga import make_orders
 from seamwork.demo.scenario import DemoConfig, DemoRun
 from seamwork.storage import SQLiteStore
 
+SOURCE = str(Path(seamwork_package.__file__).parents[1])
+"""Where the seamwork under test lives: the subprocesses run it, not an installed one."""
 ORDERS = 60
 INVARIANTS = (
     "every saga terminal",
@@ -59,7 +62,7 @@ def seamwork(*args: str, cwd: Path, timeout: float = 60) -> subprocess.Completed
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "PYTHONPATH": SOURCE},
         check=False,
     )
 
@@ -242,3 +245,25 @@ def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path: Path, child:
         for pid, cmd in started.items():  # whatever outlived it is ours to stop
             if _alive(pid, cmd):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        ("notes.txt", "File exists"),  # --dir names a file
+        ("notes.txt/demo", "Not a directory"),  # --dir lies beneath a file
+        ("taken", "Is a directory"),  # a demo database's name is taken by a directory
+    ],
+)
+def test_a_demo_dir_it_cannot_use_is_a_one_line_error(
+    tmp_path: Path, where: str, reason: str
+) -> None:
+    (tmp_path / "notes.txt").write_text("keep me\n")
+    (tmp_path / "taken" / "sagas.db").mkdir(parents=True)
+    done = seamwork("demo", "--orders", "20", "--dir", where, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot use {tmp_path / where} for the demo's files: ")
+    assert reason in line
+    assert (tmp_path / "notes.txt").read_text() == "keep me\n"

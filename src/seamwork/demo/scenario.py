@@ -135,8 +135,16 @@ async def run_scenario(config: DemoConfig, reporter: Reporter) -> DemoRun:
 
 
 async def prepare(directory: Path) -> None:
-    """Fresh databases for the services, stocked; earlier demo files are replaced."""
-    await asyncio.to_thread(_clear, directory)
+    """Fresh databases for the services, stocked; earlier demo files are replaced.
+
+    Raises:
+        DemoError: ``directory`` cannot hold the demo's files (it is a file, lies
+            beneath one, or a demo file's name is taken by a directory).
+    """
+    try:
+        await asyncio.to_thread(_clear, directory)
+    except OSError as exc:
+        raise DemoError(f"cannot use {directory} for the demo's files: {exc}") from exc
     services = Services.in_directory(directory)
     try:
         await services.setup()
