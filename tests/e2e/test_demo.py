@@ -253,6 +253,7 @@ def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path: Path, child:
         ("notes.txt", "File exists"),  # --dir names a file
         ("notes.txt/demo", "Not a directory"),  # --dir lies beneath a file
         ("taken", "Is a directory"),  # a demo database's name is taken by a directory
+        ("notes.txt/[/runs]", "Not a directory"),  # brackets are no rich markup
     ],
 )
 def test_a_demo_dir_it_cannot_use_is_a_one_line_error(

@@ -530,3 +530,36 @@ def test_an_app_generator_that_fails_while_read_is_a_usage_error(
     code, words = load_app(command, f"{module}:SAGAS", db)
     assert code == 2, words
     assert f"--app: cannot load {module}:SAGAS: {said.format(m=module)}" in words
+
+
+@pytest.mark.parametrize("saga_id", ["order[/42]", "[bold]order-42", "order [sku-1]"])
+@pytest.mark.parametrize("command", ["show", "retry", "abort"])
+def test_an_error_naming_text_with_brackets_prints_it_as_it_is(
+    db: Path, command: str, saga_id: str
+) -> None:
+    code, out, err = invoke("sagas", command, saga_id, "--db", str(db))
+    assert code == 1
+    assert err.strip() == f"error: no saga with id {saga_id!r} in {db}"
+    assert "Traceback" not in out + err
+
+
+def test_a_worker_error_naming_a_path_with_brackets_prints_it_as_it_is(tmp_path: Path) -> None:
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "bracket_app.py").write_text(
+        "from seamwork.saga import Saga, Step\n\n"
+        "async def act(ctx):\n    return None\n\n"
+        "SAGAS = [Saga('s', steps=[Step('a', act)])]\n"
+    )
+    missing = tmp_path / "runs[/old]" / "sagas.db"
+    sys.path.insert(0, str(app_dir))
+    try:
+        code, out, err = invoke("worker", "--app", "bracket_app:SAGAS", "--sqlite", str(missing))
+    finally:
+        sys.path.remove(str(app_dir))
+        sys.modules.pop("bracket_app", None)
+    assert code == 1
+    assert " ".join(err.split()) == (
+        f"error: cannot open saga store {missing}: directory {missing.parent} does not exist"
+    )
+    assert "Traceback" not in out + err

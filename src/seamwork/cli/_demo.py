@@ -33,6 +33,7 @@ def demo(
 
     Exits non-zero if an invariant does not hold in the services' own databases.
     """
+    from seamwork.cli._render import error_line
     from seamwork.demo.run import run_demo
     from seamwork.demo.scenario import DemoConfig, DemoError
 
@@ -52,7 +53,7 @@ def demo(
     try:
         code = run_demo(config, console)
     except DemoError as exc:
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        Console(stderr=True, highlight=False).print(error_line(exc), soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         if not terminated:

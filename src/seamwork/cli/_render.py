@@ -43,6 +43,13 @@ EVENT_STYLE: Mapping[str, str] = {
 }
 
 
+def error_line(message: object) -> Text:
+    """``error: <message>``, the message as plain text: an id, a path or a reason that
+    holds brackets (``order[/42]``, ``[type=int_parsing]``) is printed as it is, never
+    read as rich markup (which would drop it, or fail with a ``MarkupError``)."""
+    return Text.assemble(("error:", "bold red"), " ", str(message))
+
+
 def status_text(status: SagaStatus) -> Text:
     return Text(status.value, style=STATUS_STYLE.get(status, ""))
 

@@ -22,7 +22,14 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 
-from seamwork.cli._render import event_json, json_text, saga_view, sagas_table, state_json
+from seamwork.cli._render import (
+    error_line,
+    event_json,
+    json_text,
+    saga_view,
+    sagas_table,
+    state_json,
+)
 from seamwork.errors import SagaError, StoreError
 from seamwork.saga import SagaState, SagaStatus, SagaStore, StepEvent, abort_stuck, retry_stuck
 from seamwork.storage import SQLiteStore
@@ -108,7 +115,7 @@ def run_on_store(
 
 
 def fail(exc: CliError) -> typer.Exit:
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+    Console(stderr=True, highlight=False).print(error_line(exc), soft_wrap=True)
     return typer.Exit(exc.code)
 
 

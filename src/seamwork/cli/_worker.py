@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 
 from seamwork._core import runtime
+from seamwork.cli._render import error_line
 from seamwork.errors import ConfigError, SeamworkError
 from seamwork.saga import Saga, SagaOrchestrator, SagaStore
 
@@ -137,12 +138,12 @@ def worker(
             max_running=max_running,
         )
     except ConfigError as exc:  # the options (or the definitions) do not fit together
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        Console(stderr=True, highlight=False).print(error_line(exc), soft_wrap=True)
         raise typer.Exit(2) from exc
     try:
         runtime.run(_serve(orchestrator))
     except SeamworkError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        Console(stderr=True, highlight=False).print(error_line(exc), soft_wrap=True)
         raise typer.Exit(1) from exc
 
 
