@@ -563,3 +563,70 @@ def test_a_worker_error_naming_a_path_with_brackets_prints_it_as_it_is(tmp_path:
         f"error: cannot open saga store {missing}: directory {missing.parent} does not exist"
     )
     assert "Traceback" not in out + err
+
+
+BRACKETED_ID = "order[/7]"
+INVALID = "1 validation error for Charge: [type=int_parsing, input_value='x']"
+UNREACHABLE = "ledger at [/api/v1] unreachable"
+
+
+@pytest.fixture
+def bracketed(tmp_path: Path) -> Path:
+    """A stuck saga whose id, failure reason and timeline hold brackets, as a pydantic
+    error or a URL path in an exception message do."""
+
+    async def reserve(ctx: StepContext) -> None:
+        return None
+
+    async def release(ctx: StepContext) -> None:
+        raise RuntimeError(UNREACHABLE)
+
+    async def charge(ctx: StepContext) -> None:
+        raise StepFailed(INVALID)
+
+    saga = Saga(
+        "pay[ment]",
+        steps=[Step("reserve[sku]", reserve, compensate=release), Step("charge", charge)],
+        max_compensation_attempts=1,
+        compensation_backoff=0.0,
+    )
+    path = tmp_path / "sagas.db"
+
+    async def make() -> None:
+        async with SagaOrchestrator(SQLiteStore(path), [saga]) as orch:
+            state = await (await orch.start("pay[ment]", {}, saga_id=BRACKETED_ID)).wait()
+        assert state.status.value == "stuck"
+
+    asyncio.run(make())
+    return path
+
+
+def test_list_prints_ids_names_and_failures_with_brackets_as_they_are(bracketed: Path) -> None:
+    code, out, err = invoke("sagas", "list", "--db", str(bracketed))
+    assert code == 0, err
+    assert BRACKETED_ID in out
+    assert "pay[ment] v1" in out
+    assert INVALID in out
+
+
+def test_show_prints_a_timeline_with_brackets_as_it_is(bracketed: Path) -> None:
+    code, out, err = invoke("sagas", "show", BRACKETED_ID, "--db", str(bracketed))
+    assert (code, err) == (0, "")
+    texts = (BRACKETED_ID, "pay[ment] v1", INVALID, UNREACHABLE, "reserve[sku]: 1")
+    for text in texts:  # the last one: the compensation attempts
+        assert text in out, text
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        ("retry", f"saga {BRACKETED_ID} is compensating again (to undo: reserve[sku])"),
+        ("abort", f"saga {BRACKETED_ID} aborted: now failed; left un-compensated: reserve[sku]"),
+    ],
+)
+def test_retry_and_abort_print_ids_and_steps_with_brackets_as_they_are(
+    bracketed: Path, command: str, said: str
+) -> None:
+    code, out, err = invoke("sagas", command, BRACKETED_ID, "--db", str(bracketed))
+    assert (code, err) == (0, "")
+    assert said in " ".join(out.split())

@@ -1,4 +1,9 @@
-"""How sagas look on a terminal (rich) and in ``--json`` output."""
+"""How sagas look on a terminal (rich) and in ``--json`` output.
+
+What the store holds (ids, names, failure reasons, event details) goes to rich as
+``Text``, never as a markup string: brackets in it (a pydantic error's
+``[type=int_parsing]``, a URL path's ``[/api]``) are shown as they are.
+"""
 
 from __future__ import annotations
 
@@ -88,12 +93,12 @@ def sagas_table(states: Sequence[SagaState], now: float) -> Table:
     table.add_column("failure", overflow="fold", min_width=12, ratio=1)
     for s in states:
         table.add_row(
-            s.saga_id,
-            f"{s.saga_name} v{s.saga_version}",
+            Text(s.saga_id),
+            Text(f"{s.saga_name} v{s.saga_version}"),
             status_text(s.status),
             str(s.current_step_index),
             short_time(s.updated_at, now),
-            s.failure_reason or "",
+            Text(s.failure_reason or ""),
         )
     return table
 
@@ -107,7 +112,7 @@ def _header(state: SagaState) -> Panel:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
-    grid.add_row("saga", f"{state.saga_name} v{state.saga_version}")
+    grid.add_row("saga", Text(f"{state.saga_name} v{state.saga_version}"))
     grid.add_row("status", status_text(state.status))
     grid.add_row("started", clock_time(state.started_at))
     duration = state.updated_at - state.started_at
@@ -117,10 +122,9 @@ def _header(state: SagaState) -> Panel:
     if state.failure_reason:
         grid.add_row("failure", Text(state.failure_reason, style="red"))
     if state.lease_owner and state.status.active:
-        grid.add_row(
-            "lease", f"{state.lease_owner} until {clock_time(state.lease_expires_at or 0)}"
-        )
-    return Panel(grid, title=f"[bold]{state.saga_id}", title_align="left")
+        until = clock_time(state.lease_expires_at or 0)
+        grid.add_row("lease", Text(f"{state.lease_owner} until {until}"))
+    return Panel(grid, title=Text(state.saga_id, style="bold"), title_align="left")
 
 
 def timeline_table(state: SagaState, timeline: Sequence[StepEvent]) -> Table:
@@ -136,9 +140,9 @@ def timeline_table(state: SagaState, timeline: Sequence[StepEvent]) -> Table:
         table.add_row(
             f"+{event.at - state.started_at:.3f}s",
             Text(event.event, style=style),
-            event.step or "",
+            Text(event.step or ""),
             "" if event.attempt is None else str(event.attempt),
-            event.detail or "",
+            Text(event.detail or ""),
         )
     return table
 
@@ -170,8 +174,8 @@ def _names(names: Sequence[str], style: str) -> Text:
     return Text(" → ".join(names), style=style)
 
 
-def _counts(counts: Mapping[str, int]) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in counts.items())
+def _counts(counts: Mapping[str, int]) -> Text:
+    return Text(", ".join(f"{k}: {v}" for k, v in counts.items()))
 
 
 def json_text(document: Any) -> str:

@@ -21,6 +21,7 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from seamwork.cli._render import (
     error_line,
@@ -238,8 +239,13 @@ def retry_saga(saga_id: SagaId, db: Db = None, postgres: Postgres = None) -> Non
         raise fail(exc) from None
     pending = ", ".join(state.to_compensate) or "nothing"
     _console().print(
-        f"saga [bold]{saga_id}[/] is [magenta]compensating[/] again (to undo: {pending}); "
-        "a running orchestrator picks it up in its recovery loop"
+        Text.assemble(
+            "saga ",
+            (saga_id, "bold"),
+            " is ",
+            ("compensating", "magenta"),
+            f" again (to undo: {pending}); a running orchestrator picks it up in its recovery loop",
+        )
     )
 
 
@@ -267,7 +273,13 @@ def abort_saga(
         raise fail(exc) from None
     left = ", ".join(state.to_compensate) or "nothing"
     _console().print(
-        f"saga [bold]{saga_id}[/] aborted: now [yellow]failed[/]; left un-compensated: {left}"
+        Text.assemble(
+            "saga ",
+            (saga_id, "bold"),
+            " aborted: now ",
+            ("failed", "yellow"),
+            f"; left un-compensated: {left}",
+        )
     )
 
 
