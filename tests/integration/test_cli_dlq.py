@@ -291,3 +291,30 @@ async def test_dlq_list_json_of_a_letter_holding_nan_or_infinity_is_valid_json(
     finally:
         await connection.close()
         await broker.aclose()
+
+
+async def test_dlq_list_and_replay_print_brackets_in_errors_and_types_as_they_are(
+    nats_url: str,
+) -> None:
+    async def refuse(delivery: Delivery) -> None:
+        raise PoisonMessage("no route for [/api/v1/ship] [type=missing]")
+
+    broker = NatsBroker(nats_url)
+    subject = f"orders{uuid.uuid4().hex[:6]}.created"
+    try:
+        await broker.subscribe(subject, "shipping", refuse)
+        message = Message("Order[/v2]", {"order": 7}, id="m[/1]")
+        await broker.publish(subject, message)
+        await dead_lettered(broker, subject, 1)
+
+        table = await cli("dlq", "list", "--nats", nats_url)
+        assert table.exit_code == 0, table.output
+        for text in ("no route for [/api/v1/ship] [type=missing]", "Order[/v2]"):
+            assert text in table.output
+        (letter,) = await listed("--nats", nats_url)
+        replay = await cli("dlq", "replay", letter["key"], "--nats", nats_url)
+        assert replay.exit_code == 0, replay.output
+        said = f"replayed {letter['key']}: Order[/v2] m[/1] to {subject}"
+        assert said in " ".join(replay.output.split())
+    finally:
+        await broker.aclose()

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from seamwork.cli._render import json_text, short_time
 from seamwork.cli._sagas import CliError, fail
@@ -153,18 +154,19 @@ def _letter_json(letter: DeadLetter) -> dict[str, Any]:
 
 
 def letters_table(letters: Sequence[DeadLetter], now: float) -> Table:
-    """One row per dead letter: key, subject, group, type, attempts, error, when."""
+    """One row per dead letter: key, subject, group, type, attempts, error, when
+    (the letter's text as plain ``Text``: brackets in an error are not rich markup)."""
     table = Table(title=f"{len(letters)} dead letter(s)", title_justify="left")
     for column in ("key", "subject", "group", "type", "attempts", "error", "when"):
         table.add_column(column, justify="right" if column == "attempts" else "left")
     for letter in letters:
         table.add_row(
-            letter.key,
-            letter.subject,
-            letter.group,
-            letter.message.type,
+            Text(letter.key),
+            Text(letter.subject),
+            Text(letter.group),
+            Text(letter.message.type),
             str(letter.attempts),
-            letter.error.splitlines()[0] if letter.error else "",
+            Text(letter.error.splitlines()[0] if letter.error else ""),
             short_time(letter.dead_lettered_at, now) if letter.dead_lettered_at else "?",
         )
     return table
@@ -222,9 +224,13 @@ def replay_letters(
         raise fail(exc) from None
     console = Console(highlight=False, soft_wrap=True)
     for letter in done:
+        message = letter.message
         console.print(
-            f"replayed [bold]{letter.key}[/]: {letter.message.type} {letter.message.id} "
-            f"to {letter.subject}"
+            Text.assemble(
+                "replayed ",
+                (letter.key, "bold"),
+                f": {message.type} {message.id} to {letter.subject}",
+            )
         )
     if replay_all:
         console.print(f"{len(done)} dead letter(s) replayed")
