@@ -318,3 +318,56 @@ async def test_dlq_list_and_replay_print_brackets_in_errors_and_types_as_they_ar
         assert said in " ".join(replay.output.split())
     finally:
         await broker.aclose()
+
+
+@pytest.fixture
+async def rabbitmq_over_tls(rabbitmq_service: str, tmp_path: Any) -> AsyncIterator[str]:
+    """The RabbitMQ server behind TLS, the way a managed broker is reached: only its
+    amqps port (5671) listens, on 127.0.0.2, where nothing answers on 5672."""
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    subprocess.run(
+        ["openssl", *request, "-subj", "/CN=127.0.0.2", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    async def tunnel(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", 5672)
+        await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w))
+
+    server = await asyncio.start_server(tunnel, "127.0.0.2", 5671, ssl=context)
+    async with server:
+        yield "amqps://guest:guest@127.0.0.2/?no_verify_ssl=1"
+
+
+async def test_dlq_on_an_amqps_url_without_a_port_reaches_the_tls_port(
+    rabbitmq_service: str, rabbitmq_over_tls: str
+) -> None:
+    exchange = f"seamwork-cli-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect(rabbitmq_service)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC)
+        try:
+            target = ("--rabbitmq", rabbitmq_over_tls, "--exchange", exchange)
+            result = await cli("dlq", "list", *target)
+        finally:
+            await channel.exchange_delete(exchange)
+    assert result.exit_code == 0, result.output
+    assert "0 dead letter(s)" in result.output

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -60,16 +60,29 @@ Timeout = Annotated[
 ]
 
 
+DEFAULT_PORTS: Mapping[str, int] = {
+    "nats": 4222,
+    "tls": 4222,
+    "ws": 80,
+    "wss": 443,
+    "amqp": 5672,
+    "amqps": 5671,
+}
+"""The port each client library connects to when the URL names none, by scheme."""
+
+
 def _endpoint(url: str, default_port: int) -> tuple[str, int]:
     try:
         parts = urlsplit(url)
-        return parts.hostname or "127.0.0.1", parts.port or default_port
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme.lower(), default_port)
+        return parts.hostname or "127.0.0.1", port
     except ValueError as exc:
         raise CliError(f"not a broker URL: {url!r} ({exc})", code=2) from exc
 
 
 async def _reachable(url: str, default_port: int, seconds: float) -> None:
-    """Fail fast with one line when nothing listens (a NATS client retries forever)."""
+    """Fail fast with one line when nothing listens (a NATS client retries forever),
+    probing the port the client will use: an ``amqps://`` URL without one is 5671."""
     host, port = _endpoint(url, default_port)
     try:
         async with asyncio.timeout(seconds):
