@@ -55,7 +55,9 @@ async def _serve(store_dir: Path | None, port: int | None) -> None:
         async with server:
             boot = (server.boot_seconds or 0.0) * 1000
             store = f" (store: {store_dir})" if store_dir is not None else ""
-            console.print(f"nats-server ready at {server.url} in {boot:.0f} ms{store}")
+            console.print(
+                f"nats-server ready at {server.url} in {boot:.0f} ms{store}", markup=False
+            )
             console.print("Ctrl-C or SIGTERM stops it.")
             while server.running and not stop.is_set():
                 try:

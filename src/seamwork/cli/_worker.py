@@ -154,6 +154,6 @@ async def _serve(orchestrator: SagaOrchestrator) -> None:
         loop.add_signal_handler(sig, stop.set)
     console = Console(highlight=False)
     async with orchestrator:
-        console.print(f"worker {orchestrator.owner} running", soft_wrap=True)
+        console.print(f"worker {orchestrator.owner} running", soft_wrap=True, markup=False)
         await stop.wait()
-        console.print(f"worker stopping; stats {orchestrator.stats}", soft_wrap=True)
+        console.print(f"worker stopping; stats {orchestrator.stats}", soft_wrap=True, markup=False)

@@ -9,6 +9,7 @@ from typing import Self
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from seamwork.demo.invariants import Check
 from seamwork.demo.saga import expectation, saga_id
@@ -49,7 +50,9 @@ class RichReporter:
         self._progress.update(self._task, completed=count)
 
     def alert(self, saga_id: str, reason: str | None) -> None:
-        self.console.print(f"[bold red]ALERT[/] saga {saga_id} is stuck: {reason}")
+        self.console.print(
+            Text.assemble(("ALERT", "bold red"), f" saga {saga_id} is stuck: {reason}")
+        )
 
 
 def percentile(values: list[float], q: float) -> float:

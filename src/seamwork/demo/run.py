@@ -12,6 +12,7 @@ import asyncio
 import shlex
 
 from rich.console import Console
+from rich.text import Text
 
 from seamwork.demo.invariants import Check, check_all, gather_evidence
 from seamwork.demo.report import RichReporter, checks_table, stuck_ids, summary_table
@@ -67,9 +68,12 @@ async def _check(demo: DemoRun) -> list[Check]:
 
 def _print_where(console: Console, config: DemoConfig, demo: DemoRun) -> None:
     db = shlex.quote(str(config.sagas_db))
-    console.print(
-        f"\nFiles left in [bold]{config.directory}[/] (sagas.db, one .db per service, logs)"
+    where = Text.assemble(
+        "\nFiles left in ",
+        (str(config.directory), "bold"),
+        " (sagas.db, one .db per service, logs)",
     )
+    console.print(where)  # (Text: brackets in the path are not rich markup)
     console.print("Inspect them:")
     console.print(f"  seamwork sagas list --db {db}", markup=False)
     stuck = stuck_ids(demo)
