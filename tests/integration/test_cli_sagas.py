@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import sys
 import uuid
@@ -630,3 +631,20 @@ def test_retry_and_abort_print_ids_and_steps_with_brackets_as_they_are(
     code, out, err = invoke("sagas", command, BRACKETED_ID, "--db", str(bracketed))
     assert (code, err) == (0, "")
     assert said in " ".join(out.split())
+
+
+def test_python_dash_m_seamwork_runs_the_command() -> None:
+    import subprocess
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": src}
+    done = subprocess.run(
+        [sys.executable, "-m", "seamwork", "sagas", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "list" in done.stdout
+    assert "retry" in done.stdout
