@@ -224,6 +224,8 @@ class SagaOrchestrator(Driver, OpenClose):
             return
         self._open = False
         owned = list(self._runs)  # read before the runs end and remove themselves
+        # Runs cut while their final save was under way: it may have landed.
+        in_doubt = [saga_id for saga_id, run in self._runs.items() if run.finishing]
         loops = (self._loop_task, self._watch_task)
         tasks = [t for t in (*loops, *(r.task for r in self._runs.values())) if t]
         for task in tasks:
@@ -234,10 +236,33 @@ class SagaOrchestrator(Driver, OpenClose):
                 run.done.set_result(None)
         self._runs.clear()
         try:
-            if owned:
-                await self._store.release(self.owner, owned)
+            kept = await self._settle_final_saves(in_doubt)
+            released = [saga_id for saga_id in owned if saga_id not in kept]
+            if released:
+                await self._store.release(self.owner, released)
         finally:
             await self._store.aclose()
+
+    async def _settle_final_saves(self, saga_ids: builtins.list[str]) -> set[str]:
+        """Of sagas whose final save a close cut short, the ones whose lease must stay.
+
+        A save that made the saga ``stuck`` and landed keeps the lease as the mark of
+        an alert owed: the alert goes out here, before the lease is released. A row
+        that cannot be read keeps its lease, so an alert it may owe is sent by whoever
+        claims it next."""
+        kept: set[str] = set()
+        for saga_id in saga_ids:
+            try:
+                state = await self._store.get(saga_id)
+            except Exception:
+                log.exception("saga %s: could not read its row while closing", saga_id)
+                kept.add(saga_id)
+                continue
+            if state is None or state.lease_owner != self.owner:
+                continue  # finished, or moved on by an operator: nothing owed here
+            if state.status is SagaStatus.STUCK:
+                self._finished(state)  # its alert is owed, and ours to send
+        return kept
 
     # --- public operations --------------------------------------------------------
 

@@ -1,0 +1,72 @@
+"""The orchestrator's lifecycle racing its runs and operator calls, on a real SQLite
+store (a slow reply or commit stands in for a loaded machine or network)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from seamwork.saga import Saga, SagaOrchestrator, SagaState, SagaStatus, Step, StepContext
+from seamwork.storage import SQLiteStore
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "sagas.db"
+
+
+async def _noop(ctx: StepContext) -> None:
+    return None
+
+
+async def _declined(ctx: StepContext) -> None:
+    from seamwork.saga import StepFailed
+
+    raise StepFailed("declined")
+
+
+async def _cannot_undo(ctx: StepContext) -> None:
+    raise RuntimeError("cannot undo")
+
+
+GIVES_UP = Saga(
+    "order",
+    steps=[Step("reserve", _noop, compensate=_cannot_undo), Step("charge", _declined)],
+    compensation_backoff=0.001,
+    max_compensation_attempts=2,
+)
+
+
+class SlowStuckReply(SQLiteStore):
+    """The real store, whose reply to the save that makes a saga stuck comes late (the
+    commit is in): the orchestrator is closed meanwhile."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.committed = asyncio.Event()
+
+    async def save(self, state: SagaState, events: Any, **options: Any) -> None:
+        await super().save(state, events, **options)
+        if state.status is SagaStatus.STUCK:
+            self.committed.set()
+            await asyncio.sleep(3600)
+
+
+async def test_closing_while_a_stuck_save_is_answered_still_gets_its_alert_out(db: Path) -> None:
+    alerts: list[str] = []
+    store = SlowStuckReply(db)
+    orch = SagaOrchestrator(store, [GIVES_UP], on_stuck=lambda s: alerts.append(s.saga_id))
+    async with orch:
+        await orch.start("order", {}, saga_id="s-1")
+        await asyncio.wait_for(store.committed.wait(), 5.0)
+    async with SagaOrchestrator(
+        SQLiteStore(db), [GIVES_UP], on_stuck=lambda s: alerts.append(s.saga_id)
+    ) as again:
+        await asyncio.sleep(0.05)  # a recovery round
+        stored = await again.get("s-1")
+    assert alerts == ["s-1"]  # sent once, by one of the two
+    assert stored is not None
+    assert (stored.status, stored.lease_owner) == (SagaStatus.STUCK, None)
