@@ -4,11 +4,13 @@ store (a slow reply or commit stands in for a loaded machine or network)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from seamwork.errors import InvalidSagaOperation
 from seamwork.saga import Saga, SagaOrchestrator, SagaState, SagaStatus, Step, StepContext
 from seamwork.storage import SQLiteStore
 
@@ -70,3 +72,40 @@ async def test_closing_while_a_stuck_save_is_answered_still_gets_its_alert_out(d
     assert alerts == ["s-1"]  # sent once, by one of the two
     assert stored is not None
     assert (stored.status, stored.lease_owner) == (SagaStatus.STUCK, None)
+
+
+class HeldCancel(SQLiteStore):
+    """The real store, whose commit of a saga's cancel is held up (a slow disk): the
+    orchestrator is closed before it is made."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.cancelling = asyncio.Event()
+
+    async def save(self, state: SagaState, events: Any, **options: Any) -> None:
+        if any(e.event == "cancelled" for e in events):
+            self.cancelling.set()
+            await asyncio.sleep(3600)
+        await super().save(state, events, **options)
+
+
+async def test_a_cancel_the_close_cut_before_its_commit_is_not_reported_done(db: Path) -> None:
+    entered = asyncio.Event()
+
+    async def hang(ctx: StepContext) -> None:
+        entered.set()
+        await asyncio.sleep(3600)
+
+    saga = Saga("order", steps=[Step("reserve", hang, compensate=_noop)])
+    store = HeldCancel(db)
+    orch = SagaOrchestrator(store, [saga])
+    async with orch:
+        await orch.start("order", {}, saga_id="s-1")
+        await entered.wait()
+        cancel = asyncio.create_task(orch.cancel("s-1"))
+        await asyncio.wait_for(store.cancelling.wait(), 5.0)
+    with pytest.raises(InvalidSagaOperation, match="before its cancel was confirmed stored"):
+        await asyncio.wait_for(cancel, 5.0)
+    with sqlite3.connect(db) as conn:
+        (status,) = conn.execute("SELECT status FROM seamwork_sagas").fetchone()
+    assert status == "running"  # it was never cancelled: it resumes forward

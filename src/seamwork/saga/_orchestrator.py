@@ -368,7 +368,8 @@ class SagaOrchestrator(Driver, OpenClose):
             InvalidSagaOperation: the saga is not running here: it completed (also when
                 it completes while the cancel waits for the step in flight or the commit
                 under way: nothing is undone), failed, is stuck, or another process runs
-                it.
+                it; or its run here stopped (a close, a lost lease) before the cancel
+                was confirmed stored.
         """
         self._require_open()
         run = self._runs.get(saga_id)
@@ -391,6 +392,12 @@ class SagaOrchestrator(Driver, OpenClose):
         if run.state.status is SagaStatus.COMPLETED:  # its last step landed first
             raise InvalidSagaOperation(
                 f"saga {saga_id!r} is completed: it finished before the cancel took hold"
+            )
+        if run.state.status is SagaStatus.RUNNING:  # the run ended with no cancel stored
+            raise InvalidSagaOperation(
+                f"saga {saga_id!r} stopped running here (the orchestrator closed, lost its "
+                "lease, or hit an error) before its cancel was confirmed stored; it may still "
+                "be running: see get(), and cancel it where it runs"
             )
         return run.state
 
