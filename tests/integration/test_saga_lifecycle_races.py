@@ -109,3 +109,54 @@ async def test_a_cancel_the_close_cut_before_its_commit_is_not_reported_done(db:
     with sqlite3.connect(db) as conn:
         (status,) = conn.execute("SELECT status FROM seamwork_sagas").fetchone()
     assert status == "running"  # it was never cancelled: it resumes forward
+
+
+class LateCreateReply(SQLiteStore):
+    """The real store, whose reply to a saga's create comes late (the commit is in):
+    the orchestrator is closed meanwhile."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.created = asyncio.Event()
+        self.reply = asyncio.Event()
+
+    async def create(self, state: SagaState, events: Any) -> bool:
+        created = await super().create(state, events)
+        self.created.set()
+        await self.reply.wait()
+        return created
+
+
+async def test_a_start_under_way_when_the_orchestrator_closes_runs_nothing_after_the_close(
+    db: Path,
+) -> None:
+    ran: list[str] = []
+
+    async def reserve(ctx: StepContext) -> None:
+        ran.append(ctx.saga_id)
+        if len(ran) == 1:
+            await asyncio.sleep(3600)  # in flight when the orchestrator closes
+
+    saga = Saga("order", steps=[Step("reserve", reserve, compensate=_noop)])
+    store = LateCreateReply(db)
+    orch = SagaOrchestrator(store, [saga])
+    await orch.open()
+    start = asyncio.create_task(orch.start("order", {}, saga_id="s-1"))
+    await asyncio.wait_for(store.created.wait(), 5.0)
+    closing = asyncio.create_task(orch.aclose())
+    await asyncio.sleep(0.05)
+    store.reply.set()
+    await asyncio.wait_for(closing, 5.0)
+    run = await asyncio.wait_for(start, 5.0)  # stored before the close: a handle
+    ran_before_close = list(ran)
+    await asyncio.sleep(0.1)
+    assert ran == ran_before_close  # no step runs on a closed orchestrator
+    assert orch.running == 0
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "saga:s-1"]
+    with sqlite3.connect(db) as conn:
+        row = conn.execute("SELECT status, lease_owner FROM seamwork_sagas").fetchone()
+    assert row == ("running", None)  # released by the close: the next start resumes it
+    async with SagaOrchestrator(SQLiteStore(db), [saga]) as again:
+        state = await asyncio.wait_for(again.handle(run.saga_id).wait(), 5.0)
+    assert state.status is SagaStatus.COMPLETED
+    assert set(ran) == {"s-1"}

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from seamwork._core.clock import Clock, SystemClock
@@ -160,6 +161,7 @@ class SagaOrchestrator(Driver, OpenClose):
         self._loop_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._open = False
+        self._spawning_calls: set[asyncio.Future[None]] = set()
         self.hooks = Hooks(EVENTS, log)
         if on_stuck is not None:
             self.hooks.on("stuck", on_stuck)
@@ -223,6 +225,8 @@ class SagaOrchestrator(Driver, OpenClose):
         if not self._open:
             return
         self._open = False
+        while self._spawning_calls:  # a start or retry under way ends first (its run is
+            await asyncio.wait(builtins.list(self._spawning_calls))  # stopped below)
         owned = list(self._runs)  # read before the runs end and remove themselves
         # Runs cut while their final save was under way: it may have landed.
         in_doubt = [saga_id for saga_id, run in self._runs.items() if run.finishing]
@@ -296,6 +300,12 @@ class SagaOrchestrator(Driver, OpenClose):
             saga_id = new_id()
         elif not isinstance(saga_id, str) or not saga_id.strip():
             raise ConfigError(f"saga_id must be a non-empty string, got {saga_id!r}")
+        with self._spawning():
+            return await self._begin(machine, name, data, saga_id)
+
+    async def _begin(
+        self, machine: SagaMachine, name: str, data: dict[str, Any], saga_id: str
+    ) -> SagaRun:
         running = self._runs.get(saga_id)
         if running is not None:
             _check_same_saga(saga_id, name, running.state)
@@ -341,14 +351,15 @@ class SagaOrchestrator(Driver, OpenClose):
     async def retry(self, saga_id: str) -> SagaRun:
         """Start compensating a ``stuck`` saga again, with fresh attempts."""
         self._require_open()
-        state = await self._existing(saga_id)
-        machine = self._machine_for(state.saga_name, state.saga_version)
-        moved = retry_stuck(state, self._clock.now())
-        owned = moved.state.evolve(
-            lease_owner=self.owner, lease_expires_at=self._clock.now() + self._lease
-        )
-        await self._store.save(owned, moved.events, expect_status=SagaStatus.STUCK)
-        self._spawn(machine, owned)
+        with self._spawning():
+            state = await self._existing(saga_id)
+            machine = self._machine_for(state.saga_name, state.saga_version)
+            moved = retry_stuck(state, self._clock.now())
+            owned = moved.state.evolve(
+                lease_owner=self.owner, lease_expires_at=self._clock.now() + self._lease
+            )
+            await self._store.save(owned, moved.events, expect_status=SagaStatus.STUCK)
+            self._spawn(machine, owned)
         return SagaRun(self, saga_id)
 
     async def abort(self, saga_id: str, reason: str = "aborted by operator") -> SagaState:
@@ -553,6 +564,19 @@ class SagaOrchestrator(Driver, OpenClose):
         if machine is None:
             raise UnknownSagaError(f"saga {name!r} version {version} is not registered")
         return machine
+
+    @contextlib.contextmanager
+    def _spawning(self) -> Iterator[None]:
+        """A start or retry under way: ``aclose()`` waits for it to end, so its run is
+        spawned before the close stops every run (and releases its lease), never after
+        the store closed, where it would run on alone."""
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._spawning_calls.add(ended)
+        try:
+            yield
+        finally:
+            self._spawning_calls.discard(ended)
+            ended.set_result(None)
 
     def _require_open(self) -> None:
         if not self._open:
