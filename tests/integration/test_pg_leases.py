@@ -5,10 +5,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
-from seamwork.saga import Saga, SagaOrchestrator, SagaState, SagaStatus, Step, StepContext
+from seamwork.saga import (
+    Saga,
+    SagaOrchestrator,
+    SagaState,
+    SagaStatus,
+    Step,
+    StepContext,
+    StepFailed,
+)
 from seamwork.storage import PostgresStore
 
 LEASE = 1.5
@@ -141,3 +150,54 @@ async def test_a_renewal_beside_a_batch_of_saves_never_deadlocks_with_it(pg_dsn:
             assert stored.current_step_index == 1
     finally:
         await store.aclose()
+
+
+class _SlowStuckReply(PostgresStore):
+    """The real store, whose reply to the save that makes a saga stuck comes late (the
+    commit is in): the worker is closed meanwhile."""
+
+    committed: asyncio.Event
+
+    async def save(self, state: SagaState, events: Any, **options: Any) -> None:
+        await super().save(state, events, **options)
+        if state.status is SagaStatus.STUCK:
+            self.committed.set()
+            await asyncio.sleep(3600)
+
+
+async def test_a_worker_closed_while_its_stuck_save_is_answered_still_sends_the_alert(
+    pg_dsn: str,
+) -> None:
+    async def declined(ctx: StepContext) -> None:
+        raise StepFailed("declined")
+
+    async def cannot_undo(ctx: StepContext) -> None:
+        raise RuntimeError("cannot undo")
+
+    saga = Saga(
+        "order",
+        steps=[Step("reserve", _noop, compensate=cannot_undo), Step("charge", declined)],
+        compensation_backoff=0.001,
+        max_compensation_attempts=2,
+    )
+    alerts: list[str] = []
+    store = _SlowStuckReply(pg_dsn)
+    store.committed = asyncio.Event()
+    async with SagaOrchestrator(
+        store, [saga], owner="w1", on_stuck=lambda s: alerts.append(s.saga_id)
+    ) as orch:
+        await orch.start("order", {}, saga_id="s-1")
+        await asyncio.wait_for(store.committed.wait(), 5.0)
+    async with SagaOrchestrator(
+        PostgresStore(pg_dsn),
+        [saga],
+        owner="w2",
+        lease_seconds=0.3,
+        recovery_interval=0.05,
+        on_stuck=lambda s: alerts.append(s.saga_id),
+    ) as other:
+        await asyncio.sleep(0.5)  # past any lease w1 could have kept: nothing more owed
+        stored = await other.get("s-1")
+    assert alerts == ["s-1"]
+    assert stored is not None
+    assert (stored.status, stored.lease_owner) == (SagaStatus.STUCK, None)
