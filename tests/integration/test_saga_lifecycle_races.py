@@ -160,3 +160,22 @@ async def test_a_start_under_way_when_the_orchestrator_closes_runs_nothing_after
         state = await asyncio.wait_for(again.handle(run.saga_id).wait(), 5.0)
     assert state.status is SagaStatus.COMPLETED
     assert set(ran) == {"s-1"}
+
+
+async def test_every_operator_write_on_a_closed_orchestrator_says_it_is_not_open(
+    db: Path,
+) -> None:
+    alerts: list[str] = []
+    async with SagaOrchestrator(
+        SQLiteStore(db), [GIVES_UP], on_stuck=lambda s: alerts.append(s.saga_id)
+    ) as orch:
+        state = await asyncio.wait_for((await orch.start("order", {}, saga_id="s-1")).wait(), 5)
+    assert state.status is SagaStatus.STUCK
+    for call in (
+        lambda: orch.start("order", {}, saga_id="s-2"),
+        lambda: orch.retry("s-1"),
+        lambda: orch.abort("s-1"),
+        lambda: orch.cancel("s-1"),
+    ):
+        with pytest.raises(InvalidSagaOperation, match="not open"):
+            await call()

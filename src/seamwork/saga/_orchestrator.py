@@ -364,6 +364,7 @@ class SagaOrchestrator(Driver, OpenClose):
 
     async def abort(self, saga_id: str, reason: str = "aborted by operator") -> SagaState:
         """Give up on a ``stuck`` saga: it is marked ``failed`` and left as it is."""
+        self._require_open()
         state = await self._existing(saga_id)
         moved = abort(state, self._clock.now(), reason)
         await self._store.save(moved.state, moved.events, expect_status=SagaStatus.STUCK)
