@@ -1053,3 +1053,75 @@ async def test_a_renewal_racing_the_final_commit_does_not_stop_the_saga(db: Path
         assert lost == []
         assert orch.stats["lease_lost"] == 0
         assert orch.stats["completed"] == 1
+
+
+class UnrenewableLateFinalReply(SQLiteStore):
+    """The real store; renewals fail (the store is unreachable for them), and the reply
+    to a saga's final save arrives past the lease the run could still count on."""
+
+    async def renew(self, owner: str, saga_ids: Any, **options: Any) -> set[str]:
+        raise StoreError("renewal: the store did not answer")
+
+    async def save(self, state: SagaState, events: Any, **options: Any) -> None:
+        await super().save(state, events, **options)
+        if state.terminal:
+            await asyncio.sleep(1.0)
+
+
+async def test_the_lease_watch_lets_a_run_awaiting_its_final_save_finish(db: Path) -> None:
+    """Renewals fail, so the lease watch stops runs before their lease runs out; but a
+    run whose final (fenced) save is already on its way has nothing left to do that a
+    new owner could collide with, and stopping it lost its hooks (and a stuck saga's
+    alert): it finishes."""
+    ledger = Ledger()
+    saga = Saga("order", steps=chain(ledger, "reserve"))
+    done: list[str] = []
+    async with SagaOrchestrator(
+        UnrenewableLateFinalReply(db), [saga], lease_seconds=0.9, recovery_interval=0.1
+    ) as orch:
+        orch.hooks.on("completed", lambda state: done.append(state.saga_id))
+        run = await orch.start("order", {"order_id": 1}, saga_id="s-1")
+        state = await asyncio.wait_for(run.wait(), 5)
+        await asyncio.sleep(0)
+    assert state is not None
+    assert state.status is SagaStatus.COMPLETED
+    assert done == ["s-1"]
+    assert orch.stats["lease_lost"] == 0
+
+
+class SlowAlertRelease(SQLiteStore):
+    """The real store, whose release of a stuck saga's alert lease never answers."""
+
+    async def release(self, owner: str, saga_ids: Any, **options: Any) -> None:
+        if options.get("status") is SagaStatus.STUCK:
+            await asyncio.Event().wait()
+        await super().release(owner, saga_ids, **options)
+
+
+async def test_a_close_while_an_alert_lease_is_released_sends_no_second_alert(db: Path) -> None:
+    """The alert went out and its lease was on its way back when the orchestrator
+    closed: the close releases it (the run is still its own until then), so the next
+    process finds nothing owed. Before, the run had left the orchestrator's books, the
+    close neither waited for nor covered that release, and the alert went out twice."""
+    ledger = Ledger()
+    steps = [
+        Step("reserve", ledger.action("reserve"), compensate=ledger.undo("reserve", fail_times=9)),
+        Step("charge", ledger.action("charge", fail=lambda ctx: StepFailed("no"))),
+    ]
+    saga = Saga("order", steps=steps, compensation_backoff=0.001, max_compensation_attempts=2)
+    alerts: list[str] = []
+    async with SagaOrchestrator(
+        SlowAlertRelease(db), [saga], on_stuck=lambda s: alerts.append(s.saga_id)
+    ) as orch:
+        state = await (await orch.start("order", {}, saga_id="s-1")).wait()
+        assert state is not None
+        assert state.status is SagaStatus.STUCK
+        await asyncio.sleep(0.05)  # the release is under way, and hangs
+    async with SagaOrchestrator(
+        SQLiteStore(db), [saga], on_stuck=lambda s: alerts.append(s.saga_id)
+    ) as again:
+        stored = await again.get("s-1")
+    assert alerts == ["s-1"]
+    assert again.stats["late_alerts"] == 0
+    assert stored is not None
+    assert (stored.status, stored.lease_owner) == (SagaStatus.STUCK, None)

@@ -160,9 +160,9 @@ def _state_table(state: SagaState) -> Table:
     if state.status.active or state.status is SagaStatus.STUCK:
         grid.add_row("to compensate", _names(state.to_compensate, "magenta"))
     if state.step_attempts:
-        grid.add_row("step attempts", _counts(state.step_attempts))
+        grid.add_row("failed attempts", _counts(state.step_attempts))
     if state.compensation_attempts:
-        grid.add_row("compensation attempts", _counts(state.compensation_attempts))
+        grid.add_row("failed compensations", _counts(state.compensation_attempts))
     context = json.dumps(state.context, indent=2, sort_keys=True, default=str)
     grid.add_row("context", Syntax(context, "json", theme="ansi_dark", background_color="default"))
     return grid

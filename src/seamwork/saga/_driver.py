@@ -100,6 +100,13 @@ class Driver:
 
     async def _drive(self, run: _Run) -> None:
         try:
+            await self._run_to_the_end(run)
+        finally:  # (a stuck run stays listed until its alert is out: a close releases it)
+            if self._runs.get(run.state.saga_id) is run:
+                del self._runs[run.state.saga_id]
+
+    async def _run_to_the_end(self, run: _Run) -> None:
+        try:
             await self._advance(run)
         except LeaseLost as exc:
             self.stats["lease_lost"] += 1
@@ -117,8 +124,6 @@ class Driver:
                 self._lease,
             )
         finally:
-            if self._runs.get(run.state.saga_id) is run:
-                del self._runs[run.state.saga_id]
             if not run.done.done():
                 run.done.set_result(run.state if run.state.terminal else None)
         if run.state.terminal:
@@ -388,8 +393,8 @@ class Driver:
     async def _alerts_out(self, saga_ids: builtins.list[str]) -> None:
         """Release the leases stuck sagas keep until their alert is out. If this fails,
         the alerts go out again once the leases expire: twice rather than never."""
-        try:
-            await self._store.release(self.owner, saga_ids)
+        try:  # (a saga retried here meanwhile is not stuck: its new lease stays)
+            await self._store.release(self.owner, saga_ids, status=SagaStatus.STUCK)
         except StoreError as exc:
             log.warning(
                 "could not record that the alerts of %s went out (%s); they will be sent "

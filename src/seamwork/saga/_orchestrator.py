@@ -493,7 +493,9 @@ class SagaOrchestrator(Driver, OpenClose):
         while True:
             horizon = self._clock.monotonic() + self._interval
             for run in builtins.list(self._runs.values()):
-                if run.lease_until <= horizon:
+                # (a run awaiting its final save is spared, as by _renew: that save is
+                # fenced, and stopping the run would only lose its hooks and alert)
+                if run.lease_until <= horizon and not run.finishing:
                     self._stop(run, "lease runs out before it could be renewed")
             await self._clock.sleep(self._interval)
 

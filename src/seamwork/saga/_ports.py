@@ -111,9 +111,10 @@ class SagaStore(Protocol):
         lease_seconds: float,
         limit: int,
     ) -> ClaimResult:
-        """Lease up to ``limit`` sagas of a ``runnable`` (name, version) to ``owner``:
-        active ones whose lease is free or expired, and stuck ones whose alert is owed
-        by an expired lease (in ``alerts``)."""
+        """Lease up to ``limit`` sagas to ``owner``: active ones of a ``runnable`` (name,
+        version) whose lease is free or expired, and stuck ones of any name and version
+        whose alert is owed by an expired lease (in ``alerts``: any worker can send an
+        alert, and one whose definition is gone must not owe it for ever)."""
         ...
 
     async def renew(
@@ -122,8 +123,12 @@ class SagaStore(Protocol):
         """Extend ``owner``'s leases; returns the ids it still owns."""
         ...
 
-    async def release(self, owner: str, saga_ids: Collection[str]) -> None:
-        """Give up ``owner``'s leases (on shutdown) so another process may claim them."""
+    async def release(
+        self, owner: str, saga_ids: Collection[str], *, status: SagaStatus | None = None
+    ) -> None:
+        """Give up ``owner``'s leases (on shutdown) so another process may claim them;
+        with ``status``, only on sagas still in it (a stuck saga's alert lease, released
+        once the alert is out, must not take the lease of a retry made meanwhile)."""
         ...
 
     async def stranded(self, runnable: Collection[SagaKey]) -> builtins.list[SagaState]:

@@ -129,7 +129,8 @@ _SAVE_STATUS = (
 _CLAIM = (
     f"SELECT {COLUMNS} FROM seamwork_sagas WHERE status IN ('running', 'compensating', "
     "'stuck') AND (lease_expires_at < %s OR lease_owner IS NULL AND status <> 'stuck') AND "
-    "(saga_name, saga_version) IN (SELECT * FROM unnest(%s::text[], %s::int[])) "
+    "(status = 'stuck' OR (saga_name, saga_version) IN "
+    "(SELECT * FROM unnest(%s::text[], %s::int[]))) "
     "ORDER BY updated_at LIMIT %s FOR UPDATE SKIP LOCKED"
 )
 _ACTIVE = ("running", "compensating")
@@ -429,11 +430,15 @@ class PostgresStore:
         )
         return {row[0] for row in rows}
 
-    async def release(self, owner: str, saga_ids: Collection[str]) -> None:
+    async def release(
+        self, owner: str, saga_ids: Collection[str], *, status: SagaStatus | None = None
+    ) -> None:
+        only = "" if status is None else " AND status = %s"
+        fence = () if status is None else (status.value,)
         await self._fetch(
             "UPDATE seamwork_sagas SET lease_owner = NULL, lease_expires_at = NULL "
-            f"WHERE saga_id IN ({_OWNED_IN_ORDER}) RETURNING saga_id",
-            (owner, builtins.list(saga_ids)),
+            f"WHERE saga_id IN ({_OWNED_IN_ORDER}){only} RETURNING saga_id",
+            (owner, builtins.list(saga_ids), *fence),
         )
 
     async def stranded(self, runnable: Collection[SagaKey]) -> builtins.list[SagaState]:

@@ -129,7 +129,7 @@ _ACTIVE = ("running", "compensating")
 _CLAIM = (
     f"SELECT {COLUMNS} FROM seamwork_sagas WHERE status IN ('running', 'compensating', "
     "'stuck') AND (lease_expires_at < ? OR lease_owner IS NULL AND status <> 'stuck') "
-    "AND {keys} ORDER BY updated_at LIMIT ?"
+    "AND (status = 'stuck' OR {keys}) ORDER BY updated_at LIMIT ?"
 )
 
 
@@ -346,16 +346,20 @@ class SQLiteStore:
 
         return await self._writer.write(renew)
 
-    async def release(self, owner: str, saga_ids: Collection[str]) -> None:
+    async def release(
+        self, owner: str, saga_ids: Collection[str], *, status: SagaStatus | None = None
+    ) -> None:
         ids = list(saga_ids)
+        only = "" if status is None else " AND status = ?"
+        fence = () if status is None else (status.value,)
 
         def release(conn: sqlite3.Connection) -> None:
             for chunk in _chunks(ids, 500):
                 marks = ", ".join("?" * len(chunk))
                 conn.execute(
                     "UPDATE seamwork_sagas SET lease_owner = NULL, lease_expires_at = NULL "
-                    f"WHERE lease_owner = ? AND saga_id IN ({marks})",
-                    (owner, *chunk),
+                    f"WHERE lease_owner = ? AND saga_id IN ({marks}){only}",
+                    (owner, *chunk, *fence),
                 )
 
         await self._writer.write(release)

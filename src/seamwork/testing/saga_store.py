@@ -340,7 +340,20 @@ class SagaStoreContract:
         assert released is not None
         assert (released.status, released.lease_owner) == (SagaStatus.STUCK, None)
         later = await store.claim(OWNER, [KEY], now=9000.0, lease_seconds=30.0, limit=10)
-        assert [s.saga_id for s in later.alerts] == ["live"]  # "owed" went out
+        # "owed" went out; any worker sends an owed alert, of any name and version
+        assert sorted(s.saga_id for s in later.alerts) == ["live", "v2"]
+
+    async def test_a_release_fenced_on_a_status_leaves_a_saga_that_moved_on(
+        self, store: SagaStore
+    ) -> None:
+        await store.create(saga_state("stuck", status=SagaStatus.STUCK), [])
+        await store.create(saga_state("retried", status=SagaStatus.COMPENSATING), [])
+        await store.release(OWNER, ["stuck", "retried"], status=SagaStatus.STUCK)
+        stuck, retried = await store.get("stuck"), await store.get("retried")
+        assert stuck is not None
+        assert retried is not None
+        assert (stuck.lease_owner, stuck.lease_expires_at) == (None, None)
+        assert (retried.lease_owner, retried.lease_expires_at) == (OWNER, 2000.0)
 
     async def test_an_operator_write_to_a_stuck_saga_settles_its_alert(
         self, store: SagaStore
