@@ -236,3 +236,32 @@ def test_sagas_show_names_a_timeline_event_whose_time_is_not_a_number(pg_dsn: st
     assert result.exit_code == 1
     assert "saga 'old-1' is corrupt: a timeline event has the time nan" in result.output
     assert "Traceback" not in result.output
+
+
+async def test_postgres_on_the_command_line_wins_over_seamwork_db_in_the_environment(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """An operator with SEAMWORK_DB set for everyday SQLite use asks for a PostgreSQL
+    store with --postgres: that is the store meant (it was refused as 'give exactly one
+    of --db PATH or --postgres DSN', exit 2). --db and --postgres both on the command
+    line are still refused."""
+    await park_three(pg_dsn)
+    sqlite_db = str(tmp_path / "sagas.db")
+    runner = CliRunner()
+    listed = await asyncio.to_thread(
+        runner.invoke,
+        app,
+        ["sagas", "list", "--postgres", pg_dsn, "--json"],
+        env={"SEAMWORK_DB": sqlite_db},
+    )
+    assert listed.exit_code == 0, listed.output
+    assert sorted(row["saga_id"] for row in json.loads(listed.output)) == [
+        "old-0",
+        "old-1",
+        "old-2",
+    ]
+    both = await asyncio.to_thread(
+        runner.invoke, app, ["sagas", "list", "--db", sqlite_db, "--postgres", pg_dsn]
+    )
+    assert both.exit_code == 2
+    assert "exactly one of --db PATH or --postgres DSN" in both.output

@@ -13,6 +13,7 @@ name and version none of those definitions can run (left behind by a deploy).
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -76,6 +77,8 @@ def _console() -> Console:
 
 
 def _open_store(db: Path | None, postgres: str | None, readonly: bool) -> SagaStore:
+    if db is not None and postgres is not None and _from_environment(db):
+        db = None  # --postgres was asked for; SEAMWORK_DB is only the everyday default
     if (db is None) == (postgres is None):
         raise CliError("give exactly one of --db PATH or --postgres DSN", code=2)
     if postgres is not None:
@@ -88,6 +91,12 @@ def _open_store(db: Path | None, postgres: str | None, readonly: bool) -> SagaSt
     if not db.is_file():
         raise CliError(f"no saga database at {db}", code=2)
     return SQLiteStore(db, create=False, readonly=readonly)
+
+
+def _from_environment(db: Path) -> bool:
+    """``--db`` came from ``SEAMWORK_DB`` (or names the same file)."""
+    value = os.environ.get("SEAMWORK_DB")
+    return value is not None and Path(value) == db
 
 
 def run_on_store(
