@@ -262,3 +262,26 @@ async def test_appends_from_another_store_wake_a_live_subscriber_without_polling
         finally:
             subscriber.cancel()
             await asyncio.gather(subscriber, return_exceptions=True)
+
+
+async def test_a_transaction_past_2_to_the_20_events_is_refused_not_overlapped(
+    pg_dsn: str,
+) -> None:
+    """Positions are (transaction id << 20) + index: a transaction holding more than
+    1,048,576 events would take positions of the next transaction id, colliding with
+    its events or sorting after them in $all. Such an append is refused, naming the
+    limit, and nothing of it is written. (The transaction here has already used all but
+    one position, as after 1,048,575 events; appending two more crossed into the next
+    transaction's positions.)"""
+    async with postgres_events.PostgresEventStore(pg_dsn) as store:
+
+        async def crossing() -> None:
+            conn = await psycopg.AsyncConnection.connect(pg_dsn)
+            async with conn, conn.transaction():
+                await conn.execute("SELECT set_config('seamwork.seq', '1048575', true)")
+                await store.append_in(conn, "big", [NewEvent("A"), NewEvent("B")])
+
+        with pytest.raises(EventStoreError, match="1,048,576 events"):
+            await crossing()
+        assert await store.read_stream("big") == []
+        assert await store.append("big", [NewEvent("A"), NewEvent("B")]) is not None

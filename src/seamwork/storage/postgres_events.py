@@ -96,6 +96,9 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'SW001', MESSAGE = visible::text;
     END IF;
     seq := coalesce(nullif(current_setting('seamwork.seq', true), ''), '0')::int;
+    IF seq + n > 1048576 THEN  -- past it, positions would be the next transaction's
+        RAISE EXCEPTION USING ERRCODE = 'SW002', MESSAGE = (seq + n)::text;
+    END IF;
     base := (pg_current_xact_id()::text::bigint << 20) + seq;
     PERFORM set_config('seamwork.seq', (seq + n)::text, true);
     INSERT INTO seamwork_events
@@ -176,6 +179,8 @@ EVENT_MIGRATIONS = (
             "text[], text[], double precision)",
         ),
     ),
+    # The append refuses a transaction past 2**20 events (SW002).
+    PgMigration("events", 4, (_APPEND_EVENTS_FUNCTION,)),
 )
 
 _RELISTEN_FIRST_DELAY = 0.05  # seconds before a lost listener connects again, doubling
@@ -519,7 +524,9 @@ class AppendParams(NamedTuple):
 
 # Lost a lock race with another store's batch (each append's subtransaction took its
 # stream's row lock): by the time the batch has committed, the winner's locks are gone.
-_RETRY_ALONE = frozenset({"40P01", "40001"})
+# Or the batch's transaction ran out of positions (SW002): alone, the append has its own.
+_RETRY_ALONE = frozenset({"40P01", "40001", "SW002"})
+_MAX_EVENTS_PER_TRANSACTION = 1 << 20
 
 
 async def _append_batch(
@@ -555,6 +562,8 @@ def _batch_result(item: AppendParams, row: tuple[Any, ...]) -> AppendResult | Ba
     stream = item.params[0]
     if code == "SW001":
         return WrongExpectedVersion(stream, item.expected, int(detail))
+    if code == "SW002":
+        return _too_many(stream, detail)
     if code == "23505":
         return EventStoreError(
             f"append to {stream!r} refused: an event id was already stored ({detail})"
@@ -596,8 +605,18 @@ def _append_error(exc: psycopg.Error, stream: str, expected: ExpectedVersion) ->
     if exc.sqlstate == "SW001":
         actual = int(exc.diag.message_primary or "-1")
         return WrongExpectedVersion(stream, expected, actual)
+    if exc.sqlstate == "SW002":
+        return _too_many(stream, exc.diag.message_primary)
     if isinstance(exc, psycopg.errors.UniqueViolation):
         return EventStoreError(
             f"append to {stream!r} refused: an event id was already stored ({exc})"
         )
     return translate(exc, f"append to {stream!r}")
+
+
+def _too_many(stream: str, total: str | None) -> EventStoreError:
+    return EventStoreError(
+        f"append to {stream!r} refused: one PostgreSQL transaction holds at most "
+        f"{_MAX_EVENTS_PER_TRANSACTION:,} events (positions are the transaction id << 20 "
+        f"plus an index), and this append would bring it to {total}; split it"
+    )
