@@ -179,3 +179,40 @@ async def test_every_operator_write_on_a_closed_orchestrator_says_it_is_not_open
     ):
         with pytest.raises(InvalidSagaOperation, match="not open"):
             await call()
+
+
+class SlowClaimReply(SQLiteStore):
+    """The real store; once ``slow`` is set, its reply to a claim arrives late (the
+    claim is committed: the sagas are leased to the claimer)."""
+
+    slow = False
+
+    async def claim(self, owner: str, runnable: Any, **options: Any) -> Any:
+        result = await super().claim(owner, runnable, **options)
+        if self.slow and (result.claimed or result.alerts):
+            await asyncio.sleep(0.3)
+        return result
+
+
+async def test_a_close_during_a_recovery_claim_releases_what_that_claim_leased(
+    db: Path,
+) -> None:
+    """The recovery loop's claim had committed, its reply not yet in, when the
+    orchestrator closed: the sagas it leased were neither run nor released, so (with
+    leases shared on PostgreSQL) every other worker had to wait out the lease. The close
+    now lets the claim finish and then stops and releases its runs too."""
+    store = SlowClaimReply(db)
+    orch = SagaOrchestrator(
+        store, [Saga("order", steps=[Step("a", _noop)])], recovery_interval=0.02
+    )
+    await orch.open()
+    parked = SagaState("parked", "order", 1, SagaStatus.RUNNING, started_at=1.0, updated_at=1.0)
+    store.slow = True
+    await store.create(parked, [])  # as a crashed worker leaves a saga: running, no lease
+    await asyncio.sleep(0.15)  # the loop has claimed it; the reply is on its way
+    await orch.aclose()
+    with sqlite3.connect(db) as conn:
+        row = conn.execute(
+            "SELECT status, lease_owner FROM seamwork_sagas WHERE saga_id = 'parked'"
+        ).fetchone()
+    assert row[1] is None, f"left leased to the closed orchestrator: {row}"

@@ -34,7 +34,7 @@ from seamwork.saga._machine import (
     abort,
     retry_stuck,
 )
-from seamwork.saga._ports import SagaKey, SagaStore
+from seamwork.saga._ports import ClaimResult, SagaKey, SagaStore
 from seamwork.saga._state import SagaState, SagaStatus, as_status
 
 log = logging.getLogger("seamwork.saga")
@@ -437,36 +437,46 @@ class SagaOrchestrator(Driver, OpenClose):
 
     async def _recover_once(self, *, drain: bool = False) -> None:
         """Claim free sagas: one batch a round, or (``drain``, at start-up) until none is
-        left - never more than ``max_running`` at once, so workers share a backlog."""
-        while True:
+        left - never more than ``max_running`` at once, so workers share a backlog.
+
+        A claim is a ``_spawning`` call: a close lets it finish, then stops and releases
+        what it claimed (cut short, its leases would outlive this process's interest)."""
+        while self._open:
             room = self._batch
             if self._max_running is not None:
                 room = min(room, self._max_running - len(self._runs))
                 if room <= 0:
                     return
-            result = await self._store.claim(
-                self.owner,
-                list(self._machines),
-                now=self._clock.now(),
-                lease_seconds=self._lease,
-                limit=room,
-            )
-            for error in result.corrupt:
-                self._report_corrupt(error)
-            for state in result.claimed:
-                if state.saga_id in self._runs:
-                    continue
-                self.stats["recovered"] += 1
-                self.hooks.emit("recovered", state)
-                machine = self._machines[(state.saga_name, state.saga_version)]
-                self._spawn(machine, state, recovered=True)
-            if result.alerts:
-                self.stats["late_alerts"] += len(result.alerts)
-                for state in result.alerts:
-                    self._alert(state, late=True)
-                await self._alerts_out([state.saga_id for state in result.alerts])
-            if not drain or len(result.claimed) + len(result.alerts) < room:
+            with self._spawning():
+                result = await self._store.claim(
+                    self.owner,
+                    list(self._machines),
+                    now=self._clock.now(),
+                    lease_seconds=self._lease,
+                    limit=room,
+                )
+                claimed = await self._take_over(result)
+            if not drain or claimed < room:
                 return
+
+    async def _take_over(self, result: ClaimResult) -> int:
+        """Run the sagas a claim leased here and send the alerts it handed over; returns
+        how many it held."""
+        for error in result.corrupt:
+            self._report_corrupt(error)
+        for state in result.claimed:
+            if state.saga_id in self._runs:
+                continue
+            self.stats["recovered"] += 1
+            self.hooks.emit("recovered", state)
+            machine = self._machines[(state.saga_name, state.saga_version)]
+            self._spawn(machine, state, recovered=True)
+        if result.alerts:
+            self.stats["late_alerts"] += len(result.alerts)
+            for state in result.alerts:
+                self._alert(state, late=True)
+            await self._alerts_out([state.saga_id for state in result.alerts])
+        return len(result.claimed) + len(result.alerts)
 
     async def _renew(self) -> None:
         owned = list(self._runs)
