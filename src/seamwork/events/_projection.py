@@ -10,7 +10,8 @@ position. A crash before the commit leaves neither the effects nor the checkpoin
 the page is simply done again: exactly-once effect when the read model lives in that
 database, at-least-once (idempotent handlers, please) for effects outside it.
 
-A handler that raises does not stop the projection. Its event is *parked* in a
+A handler that raises does not stop the projection, nor does an event no upcaster
+can bring to its current shape (``UpcastError``). Its event is *parked* in a
 per-stream dead-letter table, and every later event of the same stream is parked
 behind it (so the stream's order is never broken), while other streams flow on.
 ``parked()`` lists them; ``replay(stream)`` applies them again, in order, once fixed.
@@ -26,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from seamwork._core.lifecycle import StartStop
-from seamwork.errors import ConfigError
+from seamwork.errors import ConfigError, UpcastError
 from seamwork.events._model import RecordedEvent
 from seamwork.events._store import EventStore
+from seamwork.events._upcast import UnreadableEvent
 
 log = logging.getLogger("seamwork.events")
 
@@ -87,6 +89,8 @@ class Projection:
         """Empty the read model before a rebuild from position 0."""
 
     def apply(self, event: RecordedEvent, conn: Any) -> None:
+        if isinstance(event, UnreadableEvent):  # parks its stream, like a handler error
+            raise UpcastError(event.error)
         handler = self.handlers.get(event.type)
         if handler is not None:
             handler(event, conn)
@@ -241,14 +245,14 @@ class ProjectionRunner(StartStop):
             waiting = [p.position for p in await self.parked() if p.stream == stream]
             if not waiting:
                 return 0
-            events = await self.store.read_stream(stream)
+            events = await self.store._read_stream_for_projection(stream)
             readable = {e.position for e in events}
             for position in waiting:
                 if position in readable:
                     continue
                 # Parked before the stream was soft-deleted: no longer in the stream's
                 # reads, still in $all (positions are > 0, read_all is exclusive).
-                found = await self.store.read_all(from_position=position - 1, limit=1)
+                found = await self.store._read_all_for_projection(position - 1, 1)
                 if found and found[0].position == position:
                     events.append(found[0])
             done = await self.read_model.replay(self.projection, stream, events)
@@ -267,7 +271,7 @@ class ProjectionRunner(StartStop):
 
     async def _page(self) -> bool:
         after = self.checkpoint
-        events = await self.store.read_all(from_position=after, limit=self.batch_size)
+        events = await self.store._read_all_for_projection(after, self.batch_size)
         if not events:
             return False
         result = await self.read_model.apply_batch(

@@ -31,7 +31,7 @@ from seamwork.events._model import (
     check_no_nul,
     check_stream_name,
 )
-from seamwork.events._upcast import Upcasters
+from seamwork.events._upcast import Upcasters, readable_or_marked
 
 S = TypeVar("S")
 Evolve = Callable[[S, RecordedEvent], S]
@@ -341,6 +341,23 @@ class EventStore(OpenClose, ABC):
         if not self.upcasters._steps:
             return events
         return [self.upcasters.upcast(e) for e in events]
+
+    def _upcast_or_mark(self, events: builtins.list[RecordedEvent]) -> builtins.list[RecordedEvent]:
+        if not self.upcasters._steps:
+            return events
+        return [readable_or_marked(self.upcasters, e) for e in events]
+
+    async def _read_all_for_projection(
+        self, from_position: int, limit: int
+    ) -> builtins.list[RecordedEvent]:
+        """``read_all`` for a projection runner: an event no upcaster can read comes as
+        an ``UnreadableEvent``, which parks its own stream, instead of an ``UpcastError``
+        that would fail the page (and stop every stream) until the upcaster is fixed."""
+        return self._upcast_or_mark(await self._read_all(from_position, limit))
+
+    async def _read_stream_for_projection(self, stream: str) -> builtins.list[RecordedEvent]:
+        """``read_stream`` for a projection's replay, upcast like ``_read_all_for_projection``."""
+        return self._upcast_or_mark(await self._read_stream(stream, 0, None, False, None))
 
     def _check_append(self, stream: str, events: Sequence[NewEvent]) -> None:
         check_stream_name(stream)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from seamwork.errors import ConfigError, UpcastError
@@ -23,6 +24,34 @@ UpcastFn = Callable[[dict[str, Any]], Mapping[str, Any]]
 def _check_type(name: str, value: object) -> None:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{name} must be a non-empty event type name, got {value!r}")
+
+
+@dataclass(slots=True)
+class UnreadableEvent(RecordedEvent):
+    """An event as stored that no upcaster brings to its current shape (``error`` says
+    why): what a projection runner reads in its place, so that the event parks its own
+    stream instead of stopping every stream behind it."""
+
+    error: str = ""
+
+
+def readable_or_marked(upcasters: Upcasters, event: RecordedEvent) -> RecordedEvent:
+    """``event`` upcast, or an ``UnreadableEvent`` carrying the ``UpcastError``."""
+    try:
+        return upcasters.upcast(event)
+    except UpcastError as exc:
+        return UnreadableEvent(
+            event.stream,
+            event.version,
+            event.position,
+            event.type,
+            event.data,
+            event.metadata,
+            event.recorded_at,
+            event.id,
+            event.schema_version,
+            str(exc),
+        )
 
 
 class Upcasters:

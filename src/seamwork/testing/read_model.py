@@ -243,6 +243,32 @@ class ReadModelContract:
         assert len(await runner.parked()) == 3  # still queued behind the poison
         assert await runner.replay("bad") == 0  # not fixed yet: nothing moves
 
+    async def test_an_event_no_upcaster_can_read_parks_its_stream_while_others_flow(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        broken = True
+
+        def to_v2(data: dict[str, Any]) -> dict[str, Any]:
+            if broken:
+                raise KeyError("amount")  # an upcaster bug, fixed by the next deploy
+            return {"n": data["n"] * 10}
+
+        await store.append("old", [NewEvent("Added", {"n": 1})])  # schema 1
+        await store.append("old", added(2))
+        await store.append("new", [NewEvent("Added", {"n": 3}, schema_version=2)])
+        store.upcasters.register("Added", 1, to_v2)
+        runner = ProjectionRunner(store, self.totals_projection(), read_model)
+        await runner.catch_up()  # before, UpcastError: the page failed, no stream moved
+        assert await totals(read_model) == {"new": 3}
+        parked = await runner.parked()
+        assert [(p.stream, p.error is not None) for p in parked] == [("old", True), ("old", False)]
+        assert "UpcastError" in (parked[0].error or "")
+        assert await runner.replay("old") == 0  # still broken: both stay parked
+        broken = False
+        assert await runner.replay("old") == 2
+        assert await totals(read_model) == {"new": 3, "old": 30}
+        assert await runner.parked() == []
+
     async def test_an_error_text_no_column_can_hold_is_parked_readably(
         self, store: EventStore, read_model: ReadModelStore
     ) -> None:
