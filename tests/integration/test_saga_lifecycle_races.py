@@ -216,3 +216,23 @@ async def test_a_close_during_a_recovery_claim_releases_what_that_claim_leased(
             "SELECT status, lease_owner FROM seamwork_sagas WHERE saga_id = 'parked'"
         ).fetchone()
     assert row[1] is None, f"left leased to the closed orchestrator: {row}"
+
+
+async def test_a_wait_cut_by_a_close_says_the_orchestrator_closed(db: Path) -> None:
+    """wait() on a saga whose run a close stopped (or on a closed orchestrator) raises
+    InvalidSagaOperation saying so; it raised the closed store's StoreError ('... is not
+    open'), which reads like a database outage."""
+
+    async def forever(ctx: StepContext) -> None:
+        await asyncio.sleep(3600)
+
+    orch = SagaOrchestrator(SQLiteStore(db), [Saga("order", steps=[Step("a", forever)])])
+    await orch.open()
+    run = await orch.start("order", {}, saga_id="s-1")
+    waiting = asyncio.create_task(run.wait())
+    await asyncio.sleep(0.05)
+    await orch.aclose()
+    with pytest.raises(InvalidSagaOperation, match="closed"):
+        await waiting
+    with pytest.raises(InvalidSagaOperation, match="closed"):
+        await run.wait()

@@ -72,6 +72,7 @@ class SagaRun:
 
         Raises:
             SagaNotFound: no saga has this id.
+            InvalidSagaOperation: the orchestrator is closed, or closed while waiting.
         """
         return await self._orchestrator._wait(self.saga_id, poll)
 
@@ -546,6 +547,11 @@ class SagaOrchestrator(Driver, OpenClose):
 
     async def _wait(self, saga_id: str, poll: float) -> SagaState:
         while True:
+            if not self._open:  # (closed before, or while, waiting: the store is gone)
+                raise InvalidSagaOperation(
+                    f"the orchestrator is closed, so saga {saga_id!r} cannot be waited on "
+                    "here; it resumes when an orchestrator opens its store again"
+                )
             run = self._runs.get(saga_id)
             if run is not None:
                 final = await asyncio.shield(run.done)
