@@ -2,8 +2,8 @@
 
 A policy implements two thin drivers over its pure core: ``call`` awaits a coroutine
 function, ``call_sync`` calls a plain one. Decorating picks the driver from the
-function's kind, keeps its signature for type checkers (ParamSpec) and exposes the
-policy as ``wrapper.policy``.
+function's kind (a callable object's by its ``__call__``), keeps its signature for
+type checkers (ParamSpec) and exposes the policy as ``wrapper.policy``.
 
 The decorated function is a ``functools.partial`` of the driver, not a Python
 wrapper function: calling it costs no extra frame (and, for a coroutine function, no
@@ -51,7 +51,7 @@ class Policy(ABC):
 
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         """Decorate ``fn`` (sync or async); the wrapper keeps its signature."""
-        wrapper = functools.update_wrapper(self._bind(fn, inspect.iscoroutinefunction(fn)), fn)
+        wrapper = functools.update_wrapper(self._bind(fn, returns_coroutine(fn)), fn)
         wrapper.policy = self  # type: ignore[attr-defined]
         return cast(Callable[P, Any], wrapper)
 
@@ -65,6 +65,23 @@ class _Decorated(functools.partial[Any]):
 
     def __get__(self, instance: object, owner: type | None = None) -> Any:
         return self if instance is None else types.MethodType(self, instance)
+
+
+def returns_coroutine(fn: Callable[..., Any]) -> bool:
+    """Whether calling ``fn`` gives a coroutine, so the decorator must pick ``call``.
+
+    ``inspect.iscoroutinefunction`` (3.11) answers False for an object whose
+    ``__call__`` is a coroutine function, and for a ``partial`` of one; the sync driver
+    would then "run" it by creating the coroutine, counting a success and releasing
+    its slot before any of it ran.
+    """
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn):
+        return True
+    if isinstance(fn, type) or inspect.isroutine(fn) or not callable(fn):
+        return False
+    return inspect.iscoroutinefunction(type(fn).__call__)
 
 
 def monotonic_reader(clock: Clock) -> Callable[[], float]:

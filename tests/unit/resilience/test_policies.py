@@ -1,6 +1,8 @@
 """Bulkhead, RateLimiter, RetryPolicy, Timeout, Fallback and Pipeline drivers."""
 
 import asyncio
+import functools
+import inspect
 import random
 
 import pytest
@@ -299,3 +301,47 @@ async def test_pipeline_with_an_outer_fallback_answers_an_open_circuit() -> None
     assert await charge(1) == "queued"
     with pytest.raises(CircuitOpenError):
         await Pipeline(breaker).call(charge.__wrapped__, 1)  # type: ignore[attr-defined]
+
+
+class AsyncCharge:
+    """A callable object whose ``__call__`` is a coroutine function; always fails."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    async def __call__(self, order: int) -> str:
+        self.attempts += 1
+        raise ConnectionError(f"order {order}")
+
+
+async def test_decorating_an_object_with_an_async_call_uses_the_async_driver() -> None:
+    clock = ManualClock(auto_advance=True)
+    for partial in (False, True):
+        breaker = CircuitBreaker("p", minimum_calls=1, window_calls=1, clock=clock)
+        policy = Pipeline(Retry(3, backoff=0.0, max_backoff=0.0), breaker, clock=clock)
+        charge = AsyncCharge()
+        decorated = policy(functools.partial(charge, order=7) if partial else charge)
+        assert inspect.iscoroutinefunction(decorated)
+        with pytest.raises(CircuitOpenError):  # the failure counted; the retry met the circuit
+            await decorated(order=7)
+        assert charge.attempts == 1
+        assert breaker.stats().failures_total == 1
+
+
+async def test_decorating_an_object_with_an_async_call_holds_the_slot_while_it_runs() -> None:
+    gate, bulkhead = asyncio.Event(), Bulkhead("db", 1)
+
+    class Query:
+        async def __call__(self) -> str:
+            await gate.wait()
+            return "rows"
+
+    query = bulkhead(Query())
+    running = asyncio.create_task(query())
+    await asyncio.sleep(0)
+    assert bulkhead.stats().active == 1
+    with pytest.raises(BulkheadFullError):
+        await query()
+    gate.set()
+    assert await running == "rows"
+    assert bulkhead.stats().active == 0
