@@ -308,3 +308,29 @@ def _wait_until(condition: object, limit: float = 10.0) -> None:
     while not condition():  # type: ignore[operator]
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.005)
+
+
+def test_state_events_reach_listeners_in_transition_order_across_threads() -> None:
+    breaker = CircuitBreaker("racy", minimum_calls=1, window_calls=1, clock=ManualClock())
+    alerting, reset_done, seen = threading.Event(), threading.Event(), []
+
+    def slow_alert(*_: object) -> None:  # e.g. pages someone over HTTP
+        alerting.set()
+        reset_done.wait(10)
+
+    breaker.on("open", slow_alert)
+    for event in ("open", "close"):
+        breaker.on(event, lambda *_, event=event: seen.append(event))
+
+    def trips() -> None:
+        with pytest.raises(ZeroDivisionError):
+            breaker.call_sync(lambda: 1 / 0)
+
+    tripping = threading.Thread(target=trips)
+    tripping.start()
+    assert alerting.wait(10)
+    breaker.reset()  # an operator closes it while the open alert is still going out
+    reset_done.set()
+    tripping.join(10)
+    assert seen == ["open", "close"]  # a dashboard ends on the state the breaker is in
+    assert breaker.state is BreakerState.CLOSED

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -120,6 +121,7 @@ class CircuitBreaker(Policy):
     __slots__ = (
         "_async_waiters",
         "_clock",
+        "_emitting",
         "_epoch",
         "_failure_if",
         "_fallback",
@@ -129,6 +131,7 @@ class CircuitBreaker(Policy):
         "_machine",
         "_monotonic",
         "_parked",
+        "_pending",
         "_timed",
         "_timeout",
         "_watch_calls",
@@ -177,6 +180,8 @@ class CircuitBreaker(Policy):
         self._parked = threading.Condition(self._lock)
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._epoch = 0
+        self._pending: deque[tuple[BreakerState, BreakerState]] = deque()
+        self._emitting = False
         self._hooks = Hooks(EVENTS, _logger)
         self._monotonic = monotonic_reader(self._clock)
         self._watch_calls = False
@@ -336,8 +341,15 @@ class CircuitBreaker(Policy):
 
     # --- transitions and parking -------------------------------------------------
 
+    # State events go out in the order of the transitions, even when threads race:
+    # transitions are queued under the lock (so in the order they happened) and one
+    # caller at a time emits the queue. A caller whose transitions queue up while
+    # another emits (a slow "open" hook, or a hook that itself resets the breaker)
+    # leaves them to that emitter instead of overtaking it.
+
     def _take_transitions(self, wake: bool = False) -> Any:
-        """Under the lock: hand over transitions and parked async callers; wake sync ones."""
+        """Under the lock: queue transitions and hand over parked async callers; wake
+        sync ones. Returns (whether this caller must emit the queue, async waiters)."""
         moved = self._machine.transitions
         self._machine.transitions = []
         waiters: list[Any] = []
@@ -345,15 +357,36 @@ class CircuitBreaker(Policy):
             self._epoch += 1
             self._parked.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
-        return moved, waiters
+        emit = False
+        if moved:
+            self._pending.extend(moved)
+            if not self._emitting:
+                self._emitting = emit = True
+        return emit, waiters
 
     def _publish(self, taken: Any) -> None:
-        moved, waiters = taken
+        emit, waiters = taken
         for loop, future in waiters:
             with contextlib.suppress(RuntimeError):  # a closed loop has nobody to wake
                 loop.call_soon_threadsafe(_wake, future)
-        for old, new in moved:
-            self._hooks.emit(_STATE_EVENTS[new], self, old)
+        if emit:
+            self._emit_pending()
+
+    def _emit_pending(self) -> None:
+        """Emit queued state events, oldest first, until none is left."""
+        lock, pending = self._lock, self._pending
+        try:
+            while True:
+                with lock:
+                    if not pending:
+                        self._emitting = False
+                        return
+                    old, new = pending.popleft()
+                self._hooks.emit(_STATE_EVENTS[new], self, old)
+        except BaseException:  # a hook raised KeyboardInterrupt: the next emitter goes on
+            with lock:
+                self._emitting = False
+            raise
 
     async def _park_async(self) -> int:
         """Ask again under the lock; if still WAIT, sleep until the next verdict or
@@ -392,6 +425,8 @@ class CircuitBreaker(Policy):
         ``disabled`` (breaker, previous state); ``reject`` (breaker, error);
         ``success`` (breaker, result, seconds); ``failure`` (breaker, error or
         result, seconds); ``slow`` (breaker, seconds); ``timeout`` (breaker, error).
+        State events reach each listener in the order of the transitions, even across
+        threads or when a hook itself moves the breaker.
         """
         unsubscribe = self._hooks.on(event, callback)
         if event in _CALL_EVENTS:

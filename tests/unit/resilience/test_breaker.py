@@ -78,6 +78,17 @@ def test_state_events_fire_in_order_with_the_previous_state() -> None:
     assert seen[3][1] is BreakerState.HALF_OPEN
 
 
+def test_a_hook_that_moves_the_breaker_does_not_overtake_the_event_it_answers() -> None:
+    clock, seen = ManualClock(), []
+    breaker = make(clock, minimum_calls=1, window_calls=1)
+    breaker.on("open", lambda b, _: b.reset())  # an auto-heal hook, registered first
+    for event in ("open", "close"):
+        breaker.on(event, lambda b, _, event=event: seen.append((event, b.state)))
+    with pytest.raises(Boom):
+        breaker.call_sync(boom)
+    assert seen == [("open", BreakerState.CLOSED), ("close", BreakerState.CLOSED)]
+
+
 def test_excluded_errors_never_open_the_circuit() -> None:
     breaker = make(ManualClock(), exclude=(NotFound,))
 
