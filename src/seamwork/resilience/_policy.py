@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
 from seamwork._core.clock import Clock, SystemClock
+from seamwork.errors import ConfigError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -50,7 +51,12 @@ class Policy(ABC):
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
 
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        """Decorate ``fn`` (sync or async); the wrapper keeps its signature."""
+        """Decorate ``fn`` (sync or async); the wrapper keeps its signature.
+
+        Raises:
+            ConfigError: ``fn`` is a generator or async generator function.
+        """
+        _refuse_generators(self, fn)
         wrapper = functools.update_wrapper(self._bind(fn, returns_coroutine(fn)), fn)
         wrapper.policy = self  # type: ignore[attr-defined]
         return cast(Callable[P, Any], wrapper)
@@ -75,13 +81,29 @@ def returns_coroutine(fn: Callable[..., Any]) -> bool:
     would then "run" it by creating the coroutine, counting a success and releasing
     its slot before any of it ran.
     """
+    return inspect.iscoroutinefunction(_code_owner(fn))
+
+
+def _refuse_generators(policy: Policy, fn: Callable[..., Any]) -> None:
+    """A generator function cannot be guarded: its call returns before its body runs,
+    so a breaker would count a success, a bulkhead free its slot and a retry or
+    timeout be over before any of the work (or its errors) happened."""
+    owner = _code_owner(fn)
+    if inspect.isgeneratorfunction(owner) or inspect.isasyncgenfunction(owner):
+        raise ConfigError(
+            f"{policy!r} cannot guard {fn!r}: it is a generator function, whose call "
+            "only creates the generator; guard the function that consumes it"
+        )
+
+
+def _code_owner(fn: Callable[..., Any]) -> Any:
+    """What says what calling ``fn`` gives: ``fn`` without partials, or the
+    ``__call__`` of a callable object."""
     while isinstance(fn, functools.partial):
         fn = fn.func
-    if inspect.iscoroutinefunction(fn):
-        return True
     if isinstance(fn, type) or inspect.isroutine(fn) or not callable(fn):
-        return False
-    return inspect.iscoroutinefunction(type(fn).__call__)
+        return fn
+    return type(fn).__call__
 
 
 def monotonic_reader(clock: Clock) -> Callable[[], float]:

@@ -4,6 +4,7 @@ import asyncio
 import functools
 import inspect
 import random
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -14,6 +15,7 @@ from seamwork.resilience import (
     CallTimeout,
     CircuitBreaker,
     CircuitOpenError,
+    ConfigError,
     Fallback,
     Pipeline,
     RateLimitedError,
@@ -345,3 +347,32 @@ async def test_decorating_an_object_with_an_async_call_holds_the_slot_while_it_r
     gate.set()
     assert await running == "rows"
     assert bulkhead.stats().active == 0
+
+
+def rows() -> Iterator[int]:
+    yield 1
+
+
+async def arows() -> AsyncIterator[int]:
+    yield 1
+
+
+class Rows:
+    def __call__(self) -> Iterator[int]:
+        yield 1
+
+
+@pytest.mark.parametrize(
+    "generator",
+    [rows, arows, functools.partial(rows), Rows()],
+    ids=["sync", "async", "partial", "object"],
+)
+def test_decorating_a_generator_function_is_refused(generator: Callable[[], object]) -> None:
+    # Calling it only makes the generator: every policy would be done before its body runs.
+    for policy in (
+        CircuitBreaker("p", clock=ManualClock()),
+        Bulkhead("db", 1),
+        Pipeline(Retry(3), Timeout(1.0)),
+    ):
+        with pytest.raises(ConfigError, match="generator"):
+            policy(generator)
