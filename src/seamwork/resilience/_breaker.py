@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,7 @@ _STATE_EVENTS = {
 }
 EVENTS = (*_STATE_EVENTS.values(), "reject", "success", "failure", "slow", "timeout")
 _CALL_EVENTS = frozenset({"success", "failure", "slow", "timeout"})
+_UNTIMED = math.nan  # a call's start when no duration mattered as it began
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +207,7 @@ class CircuitBreaker(Policy):
                 ticket = await self._park_async()
             if ticket == REJECT:
                 return await resolve(self._on_rejected())  # type: ignore[no-any-return]
-        started = self._monotonic() if self._timed else 0.0
+        started = self._monotonic() if self._timed else _UNTIMED
         try:
             if self._timeout is None:
                 result = await fn(*args, **kwargs)
@@ -231,7 +233,7 @@ class CircuitBreaker(Policy):
                 ticket = self._park_sync()
             if ticket == REJECT:
                 return self._on_rejected()  # type: ignore[no-any-return]
-        started = self._monotonic() if self._timed else 0.0
+        started = self._monotonic() if self._timed else _UNTIMED
         try:
             result = fn(*args, **kwargs)
             if self._timeout is not None:
@@ -252,7 +254,9 @@ class CircuitBreaker(Policy):
     # A plain success (no slow_call, failure_if or call-event listener: ``_lean``) that
     # the machine calls quiet is ticked without the lock; the machine's docstring ("the
     # quiet success") says why no count is lost and a stale one changes nothing.
-    # ``started`` is read only when a duration matters (``_timed``).
+    # ``started`` is read only when a duration matters (``_timed``); otherwise it is
+    # NaN, so a call that began before a listener subscribed (and made durations
+    # matter) is not reported to it with a made-up duration, and is never slow.
     #
     # A CLOSED call takes its ticket without the lock (the GIL makes each read atomic).
     # _fast_ticket_is_safe: the generation is read *before* the state and transitions
@@ -290,7 +294,7 @@ class CircuitBreaker(Policy):
             lock.release()
         if moved:
             self._publish(moved)
-        if self._watch_calls:
+        if self._watch_calls and started == started:  # NaN: began unwatched
             self._emit_outcome("failure" if failed else "success", now - started, result)
 
     def _settle_error(self, ticket: int, started: float, error: BaseException) -> bool:
@@ -306,7 +310,7 @@ class CircuitBreaker(Policy):
             moved = self._take_transitions(wake) if self._machine.transitions or wake else None
         if moved is not None:
             self._publish(moved)
-        if counted and self._watch_calls:
+        if counted and self._watch_calls and started == started:  # NaN: began unwatched
             self._emit_outcome("failure", now - started, error)
             if isinstance(error, CallTimeout):
                 self._hooks.emit("timeout", self, error)

@@ -89,6 +89,30 @@ def test_a_hook_that_moves_the_breaker_does_not_overtake_the_event_it_answers() 
     assert seen == [("open", BreakerState.CLOSED), ("close", BreakerState.CLOSED)]
 
 
+async def test_a_listener_subscribed_mid_call_hears_no_made_up_duration() -> None:
+    clock, gate, seen = ManualClock(), asyncio.Event(), []
+    clock.advance(1000.0)
+    breaker = make(clock)
+
+    async def query() -> int:
+        await gate.wait()
+        return 1
+
+    running = asyncio.create_task(breaker.call(query))  # not timed: nobody listens yet
+    await asyncio.sleep(0)
+    breaker.on("success", lambda b, result, seconds: seen.append(seconds))
+    clock.advance(2.0)
+    gate.set()
+    assert await running == 1
+    gate.clear()
+    later = asyncio.create_task(breaker.call(query))
+    await asyncio.sleep(0)
+    clock.advance(3.0)
+    gate.set()
+    await later
+    assert seen == [3.0]  # not 1002.0, the clock's whole reading, for the first call
+
+
 def test_excluded_errors_never_open_the_circuit() -> None:
     breaker = make(ManualClock(), exclude=(NotFound,))
 
