@@ -17,7 +17,7 @@ import nats
 import pytest
 
 from seamwork.brokers import EmbeddedNats, NatsBroker, RabbitBroker
-from seamwork.errors import ConfigError, InvalidMessage
+from seamwork.errors import ConfigError, InvalidMessage, StoreError
 from seamwork.messaging import (
     Broker,
     DeadLetter,
@@ -317,6 +317,18 @@ async def test_purge_sent_deletes_old_sent_rows_and_resend_since_replays_them(
     assert await outbox.pending_count() == 0
 
 
+async def test_a_tx_used_after_its_block_is_refused_and_no_message_is_lost_silently(
+    outbox: Outbox,
+) -> None:
+    async with outbox.transaction() as tx:
+        stale = tx
+    with pytest.raises(StoreError, match="transaction has ended"):
+        await stale.publish("orders.created", Message("OrderCreated"))
+    with pytest.raises(StoreError, match="ended"):
+        await stale.execute("INSERT INTO orders (id) VALUES (?)", (1,))
+    assert await outbox.pending_count() == 0
+
+
 # --- inbox ------------------------------------------------------------------------------
 
 
@@ -339,6 +351,29 @@ async def test_the_inbox_applies_a_redelivered_message_once(
     await eventually(lambda: len(rows(db, "SELECT n FROM effects")) == 2)
     assert rows(db, "SELECT n FROM effects ORDER BY rowid") == [(7,), (8,)]
     assert await inbox.seen(message.id)
+
+
+async def test_a_handlers_tx_used_after_it_returned_is_refused_not_run_in_the_next_message(
+    inbox: Inbox, tmp_path: Path
+) -> None:
+    kept: list[Transaction] = []
+    late: list[BaseException] = []
+
+    async def apply(message: Message, tx: Transaction) -> None:
+        if kept:  # the first handler's tx, used while this message is applied
+            try:
+                await kept[0].execute("INSERT INTO effects (n, message_id) VALUES (99, 'late')")
+            except StoreError as exc:
+                late.append(exc)
+        kept.append(tx)
+        await record_effect(message, tx)
+
+    batch = [Delivery(Message("N", {"n": n}), "s", "g") for n in (1, 2)]
+    assert await inbox.handler(apply).batch(batch) == [None, None]
+    assert [str(e) for e in late] == [
+        "the transaction has ended: use tx only inside its block (nothing was applied)"
+    ]
+    assert rows(tmp_path / "payments.db", "SELECT n FROM effects ORDER BY rowid") == [(1,), (2,)]
 
 
 async def test_a_failing_message_in_a_batch_rolls_back_alone(inbox: Inbox, tmp_path: Path) -> None:

@@ -110,6 +110,35 @@ async def test_two_consumers_racing_on_one_message_apply_it_once(
     assert await count(pg_dsn, "SELECT count(*) FROM effects") == 1
 
 
+async def test_a_tx_used_after_its_block_is_refused_not_run_on_a_pooled_connection(
+    outbox: Outbox, pg_dsn: str
+) -> None:
+    async with outbox.transaction() as tx:
+        stale = tx
+    with pytest.raises(StoreError, match="transaction has ended"):
+        await stale.execute("INSERT INTO orders (id) VALUES (%s)", (1,))
+    with pytest.raises(StoreError, match="transaction has ended"):
+        await stale.publish("orders.created", Message("OrderCreated"))
+    async with outbox.transaction() as tx:  # the next user of the pooled connection
+        await tx.execute("INSERT INTO orders (id) VALUES (%s)", (2,))
+    assert await count(pg_dsn, "SELECT count(*) FROM orders WHERE id = 1") == 0
+    assert await outbox.pending_count() == 0
+
+    kept: list[Transaction] = []
+
+    async def keep(message: Message, tx: Transaction) -> None:
+        kept.append(tx)
+
+    inbox = Inbox.of(outbox)
+    await inbox.handler(keep)(Delivery(Message("N", {}), "x.y", "g"))
+    batch = [Delivery(Message("N", {}), "x.y", "g") for _ in range(2)]
+    assert await inbox.handler(keep).batch(batch) == [None, None]
+    for late in kept:
+        with pytest.raises(StoreError, match="transaction has ended"):
+            await late.execute("INSERT INTO effects (n, message_id) VALUES (99, 'late')")
+    assert await count(pg_dsn, "SELECT count(*) FROM effects") == 0
+
+
 async def test_a_batch_rolls_back_a_failing_message_alone(outbox: Outbox, pg_dsn: str) -> None:
     inbox = Inbox.of(outbox)
 

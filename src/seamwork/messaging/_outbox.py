@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from seamwork._core.codec import dumps
 from seamwork._core.lifecycle import OpenClose, StartStop
-from seamwork.errors import ConfigError
+from seamwork.errors import ConfigError, StoreError
 from seamwork.messaging._message import Message, check_subject, encode
 from seamwork.messaging._ports import Broker, Delivery, PoisonMessage
 
@@ -87,6 +87,16 @@ def outbox_row(subject: str, message: Message) -> tuple[Any, ...]:
         dumps(dict(message.headers)),
         time.time(),
     )
+
+
+def check_open(ended: bool) -> None:
+    """Refuse a ``tx`` used after its block (a task the handler left running, say):
+    on PostgreSQL its connection is back in the pool, serving someone else's
+    transaction, and a message published then would be dropped without a word."""
+    if ended:
+        raise StoreError(
+            "the transaction has ended: use tx only inside its block (nothing was applied)"
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,14 @@ import psycopg
 from seamwork._core.wakeup import Wakeup
 from seamwork.errors import ConfigError
 from seamwork.messaging._message import Message
-from seamwork.messaging._outbox import Inbox, Outbox, OutboxRecord, Transaction, outbox_row
+from seamwork.messaging._outbox import (
+    Inbox,
+    Outbox,
+    OutboxRecord,
+    Transaction,
+    check_open,
+    outbox_row,
+)
 from seamwork.storage._pg import (
     AsyncConn,
     PgMigration,
@@ -143,12 +150,15 @@ class _Transaction:
     def __init__(self, conn: AsyncConn) -> None:
         self.conn = conn
         self.rows: list[tuple[Any, ...]] = []
+        self.ended = False
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[tuple[Any, ...]]:
+        check_open(self.ended)
         cursor = await self.conn.execute(sql.encode(), tuple(params))
         return await cursor.fetchall() if cursor.description else []
 
     async def publish(self, subject: str, message: Message) -> None:
+        check_open(self.ended)
         self.rows.append(outbox_row(subject, message))
 
     async def flush(self) -> None:
@@ -187,7 +197,10 @@ class PostgresOutbox(Outbox):
     async def transaction(self) -> AsyncIterator[Transaction]:
         async with self.store.transaction("outbox") as conn:
             tx = _Transaction(conn)
-            yield tx
+            try:
+                yield tx
+            finally:
+                tx.ended = True
             await tx.flush()
         if tx.rows:
             self.store.notify()
@@ -252,7 +265,10 @@ class _Batch:
                 if await cursor.fetchone() is None:
                     return None  # applied before
                 tx = _Transaction(self.conn)
-                await fn(message, tx)
+                try:
+                    await fn(message, tx)
+                finally:
+                    tx.ended = True  # a task it left running must not write into the next
                 await tx.flush()
                 self.published = self.published or bool(tx.rows)
         except psycopg.OperationalError as exc:
@@ -294,7 +310,10 @@ class PostgresInbox(Inbox):
                 yield None  # applied before: apply nothing, acknowledge again
                 return
             tx = _Transaction(conn)
-            yield tx
+            try:
+                yield tx
+            finally:
+                tx.ended = True
             await tx.flush()
         if tx.rows:
             self.store.notify()

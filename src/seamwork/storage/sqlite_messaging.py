@@ -28,7 +28,14 @@ from seamwork._core.codec import loads
 from seamwork._core.wakeup import Wakeup
 from seamwork.errors import StoreError
 from seamwork.messaging._message import Message
-from seamwork.messaging._outbox import Inbox, Outbox, OutboxRecord, Transaction, outbox_row
+from seamwork.messaging._outbox import (
+    Inbox,
+    Outbox,
+    OutboxRecord,
+    Transaction,
+    check_open,
+    outbox_row,
+)
 from seamwork.storage._sqlite_session import Session, in_session, session
 from seamwork.storage._sqlite_writer import Migration, SQLiteWriter, Synchronous
 
@@ -109,11 +116,14 @@ class _Transaction:
     def __init__(self, session: Session) -> None:
         self._session = session
         self.rows: list[Row] = []
+        self.ended = False
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Row]:
+        check_open(self.ended)
         return await self._session.execute(sql, params)
 
     async def publish(self, subject: str, message: Message) -> None:
+        check_open(self.ended)
         self.rows.append(outbox_row(subject, message))
 
 
@@ -151,7 +161,10 @@ class SQLiteOutbox(Outbox):
         async with session(self.store.writer, on_commit=insert) as open_session:
             tx = _Transaction(open_session)
             holder.append(tx)
-            yield tx
+            try:
+                yield tx
+            finally:
+                tx.ended = True
         if tx.rows:
             self.store.notify()
 
@@ -266,7 +279,10 @@ class SQLiteInbox(Inbox):
                 return
             tx = _Transaction(open_session)
             holder.append(tx)
-            yield tx
+            try:
+                yield tx
+            finally:
+                tx.ended = True
         if tx.rows:
             self.store.notify()
 
@@ -320,6 +336,8 @@ class _InboxBatch:
                 self._session.run_here(_rollback_savepoint)
                 self._savepoint = False
             return exc
+        finally:
+            tx.ended = True  # a task it left running must not write into the next message
         self._seen.add(message.id)
         self.inbox_rows.append((message.id, message.type, time.time()))
         self.outbox_rows.extend(tx.rows)
@@ -356,10 +374,12 @@ class _SavepointTransaction(_Transaction):
 
     def __init__(self, batch: _InboxBatch) -> None:
         self.rows: list[Row] = []
+        self.ended = False
         self._batch = batch
         self.opened = False
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Row]:
+        check_open(self.ended)
         if self.opened:
             return await self._batch.execute(sql, params)
         self.opened = True
