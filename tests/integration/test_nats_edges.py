@@ -253,11 +253,17 @@ async def test_listing_dead_letters_when_the_server_goes_away_raises_not_a_parti
     await server.start()
     broker = NatsBroker(server.url, publish_timeout=0.5)
     try:
-        filed = {DLQ_SUBJECT: "p.x", DLQ_GROUP: "g"}
-        await broker.ensure_stream("deadletter.g")
-        await broker.publish_batch(
-            [("deadletter.g.p.x", Message("T", headers=filed)) for _ in range(3000)]
-        )
+        filed = {"Seamwork-Type": "T", DLQ_SUBJECT: "p.x", DLQ_GROUP: "g"}
+        stream = await broker.ensure_stream("deadletter.g")
+        nc, js = await broker._context()  # filed as the broker files them (a Message has
+        for _ in range(3000):  # no Seamwork-DLQ-* headers of its own)
+            await nc.publish("deadletter.g.p.x", b"{}", headers=filed)
+        await nc.flush()
+
+        async def filed_all() -> bool:
+            return (await js.stream_info(stream)).state.messages == 3000
+
+        await until(filed_all)
         listing = asyncio.create_task(broker.dead_letters(limit=10_000))
         await asyncio.sleep(0.02)
         await server.kill()

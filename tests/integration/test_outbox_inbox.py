@@ -179,6 +179,51 @@ async def test_a_message_no_broker_carries_unchanged_is_refused_inside_the_trans
         await broker.publish(subject(), message)
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Nats-Msg-Id",  # NATS dropped every later message with the same value
+        "Nats-Expected-Last-Sequence",  # refused by the stream: the relay stuck on it
+        "nats-rollup",
+        "Seamwork-Deliveries",  # RabbitMQ: the message arrived as its 8th attempt
+        "Seamwork-Subject",
+        "Seamwork-DLQ-Error",
+        "x-delivery-count",  # RabbitMQ: dead-lettered unhandled as a crash loop
+        "x-death",
+        "x-first-death-queue",
+    ],
+)
+async def test_a_header_name_a_broker_keeps_for_itself_is_refused_inside_the_transaction(
+    outbox: Outbox, broker: NatsBroker, name: str
+) -> None:
+    message = Message("Created", headers={name: "1"})
+
+    async def place_order() -> None:
+        async with outbox.transaction() as tx:
+            await tx.execute("INSERT INTO orders (id) VALUES (1)")
+            await tx.publish("orders.created", message)
+
+    with pytest.raises(InvalidMessage, match=f"header {name!r} is kept by the broker"):
+        await place_order()
+    assert await outbox.pending_count() == 0
+    with pytest.raises(InvalidMessage, match="kept by the broker"):
+        await broker.publish(subject(), message)
+
+
+async def test_header_names_only_like_a_brokers_own_arrive_as_sent(broker: NatsBroker) -> None:
+    headers = {"x-trace": "1", "Natsume": "2", "seamwork": "3", "x-deaths-total": "4"}
+    got: list[Delivery] = []
+
+    async def handler(delivery: Delivery) -> None:
+        got.append(delivery)
+
+    topic = subject()
+    await broker.subscribe(topic, "g", handler)
+    await broker.publish(topic, Message("Created", headers=headers))
+    await eventually(lambda: len(got) == 1)
+    assert got[0].message.headers == headers
+
+
 @pytest.mark.parametrize("field", ["correlation_id", "causation_id"])
 def test_a_correlation_or_causation_id_that_is_not_a_string_is_refused_by_name(
     field: str,

@@ -29,6 +29,11 @@ _BLANK = re.compile(r"[\s\x00-\x1f\x7f]")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """A header name (an RFC 7230 token): what NATS accepts."""
 _LINE_BREAK = re.compile(r"[\r\n]")
+_BROKERS_OWN_PREFIXES = ("nats-", "seamwork-", "x-first-death-", "x-last-death-")
+_BROKERS_OWN = frozenset({"x-delivery-count", "x-death", "x-stream-offset"})
+"""Header names (any case) a broker or seamwork sets and reads on the wire: NATS acts
+on ``Nats-*`` (``Nats-Msg-Id`` de-duplicates, ``Nats-Expected-*`` refuses) and drops
+them on receipt; RabbitMQ's own and seamwork's delivery headers count retries."""
 
 
 def check_subject(subject: object, *, wildcards: bool = False) -> str:
@@ -117,6 +122,7 @@ def encode(
     broker's ``publish``) checked like the message's own; ``InvalidMessage`` if it
     cannot be sent."""
     body = dumps(message.data, what=f"data of message {message.type!r}").encode()
+    _check_own_names(message)
     headers = {**message.headers, **_extra(message, extra or {})}
     _check_wire(message, headers)
     headers[TYPE] = message.type
@@ -140,6 +146,19 @@ def _extra(message: Message, extra: Mapping[str, str]) -> Mapping[str, str]:
         if key in _RESERVED:
             raise InvalidMessage(f"message {message.type!r}: header {key!r} is set by seamwork")
     return extra
+
+
+def _check_own_names(message: Message) -> None:
+    """Refuse a message header named like one the broker keeps for itself: it would
+    not arrive, and on the way it would change the delivery (a ``Nats-Msg-Id`` shared
+    by two messages drops the second as a duplicate)."""
+    for key in message.headers:
+        folded = key.lower()
+        if folded in _BROKERS_OWN or folded.startswith(_BROKERS_OWN_PREFIXES):
+            raise InvalidMessage(
+                f"message {message.type!r} {message.id}: header {key!r} is kept by the broker "
+                "(Nats-*, Seamwork-*, x-delivery-count, x-death...); use another name"
+            )
 
 
 def _check_wire(message: Message, headers: Mapping[str, str]) -> None:
