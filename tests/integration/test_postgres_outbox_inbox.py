@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 
@@ -12,6 +13,8 @@ import pytest
 from seamwork.brokers import EmbeddedNats, NatsBroker
 from seamwork.errors import StoreError, StoreUnavailable
 from seamwork.messaging import Delivery, Inbox, Message, Outbox, OutboxRelay, Transaction
+from seamwork.storage._pg import migrate
+from seamwork.storage.postgres_messaging import MESSAGING_MIGRATIONS
 from seamwork.testing.broker import eventually
 
 pytestmark = pytest.mark.postgres
@@ -224,3 +227,37 @@ async def test_a_closed_outbox_opens_again(outbox: Outbox, pg_dsn: str) -> None:
     async with outbox.transaction() as tx:
         await tx.execute("INSERT INTO orders (id) VALUES (%s)", (8,))
     assert await count(pg_dsn, "SELECT count(*) FROM orders") == 2
+
+
+ODD_DATA = {"z": 1e16, "huge": 1e300, "nul": "a\x00b", "b": 1, "a": [2.0, {"y": 1, "x": 0}]}
+ODD_HEADERS = {"b": "1", "a": "é", "e": ""}
+
+
+async def test_a_message_is_relayed_as_written_as_on_sqlite(outbox: Outbox) -> None:
+    """Numbers keep their type, keys their order and a NUL character is taken (jsonb
+    made 1e16 the int 10000000000000000, sorted keys and refused the NUL)."""
+    async with outbox.transaction() as tx:
+        await tx.publish("orders.created", Message("Odd", ODD_DATA, headers=ODD_HEADERS))
+    (record,) = await outbox.pending(10)
+    assert json.dumps(record.message.data) == json.dumps(ODD_DATA)
+    assert json.dumps(record.message.headers) == json.dumps(ODD_HEADERS)
+
+
+async def test_rows_written_before_the_upgrade_are_relayed_after_it(pg_dsn: str) -> None:
+    message = Message("Old", {"n": 1, "f": 2.5}, headers={"k": "v"})
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+        await migrate(conn, MESSAGING_MIGRATIONS[:1])  # the schema of an older release
+        await conn.execute(
+            "INSERT INTO seamwork_outbox (id, subject, type, data, correlation_id, headers, "
+            "created_at) VALUES (%s, 'orders.created', 'Old', %s::jsonb, %s, %s::jsonb, 0)",
+            (message.id, '{"n": 1, "f": 2.5}', message.id, '{"k": "v"}'),
+        )
+        await conn.commit()
+    async with Outbox.postgres(pg_dsn) as outbox:
+        (record,) = await outbox.pending(10)
+        async with outbox.transaction() as tx:
+            await tx.publish("orders.created", Message("New", ODD_DATA))
+        assert await outbox.pending_count() == 2
+    assert record.message == Message(
+        "Old", {"n": 1, "f": 2.5}, id=message.id, correlation_id=message.id, headers={"k": "v"}
+    )

@@ -71,11 +71,21 @@ MESSAGING_MIGRATIONS = (
             )""",
         ),
     ),
+    # json keeps the text as written, as SQLite does; jsonb turned 1e16 into the int
+    # 10000000000000000, reordered keys and refused a NUL character ("\u0000").
+    PgMigration(
+        "messaging",
+        2,
+        (
+            "ALTER TABLE seamwork_outbox ALTER COLUMN data TYPE json USING data::json, "
+            "ALTER COLUMN headers TYPE json USING headers::json",
+        ),
+    ),
 )
 
 _INSERT_OUTBOX = (
     "INSERT INTO seamwork_outbox (id, subject, type, data, correlation_id, causation_id, "
-    "headers, created_at) VALUES (%s, %s, %s, %s::jsonb, %s, %s, %s::jsonb, %s)"
+    "headers, created_at) VALUES (%s, %s, %s, %s::json, %s, %s, %s::json, %s)"
 )
 _CLAIM_ID = (
     "INSERT INTO seamwork_inbox (id, type, received_at) VALUES (%s, %s, %s) "
