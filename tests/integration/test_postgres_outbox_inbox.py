@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -261,3 +262,38 @@ async def test_rows_written_before_the_upgrade_are_relayed_after_it(pg_dsn: str)
     assert record.message == Message(
         "Old", {"n": 1, "f": 2.5}, id=message.id, correlation_id=message.id, headers={"k": "v"}
     )
+
+
+async def test_a_caught_statement_error_is_reported_not_acknowledged_with_nothing_committed(
+    outbox: Outbox, pg_dsn: str
+) -> None:
+    """PostgreSQL aborts the whole transaction on a failed statement, and COMMIT then
+    rolls back without an error: a handler that caught the error and returned was
+    acknowledged with nothing of it committed, and so was an outbox block."""
+    async with outbox.transaction() as tx:
+        await tx.execute("INSERT INTO orders (id) VALUES (0)")
+
+    async def charge_ignoring_duplicates(message: Message, tx: Transaction) -> None:
+        await tx.execute("INSERT INTO effects (n, message_id) VALUES (1, %s)", (message.id,))
+        with contextlib.suppress(psycopg.errors.UniqueViolation):
+            await tx.execute("INSERT INTO orders (id) VALUES (0)")  # already there
+
+    handler = Inbox.of(outbox).handler(charge_ignoring_duplicates)
+    delivery = Delivery(Message("N", {}), "x.y", "g")
+    with pytest.raises(StoreError, match="failed statement aborted the transaction"):
+        await handler(delivery)  # the broker retries it instead of acknowledging it
+    assert not await Inbox.of(outbox).seen(delivery.message.id)
+    (outcome,) = await handler.batch([delivery])
+    assert isinstance(outcome, StoreError)
+    assert "failed statement aborted the transaction" in str(outcome)
+
+    async def place_order_ignoring_duplicates() -> None:
+        async with outbox.transaction() as tx:
+            await tx.execute("INSERT INTO orders (id) VALUES (1)")
+            with contextlib.suppress(psycopg.errors.UniqueViolation):
+                await tx.execute("INSERT INTO orders (id) VALUES (0)")
+
+    with pytest.raises(StoreError, match="failed statement aborted the transaction"):
+        await place_order_ignoring_duplicates()
+    assert await count(pg_dsn, "SELECT count(*) FROM effects") == 0
+    assert await count(pg_dsn, "SELECT count(*) FROM orders") == 1

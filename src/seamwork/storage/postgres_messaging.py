@@ -22,9 +22,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from seamwork._core.wakeup import Wakeup
-from seamwork.errors import ConfigError
+from seamwork.errors import ConfigError, StoreError
 from seamwork.messaging._message import Message
 from seamwork.messaging._outbox import (
     Inbox,
@@ -172,6 +173,14 @@ class _Transaction:
         self.rows.append(outbox_row(subject, message))
 
     async def flush(self) -> None:
+        """Insert the published messages, last; a transaction a failed statement
+        aborted is refused here, for its COMMIT would roll back without an error."""
+        if self.conn.info.transaction_status == TransactionStatus.INERROR:
+            raise StoreError(
+                "a failed statement aborted the transaction and the block went on: "
+                "PostgreSQL commits nothing of it, so it is rolled back (to ignore an "
+                "error, run the statement in its own SAVEPOINT and ROLLBACK TO it)"
+            )
         if not self.rows:
             return
         try:
