@@ -19,7 +19,7 @@ import pytest
 
 from seamwork.brokers import EmbeddedNats, NatsBroker
 from seamwork.brokers.nats import DLQ_STREAM, stream_for
-from seamwork.errors import BrokerUnavailable, ConfigError, MessagingError
+from seamwork.errors import BrokerUnavailable, ConfigError, InvalidMessage, MessagingError
 from seamwork.messaging import Delivery, FlowMonitor, Handler, Message, PoisonMessage
 from seamwork.messaging._ports import DLQ_GROUP, DLQ_SUBJECT
 from seamwork.testing.broker import eventually, until
@@ -692,3 +692,81 @@ async def test_a_cancel_while_a_broker_connects_or_subscribes_is_raised_not_swal
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         assert [t for t in others if "_drain_log" not in repr(t)] == []  # nats-py's are gone
         assert cut > 20  # most cancels landed inside the call
+
+
+async def test_a_message_over_max_payload_with_its_headers_is_refused_and_the_broker_lives_on() -> (
+    None
+):
+    got: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        got.append(delivery.message.id)
+
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url, publish_timeout=2)
+        try:
+            await broker.subscribe("p.x", "g", handler)
+            nc, _ = await broker._context()
+            # the body alone fits; with its headers (the server counts both) it does not
+            big = Message("T", {"s": "x" * (nc.max_payload - 200)}, headers={"x-p": "y" * 500})
+            with pytest.raises(InvalidMessage, match="max_payload"):
+                await broker.publish("p.x", big)
+            with pytest.raises(InvalidMessage, match="max_payload"):
+                await broker.publish_batch([("p.x", Message("T")), ("p.x", big)])
+            after = Message("T")
+            await broker.publish("p.x", after)  # the connection is still there
+            await eventually(lambda: after.id in got)
+        finally:
+            await broker.aclose()
+    assert big.id not in got
+
+
+async def test_a_message_that_fits_max_payload_exactly_is_sent_alone_and_in_a_batch() -> None:
+    got: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        got.append(delivery.message.id)
+
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url, publish_timeout=2)
+        try:
+            await broker.subscribe("p.x", "g", handler)
+            nc, _ = await broker._context()
+            full = [Message("T", {"s": ""}) for _ in range(3)]
+            body, headers = broker._wire(full[0], None)
+            # what the server counts: a "key: value" line per header, the block's
+            # first line and blank line, and the body
+            size = 12 + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
+            room = nc.max_payload - size - len(body)
+            full = [Message("T", {"s": "x" * room}, id=m.id) for m in full]
+            await broker.publish("p.x", full[0])
+            await broker.publish_batch([("p.x", full[1]), ("p.x", full[2])])
+            await eventually(lambda: len(got) == 3)
+        finally:
+            await broker.aclose()
+    assert sorted(got) == sorted(m.id for m in full)
+
+
+async def test_a_message_near_max_payload_is_dead_lettered_with_a_shorter_error() -> None:
+    handled: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        if delivery.message.type == "Big":
+            raise PoisonMessage("e" * 900)
+        handled.append(delivery.message.id)
+
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url, publish_timeout=2)
+        try:
+            await broker.subscribe("p.x", "g", handler)
+            nc, _ = await broker._context()
+            big = Message("Big", {"s": "x" * (nc.max_payload - 600)})
+            await broker.publish("p.x", big)
+            (letter,) = await until(broker.dead_letters)
+            after = Message("T")
+            await broker.publish("p.x", after)  # the connection is still there
+            await eventually(lambda: handled == [after.id])
+        finally:
+            await broker.aclose()
+    assert (letter.message.id, letter.message.data) == (big.id, big.data)
+    assert letter.error.startswith("PoisonMessage: eee")

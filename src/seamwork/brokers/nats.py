@@ -61,9 +61,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from seamwork.brokers._nats_consumer import _Consumer
 from seamwork.brokers._subscription import GracefulStop
-from seamwork.errors import BrokerUnavailable, ConfigError, MessagingError, PublishError
-from seamwork.messaging._message import Message, check_subject, encode
+from seamwork.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    InvalidMessage,
+    MessagingError,
+    PublishError,
+)
+from seamwork.messaging._message import TYPE, Message, check_subject, encode
 from seamwork.messaging._ports import (
+    DLQ_ERROR,
     DLQ_HEADERS,
     DLQ_SUBJECT,
     DeadLetter,
@@ -165,6 +172,14 @@ def _consumer_name(group: str, subject: str) -> str:
     readable = _NAME.sub("_", f"{group}__{'_'.join(words.get(t, t) for t in tokens)}")
     digest = hashlib.sha256(json.dumps([group, subject]).encode()).hexdigest()[:32]
     return f"{readable[:_MAX_READABLE]}___{digest}"
+
+
+def _wire_size(body: bytes, headers: Mapping[str, str]) -> int:
+    """Bytes of a message as nats-server counts them against ``max_payload``: the
+    header block nats-py writes (``NATS/1.0``, a ``key: value`` line each, a blank
+    line) and the body."""
+    lines = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+    return len(b"NATS/1.0\r\n") + lines + 2 + len(body)
 
 
 def _covers(pattern: str, subject: str) -> bool:
@@ -397,6 +412,7 @@ class NatsBroker:
         check_subject(subject)
         body, wire = self._wire(message, headers)
         await self.ensure_stream(subject)
+        await self._check_size(subject, body, wire)
         try:
             await self._stored(subject, body, wire)
         except Exception as exc:
@@ -428,6 +444,8 @@ class NatsBroker:
         wired = [(check_subject(subject), *self._wire(message, None)) for subject, message in items]
         for subject, _, _ in wired:
             await self.ensure_stream(subject)
+        for subject, body, headers in wired:  # none sent unless all fit
+            await self._check_size(subject, body, headers)
         if len(wired) == 1:
             await self._pipelined(wired)
             return
@@ -446,6 +464,22 @@ class NatsBroker:
         body, headers = encode(message, extra)
         headers["Nats-Msg-Id"] = headers.get("Nats-Msg-Id", message.id)
         return body, headers
+
+    async def _check_size(self, subject: str, body: bytes, headers: Mapping[str, str]) -> None:
+        """Refuse a message the server would not take: one over its ``max_payload``
+        (body and headers) makes it close the connection, which nats-py then gives up.
+
+        Raises:
+            InvalidMessage: the message with its headers is over ``max_payload``.
+        """
+        nc, _ = await self._context()
+        size = _wire_size(body, headers)
+        if size > nc.max_payload:
+            raise InvalidMessage(
+                f"message {headers.get(TYPE)!r} {headers.get('Nats-Msg-Id')} to {subject}: "
+                f"{size} bytes with its headers, over the server's max_payload of "
+                f"{nc.max_payload}"
+            )
 
     async def _pipelined(self, wired: Sequence[tuple[str, bytes, dict[str, str]]]) -> None:
         _, js = await self._context()
@@ -481,12 +515,17 @@ class NatsBroker:
         nc, _ = await self._context()
         batch = uuid.uuid4().hex
         last = len(wired)
-        for index, (subject, body, headers) in enumerate(wired, start=1):
-            headers = {**headers, "Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(index)}
+        marked = [
+            (subject, body, {**headers, "Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i)})
+            for i, (subject, body, headers) in enumerate(wired, start=1)
+        ]
+        marked[-1][2]["Nats-Batch-Commit"] = "1"
+        if any(_wire_size(body, headers) > nc.max_payload for _, body, headers in marked):
+            return False  # a message that fits only without the batch's own headers
+        for index, (subject, body, headers) in enumerate(marked, start=1):
             if index < last:
                 await nc.publish(subject, body, headers=headers)
                 continue
-            headers["Nats-Batch-Commit"] = "1"
             try:
                 reply = await nc.request(subject, body, headers=headers, timeout=self._timeout)
             except NoRespondersError:  # the stream was deleted: sent one by one, made again
@@ -611,7 +650,16 @@ class NatsBroker:
         headers = {k: v for k, v in original.items() if not k.startswith("Nats-")}
         headers.update(dead_letter_headers(subject, group, error, attempts))
         headers["Nats-Msg-Id"] = f"dlq:{group}:{message_id}"
-        await self._stored(f"deadletter.{_NAME.sub('_', group)}.{subject}", msg.data, headers)
+        nc, _ = await self._context()
+        over = _wire_size(msg.data, headers) - nc.max_payload
+        if over > 0:  # a message near max_payload: its letter keeps less of the error
+            error_bytes = headers[DLQ_ERROR].encode()
+            headers[DLQ_ERROR] = error_bytes[: max(0, len(error_bytes) - over)].decode(
+                errors="ignore"
+            )
+        target = f"deadletter.{_NAME.sub('_', group)}.{subject}"
+        await self._check_size(target, msg.data, headers)  # still over: left for redelivery
+        await self._stored(target, msg.data, headers)
 
     @_keeps_cancels
     async def dead_letters(self, *, limit: int = 100) -> list[DeadLetter]:
