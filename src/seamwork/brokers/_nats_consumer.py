@@ -1,6 +1,13 @@
 """The consume loop of a ``NatsBroker`` subscription: pull, handle (one message or a
 batch), acknowledge after the handler's commit, retry with a growing delay, dead-letter.
 Split from ``brokers/nats.py``, which owns connections, streams and publishing.
+
+A member keeps what it holds: while the loop runs, every message it has taken and not
+settled - the one in hand, the rest of its fetch, those waiting in its inbox - is
+marked in progress every third of ``ack_wait``, so JetStream hands none of them to
+another member while a slow handler runs (as RabbitMQ keeps a consumer's unacked
+messages while its channel is open). A member that dies or stops stops marking, and
+its messages come back after ``ack_wait``.
 """
 
 from __future__ import annotations
@@ -48,17 +55,37 @@ class _Consumer:
         self.handler, self.max_deliver, self.retry_delay = handler, max_deliver, retry_delay
         self.ack_wait = ack_wait
         self.config = config
+        self.held: dict[int, Msg] = {}
+        """Messages fetched and not settled yet, by ``id()``."""
 
     async def run(self, subscription: NatsSubscription) -> None:
-        await self._consume(subscription)
+        batch = getattr(self.handler, "batch", None)
+        puller = _Puller(self.pull, FETCH if batch is None else FETCH_BATCH)
+        keeping = asyncio.create_task(self._keep(puller))
+        try:
+            await self._consume(subscription, puller)
+        finally:
+            keeping.cancel()
+            await asyncio.gather(keeping, return_exceptions=True)
         # stopped by its own handler (any other stop() cancels this task): nothing is
         # taken any more, so the inbox goes
         await subscription._release()
 
-    async def _consume(self, subscription: NatsSubscription) -> None:
+    async def _keep(self, puller: _Puller) -> None:
+        """Mark what this member holds in progress, every third of ``ack_wait``."""
+        while True:
+            await asyncio.sleep(self.ack_wait / 3)
+            for msg in [*self.held.values(), *puller.waiting()]:
+                try:
+                    await msg.in_progress()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # not connected: redelivered after ack_wait anyway
+                    break
+
+    async def _consume(self, subscription: NatsSubscription, puller: _Puller) -> None:
         stats = subscription.stats
         batch = getattr(self.handler, "batch", None)
-        puller = _Puller(self.pull, FETCH if batch is None else FETCH_BATCH)
         connection = -1  # the client's reconnect count when in-flight messages were checked
         while not subscription._stopping:
             # no await between this check and the fetch's request: a reconnect cannot
@@ -86,11 +113,13 @@ class _Consumer:
             # started here is finished and settled; none is started once it stops
             if subscription._stopping:
                 return
+            self.held = {id(msg): msg for msg in messages}
             if batch is not None and len(messages) > 1:
                 subscription._idle.clear()
                 try:
                     await self._handle_batch(batch, messages, stats)
                 finally:
+                    self.held.clear()
                     subscription._idle.set()
                 continue
             for msg in messages:
@@ -100,6 +129,7 @@ class _Consumer:
                 try:
                     await self._guarded(self._handle(msg, stats))
                 finally:
+                    self.held.pop(id(msg), None)
                     subscription._idle.set()
 
     async def _restore(self, gone: _ConsumerGone) -> None:
@@ -295,6 +325,12 @@ class _Puller:
             return []
         await asyncio.sleep(0)  # let the reader parse the rest of what arrived with it
         return [first, *self._drain()]
+
+    def waiting(self) -> list[Msg]:
+        """The messages that have arrived and not been fetched yet (left in place)."""
+        pull: Any = self.pull
+        queued: Sequence[Msg] = pull._sub._pending_queue._queue
+        return [msg for msg in queued if not _is_status(msg)]
 
     def _drain(self) -> list[Msg]:
         pull: Any = self.pull

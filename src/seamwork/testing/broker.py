@@ -318,6 +318,35 @@ class BrokerContract:
         with pytest.raises(ConfigError, match=named):
             await broker.subscribe(self.subject(), group, handler, **options)  # type: ignore[arg-type]
 
+    async def test_a_handler_slower_than_ack_wait_keeps_its_messages_handled_once(
+        self, broker: Broker
+    ) -> None:
+        """A message in hand (and those a member has taken but not started) is not
+        handed to another member while the handler runs, however long it takes."""
+        handled: list[int] = []
+        running: set[int] = set()
+        overlaps: list[int] = []
+
+        async def slow(delivery: Delivery) -> None:
+            n = delivery.message.data["n"]
+            if n in running:
+                overlaps.append(n)
+            running.add(n)
+            handled.append(n)
+            await asyncio.sleep(2.5 if n == 0 else 0.3)  # ack_wait is 1 s
+            running.discard(n)
+
+        subject = self.subject()
+        await broker.subscribe(subject, "slow", slow, ack_wait=1)
+        await broker.subscribe(subject, "slow", slow, ack_wait=1)
+        await broker.publish(subject, Message("N", {"n": 0}))
+        await eventually(lambda: handled == [0])
+        await broker.publish_batch([(subject, Message("N", {"n": n})) for n in range(1, 9)])
+        await eventually(lambda: set(handled) == set(range(9)), seconds=20)
+        await asyncio.sleep(2.5)  # past ack_wait: nothing comes back
+        assert overlaps == []
+        assert sorted(handled) == list(range(9))
+
     async def test_stop_lets_the_message_in_hand_finish_and_starts_no_other(
         self, broker: Broker
     ) -> None:
