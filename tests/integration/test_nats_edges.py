@@ -349,7 +349,8 @@ async def test_first_tokens_differing_in_case_or_odd_characters_get_streams_of_t
     assert names[3] == "CAF_"
     assert names[-1] == "A_B-9"
     for subject, name in zip(subjects, names, strict=True):
-        assert streams[name].config.subjects == [f"{subject.split('.')[0]}.>"]
+        token = subject.split(".")[0]
+        assert streams[name].config.subjects == [token, f"{token}.>"]
         assert streams[name].state.messages == 1
 
 
@@ -770,3 +771,27 @@ async def test_a_message_near_max_payload_is_dead_lettered_with_a_shorter_error(
             await broker.aclose()
     assert (letter.message.id, letter.message.data) == (big.id, big.data)
     assert letter.error.startswith("PoisonMessage: eee")
+
+
+async def test_a_stream_made_over_its_token_tail_only_takes_the_bare_token_too() -> None:
+    got: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        got.append(delivery.subject)
+
+    async with EmbeddedNats() as server:
+        nc = await nats.connect(server.url)
+        made = {"name": "P", "subjects": ["p.>"], "storage": "file"}  # as earlier versions
+        reply = await nc.request("$JS.API.STREAM.CREATE.P", json.dumps(made).encode())
+        assert "error" not in json.loads(reply.data)
+        broker = NatsBroker(server.url)
+        try:
+            await broker.publish("p.x", Message("T"))
+            await broker.subscribe("p", "g", handler)
+            await broker.publish("p", Message("T"))
+            await eventually(lambda: got == ["p"])
+            info = await nc.jetstream().stream_info("P")
+        finally:
+            await broker.aclose()
+            await nc.close()
+    assert info.config.subjects == ["p", "p.>"]

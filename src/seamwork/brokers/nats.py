@@ -1,8 +1,9 @@
 """``NatsBroker``: the ``Broker`` port on NATS JetStream (nats-py).
 
 Streams. A subject's first token names its stream (``orders.created`` -> ``ORDERS``
-over ``orders.>``; a token that is not plain lowercase ASCII gets a hash in its name,
-``stream_for``), created on first use with file storage and a duplicate window,
+over ``orders`` and ``orders.>``; a token that is not plain lowercase ASCII gets a hash
+in its name, ``stream_for``), created on first use with file storage and a duplicate
+window (a stream an earlier version made over ``orders.>`` alone is widened),
 so a message re-published with the same id inside the window is dropped by the
 server (``Nats-Msg-Id``).
 
@@ -370,9 +371,8 @@ class NatsBroker:
         if name in self._streams:
             return name
         nc, _ = await self._context()
-        subjects = [s for s, n in self._explicit.items() if n == name] or [
-            f"{subject.split('.', 1)[0]}.>"
-        ]
+        token = subject.split(".", 1)[0]
+        subjects = [s for s, n in self._explicit.items() if n == name] or [token, f"{token}.>"]
         config: dict[str, Any] = {
             "name": name,
             "subjects": subjects,
@@ -388,12 +388,35 @@ class NatsBroker:
         if error and error.get("err_code") != 10058:  # 10058: exists with this name
             raise BrokerUnavailable(f"cannot create stream {name}: {error.get('description')}")
         if error:  # made elsewhere (an operator, an older seamwork): use it as it is
-            info = await self._api(nc, f"$JS.API.STREAM.INFO.{name}", {})
-            reply = info
+            reply = await self._api(nc, f"$JS.API.STREAM.INFO.{name}", {})
+            if not self._explicit:
+                reply = await self._widened(nc, name, token, reply)
         if self._atomic and reply.get("config", {}).get("allow_atomic"):
             self._atomic_streams.add(name)
         self._streams.add(name)
         return name
+
+    async def _widened(
+        self, nc: NatsClient, name: str, token: str, info: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A stream made over ``<token>.>`` alone (by an earlier seamwork) takes the
+        subject ``<token>`` too: ``>`` needs a token after the dot, and a message
+        published to ``<token>`` found no stream."""
+        config = info.get("config", {})
+        if config.get("subjects") != [f"{token}.>"]:
+            return info
+        widened = {**config, "subjects": [token, f"{token}.>"]}
+        reply = await self._api(nc, f"$JS.API.STREAM.UPDATE.{name}", widened)
+        if reply.get("error"):
+            log.warning(
+                "stream %s takes %s.> only, so %r cannot be published to: %s",
+                name,
+                token,
+                token,
+                reply["error"].get("description"),
+            )
+            return info
+        return reply
 
     async def _api(self, nc: NatsClient, subject: str, body: Mapping[str, Any]) -> dict[str, Any]:
         try:

@@ -318,6 +318,24 @@ class BrokerContract:
         with pytest.raises(ConfigError, match=named):
             await broker.subscribe(self.subject(), group, handler, **options)  # type: ignore[arg-type]
 
+    async def test_a_subject_of_one_token_is_delivered_beside_longer_ones(
+        self, broker: Broker
+    ) -> None:
+        got: dict[str, list[str]] = {"one": [], "longer": []}
+
+        def collect(name: str) -> Callable[[Delivery], Awaitable[None]]:
+            async def handler(delivery: Delivery) -> None:
+                got[name].append(delivery.subject)
+
+            return handler
+
+        one = self.subject().split(".")[0]  # this test's prefix: a subject of its own
+        await broker.subscribe(one, "g", collect("one"))
+        await broker.subscribe(f"{one}.x", "g", collect("longer"))
+        await broker.publish(one, Message("N", {}))
+        await broker.publish_batch([(one, Message("N", {})), (f"{one}.x", Message("N", {}))])
+        await eventually(lambda: got == {"one": [one, one], "longer": [f"{one}.x"]})
+
     async def test_a_handler_slower_than_ack_wait_keeps_its_messages_handled_once(
         self, broker: Broker
     ) -> None:
