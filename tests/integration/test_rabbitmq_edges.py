@@ -434,3 +434,33 @@ async def test_header_values_sent_as_bytes_are_read_as_utf8_and_other_types_refu
 async def _at_least(letters: Awaitable[list[DeadLetter]], count: int) -> list[DeadLetter] | None:
     found = await letters
     return found if len(found) >= count else None
+
+
+async def test_a_tail_wildcard_queue_bound_by_an_earlier_version_stops_taking_the_bare_prefix(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    prefix = f"edge{uuid.uuid4().hex[:6]}"
+    got: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        got.append(delivery.subject)
+
+    connection = await aio_pika.connect(rabbitmq_service)
+    try:
+        await broker.connect()
+        channel = await connection.channel()
+        arguments = {"x-queue-type": "quorum", "x-delivery-limit": 1000}
+        queue = await channel.declare_queue(f"g.{prefix}..all", durable=True, arguments=arguments)
+        await queue.bind(exchange, routing_key=f"{prefix}.#")  # as earlier versions bound it
+        await broker.subscribe(f"{prefix}.>", "g", handler)
+        await broker.publish(prefix, Message("T"))
+        await broker.publish(f"{prefix}.a", Message("T"))
+        await eventually(lambda: got == [f"{prefix}.a"])
+        await asyncio.sleep(0.3)
+        assert got == [f"{prefix}.a"]
+    finally:
+        await connection.close()
+        names = broker.declared_queues
+        await broker.aclose()
+        await delete_rabbit(rabbitmq_service, exchange, names)

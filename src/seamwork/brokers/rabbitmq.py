@@ -11,7 +11,8 @@ by RabbitMQ, as with any topic exchange: subscribe the groups first.
 
 Groups. A consumer group is one durable quorum queue, ``<group>.<subject>``, bound
 to the exchange with the subject as binding key (NATS wildcards map: ``*`` stays
-``*``, ``>`` becomes ``#``; in the queue's name they are ``..any`` and ``..all``).
+``*``, ``>`` - one or more tokens - becomes ``*.#``, since ``#`` alone also matches
+none; in the queue's name they are ``..any`` and ``..all``).
 Every member consumes that queue, so each message goes to one of them. A member
 handles its messages one at a time; a group with one member sees its messages in
 publish order, except that a retried message goes behind the ones published after it.
@@ -124,8 +125,9 @@ _MAX_QUEUE_NAME = 255 - len(".retry.30000")
 
 
 def binding_key(subject: str) -> str:
-    """The AMQP binding key of a NATS-style subject (``>`` -> ``#``)."""
-    return ".".join("#" if token == ">" else token for token in subject.split("."))
+    """The AMQP binding key of a NATS-style subject: ``>`` (one or more tokens) ->
+    ``*.#`` (``#`` alone matches none too: ``orders.#`` takes ``orders``)."""
+    return ".".join("*.#" if token == ">" else token for token in subject.split("."))
 
 
 def queue_name(group: str, subject: str) -> str:
@@ -479,6 +481,8 @@ class RabbitBroker:
                 await to_the_end(probe.close())
         queue = await channel.declare_queue(name, passive=True)
         await queue.bind(self.exchange_name, routing_key=binding_key(subject))
+        if subject.endswith(">"):  # earlier versions bound ``#``, which takes the bare prefix
+            await queue.unbind(self.exchange_name, routing_key=subject[:-1] + "#")
         self._remember(name)
         return queue
 

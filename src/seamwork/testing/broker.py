@@ -336,6 +336,23 @@ class BrokerContract:
         await broker.publish_batch([(one, Message("N", {})), (f"{one}.x", Message("N", {}))])
         await eventually(lambda: got == {"one": [one, one], "longer": [f"{one}.x"]})
 
+    async def test_a_tail_wildcard_takes_one_or_more_tokens_never_none(
+        self, broker: Broker
+    ) -> None:
+        got: list[str] = []
+
+        async def handler(delivery: Delivery) -> None:
+            got.append(delivery.subject)
+
+        one = self.subject().split(".")[0]
+        await broker.subscribe(f"{one}.>", "tail", handler)
+        await broker.subscribe(one, "bare", handler)  # so the bare subject is routed
+        await broker.publish(one, Message("N", {}))
+        await broker.publish(f"{one}.x.y", Message("N", {}))
+        await eventually(lambda: sorted(got) == [one, f"{one}.x.y"])
+        await asyncio.sleep(0.3)
+        assert sorted(got) == [one, f"{one}.x.y"]  # the bare one reached "bare" only
+
     async def test_a_handler_slower_than_ack_wait_keeps_its_messages_handled_once(
         self, broker: Broker
     ) -> None:
