@@ -118,6 +118,8 @@ _MAX_DELAY = 30.0
 _DELIVERY_LIMIT = 1000
 """``x-delivery-limit`` of a group queue: far above ``crash_limit``, which acts first."""
 _DRIVER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError)
+_SHORT_STRING = 255
+"""Bytes an AMQP short string (``message_id``, ``correlation_id``, ``type``) holds."""
 _QUEUE_NAME = re.compile(r"[a-zA-Z0-9-_.:@#,/+ ]+")
 """What AMQP (pamqp) takes as a queue name."""
 _MAX_QUEUE_NAME = 255 - len(".retry.30000")
@@ -545,7 +547,7 @@ class RabbitBroker:
         amqp = aio_pika.Message(
             body,
             headers=carried,
-            message_id=message_id or None,
+            message_id=_short(message_id),
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
@@ -682,12 +684,18 @@ def _amqp_message(message: Message, extra: Mapping[str, str] | None) -> aio_pika
     return aio_pika.Message(
         body,
         headers=dict(headers),
-        message_id=message.id,
-        correlation_id=message.flow,
-        type=message.type,
+        message_id=_short(message.id),
+        correlation_id=_short(message.flow),
+        type=_short(message.type),
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
     )
+
+
+def _short(value: str) -> str | None:
+    """``value`` as an AMQP property (a short string: at most 255 bytes), or None if it
+    is longer (or empty): the headers carry it whole, and ``decode`` reads them."""
+    return value if 0 < len(value.encode()) <= _SHORT_STRING else None
 
 
 def _carried(msg: AbstractIncomingMessage) -> dict[str, Any]:

@@ -91,6 +91,36 @@ class BrokerContract:
         assert received.message == sent
         assert (received.subject, received.group, received.attempt) == (subject, "g1", 1)
 
+    @staticmethod
+    def _long_and_unicode(id: str) -> Message:
+        return Message(
+            "T" * 300,
+            {"note": "é" * 10},
+            id=id * 300,
+            correlation_id="c" * 300,
+            causation_id="cause-é✓" * 40,
+            headers={"x-long": "v" * 3000, "x-uni": "naïve ✓ 日本", "x-empty": ""},
+        )
+
+    async def test_long_unicode_and_empty_identity_and_headers_arrive_exactly(
+        self, broker: Broker
+    ) -> None:
+        got: list[Message] = []
+
+        async def handler(delivery: Delivery) -> None:
+            got.append(delivery.message)
+
+        subject = self.subject()
+        await broker.subscribe(subject, "g1", handler)
+        sent = [
+            self._long_and_unicode("i"),
+            Message("Tÿpe", id="é" * 200, correlation_id="日本" * 50),
+        ]
+        await broker.publish(subject, sent[0])
+        await broker.publish_batch([(subject, sent[1])])
+        await eventually(lambda: len(got) == 2)
+        assert got == sent
+
     async def test_each_message_goes_to_one_member_of_a_group_and_to_every_group(
         self, broker: Broker
     ) -> None:
