@@ -40,6 +40,7 @@ the delivery count in its headers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import hashlib
@@ -55,7 +56,7 @@ try:
     from nats.aio.msg import Msg
     from nats.errors import NoRespondersError
     from nats.js import JetStreamContext
-    from nats.js.api import AckPolicy, ConsumerConfig
+    from nats.js.api import AckPolicy, ConsumerConfig, RawStreamMsg
     from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("NATS support needs: pip install 'seamwork[nats]'") from exc
@@ -181,6 +182,24 @@ def _wire_size(body: bytes, headers: Mapping[str, str]) -> int:
     line) and the body."""
     lines = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
     return len(b"NATS/1.0\r\n") + lines + 2 + len(body)
+
+
+def _stored_headers(raw: RawStreamMsg) -> dict[str, str]:
+    """The headers of a message read back from a stream, as the text that was sent.
+
+    nats-py parses a read-back message's headers with ``email``'s parser, which gives
+    a non-ASCII value as a ``Header`` object, not text: a dead letter was listed
+    without such headers (its subject, error, causation id...) and replayed broken.
+    """
+    if not raw.hdrs:
+        return {}
+    headers: dict[str, str] = {}
+    for line in base64.b64decode(raw.hdrs).split(b"\r\n")[1:]:  # after NATS/1.0
+        name, colon, value = line.partition(b":")
+        key = name.strip().decode("ascii", errors="replace")
+        if colon and key.isprintable() and " " not in key and "\ufffd" not in key:
+            headers[key] = value.strip().decode("utf-8", errors="replace")
+    return headers
 
 
 def _covers(pattern: str, subject: str) -> bool:
@@ -709,7 +728,7 @@ class NatsBroker:
                 continue
             except Exception as exc:
                 raise BrokerUnavailable(f"cannot read {DLQ_STREAM} at {seq}: {exc}") from exc
-            letters.append(read_dead_letter(str(seq), raw.data or b"", dict(raw.headers or {})))
+            letters.append(read_dead_letter(str(seq), raw.data or b"", _stored_headers(raw)))
             seq += 1
         return letters
 
@@ -723,7 +742,7 @@ class NatsBroker:
             raw = await js.get_msg(DLQ_STREAM, int(key))
         except NotFoundError as exc:
             raise missing from exc
-        headers = dict(raw.headers or {})
+        headers = _stored_headers(raw)
         subject = headers.get(DLQ_SUBJECT, "")
         try:
             check_subject(subject)

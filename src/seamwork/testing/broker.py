@@ -91,12 +91,12 @@ class BrokerContract:
         assert received.message == sent
         assert (received.subject, received.group, received.attempt) == (subject, "g1", 1)
 
-    @staticmethod
-    def _long_and_unicode(id: str) -> Message:
+    def _long_and_unicode(self, id: str) -> Message:
+        """(Ids unique per test: a server's duplicate window outlives a run.)"""
         return Message(
             "T" * 300,
             {"note": "é" * 10},
-            id=id * 300,
+            id=f"{self.subject()}-{id * 300}",
             correlation_id="c" * 300,
             causation_id="cause-é✓" * 40,
             headers={"x-long": "v" * 3000, "x-uni": "naïve ✓ 日本", "x-empty": ""},
@@ -114,7 +114,7 @@ class BrokerContract:
         await broker.subscribe(subject, "g1", handler)
         sent = [
             self._long_and_unicode("i"),
-            Message("Tÿpe", id="é" * 200, correlation_id="日本" * 50),
+            Message("Tÿpe", id=f"{self.subject()}-{'é' * 200}", correlation_id="日本" * 50),
         ]
         await broker.publish(subject, sent[0])
         await broker.publish_batch([(subject, sent[1])])
@@ -233,6 +233,38 @@ class BrokerContract:
         await broker.replay_dead_letter(letter.key)
         await eventually(lambda: handled == [message.id])
         assert all(x.key != letter.key for x in await broker.dead_letters())
+
+    async def test_a_dead_letter_keeps_long_unicode_and_empty_identity_and_headers(
+        self, broker: Broker
+    ) -> None:
+        """Listed and replayed exactly as sent; so are its subject and error."""
+        got: list[Message] = []
+        fixed = False
+
+        async def handler(delivery: Delivery) -> None:
+            if not fixed:
+                raise PoisonMessage("refusé ✓")
+            got.append(delivery.message)
+
+        subject = self.subject("café")
+        await broker.subscribe(self.subject("*"), "dl", handler)  # (no RabbitMQ queue name
+        # holds "é": the group takes it through a wildcard)
+        sent = self._long_and_unicode("j")
+        await broker.publish(subject, sent)
+
+        async def letter() -> DeadLetter | None:
+            letters = await broker.dead_letters(limit=10_000)
+            return next((x for x in letters if x.message.id == sent.id), None)
+
+        found = await until(letter)
+        assert (found.message, found.subject, found.error) == (
+            sent,
+            subject,
+            "PoisonMessage: refusé ✓",
+        )
+        fixed = True
+        await broker.replay_dead_letter(found.key)
+        await eventually(lambda: got == [sent])
 
     async def test_a_dead_letter_of_a_wildcard_group_keeps_and_replays_to_its_own_subject(
         self, broker: Broker
