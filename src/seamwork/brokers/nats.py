@@ -70,7 +70,7 @@ from seamwork.errors import (
     MessagingError,
     PublishError,
 )
-from seamwork.messaging._message import TYPE, Message, check_subject, encode
+from seamwork.messaging._message import MAX_HEADER_BYTES, TYPE, Message, check_subject, encode
 from seamwork.messaging._ports import (
     DLQ_ERROR,
     DLQ_HEADERS,
@@ -182,6 +182,32 @@ def _wire_size(body: bytes, headers: Mapping[str, str]) -> int:
     line) and the body."""
     lines = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
     return len(b"NATS/1.0\r\n") + lines + 2 + len(body)
+
+
+# Room that always holds a message's header block: encode() caps the headers at
+# MAX_HEADER_BYTES; Nats-Msg-Id repeats the id, and a batch adds three short headers.
+_HEADER_ROOM = 2 * MAX_HEADER_BYTES
+
+
+def _over(limit: int, body: bytes, headers: Mapping[str, str]) -> bool:
+    """Whether body and headers are over ``limit`` (counted only for a body near it)."""
+    return len(body) + _HEADER_ROOM > limit and _wire_size(body, headers) > limit
+
+
+def _check_size(limit: int, subject: str, body: bytes, headers: Mapping[str, str]) -> None:
+    """Refuse a message the server would not take: one over its ``max_payload`` (body
+    and headers) makes it close the connection, which nats-py then gives up. Counted
+    only for a body near the limit (the relay's hot path skips it).
+
+    Raises:
+        InvalidMessage: the message with its headers is over ``max_payload``.
+    """
+    if _over(limit, body, headers):
+        size = _wire_size(body, headers)
+        raise InvalidMessage(
+            f"message {headers.get(TYPE)!r} {headers.get('Nats-Msg-Id')} to {subject}: "
+            f"{size} bytes with its headers, over the server's max_payload of {limit}"
+        )
 
 
 def _stored_headers(raw: RawStreamMsg) -> dict[str, str]:
@@ -486,8 +512,9 @@ class NatsBroker:
         wired = [(check_subject(subject), *self._wire(message, None)) for subject, message in items]
         for subject, _, _ in wired:
             await self.ensure_stream(subject)
+        nc, _ = await self._context()
         for subject, body, headers in wired:  # none sent unless all fit
-            await self._check_size(subject, body, headers)
+            _check_size(nc.max_payload, subject, body, headers)
         if len(wired) == 1:
             await self._pipelined(wired)
             return
@@ -508,20 +535,8 @@ class NatsBroker:
         return body, headers
 
     async def _check_size(self, subject: str, body: bytes, headers: Mapping[str, str]) -> None:
-        """Refuse a message the server would not take: one over its ``max_payload``
-        (body and headers) makes it close the connection, which nats-py then gives up.
-
-        Raises:
-            InvalidMessage: the message with its headers is over ``max_payload``.
-        """
         nc, _ = await self._context()
-        size = _wire_size(body, headers)
-        if size > nc.max_payload:
-            raise InvalidMessage(
-                f"message {headers.get(TYPE)!r} {headers.get('Nats-Msg-Id')} to {subject}: "
-                f"{size} bytes with its headers, over the server's max_payload of "
-                f"{nc.max_payload}"
-            )
+        _check_size(nc.max_payload, subject, body, headers)
 
     async def _pipelined(self, wired: Sequence[tuple[str, bytes, dict[str, str]]]) -> None:
         _, js = await self._context()
@@ -562,7 +577,7 @@ class NatsBroker:
             for i, (subject, body, headers) in enumerate(wired, start=1)
         ]
         marked[-1][2]["Nats-Batch-Commit"] = "1"
-        if any(_wire_size(body, headers) > nc.max_payload for _, body, headers in marked):
+        if any(_over(nc.max_payload, body, headers) for _, body, headers in marked):
             return False  # a message that fits only without the batch's own headers
         for index, (subject, body, headers) in enumerate(marked, start=1):
             if index < last:
