@@ -795,3 +795,19 @@ async def test_a_stream_made_over_its_token_tail_only_takes_the_bare_token_too()
             await broker.aclose()
             await nc.close()
     assert info.config.subjects == ["p", "p.>"]
+
+
+async def test_a_port_in_use_is_named_as_the_reason_the_server_did_not_start() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(BrokerUnavailable) as raised:
+            async with EmbeddedNats(port=port):
+                pass
+    message = str(raised.value)
+    assert f"port {port} is already in use" in message
+    assert "(None)" not in message  # the exit status is known, not a process still running
+    assert "exited with status 1" in message

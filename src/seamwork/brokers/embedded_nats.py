@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -26,6 +27,8 @@ from seamwork.errors import BrokerUnavailable, ConfigError
 
 _READY = "Server is ready"
 _LISTENING = "Listening for client connections on "
+_FATAL = "[FTL] "
+_PORT_TAKEN = re.compile(r"Error listening on port: \S+:(\d+), .*address already in use")
 
 
 def find_nats_server() -> str:
@@ -206,9 +209,9 @@ class EmbeddedNats(StartStop):
         lines: list[str] = []
         while True:
             raw = await self._process.stderr.readline()
-            if not raw:
-                tail = " | ".join(lines[-5:])
-                raise BrokerUnavailable(f"nats-server exited ({self._process.returncode}): {tail}")
+            if not raw:  # it closed its log: it is exiting, so wait for its status
+                status = await self._process.wait()
+                raise BrokerUnavailable(_why_it_exited(status, lines))
             line = raw.decode(errors="replace").rstrip()
             lines.append(line)
             if _LISTENING in line:
@@ -222,3 +225,14 @@ class EmbeddedNats(StartStop):
             return
         while await process.stderr.readline():
             pass
+
+
+def _why_it_exited(status: int, lines: list[str]) -> str:
+    """The reason a nats-server that exited during start-up gave, from its log."""
+    fatal = [line.split(_FATAL, 1)[1] for line in lines if _FATAL in line]
+    said = fatal[-1] if fatal else " | ".join(lines[-5:]) or "no log"
+    exited = f"nats-server exited with status {status}: {said}"
+    taken = _PORT_TAKEN.search(said)
+    if taken:  # the common case, put first in words a user acts on
+        return f"port {taken[1]} is already in use ({exited})"
+    return exited
