@@ -811,3 +811,73 @@ async def test_a_port_in_use_is_named_as_the_reason_the_server_did_not_start() -
     assert f"port {port} is already in use" in message
     assert "(None)" not in message  # the exit status is known, not a process still running
     assert "exited with status 1" in message
+
+
+async def test_a_store_dir_in_use_by_a_running_server_is_refused_to_a_second(
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "js"
+    async with EmbeddedNats(store_dir=store) as first:
+        with pytest.raises(BrokerUnavailable) as refused:
+            async with EmbeddedNats(store_dir=store):
+                pass
+        assert str(refused.value) == (
+            f"the JetStream store in {store} is in use by another nats-server "
+            f"(pid {first.pid}); two servers writing one store would corrupt it"
+        )
+        assert first.running
+        await first.kill()  # a SIGKILLed server holds the store no longer
+        async with EmbeddedNats(store_dir=store) as second:
+            with pytest.raises(BrokerUnavailable, match="in use by another nats-server"):
+                await first.start()  # nor does its owner, which would restart it
+            assert second.running
+    async with EmbeddedNats(store_dir=store) as third:  # stopped: free again
+        assert third.running
+
+
+STORE_OWNER = """
+import asyncio, sys
+from seamwork.brokers import EmbeddedNats
+
+async def main():
+    async with EmbeddedNats(store_dir=sys.argv[1]) as server:
+        print(server.pid, flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_a_store_dir_whose_owner_and_server_were_sigkilled_can_be_used_again(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    store = tmp_path / "js"
+    with subprocess.Popen(
+        [sys.executable, "-c", STORE_OWNER, str(store)], stdout=subprocess.PIPE, text=True
+    ) as owner:
+        assert owner.stdout is not None
+        pid = int(owner.stdout.readline())
+        owner.kill()
+    os.kill(pid, signal.SIGKILL)  # both gone, the lock file left behind
+
+    async def again() -> None:
+        async with EmbeddedNats(store_dir=store) as server:
+            assert server.running
+
+    async def gone() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            await asyncio.sleep(0.05)
+
+    async def both() -> None:
+        async with asyncio.timeout(5):
+            await gone()
+        await again()
+
+    asyncio.run(both())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from seamwork.errors import BrokerUnavailable, ConfigError
 
 _READY = "Server is ready"
 _LISTENING = "Listening for client connections on "
+_LOCK = "nats-server.lock"
 _FATAL = "[FTL] "
 _PORT_TAKEN = re.compile(r"Error listening on port: \S+:(\d+), .*address already in use")
 
@@ -118,11 +120,27 @@ class EmbeddedNats(StartStop):
 
     async def _spawn(self) -> None:
         assert self._store is not None
-        config = self._store / "nats-server.conf"
         try:
             self._store.mkdir(parents=True, exist_ok=True)
-            config.write_text(self._config())
+            lock = _lock_store(self._store)
+        except BrokerUnavailable:
+            raise
         except OSError as exc:  # a file in the way, no permission, a read-only disk
+            reason = exc.strerror or str(exc)
+            raise BrokerUnavailable(
+                f"cannot keep the JetStream store in {self._store}: {reason}"
+            ) from exc
+        try:  # the server inherits the lock and holds it for as long as it lives
+            await self._spawn_holding(lock)
+        finally:
+            os.close(lock)
+
+    async def _spawn_holding(self, lock: int) -> None:
+        assert self._store is not None
+        config = self._store / "nats-server.conf"
+        try:
+            config.write_text(self._config())
+        except OSError as exc:
             reason = exc.strerror or str(exc)
             raise BrokerUnavailable(
                 f"cannot keep the JetStream store in {self._store}: {reason}"
@@ -141,9 +159,12 @@ class EmbeddedNats(StartStop):
                 # and then stops the server; were the server hit too, it would die
                 # under them and each client would wait out its drain timeout
                 process_group=0,
+                pass_fds=(lock,),
             )
         except OSError as exc:
             raise BrokerUnavailable(f"cannot run {binary}: {exc}") from exc
+        os.ftruncate(lock, 0)
+        os.pwrite(lock, f"{self._process.pid}\n".encode(), 0)
         try:
             async with asyncio.timeout(self._timeout):
                 await self._wait_ready()
@@ -236,3 +257,28 @@ def _why_it_exited(status: int, lines: list[str]) -> str:
     if taken:  # the common case, put first in words a user acts on
         return f"port {taken[1]} is already in use ({exited})"
     return exited
+
+
+def _lock_store(store: Path) -> int:
+    """An fd holding an exclusive ``flock`` on the store's lock file, or
+    ``BrokerUnavailable`` naming the server that holds it.
+
+    nats-server does not lock its store, and two servers writing one store corrupt
+    it. A ``flock`` is released by the kernel when the last fd holding it closes, so
+    a server (or owner) killed with SIGKILL leaves a lock file that blocks no one.
+    """
+    path = store / _LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = path.read_text(errors="replace").strip() or "unknown"
+        raise BrokerUnavailable(
+            f"the JetStream store in {store} is in use by another nats-server "
+            f"(pid {holder}); two servers writing one store would corrupt it"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
