@@ -881,3 +881,31 @@ def test_a_store_dir_whose_owner_and_server_were_sigkilled_can_be_used_again(
         await again()
 
     asyncio.run(both())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
+def test_an_owner_killed_without_a_chance_to_stop_its_server_takes_the_server_along(
+    sig: signal.Signals,
+) -> None:
+    # SIGTERM (kill, docker stop), SIGHUP (a closed terminal) and SIGKILL end a Python
+    # process without running its finally blocks: the server, in a process group of its
+    # own, must not be left serving, holding its port and store, with no one to stop it
+    import subprocess
+    import sys
+
+    with subprocess.Popen(
+        [sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True
+    ) as owner:
+        assert owner.stdout is not None
+        pid = int(owner.stdout.readline().split()[0])
+        owner.send_signal(sig)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"nats-server {pid} outlived its owner killed with {sig.name}")
+        time.sleep(0.05)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -21,6 +22,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from seamwork._core.lifecycle import StartStop
@@ -29,6 +31,7 @@ from seamwork.errors import BrokerUnavailable, ConfigError
 _READY = "Server is ready"
 _LISTENING = "Listening for client connections on "
 _LOCK = "nats-server.lock"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _FATAL = "[FTL] "
 _PORT_TAKEN = re.compile(r"Error listening on port: \S+:(\d+), .*address already in use")
 
@@ -160,6 +163,7 @@ class EmbeddedNats(StartStop):
                 # under them and each client would wait out its drain timeout
                 process_group=0,
                 pass_fds=(lock,),
+                preexec_fn=_die_with_parent(),
             )
         except OSError as exc:
             raise BrokerUnavailable(f"cannot run {binary}: {exc}") from exc
@@ -282,3 +286,24 @@ def _lock_store(store: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A pre-exec hook that has Linux SIGTERM the server when its owner dies.
+
+    An owner ended by SIGTERM, SIGHUP or SIGKILL runs no ``finally``, and the server,
+    in a process group of its own, would serve on, holding its port and store, with
+    no one to stop it. The hook calls only a libc function looked up beforehand; if
+    the owner died before it ran, the server is not started at all.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    owner, term = os.getpid(), int(signal.SIGTERM)
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, term)
+        if os.getppid() != owner:  # orphaned already: the signal will never come
+            os._exit(1)
+
+    return hook
