@@ -909,3 +909,17 @@ def test_an_owner_killed_without_a_chance_to_stop_its_server_takes_the_server_al
             os.kill(pid, signal.SIGKILL)
             pytest.fail(f"nats-server {pid} outlived its owner killed with {sig.name}")
         time.sleep(0.05)
+
+
+async def test_a_server_not_ready_in_time_says_so_and_what_it_last_logged(
+    tmp_path: Path,
+) -> None:
+    slow = tmp_path / "slow-nats-server"
+    slow.write_text("#!/bin/sh\necho 'Starting JetStream' >&2\nexec sleep 30\n")
+    slow.chmod(0o755)
+    with pytest.raises(BrokerUnavailable) as raised:
+        async with EmbeddedNats(binary=str(slow), start_timeout=0.5):
+            pass
+    assert str(raised.value) == (
+        "nats-server did not start: not ready within 0.5 s (last logged: Starting JetStream)"
+    )

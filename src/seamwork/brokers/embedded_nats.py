@@ -33,6 +33,7 @@ _LISTENING = "Listening for client connections on "
 _LOCK = "nats-server.lock"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _FATAL = "[FTL] "
+_PREFIX = re.compile(r"^\[\d+\] \S+ \S+ \[[A-Z]{3}\] ")
 _PORT_TAKEN = re.compile(r"Error listening on port: \S+:(\d+), .*address already in use")
 
 
@@ -169,10 +170,16 @@ class EmbeddedNats(StartStop):
             raise BrokerUnavailable(f"cannot run {binary}: {exc}") from exc
         os.ftruncate(lock, 0)
         os.pwrite(lock, f"{self._process.pid}\n".encode(), 0)
+        lines: list[str] = []
         try:
             async with asyncio.timeout(self._timeout):
-                await self._wait_ready()
-        except (TimeoutError, BrokerUnavailable) as exc:
+                await self._wait_ready(lines)
+        except TimeoutError as exc:  # slow, or stuck (a large store being recovered)
+            said = f" (last logged: {_said(lines[-1])})" if lines else ""
+            raise BrokerUnavailable(
+                f"nats-server did not start: not ready within {self._timeout:g} s{said}"
+            ) from exc
+        except BrokerUnavailable as exc:
             raise BrokerUnavailable(f"nats-server did not start: {exc}") from exc
 
     async def stop(self) -> None:
@@ -228,10 +235,9 @@ class EmbeddedNats(StartStop):
         store = json.dumps(str(self._store), ensure_ascii=False)
         return f"listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {store}{sync}\n}}\n"
 
-    async def _wait_ready(self) -> None:
+    async def _wait_ready(self, lines: list[str]) -> None:
         assert self._process is not None
         assert self._process.stderr is not None
-        lines: list[str] = []
         while True:
             raw = await self._process.stderr.readline()
             if not raw:  # it closed its log: it is exiting, so wait for its status
@@ -254,7 +260,7 @@ class EmbeddedNats(StartStop):
 
 def _why_it_exited(status: int, lines: list[str]) -> str:
     """The reason a nats-server that exited during start-up gave, from its log."""
-    fatal = [line.split(_FATAL, 1)[1] for line in lines if _FATAL in line]
+    fatal = [_said(line) for line in lines if _FATAL in line]
     said = fatal[-1] if fatal else " | ".join(lines[-5:]) or "no log"
     exited = f"nats-server exited with status {status}: {said}"
     taken = _PORT_TAKEN.search(said)
@@ -307,3 +313,8 @@ def _die_with_parent() -> Callable[[], None] | None:
             os._exit(1)
 
     return hook
+
+
+def _said(line: str) -> str:
+    """A log line without its ``[pid] date time [LVL]`` prefix."""
+    return _PREFIX.sub("", line, count=1)
