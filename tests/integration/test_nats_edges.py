@@ -897,7 +897,8 @@ def test_an_owner_killed_without_a_chance_to_stop_its_server_takes_the_server_al
         [sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True
     ) as owner:
         assert owner.stdout is not None
-        pid = int(owner.stdout.readline().split()[0])
+        pid_text, _, store = owner.stdout.readline().split(" ", 2)
+        pid = int(pid_text)
         owner.send_signal(sig)
     deadline = time.monotonic() + 5
     while True:
@@ -909,6 +910,9 @@ def test_an_owner_killed_without_a_chance_to_stop_its_server_takes_the_server_al
             os.kill(pid, signal.SIGKILL)
             pytest.fail(f"nats-server {pid} outlived its owner killed with {sig.name}")
         time.sleep(0.05)
+    import shutil
+
+    shutil.rmtree(store.strip())  # the temporary store its owner had no chance to remove
 
 
 async def test_a_server_not_ready_in_time_says_so_and_what_it_last_logged(
