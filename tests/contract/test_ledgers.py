@@ -32,6 +32,9 @@ class TestSQLiteLedger(LedgerContract):
         )
         return int(rows[0])
 
+    async def make_unopenable_ledger(self, tmp_path: Path) -> IdempotencyLedger:
+        return IdempotencyLedger.sqlite(tmp_path / "no-such-directory" / "service.db")
+
 
 @pytest.mark.postgres
 class TestPostgresLedger(LedgerContract):
@@ -58,3 +61,6 @@ class TestPostgresLedger(LedgerContract):
             return int((await cursor.fetchone())[0])
 
         return await ledger.transaction(count)
+
+    async def make_unopenable_ledger(self, tmp_path: Path) -> IdempotencyLedger:
+        return IdempotencyLedger.postgres("host=127.0.0.1 port=1 user=postgres connect_timeout=2")

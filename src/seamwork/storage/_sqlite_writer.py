@@ -150,12 +150,30 @@ class SQLiteWriter:
         self._thread.start()
         try:
             await ready
-        except BaseException:  # the open failed, or a cancel came while it ran
+        except BaseException as exc:  # the open failed, or a cancel came while it ran
             # a thread whose open succeeded after all serves until it reads the stop
             await self.close()
-            # one whose open failed never read it: the next thread must not
-            self._queue = queue.SimpleQueue()
+            # one whose open failed never read it: the next thread must not, and the
+            # calls other tasks made meanwhile (the thread looked started) must fail
+            unserved, self._queue = self._queue, queue.SimpleQueue()
+            self._fail_unserved(unserved, exc)
             raise
+
+    def _fail_unserved(self, unserved: queue.SimpleQueue[Any], exc: BaseException) -> None:
+        """Settle the calls a thread that never opened left queued, with the reason."""
+        cause = exc if isinstance(exc, Exception) else None
+        reason = str(cause or "") or f"{self._name} store at {self.path} did not open"
+        ops: list[_Op] = []
+        while True:
+            try:
+                item = unserved.get_nowait()
+            except queue.Empty:
+                break
+            _add(ops, item)
+        for op in ops:
+            error = StoreUnavailable(reason)
+            error.__cause__ = cause
+            _deliver([(op, None, error)])
 
     async def close(self) -> None:
         """Finish queued work, close the connection and stop the thread."""

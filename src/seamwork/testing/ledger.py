@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from seamwork.errors import SerializationError, StoreError
+from seamwork.errors import SerializationError, StoreError, StoreUnavailable
 from seamwork.saga import IdempotencyLedger
 
 
@@ -31,6 +31,11 @@ class LedgerContract:
 
     async def count_effects(self, ledger: IdempotencyLedger) -> int:
         raise NotImplementedError
+
+    async def make_unopenable_ledger(self, tmp_path: Path) -> IdempotencyLedger:
+        """A ledger whose storage cannot be opened (a missing directory, a closed
+        port); the tests that need one are skipped unless this is implemented."""
+        pytest.skip("make_unopenable_ledger is not implemented for this adapter")
 
     @pytest.fixture
     async def ledger(self, tmp_path: Path) -> AsyncIterator[IdempotencyLedger]:
@@ -89,6 +94,20 @@ class LedgerContract:
         )
         assert len({r["value"] for r in results}) == 1
         assert await self.count_effects(ledger) == 2
+
+    async def test_concurrent_first_calls_on_a_ledger_that_cannot_open_all_fail(
+        self, tmp_path: Path
+    ) -> None:
+        ledger = await self.make_unopenable_ledger(tmp_path)
+        calls = [ledger.once(f"saga-7:{n % 2}", self.insert_effect(n)) for n in range(4)]
+        calls.append(ledger.result("saga-7:0"))
+        calls.append(ledger.transaction(self.insert_effect(9)))
+        try:
+            async with asyncio.timeout(15):
+                outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await ledger.aclose()
+        assert [type(o) for o in outcomes] == [StoreUnavailable] * len(calls), outcomes
 
     async def test_a_result_that_is_not_json_is_refused_and_nothing_is_applied(
         self, ledger: IdempotencyLedger
