@@ -64,3 +64,20 @@ class TestPostgresLedger(LedgerContract):
 
     async def make_unopenable_ledger(self, tmp_path: Path) -> IdempotencyLedger:
         return IdempotencyLedger.postgres("host=127.0.0.1 port=1 user=postgres connect_timeout=2")
+
+    async def test_a_ledger_made_by_an_earlier_version_keeps_its_results(self, pg_dsn: str) -> None:
+        import psycopg
+
+        from seamwork.storage._pg import migrate
+        from seamwork.storage.postgres_ledger import LEDGER_MIGRATIONS
+
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+            await migrate(conn, LEDGER_MIGRATIONS[:1])  # result jsonb, as version 1 made it
+            await conn.execute(
+                "INSERT INTO seamwork_idempotency VALUES ('saga-1:x', '{\"b\": 1, \"a\": 2}', 0)"
+            )
+            await conn.commit()
+        async with IdempotencyLedger.postgres(pg_dsn) as ledger:
+            assert await ledger.once("saga-1:x", lambda conn: None) == {"a": 2, "b": 1}
+            assert await ledger.once("saga-2:x", lambda conn: {"big": 1e20}) == {"big": 1e20}
+            assert repr(await ledger.result("saga-2:x")) == repr({"big": 1e20})

@@ -4,7 +4,8 @@
 in the transaction that will carry the effect: a concurrent call with the same key
 waits on the unique index until the first one commits, then finds the key taken and
 returns its result - applied once however the calls race. If the effect raises, the
-whole transaction rolls back, claim included.
+whole transaction rolls back, claim included. The result is kept as ``json`` (the
+text as written), so a repeat reads back exactly what the first call returned.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ LEDGER_MIGRATIONS = (
                 created_at double precision NOT NULL
             )""",
         ),
+    ),
+    # json keeps the text as written: jsonb turned 1e20 into 100000000000000000000
+    # (an int when read back), -0.0 into 0.0, reordered keys and refused "\u0000"
+    PgMigration(
+        "idempotency",
+        2,
+        ("ALTER TABLE seamwork_idempotency ALTER COLUMN result TYPE json USING result::json",),
     ),
 )
 
@@ -101,7 +109,7 @@ class PostgresLedger(IdempotencyLedger):
                 value = await value
             text = dumps(value, what=f"result for key {key!r}")
             await conn.execute(
-                "UPDATE seamwork_idempotency SET result = %s::jsonb WHERE key = %s", (text, key)
+                "UPDATE seamwork_idempotency SET result = %s::json WHERE key = %s", (text, key)
             )
             return loads(text)  # type: ignore[no-any-return]  # as a repeat will return it
 

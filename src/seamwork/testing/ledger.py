@@ -71,6 +71,20 @@ class LedgerContract:
         assert first == again == {"pair": [1, 2], "ids": ["a"]}
         assert await ledger.result("saga-6:x") == first
 
+    async def test_a_result_comes_back_exactly_as_the_effect_returned_it(
+        self, ledger: IdempotencyLedger
+    ) -> None:
+        shape = {
+            "zeta": {"b": 2, "a": 1},  # key order kept
+            "alpha": [1e20, 1.0, -0.0, 12345678901234567890.0],  # floats stay floats
+            "huge": 2**70,
+            "text": "caf\u00e9 \U0001f600 a\x00b \\u0000",  # unicode, NUL, an escaped one
+        }
+        first = await ledger.once("saga-8:x", lambda conn: shape)
+        again = await ledger.once("saga-8:x", lambda conn: {"second": True})
+        stored = await ledger.result("saga-8:x")
+        assert repr(first) == repr(again) == repr(stored) == repr(shape)
+
     async def test_a_closed_ledger_opens_again(self, ledger: IdempotencyLedger) -> None:
         await ledger.once("saga-3:charge", self.insert_effect(5))
         await ledger.aclose()
