@@ -17,9 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from seamwork._core.codec import dumps
 from seamwork._core.lifecycle import OpenClose
+from seamwork.errors import ConfigError, SerializationError
 
 T = TypeVar("T")
+
+MAX_KEY_BYTES = 1024
+"""The longest idempotency key, in bytes of UTF-8: PostgreSQL cannot index a key much
+past 2,700 bytes, and a ledger must not take what another refuses."""
 
 
 class IdempotencyLedger(OpenClose, ABC):
@@ -67,6 +73,11 @@ class IdempotencyLedger(OpenClose, ABC):
         ``effect`` raises, nothing is recorded and its writes are rolled back. The
         result is returned as recorded, in its JSON form (a tuple comes back a list),
         on the first call as on every repeat.
+
+        Raises:
+            ConfigError: ``key`` is one no ledger can hold (see ``check_key``).
+            SerializationError: the result is not JSON or not valid Unicode; the
+                effect's writes are rolled back.
         """
 
     @abstractmethod
@@ -76,3 +87,38 @@ class IdempotencyLedger(OpenClose, ABC):
     @abstractmethod
     async def transaction(self, work: Callable[[Any], T]) -> T:
         """Run ``work(conn)`` in a transaction of the service's database (no key)."""
+
+
+def check_key(key: str) -> None:
+    """Raise ``ConfigError`` for a key some ledger cannot hold: empty, not a string,
+    holding NUL (PostgreSQL's text cannot), not valid Unicode (a lone surrogate), or
+    over ``MAX_KEY_BYTES`` bytes of UTF-8."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"an idempotency key must be a non-empty string, got {key!r}")
+    if "\x00" in key:
+        raise ConfigError(f"an idempotency key must not contain NUL (\\u0000), got {key!r}")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            f"an idempotency key must be valid Unicode ({exc.reason}), got {key!r}"
+        ) from None
+    if size > MAX_KEY_BYTES:
+        raise ConfigError(
+            f"an idempotency key must be at most {MAX_KEY_BYTES} bytes of UTF-8, "
+            f"got {size}: {key[:40]!r}..."
+        )
+
+
+def encode_result(value: Any, key: str) -> str:
+    """``value`` as the JSON text a ledger stores; ``SerializationError`` if it is not
+    JSON or holds text that is not valid Unicode (a lone surrogate)."""
+    text = dumps(value, what=f"result for key {key!r}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SerializationError(
+            f"result for key {key!r} is not valid Unicode: {exc.reason} at "
+            f"{text[max(exc.start - 20, 0) : exc.end + 20]!r}"
+        ) from None
+    return text

@@ -17,9 +17,10 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from seamwork._core.codec import dumps, loads
+from seamwork._core.codec import loads
 from seamwork.errors import ConfigError
 from seamwork.saga import IdempotencyLedger
+from seamwork.saga._idempotency import check_key, encode_result
 from seamwork.storage._pg import (
     AsyncConn,
     PgMigration,
@@ -88,7 +89,7 @@ class PostgresLedger(IdempotencyLedger):
             await self._pool.close()
 
     async def once(self, key: str, effect: Callable[[Any], T]) -> T:
-        _check_key(key)
+        check_key(key)
         await self.open()
         try:
             return await self._once(key, effect)
@@ -107,14 +108,14 @@ class PostgresLedger(IdempotencyLedger):
             value = effect(conn)
             if inspect.isawaitable(value):
                 value = await value
-            text = dumps(value, what=f"result for key {key!r}")
+            text = encode_result(value, key)
             await conn.execute(
                 "UPDATE seamwork_idempotency SET result = %s::json WHERE key = %s", (text, key)
             )
             return loads(text)  # type: ignore[no-any-return]  # as a repeat will return it
 
     async def result(self, key: str) -> Any | None:
-        _check_key(key)
+        check_key(key)
         await self.open()
         try:
             async with self._pool.connection() as conn:
@@ -140,8 +141,3 @@ class PostgresLedger(IdempotencyLedger):
         )
         row = await cursor.fetchone()
         return None if row is None else row[0]
-
-
-def _check_key(key: str) -> None:
-    if not isinstance(key, str) or not key:
-        raise ConfigError(f"an idempotency key must be a non-empty string, got {key!r}")

@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from seamwork._core.codec import dumps, loads
+from seamwork._core.codec import loads
 from seamwork.errors import (
     ConfigError,
     CorruptSagaError,
@@ -31,6 +31,7 @@ from seamwork.errors import (
     StoreLocked,
 )
 from seamwork.saga import IdempotencyLedger
+from seamwork.saga._idempotency import check_key, encode_result
 from seamwork.saga._ports import ClaimResult, SagaKey
 from seamwork.saga._state import SagaState, SagaStatus, StepEvent
 from seamwork.storage._saga_rows import (
@@ -421,7 +422,7 @@ class SQLiteLedger(IdempotencyLedger):
         await self._writer.close()
 
     async def once(self, key: str, effect: Callable[[Any], T]) -> T:
-        _check_key(key)
+        check_key(key)
         if not self._writer.running:
             await self.open()
 
@@ -431,7 +432,7 @@ class SQLiteLedger(IdempotencyLedger):
             ).fetchone()
             if row is not None:
                 return loads(row[0])
-            text = dumps(effect(conn), what=f"result for key {key!r}")
+            text = encode_result(effect(conn), key)
             conn.execute(
                 "INSERT INTO seamwork_idempotency (key, result, created_at) VALUES (?, ?, ?)",
                 (key, text, time.time()),
@@ -442,7 +443,7 @@ class SQLiteLedger(IdempotencyLedger):
         return result
 
     async def result(self, key: str) -> Any | None:
-        _check_key(key)
+        check_key(key)
         if not self._writer.running:
             await self.open()
         row = await self._writer.read(
@@ -456,8 +457,3 @@ class SQLiteLedger(IdempotencyLedger):
         if not self._writer.running:
             await self.open()
         return await self._writer.write(work)
-
-
-def _check_key(key: str) -> None:
-    if not isinstance(key, str) or not key:
-        raise ConfigError(f"an idempotency key must be a non-empty string, got {key!r}")

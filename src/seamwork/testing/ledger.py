@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from seamwork.errors import SerializationError, StoreError, StoreUnavailable
+from seamwork.errors import ConfigError, SerializationError, StoreError, StoreUnavailable
 from seamwork.saga import IdempotencyLedger
 
 
@@ -84,6 +84,54 @@ class LedgerContract:
         again = await ledger.once("saga-8:x", lambda conn: {"second": True})
         stored = await ledger.result("saga-8:x")
         assert repr(first) == repr(again) == repr(stored) == repr(shape)
+
+    @pytest.mark.parametrize(
+        "key",
+        [
+            "",
+            "saga\x00-1:x",
+            "saga-\ud800:x",
+            "k" * 1025,
+            "\u00e9" * 513,
+            "".join(chr(0x100 + i * 7919 % 0x1E00) for i in range(1500)),  # past a btree's
+        ],
+        ids=["empty", "nul", "lone-surrogate", "1025-bytes", "1026-utf8-bytes", "3000-bytes"],
+    )
+    async def test_a_key_no_ledger_can_hold_is_refused_and_nothing_is_applied(
+        self, ledger: IdempotencyLedger, key: str
+    ) -> None:
+        with pytest.raises(ConfigError, match="idempotency key"):
+            await ledger.once(key, self.insert_effect(1))
+        with pytest.raises(ConfigError, match="idempotency key"):
+            await ledger.result(key)
+        assert await self.count_effects(ledger) == 1
+
+    async def test_long_and_unicode_keys_up_to_1024_bytes_are_kept_apart(
+        self, ledger: IdempotencyLedger
+    ) -> None:
+        keys = ["\u00e9" * 512, "\u00e9" * 511 + "e", "\U0001f600" * 256, "x" * 1024, "\t \n"]
+        for n, key in enumerate(keys):
+            assert await ledger.once(key, self.insert_effect(n)) == {"value": n}
+        for n, key in enumerate(keys):
+            assert await ledger.once(key, self.insert_effect(99)) == {"value": n}
+            assert await ledger.result(key) == {"value": n}
+        assert await self.count_effects(ledger) == 1 + len(keys)
+
+    async def test_a_result_that_is_not_valid_unicode_is_refused_and_nothing_is_applied(
+        self, ledger: IdempotencyLedger
+    ) -> None:
+        effect = self.insert_effect(5)
+
+        def bad(conn: Any) -> Any:
+            applied = effect(conn)
+            if asyncio.iscoroutine(applied):
+                return _then(applied, {"name": "caf\ud800"})
+            return {"name": "caf\ud800"}
+
+        with pytest.raises(SerializationError, match="saga-9:x"):
+            await ledger.once("saga-9:x", bad)
+        assert await ledger.result("saga-9:x") is None
+        assert await self.count_effects(ledger) == 1
 
     async def test_a_closed_ledger_opens_again(self, ledger: IdempotencyLedger) -> None:
         await ledger.once("saga-3:charge", self.insert_effect(5))
