@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
@@ -948,6 +949,26 @@ def test_a_recovery_interval_too_long_for_lease_renewal_is_refused(db: Path) -> 
             lease_seconds=3,
             recovery_interval=2,
         )
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("lease_seconds", math.inf),
+        ("lease_seconds", math.nan),
+        ("lease_seconds", "30"),
+        ("lease_seconds", True),
+        ("recovery_interval", math.nan),
+        ("recovery_interval", -1.0),
+    ],
+)
+def test_a_lease_or_interval_that_is_not_a_finite_positive_number_is_refused(
+    db: Path, option: str, value: object
+) -> None:
+    """An infinite or NaN lease never expires (every comparison with it is false or
+    it is always in the future): a worker that died would keep its sagas for ever."""
+    with pytest.raises(ConfigError, match=f"{option} must be a finite number > 0"):
+        SagaOrchestrator(SQLiteStore(db), [Saga("o", steps=[Step("a", _noop)])], **{option: value})
 
 
 async def test_listing_with_an_unknown_status_is_refused_naming_it(db: Path) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import builtins
 import contextlib
 import logging
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -51,6 +52,15 @@ EVENTS = (
     "recovered",
     "lease_lost",
 )
+
+
+def _finite_positive(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 class SagaRun:
@@ -134,10 +144,12 @@ class SagaOrchestrator(Driver, OpenClose):
             self._register(saga)
         if not self._machines:
             raise ConfigError("SagaOrchestrator needs at least one Saga definition")
-        if lease_seconds <= 0:
-            raise ConfigError(f"lease_seconds must be > 0, got {lease_seconds!r}")
-        if recovery_interval <= 0:
-            raise ConfigError(f"recovery_interval must be > 0, got {recovery_interval!r}")
+        for name, seconds in (
+            ("lease_seconds", lease_seconds),
+            ("recovery_interval", recovery_interval),
+        ):  # an infinite (or NaN) lease never expires: a dead worker's sagas would wait for ever
+            if not _finite_positive(seconds):
+                raise ConfigError(f"{name} must be a finite number > 0, got {seconds!r}")
         if recovery_interval > lease_seconds / 3:
             raise ConfigError(
                 f"recovery_interval ({recovery_interval!r}) must be <= lease_seconds / 3 "
