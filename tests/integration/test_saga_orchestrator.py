@@ -792,6 +792,10 @@ def _sync(ctx: StepContext) -> None:
         (lambda: Step("a", _noop, timeout=0), "timeout must be a number of seconds > 0"),
         (lambda: Step("a", _noop, timeout=-1.5), "timeout must be a number of seconds > 0"),
         (lambda: Step("", _noop), "step name"),
+        (lambda: Step("a\x00b", _noop), "step name must not contain NUL"),
+        (lambda: Step("s" * 201, _noop), "step name must be at most 200 bytes"),
+        (lambda: Step("a\ud800", _noop), "step name must be valid Unicode"),
+        (lambda: Saga("o\x00", steps=[Step("a", _noop)]), "saga name must not contain NUL"),
         (lambda: Parallel(Step("a", _noop)), "at least two steps"),
         (lambda: Saga("o", steps=[Step("a", _noop)], deadline=0), "deadline"),
         (
@@ -805,6 +809,28 @@ def test_malformed_definitions_are_refused_when_built(
 ) -> None:
     with pytest.raises(SagaDefinitionError, match=message):
         build()
+
+
+@pytest.mark.parametrize(
+    ("saga_id", "message"),
+    [
+        ("order\x00-1", "must not contain NUL"),
+        ("o" * 513, "must be at most 512 bytes"),
+        ("order-\udc80", "must be valid Unicode"),
+    ],
+)
+async def test_a_saga_id_a_store_or_ledger_cannot_hold_is_refused_before_anything_is_written(
+    db: Path, saga_id: str, message: str
+) -> None:
+    """SQLite stored such ids and PostgreSQL refused them with a StoreError (a NUL, an
+    index row too large) or a raw UnicodeEncodeError (a lone surrogate); an id near
+    the index limit also made every step's idempotency key too long for a ledger."""
+    async with SagaOrchestrator(SQLiteStore(db), [Saga("order", steps=[Step("a", _noop)])]) as orch:
+        with pytest.raises(ConfigError, match=f"saga_id {message}"):
+            await orch.start("order", {}, saga_id=saga_id)
+        assert await orch.list() == []
+        ok = await (await orch.start("order", {}, saga_id="o" * 512)).wait()
+        assert ok.status is SagaStatus.COMPLETED
 
 
 def test_an_orchestrator_refuses_the_same_version_twice(db: Path) -> None:

@@ -46,6 +46,30 @@ class StepContext(NamedTuple):
     compensating: bool = False
 
 
+MAX_NAME_BYTES = 200
+"""The longest saga or step name, in bytes of UTF-8 (an idempotency key is
+``<saga_id>:<step>[:compensate]``, and a ledger holds keys of up to 1,024 bytes)."""
+MAX_SAGA_ID_BYTES = 512
+"""The longest saga id, in bytes of UTF-8 (see ``MAX_NAME_BYTES``)."""
+
+
+def check_name(
+    what: str, value: object, error: type[Exception], limit: int = MAX_NAME_BYTES
+) -> None:
+    """Raise ``error`` unless ``value`` is a non-blank string both stores (and a
+    ledger's keys) can hold: no NUL, valid Unicode, at most ``limit`` bytes of UTF-8."""
+    if not isinstance(value, str) or not value.strip():
+        raise error(f"{what} must be a non-empty string, got {value!r}")
+    if "\x00" in value:
+        raise error(f"{what} must not contain NUL (\\u0000), got {value!r}")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise error(f"{what} must be valid Unicode ({exc.reason}), got {value!r}") from None
+    if size > limit:
+        raise error(f"{what} must be at most {limit} bytes of UTF-8, got {size}: {value[:40]!r}...")
+
+
 def _check_callable(owner: str, what: str, fn: object) -> None:
     if not callable(fn):
         raise SagaDefinitionError(f"{owner}: {what} must be callable, got {type(fn).__name__}")
@@ -89,8 +113,7 @@ class Step:
     when: Condition | None = field(default=None)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise SagaDefinitionError(f"a step name must be a non-empty string, got {self.name!r}")
+        check_name("a step name", self.name, SagaDefinitionError)
         owner = f"step {self.name!r}"
         _check_callable(owner, "action", self.action)
         if self.compensate is not None:
@@ -164,8 +187,7 @@ class Saga:
         max_compensation_attempts: int = 3,
         compensation_backoff: float = 0.5,
     ) -> None:
-        if not isinstance(name, str) or not name.strip():
-            raise SagaDefinitionError(f"a saga name must be a non-empty string, got {name!r}")
+        check_name("a saga name", name, SagaDefinitionError)
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise SagaDefinitionError(
                 f"saga {name!r}: version must be an int >= 1, got {version!r}"

@@ -28,7 +28,7 @@ from seamwork.errors import (
     SagaNotFound,
     UnknownSagaError,
 )
-from seamwork.saga._definition import Saga
+from seamwork.saga._definition import MAX_SAGA_ID_BYTES, Saga, check_name
 from seamwork.saga._driver import Driver, _Run
 from seamwork.saga._machine import (
     SagaMachine,
@@ -311,8 +311,8 @@ class SagaOrchestrator(Driver, OpenClose):
         dumps(data, what="saga data")
         if saga_id is None:
             saga_id = new_id()
-        elif not isinstance(saga_id, str) or not saga_id.strip():
-            raise ConfigError(f"saga_id must be a non-empty string, got {saga_id!r}")
+        else:
+            check_name("saga_id", saga_id, ConfigError, MAX_SAGA_ID_BYTES)
         with self._spawning():
             return await self._begin(machine, name, data, saga_id)
 
