@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from seamwork._core.codec import loads
-from seamwork.errors import ConfigError, CorruptRecord, EventStoreError, WrongExpectedVersion
+from seamwork.errors import (
+    ConfigError,
+    CorruptRecord,
+    EventStoreError,
+    StoreError,
+    WrongExpectedVersion,
+)
 from seamwork.events._model import (
     ANY,
     NO_STREAM,
@@ -212,6 +218,7 @@ class SQLiteEventStore(EventStore):
     async def aclose(self) -> None:
         await self._reader.close()
         await self._writer.close()
+        self._wake(0)  # a waiting subscriber looks again now, and finds the store closed
 
     # --- writing ---------------------------------------------------------------------
 
@@ -401,6 +408,8 @@ class SQLiteEventStore(EventStore):
         return -1 if row is None or row[0] is None else int(row[0])
 
     async def _wait_for_events(self, after_position: int) -> None:
+        if not self._reader.running:
+            raise StoreError(f"event store at {self.path} is closed")
         if self._last_position > after_position:
             return  # this process appended since; no await between check and wait
         if self._appended is None:
