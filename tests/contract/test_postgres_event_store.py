@@ -285,3 +285,23 @@ async def test_a_transaction_past_2_to_the_20_events_is_refused_not_overlapped(
             await crossing()
         assert await store.read_stream("big") == []
         assert await store.append("big", [NewEvent("A"), NewEvent("B")]) is not None
+
+
+async def test_closing_the_store_ends_a_waiting_subscription_and_leaves_no_listener(
+    pg_dsn: str,
+) -> None:
+    application = f"seamwork-test-{uuid.uuid4().hex[:12]}"
+    store = postgres_events.PostgresEventStore(f"{pg_dsn} application_name={application}")
+
+    async def follow() -> None:
+        async for _ in store.subscribe():
+            pass
+
+    await store.open()
+    subscriber = asyncio.create_task(follow())
+    await asyncio.sleep(0.3)  # caught up, listening, waiting for the next event
+    await store.aclose()
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(subscriber, 5)
+    assert store._listen_task is None
+    await _no_connection_left(pg_dsn, application)

@@ -40,6 +40,7 @@ from seamwork.errors import (
     ConfigError,
     EventStoreError,
     SeamworkError,
+    StoreError,
     StoreUnavailable,
     WrongExpectedVersion,
 )
@@ -251,6 +252,8 @@ class PostgresEventStore(EventStore):
         self._opened = True
 
     async def aclose(self) -> None:
+        # First: a subscriber woken by the listener's end must not start another one
+        opened, self._opened = self._opened, False
         if self._listen_task is not None:
             self._listen_task.cancel()
             await asyncio.gather(self._listen_task, return_exceptions=True)
@@ -258,11 +261,10 @@ class PostgresEventStore(EventStore):
         if self._listener is not None:
             await self._listener.close()
             self._listener = None
-        if self._opened:
+        if opened:
             await self._pool.close()
             await self._appender.close()
             await self._writer.close()
-            self._opened = False
 
     # --- writing ---------------------------------------------------------------------
 
@@ -402,6 +404,8 @@ class PostgresEventStore(EventStore):
         return -1 if row is None or row[0] is None else int(row[0])
 
     async def _wait_for_events(self, after_position: int) -> None:
+        if not self._opened:  # woken by aclose, or never opened: no listener to start
+            raise StoreError("the event store is closed")
         if self._listen_task is None or self._listen_task.done():
             async with self._listen_lock:  # subscribers going live together: one listener
                 if self._listen_task is None or self._listen_task.done():
@@ -433,7 +437,13 @@ class PostgresEventStore(EventStore):
                 await stale.close()
         if ended is None or self._notified is None:  # a restart keeps the waiters' event
             self._notified = asyncio.Event()
-        self._listener = await self._open_listener()
+        if not self._opened:  # closed while this waited for the lock
+            raise StoreError("the event store is closed")
+        listener = await self._open_listener()
+        if not self._opened:  # closed while it connected
+            await listener.close()
+            raise StoreError("the event store is closed")
+        self._listener = listener
         self._listen_task = asyncio.create_task(
             self._relay_notifications(), name="seamwork-event-listener"
         )
