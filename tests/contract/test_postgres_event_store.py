@@ -18,6 +18,7 @@ from seamwork.events import EventStore, NewEvent, RecordedEvent, Upcasters
 from seamwork.events import _model as events_model
 from seamwork.storage import postgres_events
 from seamwork.testing.event_store import EventStoreContract
+from seamwork.testing.read_model import readable
 
 pytestmark = pytest.mark.postgres
 
@@ -305,3 +306,38 @@ async def test_closing_the_store_ends_a_waiting_subscription_and_leaves_no_liste
         await asyncio.wait_for(subscriber, 5)
     assert store._listen_task is None
     await _no_connection_left(pg_dsn, application)
+
+
+async def test_a_subscriber_busy_when_another_takes_the_notification_is_still_woken_by_it(
+    pg_dsn: str,
+) -> None:
+    """Two subscribers share the listener. One is handling an event when the next
+    append is notified; the other, waiting, wakes first. The busy one must still learn
+    of it when it comes back to wait, not only when its poll interval ends."""
+    poll = 30.0  # a subscriber left to polling would wait this long
+    store = postgres_events.PostgresEventStore(pg_dsn, poll_interval=poll)
+    seen: dict[str, asyncio.Queue[float]] = {"busy": asyncio.Queue(), "idle": asyncio.Queue()}
+
+    async def follow(name: str) -> None:
+        async for event in store.subscribe():
+            seen[name].put_nowait(time.monotonic())
+            if name == "busy" and event.type == "First":
+                await asyncio.sleep(0.5)  # the next append is notified meanwhile
+
+    async with store:
+        await store.append("s", [NewEvent("First")])
+        await readable(store, 1)
+        subscribers = [asyncio.create_task(follow(name)) for name in seen]
+        try:
+            for queue in seen.values():
+                await asyncio.wait_for(queue.get(), 5)  # caught up
+            await asyncio.sleep(0.2)  # "idle" waits; "busy" is still handling First
+            await store.append("s", [NewEvent("Second")])
+            idle = await asyncio.wait_for(seen["idle"].get(), poll * 2)
+            busy = await asyncio.wait_for(seen["busy"].get(), poll * 2)
+            # both wait out the poll if a transaction elsewhere holds the event back
+            assert busy - idle < 2.0
+        finally:
+            for subscriber in subscribers:
+                subscriber.cancel()
+            await asyncio.gather(*subscribers, return_exceptions=True)

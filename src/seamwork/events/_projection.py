@@ -290,8 +290,9 @@ class ProjectionRunner(StartStop):
     async def _run(self) -> None:
         while True:
             try:
+                wakes = self.store._wakes()
                 if not await self._step():
-                    await self.store._wait_for_events(self.checkpoint)
+                    await self.store._wait_for_events(self.checkpoint, wakes)
             except asyncio.CancelledError:
                 raise
             except Exception:

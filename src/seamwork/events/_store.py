@@ -224,9 +224,18 @@ class EventStore(OpenClose, ABC):
     async def _version_at(self, stream: str, when: float) -> int:
         """The stream's version as of wall-clock time ``when`` (-1: none yet)."""
 
+    def _wakes(self) -> int:
+        """How many wake-ups (news that events may have been appended) the adapter has
+        had. A reader takes it before each read of ``$all`` and hands it to
+        ``_wait_for_events``; an adapter that keeps no count returns 0."""
+        return 0
+
     @abstractmethod
-    async def _wait_for_events(self, after_position: int) -> None:
-        """Return when events after ``after_position`` may exist (or a poll interval passed)."""
+    async def _wait_for_events(self, after_position: int, wakes: int) -> None:
+        """Return when events after ``after_position`` may exist: at once if a wake-up
+        came since ``_wakes()`` was ``wakes`` (the reader may have been busy when it
+        came, and its read missed what it announced), else at the next one, or when a
+        poll interval passed."""
 
     # --- reads -----------------------------------------------------------------------
 
@@ -268,12 +277,13 @@ class EventStore(OpenClose, ABC):
         """
         position = from_position
         while True:
+            wakes = self._wakes()  # before the read: a wake-up from here on is news
             events = await self.read_all(from_position=position, limit=batch_size)
             for event in events:
                 yield event
                 position = event.position
             if len(events) < batch_size:
-                await self._wait_for_events(position)
+                await self._wait_for_events(position, wakes)
 
     async def load(
         self,

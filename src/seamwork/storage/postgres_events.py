@@ -224,7 +224,8 @@ class PostgresEventStore(EventStore):
         self._poll = poll_interval
         self._listener: AsyncConn | None = None
         self._listen_task: asyncio.Task[None] | None = None
-        self._notified: asyncio.Event | None = None
+        self._notified: asyncio.Event | None = None  # set, and dropped, by each wake-up
+        self._wake_count = 0
         self._listen_lock = asyncio.Lock()
         self._opened = False
 
@@ -403,22 +404,34 @@ class PostgresEventStore(EventStore):
         )
         return -1 if row is None or row[0] is None else int(row[0])
 
-    async def _wait_for_events(self, after_position: int) -> None:
+    def _wakes(self) -> int:
+        return self._wake_count
+
+    def _wake(self) -> None:
+        """Wake every waiting reader, and tell the busy ones (``_wakes`` moved on): a
+        shared event that a woken reader cleared would hide the news from them."""
+        self._wake_count += 1
+        notified, self._notified = self._notified, None
+        if notified is not None:
+            notified.set()
+
+    async def _wait_for_events(self, after_position: int, wakes: int) -> None:
         if not self._opened:  # woken by aclose, or never opened: no listener to start
             raise StoreError("the event store is closed")
         if self._listen_task is None or self._listen_task.done():
             async with self._listen_lock:  # subscribers going live together: one listener
                 if self._listen_task is None or self._listen_task.done():
                     await self._listen()
-        assert self._notified is not None
+        if self._wake_count != wakes:
+            return  # notified while this reader read or handled events
+        if self._notified is None:
+            self._notified = asyncio.Event()
         notified = self._notified
         try:
             async with asyncio.timeout(self._poll):
                 await notified.wait()
         except TimeoutError:
             return
-        finally:
-            notified.clear()
 
     async def _listen(self) -> None:
         """Start the listener, or start it again if its relay ended (it only ends on
@@ -435,8 +448,6 @@ class PostgresEventStore(EventStore):
         if stale is not None:
             with contextlib.suppress(Exception):
                 await stale.close()
-        if ended is None or self._notified is None:  # a restart keeps the waiters' event
-            self._notified = asyncio.Event()
         if not self._opened:  # closed while this waited for the lock
             raise StoreError("the event store is closed")
         listener = await self._open_listener()
@@ -460,14 +471,12 @@ class PostgresEventStore(EventStore):
     async def _relay_notifications(self) -> None:
         """Wake subscribers on each notification; when the listening connection dies,
         open another (subscribers would otherwise only find events by polling)."""
-        notified = self._notified
-        assert notified is not None
         try:
-            await self._relay(notified)
+            await self._relay()
         finally:  # ended by an error it cannot take as a lost connection (or aclose):
-            notified.set()  # the subscribers look again, and start a listener again
+            self._wake()  # the subscribers look again, and start a listener again
 
-    async def _relay(self, notified: asyncio.Event) -> None:
+    async def _relay(self) -> None:
         """The loss of the connection is logged once, and so is its recovery: the
         attempts in between (one every 2 s while the server is down) log at debug."""
         delay = _RELISTEN_FIRST_DELAY
@@ -477,9 +486,9 @@ class PostgresEventStore(EventStore):
                     self._listener = await self._open_listener()
                     log.warning("event listener is listening again")
                     delay = _RELISTEN_FIRST_DELAY
-                    notified.set()  # events may have been appended while it was away
+                    self._wake()  # events may have been appended while it was away
                 async for _ in self._listener.notifies():
-                    notified.set()
+                    self._wake()
                 raise psycopg.OperationalError("the notification stream ended")
             except (psycopg.Error, StoreUnavailable) as exc:
                 if self._listener is not None:  # connected until now

@@ -407,7 +407,8 @@ class SQLiteEventStore(EventStore):
         )
         return -1 if row is None or row[0] is None else int(row[0])
 
-    async def _wait_for_events(self, after_position: int) -> None:
+    async def _wait_for_events(self, after_position: int, wakes: int) -> None:
+        # ``wakes`` is not needed: an append of this process moves ``_last_position``
         if not self._reader.running:
             raise StoreError(f"event store at {self.path} is closed")
         if self._last_position > after_position:
