@@ -341,3 +341,33 @@ async def test_a_subscriber_busy_when_another_takes_the_notification_is_still_wo
             for subscriber in subscribers:
                 subscriber.cancel()
             await asyncio.gather(*subscribers, return_exceptions=True)
+
+
+async def test_an_event_committed_before_the_listener_listens_is_not_left_to_polling(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber going live reads, then starts the listener: an append that commits
+    in between is notified to nobody. The subscriber must look again once it listens."""
+    poll = 30.0  # a subscriber left to polling would wait this long
+    reader = postgres_events.PostgresEventStore(pg_dsn, poll_interval=poll)
+    seen: asyncio.Queue[str] = asyncio.Queue()
+    listen = reader._open_listener
+
+    async def appended_first() -> psycopg.AsyncConnection[object]:
+        async with postgres_events.PostgresEventStore(pg_dsn) as writer:
+            await writer.append("s", [NewEvent("Early")])
+            await readable(writer, 1)
+        return await listen()
+
+    async def follow() -> None:
+        async for event in reader.subscribe():
+            seen.put_nowait(event.type)
+
+    monkeypatch.setattr(reader, "_open_listener", appended_first)
+    async with reader:
+        subscriber = asyncio.create_task(follow())
+        try:
+            assert await asyncio.wait_for(seen.get(), 5) == "Early"
+        finally:
+            subscriber.cancel()
+            await asyncio.gather(subscriber, return_exceptions=True)

@@ -458,6 +458,7 @@ class PostgresEventStore(EventStore):
         self._listen_task = asyncio.create_task(
             self._relay_notifications(), name="seamwork-event-listener"
         )
+        self._wake()  # what committed between the reader's read and LISTEN was notified to nobody
 
     async def _open_listener(self) -> AsyncConn:
         conn = await connect(self._dsn, autocommit=True, what="event listener")
