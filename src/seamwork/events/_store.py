@@ -267,14 +267,23 @@ class EventStore(OpenClose, ABC):
         _check_int("limit", limit, 1)
         return self._upcast_all(await self._read_all(from_position, limit))
 
-    async def subscribe(
+    def subscribe(
         self, *, from_position: int = 0, batch_size: int = 500
     ) -> AsyncIterator[RecordedEvent]:
         """Every event after ``from_position``: the history first, then live, forever.
 
         Events arrive in ``$all`` order, each once; a subscriber that stores the
         position of the last event it handled resumes from there without a gap.
+
+        Raises:
+            ConfigError: ``from_position`` < 0 or ``batch_size`` < 1 (at the call, naming
+                the argument).
         """
+        _check_int("from_position", from_position, 0)
+        _check_int("batch_size", batch_size, 1)
+        return self._subscribe(from_position, batch_size)
+
+    async def _subscribe(self, from_position: int, batch_size: int) -> AsyncIterator[RecordedEvent]:
         position = from_position
         while True:
             wakes = self._wakes()  # before the read: a wake-up from here on is news

@@ -252,6 +252,14 @@ class EventStoreContract:
         for bad, name in loads:
             with pytest.raises(ConfigError, match=name):
                 await store.load("s", count, 0, **bad)
+        subscriptions: list[tuple[dict[str, Any], str]] = [
+            ({"batch_size": 0}, "batch_size"),
+            ({"batch_size": "10"}, "batch_size"),
+            ({"from_position": -1}, "from_position"),
+        ]
+        for bad, name in subscriptions:  # at the call, not at the first iteration
+            with pytest.raises(ConfigError, match=name):
+                store.subscribe(**bad)
 
     async def test_an_unknown_event_type_is_refused_when_types_are_declared(
         self, tmp_path: Path
