@@ -14,6 +14,7 @@ pytestmark = pytest.mark.postgres
 
 class TestPostgresReadModel(ReadModelContract):
     placeholder = "%s"
+    failed_statement_aborts_the_transaction = True
 
     @pytest.fixture(autouse=True)
     def _dsn(self, pg_dsn: str) -> None:
