@@ -60,8 +60,9 @@ async def test_a_fast_call_leaves_nothing_behind_and_a_timeout_error_of_its_own_
         raise TimeoutError("from the callee")
 
     assert [await timeout.call(ok) for _ in range(100)] == [1] * 100
-    with pytest.raises(TimeoutError, match="from the callee"):
+    with pytest.raises(TimeoutError, match="from the callee") as raised:
         await timeout.call(own_timeout)
+    assert type(raised.value) is TimeoutError  # unchanged, not wrapped in a CallTimeout
     assert not timeout._book[1].inflight  # type: ignore[index]
 
 
