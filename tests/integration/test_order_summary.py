@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -102,12 +104,16 @@ async def test_the_summary_follows_new_events_and_rebuilds_to_the_same_rows(
 
 
 async def test_handlers_ignore_an_event_delivered_twice(
-    store: EventStore, read_model: SQLiteReadModel
+    store: EventStore, read_model: SQLiteReadModel, tmp_path: Path
 ) -> None:
     await place_orders(store)
     projection = OrderSummary()
     await ProjectionRunner(store, projection, read_model).catch_up()
     before = await get_order(read_model, "1")
     events = await store.read_all(from_position=0)
-    await read_model.apply_batch(projection, events[:4], ())  # at-least-once redelivery
+    # at-least-once redelivery straight to the handlers: the read model's checkpoint
+    # (which drops events at or before it) is not what is under test here
+    with closing(sqlite3.connect(tmp_path / "orders-read.db")) as conn, conn:
+        for event in events[:4]:
+            projection.apply(event, conn)
     assert await get_order(read_model, "1") == before
