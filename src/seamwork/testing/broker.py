@@ -193,12 +193,15 @@ class BrokerContract:
         assert (letter.group, letter.attempts) == ("dlq", 3)
         assert "cannot handle n=2" in letter.error
 
-    async def test_poison_and_invalid_messages_skip_the_retries(self, broker: Broker) -> None:
+    @pytest.mark.parametrize("error", [PoisonMessage, InvalidMessage])
+    async def test_poison_and_invalid_messages_skip_the_retries(
+        self, broker: Broker, error: type[MessagingError]
+    ) -> None:
         attempts: list[int] = []
 
         async def handler(delivery: Delivery) -> None:
             attempts.append(delivery.attempt)
-            raise PoisonMessage("never valid")
+            raise error("never valid")
 
         subject = self.subject()
         await broker.subscribe(subject, "poison", handler, max_deliver=5)
