@@ -268,3 +268,27 @@ def test_a_demo_dir_it_cannot_use_is_a_one_line_error(
     assert line.startswith(f"error: cannot use {tmp_path / where} for the demo's files: ")
     assert reason in line
     assert (tmp_path / "notes.txt").read_text() == "keep me\n"
+
+
+class _Quiet:
+    def phase(self, text: str) -> None: ...
+
+    def finished(self, count: int) -> None: ...
+
+    def alert(self, saga_id: str, reason: str | None) -> None: ...
+
+
+@pytest.mark.parametrize("kill_at", [0.05, 0.95])
+async def test_one_saga_at_a_time_the_sigkill_still_lands_on_a_saga_in_flight(
+    tmp_path: Path, kill_at: float
+) -> None:
+    """With --concurrency 1 the orchestrator has a saga in flight nearly all the time,
+    but not at the instant it reports one finished: a SIGKILL sent then hit nothing."""
+    from seamwork.demo.invariants import check_recovery
+    from seamwork.demo.scenario import run_scenario
+
+    config = DemoConfig(tmp_path, orders=20, concurrency=1, kill_at=kill_at)
+    demo = await run_scenario(config, _Quiet())
+    assert len(demo.recovery.in_flight) == 1
+    assert check_recovery(demo, await gather_evidence(tmp_path, demo.orders)).ok
+    assert demo.killed_after >= max(1, int(20 * kill_at))

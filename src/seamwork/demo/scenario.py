@@ -3,7 +3,11 @@
 1. Set up the four services' databases (tables, stock) in the demo directory.
 2. Start an orchestrator process (``seamwork.demo.worker``) on every order.
 3. Once ``kill_at`` of the orders are finished, kill it with SIGKILL: no cleanup,
-   leases held, steps cut off between their effect and their checkpoint.
+   leases held, steps cut off between their effect and their checkpoint. The kill
+   lands on a saga in flight: the process is frozen (SIGSTOP) and killed only if the
+   saga store shows one running or compensating; otherwise it runs on a moment and
+   is looked at again (one saga at a time, it reports a finish just before it stores
+   the next start, so a kill sent on that report hit nothing).
 4. Start a new orchestrator process. It resumes the sagas left in flight and
    starts the orders the first one never reached. Recovery time is measured from
    the moment the new process is spawned.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +41,8 @@ _DEMO_FILES = (
     "notification.db",
 )
 PHASE_TIMEOUT = 300.0
+LOOK_AGAIN = 0.002
+"""How long a frozen orchestrator with no saga in flight runs before the next look."""
 
 
 class DemoError(Exception):
@@ -122,7 +129,7 @@ async def run_scenario(config: DemoConfig, reporter: Reporter) -> DemoRun:
     try:
         finished: set[str] = set()
         demo.started_at = time.time()
-        await _first_orchestrator(demo, finished, reporter)
+        await _first_orchestrator(demo, store, finished, reporter)
         active = await _active(store, config.orders)
         demo.recovery.in_flight = [s.saga_id for s in active]
         demo.recovery.compensating = sum(s.status is SagaStatus.COMPENSATING for s in active)
@@ -163,19 +170,42 @@ def _clear(directory: Path) -> None:
         log.unlink()
 
 
-async def _first_orchestrator(demo: DemoRun, finished: set[str], reporter: Reporter) -> None:
+async def _first_orchestrator(
+    demo: DemoRun, store: SQLiteStore, finished: set[str], reporter: Reporter
+) -> None:
     config = demo.config
     kill_after = max(1, int(config.orders * config.kill_at))
     reporter.phase(f"orchestrator 1 running; SIGKILL after {kill_after} finished orders")
     async with await _Worker.spawn(config, 1) as worker:
         handle = _handler(demo, finished, reporter)
-        killed = await worker.follow(handle, lambda: len(finished) >= kill_after)
-        if not killed:
+        reached = await worker.follow(handle, lambda: len(finished) >= kill_after)
+        if not reached:
             failure = await worker.failure()
             raise DemoError(f"orchestrator 1 ended before it could be killed: {failure}")
-        worker.kill()
+        killed = await _kill_mid_saga(worker, store, config.orders)
+        await worker.follow(handle, None)  # what it reported before the kill
         await worker.wait()
+    if not killed:
+        raise DemoError(
+            f"orchestrator 1 finished its last saga before the SIGKILL could hit one in "
+            f"flight (--kill-at {config.kill_at:g} of {config.orders} orders); use a lower "
+            "--kill-at"
+        )
     demo.killed_after = len(finished)
+
+
+async def _kill_mid_saga(worker: _Worker, store: SQLiteStore, limit: int) -> bool:
+    """SIGKILL the orchestrator while the store shows a saga in flight; False if it
+    ended first."""
+    async with asyncio.timeout(PHASE_TIMEOUT):
+        while worker.process.returncode is None:
+            worker.freeze()
+            if await _active(store, limit):
+                worker.kill()
+                return True
+            worker.thaw()
+            await asyncio.sleep(LOOK_AGAIN)
+    return False
 
 
 async def _second_orchestrator(demo: DemoRun, finished: set[str], reporter: Reporter) -> None:
@@ -286,6 +316,12 @@ class _Worker:
 
     def kill(self) -> None:
         self.process.kill()  # SIGKILL on POSIX: no cleanup, no lease release
+
+    def freeze(self) -> None:
+        self.process.send_signal(signal.SIGSTOP)  # its store writes stand still
+
+    def thaw(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
 
     async def wait(self) -> int:
         return await self.process.wait()
