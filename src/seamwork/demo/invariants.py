@@ -7,7 +7,9 @@ ledgers say what actually happened. Each check compares the two:
 * a completed saga applied every step exactly once (one ledger entry, one row);
 * a failed saga compensated exactly the steps it applied - including a shipment
   whose step timed out after it was created - each exactly once;
-* compensations ran in reverse order of the steps (read from the timeline);
+* compensations ran in reverse order of the steps (read from the timeline), every
+  one of them for a failed saga, every one before the release that failed for a
+  stuck one;
 * the stuck sagas are exactly those of warehouse W-13 whose release failed;
 * stock is conserved: what left the shelves is what is still reserved;
 * idempotency keys are stable: every row carries ``<saga_id>:<step>``, and the
@@ -296,9 +298,20 @@ def check_reverse_order(demo: DemoRun, evidence: Evidence) -> Check:
         backwards = list(reversed(forward_order(state, timeline)))
         if undone != backwards[: len(undone)] or list(state.compensated_steps) != undone:
             problems.add(f"{state.saga_id}: applied {backwards[::-1]}, undone in order {undone}")
-        if state.status.value == "failed" and len(undone) != len(backwards):
+        if undone != _owed(state, timeline, backwards):
             problems.add(f"{state.saga_id}: undid {undone} of {backwards}")
     return problems.check("compensation in reverse order (timeline)", f"{checked} sagas")
+
+
+def _owed(state: SagaState, timeline: list[StepEvent], backwards: list[str]) -> list[str]:
+    """The compensations a terminal saga must have run: all of them when it failed;
+    when it is stuck, those before the one that kept failing (none if it is unknown)."""
+    if state.status.value != "stuck":
+        return backwards
+    failing = [e.step for e in timeline if e.event == "compensation_failed"]
+    if not failing or failing[-1] not in backwards:
+        return []
+    return backwards[: backwards.index(failing[-1])]
 
 
 def check_stuck(demo: DemoRun, evidence: Evidence) -> Check:
