@@ -31,3 +31,18 @@ def test_an_alert_prints_a_reason_with_brackets_as_it_is() -> None:
     assert "ALERT saga order-1 is stuck: warehouse [/api/v1] said [type=missing]" in (
         console.export_text()
     )
+
+
+def test_the_latency_percentiles_are_nearest_rank() -> None:
+    """The q quantile of n samples is the ceil(q * n)-th smallest: p99 of 100 is the
+    99th, not the slowest (q * n an odd whole number was rounded up one rank)."""
+    from seamwork.demo.report import percentile
+
+    assert percentile([float(n) for n in range(1, 101)], 0.99) == 99.0
+    assert percentile([float(n) for n in range(1, 301)], 0.99) == 297.0
+    assert percentile([float(n) for n in range(1, 301)], 0.5) == 150.0
+    assert percentile([float(n) for n in range(1, 62)], 0.5) == 31.0
+    assert percentile([float(n) for n in range(1, 11)], 0.99) == 10.0
+    assert percentile([3.0], 0.99) == 3.0
+    assert percentile([], 0.5) == 0.0
+    assert percentile([float(n) for n in range(1, 101)], 0.07) == 7.0  # 0.07 * 100 > 7

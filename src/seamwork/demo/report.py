@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from types import TracebackType
 from typing import Self
@@ -60,8 +61,9 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(q * len(ordered) + 0.5) - 1))
-    return ordered[rank]
+    # the ceil(q * n)-th smallest; round() first, so 0.07 * 100 (7.000000000000001) is 7
+    rank = math.ceil(round(q * len(ordered), 9))
+    return ordered[max(0, min(len(ordered), rank) - 1)]
 
 
 def summary_table(demo: DemoRun) -> Table:
