@@ -7,6 +7,7 @@ sequence of message types and who published each) and each service's own databas
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -292,3 +293,37 @@ async def test_act_two_catches_a_duplicate_sent_just_as_every_flow_ended(
     run = await run_choreography(tmp_path, 20)
     failing = {c.name: c.detail for c in check(run) if not c.ok}
     assert failing == {"every flow follows its planned path": "1 wrong, e.g. choreo-0000"}
+
+
+async def test_act_two_fails_a_check_when_a_message_was_dead_lettered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every flow can reach its end while a message sits in the dead-letter stream (a
+    # consumer gave up on it); act two did not look there, and all its checks held
+    from seamwork.brokers import NatsBroker
+    from seamwork.demo.choreo_act import check, prepare, run_choreography
+
+    settled = OrderSystem.settled
+
+    async def settled_then_poison(self: OrderSystem, *ids: str, seconds: float) -> None:
+        await settled(self, *ids, seconds=seconds)
+        async with self.payment.outbox.transaction() as tx:  # a type notification never handles
+            await tx.publish(
+                "payment.processed", Message("PaymentRefunded", {}, correlation_id="stray")
+            )
+        reader = NatsBroker(self.payment.broker.url, name="test-dlq-reader")
+        try:
+            async with asyncio.timeout(10):
+                while not await reader.dead_letters():
+                    await asyncio.sleep(0.05)
+        finally:
+            await reader.aclose()
+
+    monkeypatch.setattr(OrderSystem, "settled", settled_then_poison)
+    prepare(tmp_path)
+    run = await run_choreography(tmp_path, 20)
+    failing = {c.name: c.detail for c in check(run) if not c.ok}
+    assert set(failing) == {"no message dead-lettered"}
+    assert (
+        "PaymentRefunded on payment.processed (notification)" in failing["no message dead-lettered"]
+    )

@@ -14,17 +14,17 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from seamwork.brokers import EmbeddedNats
+from seamwork.brokers import EmbeddedNats, NatsBroker
 from seamwork.demo.choreography import CARD_LIMIT, TERMINAL, running
 from seamwork.demo.invariants import Check
 from seamwork.demo.scenario import DemoError
-from seamwork.messaging import Flow
+from seamwork.messaging import DeadLetter, Flow
 
 SUCCESS = (
     "OrderCreated",
@@ -68,6 +68,7 @@ class ChoreographyRun:
     boot_ms: float
     seconds: float
     directory: Path
+    dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
 def plan(count: int) -> list[PlannedOrder]:
@@ -106,15 +107,37 @@ async def run_choreography(directory: Path, count: int) -> ChoreographyRun:
             try:
                 await system.settled(*(o.order_id for o in orders), seconds=SETTLE_SECONDS)
             except TimeoutError:
-                raise DemoError(_unsettled(system.monitor.flows(), orders)) from None
+                letters = await _dead_letters(server.url)
+                raise DemoError(_unsettled(system.monitor.flows(), orders, letters)) from None
             seconds = time.perf_counter() - started
             with contextlib.suppress(TimeoutError):  # a message never seen fails the checks
                 await system.drained()
             flows = system.monitor.flows()
-    return ChoreographyRun(orders, flows, stock, boot_ms, seconds, directory)
+            letters = await _dead_letters(server.url)
+    return ChoreographyRun(orders, flows, stock, boot_ms, seconds, directory, letters)
 
 
-def _unsettled(flows: dict[str, Flow], orders: list[PlannedOrder]) -> str:
+async def _dead_letters(url: str) -> list[DeadLetter]:
+    """What the services' consumer groups gave up on (a message that kept failing)."""
+    reader = NatsBroker(url, name="dead-letter-reader")
+    try:
+        letters: list[DeadLetter] = await reader.dead_letters(limit=1000)
+        return letters
+    finally:
+        await reader.aclose()
+
+
+def _letters(letters: list[DeadLetter]) -> str:
+    first = letters[0]
+    return (
+        f"{len(letters)}, e.g. {first.message.type} on {first.subject} "
+        f"({first.group}): {first.error.splitlines()[0] if first.error else '?'}"
+    )
+
+
+def _unsettled(
+    flows: dict[str, Flow], orders: list[PlannedOrder], letters: list[DeadLetter]
+) -> str:
     ended = set(TERMINAL.values())
     late = [
         o.order_id
@@ -124,6 +147,7 @@ def _unsettled(flows: dict[str, Flow], orders: list[PlannedOrder]) -> str:
     return (
         f"act two: {len(late)} of {len(orders)} choreographed orders did not reach an end "
         f"state within {SETTLE_SECONDS:g}s, e.g. {', '.join(late[:3])}"
+        + (f"; messages dead-lettered: {_letters(letters)}" if letters else "")
     )
 
 
@@ -157,6 +181,11 @@ def check(run: ChoreographyRun) -> list[Check]:
         ),
         Check("stock conserved (available + reserved)", conserved, f"{available} + {dict(held)}"),
         Check("no message left in any outbox", pending == 0, f"{pending} pending"),
+        Check(
+            "no message dead-lettered",
+            not run.dead_letters,
+            _letters(run.dead_letters) if run.dead_letters else "0",
+        ),
     ]
 
 
