@@ -735,6 +735,33 @@ async def test_a_step_result_that_is_not_json_is_an_uncertain_failure(db: Path) 
     assert ledger.kinds("undo") == ["charge"]
 
 
+async def test_a_parallel_member_whose_result_is_not_json_lets_siblings_finish_and_undoes_all(
+    db: Path,
+) -> None:
+    ledger = Ledger()
+    odd = Step("a", ledger.action("a", result={"at": object()}), compensate=ledger.undo("a"))
+    slow = Step("b", ledger.action("b", result={"b": 1}, sleep=0.1), compensate=ledger.undo("b"))
+    saga = Saga("order", steps=[*chain(ledger, "first"), Parallel(odd, slow)])
+    async with SagaOrchestrator(SQLiteStore(db), [saga]) as orch:
+        run = await orch.start("order", {}, saga_id="s-1")
+        final = await asyncio.wait_for(run.wait(), 5.0)  # not after the lease (30 s)
+        timeline = [(e.event, e.step) for e in await orch._store.timeline("s-1")]
+        errors = orch.stats["errors"]
+    assert errors == 0
+    assert final.status is SagaStatus.FAILED
+    assert final.completed_steps == ("first", "b")
+    assert final.uncertain_steps == ("a",)
+    assert ledger.kinds("undo") == ["a", "b", "first"]  # b applied after a's failure: undone
+    assert timeline[-6:] == [
+        ("errored", "a"),
+        ("compensating", None),
+        ("compensated", "a"),
+        ("compensated", "b"),
+        ("compensated", "first"),
+        ("saga_failed", None),
+    ]
+
+
 async def test_data_with_a_non_string_key_is_refused_not_rewritten_as_a_string(
     db: Path,
 ) -> None:

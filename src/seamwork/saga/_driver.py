@@ -179,10 +179,10 @@ class Driver:
         if len(action.steps) == 1:
             step = action.steps[0]
             outcome = await self._run_step(run, step)
-            if isinstance(outcome, StepFailure):
+            if not isinstance(outcome, StepFailure):
+                outcome = await self._commit_success(run, step, outcome)
+            if outcome is not None:
                 await self._commit(run, self._failed(run, [outcome]))
-            else:
-                await self._commit_success(run, step, outcome)
             return
         failures: builtins.list[StepFailure] = []
         members = [
@@ -205,24 +205,27 @@ class Driver:
         self, run: _Run, step: Step, failures: builtins.list[StepFailure]
     ) -> None:
         outcome = await self._run_step(run, step)
-        if isinstance(outcome, StepFailure):
+        if not isinstance(outcome, StepFailure):
+            async with run.lock:
+                outcome = await self._commit_success(run, step, outcome)
+        if outcome is not None:
             failures.append(outcome)
-            return
-        async with run.lock:
-            await self._commit_success(run, step, outcome)
 
     async def _commit_success(
         self, run: _Run, step: Step, result: Mapping[str, Any] | None
-    ) -> None:
+    ) -> StepFailure | None:
+        """Commit ``step``'s success; a result that cannot be stored (nothing was
+        written) is an uncertain failure, returned for the stage to commit once its
+        other members have ended - committed at once, it started compensating while
+        siblings still ran, and a sibling's later success could not be recorded."""
         succeeded = run.machine.step_succeeded(run.state, step.name, result, self._now())
         try:
             await self._commit(run, succeeded)
-        except SerializationError as exc:  # the result cannot be stored: nothing was
-            attempt = run.state.step_attempts.get(step.name, 0) + 1  # written
-            failure = StepFailure(step.name, attempt, "uncertain", str(exc))
-            await self._commit(run, self._failed(run, [failure]))
-            return
+        except SerializationError as exc:
+            attempt = run.state.step_attempts.get(step.name, 0) + 1
+            return StepFailure(step.name, attempt, "uncertain", str(exc))
         self.hooks.emit("step_completed", run.state, step.name)
+        return None
 
     def _failed(self, run: _Run, failures: builtins.list[StepFailure]) -> Transition:
         if run.cancel_reason is not None:
