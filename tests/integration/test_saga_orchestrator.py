@@ -1070,6 +1070,61 @@ async def test_a_cancel_whose_commit_fails_rereads_the_row_and_still_compensates
     assert ledger.kinds("undo") == ["reserve"]
 
 
+async def test_a_step_whose_success_commit_failed_is_compensated_if_cancelled_before_rerun(
+    db: Path,
+) -> None:
+    ledger = Ledger()
+    saga = Saga("order", steps=chain(ledger, "reserve", "charge"))
+    store = SQLiteStore(db)
+    real_save = store.save
+    saving, release = asyncio.Event(), asyncio.Event()
+
+    async def flaky_save(state: SagaState, events: Any, **kw: Any) -> None:
+        if "charge" in state.completed_steps and not saving.is_set():
+            saving.set()  # charge applied; the cancel arrives while its commit hangs,
+            await release.wait()  # which then fails: the row still says charge is to run
+            raise StoreError("commit failed (injected; nothing written)")
+        await real_save(state, events, **kw)
+
+    store.save = flaky_save  # type: ignore[method-assign]
+    async with SagaOrchestrator(store, [saga]) as orch:
+        run = await orch.start("order", {}, saga_id="s-1")
+        await saving.wait()
+        cancel = asyncio.create_task(orch.cancel("s-1"))
+        await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.wait_for(cancel, 5.0)
+        final = await asyncio.wait_for(run.wait(), 5.0)
+    assert final.status is SagaStatus.FAILED
+    assert final.failure_reason == "cancelled by operator"
+    assert ledger.kinds("apply") == ["reserve", "charge"]
+    assert final.uncertain_steps == ("charge",)
+    assert ledger.kinds("undo") == ["charge", "reserve"]  # charge may have applied: undone
+
+
+async def test_a_step_whose_success_commit_failed_is_compensated_if_the_deadline_passes(
+    db: Path,
+) -> None:
+    ledger = Ledger()
+    saga = Saga("order", steps=chain(ledger, "reserve", "charge"), deadline=0.3)
+    store = SQLiteStore(db)
+    real_save = store.save
+
+    async def stalled_save(state: SagaState, events: Any, **kw: Any) -> None:
+        if "charge" in state.completed_steps and not state.compensated_steps:
+            await asyncio.sleep(0.4)  # the store stalls past the deadline, then fails
+            raise StoreError("commit failed (injected; nothing written)")
+        await real_save(state, events, **kw)
+
+    store.save = stalled_save  # type: ignore[method-assign]
+    async with SagaOrchestrator(store, [saga]) as orch:
+        final = await asyncio.wait_for((await orch.start("order", {}, saga_id="s-1")).wait(), 5)
+    assert final.status is SagaStatus.FAILED
+    assert "deadline" in (final.failure_reason or "")
+    assert ledger.kinds("apply") == ["reserve", "charge"]  # not run again past the deadline
+    assert ledger.kinds("undo") == ["charge", "reserve"]
+
+
 async def test_a_start_up_whose_recovery_fails_closes_and_can_be_tried_again(db: Path) -> None:
     ledger = Ledger()
     entered = asyncio.Event()

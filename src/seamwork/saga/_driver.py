@@ -37,6 +37,7 @@ class _Run:
     """One saga being driven by this process."""
 
     __slots__ = (
+        "attempted",
         "cancel_reason",
         "cancelled",
         "done",
@@ -68,6 +69,9 @@ class _Run:
         # Steps of the current stage that may have run (and applied) in a process
         # that died before their checkpoint: their outcome is uncertain until re-run.
         self.resumed: set[str] = set()
+        # Steps of the current stage whose action began here: after a commit in doubt
+        # (a store error) they join ``resumed``, for their effect may have landed.
+        self.attempted: set[str] = set()
 
     def interrupt(self, reason: str) -> None:
         self.cancel_reason = reason
@@ -176,6 +180,17 @@ class Driver:
             return
 
     async def _run_stage(self, run: _Run, action: RunStage) -> None:
+        run.attempted.clear()
+        try:
+            await self._run_stage_steps(run, action)
+        except StoreError:
+            # The stage's commit is in doubt and its row is re-read: a step that began
+            # here may have applied with nothing recorded, as after a crash - uncertain
+            # until it runs again (compensated if cancelled or past the deadline first).
+            run.resumed.update(run.attempted)
+            raise
+
+    async def _run_stage_steps(self, run: _Run, action: RunStage) -> None:
         if len(action.steps) == 1:
             step = action.steps[0]
             outcome = await self._run_step(run, step)
@@ -275,6 +290,7 @@ class Driver:
             kind = "uncertain" if step.name in run.resumed else "definite"
             return StepFailure(step.name, attempt, kind, "saga deadline exceeded"), None
         run.resumed.discard(step.name)
+        run.attempted.add(step.name)
         try:
             async with self._clock.timeout(timeout) as scope:
                 run.scopes.add(scope)  # cancel() ends the attempt through its scope
