@@ -511,6 +511,35 @@ async def test_cancel_as_a_parallel_stage_begins_stops_its_members_before_they_r
     assert ledger.log == []  # never started, so nothing to compensate
 
 
+async def test_a_retry_the_deadline_overtakes_still_compensates_the_uncertain_first_attempt(
+    db: Path,
+) -> None:
+    ledger = Ledger()
+    flaky = Step(
+        "charge",
+        ledger.action("charge", fail=lambda ctx: RuntimeError("connection reset")),
+        compensate=ledger.undo("charge"),
+        retry=Retry(3, backoff=0.2, max_backoff=0.2, jitter="none"),
+    )
+    saga = Saga("order", steps=chain(ledger, "reserve", "charge", charge=flaky), deadline=0.4)
+    store = SQLiteStore(db)
+    real_save = store.save
+
+    async def slow_save(state: SagaState, events: Any, **kw: Any) -> None:
+        if any(e.event == "errored" for e in events):  # the commit before the backoff is
+            await asyncio.sleep(0.3)  # slow: the backoff ends past the deadline
+        await real_save(state, events, **kw)
+
+    store.save = slow_save  # type: ignore[method-assign]
+    async with SagaOrchestrator(store, [saga]) as orch:
+        final = await asyncio.wait_for((await orch.start("order", {}, saga_id="s-1")).wait(), 5)
+    assert final.status is SagaStatus.FAILED
+    assert "deadline" in (final.failure_reason or "")
+    assert ledger.kinds("apply") == ["reserve", "charge"]  # the retry never began
+    assert final.uncertain_steps == ("charge",)
+    assert ledger.kinds("undo") == ["charge", "reserve"]  # attempt 1 may have applied
+
+
 async def test_cancel_of_a_completed_saga_is_refused(db: Path) -> None:
     saga = Saga("order", steps=chain(Ledger(), "a"))
     async with SagaOrchestrator(SQLiteStore(db), [saga]) as orch:

@@ -279,15 +279,15 @@ class Driver:
         )
         if run.cancel_reason is not None:
             # Cancelled before this attempt began (a parallel member starts a loop turn
-            # after its stage): not started here; as below, a resumed step is uncertain.
-            kind: FailureKind = "uncertain" if step.name in run.resumed else "definite"
+            # after its stage): not started here; as below, it may still have applied.
+            kind = _unstarted_kind(run, step, attempt)
             return StepFailure(step.name, attempt, kind, run.cancel_reason), None
         timeout = self._step_timeout(run, step)
         if timeout is not None and timeout <= 0:
-            # Not started here. A step resumed after a crash may have applied its effect
-            # in the dead process (uncertain, compensated); any other was never run.
+            # Not started here (the deadline came during the backoff or the commit
+            # before it, or before a resumed step's re-run); see _unstarted_kind.
             run.interrupt(f"deadline of {run.machine.saga.deadline:g}s exceeded")
-            kind = "uncertain" if step.name in run.resumed else "definite"
+            kind = _unstarted_kind(run, step, attempt)
             return StepFailure(step.name, attempt, kind, "saga deadline exceeded"), None
         run.resumed.discard(step.name)
         run.attempted.add(step.name)
@@ -425,6 +425,14 @@ class Driver:
 
     def _now(self) -> float:
         return self._clock.now()
+
+
+def _unstarted_kind(run: _Run, step: Step, attempt: int) -> FailureKind:
+    """How a step ends whose attempt was stopped before it began. Uncertain if it may
+    have applied all the same: resumed (it may have run in a process that died, or
+    under a commit in doubt), or a retry (only uncertain failures are retried, so an
+    earlier attempt may have applied); definite only if it never ran at all."""
+    return "uncertain" if attempt > 1 or step.name in run.resumed else "definite"
 
 
 def _describe(exc: BaseException, timeout: float | None) -> str:
