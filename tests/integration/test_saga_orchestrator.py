@@ -424,6 +424,38 @@ async def test_a_saga_past_its_deadline_is_cancelled_and_compensated(db: Path) -
     assert ledger.kinds("undo") == ["ship", "reserve"]
 
 
+async def test_members_that_failed_before_the_deadline_cut_their_group_keep_their_events(
+    db: Path,
+) -> None:
+    ledger = Ledger()
+    bad = Step(
+        "a", ledger.action("a", fail=lambda ctx: StepFailed("no")), compensate=ledger.undo("a")
+    )
+    flaky = Step(
+        "c",
+        ledger.action("c", fail=lambda ctx: RuntimeError("reset")),
+        compensate=ledger.undo("c"),
+        retry=Retry(3, backoff=0.02, max_backoff=0.02, jitter="none"),
+    )
+    slow = Step("b", ledger.action("b", sleep=10.0), compensate=ledger.undo("b"))
+    saga = Saga("order", steps=[*chain(ledger, "first"), Parallel(bad, flaky, slow)], deadline=0.4)
+    async with SagaOrchestrator(SQLiteStore(db), [saga]) as orch:
+        final = await asyncio.wait_for((await orch.start("order", {}, saga_id="s-1")).wait(), 5)
+        timeline = [(e.event, e.step, e.attempt) for e in await orch._store.timeline("s-1")]
+    assert final.status is SagaStatus.FAILED
+    assert "deadline" in (final.failure_reason or "")
+    cut = timeline.index(("cancelled", None, None))
+    assert sorted(timeline[6:cut]) == [  # after saga_started .. started b
+        ("errored", "c", 1),
+        ("errored", "c", 2),
+        ("errored", "c", 3),  # its last attempt, before the deadline: lost before
+        ("failed", "a", 1),  # a's definite failure, before the deadline: lost before
+    ]
+    assert final.step_attempts == {"a": 1, "c": 3}
+    assert final.uncertain_steps == ("c", "b")
+    assert ledger.kinds("undo") == ["b", "c", "first"]  # never a
+
+
 async def test_cancel_interrupts_the_step_in_flight_and_compensates(db: Path) -> None:
     ledger = Ledger()
     gate = asyncio.Event()

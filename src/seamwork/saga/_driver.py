@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
 import logging
 import random
 from collections.abc import Mapping
@@ -245,7 +246,9 @@ class Driver:
     def _failed(self, run: _Run, failures: builtins.list[StepFailure]) -> Transition:
         if run.cancel_reason is not None:
             uncertain = [f.step for f in failures if f.kind != "definite"]
-            return run.machine.cancel(run.state, run.cancel_reason, uncertain, self._now())
+            return run.machine.cancel(
+                run.state, run.cancel_reason, uncertain, self._now(), failures
+            )
         return run.machine.stage_failed(run.state, failures, self._now())
 
     async def _run_step(self, run: _Run, step: Step) -> Mapping[str, Any] | StepFailure | None:
@@ -263,7 +266,7 @@ class Driver:
             async with run.lock:
                 await self._commit(run, run.machine.attempt_failed(run.state, outcome, self._now()))
             if not await self._interruptible_sleep(run, delay):
-                return outcome
+                return dataclasses.replace(outcome, record=False)  # (recorded above)
 
     async def _attempt(
         self, run: _Run, step: Step, attempt: int
@@ -281,14 +284,14 @@ class Driver:
             # Cancelled before this attempt began (a parallel member starts a loop turn
             # after its stage): not started here; as below, it may still have applied.
             kind = _unstarted_kind(run, step, attempt)
-            return StepFailure(step.name, attempt, kind, run.cancel_reason), None
+            return StepFailure(step.name, attempt, kind, run.cancel_reason, False), None
         timeout = self._step_timeout(run, step)
         if timeout is not None and timeout <= 0:
             # Not started here (the deadline came during the backoff or the commit
             # before it, or before a resumed step's re-run); see _unstarted_kind.
             run.interrupt(f"deadline of {run.machine.saga.deadline:g}s exceeded")
             kind = _unstarted_kind(run, step, attempt)
-            return StepFailure(step.name, attempt, kind, "saga deadline exceeded"), None
+            return StepFailure(step.name, attempt, kind, "saga deadline exceeded", False), None
         run.resumed.discard(step.name)
         run.attempted.add(step.name)
         try:
@@ -302,11 +305,12 @@ class Driver:
             return StepFailure(step.name, attempt, "definite", exc.reason), exc
         except TimeoutError as exc:
             if run.cancel_reason is not None:
-                return StepFailure(step.name, attempt, "uncertain", run.cancel_reason), exc
-            if self._deadline_hit(run):
+                return StepFailure(step.name, attempt, "uncertain", run.cancel_reason, False), exc
+            cut = self._deadline_hit(run)  # the deadline's doing, not the step's own timeout
+            if cut:
                 run.interrupt(f"deadline of {run.machine.saga.deadline:g}s exceeded")
             reason = f"timed out after {timeout:g}s" if timeout is not None else repr(exc)
-            return StepFailure(step.name, attempt, "timeout", reason), exc
+            return StepFailure(step.name, attempt, "timeout", reason, not cut), exc
         except Exception as exc:
             return StepFailure(step.name, attempt, "uncertain", f"{type(exc).__name__}: {exc}"), exc
         if result is None or type(result) is dict:

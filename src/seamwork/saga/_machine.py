@@ -90,6 +90,9 @@ class StepFailure:
     attempt: int
     kind: FailureKind
     reason: str
+    # False when there is no attempt's outcome to put on the timeline: the attempt
+    # never began, was cut by the cancel (or deadline) itself, or is already recorded.
+    record: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,10 +251,18 @@ class SagaMachine:
         return self._start_compensating(state, events, now)
 
     def cancel(
-        self, state: SagaState, reason: str, in_flight: Sequence[str], now: float
+        self,
+        state: SagaState,
+        reason: str,
+        in_flight: Sequence[str],
+        now: float,
+        failures: Sequence[StepFailure] = (),
     ) -> Transition:
         """Stop going forward (operator cancel or deadline); steps that were running
-        when it happened have an uncertain outcome and are compensated too."""
+        when it happened have an uncertain outcome and are compensated too.
+        ``failures``: attempts of the stage that ended on their own before the cancel
+        took hold (a parallel member that failed while its siblings ran), recorded
+        on the timeline and in ``step_attempts`` as ``stage_failed`` records them."""
         if state.status is not RUNNING:
             raise InvalidSagaOperation(
                 f"saga {state.saga_id!r} is {state.status.value}: only a running saga can be "
@@ -259,10 +270,14 @@ class SagaMachine:
             )
         done = set(state.completed_steps)
         uncertain = tuple(s for s in in_flight if s not in done)
+        events = [self._failure_event(state, f, now) for f in failures if f.record]
+        attempts = {f.step: f.attempt for f in failures if f.record}
         state = state.evolve(
-            uncertain_steps=state.uncertain_steps + uncertain, failure_reason=reason
+            uncertain_steps=state.uncertain_steps + uncertain,
+            failure_reason=reason,
+            step_attempts={**state.step_attempts, **attempts} if attempts else state.step_attempts,
         )
-        events = [StepEvent(state.saga_id, now, "cancelled", detail=reason)]
+        events.append(StepEvent(state.saga_id, now, "cancelled", detail=reason))
         return self._start_compensating(state, events, now)
 
     # --- backward -----------------------------------------------------------------
