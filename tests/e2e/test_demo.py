@@ -44,6 +44,7 @@ INVARIANTS = (
     "payments charged or declined as planned",
     "stock conserved (available + reserved)",
     "no message left in any outbox",
+    "no message dead-lettered",
 )
 
 
