@@ -33,7 +33,13 @@ from seamwork.resilience._breaker_machine import (
     BreakerState,
     HalfOpenMode,
 )
-from seamwork.resilience._policy import Policy, monotonic_reader, resolve
+from seamwork.resilience._policy import (
+    Policy,
+    monotonic_reader,
+    refuse_async_handler,
+    resolve,
+    sync_value,
+)
 from seamwork.resilience._timeout import check_overrun, run_with_timeout
 
 P = ParamSpec("P")
@@ -117,6 +123,9 @@ class CircuitBreaker(Policy):
             value is still returned).
         fallback: called with the error when a call is rejected or fails (counted
             failures only); its result (awaited if needed) is returned instead.
+            ``call_sync`` cannot await: an awaitable result there raises
+            ``ConfigError``, and decorating a plain function with an async fallback
+            is refused (``ConfigError``).
         clock: time source; ``SystemClock()`` by default.
     """
 
@@ -232,7 +241,7 @@ class CircuitBreaker(Policy):
             while ticket == WAIT:
                 ticket = self._park_sync()
             if ticket == REJECT:
-                return self._on_rejected()  # type: ignore[no-any-return]
+                return self._on_rejected_sync()  # type: ignore[no-any-return]
         started = self._monotonic() if self._timed else _UNTIMED
         try:
             result = fn(*args, **kwargs)
@@ -241,7 +250,7 @@ class CircuitBreaker(Policy):
         except BaseException as error:
             if not self._settle_error(ticket, started, error):
                 raise
-            return self._on_failed(error)  # type: ignore[no-any-return]
+            return sync_value(self, self._on_failed(error), error)  # type: ignore[no-any-return]
         tally = machine.tally  # before the ticket check: see "the quiet success"
         if self._lean and ticket == machine.generation and self._monotonic() < machine.quiet_until:
             next(tally)
@@ -326,16 +335,29 @@ class CircuitBreaker(Policy):
             self._publish(moved)
 
     def _on_rejected(self) -> Any:
-        error = CircuitOpenError(f"circuit {self.name!r} is {self._machine.state.value}")
-        self._hooks.emit("reject", self, error)
+        error = self._rejection()
         if self._fallback is None:
             raise error
         return self._fallback(error)
+
+    def _on_rejected_sync(self) -> Any:
+        error = self._rejection()
+        if self._fallback is None:
+            raise error
+        return sync_value(self, self._fallback(error), error)
+
+    def _rejection(self) -> CircuitOpenError:
+        error = CircuitOpenError(f"circuit {self.name!r} is {self._machine.state.value}")
+        self._hooks.emit("reject", self, error)
+        return error
 
     def _on_failed(self, error: BaseException) -> Any:
         if self._fallback is None:
             raise error
         return self._fallback(error)
+
+    def _check_sync_driver(self, fn: Callable[..., Any]) -> None:
+        refuse_async_handler(self, self._fallback, fn)
 
     def _emit_outcome(self, event: str, duration: float, detail: object) -> None:
         self._hooks.emit(event, self, detail, duration)

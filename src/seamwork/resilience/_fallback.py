@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
 from seamwork.errors import ConfigError
-from seamwork.resilience._policy import Policy, resolve
+from seamwork.resilience._policy import Policy, refuse_async_handler, resolve, sync_value
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -20,7 +20,9 @@ class Fallback(Policy):
 
     Args:
         handler: called with the error; its result (awaited in ``call`` if it is
-            awaitable) becomes the call's result.
+            awaitable) becomes the call's result. ``call_sync`` cannot await: an
+            awaitable result there raises ``ConfigError``, and decorating a plain
+            function with an async handler is refused (``ConfigError``).
         on: exception types handled; others propagate. Default: every ``Exception``.
     """
 
@@ -50,7 +52,10 @@ class Fallback(Policy):
         try:
             return fn(*args, **kwargs)
         except self.on as error:
-            return self.handler(error)  # type: ignore[no-any-return]
+            return sync_value(self, self.handler(error), error)  # type: ignore[no-any-return]
+
+    def _check_sync_driver(self, fn: Callable[..., Any]) -> None:
+        refuse_async_handler(self, self.handler, fn)
 
     def __repr__(self) -> str:
         return f"Fallback({self.handler!r})"

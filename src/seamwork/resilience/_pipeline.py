@@ -55,6 +55,10 @@ class Pipeline(Policy):
     def call_sync(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         return self._head_sync(*self._tail_sync, fn, *args, **kwargs)  # type: ignore[no-any-return]
 
+    def _check_sync_driver(self, fn: Callable[..., Any]) -> None:
+        for policy in self.policies:
+            policy._check_sync_driver(fn)
+
     def _bind(self, fn: Callable[..., Any], is_async: bool) -> _Decorated:
         # The decorated function enters the outermost policy directly (one frame less).
         if is_async:

@@ -57,9 +57,17 @@ class Policy(ABC):
             ConfigError: ``fn`` is a generator or async generator function.
         """
         _refuse_generators(self, fn)
-        wrapper = functools.update_wrapper(self._bind(fn, returns_coroutine(fn)), fn)
+        is_async = returns_coroutine(fn)
+        if not is_async:
+            self._check_sync_driver(fn)
+        wrapper = functools.update_wrapper(self._bind(fn, is_async), fn)
         wrapper.policy = self  # type: ignore[attr-defined]
         return cast(Callable[P, Any], wrapper)
+
+    def _check_sync_driver(self, fn: Callable[..., Any]) -> None:
+        """Raise ``ConfigError`` if this policy cannot guard the plain function ``fn``
+        (an async fallback, which the sync driver could not await). Most can."""
+        return
 
     def _bind(self, fn: Callable[..., Any], is_async: bool) -> _Decorated:
         """The callable a decorator returns: the driver with ``fn`` bound first."""
@@ -113,6 +121,31 @@ def monotonic_reader(clock: Clock) -> Callable[[], float]:
     method of a method; an injected clock (``ManualClock``) is still read through.
     """
     return time.monotonic if type(clock) is SystemClock else clock.monotonic
+
+
+def refuse_async_handler(
+    policy: Policy, handler: Callable[..., Any] | None, fn: Callable[..., Any]
+) -> None:
+    """Raise ``ConfigError`` if ``handler`` (a fallback) gives a coroutine: the sync
+    driver guarding ``fn`` could not await it."""
+    if handler is not None and returns_coroutine(handler):
+        raise ConfigError(
+            f"{policy!r} cannot guard the plain function {fn!r}: its fallback "
+            f"{handler!r} is async and call_sync cannot await it; use a plain fallback"
+        )
+
+
+def sync_value(policy: Policy, value: Any, error: BaseException) -> Any:
+    """A fallback's ``value`` for the sync driver; ``ConfigError`` (from ``error``) if
+    it is awaitable, which ``call_sync`` cannot await (the coroutine is closed)."""
+    if not inspect.isawaitable(value):
+        return value
+    if inspect.iscoroutine(value):
+        value.close()  # never awaited on purpose: no "never awaited" warning
+    raise ConfigError(
+        f"{policy!r}: the fallback returned an awaitable, which call_sync cannot await; "
+        "use a plain fallback for plain functions, or call (async)"
+    ) from error
 
 
 async def resolve(value: Any) -> Any:

@@ -18,6 +18,7 @@ from seamwork.resilience import (
     ConfigError,
     Fallback,
     Pipeline,
+    Policy,
     RateLimitedError,
     RateLimiter,
     Retry,
@@ -376,3 +377,48 @@ def test_decorating_a_generator_function_is_refused(generator: Callable[[], obje
     ):
         with pytest.raises(ConfigError, match="generator"):
             policy(generator)
+
+
+async def _queued(error: BaseException) -> str:
+    return "queued"
+
+
+def _fails() -> str:
+    raise ValueError("down")
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        pytest.param(Fallback(_queued), id="Fallback"),
+        pytest.param(CircuitBreaker("p", fallback=_queued, clock=ManualClock()), id="breaker"),
+        pytest.param(Pipeline(Fallback(_queued), RateLimiter(1.0)), id="pipeline"),
+    ],
+)
+def test_an_async_fallback_is_refused_by_the_sync_driver(policy: Policy) -> None:
+    # Before: call_sync returned the un-awaited coroutine object as the call's result.
+    with pytest.raises(ConfigError, match="call_sync cannot await") as raised:
+        policy.call_sync(_fails)
+    assert isinstance(raised.value.__cause__, ValueError)
+    with pytest.raises(ConfigError, match="async"):
+        policy(_fails)
+
+
+def test_an_async_fallback_is_refused_when_a_sync_call_is_rejected() -> None:
+    breaker = CircuitBreaker("p", fallback=_queued, clock=ManualClock())
+    breaker.isolate()
+    with pytest.raises(ConfigError, match="call_sync cannot await") as raised:
+        breaker.call_sync(lambda: "charged")
+    assert isinstance(raised.value.__cause__, CircuitOpenError)
+
+
+async def test_an_async_fallback_still_answers_async_calls() -> None:
+    breaker = CircuitBreaker("p", fallback=_queued, clock=ManualClock())
+
+    @Pipeline(Fallback(_queued), breaker)
+    async def charge() -> str:
+        raise ValueError("down")
+
+    assert await charge() == "queued"
+    breaker.isolate()
+    assert await breaker.call(charge.__wrapped__) == "queued"  # type: ignore[attr-defined]
