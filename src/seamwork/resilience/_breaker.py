@@ -189,7 +189,7 @@ class CircuitBreaker(Policy):
         self._machine = BreakerMachine(self.config)
         self._lock = threading.Lock()
         self._parked = threading.Condition(self._lock)
-        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._async_waiters: dict[asyncio.Future[None], asyncio.AbstractEventLoop] = {}
         self._epoch = 0
         self._pending: deque[tuple[BreakerState, BreakerState]] = deque()
         self._emitting = False
@@ -378,11 +378,11 @@ class CircuitBreaker(Policy):
         sync ones. Returns (whether this caller must emit the queue, async waiters)."""
         moved = self._machine.transitions
         self._machine.transitions = []
-        waiters: list[Any] = []
+        waiters: dict[asyncio.Future[None], asyncio.AbstractEventLoop] = {}
         if moved or wake:
             self._epoch += 1
             self._parked.notify_all()
-            waiters, self._async_waiters = self._async_waiters, []
+            waiters, self._async_waiters = self._async_waiters, {}
         emit = False
         if moved:
             self._pending.extend(moved)
@@ -392,7 +392,7 @@ class CircuitBreaker(Policy):
 
     def _publish(self, taken: Any) -> None:
         emit, waiters = taken
-        for loop, future in waiters:
+        for future, loop in waiters.items():
             with contextlib.suppress(RuntimeError):  # a closed loop has nobody to wake
                 loop.call_soon_threadsafe(_wake, future)
         if emit:
@@ -416,18 +416,24 @@ class CircuitBreaker(Policy):
 
     async def _park_async(self) -> int:
         """Ask again under the lock; if still WAIT, sleep until the next verdict or
-        returned permit and return WAIT (the caller loops)."""
+        returned permit and return WAIT (the caller loops). A caller cancelled while
+        parked leaves the waiters at once (a hung probe must not let them pile up)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
             ticket = self._machine.acquire(self._clock.monotonic())
             if ticket == WAIT:
-                self._async_waiters.append((loop, future))
+                self._async_waiters[future] = loop
             moved = self._take_transitions() if self._machine.transitions else None
         if moved:
             self._publish(moved)
         if ticket == WAIT:
-            await future
+            try:
+                await future
+            except BaseException:
+                with self._lock:
+                    self._async_waiters.pop(future, None)
+                raise
         return ticket
 
     def _park_sync(self) -> int:

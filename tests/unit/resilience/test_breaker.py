@@ -376,3 +376,23 @@ async def test_a_failing_result_predicate_returns_the_half_open_permit() -> None
         assert await asyncio.wait_for(breaker.call(aok, 3), 1.0) == 3
         assert breaker.state is BreakerState.CLOSED
         assert breaker.stats().ignored_total == 1
+
+
+async def test_wait_mode_callers_cancelled_while_parked_leave_the_waiters() -> None:
+    clock = ManualClock()
+    breaker = make(clock, half_open_mode="wait")
+    trip(breaker)
+    clock.advance(30.0)
+    hang = asyncio.Event()
+    probe = asyncio.create_task(breaker.call(hang.wait))  # a probe that never ends
+    await asyncio.sleep(0)
+    for _ in range(50):  # callers giving up on the wait, as a Timeout would make them
+        parked = asyncio.create_task(breaker.call(aok))
+        await asyncio.sleep(0)
+        parked.cancel()
+        await asyncio.gather(parked, return_exceptions=True)
+    # Before: all 50 stayed parked (each future and its loop) until a state change.
+    assert len(breaker._async_waiters) == 0
+    hang.set()
+    await probe
+    assert breaker.state is BreakerState.CLOSED
