@@ -17,6 +17,7 @@ from seamwork.resilience import (
     BulkheadFullError,
     CircuitBreaker,
     CircuitOpenError,
+    RateLimiter,
 )
 from seamwork.testing import ManualClock
 
@@ -334,3 +335,32 @@ def test_state_events_reach_listeners_in_transition_order_across_threads() -> No
     tripping.join(10)
     assert seen == ["open", "close"]  # a dashboard ends on the state the breaker is in
     assert breaker.state is BreakerState.CLOSED
+
+
+class _ReadThenStall(ManualClock):
+    """Reads 0.0 for the first thread, which then stalls (as a thread preempted right
+    after its reading would) while a second thread reads 5 ms and takes its token."""
+
+    def __init__(self, second: threading.Thread) -> None:
+        super().__init__()
+        self.second, self.first_read = second, False
+
+    def monotonic(self) -> float:
+        if self.first_read:
+            return 0.005
+        self.first_read = True
+        self.second.start()
+        self.second.join(timeout=0.3)  # holding the limiter's lock, it cannot finish
+        return 0.0
+
+
+def test_a_rate_limiter_burst_is_admitted_whatever_order_racing_threads_read_the_clock() -> None:
+    admitted: list[bool] = []
+    second = threading.Thread(target=lambda: admitted.append(limiter.try_acquire()))
+    limiter = RateLimiter(100.0, burst=2, clock=_ReadThenStall(second))
+    admitted.append(limiter.try_acquire())  # reads 0.0, then the other thread reads 5 ms
+    second.join()
+    # Before: the first reading was judged after the later one's reservation, as if
+    # time went back 5 ms, and one of the two calls of a burst of 2 from idle was refused.
+    assert admitted == [True, True]
+    assert limiter.stats().rejected_total == 0

@@ -158,11 +158,13 @@ class RateLimiter(Policy):
         """Seconds to wait (None: refused) and the TAT the reservation set."""
         if cost != 1 and (not isinstance(cost, int) or not 1 <= cost <= self._core.burst):
             raise ConfigError(f"cost must be an int in [1, burst={self._core.burst}]")
-        now = self._clock.monotonic()
         core, lock = self._core, self._lock
         lock.acquire()  # explicit acquire/release: half the cost of `with` on CPython 3.11
         try:
-            wait = core.reserve(now, cost, max_wait)
+            # Read under the lock: readings then reach the core in time order. A
+            # reading taken before another thread's reservation would be judged after
+            # it, as if time went back, and refuse (or delay) a call that fits.
+            wait = core.reserve(self._clock.monotonic(), cost, max_wait)
             if wait is None:
                 self._rejected += 1
             else:
