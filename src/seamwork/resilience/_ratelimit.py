@@ -65,14 +65,19 @@ class Gcra:
         return True
 
     def available(self, now: float) -> float:
-        """Tokens in the bucket at ``now`` (fractional)."""
+        """Tokens in the bucket at ``now`` (fractional), in ``[0, burst]``.
+
+        Waiters' reservations move the TAT past ``burst`` intervals ahead; the tokens
+        they were promised are not in the bucket, but the bucket holds no fewer than 0.
+        """
         ahead = (self._tat - now) / self.interval if self._tat > now else 0.0
-        return self.burst - ahead
+        return max(self.burst - ahead, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimiterStats:
-    """A snapshot for metrics: tokens left now and lifetime counters."""
+    """A snapshot for metrics: tokens left now (0 to ``burst``; 0 while waiters hold
+    reservations) and lifetime counters."""
 
     name: str
     available: float

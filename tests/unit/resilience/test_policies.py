@@ -422,3 +422,19 @@ async def test_an_async_fallback_still_answers_async_calls() -> None:
     assert await charge() == "queued"
     breaker.isolate()
     assert await breaker.call(charge.__wrapped__) == "queued"  # type: ignore[attr-defined]
+
+
+async def test_rate_limiter_stats_never_report_fewer_than_zero_tokens() -> None:
+    clock = ManualClock()
+    limiter = RateLimiter(1.0, burst=2, max_wait=5.0, clock=clock)
+    assert limiter.stats().available == 2.0
+    await limiter.acquire(2)  # the burst
+    waiters = [asyncio.create_task(limiter.acquire()) for _ in range(3)]  # due at 1, 2, 3 s
+    await asyncio.sleep(0)
+    # Before: -3.0 - the tokens promised to the waiters counted as a debt in the bucket.
+    assert limiter.stats().available == 0.0
+    clock.advance(3.0)
+    await asyncio.gather(*waiters)
+    assert limiter.stats().available == 0.0
+    clock.advance(1.5)
+    assert limiter.stats().available == pytest.approx(1.5)
