@@ -464,3 +464,35 @@ async def test_a_tail_wildcard_queue_bound_by_an_earlier_version_stops_taking_th
         names = broker.declared_queues
         await broker.aclose()
         await delete_rabbit(rabbitmq_service, exchange, names)
+
+
+async def test_a_dotted_group_shares_no_queue_with_another_group_and_subject(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    """``billing`` on ``<t>.created`` and ``billing.<t>`` on ``created`` once both
+    named the queue ``billing.<t>.created``: each group got half of the other's
+    subject."""
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    token = f"edge{uuid.uuid4().hex[:6]}"
+    got: dict[str, list[tuple[str, int]]] = {"billing": [], "dotted": []}
+
+    def handler(name: str) -> Callable[[Delivery], Awaitable[None]]:
+        async def handle(delivery: Delivery) -> None:
+            got[name].append((delivery.subject, delivery.message.data["i"]))
+
+        return handle
+
+    try:
+        await broker.subscribe(f"{token}.created", "billing", handler("billing"))
+        await broker.subscribe("created", f"billing.{token}", handler("dotted"))
+        for i in range(4):
+            await broker.publish(f"{token}.created", Message("T", {"i": i}))
+        await broker.publish("created", Message("T", {"i": 9}))
+        await eventually(lambda: len(got["billing"]) + len(got["dotted"]) >= 5)
+        await asyncio.sleep(0.3)  # nothing more arrives
+        assert got["billing"] == [(f"{token}.created", i) for i in range(4)]
+        assert got["dotted"] == [("created", 9)]
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await delete_rabbit(rabbitmq_service, exchange, names)

@@ -9,7 +9,8 @@ confirms, so it pays one round trip, and the channel keeps the order. The AMQP
 headers (``encode``). A message on a subject that no group is bound to is dropped
 by RabbitMQ, as with any topic exchange: subscribe the groups first.
 
-Groups. A consumer group is one durable quorum queue, ``<group>.<subject>``, bound
+Groups. A consumer group is one durable quorum queue, ``<group>.<subject>`` (a group
+holding a dot gets a hash of itself in the name, see ``queue_name``), bound
 to the exchange with the subject as binding key (NATS wildcards map: ``*`` stays
 ``*``, ``>`` - one or more tokens - becomes ``*.#``, since ``#`` alone also matches
 none; in the queue's name they are ``..any`` and ``..all``).
@@ -64,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -138,9 +140,16 @@ def queue_name(group: str, subject: str) -> str:
     AMQP queue names cannot hold ``*`` or ``>``: a wildcard token becomes an empty
     token and a word (``orders.*`` -> ``<group>.orders..any``, ``>`` -> ``..all``),
     which no literal subject can spell (subjects have no empty tokens).
+
+    The group is the name's first token, so a group holding a dot is spelled
+    ``<group with . as _>#<hash of the group>``: as it is, ``billing.eu`` on
+    ``created`` would share ``billing.eu.created`` with ``billing`` on ``eu.created``.
     """
     tokens = {"*": ".any", ">": ".all"}
-    name = ".".join([group, *(tokens.get(token, token) for token in subject.split("."))])
+    head = group
+    if "." in group:
+        head = f"{group.replace('.', '_')}#{hashlib.sha256(group.encode()).hexdigest()[:16]}"
+    name = ".".join([head, *(tokens.get(token, token) for token in subject.split("."))])
     if len(name.encode()) > _MAX_QUEUE_NAME or not _QUEUE_NAME.fullmatch(name):
         raise ConfigError(
             f"group {group!r} on subject {subject!r} cannot name a RabbitMQ queue: "
