@@ -16,8 +16,11 @@ server-side function - isolates the items from each other itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -132,17 +135,69 @@ def translate(exc: BaseException, what: str) -> BaseException:
     return error
 
 
+_BACKSTOP = 0.25  # seconds past the deadline before a severed statement is cancelled
+
+
+@contextlib.asynccontextmanager
+async def deadline(seconds: float, conns: Sequence[AsyncConn]) -> AsyncIterator[None]:
+    """The application deadline: at ``seconds`` the connections in use are severed.
+
+    Not a plain ``asyncio.timeout``: psycopg answers a cancelled query by asking the
+    server to cancel it and waiting for that (up to 10 s), so on a stalled server a
+    cancellation would hold the deadline hostage. A shut-down socket makes the pending
+    read fail at once; the timeout stays as a backstop (waiting for a pooled
+    connection, say), and either way the caller sees ``TimeoutError`` (also when the
+    code inside already translated the driver's error into ``StoreUnavailable``).
+    """
+    severed: list[bool] = []
+    sever = asyncio.get_running_loop().call_later(seconds, _sever, conns, severed)
+    try:
+        async with asyncio.timeout(seconds + _BACKSTOP):
+            yield
+    except (psycopg.OperationalError, StoreUnavailable) as exc:
+        if severed:
+            raise TimeoutError(f"no answer within {seconds:g}s") from exc
+        raise
+    finally:
+        sever.cancel()
+
+
+def _sever(conns: Sequence[AsyncConn], severed: list[bool]) -> None:
+    for conn in conns:
+        # Through a duplicate descriptor: the connection's own stays valid (its number
+        # is not reused under psycopg's feet) while the socket itself is shut down.
+        with contextlib.suppress(Exception), socket.socket(fileno=os.dup(conn.pgconn.socket)) as s:
+            s.shutdown(socket.SHUT_RDWR)
+            severed.append(True)
+
+
+def stalled(exc: BaseException, seconds: float) -> BaseException:
+    """``StoreUnavailable`` for a deadline that passed (``exc`` a ``TimeoutError``)."""
+    if isinstance(exc, TimeoutError):
+        error = StoreUnavailable(f"PostgreSQL did not answer within {seconds:g}s")
+        error.__cause__ = exc
+        return error
+    return exc
+
+
 class _QueueOwner(Generic[Item, R]):
     """What both writers share: one connection and one task that drains a queue of
     ``(item, future)`` pairs a batch at a time, reconnecting when the connection broke.
-    A subclass says how a batch runs (``_results``: one result or error per item)."""
+    A subclass says how a batch runs (``_results``: one result or error per item).
+
+    With a ``deadline`` (seconds), each batch and each (re)connection runs under it: a
+    stalled server fails the batch with ``StoreUnavailable`` (its outcome unknown) and
+    its connection is replaced, instead of holding every later write behind it."""
 
     _autocommit: bool
 
-    def __init__(self, dsn: str, *, name: str, max_batch: int) -> None:
+    def __init__(
+        self, dsn: str, *, name: str, max_batch: int, deadline: float | None = None
+    ) -> None:
         self._dsn = dsn
         self._name = name
         self._max_batch = max_batch
+        self._write_deadline = deadline
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future[R]]] = asyncio.Queue()
         self._conn: AsyncConn | None = None
         self._task: asyncio.Task[None] | None = None
@@ -203,7 +258,7 @@ class _QueueOwner(Generic[Item, R]):
         try:
             if conn is None or conn.closed:
                 raise StoreUnavailable(f"{self._name} writer has no connection")
-            results = await self._results(conn, [item for item, _ in batch])
+            results = await self._timed_results(conn, [item for item, _ in batch])
             if any(not isinstance(result, BaseException) for result in results):
                 self.commits += 1
         except Exception as exc:
@@ -221,9 +276,32 @@ class _QueueOwner(Generic[Item, R]):
     async def _results(self, conn: AsyncConn, items: list[Item]) -> list[R | BaseException]:
         raise NotImplementedError
 
+    async def _timed_results(self, conn: AsyncConn, items: list[Item]) -> list[R | BaseException]:
+        if self._write_deadline is None:
+            return await self._results(conn, items)
+        try:
+            async with deadline(self._write_deadline, [conn]):
+                return await self._results(conn, items)
+        except TimeoutError as exc:
+            with contextlib.suppress(Exception):
+                await conn.close()  # replaced before the next batch
+            raise StoreUnavailable(
+                f"{self._name} store: PostgreSQL did not answer within {self._write_deadline:g}s; "
+                "the outcome is unknown (the write may still commit)"
+            ) from exc
+
     async def _connect(self) -> AsyncConn:
         what = f"{self._name} writer"
-        return await connect(self._dsn, autocommit=self._autocommit, what=what)
+        if self._write_deadline is None:
+            return await connect(self._dsn, autocommit=self._autocommit, what=what)
+        try:  # a stalled server would hold the handshake, and the writer, for good
+            async with asyncio.timeout(self._write_deadline):
+                return await connect(self._dsn, autocommit=self._autocommit, what=what)
+        except TimeoutError as exc:
+            seconds = self._write_deadline
+            raise StoreUnavailable(
+                f"cannot connect the {what} to PostgreSQL: no answer within {seconds:g}s"
+            ) from exc
 
     async def _reconnect_if_broken(self) -> None:
         if self._conn is not None and not self._conn.closed:
@@ -242,8 +320,10 @@ class PgWriter(_QueueOwner[WriteFn[Any], Any]):
 
     _autocommit = False
 
-    def __init__(self, dsn: str, *, name: str, max_batch: int = 256) -> None:
-        super().__init__(dsn, name=name, max_batch=max_batch)
+    def __init__(
+        self, dsn: str, *, name: str, max_batch: int = 256, deadline: float | None = None
+    ) -> None:
+        super().__init__(dsn, name=name, max_batch=max_batch, deadline=deadline)
 
     async def start(self, migrations: Sequence[PgMigration] = ()) -> None:
         await self._start(migrations)
@@ -289,8 +369,16 @@ class PgBatcher(_QueueOwner[Item, R]):
 
     _autocommit = True
 
-    def __init__(self, dsn: str, run: RunBatch[Item, R], *, name: str, max_batch: int = 64) -> None:
-        super().__init__(dsn, name=name, max_batch=max_batch)
+    def __init__(
+        self,
+        dsn: str,
+        run: RunBatch[Item, R],
+        *,
+        name: str,
+        max_batch: int = 64,
+        deadline: float | None = None,
+    ) -> None:
+        super().__init__(dsn, name=name, max_batch=max_batch, deadline=deadline)
         self._run = run
 
     async def start(self) -> None:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import os
-import socket
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import psycopg
@@ -36,9 +34,11 @@ from seamwork.storage._pg import (
     PgMigration,
     _QueueOwner,
     connect,
+    deadline,
     make_pool,
     migrate,
     open_pool,
+    stalled,
     translate,
 )
 from seamwork.storage._saga_rows import (
@@ -140,7 +140,6 @@ _OWNED_IN_ORDER = (
     "SELECT saga_id FROM seamwork_sagas WHERE lease_owner = %s AND saga_id = ANY(%s) "
     'ORDER BY saga_id COLLATE "C" FOR UPDATE'  # byte order: Python's sort of the ids
 )
-_BACKSTOP = 0.25  # seconds past the deadline before a severed statement is cancelled
 
 
 def _event_params(events: Sequence[StepEvent]) -> tuple[list[Any], ...]:
@@ -228,12 +227,12 @@ class _GroupCommit(_QueueOwner[Statement, int]):
         """Run ``statements`` under the deadline. A lost or stalled connection closes
         (it is replaced before the next batch) and raises ``StoreUnavailable``."""
         try:
-            async with _deadline(self._deadline, [conn]):
+            async with deadline(self._deadline, [conn]):
                 return await _execute(conn, statements)
         except (psycopg.OperationalError, TimeoutError) as exc:
             with contextlib.suppress(Exception):
                 await conn.close()
-            lost = translate(_stalled(exc, self._deadline), "saga store")
+            lost = translate(stalled(exc, self._deadline), "saga store")
             assert isinstance(lost, StoreUnavailable)
             raise lost from exc
 
@@ -399,7 +398,7 @@ class PostgresStore:
         result = ClaimResult()
         conns: builtins.list[AsyncConn] = []
         try:
-            async with _deadline(self._deadline, conns), self._pool.connection() as conn:
+            async with deadline(self._deadline, conns), self._pool.connection() as conn:
                 conns.append(conn)
                 async with conn.transaction():
                     cursor = await conn.execute(_CLAIM, (now, names, versions, limit))
@@ -417,7 +416,7 @@ class PostgresStore:
                             (owner, expires, ids),
                         )
         except (psycopg.Error, TimeoutError) as exc:
-            raise translate(_stalled(exc, self._deadline), "saga store claim") from exc
+            raise translate(stalled(exc, self._deadline), "saga store claim") from exc
         return split_claimed(result, owner, now + lease_seconds)
 
     async def renew(
@@ -454,12 +453,12 @@ class PostgresStore:
     async def _fetch(self, sql: str, params: tuple[Any, ...]) -> builtins.list[Any]:
         conns: builtins.list[AsyncConn] = []
         try:
-            async with _deadline(self._deadline, conns), self._pool.connection() as conn:
+            async with deadline(self._deadline, conns), self._pool.connection() as conn:
                 conns.append(conn)
                 cursor = await conn.execute(sql.encode(), params)
                 return await cursor.fetchall()
         except (psycopg.Error, TimeoutError) as exc:
-            raise translate(_stalled(exc, self._deadline), "saga store") from exc
+            raise translate(stalled(exc, self._deadline), "saga store") from exc
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> builtins.list[Any]:
         """``_fetch`` for a read, tried again at once on a connection that broke (the
@@ -474,46 +473,6 @@ class PostgresStore:
                 if not isinstance(exc.__cause__, psycopg.OperationalError):
                     raise  # a deadline passed: no time left for another try
         return await self._fetch(sql, params)
-
-
-@contextlib.asynccontextmanager
-async def _deadline(seconds: float, conns: Sequence[AsyncConn]) -> AsyncIterator[None]:
-    """The application deadline: at ``seconds`` the connections in use are severed.
-
-    Not a plain ``asyncio.timeout``: psycopg answers a cancelled query by asking the
-    server to cancel it and waiting for that (up to 10 s), so on a stalled server a
-    cancellation would hold the deadline hostage. A shut-down socket makes the pending
-    read fail at once; the timeout stays as a backstop (waiting for a pooled
-    connection, say), and either way the caller sees ``TimeoutError``.
-    """
-    severed: list[bool] = []
-    sever = asyncio.get_running_loop().call_later(seconds, _sever, conns, severed)
-    try:
-        async with asyncio.timeout(seconds + _BACKSTOP):
-            yield
-    except psycopg.OperationalError as exc:
-        if severed:
-            raise TimeoutError(f"no answer within {seconds:g}s") from exc
-        raise
-    finally:
-        sever.cancel()
-
-
-def _sever(conns: Sequence[AsyncConn], severed: list[bool]) -> None:
-    for conn in conns:
-        # Through a duplicate descriptor: the connection's own stays valid (its number
-        # is not reused under psycopg's feet) while the socket itself is shut down.
-        with contextlib.suppress(Exception), socket.socket(fileno=os.dup(conn.pgconn.socket)) as s:
-            s.shutdown(socket.SHUT_RDWR)
-            severed.append(True)
-
-
-def _stalled(exc: BaseException, deadline: float) -> BaseException:
-    if isinstance(exc, TimeoutError):
-        error = StoreUnavailable(f"PostgreSQL did not answer within {deadline:g}s")
-        error.__cause__ = exc
-        return error
-    return exc
 
 
 def _escape_like(text: str) -> str:

@@ -65,8 +65,10 @@ from seamwork.storage._pg import (
     PgMigration,
     PgWriter,
     connect,
+    deadline,
     make_pool,
     open_pool,
+    stalled,
     translate,
 )
 
@@ -202,6 +204,10 @@ class PostgresEventStore(EventStore):
         upcasters: applied on read; with ``known_types``, checked on append.
         poll_interval: longest wait of a live subscription between looks.
         pool_size: connections for reads.
+        query_timeout: the application deadline of every append, write and read, in
+            seconds: a server that stalls (it never answers) fails the call with
+            ``StoreUnavailable`` after this - an append's outcome then unknown - and
+            its connection is replaced; nothing waits on it for good.
     """
 
     def __init__(
@@ -211,14 +217,18 @@ class PostgresEventStore(EventStore):
         upcasters: Upcasters | None = None,
         poll_interval: float = 0.05,
         pool_size: int = 4,
+        query_timeout: float = 5.0,
     ) -> None:
         super().__init__(upcasters=upcasters)
         if poll_interval <= 0:
             raise ConfigError(f"poll_interval must be > 0, got {poll_interval!r}")
+        if not query_timeout > 0:
+            raise ConfigError(f"query_timeout must be > 0 seconds, got {query_timeout!r}")
         self._dsn = dsn
-        self._writer = PgWriter(dsn, name="event")
+        self._deadline = query_timeout
+        self._writer = PgWriter(dsn, name="event", deadline=query_timeout)
         self._appender: PgBatcher[AppendParams, AppendResult] = PgBatcher(
-            dsn, _append_batch, name="event-append"
+            dsn, _append_batch, name="event-append", deadline=query_timeout
         )
         self._pool = make_pool(dsn, size=pool_size, name="seamwork-events")
         self._poll = poll_interval
@@ -461,11 +471,21 @@ class PostgresEventStore(EventStore):
         self._wake()  # what committed between the reader's read and LISTEN was notified to nobody
 
     async def _open_listener(self) -> AsyncConn:
-        conn = await connect(self._dsn, autocommit=True, what="event listener")
+        try:  # a stalled server would hold the handshake, and the subscriber, for good
+            async with asyncio.timeout(self._deadline):
+                conn = await connect(self._dsn, autocommit=True, what="event listener")
+        except TimeoutError as exc:
+            raise StoreUnavailable(
+                f"cannot connect the event listener to PostgreSQL: no answer within "
+                f"{self._deadline:g}s"
+            ) from exc
         try:
-            await conn.execute("LISTEN seamwork_events")
-        except BaseException:
+            async with deadline(self._deadline, [conn]):
+                await conn.execute("LISTEN seamwork_events")
+        except BaseException as exc:
             await conn.close()
+            if isinstance(exc, TimeoutError):
+                raise translate(stalled(exc, self._deadline), "event listener") from exc
             raise
         return conn
 
@@ -505,21 +525,23 @@ class PostgresEventStore(EventStore):
     async def _fetch_events(
         self, sql: str, params: tuple[Any, ...]
     ) -> builtins.list[RecordedEvent]:
-        try:
-            async with self._pool.connection() as conn:
-                cursor = await conn.execute(sql.encode(), params)
-                rows = await cursor.fetchall()
-        except psycopg.Error as exc:
-            raise translate(exc, "event store read") from exc
+        rows = await self._fetch(sql, params)
         return [RecordedEvent(r[1], r[2], r[0], r[3], r[4], r[5], r[6], r[7], r[8]) for r in rows]
 
     async def _fetchone(self, sql: str, params: tuple[Any, ...]) -> Any:
+        rows = await self._fetch(sql, params)
+        return rows[0] if rows else None
+
+    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> builtins.list[Any]:
+        """Run a read under the deadline (a stalled server fails it, never hangs it)."""
+        conns: builtins.list[AsyncConn] = []
         try:
-            async with self._pool.connection() as conn:
+            async with deadline(self._deadline, conns), self._pool.connection() as conn:
+                conns.append(conn)
                 cursor = await conn.execute(sql.encode(), params)
-                return await cursor.fetchone()
-        except psycopg.Error as exc:
-            raise translate(exc, "event store read") from exc
+                return await cursor.fetchall()
+        except (psycopg.Error, TimeoutError) as exc:
+            raise translate(stalled(exc, self._deadline), "event store read") from exc
 
 
 async def _append(

@@ -1,0 +1,64 @@
+"""Connection faults under the PostgreSQL event store, read models and outbox/inbox.
+
+The saga store's faults are in ``test_pg_faults.py``; here the same injectors - a
+``pg_terminate_backend`` of one of this test's own connections (found by their
+``application_name``) and the TCP ``Proxy`` that stalls traffic - are turned on the
+other PostgreSQL adapters. Never the shared server itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+
+import pytest
+from pg_faults import Proxy
+
+from seamwork.errors import EventStoreError, StoreUnavailable
+from seamwork.events import NewEvent
+from seamwork.storage.postgres_events import PostgresEventStore
+
+pytestmark = pytest.mark.chaos
+
+
+def with_port(dsn: str, port: int) -> str:
+    return re.sub(r"\bport=\d+", f"port={port}", dsn) if "port=" in dsn else f"{dsn} port={port}"
+
+
+@pytest.mark.timeout(60)
+async def test_an_append_on_a_stalled_server_fails_within_the_deadline_and_the_store_recovers(
+    pg_dsn: str,
+) -> None:
+    proxy = Proxy(5432)
+    await proxy.start()
+    store = PostgresEventStore(with_port(pg_dsn, proxy.port))  # default query_timeout: 5 s
+    await store.open()
+    stream = f"order-{uuid.uuid4().hex[:8]}"
+    try:
+        await store.append(stream, [NewEvent("Placed", {})])
+        proxy.stall()
+        lost = NewEvent("Paid", {"n": 1})
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="outcome is unknown"):
+            await asyncio.wait_for(store.append(stream, [lost]), 15)
+        assert time.monotonic() - started < 6.5
+        # a read and the next append, queued behind, do not hang either
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.read_stream(stream), 15)
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.append(stream, [NewEvent("Shipped", {})]), 15)
+        proxy.resume()
+        # the stalled append reached the server after all: its retry says so, once
+        await asyncio.sleep(0.5)
+        with pytest.raises(EventStoreError, match="already stored"):
+            await asyncio.wait_for(store.append(stream, [lost]), 15)
+        later = await asyncio.wait_for(store.append(stream, [NewEvent("Closed", {})]), 15)
+        events = await store.read_stream(stream)
+        assert [e.type for e in events].count("Paid") == 1
+        assert events[-1].type == "Closed"
+        assert later.version == events[-1].version
+    finally:
+        await asyncio.wait_for(store.aclose(), 15)
+        await proxy.aclose()
