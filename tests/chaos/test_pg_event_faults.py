@@ -18,6 +18,7 @@ from pg_faults import Proxy
 
 from seamwork.errors import EventStoreError, StoreUnavailable
 from seamwork.events import NewEvent
+from seamwork.messaging import Message, Outbox
 from seamwork.storage.postgres_events import PostgresEventStore
 
 pytestmark = pytest.mark.chaos
@@ -61,4 +62,31 @@ async def test_an_append_on_a_stalled_server_fails_within_the_deadline_and_the_s
         assert later.version == events[-1].version
     finally:
         await asyncio.wait_for(store.aclose(), 15)
+        await proxy.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_an_outbox_read_on_a_stalled_server_fails_within_the_deadline_and_recovers(
+    pg_dsn: str,
+) -> None:
+    """The relay's reads and marks (``pending``, ``mark_sent``, ``purge_sent``) must
+    fail on a stalled server, so the relay logs, backs off and carries on after."""
+    proxy = Proxy(5432)
+    await proxy.start()
+    outbox = Outbox.postgres(with_port(pg_dsn, proxy.port))  # default query_timeout: 5 s
+    try:
+        await outbox.open()
+        async with outbox.transaction() as tx:
+            await tx.publish("orders.created", Message("OrderCreated", {"n": 1}))
+        proxy.stall()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="outbox"):
+            await asyncio.wait_for(outbox.pending(10), 15)
+        assert time.monotonic() - started < 6.5
+        proxy.resume()
+        (record,) = await asyncio.wait_for(outbox.pending(10), 15)
+        await asyncio.wait_for(outbox.mark_sent([record.seq]), 15)
+        assert await asyncio.wait_for(outbox.pending_count(), 15) == 0
+    finally:
+        await asyncio.wait_for(outbox.aclose(), 15)
         await proxy.aclose()

@@ -25,7 +25,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from seamwork._core.wakeup import Wakeup
-from seamwork.errors import ConfigError, StoreError
+from seamwork.errors import ConfigError, StoreError, StoreUnavailable
 from seamwork.messaging._message import Message
 from seamwork.messaging._outbox import (
     Inbox,
@@ -39,6 +39,7 @@ from seamwork.storage._pg import (
     AsyncConn,
     PgMigration,
     connect,
+    deadline,
     make_pool,
     migrate,
     open_pool,
@@ -95,12 +96,25 @@ _CLAIM_ID = (
 
 
 class PostgresMessageStore:
-    """The service database's connections, shared by its outbox and inbox."""
+    """The service database's connections, shared by its outbox and inbox.
 
-    def __init__(self, dsn: str, *, pool_size: int = 8) -> None:
+    Args:
+        dsn: a libpq connection string.
+        pool_size: connections for transactions and the relay's statements.
+        query_timeout: the application deadline, in seconds, of the outbox's and
+            inbox's own statements outside a transaction block (the relay's
+            ``pending``, ``mark_sent``, ``purge_sent``, ``pending_count``, ``seen``):
+            a server that stalls fails them with ``StoreUnavailable`` after this, so
+            the relay backs off and carries on instead of waiting for good.
+    """
+
+    def __init__(self, dsn: str, *, pool_size: int = 8, query_timeout: float = 5.0) -> None:
         if not dsn:
             raise ConfigError("a PostgreSQL outbox/inbox needs a DSN")
+        if not query_timeout > 0:
+            raise ConfigError(f"query_timeout must be > 0 seconds, got {query_timeout!r}")
         self.dsn = dsn
+        self.query_timeout = query_timeout
         self.pool = make_pool(dsn, size=pool_size, name="seamwork-messaging")
         self._opened = False
         self._wakeup = Wakeup()
@@ -129,10 +143,16 @@ class PostgresMessageStore:
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Any]:
         await self.open()
+        conns: builtins.list[AsyncConn] = []
         try:
-            async with self.pool.connection() as conn:
+            async with deadline(self.query_timeout, conns), self.pool.connection() as conn:
+                conns.append(conn)
                 cursor = await conn.execute(sql.encode(), tuple(params))
                 return await cursor.fetchall() if cursor.description else []
+        except TimeoutError as exc:
+            raise StoreUnavailable(
+                f"outbox/inbox: PostgreSQL did not answer within {self.query_timeout:g}s"
+            ) from exc
         except psycopg.Error as exc:
             raise translate(exc, "outbox/inbox") from exc
 
