@@ -371,3 +371,27 @@ async def test_an_event_committed_before_the_listener_listens_is_not_left_to_pol
         finally:
             subscriber.cancel()
             await asyncio.gather(subscriber, return_exceptions=True)
+
+
+async def test_reads_go_past_pooled_connections_the_server_killed_while_idle(
+    pg_dsn: str,
+) -> None:
+    """The server terminated the pool's idle connections (a failover, an idle timeout,
+    an operator): the next read failed with StoreUnavailable though the server was
+    fine, which ended a subscribe() loop; reads now try again past each dead one, as
+    the saga store's do (writes are never retried: their outcome would be unknown)."""
+    application = f"sw-idle-{uuid.uuid4().hex[:8]}"
+    store = EventStore.postgres(f"{pg_dsn} application_name={application}", pool_size=3)
+    async with store:
+        await store.append("s", [NewEvent("A")])
+        await asyncio.gather(*(store.read_stream("s") for _ in range(6)))  # pool filled
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as admin:
+            cursor = await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s AND state = 'idle' AND query NOT LIKE 'LISTEN%%'",
+                (application,),
+            )
+            assert len(await cursor.fetchall()) >= 1
+        await asyncio.sleep(0.1)
+        assert [e.type for e in await store.read_stream("s")] == ["A"]
+        assert (await store.stream_info("s")) is not None

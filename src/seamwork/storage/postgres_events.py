@@ -231,6 +231,7 @@ class PostgresEventStore(EventStore):
             dsn, _append_batch, name="event-append", deadline=query_timeout
         )
         self._pool = make_pool(dsn, size=pool_size, name="seamwork-events")
+        self._read_attempts = pool_size + 1  # past every idle connection, to a new one
         self._poll = poll_interval
         self._listener: AsyncConn | None = None
         self._listen_task: asyncio.Task[None] | None = None
@@ -533,6 +534,20 @@ class PostgresEventStore(EventStore):
         return rows[0] if rows else None
 
     async def _fetch(self, sql: str, params: tuple[Any, ...]) -> builtins.list[Any]:
+        """A read, tried again at once on a connection that broke: the pool hands out
+        connections that died while idle (a terminated backend, a failover) and drops
+        each after its failure, so one more try than the pool holds reaches a new one.
+        (Every ``_fetch`` is a read; writes are never retried: their outcome would be
+        unknown.)"""
+        for _ in range(self._read_attempts - 1):
+            try:
+                return await self._fetch_once(sql, params)
+            except StoreUnavailable as exc:
+                if not isinstance(exc.__cause__, psycopg.OperationalError):
+                    raise  # a deadline passed: no time left for another try
+        return await self._fetch_once(sql, params)
+
+    async def _fetch_once(self, sql: str, params: tuple[Any, ...]) -> builtins.list[Any]:
         """Run a read under the deadline (a stalled server fails it, never hangs it)."""
         conns: builtins.list[AsyncConn] = []
         try:
