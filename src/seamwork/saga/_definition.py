@@ -54,11 +54,17 @@ MAX_SAGA_ID_BYTES = 512
 
 
 def check_name(
-    what: str, value: object, error: type[Exception], limit: int = MAX_NAME_BYTES
+    what: str,
+    value: object,
+    error: type[Exception],
+    limit: int = MAX_NAME_BYTES,
+    *,
+    blank: bool = False,
 ) -> None:
-    """Raise ``error`` unless ``value`` is a non-blank string both stores (and a
-    ledger's keys) can hold: no NUL, valid Unicode, at most ``limit`` bytes of UTF-8."""
-    if not isinstance(value, str) or not value.strip():
+    """Raise ``error`` unless ``value`` is a non-empty string (non-blank unless
+    ``blank``) both stores and every ledger can hold: no NUL, valid Unicode, at most
+    ``limit`` bytes of UTF-8."""
+    if not isinstance(value, str) or not (value if blank else value.strip()):
         raise error(f"{what} must be a non-empty string, got {value!r}")
     if "\x00" in value:
         raise error(f"{what} must not contain NUL (\\u0000), got {value!r}")

@@ -20,6 +20,7 @@ from typing import Any, TypeVar, cast
 from seamwork._core.codec import dumps
 from seamwork._core.lifecycle import OpenClose
 from seamwork.errors import ConfigError, SerializationError
+from seamwork.saga._definition import check_name
 
 T = TypeVar("T")
 
@@ -92,22 +93,8 @@ class IdempotencyLedger(OpenClose, ABC):
 def check_key(key: str) -> None:
     """Raise ``ConfigError`` for a key some ledger cannot hold: empty, not a string,
     holding NUL (PostgreSQL's text cannot), not valid Unicode (a lone surrogate), or
-    over ``MAX_KEY_BYTES`` bytes of UTF-8."""
-    if not isinstance(key, str) or not key:
-        raise ConfigError(f"an idempotency key must be a non-empty string, got {key!r}")
-    if "\x00" in key:
-        raise ConfigError(f"an idempotency key must not contain NUL (\\u0000), got {key!r}")
-    try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise ConfigError(
-            f"an idempotency key must be valid Unicode ({exc.reason}), got {key!r}"
-        ) from None
-    if size > MAX_KEY_BYTES:
-        raise ConfigError(
-            f"an idempotency key must be at most {MAX_KEY_BYTES} bytes of UTF-8, "
-            f"got {size}: {key[:40]!r}..."
-        )
+    over ``MAX_KEY_BYTES`` bytes of UTF-8 - the checks saga names and ids get."""
+    check_name("an idempotency key", key, ConfigError, MAX_KEY_BYTES, blank=True)
 
 
 def encode_result(value: Any, key: str) -> str:
