@@ -194,7 +194,7 @@ def _over(limit: int, body: bytes, headers: Mapping[str, str]) -> bool:
     return len(body) + _HEADER_ROOM > limit and _wire_size(body, headers) > limit
 
 
-def _check_size(limit: int, subject: str, body: bytes, headers: Mapping[str, str]) -> None:
+def _refuse_oversize(limit: int, subject: str, body: bytes, headers: Mapping[str, str]) -> None:
     """Refuse a message the server would not take: one over its ``max_payload`` (body
     and headers) makes it close the connection, which nats-py then gives up. Counted
     only for a body near the limit (the relay's hot path skips it).
@@ -514,7 +514,7 @@ class NatsBroker:
             await self.ensure_stream(subject)
         nc, _ = await self._context()
         for subject, body, headers in wired:  # none sent unless all fit
-            _check_size(nc.max_payload, subject, body, headers)
+            _refuse_oversize(nc.max_payload, subject, body, headers)
         if len(wired) == 1:
             await self._pipelined(wired)
             return
@@ -536,7 +536,7 @@ class NatsBroker:
 
     async def _check_size(self, subject: str, body: bytes, headers: Mapping[str, str]) -> None:
         nc, _ = await self._context()
-        _check_size(nc.max_payload, subject, body, headers)
+        _refuse_oversize(nc.max_payload, subject, body, headers)
 
     async def _pipelined(self, wired: Sequence[tuple[str, bytes, dict[str, str]]]) -> None:
         _, js = await self._context()
