@@ -120,14 +120,7 @@ class LedgerContract:
     async def test_a_result_that_is_not_valid_unicode_is_refused_and_nothing_is_applied(
         self, ledger: IdempotencyLedger
     ) -> None:
-        effect = self.insert_effect(5)
-
-        def bad(conn: Any) -> Any:
-            applied = effect(conn)
-            if asyncio.iscoroutine(applied):
-                return _then(applied, {"name": "caf\ud800"})
-            return {"name": "caf\ud800"}
-
+        bad = _returning(self.insert_effect(5), {"name": "caf\ud800"})
         with pytest.raises(SerializationError, match="saga-9:x"):
             await ledger.once("saga-9:x", bad)
         assert await ledger.result("saga-9:x") is None
@@ -174,16 +167,10 @@ class LedgerContract:
     async def test_a_result_that_is_not_json_is_refused_and_nothing_is_applied(
         self, ledger: IdempotencyLedger
     ) -> None:
-        effect = self.insert_effect(5)
-
-        def bad(conn: Any) -> Any:
-            applied = effect(conn)
-            if asyncio.iscoroutine(applied):
-                return _then(applied, object())
-            return object()
-
+        bad = _returning(self.insert_effect(5), object())
         with pytest.raises(SerializationError, match="saga-4:x"):
             await ledger.once("saga-4:x", bad)
+        assert await ledger.result("saga-4:x") is None
         assert await self.count_effects(ledger) == 1
 
     async def test_a_statement_failing_in_the_store_raises_store_error_and_applies_nothing(
@@ -204,6 +191,16 @@ class LedgerContract:
         assert await ledger.result("saga-5:x") is None
         assert await self.count_effects(ledger) == 1
         assert await ledger.once("saga-5:x", effect) == {"value": 6}
+
+
+def _returning(effect: Any, value: Any) -> Any:
+    """``effect`` (sync or async, as the ledger's connection needs), returning ``value``."""
+
+    def run(conn: Any) -> Any:
+        applied = effect(conn)
+        return _then(applied, value) if asyncio.iscoroutine(applied) else value
+
+    return run
 
 
 async def _then(awaitable: Any, value: Any, conn: Any = None, sql: str = "") -> Any:
