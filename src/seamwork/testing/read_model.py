@@ -38,6 +38,7 @@ from seamwork.events import (
     RecordedEvent,
     handles,
 )
+from seamwork.testing.event_store import all_of
 
 
 class Totals(Projection):
@@ -117,12 +118,9 @@ async def settled(check: Callable[[], Awaitable[bool]], seconds: float = 10.0) -
 
 
 async def readable(store: EventStore, count: int) -> int:
-    """Wait until ``$all`` shows ``count`` events and return the last one's position (on
-    PostgreSQL, a transaction open anywhere in the cluster holds new events back)."""
-    async with asyncio.timeout(10):
-        while len(everything := await store.read_all()) < count:  # noqa: ASYNC110 - polling a real store
-            await asyncio.sleep(0.01)
-    return everything[-1].position
+    """Wait until ``$all`` shows ``count`` events (``all_of``) and return the last one's
+    position."""
+    return (await all_of(store, count))[-1].position
 
 
 class ReadModelContract:
