@@ -927,3 +927,86 @@ async def test_a_server_not_ready_in_time_says_so_and_what_it_last_logged(
     assert str(raised.value) == (
         "nats-server did not start: not ready within 0.5 s (last logged: Starting JetStream)"
     )
+
+
+TEMP_OWNER = """
+import asyncio
+from seamwork.brokers import EmbeddedNats
+
+async def main():
+    async with EmbeddedNats() as server:
+        print(server.pid, server._store, flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_a_temporary_store_left_by_a_killed_owner_is_removed_by_the_next_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an owner killed with SIGKILL runs no finally: its server follows it (SIGTERM from
+    # the kernel), but the temporary store, JetStream data and all, stayed on disk for
+    # good; the next embedded server started on the machine removes it
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    with subprocess.Popen(
+        [sys.executable, "-c", TEMP_OWNER], stdout=subprocess.PIPE, text=True, env=env
+    ) as owner:
+        assert owner.stdout is not None
+        pid_text, store_text = owner.stdout.readline().split(" ", 1)
+        owner.kill()
+    pid, abandoned = int(pid_text), Path(store_text.strip())
+    assert abandoned.parent == tmp_path
+    assert abandoned.is_dir()
+    deadline = time.monotonic() + 5
+    while True:  # the server goes with its owner (and with it the store's lock)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "the server outlived its owner"
+        time.sleep(0.05)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    async def next_server() -> None:
+        async with EmbeddedNats() as server:
+            assert server.running
+            assert not abandoned.exists()
+
+    asyncio.run(next_server())
+
+
+async def test_a_temporary_store_whose_owner_lives_is_kept_while_its_server_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a chaos test kills its server and starts it again on the same store: another
+    # server starting meanwhile must not take the store for abandoned
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    first = EmbeddedNats()
+    await first.start()
+    try:
+        broker = NatsBroker(first.url)
+        await broker.publish("keep.it", Message("Kept", {"n": 1}))
+        await broker.aclose()
+        await first.kill()
+        async with EmbeddedNats() as second:
+            assert second.running
+        await first.start()
+        broker = NatsBroker(first.url)
+        try:
+            seen: asyncio.Queue[Message] = asyncio.Queue()
+
+            async def handler(delivery: Delivery) -> None:
+                await seen.put(delivery.message)
+
+            await broker.subscribe("keep.it", group="reader", handler=handler)
+            async with asyncio.timeout(5):
+                assert (await seen.get()).data == {"n": 1}
+        finally:
+            await broker.aclose()
+    finally:
+        await first.stop()
+    assert list(tmp_path.iterdir()) == []

