@@ -29,7 +29,7 @@ from seamwork.saga._machine import (
     Transition,
 )
 from seamwork.saga._ports import SagaStore
-from seamwork.saga._state import SagaState, SagaStatus
+from seamwork.saga._state import SagaContext, SagaState, SagaStatus
 
 log = logging.getLogger("seamwork.saga")
 
@@ -278,7 +278,7 @@ class Driver:
             step.name,
             attempt,
             f"{state.saga_id}:{step.name}",
-            state.context,
+            SagaContext.of(state.context),
         )
         if run.cancel_reason is not None:
             # Cancelled before this attempt began (a parallel member starts a loop turn
@@ -329,7 +329,7 @@ class Driver:
             step.name,
             action.attempt,
             f"{state.saga_id}:{step.name}:compensate",
-            state.context,
+            SagaContext.of(state.context),
             compensating=True,
         )
         try:

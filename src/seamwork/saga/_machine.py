@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 from seamwork.errors import InvalidSagaOperation
 from seamwork.saga._definition import Saga, Step
-from seamwork.saga._state import SagaState, SagaStatus, StepEvent
+from seamwork.saga._state import SagaContext, SagaState, SagaStatus, StepEvent
 
 RUNNING = SagaStatus.RUNNING
 COMPENSATING = SagaStatus.COMPENSATING
@@ -192,7 +192,7 @@ class SagaMachine:
             saga_name=self.saga.name,
             saga_version=self.saga.version,
             status=RUNNING,
-            context=dict(data),
+            context=SagaContext(data),
             started_at=now,
             updated_at=now,
             deadline_at=deadline,
@@ -207,7 +207,7 @@ class SagaMachine:
     ) -> Transition:
         """``step`` completed; merge its result and advance when its stage is done."""
         _move(state, "advance")
-        context = {**state.context, **result} if result else state.context
+        context = SagaContext.merged(state.context, result) if result else state.context
         completed = (*state.completed_steps, step)
         events = [StepEvent(state.saga_id, now, "completed", step, self._attempt(state, step))]
         stage = self.saga.stages[state.current_step_index]

@@ -34,6 +34,39 @@ def as_status(value: str) -> SagaStatus:
         raise ConfigError(f"status must be one of {names}; got {value!r}") from None
 
 
+class SagaContext(dict[str, Any]):
+    """The saga context as steps see it (``ctx.data``) and states hold it: a plain
+    ``dict`` for reading (``json.dumps``, ``{**data}``, ``data.copy()`` work as usual)
+    whose in-place changes raise ``TypeError``. A step adds to the context only by
+    returning a mapping, which is persisted; a change made in place would live in this
+    process alone and be gone after recovery."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, data: Mapping[str, Any]) -> SagaContext:
+        """``data`` as a ``SagaContext`` (itself if it is one already: no copy)."""
+        return data if type(data) is cls else cls(data)
+
+    def _read_only(self, *args: object, **kwargs: object) -> Any:
+        raise TypeError(
+            "the saga context is read-only: return a mapping from the step to add to it"
+        )
+
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    update = setdefault = pop = popitem = clear = _read_only
+
+    @classmethod
+    def merged(cls, base: Mapping[str, Any], result: Mapping[str, Any]) -> SagaContext:
+        """A new context: ``base`` with ``result``'s keys set (one copy)."""
+        merged = cls(base)
+        dict.update(merged, result)
+        return merged
+
+    def __reduce__(self) -> Any:
+        return (SagaContext, (dict(self),))
+
+
 TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.FAILED, SagaStatus.STUCK})
 _EMPTY: Mapping[str, Any] = {}  # shared default; SagaState's mappings are never mutated
 

@@ -10,7 +10,7 @@ from typing import Any
 from seamwork._core.codec import dumps
 from seamwork.errors import ConfigError, CorruptSagaError
 from seamwork.saga._ports import ClaimResult
-from seamwork.saga._state import SagaState, SagaStatus, StepEvent, as_status
+from seamwork.saga._state import SagaContext, SagaState, SagaStatus, StepEvent, as_status
 
 COLUMNS = (
     "saga_id, saga_name, saga_version, status, current_step_index, completed_steps, "
@@ -171,10 +171,10 @@ def _names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _mapping(value: Any) -> dict[str, Any]:
+def _mapping(value: Any) -> SagaContext:
     if not isinstance(value, dict):
         raise ValueError(f"expected a JSON object as context, got {value!r:.80}")
-    return value
+    return SagaContext(value)
 
 
 def _counts(value: Any) -> dict[str, int]:
