@@ -8,6 +8,7 @@ assertions on what the text around it promises.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,10 +16,22 @@ from typing import Any
 
 import pytest
 
-# --- §3 Sagas ---------------------------------------------------------------------------
+from seamwork.resilience import (
+    Bulkhead,
+    BulkheadFullError,
+    Bulkheads,
+    CircuitBreaker,
+    CircuitOpenError,
+    Pipeline,
+    RateLimiter,
+    Timeout,
+)
 from seamwork.resilience import Retry as ResilienceRetry
 from seamwork.saga import Retry, Saga, SagaOrchestrator, SagaState, Step, StepContext, StepFailed
 from seamwork.storage import SQLiteStore
+from seamwork.testing import ManualClock
+
+# --- §3 Sagas ---------------------------------------------------------------------------
 
 
 def _order_saga(calls: list[tuple[str, Any]], *, declined: bool = False) -> Saga:
@@ -243,3 +256,210 @@ async def test_saga_sample_stuck_sagas_are_listed_retried_and_aborted(tmp_path: 
 
 def test_retry_is_one_class_for_steps_and_policies() -> None:
     assert Retry is ResilienceRetry
+
+
+# --- §4 Resilience ------------------------------------------------------------------------
+
+
+class NotFound(Exception):
+    """A dependency's 'no such thing': an answer, not an outage."""
+
+
+def _sample_breaker(
+    alerts: list[Any], fallbacks: list[BaseException], **extra: Any
+) -> CircuitBreaker:
+    def queued_for_retry(error: BaseException) -> str:
+        fallbacks.append(error)
+        return "queued"
+
+    def alert(*args: Any) -> None:
+        alerts.append(args)
+
+    breaker = CircuitBreaker("payments", failure_rate=0.5, minimum_calls=10,
+                             window=10.0,            # seconds (time-based) or window_calls=N
+                             reset_timeout=30.0, half_open_calls=1,
+                             slow_call=2.0, slow_call_rate=0.8,
+                             exclude=(NotFound,), fallback=queued_for_retry,
+                             **extra)  # fmt: skip
+    breaker.on("open", alert)
+    return breaker
+
+
+async def test_resilience_sample_pipeline_runs_async_and_sync_calls() -> None:
+    alerts: list[Any] = []
+    fallbacks: list[BaseException] = []
+    breaker = _sample_breaker(alerts, fallbacks)
+    policy = Pipeline(
+        Timeout(3.0),
+        Retry(3, backoff=0.1, max_backoff=2.0, jitter="full"),
+        breaker,
+        Bulkhead("payments", max_concurrent=10, max_queue=20, max_wait=1.0),
+    )
+
+    async def charge_card(order: dict[str, Any]) -> str:
+        return f"charged {order['id']}"
+
+    def read_cache(key: str) -> str:
+        return f"cached {key}"
+
+    order = {"id": 42}
+    result = await policy.call(charge_card, order)  # coroutine functions
+    assert result == "charged 42"
+    key = "k"
+    result = policy.call_sync(read_cache, key)  # plain functions: same core, sync driver
+    assert result == "cached k"
+    assert breaker.state == "closed"
+    assert breaker.stats().successes_total == 2
+
+
+async def test_resilience_sample_breaker_opens_alerts_and_falls_back() -> None:
+    alerts: list[Any] = []
+    fallbacks: list[BaseException] = []
+    clock = ManualClock()
+    breaker = _sample_breaker(alerts, fallbacks, clock=clock)
+    calls = 0
+
+    async def lookup(order: int) -> str:
+        nonlocal calls
+        calls += 1
+        raise NotFound(order)
+
+    for i in range(20):  # excluded errors count neither way: they are raised, not trip
+        with pytest.raises(NotFound):
+            await breaker.call(lookup, i)
+    assert breaker.state == "closed"
+
+    async def charge_card(order: int) -> str:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError("payments down")
+
+    for i in range(9):
+        assert await breaker.call(charge_card, i) == "queued"  # the fallback's answer
+    assert breaker.state == "closed"  # fewer than minimum_calls seen
+    assert await breaker.call(charge_card, 9) == "queued"
+    assert breaker.state == "open"
+    assert len(alerts) == 1
+    seen = calls
+    assert await breaker.call(charge_card, 10) == "queued"  # rejected fast, not called
+    assert calls == seen
+    assert isinstance(fallbacks[-1], CircuitOpenError)
+    clock.advance(30.0)
+    assert breaker.state == "half_open"
+
+    async def healthy(order: int) -> str:
+        return "ok"
+
+    assert await breaker.call(healthy, 11) == "ok"
+    assert breaker.state == "closed"
+
+
+async def test_resilience_sample_half_open_lets_exactly_half_open_calls_through() -> None:
+    clock = ManualClock()
+    breaker = CircuitBreaker("payments", minimum_calls=2, reset_timeout=30.0, clock=clock)
+    breaker.isolate()
+    breaker.reset()
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            await breaker.call(_refuse)
+    assert breaker.state == "open"
+    clock.advance(30.0)
+    release = asyncio.Event()
+    reached = 0
+
+    async def probe() -> str:
+        nonlocal reached
+        reached += 1
+        await release.wait()
+        return "ok"
+
+    racers = [asyncio.ensure_future(breaker.call(probe)) for _ in range(20)]
+    await asyncio.sleep(0)
+    release.set()
+    outcomes = await asyncio.gather(*racers, return_exceptions=True)
+    assert reached == 1
+    assert outcomes.count("ok") == 1
+    assert all(isinstance(o, CircuitOpenError) for o in outcomes if o != "ok")
+    assert breaker.state == "closed"
+
+    breaker = CircuitBreaker(
+        "payments", minimum_calls=2, reset_timeout=30.0, half_open_mode="wait", clock=clock
+    )
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            await breaker.call(_refuse)
+    clock.advance(30.0)
+    release.clear()
+    reached = 0
+    racers = [asyncio.ensure_future(breaker.call(probe)) for _ in range(5)]
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(*racers) == ["ok"] * 5  # waited for the probe's verdict
+    assert reached == 5
+
+
+async def _refuse() -> None:
+    raise ConnectionError("refused")
+
+
+async def test_resilience_sample_breaker_decorates_keeping_the_signature() -> None:
+    breaker = CircuitBreaker("payments")
+
+    async def original(order: dict[str, Any], *, express: bool = False) -> str:
+        return "charged"
+
+    @breaker  # decorator: sync or async, signature kept
+    async def charge(order: dict[str, Any], *, express: bool = False) -> str:
+        return "charged"
+
+    @breaker
+    def read_cache(key: str) -> str:
+        return key
+
+    assert inspect.signature(charge) == inspect.signature(original)
+    assert inspect.iscoroutinefunction(charge)
+    assert charge.__name__ == "charge"
+    assert await charge({"id": 1}) == "charged"
+    assert read_cache("k") == "k"
+    assert inspect.signature(read_cache).parameters.keys() == {"key"}
+
+
+def test_resilience_sample_breaker_events_all_subscribe() -> None:
+    breaker = CircuitBreaker("payments")
+    for event in ("open", "half_open", "close", "reject", "success", "failure", "timeout"):
+        unsubscribe = breaker.on(event, lambda *args: None)
+        assert callable(unsubscribe)
+
+
+async def test_resilience_sample_bulkheads_give_one_pool_per_dependency() -> None:
+    pools = Bulkheads({"payments": 10, "catalog": 20, "notifications": 5})
+    assert {name: pools[name].stats().max_concurrent for name in pools} == {
+        "payments": 10,
+        "catalog": 20,
+        "notifications": 5,
+    }
+
+    async def fetch() -> str:
+        return "ok"
+
+    assert await pools["catalog"].call(fetch) == "ok"
+    one = Bulkhead("payments", max_concurrent=1, max_queue=0)
+    gate = asyncio.Event()
+
+    async def hold() -> None:
+        await gate.wait()
+
+    first = asyncio.ensure_future(one.call(hold))
+    await asyncio.sleep(0)
+    with pytest.raises(BulkheadFullError):
+        await one.call(fetch)
+    gate.set()
+    await first
+
+
+def test_resilience_sample_errors_live_in_the_area_package_and_errors() -> None:
+    import seamwork.errors
+
+    assert CircuitOpenError is seamwork.errors.CircuitOpenError
+    assert BulkheadFullError is seamwork.errors.BulkheadFullError
+    assert RateLimiter(10.0).stats() is not None

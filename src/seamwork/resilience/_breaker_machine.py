@@ -76,8 +76,9 @@ REJECT = -1
 WAIT = -2
 
 
-class BreakerState(enum.Enum):
-    """Where the circuit is."""
+class BreakerState(enum.StrEnum):
+    """Where the circuit is; equal to its value too (``breaker.state == "open"``), as
+    ``SagaStatus`` is."""
 
     CLOSED = "closed"
     OPEN = "open"
