@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from seamwork.errors import ConfigError
 from seamwork.resilience import (
     Bulkhead,
     BulkheadFullError,
@@ -429,6 +430,23 @@ def test_resilience_sample_breaker_events_all_subscribe() -> None:
     for event in ("open", "half_open", "close", "reject", "success", "failure", "timeout"):
         unsubscribe = breaker.on(event, lambda *args: None)
         assert callable(unsubscribe)
+
+
+def test_resilience_sample_opossum_options_are_accepted() -> None:
+    # opossum users find their options: timeout, error_threshold_percentage,
+    # reset_timeout, events, fallback
+    breaker = CircuitBreaker(
+        "payments",
+        timeout=3.0,
+        error_threshold_percentage=50,
+        reset_timeout=30.0,
+        fallback=lambda error: "queued",
+    )
+    assert breaker.config.failure_rate == 0.5
+    with pytest.raises(ConfigError, match="error_threshold_percentage"):
+        CircuitBreaker("payments", error_threshold_percentage=150)
+    with pytest.raises(ConfigError, match="error_threshold_percentage"):
+        CircuitBreaker("payments", error_threshold_percentage=50, failure_rate=0.4)
 
 
 async def test_resilience_sample_bulkheads_give_one_pool_per_dependency() -> None:

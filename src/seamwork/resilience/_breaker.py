@@ -91,7 +91,8 @@ class CircuitBreaker(Policy):
     the probes' verdict. A failed probe reopens it; all probes succeeding close it.
 
     opossum users find their options here: ``timeout`` -> ``timeout`` (seconds, not
-    ms); ``errorThresholdPercentage: 50`` -> ``failure_rate=0.5``; ``resetTimeout`` ->
+    ms); ``errorThresholdPercentage: 50`` -> ``failure_rate=0.5`` (or
+    ``error_threshold_percentage=50``); ``resetTimeout`` ->
     ``reset_timeout``; ``volumeThreshold`` -> ``minimum_calls``; ``rollingCountTimeout``
     / ``rollingCountBuckets`` -> ``window`` / ``window_buckets``; ``errorFilter`` ->
     ``exclude`` (types) ; ``allowWarmUp``: none (``minimum_calls`` covers it);
@@ -103,7 +104,8 @@ class CircuitBreaker(Policy):
 
     Args:
         name: identifies the breaker in errors, events and metrics.
-        failure_rate: fraction of failed calls in the window that trips it, (0, 1].
+        failure_rate: fraction of failed calls in the window that trips it, (0, 1]
+            (default 0.5).
         minimum_calls: calls the window must hold before it may trip.
         window: time-based window length in seconds (default 10 s).
         window_calls: count-based window of the last N calls (instead of ``window``).
@@ -127,6 +129,8 @@ class CircuitBreaker(Policy):
             ``ConfigError``, and decorating a plain function with an async fallback
             is refused (``ConfigError``).
         clock: time source; ``SystemClock()`` by default.
+        error_threshold_percentage: opossum's name for the threshold, in percent
+            (``50`` is ``failure_rate=0.5``); give one of the two.
     """
 
     __slots__ = (
@@ -155,7 +159,7 @@ class CircuitBreaker(Policy):
         self,
         name: str,
         *,
-        failure_rate: float = 0.5,
+        failure_rate: float | None = None,
         minimum_calls: int = 10,
         window: float | None = None,
         window_calls: int | None = None,
@@ -172,9 +176,11 @@ class CircuitBreaker(Policy):
         failure_if: Callable[[Any], bool] | None = None,
         fallback: Callable[[BaseException], Any] | None = None,
         clock: Clock | None = None,
+        error_threshold_percentage: float | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"name must be a non-empty str, got {name!r}")
+        failure_rate = _failure_rate(failure_rate, error_threshold_percentage)
         check.seconds("timeout", timeout)
         _check_exclude(exclude)
         self.name = name
@@ -512,6 +518,26 @@ class CircuitBreaker(Policy):
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _failure_rate(failure_rate: float | None, percentage: float | None) -> float:
+    """``failure_rate`` (default 0.5), or opossum's ``error_threshold_percentage`` as one."""
+    if percentage is None:
+        return 0.5 if failure_rate is None else failure_rate
+    if failure_rate is not None:
+        raise ConfigError(
+            "give failure_rate or error_threshold_percentage (the same threshold in "
+            f"percent), not both: got {failure_rate!r} and {percentage!r}"
+        )
+    if (
+        isinstance(percentage, bool)
+        or not isinstance(percentage, int | float)
+        or not 0 < percentage <= 100  # NaN fails too
+    ):
+        raise ConfigError(
+            f"error_threshold_percentage must be a number in (0, 100], got {percentage!r}"
+        )
+    return percentage / 100
 
 
 def _check_exclude(exclude: object) -> None:
