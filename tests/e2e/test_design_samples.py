@@ -16,7 +16,16 @@ from typing import Any
 
 import pytest
 
-from seamwork.errors import ConfigError
+from seamwork.errors import ConfigError, StoreError
+from seamwork.events import (
+    ANY,
+    NO_STREAM,
+    STREAM_EXISTS,
+    EventStore,
+    NewEvent,
+    RecordedEvent,
+    WrongExpectedVersion,
+)
 from seamwork.resilience import (
     Bulkhead,
     BulkheadFullError,
@@ -481,3 +490,93 @@ def test_resilience_sample_errors_live_in_the_area_package_and_errors() -> None:
     assert CircuitOpenError is seamwork.errors.CircuitOpenError
     assert BulkheadFullError is seamwork.errors.BulkheadFullError
     assert RateLimiter(10.0).stats() is not None
+
+
+# --- §5 Events ----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def event_store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    if request.param == "sqlite":
+        return lambda: EventStore.sqlite(str(tmp_path / "events.db"))
+    dsn = request.getfixturevalue("pg_dsn")
+    return lambda: EventStore.postgres(dsn)
+
+
+def _evolve(state: dict[str, Any], event: RecordedEvent) -> dict[str, Any]:
+    return {**state, "events": state["events"] + 1, **event.data}
+
+
+async def test_events_sample_runs_as_written(event_store_factory: Any) -> None:
+    store = event_store_factory()  # or EventStore.postgres(dsn)
+    try:
+        for expected in (NO_STREAM, 0, 1):
+            await store.append(
+                "order-42", [NewEvent("OrderPlaced", {"n": expected})], expected_version=expected
+            )
+        with pytest.raises(WrongExpectedVersion):
+            await store.append(
+                "order-42",
+                [NewEvent("OrderShipped", {"carrier": "FedEx"})],
+                expected_version=3,  # the stream is at 2
+            )
+        await store.append("order-42", [NewEvent("Paid", {"paid": True})], expected_version=2)
+        await store.append("order-42", [NewEvent("OrderShipped", {"carrier": "FedEx"})],
+                           expected_version=3)  # fmt: skip
+        events = await store.read_stream("order-42")
+        assert [e.version for e in events] == [0, 1, 2, 3, 4]  # first event has version 0
+        last = events[-1]
+        assert (last.stream, last.type, last.data) == (
+            "order-42",
+            "OrderShipped",
+            {"carrier": "FedEx"},
+        )
+        assert last.metadata in (None, {})
+        assert last.recorded_at > 0
+        positions = [e.position for e in events]
+        assert positions == sorted(set(positions))
+        assert positions[0] > 0  # from_position=0 means from the very beginning
+
+        seen: list[RecordedEvent] = []
+        async for e in store.subscribe(from_position=0):  # catch-up, then live
+            seen.append(e)
+            if len(seen) == 5:
+                await store.append("order-7", [NewEvent("OrderPlaced", {})])
+            if len(seen) == 6:
+                break
+        assert [e.stream for e in seen] == ["order-42"] * 5 + ["order-7"]
+        after = await store.read_all(from_position=positions[1])
+        assert [e.position for e in after[:3]] == positions[2:]  # exclusive of p
+
+        initial = {"events": 0}
+        state = await store.load("order-42", _evolve, initial)  # replay
+        assert state == {"events": 5, "n": 1, "paid": True, "carrier": "FedEx"}
+        assert await store.load("order-42", _evolve, initial, as_of_version=1) == {
+            "events": 2,
+            "n": 0,
+        }
+    finally:
+        await store.aclose()
+
+
+def test_events_sample_constants_live_in_seamwork_events() -> None:
+    import seamwork.events
+
+    assert {"NO_STREAM", "ANY", "STREAM_EXISTS", "Projection"} <= set(seamwork.events.__all__)
+    assert len({NO_STREAM, ANY, STREAM_EXISTS}) == 3
+
+
+async def test_events_store_opens_on_first_use_and_stays_closed_after_aclose(
+    event_store_factory: Any,
+) -> None:
+    store = event_store_factory()
+    assert await store.read_stream("order-1") == []  # a read first opens it too
+    await store.aclose()
+    with pytest.raises(StoreError):
+        await store.append("order-1", [NewEvent("OrderPlaced", {})])
+    await store.open()  # an explicit open() opens it again
+    try:
+        await store.append("order-1", [NewEvent("OrderPlaced", {})])
+        assert len(await store.read_stream("order-1")) == 1
+    finally:
+        await store.aclose()

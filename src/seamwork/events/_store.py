@@ -9,6 +9,7 @@ SQLite and PostgreSQL stores cannot drift apart. Factories (``EventStore.sqlite`
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import importlib
 import math
@@ -120,6 +121,17 @@ class EventStore(OpenClose, ABC):
 
     def __init__(self, *, upcasters: Upcasters | None = None) -> None:
         self.upcasters = upcasters or Upcasters()
+        # Opened, or closed, once: from then on only open() opens it (a closed store
+        # stays closed, so its subscriptions end). Adapters set it in open and aclose.
+        self._used = False
+        self._first_use = asyncio.Lock()
+
+    async def _open_on_first_use(self) -> None:
+        """Open a store that was never opened: connections open on first use, as with
+        ``async with store`` (adapters call it when ``_used`` is still False)."""
+        async with self._first_use:
+            if not self._used:
+                await self.open()
 
     # --- factories -------------------------------------------------------------------
 

@@ -261,9 +261,10 @@ class PostgresEventStore(EventStore):
         except BaseException:
             await self._writer.close()
             raise
-        self._opened = True
+        self._opened = self._used = True
 
     async def aclose(self) -> None:
+        self._used = True
         # First: a subscriber woken by the listener's end must not start another one
         opened, self._opened = self._opened, False
         if self._listen_task is not None:
@@ -288,6 +289,8 @@ class PostgresEventStore(EventStore):
         expected_version: ExpectedVersion = ANY,
     ) -> AppendResult:
         params = self._append_params(stream, events, expected_version)
+        if not self._used:
+            await self._open_on_first_use()
         return await self._appender.submit(AppendParams(params, expected_version))
 
     async def append_in(
@@ -302,6 +305,8 @@ class PostgresEventStore(EventStore):
         the service, atomically). The events are visible when that transaction commits;
         ``$all`` stays gap-safe however long it stays open."""
         params = self._append_params(stream, events, expected_version)
+        if not self._used:  # the schema (its append function) is made by open()
+            await self._open_on_first_use()
         return await _append(conn, params, expected_version)
 
     def _append_params(
@@ -321,6 +326,8 @@ class PostgresEventStore(EventStore):
                 (stream, text),
             )
 
+        if not self._used:
+            await self._open_on_first_use()
         await self._writer.write(update)
 
     async def delete_stream(self, stream: str, *, expected_version: ExpectedVersion = ANY) -> None:
@@ -343,6 +350,8 @@ class PostgresEventStore(EventStore):
                     (stream,),
                 )
 
+        if not self._used:
+            await self._open_on_first_use()
         await self._writer.write(delete)
 
     async def stream_info(self, stream: str) -> StreamInfo | None:
@@ -366,6 +375,8 @@ class PostgresEventStore(EventStore):
                 (stream, name, version, text),
             )
 
+        if not self._used:
+            await self._open_on_first_use()
         await self._writer.write(save)
 
     async def load_snapshot(
@@ -539,6 +550,8 @@ class PostgresEventStore(EventStore):
         each after its failure, so one more try than the pool holds reaches a new one.
         (Every ``_fetch`` is a read; writes are never retried: their outcome would be
         unknown.)"""
+        if not self._used:
+            await self._open_on_first_use()
         for _ in range(self._read_attempts - 1):
             try:
                 return await self._fetch_once(sql, params)

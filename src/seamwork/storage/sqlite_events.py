@@ -214,8 +214,10 @@ class SQLiteEventStore(EventStore):
     async def open(self) -> None:
         await self._writer.start()
         await self._reader.start()
+        self._used = True
 
     async def aclose(self) -> None:
+        self._used = True
         await self._reader.close()
         await self._writer.close()
         self._wake(0)  # a waiting subscriber looks again now, and finds the store closed
@@ -269,6 +271,8 @@ class SQLiteEventStore(EventStore):
             versions[stream] = (version, False)
             return AppendResult(version, position)
 
+        if not self._used:
+            await self._open_on_first_use()
         result = await self._writer.write(append)
         self._wake(result.position)
         return result
@@ -302,6 +306,8 @@ class SQLiteEventStore(EventStore):
                 (stream, text),
             )
 
+        if not self._used:
+            await self._open_on_first_use()
         await self._writer.write(update)
 
     async def delete_stream(self, stream: str, *, expected_version: ExpectedVersion = ANY) -> None:
@@ -324,10 +330,14 @@ class SQLiteEventStore(EventStore):
                 (stream,),
             )
 
+        if not self._used:
+            await self._open_on_first_use()
         await self._writer.write(delete)
 
     async def stream_info(self, stream: str) -> StreamInfo | None:
         check_stream_name(stream)
+        if not self._used:
+            await self._open_on_first_use()
         row = await self._reader.read(
             lambda conn: conn.execute(
                 "SELECT version, metadata, deleted FROM seamwork_streams WHERE stream = ?",
@@ -342,6 +352,8 @@ class SQLiteEventStore(EventStore):
     async def save_snapshot(self, stream: str, name: str, version: int, state: Any) -> None:
         check_snapshot_key(stream, name, "version", version)
         text = encode_json(state, f"snapshot {name!r} of {stream!r}")
+        if not self._used:
+            await self._open_on_first_use()
         await self._writer.write(
             lambda conn: conn.execute(
                 "INSERT OR REPLACE INTO seamwork_snapshots (stream, name, version, state) "
@@ -354,6 +366,8 @@ class SQLiteEventStore(EventStore):
         self, stream: str, name: str, max_version: int
     ) -> tuple[int, Any] | None:
         check_snapshot_key(stream, name, "max_version", max_version)
+        if not self._used:
+            await self._open_on_first_use()
         row = await self._reader.read(
             lambda conn: conn.execute(
                 "SELECT s.version, s.state FROM seamwork_snapshots s "
@@ -388,6 +402,8 @@ class SQLiteEventStore(EventStore):
         def read(conn: sqlite3.Connection) -> builtins.list[RecordedEvent]:
             return _decode_rows(conn.execute(sql, params).fetchall())
 
+        if not self._used:
+            await self._open_on_first_use()
         return await self._reader.read(read)
 
     async def _read_all(self, from_position: int, limit: int) -> builtins.list[RecordedEvent]:
@@ -396,9 +412,13 @@ class SQLiteEventStore(EventStore):
         def read(conn: sqlite3.Connection) -> builtins.list[RecordedEvent]:
             return _decode_rows(conn.execute(sql, (from_position, limit)).fetchall())
 
+        if not self._used:
+            await self._open_on_first_use()
         return await self._reader.read(read)
 
     async def _version_at(self, stream: str, when: float) -> int:
+        if not self._used:
+            await self._open_on_first_use()
         row = await self._reader.read(
             lambda conn: conn.execute(
                 "SELECT max(version) FROM seamwork_events WHERE stream = ? AND recorded_at <= ?",
