@@ -8,14 +8,21 @@ assertions on what the text around it promises.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
+import os
+import re
+import sqlite3
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 
+from seamwork.brokers import EmbeddedNats, NatsBroker, RabbitBroker
 from seamwork.errors import ConfigError, StoreError
 from seamwork.events import (
     ANY,
@@ -26,6 +33,7 @@ from seamwork.events import (
     RecordedEvent,
     WrongExpectedVersion,
 )
+from seamwork.messaging import Inbox, Message, Outbox, OutboxRelay
 from seamwork.resilience import (
     Bulkhead,
     BulkheadFullError,
@@ -580,3 +588,156 @@ async def test_events_store_opens_on_first_use_and_stays_closed_after_aclose(
         assert len(await store.read_stream("order-1")) == 1
     finally:
         await store.aclose()
+
+
+# --- §6 Messaging -------------------------------------------------------------------------
+
+
+def _make_table(path: Path, ddl: str) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(ddl)
+        conn.commit()
+
+
+def _rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute(sql).fetchall()
+
+
+async def test_messaging_sample_outbox_relay_inbox_over_embedded_nats(tmp_path: Path) -> None:
+    orders_db, payments_db = tmp_path / "orders.db", tmp_path / "payments.db"
+    _make_table(orders_db, "CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+    _make_table(payments_db, "CREATE TABLE charges (order_id INTEGER)")
+    async with EmbeddedNats() as server:
+        assert re.fullmatch(r"nats://127\.0\.0\.1:\d+", server.url)
+        outbox = Outbox.sqlite(str(orders_db))  # the service's own database
+        async with outbox.transaction() as tx:  # ONE local transaction
+            await tx.execute("INSERT INTO orders(id) VALUES (?)", (42,))
+            await tx.publish("orders.created", Message("OrderCreated", {"order_id": 42}))
+        assert await outbox.pending_count() == 1
+        relay = OutboxRelay(outbox, NatsBroker(server.url))
+        await relay.drain()  # publish all pending once
+        assert await outbox.pending_count() == 0  # rows not yet published
+
+        inbox = Inbox.sqlite(str(payments_db))
+        handled = asyncio.Event()
+        received: list[Message] = []
+
+        async def on_order(msg: Message, tx) -> None:  # type: ignore[no-untyped-def]
+            await tx.execute("INSERT INTO charges(order_id) VALUES (?)", (msg.data["order_id"],))
+            received.append(msg)
+            handled.set()
+
+        broker = NatsBroker(server.url)
+        sub = await broker.subscribe(
+            "orders.created", group="payments", handler=inbox.handler(on_order)
+        )
+        await asyncio.wait_for(handled.wait(), 10)
+        message = received[0]
+        assert uuid.UUID(message.id)  # id defaults to a fresh UUID
+        assert message.type == "OrderCreated"
+        assert message.data == {"order_id": 42}
+        assert await inbox.seen(message.id)
+
+        # the broker drops a duplicate id, and the inbox applies a redelivery nothing
+        await broker.publish("orders.created", message)
+        handled.clear()
+        async with Outbox.sqlite(str(tmp_path / "again.db")) as again:
+            async with again.transaction() as tx:
+                await tx.publish(
+                    "orders.created", Message("OrderCreated", {"order_id": 42}, id=message.id)
+                )
+            await OutboxRelay(again, broker).drain()
+        assert _rows(payments_db, "SELECT order_id FROM charges") == [(42,)]
+
+        # NatsBroker made (or reused) the stream ORDERS over orders.>
+        client = await nats.connect(server.url)
+        try:
+            info = await client.jetstream().stream_info("ORDERS")
+            assert "orders.>" in (info.config.subjects or [])
+            assert info.state.messages == 1  # the duplicates were dropped
+        finally:
+            await client.close()
+        await sub.stop()
+        await broker.aclose()
+        await relay.broker.aclose()
+        await outbox.aclose()
+        await inbox.aclose()
+        assert _rows(orders_db, "SELECT id FROM orders") == [(42,)]
+
+
+async def test_messaging_sample_message_signature() -> None:
+    message = Message("OrderCreated", {"order_id": 42})
+    assert uuid.UUID(message.id)
+    assert message.id != Message("OrderCreated", {"order_id": 42}).id
+    assert message.correlation_id is None or isinstance(message.correlation_id, str)
+    given = Message(
+        "OrderCreated", {"order_id": 42}, id="m-1", correlation_id="c-1", headers={"x-a": "1"}
+    )
+    assert (given.id, given.correlation_id, given.headers["x-a"]) == ("m-1", "c-1", "1")
+    with pytest.raises(TypeError):
+        Message("OrderCreated", {"order_id": 42}, "m-1")  # type: ignore[misc]  # keywords only
+
+
+async def test_messaging_sample_embedded_nats_cleans_up_and_persists_on_request(
+    tmp_path: Path,
+) -> None:
+    async with EmbeddedNats() as server:
+        pid = server.pid
+        assert pid is not None
+        store = server._store
+        assert store is not None
+        assert store.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # on exit the server process is gone
+    assert not store.exists()  # its temporary store removed
+
+    kept = tmp_path / "js"
+    async with EmbeddedNats(store_dir=kept) as server:
+        broker = NatsBroker(server.url)
+        await broker.publish("orders.created", Message("OrderCreated", {"order_id": 1}))
+        await broker.aclose()
+    async with EmbeddedNats(store_dir=kept) as server:
+        client = await nats.connect(server.url)
+        try:
+            info = await client.jetstream().stream_info("ORDERS")
+            assert info.state.messages == 1  # the store persisted
+        finally:
+            await client.close()
+
+
+async def test_messaging_sample_inbox_over_rabbitmq(rabbitmq_service: str, tmp_path: Path) -> None:
+    topic = f"t{uuid.uuid4().hex[:10]}.created"
+    payments_db = tmp_path / "payments.db"
+    _make_table(payments_db, "CREATE TABLE charges (order_id INTEGER)")
+    inbox = Inbox.sqlite(str(payments_db))
+    handled, later = asyncio.Event(), asyncio.Event()
+
+    async def on_order(msg: Message, tx) -> None:  # type: ignore[no-untyped-def]
+        await tx.execute("INSERT INTO charges(order_id) VALUES (?)", (msg.data["order_id"],))
+        if msg.data["order_id"] == 42:
+            handled.set()
+        else:
+            later.set()
+
+    broker = RabbitBroker(rabbitmq_service)
+    try:
+        sub = await broker.subscribe(
+            topic, group=f"payments-{uuid.uuid4().hex[:8]}", handler=inbox.handler(on_order)
+        )
+        message = Message("OrderCreated", {"order_id": 42})
+        outbox = Outbox.sqlite(str(tmp_path / "orders.db"))
+        async with outbox.transaction() as tx:
+            await tx.publish(topic, message)
+        await OutboxRelay(outbox, broker).drain()  # sent with message_id = message.id
+        await asyncio.wait_for(handled.wait(), 10)
+        handled.clear()
+        await broker.publish(topic, message)  # the same message again: applied nothing
+        await broker.publish(topic, Message("OrderCreated", {"order_id": 43}))
+        await asyncio.wait_for(later.wait(), 10)  # (queued behind the repeat)
+        await outbox.aclose()
+        await sub.stop()
+    finally:
+        await broker.aclose()
+        await inbox.aclose()
+    assert _rows(payments_db, "SELECT order_id FROM charges") == [(42,), (43,)]

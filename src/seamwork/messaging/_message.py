@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Final
 
 from seamwork._core.codec import dumps, loads
@@ -77,6 +77,7 @@ class Message:
 
     type: str
     data: Mapping[str, Any] = field(default_factory=dict)
+    _: KW_ONLY  # Message(type, data, *, id=..., ...): a third positional is a mistake
     id: str = field(default_factory=new_id)
     correlation_id: str | None = None
     causation_id: str | None = None
