@@ -741,3 +741,11 @@ async def test_messaging_sample_inbox_over_rabbitmq(rabbitmq_service: str, tmp_p
         await broker.aclose()
         await inbox.aclose()
     assert _rows(payments_db, "SELECT order_id FROM charges") == [(42,), (43,)]
+
+
+def test_read_models_of_both_stores_come_from_seamwork_storage() -> None:
+    # docs/architecture.md: SQLiteReadModel(path) and PostgresReadModel(dsn)
+    from seamwork.storage import PostgresReadModel, SQLiteReadModel
+
+    assert PostgresReadModel.__name__ == "PostgresReadModel"
+    assert SQLiteReadModel.__name__ == "SQLiteReadModel"

@@ -47,6 +47,7 @@ def test_storage_and_testing_exports() -> None:
     assert seamwork.storage.__all__ == [
         "PostgresEventStore",
         "PostgresLedger",
+        "PostgresReadModel",
         "PostgresStore",
         "SQLiteEventStore",
         "SQLiteLedger",

@@ -16,12 +16,14 @@ from seamwork.storage.sqlite_readmodel import SQLiteReadModel
 _LAZY = {
     "PostgresEventStore": "seamwork.storage.postgres_events",
     "PostgresLedger": "seamwork.storage.postgres_ledger",
+    "PostgresReadModel": "seamwork.storage.postgres_readmodel",
     "PostgresStore": "seamwork.storage.postgres",
 }
 
 __all__ = [
     "PostgresEventStore",
     "PostgresLedger",
+    "PostgresReadModel",
     "PostgresStore",
     "SQLiteEventStore",
     "SQLiteLedger",
