@@ -33,7 +33,7 @@ from seamwork.events import (
     RecordedEvent,
     WrongExpectedVersion,
 )
-from seamwork.messaging import Inbox, Message, Outbox, OutboxRelay
+from seamwork.messaging import Delivery, Inbox, Message, Outbox, OutboxRelay
 from seamwork.resilience import (
     Bulkhead,
     BulkheadFullError,
@@ -45,7 +45,16 @@ from seamwork.resilience import (
     Timeout,
 )
 from seamwork.resilience import Retry as ResilienceRetry
-from seamwork.saga import Retry, Saga, SagaOrchestrator, SagaState, Step, StepContext, StepFailed
+from seamwork.saga import (
+    Parallel,
+    Retry,
+    Saga,
+    SagaOrchestrator,
+    SagaState,
+    Step,
+    StepContext,
+    StepFailed,
+)
 from seamwork.storage import SQLiteStore
 from seamwork.testing import ManualClock
 
@@ -749,3 +758,65 @@ def test_read_models_of_both_stores_come_from_seamwork_storage() -> None:
 
     assert PostgresReadModel.__name__ == "PostgresReadModel"
     assert SQLiteReadModel.__name__ == "SQLiteReadModel"
+
+
+async def test_messaging_sample_async_with_relay_runs_it(tmp_path: Path) -> None:
+    async with EmbeddedNats() as server:
+        outbox = Outbox.sqlite(str(tmp_path / "orders.db"))
+        broker = NatsBroker(server.url)
+        got = asyncio.Event()
+
+        async def on_created(delivery: Delivery) -> None:
+            got.set()
+
+        sub = await broker.subscribe("orders.created", group="audit", handler=on_created)
+        async with OutboxRelay(outbox, broker):  # `async with relay:` runs it
+            async with outbox.transaction() as tx:
+                await tx.publish("orders.created", Message("OrderCreated", {"order_id": 1}))
+            await asyncio.wait_for(got.wait(), 10)
+        assert await outbox.pending_count() == 0
+        await sub.stop()
+        await broker.aclose()
+        await outbox.aclose()
+
+
+async def test_saga_rule_nine_conditional_steps_parallel_groups_and_deadlines(
+    tmp_path: Path,
+) -> None:
+    undone: list[str] = []
+    ran: list[str] = []
+
+    def step(name: str, *, fail: bool = False, hang: bool = False, **kw: Any) -> Step:
+        async def action(ctx: StepContext) -> None:
+            ran.append(name)
+            if hang:
+                await asyncio.Event().wait()
+            if fail:
+                raise StepFailed("no")
+
+        async def compensate(ctx: StepContext) -> None:
+            undone.append(name)
+
+        return Step(name, action, compensate=compensate, **kw)
+
+    gift = step("gift_wrap", when=lambda data: data.get("gift", False))
+    grouped = Saga("grouped", steps=[
+        step("first"),
+        gift,
+        Parallel(step("step_a"), step("step_b")),
+        step("last", fail=True),
+    ])  # fmt: skip
+    late = Saga("late", steps=[step("early"), step("slow", hang=True)], deadline=0.3)
+    stuck: list[SagaState] = []
+    store = SQLiteStore(str(tmp_path / "sagas.db"))
+    async with SagaOrchestrator(store, [grouped, late], on_stuck=stuck.append) as orch:
+        state = await (await orch.start("grouped", {"gift": False})).wait()
+        assert state.status == "failed"
+        assert "gift_wrap" not in ran
+        assert set(undone[:2]) == {"step_a", "step_b"}  # reverse completion order
+        assert undone[2:] == ["first"]
+        undone.clear()
+        state = await (await orch.start("late", {})).wait()  # per-saga deadline
+        assert state.status == "failed"
+        assert undone == ["slow", "early"]  # the timed-out step is uncertain: undone too
+    assert stuck == []
