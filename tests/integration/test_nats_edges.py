@@ -1010,3 +1010,18 @@ async def test_a_temporary_store_whose_owner_lives_is_kept_while_its_server_is_d
     finally:
         await first.stop()
     assert list(tmp_path.iterdir()) == []
+
+
+async def test_an_embedded_server_takes_the_max_payload_it_is_given() -> None:
+    with pytest.raises(ConfigError, match="max_payload"):
+        EmbeddedNats(max_payload=0)
+    async with EmbeddedNats(max_payload=4096) as server:
+        broker = NatsBroker(server.url)
+        try:
+            nc, _ = await broker._context()
+            assert nc.max_payload == 4096
+            with pytest.raises(InvalidMessage, match="over the server's max_payload of 4096"):
+                await broker.publish("orders.created", Message("T", {"s": "x" * 4096}))
+            await broker.publish("orders.created", Message("T", {"s": "x" * 100}))
+        finally:
+            await broker.aclose()

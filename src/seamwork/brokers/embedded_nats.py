@@ -39,6 +39,8 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _FATAL = "[FTL] "
 _PREFIX = re.compile(r"^\[\d+\] \S+ \S+ \[[A-Z]{3}\] ")
 _PORT_TAKEN = re.compile(r"Error listening on port: \S+:(\d+), .*address already in use")
+_MAX_PAYLOAD = 64 * 1024 * 1024
+"""The largest ``max_payload`` nats-server accepts."""
 
 
 def find_nats_server() -> str:
@@ -63,6 +65,8 @@ class EmbeddedNats(StartStop):
         sync_always: fsync every write before acknowledging (default True).
         binary: the ``nats-server`` to run (default: ``find_nats_server()``).
         start_timeout: seconds to wait for the server to be ready.
+        max_payload: the largest message (body and headers, bytes) the server takes;
+            default the server's own (1 MiB).
     """
 
     def __init__(
@@ -73,9 +77,12 @@ class EmbeddedNats(StartStop):
         sync_always: bool = True,
         binary: str | None = None,
         start_timeout: float = 10.0,
+        max_payload: int | None = None,
     ) -> None:
         if port is not None and not 0 < port < 65536:
             raise ConfigError(f"port must be between 1 and 65535, got {port}")
+        if max_payload is not None and not 0 < max_payload <= _MAX_PAYLOAD:
+            raise ConfigError(f"max_payload must be 1..{_MAX_PAYLOAD} bytes, got {max_payload}")
         self._store = Path(store_dir) if store_dir is not None else None
         self._own_store = store_dir is None
         self._port = port
@@ -83,6 +90,7 @@ class EmbeddedNats(StartStop):
         self._binary = binary
         self._timeout = start_timeout
         self._owner_lock: int | None = None
+        self._max_payload = max_payload
         self._process: asyncio.subprocess.Process | None = None
         self._log_task: asyncio.Task[None] | None = None
         self.boot_seconds: float | None = None
@@ -243,7 +251,8 @@ class EmbeddedNats(StartStop):
         # a JSON string is a quoted string to nats-server too, escapes included (a
         # path holding ' or " broke the file when it was written with repr)
         store = json.dumps(str(self._store), ensure_ascii=False)
-        return f"listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {store}{sync}\n}}\n"
+        limit = f"max_payload: {self._max_payload}\n" if self._max_payload else ""
+        return f"listen: 127.0.0.1:{port}\n{limit}jetstream {{\n  store_dir: {store}{sync}\n}}\n"
 
     async def _wait_ready(self, lines: list[str]) -> None:
         assert self._process is not None
