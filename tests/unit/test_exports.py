@@ -103,6 +103,7 @@ def test_events_messaging_and_brokers_exports() -> None:
         "Outbox",
         "OutboxRecord",
         "OutboxRelay",
+        "ParkedMessage",
         "PoisonMessage",
         "PublishError",
         "Subscription",

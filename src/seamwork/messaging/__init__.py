@@ -16,6 +16,7 @@ from seamwork.messaging._outbox import (
     Outbox,
     OutboxRecord,
     OutboxRelay,
+    ParkedMessage,
     Transaction,
 )
 from seamwork.messaging._ports import (
@@ -46,6 +47,7 @@ __all__ = [
     "Outbox",
     "OutboxRecord",
     "OutboxRelay",
+    "ParkedMessage",
     "PoisonMessage",
     "PublishError",
     "Subscription",

@@ -8,6 +8,16 @@ acknowledgement and the mark re-sends them, and the broker drops the duplicates 
 message id. Sent rows are kept for ``retention`` seconds (at least the broker's
 flush interval), so they can be re-sent after the broker lost data.
 
+Parking. A message the broker refuses for good (``InvalidMessage`` or ``ConfigError``
+from ``publish_batch``: over NATS' ``max_payload``, a subject it cannot route) would
+fail the same way on every try and hold up every message after it. The relay then
+sends that page one message at a time, parks each refused one (it stays in the
+outbox with the error and the time, no longer pending), logs an ERROR naming it and
+goes on in order. ``outbox.parked()`` lists them; once the cause is fixed,
+``outbox.requeue(ids)`` makes them pending again (in their old place: the oldest go
+first), or ``outbox.discard(ids)`` deletes them. Any other error (the broker down, a
+timeout) parks nothing: the relay backs off and tries the page again.
+
 Inbox. A consumer records each message id in the same transaction as the message's
 effect (``inbox.handler(fn)``); a redelivered message finds its id and applies
 nothing. The broker is acknowledged only after that commit.
@@ -38,11 +48,14 @@ from typing import Any, Protocol
 
 from seamwork._core.codec import dumps
 from seamwork._core.lifecycle import OpenClose, StartStop
-from seamwork.errors import ConfigError, StoreError
+from seamwork.errors import ConfigError, InvalidMessage, MessagingError, StoreError
 from seamwork.messaging._message import Message, check_subject, encode
 from seamwork.messaging._ports import Broker, Delivery, PoisonMessage
 
 log = logging.getLogger("seamwork.messaging")
+
+REFUSED: tuple[type[Exception], ...] = (InvalidMessage, ConfigError)
+"""What a broker's publish raises for a message it will refuse on every try."""
 
 
 class Transaction(Protocol):
@@ -106,6 +119,48 @@ class OutboxRecord:
     message: Message
 
 
+@dataclass(frozen=True, slots=True)
+class ParkedMessage:
+    """An outbox message the broker refused for good, kept out of the relay's way."""
+
+    subject: str
+    message: Message
+    error: str
+    """Why the broker refused it (the exception's type and text)."""
+    parked_at: float
+
+    @property
+    def id(self) -> str:
+        """The message id (what ``requeue`` and ``discard`` take)."""
+        return self.message.id
+
+
+def check_ids(ids: Collection[str]) -> builtins.list[str]:
+    """``ids`` as a list of distinct message ids, refusing a lone string (a
+    collection of its letters) and anything that is not a string."""
+    if isinstance(ids, str | bytes):
+        raise ConfigError(f"ids must be a collection of message ids, got {ids!r}")
+    bad = [i for i in ids if not isinstance(i, str)]
+    if bad:
+        raise ConfigError(f"message ids are strings, got {bad[0]!r}")
+    return builtins.list(dict.fromkeys(ids))
+
+
+def check_limit(limit: int) -> None:
+    """Refuse a listing limit below 1, naming it."""
+    if not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"limit must be an int >= 1, got {limit!r}")
+
+
+def not_parked(wanted: Sequence[str], found: Collection[str]) -> MessagingError:
+    """The error for ids of ``wanted`` that are not among the parked ``found``."""
+    missing = [i for i in wanted if i not in found]
+    return MessagingError(
+        f"no parked message with id {', '.join(map(repr, missing))} in the outbox "
+        "(nothing was changed)"
+    )
+
+
 def _load(module: str, name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
@@ -156,6 +211,25 @@ class Outbox(OpenClose, ABC):
     @abstractmethod
     async def wait_for_messages(self, max_wait: float) -> None:
         """Return when this process committed new messages, or after ``max_wait`` s."""
+
+    @abstractmethod
+    async def park(self, seq: int, error: str) -> None:
+        """Take an unsent row out of the pending ones, keeping it with ``error``."""
+
+    @abstractmethod
+    async def parked(self, *, limit: int = 100) -> builtins.list[ParkedMessage]:
+        """The parked messages, oldest first."""
+
+    @abstractmethod
+    async def requeue(self, ids: Collection[str]) -> int:
+        """Make parked messages pending again, in their old place in the order;
+        returns how many. An id that is not parked is a ``MessagingError`` naming it,
+        and then nothing is requeued."""
+
+    @abstractmethod
+    async def discard(self, ids: Collection[str]) -> int:
+        """Delete parked messages for good; returns how many. An id that is not
+        parked is a ``MessagingError`` naming it, and then nothing is deleted."""
 
     @abstractmethod
     async def open(self) -> None: ...
@@ -300,6 +374,8 @@ class OutboxRelay(StartStop):
     ``await relay.drain()`` publishes everything pending once; ``async with relay:``
     keeps doing it in the background (woken by commits in this process, and every
     ``poll_interval`` for the others), purging sent rows older than ``retention``.
+    A message the broker refuses for good is parked (see the module's doc);
+    ``published`` and ``parked`` count what this relay did.
     """
 
     def __init__(
@@ -323,6 +399,7 @@ class OutboxRelay(StartStop):
         self.poll_interval = poll_interval
         self.retention = retention
         self.published = 0
+        self.parked = 0
         self._task: asyncio.Task[None] | None = None
         self._draining = asyncio.Lock()
 
@@ -339,10 +416,46 @@ class OutboxRelay(StartStop):
                 records = await self.outbox.pending(self.page_size)
                 if not records:
                     return total
-                await self.broker.publish_batch([(r.subject, r.message) for r in records])
+                try:
+                    await self.broker.publish_batch([(r.subject, r.message) for r in records])
+                except REFUSED:
+                    total += await self._one_at_a_time(records)
+                    continue
                 await self.outbox.mark_sent([r.seq for r in records])
                 total += len(records)
                 self.published += len(records)
+
+    async def _one_at_a_time(self, records: Sequence[OutboxRecord]) -> int:
+        """Publish a page the broker refused, one message at a time, in order, parking
+        each message it refuses; returns how many were published. Any other error
+        stops here (those sent so far are marked) and is raised."""
+        sent: builtins.list[int] = []
+        try:
+            for record in records:
+                try:
+                    await self.broker.publish_batch([(record.subject, record.message)])
+                except REFUSED as exc:
+                    await self._park(record, exc)
+                else:
+                    sent.append(record.seq)
+                    self.published += 1
+        finally:
+            if sent:
+                await self.outbox.mark_sent(sent)
+        return len(sent)
+
+    async def _park(self, record: OutboxRecord, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        await self.outbox.park(record.seq, error)
+        self.parked += 1
+        log.error(
+            "outbox relay: parked message %s (%s) to %s, the broker refuses it: %s "
+            "(outbox.parked() lists it; requeue it once the cause is fixed)",
+            record.message.id,
+            record.message.type,
+            record.subject,
+            error,
+        )
 
     async def start(self) -> None:
         if self._task is None:

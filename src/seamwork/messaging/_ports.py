@@ -161,7 +161,15 @@ class Broker(Protocol):
 
     async def publish_batch(self, items: Sequence[tuple[str, Message]]) -> None:
         """Publish several messages in order; returns once all are stored. A broker
-        that drops duplicate ids makes a repeated batch harmless."""
+        that drops duplicate ids makes a repeated batch harmless.
+
+        Raises:
+            InvalidMessage, ConfigError: a message the broker would refuse on every
+                try (too large, a subject it cannot route), before any is sent; the
+                outbox relay parks it and sends the others.
+            PublishError, BrokerUnavailable: anything that may pass (the relay
+                tries the batch again).
+        """
         ...
 
     async def subscribe(

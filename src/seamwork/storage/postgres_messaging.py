@@ -31,8 +31,12 @@ from seamwork.messaging._outbox import (
     Inbox,
     Outbox,
     OutboxRecord,
+    ParkedMessage,
     Transaction,
+    check_ids,
+    check_limit,
     check_open,
+    not_parked,
     outbox_row,
 )
 from seamwork.storage._pg import (
@@ -83,12 +87,28 @@ MESSAGING_MIGRATIONS = (
             "ALTER COLUMN headers TYPE json USING headers::json",
         ),
     ),
+    # a message the broker refuses for good is parked: kept, out of the pending ones
+    PgMigration(
+        "messaging",
+        3,
+        (
+            "ALTER TABLE seamwork_outbox ADD COLUMN parked_at double precision, "
+            "ADD COLUMN park_error text",
+            "DROP INDEX seamwork_outbox_pending",
+            "CREATE INDEX seamwork_outbox_pending ON seamwork_outbox (seq) "
+            "WHERE sent_at IS NULL AND parked_at IS NULL",
+            "CREATE INDEX seamwork_outbox_parked ON seamwork_outbox (seq) "
+            "WHERE parked_at IS NOT NULL",
+        ),
+    ),
 )
 
 _INSERT_OUTBOX = (
     "INSERT INTO seamwork_outbox (id, subject, type, data, correlation_id, causation_id, "
     "headers, created_at) VALUES (%s, %s, %s, %s::json, %s, %s, %s::json, %s)"
 )
+_PENDING = "sent_at IS NULL AND parked_at IS NULL"
+"""Rows the relay has still to publish (the predicate of the pending index)."""
 _CLAIM_ID = (
     "INSERT INTO seamwork_inbox (id, type, received_at) VALUES (%s, %s, %s) "
     "ON CONFLICT DO NOTHING RETURNING id"
@@ -247,7 +267,7 @@ class PostgresOutbox(Outbox):
     async def pending(self, limit: int) -> builtins.list[OutboxRecord]:
         rows = await self.store.fetch(
             "SELECT seq, id, subject, type, data, correlation_id, causation_id, headers "
-            "FROM seamwork_outbox WHERE sent_at IS NULL ORDER BY seq LIMIT %s",
+            f"FROM seamwork_outbox WHERE {_PENDING} ORDER BY seq LIMIT %s",
             (limit,),
         )
         return [
@@ -267,7 +287,7 @@ class PostgresOutbox(Outbox):
             )
 
     async def pending_count(self) -> int:
-        rows = await self.store.fetch("SELECT count(*) FROM seamwork_outbox WHERE sent_at IS NULL")
+        rows = await self.store.fetch(f"SELECT count(*) FROM seamwork_outbox WHERE {_PENDING}")
         return int(rows[0][0])
 
     async def purge_sent(self, older_than: float) -> int:
@@ -286,6 +306,67 @@ class PostgresOutbox(Outbox):
 
     async def wait_for_messages(self, max_wait: float) -> None:
         await self.store.wait(max_wait)
+
+    async def park(self, seq: int, error: str) -> None:
+        await self.store.fetch(
+            "UPDATE seamwork_outbox SET parked_at = %s, park_error = %s "
+            "WHERE seq = %s AND sent_at IS NULL",
+            (time.time(), error, seq),
+        )
+
+    async def parked(self, *, limit: int = 100) -> builtins.list[ParkedMessage]:
+        check_limit(limit)
+        rows = await self.store.fetch(
+            "SELECT id, subject, type, data, correlation_id, causation_id, headers, "
+            "park_error, parked_at FROM seamwork_outbox WHERE parked_at IS NOT NULL "
+            "ORDER BY seq LIMIT %s",
+            (limit,),
+        )
+        return [
+            ParkedMessage(
+                subject,
+                Message(type_, data, id=id_, correlation_id=cor, causation_id=cau, headers=hdr),
+                error or "",
+                parked_at,
+            )
+            for id_, subject, type_, data, cor, cau, hdr, error, parked_at in rows
+        ]
+
+    async def requeue(self, ids: Collection[str]) -> int:
+        count = await self._on_parked(
+            ids,
+            "UPDATE seamwork_outbox SET parked_at = NULL, park_error = NULL "
+            "WHERE parked_at IS NOT NULL AND id = ANY(%s)",
+        )
+        if count:
+            self.store.notify()
+        return count
+
+    async def discard(self, ids: Collection[str]) -> int:
+        return await self._on_parked(
+            ids, "DELETE FROM seamwork_outbox WHERE parked_at IS NOT NULL AND id = ANY(%s)"
+        )
+
+    async def _on_parked(self, ids: Collection[str], statement: str) -> int:
+        """Run ``statement`` on the parked messages ``ids`` in one transaction, or on
+        none if one of them is not parked."""
+        wanted = check_ids(ids)
+        if not wanted:
+            return 0
+        async with self.store.transaction("outbox") as conn:
+            try:
+                cursor = await conn.execute(
+                    b"SELECT id FROM seamwork_outbox WHERE parked_at IS NOT NULL "
+                    b"AND id = ANY(%s) FOR UPDATE",
+                    (wanted,),
+                )
+                found = {row[0] for row in await cursor.fetchall()}
+                if len(found) < len(wanted):
+                    raise not_parked(wanted, found)
+                await conn.execute(statement.encode(), (wanted,))
+            except psycopg.Error as exc:
+                raise translate(exc, "outbox: parked messages") from exc
+        return len(found)
 
 
 class _Batch:

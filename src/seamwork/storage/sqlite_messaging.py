@@ -32,8 +32,12 @@ from seamwork.messaging._outbox import (
     Inbox,
     Outbox,
     OutboxRecord,
+    ParkedMessage,
     Transaction,
+    check_ids,
+    check_limit,
     check_open,
+    not_parked,
     outbox_row,
 )
 from seamwork.storage._sqlite_session import Session, in_session, session
@@ -66,6 +70,20 @@ MESSAGING_MIGRATIONS = (
             ) WITHOUT ROWID""",
         ),
     ),
+    # a message the broker refuses for good is parked: kept, out of the pending ones
+    Migration(
+        "messaging",
+        2,
+        (
+            "ALTER TABLE seamwork_outbox ADD COLUMN parked_at REAL",
+            "ALTER TABLE seamwork_outbox ADD COLUMN park_error TEXT",
+            "DROP INDEX seamwork_outbox_pending",
+            "CREATE INDEX seamwork_outbox_pending ON seamwork_outbox(seq) "
+            "WHERE sent_at IS NULL AND parked_at IS NULL",
+            "CREATE INDEX seamwork_outbox_parked ON seamwork_outbox(seq) "
+            "WHERE parked_at IS NOT NULL",
+        ),
+    ),
 )
 
 _INSERT_INBOX = "INSERT INTO seamwork_inbox (id, type, received_at) VALUES (?, ?, ?)"
@@ -73,6 +91,10 @@ _INSERT_OUTBOX = (
     "INSERT INTO seamwork_outbox (id, subject, type, data, correlation_id, causation_id, "
     "headers, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_PENDING = "sent_at IS NULL AND parked_at IS NULL"
+"""Rows the relay has still to publish (the predicate of the pending index)."""
+_CHUNK = 500
+"""Ids per ``IN (...)`` (SQLite's default limit of host parameters is far above)."""
 Row = tuple[Any, ...]
 
 
@@ -174,7 +196,7 @@ class SQLiteOutbox(Outbox):
         rows = await self.store.writer.read(
             lambda conn: conn.execute(
                 "SELECT seq, id, subject, type, data, correlation_id, causation_id, headers "
-                "FROM seamwork_outbox WHERE sent_at IS NULL ORDER BY seq LIMIT ?",
+                f"FROM seamwork_outbox WHERE {_PENDING} ORDER BY seq LIMIT ?",
                 (limit,),
             ).fetchall()
         )
@@ -199,7 +221,7 @@ class SQLiteOutbox(Outbox):
         await self.store.ensure_open()
         row = await self.store.writer.read(
             lambda conn: conn.execute(
-                "SELECT count(*) FROM seamwork_outbox WHERE sent_at IS NULL"
+                f"SELECT count(*) FROM seamwork_outbox WHERE {_PENDING}"
             ).fetchone()
         )
         return int(row[0])
@@ -226,6 +248,80 @@ class SQLiteOutbox(Outbox):
 
     async def wait_for_messages(self, max_wait: float) -> None:
         await self.store.wait(max_wait)
+
+    async def park(self, seq: int, error: str) -> None:
+        self.store.check_free()
+        await self.store.ensure_open()
+        await self.store.writer.write(
+            lambda conn: conn.execute(
+                "UPDATE seamwork_outbox SET parked_at = ?, park_error = ? "
+                "WHERE seq = ? AND sent_at IS NULL",
+                (time.time(), error, seq),
+            )
+        )
+
+    async def parked(self, *, limit: int = 100) -> builtins.list[ParkedMessage]:
+        check_limit(limit)
+        self.store.check_free()
+        await self.store.ensure_open()
+        rows = await self.store.writer.read(
+            lambda conn: conn.execute(
+                "SELECT seq, id, subject, type, data, correlation_id, causation_id, headers, "
+                "park_error, parked_at FROM seamwork_outbox WHERE parked_at IS NOT NULL "
+                "ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        )
+        parked = []
+        for row in rows:
+            record = _record(row[:8])
+            parked.append(ParkedMessage(record.subject, record.message, row[8] or "", row[9]))
+        return parked
+
+    async def requeue(self, ids: Collection[str]) -> int:
+        count = await self._on_parked(
+            ids,
+            "UPDATE seamwork_outbox SET parked_at = NULL, park_error = NULL "
+            "WHERE parked_at IS NOT NULL AND id IN",
+        )
+        if count:
+            self.store.notify()
+        return count
+
+    async def discard(self, ids: Collection[str]) -> int:
+        return await self._on_parked(
+            ids, "DELETE FROM seamwork_outbox WHERE parked_at IS NOT NULL AND id IN"
+        )
+
+    async def _on_parked(self, ids: Collection[str], statement: str) -> int:
+        """Run ``statement (ids)`` on the parked messages ``ids`` in one transaction,
+        or on none if one of them is not parked."""
+        wanted = check_ids(ids)
+        self.store.check_free()
+        await self.store.ensure_open()
+        if not wanted:
+            return 0
+        chunks = [wanted[i : i + _CHUNK] for i in range(0, len(wanted), _CHUNK)]
+
+        def run(conn: sqlite3.Connection) -> int:
+            found: set[str] = set()
+            for chunk in chunks:
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT id FROM seamwork_outbox "
+                        f"WHERE parked_at IS NOT NULL AND id IN ({marks})",
+                        chunk,
+                    )
+                )
+            if len(found) < len(wanted):
+                raise not_parked(wanted, found)
+            for chunk in chunks:
+                conn.execute(f"{statement} ({','.join('?' * len(chunk))})", chunk)
+            return len(found)
+
+        return await self.store.writer.write(run)
 
 
 class SQLiteInbox(Inbox):

@@ -1,0 +1,239 @@
+"""A message the broker refuses for good is parked; the outbox's other messages go on.
+
+On SQLite and PostgreSQL outboxes, through a real (embedded) nats-server whose
+``max_payload`` is small, so a refused message is cheap to write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats.js.errors
+import psycopg
+import pytest
+
+from seamwork.brokers import EmbeddedNats, NatsBroker
+from seamwork.brokers.nats import stream_for
+from seamwork.errors import BrokerUnavailable, ConfigError, MessagingError
+from seamwork.messaging import Message, Outbox, OutboxRelay
+from seamwork.storage import postgres_messaging, sqlite_messaging
+from seamwork.storage._pg import migrate
+from seamwork.storage._sqlite_writer import SQLiteWriter
+from seamwork.testing.broker import until
+
+LIMIT = 64 * 1024
+"""The small server's max_payload."""
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def outbox(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Outbox]:
+    if request.param == "sqlite":
+        box = Outbox.sqlite(tmp_path / "orders.db")
+    else:
+        box = Outbox.postgres(request.getfixturevalue("pg_dsn"))
+    async with box:
+        yield box
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[NatsBroker]:
+    async with EmbeddedNats(max_payload=LIMIT) as server:
+        broker = NatsBroker(server.url)
+        yield broker
+        await broker.aclose()
+
+
+def subject() -> str:
+    return f"p{uuid.uuid4().hex[:10]}.created"
+
+
+def too_big(n: int) -> Message:
+    return Message("Big", {"n": n, "s": "x" * LIMIT})
+
+
+async def write(outbox: Outbox, to: str, *messages: Message) -> None:
+    for message in messages:  # one transaction each, as a service writes them
+        async with outbox.transaction() as tx:
+            await tx.publish(to, message)
+
+
+async def stored(broker: NatsBroker, to: str) -> list[str]:
+    """The ids the stream of ``to`` holds, in stream order."""
+    _, js = await broker._context()
+    try:
+        info = await js.stream_info(stream_for(to))
+    except nats.js.errors.NotFoundError:
+        return []
+    ids = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        raw = await js.get_msg(stream_for(to), seq)
+        assert raw.headers is not None
+        ids.append(raw.headers["Nats-Msg-Id"])
+    return ids
+
+
+@pytest.mark.parametrize("page_size", [500, 2], ids=["one-page", "small-pages"])
+async def test_a_message_the_broker_refuses_is_parked_and_the_ones_after_it_are_published(
+    outbox: Outbox, broker: NatsBroker, page_size: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    to = subject()
+    before = [Message("Small", {"n": n}) for n in range(3)]
+    bad = too_big(3)
+    after = [Message("Small", {"n": n}) for n in range(4, 9)]
+    await write(outbox, to, *before, bad, *after)
+    started = time.time()
+    relay = OutboxRelay(outbox, broker, page_size=page_size)
+    with caplog.at_level(logging.ERROR, logger="seamwork.messaging"):
+        assert await relay.drain() == 8
+    assert await stored(broker, to) == [m.id for m in [*before, *after]]
+    assert await outbox.pending_count() == 0
+    (parked,) = await outbox.parked()
+    assert (parked.id, parked.subject, parked.message.type) == (bad.id, to, "Big")
+    assert parked.message.data == bad.data
+    assert "max_payload" in parked.error
+    assert started <= parked.parked_at <= time.time()
+    (alert,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert bad.id in alert.getMessage()
+    assert to in alert.getMessage()
+    assert "max_payload" in alert.getMessage()
+    assert relay.parked == 1
+    assert await relay.drain() == 0  # parked stays parked: no retry loop on it
+
+
+async def test_a_running_relay_parks_the_refused_message_and_does_not_retry_the_page(
+    outbox: Outbox, broker: NatsBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    to = subject()
+    first, bad, last = Message("Small", {"n": 1}), too_big(2), Message("Small", {"n": 3})
+    with caplog.at_level(logging.WARNING, logger="seamwork.messaging"):
+        async with OutboxRelay(outbox, broker, poll_interval=0.05) as relay:
+            await write(outbox, to, first, bad, last)
+            assert await until(lambda: _published(broker, to, 2)) == [first.id, last.id]
+            assert relay.parked == 1
+    assert [r.levelname for r in caplog.records] == ["ERROR"]  # no "retrying" warning
+    assert [p.id for p in await outbox.parked()] == [bad.id]
+
+
+async def _published(broker: NatsBroker, to: str, n: int) -> list[str] | None:
+    ids = await stored(broker, to)
+    return ids if len(ids) >= n else None
+
+
+async def test_a_requeued_message_is_published_once_the_cause_is_fixed(
+    outbox: Outbox, broker: NatsBroker
+) -> None:
+    to = subject()
+    messages = [Message("Small", {"n": 0}), too_big(1), Message("Small", {"n": 2}), too_big(3)]
+    await write(outbox, to, *messages)
+    assert await OutboxRelay(outbox, broker).drain() == 2
+    assert [p.id for p in await outbox.parked()] == [messages[1].id, messages[3].id]
+    assert [p.id for p in await outbox.parked(limit=1)] == [messages[1].id]
+
+    later = Message("Small", {"n": 4})
+    await write(outbox, to, later)
+    assert await outbox.requeue([messages[3].id, messages[1].id]) == 2
+    assert await outbox.parked() == []
+    assert await outbox.pending_count() == 3
+    # requeued messages keep their place: the oldest pending go first
+    assert [r.message.id for r in await outbox.pending(10)] == [
+        messages[1].id,
+        messages[3].id,
+        later.id,
+    ]
+    async with EmbeddedNats() as roomier:  # the cause fixed: a server that takes them
+        fixed = NatsBroker(roomier.url)
+        try:
+            assert await OutboxRelay(outbox, fixed).drain() == 3
+            assert await stored(fixed, to) == [messages[1].id, messages[3].id, later.id]
+        finally:
+            await fixed.aclose()
+    assert await outbox.pending_count() == 0
+    assert await outbox.parked() == []
+
+
+async def test_ids_that_are_not_parked_are_refused_by_name_and_nothing_changes(
+    outbox: Outbox, broker: NatsBroker
+) -> None:
+    to = subject()
+    bad, pending = too_big(0), Message("Small", {"n": 1})
+    await write(outbox, to, bad)
+    await OutboxRelay(outbox, broker).drain()
+    await write(outbox, to, pending)
+    for act in (outbox.requeue, outbox.discard):
+        with pytest.raises(MessagingError, match="no parked message with id 'nope'"):
+            await act([bad.id, "nope"])
+        with pytest.raises(MessagingError, match=f"no parked message with id '{pending.id}'"):
+            await act([pending.id])  # pending, not parked
+        with pytest.raises(ConfigError, match="collection of message ids"):
+            await act(bad.id)  # type: ignore[arg-type]  # a lone string
+        with pytest.raises(ConfigError, match="message ids are strings"):
+            await act([1])  # type: ignore[list-item]
+        assert await act([]) == 0
+    with pytest.raises(ConfigError, match="limit"):
+        await outbox.parked(limit=0)
+    assert [p.id for p in await outbox.parked()] == [bad.id]
+    assert [r.message.id for r in await outbox.pending(10)] == [pending.id]
+
+    assert await outbox.discard([bad.id, bad.id]) == 1
+    assert await outbox.parked() == []
+    assert [r.message.id for r in await outbox.pending(10)] == [pending.id]
+
+
+async def test_a_broker_that_cannot_be_reached_parks_nothing(outbox: Outbox) -> None:
+    async with EmbeddedNats() as server:
+        url = server.url
+    to = subject()
+    await write(outbox, to, Message("Small"), too_big(1))
+    gone = NatsBroker(url, publish_timeout=0.5)
+    try:
+        with pytest.raises(BrokerUnavailable):
+            await OutboxRelay(outbox, gone).drain()
+    finally:
+        await gone.aclose()
+    assert await outbox.parked() == []
+    assert await outbox.pending_count() == 2
+
+
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_an_outbox_of_the_release_before_parking_upgrades_and_parks(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path, broker: NatsBroker
+) -> None:
+    to = subject()
+    ok, bad = Message("Small", {"n": 0}), too_big(1)
+    rows = [(m.id, to, m.type, json.dumps(dict(m.data)), m.id, "{}") for m in (ok, bad)]
+    if store == "sqlite":
+        path = tmp_path / "old.db"
+        writer = SQLiteWriter(path, migrations=sqlite_messaging.MESSAGING_MIGRATIONS[:1])
+        await writer.start()
+        await writer.write(
+            lambda conn: conn.executemany(
+                "INSERT INTO seamwork_outbox (id, subject, type, data, correlation_id, headers, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, 0)",
+                rows,
+            )
+        )
+        await writer.close()
+        outbox = Outbox.sqlite(path)
+    else:
+        dsn = request.getfixturevalue("pg_dsn")
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            await migrate(conn, postgres_messaging.MESSAGING_MIGRATIONS[:2])
+            async with conn.cursor() as cursor:
+                await cursor.executemany(
+                    "INSERT INTO seamwork_outbox (id, subject, type, data, correlation_id, "
+                    "headers, created_at) VALUES (%s, %s, %s, %s::json, %s, %s::json, 0)",
+                    rows,
+                )
+            await conn.commit()
+        outbox = Outbox.postgres(dsn)
+    async with outbox:
+        assert await outbox.pending_count() == 2
+        assert await OutboxRelay(outbox, broker).drain() == 1
+        assert [p.id for p in await outbox.parked()] == [bad.id]
+        assert await outbox.pending_count() == 0
+    assert await stored(broker, to) == [ok.id]
