@@ -17,14 +17,15 @@ import nats.js.errors
 import psycopg
 import pytest
 
-from seamwork.brokers import EmbeddedNats, NatsBroker
+from seamwork.brokers import EmbeddedNats, NatsBroker, RabbitBroker
 from seamwork.brokers.nats import stream_for
 from seamwork.errors import BrokerUnavailable, ConfigError, MessagingError
-from seamwork.messaging import Message, Outbox, OutboxRelay
+from seamwork.messaging import Delivery, Message, Outbox, OutboxRelay
 from seamwork.storage import postgres_messaging, sqlite_messaging
 from seamwork.storage._pg import migrate
 from seamwork.storage._sqlite_writer import SQLiteWriter
-from seamwork.testing.broker import until
+from seamwork.testing.broker import eventually, until
+from shared_helpers import delete_rabbit
 
 LIMIT = 64 * 1024
 """The small server's max_payload."""
@@ -237,3 +238,35 @@ async def test_an_outbox_of_the_release_before_parking_upgrades_and_parks(
         assert [p.id for p in await outbox.parked()] == [bad.id]
         assert await outbox.pending_count() == 0
     assert await stored(broker, to) == [ok.id]
+
+
+async def test_a_subject_too_long_for_a_rabbitmq_routing_key_is_parked_and_the_rest_flow(
+    outbox: Outbox, rabbitmq_service: str
+) -> None:
+    exchange = f"seamwork-park-{uuid.uuid4().hex[:10]}"
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    to = f"park{uuid.uuid4().hex[:6]}.created"
+    too_long = f"{to}.{'x' * 250}"  # an AMQP routing key holds 255 bytes
+    got: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        got.append(delivery.message.id)
+
+    first, bad, last = Message("A"), Message("B"), Message("C")
+    try:
+        await broker.subscribe(to, "g", handler)
+        await write(outbox, to, first)
+        await write(outbox, too_long, bad)
+        await write(outbox, to, last)
+        with pytest.raises(ConfigError, match="255"):
+            await broker.publish(too_long, bad)
+        assert await OutboxRelay(outbox, broker).drain() == 2
+        await eventually(lambda: len(got) == 2)
+        assert got == [first.id, last.id]
+        (parked,) = await outbox.parked()
+        assert (parked.id, parked.subject) == (bad.id, too_long)
+        assert "routing key" in parked.error
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await delete_rabbit(rabbitmq_service, exchange, [*names, f"{exchange}.deadletter"])

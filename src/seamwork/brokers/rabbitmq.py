@@ -363,7 +363,7 @@ class RabbitBroker:
     async def publish(
         self, subject: str, message: Message, headers: Mapping[str, str] | None = None
     ) -> None:
-        check_subject(subject)
+        _routable(subject)
         amqp = _amqp_message(message, headers)
         _, exchange = await self._context()
         await self._confirmed(exchange, amqp, subject, f"{message.type} {message.id}")
@@ -371,7 +371,7 @@ class RabbitBroker:
     async def publish_batch(self, items: Sequence[tuple[str, Message]]) -> None:
         if not items:
             return
-        wired = [(check_subject(s), _amqp_message(message, None)) for s, message in items]
+        wired = [(_routable(s), _amqp_message(message, None)) for s, message in items]
         _, exchange = await self._context()
         # One channel writes its publishes in call order (aiormq serializes them under
         # a FIFO lock), so starting them in order keeps the batch in order.
@@ -682,6 +682,20 @@ class _Consumer:
         await msg.ack()
         stats.dead_lettered += 1
         log.warning("dead-lettered a message on %s for %s: %s", subject, self.group, reason)
+
+
+def _routable(subject: str) -> str:
+    """``subject`` if it is well formed and fits an AMQP routing key, else
+    ``ConfigError`` (a longer one made pamqp raise a bare ``ValueError`` mid-batch,
+    after the messages before it were sent)."""
+    check_subject(subject)
+    size = len(subject.encode())
+    if size > _SHORT_STRING:
+        raise ConfigError(
+            f"subject {subject[:60]!r}... is {size} bytes: a RabbitMQ routing key "
+            f"holds at most {_SHORT_STRING}"
+        )
+    return subject
 
 
 class _Unroutable(PublishError):
