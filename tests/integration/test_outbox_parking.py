@@ -270,3 +270,20 @@ async def test_a_subject_too_long_for_a_rabbitmq_routing_key_is_parked_and_the_r
         names = broker.declared_queues
         await broker.aclose()
         await delete_rabbit(rabbitmq_service, exchange, [*names, f"{exchange}.deadletter"])
+
+
+async def test_a_subject_too_long_for_a_nats_control_line_is_parked_and_the_rest_flow(
+    outbox: Outbox, broker: NatsBroker
+) -> None:
+    to = subject()
+    too_long = f"{to}.{'x' * 5000}"  # nats-server closes a connection over 4096 bytes a line
+    first, bad, last = Message("A"), Message("B"), Message("C")
+    await write(outbox, to, first)
+    await write(outbox, too_long, bad)
+    await write(outbox, to, last)
+    with pytest.raises(ConfigError, match="too long"):
+        await broker.publish(too_long, bad)
+    assert await OutboxRelay(outbox, broker).drain() == 2
+    assert await stored(broker, to) == [first.id, last.id]
+    (parked,) = await outbox.parked()
+    assert (parked.id, parked.subject) == (bad.id, too_long)

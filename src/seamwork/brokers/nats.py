@@ -210,6 +210,25 @@ def _refuse_oversize(limit: int, subject: str, body: bytes, headers: Mapping[str
         )
 
 
+_MAX_SUBJECT = 4096 - 256
+"""Bytes of a subject to publish: nats-server closes a connection whose control line
+(``HPUB``, the subject, the reply inbox, two sizes) passes its ``max_control_line``,
+4096 bytes by default, and nats-py then gives the connection up."""
+
+
+def _publishable(subject: str) -> str:
+    """``subject`` if it is well formed and short enough to publish, else
+    ``ConfigError`` (a longer one timed out, and every publish after it failed)."""
+    check_subject(subject)
+    size = len(subject.encode())
+    if size > _MAX_SUBJECT:
+        raise ConfigError(
+            f"subject {subject[:60]!r}... is too long to publish to NATS: {size} bytes, "
+            f"at most {_MAX_SUBJECT}"
+        )
+    return subject
+
+
 def _stored_headers(raw: RawStreamMsg) -> dict[str, str]:
     """The headers of a message read back from a stream, as the text that was sent.
 
@@ -477,7 +496,7 @@ class NatsBroker:
     async def publish(
         self, subject: str, message: Message, headers: Mapping[str, str] | None = None
     ) -> None:
-        check_subject(subject)
+        _publishable(subject)
         body, wire = self._wire(message, headers)
         await self.ensure_stream(subject)
         await self._check_size(subject, body, wire)
@@ -509,7 +528,7 @@ class NatsBroker:
     async def publish_batch(self, items: Sequence[tuple[str, Message]]) -> None:
         if not items:
             return
-        wired = [(check_subject(subject), *self._wire(message, None)) for subject, message in items]
+        wired = [(_publishable(subject), *self._wire(message, None)) for subject, message in items]
         for subject, _, _ in wired:
             await self.ensure_stream(subject)
         nc, _ = await self._context()
