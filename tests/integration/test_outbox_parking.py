@@ -6,6 +6,7 @@ On SQLite and PostgreSQL outboxes, through a real (embedded) nats-server whose
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -16,9 +17,11 @@ from pathlib import Path
 import nats.js.errors
 import psycopg
 import pytest
+from typer.testing import CliRunner, Result
 
 from seamwork.brokers import EmbeddedNats, NatsBroker, RabbitBroker
 from seamwork.brokers.nats import stream_for
+from seamwork.cli import app
 from seamwork.errors import BrokerUnavailable, ConfigError, MessagingError
 from seamwork.messaging import Delivery, Message, Outbox, OutboxRelay
 from seamwork.storage import postgres_messaging, sqlite_messaging
@@ -287,3 +290,44 @@ async def test_a_subject_too_long_for_a_nats_control_line_is_parked_and_the_rest
     assert await stored(broker, to) == [first.id, last.id]
     (parked,) = await outbox.parked()
     assert (parked.id, parked.subject) == (bad.id, too_long)
+
+
+async def test_the_cli_lists_requeues_and_discards_parked_messages(
+    tmp_path: Path, broker: NatsBroker
+) -> None:
+    path = tmp_path / "orders.db"
+    to = subject()
+    first, second = too_big(0), too_big(1)
+    async with Outbox.sqlite(path) as outbox:
+        await write(outbox, to, first, second)
+        await OutboxRelay(outbox, broker).drain()
+
+    def cli(*args: str) -> Result:
+        return CliRunner().invoke(app, ["outbox", *args], env={"COLUMNS": "200"})
+
+    listed = await asyncio.to_thread(cli, "parked", "--db", str(path), "--json")
+    assert listed.exit_code == 0, listed.output
+    rows = json.loads(listed.stdout)
+    assert [(r["id"], r["subject"], r["type"]) for r in rows] == [
+        (first.id, to, "Big"),
+        (second.id, to, "Big"),
+    ]
+    assert all("max_payload" in r["error"] and r["parked_at"] > 0 for r in rows)
+    table = await asyncio.to_thread(cli, "parked", "--db", str(path))
+    assert first.id in table.stdout
+    assert "2 parked message(s)" in table.stdout
+
+    unknown = await asyncio.to_thread(cli, "requeue", "nope", first.id, "--db", str(path))
+    assert unknown.exit_code == 1
+    assert "no parked message with id 'nope'" in unknown.output
+    requeued = await asyncio.to_thread(cli, "requeue", first.id, "--db", str(path))
+    assert requeued.exit_code == 0, requeued.output
+    assert "1 parked message(s) requeued" in requeued.stdout
+    discarded = await asyncio.to_thread(cli, "discard", second.id, "--db", str(path))
+    assert discarded.exit_code == 0, discarded.output
+    async with Outbox.sqlite(path) as outbox:
+        assert await outbox.parked() == []
+        assert [r.message.id for r in await outbox.pending(10)] == [first.id]
+    missing = await asyncio.to_thread(cli, "parked", "--db", str(tmp_path / "nothing.db"))
+    assert missing.exit_code == 2
+    assert "no database at" in missing.output

@@ -1,4 +1,5 @@
-"""``seamwork``: operate sagas and dead letters, run a local NATS and the demo."""
+"""``seamwork``: operate sagas, dead letters and parked outbox messages, run a local NATS
+and the demo."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import typer
 from seamwork.cli._demo import demo
 from seamwork.cli._dlq import dlq
 from seamwork.cli._nats import serve_nats
+from seamwork.cli._outbox import outbox_app
 from seamwork.cli._sagas import sagas
 from seamwork.cli._worker import worker
 
@@ -15,6 +17,7 @@ app = typer.Typer(
 )
 app.add_typer(sagas, name="sagas")
 app.add_typer(dlq, name="dlq")
+app.add_typer(outbox_app, name="outbox")
 app.command("nats")(serve_nats)
 app.command("demo")(demo)
 app.command("worker")(worker)

@@ -1,0 +1,147 @@
+"""``seamwork outbox parked|requeue|discard --db PATH | --postgres DSN``: operate the
+messages a service's outbox relay parked because the broker refused them for good.
+
+The commands open the service's own outbox (its SQLite file, which must exist, or
+its PostgreSQL database) through ``Outbox``, as the service does: what they show is
+``outbox.parked()``, and ``requeue`` / ``discard`` are ``outbox.requeue(ids)`` /
+``outbox.discard(ids)`` (an id that is not parked changes nothing and is an error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from seamwork.cli._render import json_text, short_time
+from seamwork.cli._sagas import CliError, fail
+from seamwork.errors import ConfigError, MessagingError, StoreError
+from seamwork.messaging import Outbox, ParkedMessage
+
+T = TypeVar("T")
+
+outbox_app = typer.Typer(
+    help="List the messages an outbox relay parked, and requeue or discard them.",
+    no_args_is_help=True,
+)
+
+Db = Annotated[
+    Path | None,
+    typer.Option("--db", help="The service's SQLite database.", show_default=False),
+]
+Postgres = Annotated[
+    str | None,
+    typer.Option("--postgres", help="The service's PostgreSQL DSN.", show_default=False),
+]
+Ids = Annotated[list[str], typer.Argument(help="Message ids (see `parked`).", show_default=False)]
+
+
+def _open(db: Path | None, postgres: str | None) -> Outbox:
+    if (db is None) == (postgres is None):
+        raise CliError("give exactly one of --db PATH or --postgres DSN", code=2)
+    if postgres is not None:
+        try:
+            return Outbox.postgres(postgres, pool_size=1)
+        except ImportError as exc:
+            raise CliError(str(exc), code=2) from exc
+    assert db is not None
+    if not db.is_file():
+        raise CliError(f"no database at {db}", code=2)
+    return Outbox.sqlite(db)
+
+
+def run_on_outbox(
+    db: Path | None, postgres: str | None, work: Callable[[Outbox], Awaitable[T]]
+) -> T:
+    """Open the outbox, run ``work``, close; errors as ``CliError``."""
+    outbox = _open(db, postgres)
+
+    async def go() -> T:
+        try:
+            await outbox.open()
+            return await work(outbox)
+        finally:
+            await outbox.aclose()
+
+    try:
+        return asyncio.run(go())
+    except (ConfigError, MessagingError, StoreError) as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _parked_json(parked: ParkedMessage) -> dict[str, Any]:
+    message = parked.message
+    return {
+        "id": message.id,
+        "subject": parked.subject,
+        "type": message.type,
+        "correlation_id": message.flow,
+        "error": parked.error,
+        "parked_at": parked.parked_at,
+        "data": dict(message.data),
+    }
+
+
+def parked_table(parked: Sequence[ParkedMessage], now: float) -> Table:
+    """One row per parked message: id, subject, type, error, when (plain ``Text``)."""
+    table = Table(title=f"{len(parked)} parked message(s)", title_justify="left")
+    for column in ("id", "subject", "type", "error", "when"):
+        table.add_column(column)
+    for item in parked:
+        table.add_row(
+            Text(item.id),
+            Text(item.subject),
+            Text(item.message.type),
+            Text(item.error.splitlines()[0] if item.error else ""),
+            short_time(item.parked_at, now),
+        )
+    return table
+
+
+@outbox_app.command("parked")
+def list_parked(
+    db: Db = None,
+    postgres: Postgres = None,
+    limit: Annotated[int, typer.Option("--limit", "-l", min=1, help="At most this many.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List parked messages, oldest first."""
+    try:
+        parked = run_on_outbox(db, postgres, lambda box: box.parked(limit=limit))
+    except CliError as exc:
+        raise fail(exc) from None
+    if as_json:
+        sys.stdout.write(json_text([_parked_json(x) for x in parked]) + "\n")
+        return
+    Console(highlight=False, soft_wrap=False).print(parked_table(parked, time.time()))
+
+
+@outbox_app.command("requeue")
+def requeue_parked(ids: Ids, db: Db = None, postgres: Postgres = None) -> None:
+    """Make parked messages pending again, once the cause is fixed (published next)."""
+    try:
+        count = run_on_outbox(db, postgres, lambda box: box.requeue(ids))
+    except CliError as exc:
+        raise fail(exc) from None
+    Console(highlight=False).print(f"{count} parked message(s) requeued")
+
+
+@outbox_app.command("discard")
+def discard_parked(ids: Ids, db: Db = None, postgres: Postgres = None) -> None:
+    """Delete parked messages for good (they are never published)."""
+    try:
+        count = run_on_outbox(db, postgres, lambda box: box.discard(ids))
+    except CliError as exc:
+        raise fail(exc) from None
+    Console(highlight=False).print(f"{count} parked message(s) discarded")
+
+
+__all__ = ["outbox_app", "parked_table", "run_on_outbox"]
