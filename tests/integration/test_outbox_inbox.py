@@ -537,3 +537,35 @@ async def test_an_inbox_without_batches_applies_a_batch_one_transaction_each(
     assert isinstance(outcomes[1], ConnectionError)
     assert outcomes[2] is None
     assert rows(tmp_path / "plain.db", "SELECT n FROM effects") == [(1,)]
+
+
+async def test_a_message_id_the_outbox_holds_already_is_named_and_nothing_is_written(
+    outbox: Outbox,
+) -> None:
+    message = Message("OrderCreated", {"order_id": 1})
+    async with outbox.transaction() as tx:
+        await tx.publish("orders.created", message)
+
+    async def again() -> None:
+        async with outbox.transaction() as tx:
+            await tx.execute("INSERT INTO orders (id) VALUES (?)", (2,))
+            await tx.publish("orders.created", message)
+
+    with pytest.raises(StoreError, match=f"message id '{message.id}' is in the outbox already"):
+        await again()
+    async with outbox.transaction() as tx:
+        assert await tx.execute("SELECT count(*) FROM orders", ()) == [(0,)]
+    assert await outbox.pending_count() == 1
+
+
+async def test_one_message_id_published_twice_in_a_transaction_is_named(outbox: Outbox) -> None:
+    message = Message("OrderCreated", {"order_id": 1})
+
+    async def twice() -> None:
+        async with outbox.transaction() as tx:
+            await tx.publish("orders.created", message)
+            await tx.publish("orders.audit", message)
+
+    with pytest.raises(StoreError, match=f"message id '{message.id}' is in the outbox already"):
+        await twice()
+    assert await outbox.pending_count() == 0

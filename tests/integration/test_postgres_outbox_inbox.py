@@ -191,7 +191,9 @@ async def test_a_message_id_the_outbox_holds_already_is_a_store_error_and_writes
             await tx.execute("INSERT INTO orders (id) VALUES (%s)", (2,))
             await tx.publish("orders.created", message)
 
-    with pytest.raises(StoreError, match="outbox") as caught:
+    with pytest.raises(
+        StoreError, match=f"message id '{message.id}' is in the outbox already"
+    ) as caught:
         await again()
     assert isinstance(caught.value.__cause__, psycopg.errors.UniqueViolation)
     assert await count(pg_dsn, "SELECT count(*) FROM orders") == 0

@@ -161,6 +161,15 @@ def not_parked(wanted: Sequence[str], found: Collection[str]) -> MessagingError:
     )
 
 
+def id_taken(message_id: str) -> str:
+    """What a store says of a message id its outbox holds already (the whole
+    transaction is then rolled back)."""
+    return (
+        f"outbox: message id {message_id!r} is in the outbox already (message ids are "
+        "unique; nothing of the transaction was committed)"
+    )
+
+
 def _load(module: str, name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 

@@ -36,6 +36,7 @@ from seamwork.messaging._outbox import (
     check_ids,
     check_limit,
     check_open,
+    id_taken,
     not_parked,
     outbox_row,
 )
@@ -226,7 +227,13 @@ class _Transaction:
         try:
             async with self.conn.cursor() as cursor:
                 await cursor.executemany(_INSERT_OUTBOX, self.rows)
-        except psycopg.Error as exc:  # e.g. a message id the outbox holds already
+        except psycopg.errors.UniqueViolation as exc:  # the server names the key
+            detail = exc.diag.message_detail or ""
+            taken = next((r[0] for r in self.rows if f"=({r[0]})" in detail), None)
+            if taken is None:
+                raise translate(exc, "outbox: writing its messages") from exc
+            raise StoreError(id_taken(taken)) from exc
+        except psycopg.Error as exc:
             raise translate(exc, "outbox: writing its messages") from exc
 
 

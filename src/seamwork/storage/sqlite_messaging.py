@@ -37,6 +37,7 @@ from seamwork.messaging._outbox import (
     check_ids,
     check_limit,
     check_open,
+    id_taken,
     not_parked,
     outbox_row,
 )
@@ -96,6 +97,16 @@ _PENDING = "sent_at IS NULL AND parked_at IS NULL"
 _CHUNK = 500
 """Ids per ``IN (...)`` (SQLite's default limit of host parameters is far above)."""
 Row = tuple[Any, ...]
+
+
+def _insert_outbox(conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+    """Insert outbox rows; a message id the outbox holds already is named."""
+    changes = conn.total_changes
+    try:
+        conn.executemany(_INSERT_OUTBOX, rows)
+    except sqlite3.IntegrityError as exc:  # the rows before the failing one went in
+        failing = rows[min(conn.total_changes - changes, len(rows) - 1)]
+        raise StoreError(id_taken(failing[0])) from exc
 
 
 class SQLiteMessageStore:
@@ -178,7 +189,7 @@ class SQLiteOutbox(Outbox):
 
         def insert(conn: sqlite3.Connection) -> None:
             if holder and holder[0].rows:
-                conn.executemany(_INSERT_OUTBOX, holder[0].rows)
+                _insert_outbox(conn, holder[0].rows)
 
         async with session(self.store.writer, on_commit=insert) as open_session:
             tx = _Transaction(open_session)
@@ -367,7 +378,7 @@ class SQLiteInbox(Inbox):
                 return
             conn.execute(_INSERT_INBOX, (message.id, message.type, time.time()))
             if holder[0].rows:
-                conn.executemany(_INSERT_OUTBOX, holder[0].rows)
+                _insert_outbox(conn, holder[0].rows)
 
         async with session(self.store.writer, on_open=seen, on_commit=record) as open_session:
             if open_session.opening:
@@ -462,7 +473,7 @@ class _InboxBatch:
         if self.inbox_rows:
             conn.executemany(_INSERT_INBOX, self.inbox_rows)
         if self.outbox_rows:
-            conn.executemany(_INSERT_OUTBOX, self.outbox_rows)
+            _insert_outbox(conn, self.outbox_rows)
 
 
 class _SavepointTransaction(_Transaction):
