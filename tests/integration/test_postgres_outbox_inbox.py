@@ -211,15 +211,15 @@ async def test_connections_killed_under_the_outbox_are_store_unavailable_not_dri
             )
 
     async with Outbox.postgres(pg_dsn, pool_size=1) as outbox:  # one connection to kill
-        await kill_the_pool()
-        with pytest.raises(StoreUnavailable, match="outbox"):
-            await outbox.pending_count()
-        assert await outbox.pending_count() == 0  # on a new connection
-        await kill_the_pool()
-        with pytest.raises(StoreUnavailable, match="outbox"):
+
+        async def killed_mid_way() -> None:
             async with outbox.transaction() as tx:
                 await tx.publish("orders.created", Message("OrderCreated"))
-        assert await outbox.pending_count() == 0
+                await kill_the_pool()  # the transaction's own connection
+
+        with pytest.raises(StoreUnavailable, match="outbox"):
+            await killed_mid_way()
+        assert await outbox.pending_count() == 0  # on a new connection
 
 
 async def test_a_closed_outbox_opens_again(outbox: Outbox, pg_dsn: str) -> None:
@@ -299,3 +299,59 @@ async def test_a_caught_statement_error_is_reported_not_acknowledged_with_nothin
         await place_order_ignoring_duplicates()
     assert await count(pg_dsn, "SELECT count(*) FROM effects") == 0
     assert await count(pg_dsn, "SELECT count(*) FROM orders") == 1
+
+
+async def terminate_idle(dsn: str, application: str) -> int:
+    """Terminate the idle backends of ``application`` (the server killing pooled
+    connections while idle: a failover, an idle timeout, an operator)."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as admin:
+        cursor = await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = %s AND state = 'idle'",
+            (application,),
+        )
+        killed = len(await cursor.fetchall())
+    await asyncio.sleep(0.1)  # the terminations land
+    return killed
+
+
+async def test_reads_and_transactions_go_past_pooled_connections_the_server_killed(
+    pg_dsn: str,
+) -> None:
+    """A read, or a transaction's BEGIN, on a pooled connection the server had killed
+    while idle failed with StoreUnavailable though the server was fine, so the relay
+    logged an outage that was not there; each now goes past the dead connections (a
+    transaction only before any of its statements ran)."""
+    application = f"sw-idle-{uuid.uuid4().hex[:8]}"
+    dsn = f"{pg_dsn} application_name={application}"
+    async with Outbox.postgres(dsn, pool_size=3) as outbox:
+        inbox = Inbox.of(outbox)
+        async with outbox.transaction() as tx:
+            await tx.publish("orders.created", Message("OrderCreated", id="m-1"))
+
+        async def fill_the_pool() -> None:
+            await asyncio.gather(*(outbox.pending_count() for _ in range(6)))
+
+        await fill_the_pool()
+        assert await terminate_idle(pg_dsn, application) >= 1
+        assert await outbox.pending_count() == 1
+        await fill_the_pool()
+        await terminate_idle(pg_dsn, application)
+        (record,) = await outbox.pending(10)
+        await fill_the_pool()
+        await terminate_idle(pg_dsn, application)
+        assert not await inbox.seen("m-1")
+        await fill_the_pool()
+        await terminate_idle(pg_dsn, application)
+        await outbox.mark_sent([record.seq])
+        await fill_the_pool()
+        await terminate_idle(pg_dsn, application)
+        async with outbox.transaction() as tx:
+            await tx.execute("SELECT 1")
+            await tx.publish("orders.created", Message("OrderCreated", id="m-2"))
+        await fill_the_pool()
+        await terminate_idle(pg_dsn, application)
+        handler = inbox.handler(lambda message, tx: tx.execute("SELECT 1"))
+        await handler(Delivery(Message("N", {}, id="m-3"), "x.y", "g"))
+        assert await inbox.seen("m-3")
+        assert [r.message.id for r in await outbox.pending(10)] == ["m-2"]

@@ -171,6 +171,21 @@ def _sever(conns: Sequence[AsyncConn], severed: list[bool]) -> None:
             severed.append(True)
 
 
+async def past_dead_connections(attempts: int, call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, tried again at once while it fails on a connection that broke: a pool
+    hands out connections that died while idle (a terminated backend, a failover) and
+    drops each after its failure, so ``attempts`` - one more than the pool holds -
+    reaches a new one. Only for calls safe to repeat (a read; a statement that never
+    reached the server); a deadline that passed is not tried again (no time left)."""
+    for _ in range(attempts - 1):
+        try:
+            return await call()
+        except StoreUnavailable as exc:
+            if not isinstance(exc.__cause__, psycopg.OperationalError):
+                raise
+    return await call()
+
+
 def stalled(exc: BaseException, seconds: float) -> BaseException:
     """``StoreUnavailable`` for a deadline that passed (``exc`` a ``TimeoutError``)."""
     if isinstance(exc, TimeoutError):

@@ -48,6 +48,7 @@ from seamwork.storage._pg import (
     make_pool,
     migrate,
     open_pool,
+    past_dead_connections,
     translate,
 )
 
@@ -137,6 +138,7 @@ class PostgresMessageStore:
         self.dsn = dsn
         self.query_timeout = query_timeout
         self.pool = make_pool(dsn, size=pool_size, name="seamwork-messaging")
+        self._attempts = pool_size + 1  # past every idle connection, to a new one
         self._opened = False
         self._wakeup = Wakeup()
 
@@ -163,6 +165,7 @@ class PostgresMessageStore:
         await self._wakeup.wait(max_wait)
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Any]:
+        """Run one statement under the deadline, on its own (autocommit)."""
         await self.open()
         conns: builtins.list[AsyncConn] = []
         try:
@@ -177,22 +180,58 @@ class PostgresMessageStore:
         except psycopg.Error as exc:
             raise translate(exc, "outbox/inbox") from exc
 
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Any]:
+        """``fetch`` for a statement safe to repeat (a read, an idempotent mark), tried
+        again past pooled connections the server killed while idle."""
+        return await past_dead_connections(self._attempts, lambda: self.fetch(sql, params))
+
     @asynccontextmanager
     async def transaction(self, what: str) -> AsyncIterator[AsyncConn]:
         """A pooled connection in a transaction. A failure to get the connection or to
         commit is a ``StoreError``; an error of the caller's own statements passes
-        through as it is (as on SQLite)."""
+        through as it is (as on SQLite). The BEGIN goes past pooled connections that
+        died while idle (nothing of the caller's has run on them yet)."""
         await self.open()
-        inside = False
+        conn = await past_dead_connections(self._attempts, lambda: self._begin(what))
         try:
-            async with self.pool.connection() as conn, conn.transaction():
-                inside = True
+            try:
                 yield conn
-                inside = False
-        except psycopg.Error as exc:
-            if inside:
+            except BaseException:
+                await _roll_back(conn)
                 raise
+            try:
+                await conn.execute(b"COMMIT")
+            except psycopg.Error as exc:
+                raise translate(exc, f"{what}: commit failed") from exc
+        finally:
+            await self.pool.putconn(conn)
+
+    async def _begin(self, what: str) -> AsyncConn:
+        try:
+            conn = await self.pool.getconn()
+        except psycopg.Error as exc:
             raise translate(exc, what) from exc
+        try:
+            await conn.execute(b"BEGIN")
+        except BaseException as exc:
+            await self.pool.putconn(conn)  # closed, if it broke: the pool drops it
+            if isinstance(exc, psycopg.Error):
+                raise translate(exc, what) from exc
+            raise
+        return conn
+
+
+async def _roll_back(conn: AsyncConn) -> None:
+    """End ``conn``'s transaction after a failure: ROLLBACK, or - mid-statement (a
+    cancelled caller) or broken - close it, which the server rolls back."""
+    status = conn.info.transaction_status
+    if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        try:
+            await conn.execute(b"ROLLBACK")
+            return
+        except Exception:
+            pass
+    await conn.close()
 
 
 class _Transaction:
@@ -272,7 +311,7 @@ class PostgresOutbox(Outbox):
             self.store.notify()
 
     async def pending(self, limit: int) -> builtins.list[OutboxRecord]:
-        rows = await self.store.fetch(
+        rows = await self.store.read(
             "SELECT seq, id, subject, type, data, correlation_id, causation_id, headers "
             f"FROM seamwork_outbox WHERE {_PENDING} ORDER BY seq LIMIT %s",
             (limit,),
@@ -288,13 +327,13 @@ class PostgresOutbox(Outbox):
 
     async def mark_sent(self, seqs: Collection[int]) -> None:
         if seqs:
-            await self.store.fetch(
+            await self.store.read(
                 "UPDATE seamwork_outbox SET sent_at = %s WHERE seq = ANY(%s)",
                 (time.time(), builtins.list(seqs)),
             )
 
     async def pending_count(self) -> int:
-        rows = await self.store.fetch(f"SELECT count(*) FROM seamwork_outbox WHERE {_PENDING}")
+        rows = await self.store.read(f"SELECT count(*) FROM seamwork_outbox WHERE {_PENDING}")
         return int(rows[0][0])
 
     async def purge_sent(self, older_than: float) -> int:
@@ -323,7 +362,7 @@ class PostgresOutbox(Outbox):
 
     async def parked(self, *, limit: int = 100) -> builtins.list[ParkedMessage]:
         check_limit(limit)
-        rows = await self.store.fetch(
+        rows = await self.store.read(
             "SELECT id, subject, type, data, correlation_id, causation_id, headers, "
             "park_error, parked_at FROM seamwork_outbox WHERE parked_at IS NOT NULL "
             "ORDER BY seq LIMIT %s",
@@ -427,7 +466,7 @@ class PostgresInbox(Inbox):
         await self.store.aclose()
 
     async def seen(self, message_id: str) -> bool:
-        rows = await self.store.fetch("SELECT 1 FROM seamwork_inbox WHERE id = %s", (message_id,))
+        rows = await self.store.read("SELECT 1 FROM seamwork_inbox WHERE id = %s", (message_id,))
         return bool(rows)
 
     @asynccontextmanager
