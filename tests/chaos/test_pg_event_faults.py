@@ -12,13 +12,14 @@ import asyncio
 import re
 import time
 import uuid
+from collections.abc import Awaitable
 
 import pytest
 from pg_faults import Proxy
 
 from seamwork.errors import EventStoreError, StoreUnavailable
 from seamwork.events import NewEvent
-from seamwork.messaging import Message, Outbox
+from seamwork.messaging import Delivery, Inbox, Message, Outbox, Transaction
 from seamwork.storage.postgres_events import PostgresEventStore
 
 pytestmark = pytest.mark.chaos
@@ -88,5 +89,76 @@ async def test_an_outbox_read_on_a_stalled_server_fails_within_the_deadline_and_
         await asyncio.wait_for(outbox.mark_sent([record.seq]), 15)
         assert await asyncio.wait_for(outbox.pending_count(), 15) == 0
     finally:
+        await asyncio.wait_for(outbox.aclose(), 15)
+        await proxy.aclose()
+
+
+async def _stalled_within(call: Awaitable[object], seconds: float) -> StoreUnavailable:
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable) as caught:
+        await asyncio.wait_for(call, 15)
+    assert time.monotonic() - started < seconds
+    return caught.value
+
+
+@pytest.mark.timeout(60)
+async def test_outbox_and_inbox_transactions_on_a_stalled_server_fail_within_the_deadline(
+    pg_dsn: str,
+) -> None:
+    """A statement inside ``outbox.transaction()`` or an inbox handler - the service's
+    own, the BEGIN, the outbox rows, the COMMIT - waited for good on a stalled server;
+    each now fails with StoreUnavailable after ``query_timeout`` (a COMMIT's outcome
+    then unknown), its connection replaced, and the next transaction runs."""
+    proxy = Proxy(5432)
+    await proxy.start()
+    outbox = Outbox.postgres(with_port(pg_dsn, proxy.port), pool_size=2, query_timeout=1.0)
+    inbox = Inbox.of(outbox)
+    try:
+        await outbox.open()
+        async with outbox.transaction() as tx:
+            await tx.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+
+        async def statement() -> None:
+            async with outbox.transaction() as tx:
+                proxy.stall()
+                await tx.execute("INSERT INTO orders (id) VALUES (1)")
+
+        async def commit() -> None:
+            async with outbox.transaction() as tx:
+                await tx.execute("INSERT INTO orders (id) VALUES (2)")
+                proxy.stall()
+
+        async def outbox_rows() -> None:
+            async with outbox.transaction() as tx:
+                await tx.publish("orders.created", Message("OrderCreated", {"id": 6}))
+                proxy.stall()
+
+        async def begin() -> None:
+            async with outbox.transaction() as tx:
+                await tx.execute("INSERT INTO orders (id) VALUES (3)")
+
+        async def handle(message: Message, tx: Transaction) -> None:
+            proxy.stall()
+            await tx.execute("INSERT INTO orders (id) VALUES (4)")
+
+        await _stalled_within(statement(), 2.5)
+        proxy.resume()
+        error = await _stalled_within(commit(), 2.5)
+        assert "outcome is unknown" in str(error)
+        proxy.resume()
+        await _stalled_within(outbox_rows(), 2.5)
+        proxy.resume()
+        proxy.stall()
+        await _stalled_within(begin(), 2.5)
+        proxy.resume()
+        await _stalled_within(inbox.handler(handle)(Delivery(Message("N"), "x.y", "g")), 2.5)
+        proxy.resume()
+        async with outbox.transaction() as tx:  # the store recovered
+            await tx.execute("INSERT INTO orders (id) VALUES (5)")
+        rows = await outbox.store.fetch("SELECT id FROM orders ORDER BY id")
+        assert [r[0] for r in rows] in ([5], [2, 5])  # 2: its COMMIT may have landed
+        assert await outbox.pending_count() == 0
+    finally:
+        proxy.resume()
         await asyncio.wait_for(outbox.aclose(), 15)
         await proxy.aclose()

@@ -49,6 +49,7 @@ from seamwork.storage._pg import (
     migrate,
     open_pool,
     past_dead_connections,
+    stalled,
     translate,
 )
 
@@ -112,8 +113,8 @@ _INSERT_OUTBOX = (
 _PENDING = "sent_at IS NULL AND parked_at IS NULL"
 """Rows the relay has still to publish (the predicate of the pending index)."""
 _CLAIM_ID = (
-    "INSERT INTO seamwork_inbox (id, type, received_at) VALUES (%s, %s, %s) "
-    "ON CONFLICT DO NOTHING RETURNING id"
+    b"INSERT INTO seamwork_inbox (id, type, received_at) VALUES (%s, %s, %s) "
+    b"ON CONFLICT DO NOTHING RETURNING id"
 )
 
 
@@ -123,11 +124,12 @@ class PostgresMessageStore:
     Args:
         dsn: a libpq connection string.
         pool_size: connections for transactions and the relay's statements.
-        query_timeout: the application deadline, in seconds, of the outbox's and
-            inbox's own statements outside a transaction block (the relay's
-            ``pending``, ``mark_sent``, ``purge_sent``, ``pending_count``, ``seen``):
-            a server that stalls fails them with ``StoreUnavailable`` after this, so
-            the relay backs off and carries on instead of waiting for good.
+        query_timeout: the application deadline, in seconds, of every statement: the
+            relay's (``pending``, ``mark_sent``, ``purge_sent``, ``pending_count``,
+            ``seen``) and each one inside a transaction block (BEGIN, the service's
+            own, COMMIT; not the block as a whole): a server that stalls fails it with
+            ``StoreUnavailable`` after this, so the relay backs off and carries on
+            and a handler's message is retried, instead of waiting for good.
     """
 
     def __init__(self, dsn: str, *, pool_size: int = 8, query_timeout: float = 5.0) -> None:
@@ -190,44 +192,71 @@ class PostgresMessageStore:
         """A pooled connection in a transaction. A failure to get the connection or to
         commit is a ``StoreError``; an error of the caller's own statements passes
         through as it is (as on SQLite). The BEGIN goes past pooled connections that
-        died while idle (nothing of the caller's has run on them yet)."""
+        died while idle (nothing of the caller's has run on them yet). BEGIN, COMMIT
+        and ROLLBACK run under the deadline (as the statements a ``_Transaction``
+        runs do): a stalled server fails them, and the connection is replaced."""
         await self.open()
         conn = await past_dead_connections(self._attempts, lambda: self._begin(what))
         try:
             try:
                 yield conn
             except BaseException:
-                await _roll_back(conn)
+                await _roll_back(conn, self.query_timeout)
                 raise
             try:
-                await conn.execute(b"COMMIT")
+                await timed(conn, self.query_timeout, b"COMMIT")
             except psycopg.Error as exc:
-                raise translate(exc, f"{what}: commit failed") from exc
+                if not conn.broken:
+                    raise translate(exc, f"{what}: commit failed") from exc
+                unknown: Exception = exc
+            except StoreUnavailable as exc:
+                unknown = exc
+            else:
+                return
+            raise StoreUnavailable(
+                f"{what}: the connection was lost during COMMIT ({unknown}); the outcome "
+                "is unknown (the transaction may have committed)"
+            ) from unknown
         finally:
-            await self.pool.putconn(conn)
+            await self.pool.putconn(conn)  # closed, if it broke: the pool drops it
 
     async def _begin(self, what: str) -> AsyncConn:
+        conns: builtins.list[AsyncConn] = []
         try:
-            conn = await self.pool.getconn()
-        except psycopg.Error as exc:
-            raise translate(exc, what) from exc
-        try:
-            await conn.execute(b"BEGIN")
+            async with deadline(self.query_timeout, conns):
+                conn = await self.pool.getconn()
+                conns.append(conn)
+                await conn.execute(b"BEGIN")
+                return conn
         except BaseException as exc:
-            await self.pool.putconn(conn)  # closed, if it broke: the pool drops it
-            if isinstance(exc, psycopg.Error):
-                raise translate(exc, what) from exc
+            if conns:
+                await self.pool.putconn(conns[0])
+            if isinstance(exc, psycopg.Error | TimeoutError):
+                raise translate(stalled(exc, self.query_timeout), what) from exc
             raise
-        return conn
 
 
-async def _roll_back(conn: AsyncConn) -> None:
+async def timed(conn: AsyncConn, seconds: float, sql: bytes, params: Sequence[Any] = ()) -> Any:
+    """One statement of an open transaction (its rows, if any) under the deadline: on a
+    stalled server it fails with ``StoreUnavailable`` and the connection is severed,
+    so the transaction ends with it. The driver's own errors pass through."""
+    try:
+        async with deadline(seconds, [conn]):
+            cursor = await conn.execute(sql, tuple(params))
+            return await cursor.fetchall() if cursor.description else []
+    except TimeoutError as exc:
+        raise StoreUnavailable(
+            f"outbox/inbox: PostgreSQL did not answer within {seconds:g}s"
+        ) from exc
+
+
+async def _roll_back(conn: AsyncConn, seconds: float) -> None:
     """End ``conn``'s transaction after a failure: ROLLBACK, or - mid-statement (a
-    cancelled caller) or broken - close it, which the server rolls back."""
+    cancelled caller), broken or stalled - close it, which the server rolls back."""
     status = conn.info.transaction_status
-    if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+    if status in _UNDOABLE:
         try:
-            await conn.execute(b"ROLLBACK")
+            await timed(conn, seconds, b"ROLLBACK")
             return
         except Exception:
             pass
@@ -236,17 +265,25 @@ async def _roll_back(conn: AsyncConn) -> None:
 
 class _Transaction:
     """``Transaction`` on an open PostgreSQL transaction; published messages are
-    inserted just before it commits."""
+    inserted just before it commits. Each statement runs under the store's deadline."""
 
-    def __init__(self, conn: AsyncConn) -> None:
+    def __init__(self, conn: AsyncConn, seconds: float) -> None:
         self.conn = conn
+        self.seconds = seconds
         self.rows: list[tuple[Any, ...]] = []
         self.ended = False
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[tuple[Any, ...]]:
         check_open(self.ended)
-        cursor = await self.conn.execute(sql.encode(), tuple(params))
-        return await cursor.fetchall() if cursor.description else []
+        try:
+            rows: builtins.list[tuple[Any, ...]] = await timed(
+                self.conn, self.seconds, sql.encode(), params
+            )
+        except psycopg.OperationalError as exc:
+            if self.conn.broken:  # the store's failure, not the statement's
+                raise translate(exc, "outbox/inbox: the connection was lost") from exc
+            raise
+        return rows
 
     async def publish(self, subject: str, message: Message) -> None:
         check_open(self.ended)
@@ -264,8 +301,12 @@ class _Transaction:
         if not self.rows:
             return
         try:
-            async with self.conn.cursor() as cursor:
+            async with deadline(self.seconds, [self.conn]), self.conn.cursor() as cursor:
                 await cursor.executemany(_INSERT_OUTBOX, self.rows)
+        except TimeoutError as exc:
+            raise StoreUnavailable(
+                f"outbox: writing its messages: PostgreSQL did not answer within {self.seconds:g}s"
+            ) from exc
         except psycopg.errors.UniqueViolation as exc:  # the server names the key
             detail = exc.diag.message_detail or ""
             taken = next((r[0] for r in self.rows if f"=({r[0]})" in detail), None)
@@ -301,7 +342,7 @@ class PostgresOutbox(Outbox):
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
         async with self.store.transaction("outbox") as conn:
-            tx = _Transaction(conn)
+            tx = _Transaction(conn, self.store.query_timeout)
             try:
                 yield tx
             finally:
@@ -399,17 +440,20 @@ class PostgresOutbox(Outbox):
         wanted = check_ids(ids)
         if not wanted:
             return 0
+        seconds = self.store.query_timeout
         async with self.store.transaction("outbox") as conn:
             try:
-                cursor = await conn.execute(
+                rows = await timed(
+                    conn,
+                    seconds,
                     b"SELECT id FROM seamwork_outbox WHERE parked_at IS NOT NULL "
                     b"AND id = ANY(%s) FOR UPDATE",
                     (wanted,),
                 )
-                found = {row[0] for row in await cursor.fetchall()}
+                found = {row[0] for row in rows}
                 if len(found) < len(wanted):
                     raise not_parked(wanted, found)
-                await conn.execute(statement.encode(), (wanted,))
+                await timed(conn, seconds, statement.encode(), (wanted,))
             except psycopg.Error as exc:
                 raise translate(exc, "outbox: parked messages") from exc
         return len(found)
@@ -418,32 +462,46 @@ class PostgresOutbox(Outbox):
 class _Batch:
     """``InboxBatch`` on one PostgreSQL transaction: a savepoint per message."""
 
-    def __init__(self, conn: AsyncConn) -> None:
+    def __init__(self, conn: AsyncConn, seconds: float) -> None:
         self.conn = conn
+        self.seconds = seconds
         self.published = False
 
     async def apply(
         self, message: Message, fn: Callable[[Message, Transaction], Awaitable[None]]
     ) -> BaseException | None:
         try:
-            async with self.conn.transaction():
-                cursor = await self.conn.execute(_CLAIM_ID, (message.id, message.type, time.time()))
-                if await cursor.fetchone() is None:
-                    return None  # applied before
-                tx = _Transaction(self.conn)
-                try:
-                    await fn(message, tx)
-                finally:
-                    tx.ended = True  # a task it left running must not write into the next
-                await tx.flush()
-                self.published = self.published or bool(tx.rows)
-        except psycopg.OperationalError as exc:
+            await timed(self.conn, self.seconds, b"SAVEPOINT seamwork_message")
+            try:
+                tx = await self._apply(message, fn)
+            except BaseException:
+                if self.conn.info.transaction_status in _UNDOABLE:
+                    await timed(self.conn, self.seconds, b"ROLLBACK TO SAVEPOINT seamwork_message")
+                    await timed(self.conn, self.seconds, b"RELEASE SAVEPOINT seamwork_message")
+                raise
+            await timed(self.conn, self.seconds, b"RELEASE SAVEPOINT seamwork_message")
+            self.published = self.published or bool(tx is not None and tx.rows)
+        except Exception as exc:
             if self.conn.broken or self.conn.closed:
                 raise  # the connection is gone: nothing commits, the batch fails whole
-            return exc  # a timeout or lock error of this message: its savepoint held it
-        except Exception as exc:
-            return exc
+            return exc  # this message's own error (a lock timeout, say): its savepoint held it
         return None
+
+    async def _apply(
+        self, message: Message, fn: Callable[[Message, Transaction], Awaitable[None]]
+    ) -> _Transaction | None:
+        if not await _claim(self.conn, message, self.seconds):
+            return None  # applied before
+        tx = _Transaction(self.conn, self.seconds)
+        try:
+            await fn(message, tx)
+        finally:
+            tx.ended = True  # a task it left running must not write into the next
+        await tx.flush()
+        return tx
+
+
+_UNDOABLE = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
 
 
 class PostgresInbox(Inbox):
@@ -472,10 +530,10 @@ class PostgresInbox(Inbox):
     @asynccontextmanager
     async def _transaction(self, message: Message) -> AsyncIterator[Transaction | None]:
         async with self.store.transaction("inbox") as conn:
-            if not await _claim(conn, message):
+            if not await _claim(conn, message, self.store.query_timeout):
                 yield None  # applied before: apply nothing, acknowledge again
                 return
-            tx = _Transaction(conn)
+            tx = _Transaction(conn, self.store.query_timeout)
             try:
                 yield tx
             finally:
@@ -487,16 +545,15 @@ class PostgresInbox(Inbox):
     @asynccontextmanager
     async def _batch(self, messages: Sequence[Message]) -> AsyncIterator[_Batch]:
         async with self.store.transaction("inbox") as conn:
-            batch = _Batch(conn)
+            batch = _Batch(conn, self.store.query_timeout)
             yield batch
         if batch.published:
             self.store.notify()
 
 
-async def _claim(conn: AsyncConn, message: Message) -> bool:
+async def _claim(conn: AsyncConn, message: Message, seconds: float) -> bool:
     """Record ``message``'s id in the open transaction; False if it was there before."""
     try:
-        cursor = await conn.execute(_CLAIM_ID, (message.id, message.type, time.time()))
-        return await cursor.fetchone() is not None
+        return bool(await timed(conn, seconds, _CLAIM_ID, (message.id, message.type, time.time())))
     except psycopg.Error as exc:
         raise translate(exc, f"inbox: recording message {message.id}") from exc
