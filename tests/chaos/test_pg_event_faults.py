@@ -20,6 +20,7 @@ from pg_faults import Proxy
 from seamwork.errors import EventStoreError, StoreUnavailable
 from seamwork.events import NewEvent
 from seamwork.messaging import Delivery, Inbox, Message, Outbox, Transaction
+from seamwork.saga import IdempotencyLedger
 from seamwork.storage.postgres_events import PostgresEventStore
 
 pytestmark = pytest.mark.chaos
@@ -161,4 +162,37 @@ async def test_outbox_and_inbox_transactions_on_a_stalled_server_fail_within_the
     finally:
         proxy.resume()
         await asyncio.wait_for(outbox.aclose(), 15)
+        await proxy.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_the_ledgers_statements_on_a_stalled_server_fail_within_the_deadline(
+    pg_dsn: str,
+) -> None:
+    """The ledger's own statements - BEGIN, the claim, the recorded result, COMMIT and
+    ``result`` - had no deadline; each now fails with StoreUnavailable after
+    ``query_timeout`` (a COMMIT's outcome then unknown) and the ledger recovers."""
+    proxy = Proxy(5432)
+    await proxy.start()
+    ledger = IdempotencyLedger.postgres(with_port(pg_dsn, proxy.port), query_timeout=1.0)
+    try:
+        await ledger.open()
+
+        def stall_then(value: object) -> object:
+            proxy.stall()
+            return value
+
+        error = await _stalled_within(ledger.once("a", lambda conn: stall_then(1)), 2.5)
+        assert "outcome is unknown" not in str(error)  # the result's UPDATE: not a COMMIT
+        proxy.resume()
+        proxy.stall()
+        await _stalled_within(ledger.once("b", lambda conn: 2), 2.5)
+        await _stalled_within(ledger.result("b"), 2.5)
+        await _stalled_within(ledger.transaction(lambda conn: 3), 2.5)
+        proxy.resume()
+        assert await asyncio.wait_for(ledger.once("c", lambda conn: 4), 15) == 4
+        assert await asyncio.wait_for(ledger.result("a"), 15) is None
+    finally:
+        proxy.resume()
+        await asyncio.wait_for(ledger.aclose(), 15)
         await proxy.aclose()

@@ -81,3 +81,39 @@ class TestPostgresLedger(LedgerContract):
             assert await ledger.once("saga-1:x", lambda conn: None) == {"a": 2, "b": 1}
             assert await ledger.once("saga-2:x", lambda conn: {"big": 1e20}) == {"big": 1e20}
             assert repr(await ledger.result("saga-2:x")) == repr({"big": 1e20})
+
+    async def test_calls_go_past_pooled_connections_the_server_killed_while_idle(
+        self, pg_dsn: str
+    ) -> None:
+        """``result``, ``once`` and ``transaction`` on a pooled connection the server had
+        killed while idle (a failover, an idle timeout) failed with StoreUnavailable
+        though the server was fine; each now goes past the dead connections (a
+        transaction only at its BEGIN, before anything of it ran)."""
+        import asyncio
+        import uuid
+
+        import psycopg
+
+        application = f"sw-idle-{uuid.uuid4().hex[:8]}"
+        ledger = IdempotencyLedger.postgres(f"{pg_dsn} application_name={application}")
+
+        async def kill_idle_connections() -> None:
+            await asyncio.gather(*(ledger.result("k") for _ in range(8)))  # the pool filled
+            async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as admin:
+                cursor = await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = %s AND state = 'idle'",
+                    (application,),
+                )
+                assert len(await cursor.fetchall()) >= 1
+            await asyncio.sleep(0.1)
+
+        async with ledger:
+            await kill_idle_connections()
+            assert await ledger.result("k") is None
+            await kill_idle_connections()
+            assert await ledger.once("k", lambda conn: {"n": 1}) == {"n": 1}
+            await kill_idle_connections()
+            assert await ledger.transaction(lambda conn: 7) == 7
+            await kill_idle_connections()
+            assert await ledger.result("k") == {"n": 1}

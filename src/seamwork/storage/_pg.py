@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar
 
 try:
     import psycopg
+    from psycopg.pq import TransactionStatus
     from psycopg_pool import AsyncConnectionPool
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("PostgreSQL support needs: pip install 'seamwork[postgres]'") from exc
@@ -193,6 +194,95 @@ def stalled(exc: BaseException, seconds: float) -> BaseException:
         error.__cause__ = exc
         return error
     return exc
+
+
+UNDOABLE = (TransactionStatus.INTRANS, TransactionStatus.INERROR)  # ROLLBACK (TO) ends it
+
+
+@contextlib.asynccontextmanager
+async def pooled_transaction(
+    open_store: Callable[[], Awaitable[None]],
+    pool: AsyncConnectionPool[AsyncConn],
+    seconds: float,
+    *,
+    attempts: int,
+    what: str,
+) -> AsyncIterator[AsyncConn]:
+    """A pooled connection in a transaction, for a block of the caller's statements.
+
+    The BEGIN goes past pooled connections that died while idle (nothing of the
+    caller's has run on them yet). BEGIN, COMMIT and ROLLBACK each run under the
+    deadline (``timed``; not the block as a whole): a stalled server fails them with
+    ``StoreUnavailable``, the connection is closed - the server rolls back - and the
+    pool replaces it. A failure to get the connection or to commit is a ``StoreError``
+    naming ``what``; a COMMIT the connection was lost under has an unknown outcome,
+    and says so. A failing (or cancelled) block is rolled back, its error raised."""
+    await open_store()
+    conn = await past_dead_connections(attempts, lambda: _begin(pool, seconds, what))
+    try:
+        try:
+            yield conn
+        except BaseException:
+            await _roll_back(conn, seconds, what)
+            raise
+        try:
+            await timed(conn, seconds, b"COMMIT", what=what)
+        except psycopg.Error as exc:
+            if not conn.broken:
+                raise translate(exc, f"{what}: commit failed") from exc
+            unknown: Exception = exc
+        except StoreUnavailable as exc:
+            unknown = exc
+        else:
+            return
+        raise StoreUnavailable(
+            f"{what}: the connection was lost during COMMIT ({unknown}); the outcome "
+            "is unknown (the transaction may have committed)"
+        ) from unknown
+    finally:
+        await pool.putconn(conn)  # closed, if it broke: the pool drops it
+
+
+async def _begin(pool: AsyncConnectionPool[AsyncConn], seconds: float, what: str) -> AsyncConn:
+    conns: list[AsyncConn] = []
+    try:
+        async with deadline(seconds, conns):
+            conn = await pool.getconn()
+            conns.append(conn)
+            await conn.execute(b"BEGIN")
+            return conn
+    except BaseException as exc:
+        if conns:
+            await pool.putconn(conns[0])
+        if isinstance(exc, psycopg.Error | TimeoutError):
+            raise translate(stalled(exc, seconds), what) from exc
+        raise
+
+
+async def timed(
+    conn: AsyncConn, seconds: float, sql: bytes, params: Sequence[Any] = (), *, what: str
+) -> Any:
+    """One statement of an open transaction (its rows, if any) under the deadline: on a
+    stalled server it fails with ``StoreUnavailable`` and the connection is severed,
+    so the transaction ends with it. The driver's own errors pass through."""
+    try:
+        async with deadline(seconds, [conn]):
+            cursor = await conn.execute(sql, tuple(params))
+            return await cursor.fetchall() if cursor.description else []
+    except TimeoutError as exc:
+        raise StoreUnavailable(f"{what}: PostgreSQL did not answer within {seconds:g}s") from exc
+
+
+async def _roll_back(conn: AsyncConn, seconds: float, what: str) -> None:
+    """End ``conn``'s transaction after a failure: ROLLBACK, or - mid-statement (a
+    cancelled caller), broken or stalled - close it, which the server rolls back."""
+    if conn.info.transaction_status in UNDOABLE:
+        try:
+            await timed(conn, seconds, b"ROLLBACK", what=what)
+            return
+        except Exception:
+            pass
+    await conn.close()
 
 
 class _QueueOwner(Generic[Item, R]):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import builtins
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import psycopg
@@ -41,6 +41,7 @@ from seamwork.messaging._outbox import (
     outbox_row,
 )
 from seamwork.storage._pg import (
+    UNDOABLE,
     AsyncConn,
     PgMigration,
     connect,
@@ -49,7 +50,8 @@ from seamwork.storage._pg import (
     migrate,
     open_pool,
     past_dead_connections,
-    stalled,
+    pooled_transaction,
+    timed,
     translate,
 )
 
@@ -187,80 +189,13 @@ class PostgresMessageStore:
         again past pooled connections the server killed while idle."""
         return await past_dead_connections(self._attempts, lambda: self.fetch(sql, params))
 
-    @asynccontextmanager
-    async def transaction(self, what: str) -> AsyncIterator[AsyncConn]:
-        """A pooled connection in a transaction. A failure to get the connection or to
-        commit is a ``StoreError``; an error of the caller's own statements passes
-        through as it is (as on SQLite). The BEGIN goes past pooled connections that
-        died while idle (nothing of the caller's has run on them yet). BEGIN, COMMIT
-        and ROLLBACK run under the deadline (as the statements a ``_Transaction``
-        runs do): a stalled server fails them, and the connection is replaced."""
-        await self.open()
-        conn = await past_dead_connections(self._attempts, lambda: self._begin(what))
-        try:
-            try:
-                yield conn
-            except BaseException:
-                await _roll_back(conn, self.query_timeout)
-                raise
-            try:
-                await timed(conn, self.query_timeout, b"COMMIT")
-            except psycopg.Error as exc:
-                if not conn.broken:
-                    raise translate(exc, f"{what}: commit failed") from exc
-                unknown: Exception = exc
-            except StoreUnavailable as exc:
-                unknown = exc
-            else:
-                return
-            raise StoreUnavailable(
-                f"{what}: the connection was lost during COMMIT ({unknown}); the outcome "
-                "is unknown (the transaction may have committed)"
-            ) from unknown
-        finally:
-            await self.pool.putconn(conn)  # closed, if it broke: the pool drops it
-
-    async def _begin(self, what: str) -> AsyncConn:
-        conns: builtins.list[AsyncConn] = []
-        try:
-            async with deadline(self.query_timeout, conns):
-                conn = await self.pool.getconn()
-                conns.append(conn)
-                await conn.execute(b"BEGIN")
-                return conn
-        except BaseException as exc:
-            if conns:
-                await self.pool.putconn(conns[0])
-            if isinstance(exc, psycopg.Error | TimeoutError):
-                raise translate(stalled(exc, self.query_timeout), what) from exc
-            raise
-
-
-async def timed(conn: AsyncConn, seconds: float, sql: bytes, params: Sequence[Any] = ()) -> Any:
-    """One statement of an open transaction (its rows, if any) under the deadline: on a
-    stalled server it fails with ``StoreUnavailable`` and the connection is severed,
-    so the transaction ends with it. The driver's own errors pass through."""
-    try:
-        async with deadline(seconds, [conn]):
-            cursor = await conn.execute(sql, tuple(params))
-            return await cursor.fetchall() if cursor.description else []
-    except TimeoutError as exc:
-        raise StoreUnavailable(
-            f"outbox/inbox: PostgreSQL did not answer within {seconds:g}s"
-        ) from exc
-
-
-async def _roll_back(conn: AsyncConn, seconds: float) -> None:
-    """End ``conn``'s transaction after a failure: ROLLBACK, or - mid-statement (a
-    cancelled caller), broken or stalled - close it, which the server rolls back."""
-    status = conn.info.transaction_status
-    if status in _UNDOABLE:
-        try:
-            await timed(conn, seconds, b"ROLLBACK")
-            return
-        except Exception:
-            pass
-    await conn.close()
+    def transaction(self, what: str) -> AbstractAsyncContextManager[AsyncConn]:
+        """A pooled connection in a transaction (``_pg.pooled_transaction``): a failure
+        to get the connection or to commit is a ``StoreError``; an error of the
+        caller's own statements passes through as it is (as on SQLite)."""
+        return pooled_transaction(
+            self.open, self.pool, self.query_timeout, attempts=self._attempts, what=what
+        )
 
 
 class _Transaction:
@@ -277,7 +212,7 @@ class _Transaction:
         check_open(self.ended)
         try:
             rows: builtins.list[tuple[Any, ...]] = await timed(
-                self.conn, self.seconds, sql.encode(), params
+                self.conn, self.seconds, sql.encode(), params, what="outbox/inbox"
             )
         except psycopg.OperationalError as exc:
             if self.conn.broken:  # the store's failure, not the statement's
@@ -449,11 +384,12 @@ class PostgresOutbox(Outbox):
                     b"SELECT id FROM seamwork_outbox WHERE parked_at IS NOT NULL "
                     b"AND id = ANY(%s) FOR UPDATE",
                     (wanted,),
+                    what="outbox",
                 )
                 found = {row[0] for row in rows}
                 if len(found) < len(wanted):
                     raise not_parked(wanted, found)
-                await timed(conn, seconds, statement.encode(), (wanted,))
+                await timed(conn, seconds, statement.encode(), (wanted,), what="outbox")
             except psycopg.Error as exc:
                 raise translate(exc, "outbox: parked messages") from exc
         return len(found)
@@ -471,21 +407,24 @@ class _Batch:
         self, message: Message, fn: Callable[[Message, Transaction], Awaitable[None]]
     ) -> BaseException | None:
         try:
-            await timed(self.conn, self.seconds, b"SAVEPOINT seamwork_message")
+            await self._run(b"SAVEPOINT seamwork_message")
             try:
                 tx = await self._apply(message, fn)
             except BaseException:
-                if self.conn.info.transaction_status in _UNDOABLE:
-                    await timed(self.conn, self.seconds, b"ROLLBACK TO SAVEPOINT seamwork_message")
-                    await timed(self.conn, self.seconds, b"RELEASE SAVEPOINT seamwork_message")
+                if self.conn.info.transaction_status in UNDOABLE:
+                    await self._run(b"ROLLBACK TO SAVEPOINT seamwork_message")
+                    await self._run(b"RELEASE SAVEPOINT seamwork_message")
                 raise
-            await timed(self.conn, self.seconds, b"RELEASE SAVEPOINT seamwork_message")
+            await self._run(b"RELEASE SAVEPOINT seamwork_message")
             self.published = self.published or bool(tx is not None and tx.rows)
         except Exception as exc:
             if self.conn.broken or self.conn.closed:
                 raise  # the connection is gone: nothing commits, the batch fails whole
             return exc  # this message's own error (a lock timeout, say): its savepoint held it
         return None
+
+    async def _run(self, sql: bytes) -> None:
+        await timed(self.conn, self.seconds, sql, what="inbox")
 
     async def _apply(
         self, message: Message, fn: Callable[[Message, Transaction], Awaitable[None]]
@@ -499,9 +438,6 @@ class _Batch:
             tx.ended = True  # a task it left running must not write into the next
         await tx.flush()
         return tx
-
-
-_UNDOABLE = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
 
 
 class PostgresInbox(Inbox):
@@ -554,6 +490,7 @@ class PostgresInbox(Inbox):
 async def _claim(conn: AsyncConn, message: Message, seconds: float) -> bool:
     """Record ``message``'s id in the open transaction; False if it was there before."""
     try:
-        return bool(await timed(conn, seconds, _CLAIM_ID, (message.id, message.type, time.time())))
+        params = (message.id, message.type, time.time())
+        return bool(await timed(conn, seconds, _CLAIM_ID, params, what="inbox"))
     except psycopg.Error as exc:
         raise translate(exc, f"inbox: recording message {message.id}") from exc
