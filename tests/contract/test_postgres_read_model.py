@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+
 import psycopg
 import pytest
 
-from seamwork.events import EventStore, ReadModelStore
+from seamwork.events import EventStore, ProjectionRunner, ReadModelStore
 from seamwork.storage.postgres_readmodel import PostgresReadModel
-from seamwork.testing.read_model import ReadModelContract
+from seamwork.testing.read_model import ReadModelContract, added
 
 pytestmark = pytest.mark.postgres
 
@@ -29,3 +32,38 @@ class TestPostgresReadModel(ReadModelContract):
     async def drift(self, model: ReadModelStore) -> None:
         async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
             await conn.execute("UPDATE totals SET total = -1")
+
+    async def test_calls_go_past_a_connection_the_server_killed_while_idle(self) -> None:
+        """The read model's connection, killed by the server while idle (a failover, an
+        idle timeout), failed the next call - a page, a query - with StoreUnavailable
+        though the server was fine; the call now connects again at its BEGIN, before
+        anything of it ran."""
+        application = f"sw-idle-{uuid.uuid4().hex[:8]}"
+        model = PostgresReadModel(f"{self.dsn} application_name={application}")
+        projection = self.totals_projection()
+
+        async def kill_idle_connection() -> None:
+            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as admin:
+                cursor = await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = %s AND state = 'idle'",
+                    (application,),
+                )
+                assert len(await cursor.fetchall()) == 1
+            await asyncio.sleep(0.1)
+
+        async with self.make_store() as store:
+            await store.append("s", added(2))
+            await model.open()
+            try:
+                runner = ProjectionRunner(store, projection, model)
+                await kill_idle_connection()
+                await runner.catch_up()
+                await kill_idle_connection()
+                assert await model.query("SELECT stream, total FROM totals") == [
+                    {"stream": "s", "total": 2}
+                ]
+                await kill_idle_connection()
+                assert await model.parked(projection.name) == []
+            finally:
+                await model.aclose()

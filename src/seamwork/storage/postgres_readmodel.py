@@ -166,15 +166,24 @@ class PostgresReadModel:
         return await asyncio.to_thread(self._transact, fn)
 
     def _transact(self, fn: Callable[[SyncConn], T]) -> T:
+        """``fn`` in one transaction. A connection the server killed while idle (a
+        failover, an idle timeout) fails the BEGIN, before anything of ``fn`` ran: the
+        transaction then starts again on a new connection, once."""
         with self._lock:  # one transaction at a time on the connection
-            conn = self._conn
-            if conn is None or conn.closed:
-                conn = self._conn = self._connect()
-            try:
-                with conn.transaction():
-                    return fn(conn)
-            except psycopg.Error as exc:
-                raise translate(exc, "read model") from exc
+            for again in (True, False):
+                conn = self._conn
+                if conn is None or conn.closed:
+                    conn = self._conn = self._connect()
+                begun = False
+                try:
+                    with conn.transaction():
+                        begun = True
+                        return fn(conn)
+                except psycopg.Error as exc:
+                    if again and not begun and conn.closed:
+                        continue
+                    raise translate(exc, "read model") from exc
+            raise AssertionError("unreachable")  # pragma: no cover
 
 
 class _WentOnAfterError(Exception):
