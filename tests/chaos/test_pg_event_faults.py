@@ -13,15 +13,18 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable
+from typing import Any
 
 import pytest
 from pg_faults import Proxy
 
 from seamwork.errors import EventStoreError, StoreUnavailable
-from seamwork.events import NewEvent
+from seamwork.events import NewEvent, ProjectionRunner, RecordedEvent, handles
 from seamwork.messaging import Delivery, Inbox, Message, Outbox, Transaction
 from seamwork.saga import IdempotencyLedger
 from seamwork.storage.postgres_events import PostgresEventStore
+from seamwork.storage.postgres_readmodel import PostgresReadModel
+from seamwork.testing.read_model import Totals, added
 
 pytestmark = pytest.mark.chaos
 
@@ -195,4 +198,43 @@ async def test_the_ledgers_statements_on_a_stalled_server_fail_within_the_deadli
     finally:
         proxy.resume()
         await asyncio.wait_for(ledger.aclose(), 15)
+        await proxy.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_read_model_calls_on_a_stalled_server_fail_within_the_deadline(
+    pg_dsn: str,
+) -> None:
+    """A read-model call - a page of a projection, a query - waited for good on a
+    stalled server, holding the read model's one connection (and its lock) for every
+    later call; a statement that gets no answer within ``query_timeout`` now fails the
+    call with StoreUnavailable, the connection is replaced, and the next call runs."""
+    proxy = Proxy(5432)
+    await proxy.start()
+    store = PostgresEventStore(pg_dsn)  # the events come straight from the server
+    model = PostgresReadModel(with_port(pg_dsn, proxy.port), query_timeout=1.0)
+    projection = Totals("%s")
+
+    class Stalls(Totals):
+        @handles("Added")
+        def added(self, event: RecordedEvent, conn: Any) -> None:
+            proxy.stall()
+            super().added(event, conn)
+
+    try:
+        await store.open()
+        await store.append("s", added(3))
+        await model.open()
+        await model.setup(projection)
+        await _stalled_within(ProjectionRunner(store, Stalls("%s"), model).catch_up(), 2.5)
+        proxy.resume()
+        proxy.stall()
+        await _stalled_within(model.query("SELECT 1"), 2.5)
+        proxy.resume()
+        assert await asyncio.wait_for(ProjectionRunner(store, projection, model).catch_up(), 15)
+        assert await asyncio.wait_for(model.query("SELECT total FROM totals"), 15) == [{"total": 3}]
+    finally:
+        proxy.resume()
+        await asyncio.wait_for(model.aclose(), 15)
+        await asyncio.wait_for(store.aclose(), 15)
         await proxy.aclose()

@@ -164,12 +164,20 @@ async def deadline(seconds: float, conns: Sequence[AsyncConn]) -> AsyncIterator[
 
 
 def _sever(conns: Sequence[AsyncConn], severed: list[bool]) -> None:
+    if sever(conns):
+        severed.append(True)
+
+
+def sever(conns: Sequence[psycopg.BaseConnection[Any]]) -> bool:
+    """Shut the connections' sockets down (a pending read fails at once); any cut?"""
+    cut = False
     for conn in conns:
         # Through a duplicate descriptor: the connection's own stays valid (its number
         # is not reused under psycopg's feet) while the socket itself is shut down.
         with contextlib.suppress(Exception), socket.socket(fileno=os.dup(conn.pgconn.socket)) as s:
             s.shutdown(socket.SHUT_RDWR)
-            severed.append(True)
+            cut = True
+    return cut
 
 
 async def past_dead_connections(attempts: int, call: Callable[[], Awaitable[T]]) -> T:

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import math
+import os
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -22,10 +26,10 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("PostgreSQL support needs: pip install 'seamwork[postgres]'") from exc
 
-from seamwork.errors import StoreUnavailable
+from seamwork.errors import ConfigError, StoreUnavailable
 from seamwork.events._model import RecordedEvent
 from seamwork.events._projection import BatchResult, ParkedEvent, Projection
-from seamwork.storage._pg import translate
+from seamwork.storage._pg import sever, translate
 from seamwork.storage._readmodel import PageSQL, apply_page, replay_stream
 
 T = TypeVar("T")
@@ -54,12 +58,23 @@ class PostgresReadModel:
 
     Args:
         dsn: a libpq connection string.
+        query_timeout: the application deadline, in seconds, of each statement - the
+            read model's own and the handlers' - and of connecting: a statement in
+            progress on a connection where nothing moved, either way, for this long
+            (a stalled server or network) is cut, the call fails with
+            ``StoreUnavailable`` (a page then applied or not: the checkpoint says) and
+            the connection is replaced. Seen through the socket's TCP counters, so on
+            Linux over TCP; elsewhere only connecting is bounded.
     """
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, *, query_timeout: float = 5.0) -> None:
+        if not query_timeout > 0:
+            raise ConfigError(f"query_timeout must be > 0 seconds, got {query_timeout!r}")
         self._dsn = dsn
+        self._deadline = query_timeout
         self._conn: SyncConn | None = None
         self._lock = threading.Lock()
+        self._cut = False  # the watch cut the connection of the transaction in flight
 
     def __repr__(self) -> str:
         return "PostgresReadModel(...)"
@@ -154,16 +169,26 @@ class PostgresReadModel:
     # --- plumbing ----------------------------------------------------------------------
 
     def _connect(self) -> SyncConn:
+        # a stalled server would hold the handshake, and the read model, for good
+        timeout = max(2, math.ceil(self._deadline))  # libpq's: whole seconds, at least 2
         try:
-            return psycopg.connect(self._dsn, autocommit=True)
+            return psycopg.connect(self._dsn, autocommit=True, connect_timeout=timeout)
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"cannot connect the read model to PostgreSQL: {exc}") from exc
 
     async def _run(self, fn: Callable[[SyncConn], T]) -> T:
-        """Run ``fn`` in one transaction on the worker thread."""
+        """Run ``fn`` in one transaction on the worker thread, watched: every quarter of
+        the deadline, a connection whose statement has had nothing move for the whole
+        deadline is cut (its socket shut down: the blocked call fails at once)."""
         if self._conn is None:
             await self.open()
-        return await asyncio.to_thread(self._transact, fn)
+        work = asyncio.ensure_future(asyncio.to_thread(self._transact, fn))
+        while not (await asyncio.wait({work}, timeout=self._deadline / 4))[0]:
+            conn = self._conn
+            if conn is not None and _stalled(conn, self._deadline):
+                self._cut = True
+                sever([conn])
+        return work.result()
 
     def _transact(self, fn: Callable[[SyncConn], T]) -> T:
         """``fn`` in one transaction. A connection the server killed while idle (a
@@ -171,6 +196,7 @@ class PostgresReadModel:
         transaction then starts again on a new connection, once."""
         with self._lock:  # one transaction at a time on the connection
             for again in (True, False):
+                self._cut = False
                 conn = self._conn
                 if conn is None or conn.closed:
                     conn = self._conn = self._connect()
@@ -180,10 +206,36 @@ class PostgresReadModel:
                         begun = True
                         return fn(conn)
                 except psycopg.Error as exc:
+                    if self._cut:
+                        conn.close()
+                        raise StoreUnavailable(
+                            f"read model: PostgreSQL did not answer within {self._deadline:g}s; "
+                            "the connection is replaced (a page's outcome is unknown)"
+                        ) from exc
                     if again and not begun and conn.closed:
                         continue
                     raise translate(exc, "read model") from exc
             raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _stalled(conn: SyncConn, seconds: float) -> bool:
+    """A statement is in progress on ``conn`` and nothing has moved on its socket, either
+    way, for ``seconds`` (Linux ``TCP_INFO``; False where that cannot be seen)."""
+    option = getattr(socket, "TCP_INFO", None)
+    if option is None or conn.closed:
+        return False
+    if conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.ACTIVE:
+        return False
+    try:
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+            info = sock.getsockopt(socket.IPPROTO_TCP, option, 64)
+    except (OSError, psycopg.Error):  # not TCP (a Unix socket), or closed meanwhile
+        return False
+    if len(info) < 56:
+        return False
+    # struct tcp_info: tcpi_last_data_sent at byte 44, tcpi_last_data_recv at 52 (ms)
+    sent, _, received = struct.unpack_from("=III", info, 44)
+    return bool(min(sent, received) >= seconds * 1000)
 
 
 class _WentOnAfterError(Exception):
