@@ -8,6 +8,7 @@ import uuid
 import psycopg
 import pytest
 
+from seamwork.errors import StoreUnavailable
 from seamwork.events import EventStore, ProjectionRunner, ReadModelStore
 from seamwork.storage.postgres_readmodel import PostgresReadModel
 from seamwork.testing.read_model import ReadModelContract, added
@@ -67,3 +68,10 @@ class TestPostgresReadModel(ReadModelContract):
                 assert await model.parked(projection.name) == []
             finally:
                 await model.aclose()
+
+
+async def test_a_bad_dsn_is_a_store_error_naming_it_not_the_drivers() -> None:
+    """A DSN libpq cannot parse raised psycopg's ProgrammingError from open(), where
+    the outbox, ledger and event store raise StoreUnavailable naming the problem."""
+    with pytest.raises(StoreUnavailable, match=r'read model.*invalid connection option "nonsense"'):
+        await PostgresReadModel("nonsense=1").open()

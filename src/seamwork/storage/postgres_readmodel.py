@@ -173,7 +173,7 @@ class PostgresReadModel:
         timeout = max(2, math.ceil(self._deadline))  # libpq's: whole seconds, at least 2
         try:
             return psycopg.connect(self._dsn, autocommit=True, connect_timeout=timeout)
-        except psycopg.OperationalError as exc:
+        except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # down, a bad DSN
             raise StoreUnavailable(f"cannot connect the read model to PostgreSQL: {exc}") from exc
 
     async def _run(self, fn: Callable[[SyncConn], T]) -> T:
