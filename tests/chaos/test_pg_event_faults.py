@@ -238,3 +238,28 @@ async def test_read_model_calls_on_a_stalled_server_fail_within_the_deadline(
         await asyncio.wait_for(model.aclose(), 15)
         await asyncio.wait_for(store.aclose(), 15)
         await proxy.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_opening_on_a_stalled_server_fails_within_the_deadline(pg_dsn: str) -> None:
+    """``open()`` of an outbox or a ledger connected (to migrate) with no deadline, so on
+    a stalled server it waited for good; the connection now fails after
+    ``query_timeout`` with StoreUnavailable, and an ``open()`` after the stall works."""
+    proxy = Proxy(5432)
+    await proxy.start()
+    dsn = with_port(pg_dsn, proxy.port)
+    outbox = Outbox.postgres(dsn, query_timeout=1.0)
+    ledger = IdempotencyLedger.postgres(dsn, query_timeout=1.0)
+    try:
+        proxy.stall()
+        assert "no answer within 1s" in str(await _stalled_within(outbox.open(), 2.5))
+        await _stalled_within(ledger.open(), 2.5)
+        proxy.resume()
+        await asyncio.wait_for(outbox.open(), 15)
+        await asyncio.wait_for(ledger.open(), 15)
+        assert await outbox.pending_count() == 0
+    finally:
+        proxy.resume()
+        await asyncio.wait_for(outbox.aclose(), 15)
+        await asyncio.wait_for(ledger.aclose(), 15)
+        await proxy.aclose()

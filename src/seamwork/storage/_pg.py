@@ -50,12 +50,21 @@ class PgMigration:
     statements: tuple[str, ...]
 
 
-async def connect(dsn: str, *, autocommit: bool, what: str) -> AsyncConn:
-    """Open a connection; an unreachable server is ``StoreUnavailable`` naming ``what``."""
+async def connect(
+    dsn: str, *, autocommit: bool, what: str, within: float | None = None
+) -> AsyncConn:
+    """Open a connection; an unreachable server is ``StoreUnavailable`` naming ``what``,
+    and so is one that does not answer within ``within`` seconds (a stalled server
+    would hold the handshake for good)."""
     try:
-        return await psycopg.AsyncConnection.connect(dsn, autocommit=autocommit)
+        async with asyncio.timeout(within):
+            return await psycopg.AsyncConnection.connect(dsn, autocommit=autocommit)
     except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # down, or a bad DSN
         raise StoreUnavailable(f"cannot connect the {what} to PostgreSQL: {exc}".strip()) from exc
+    except TimeoutError as exc:
+        raise StoreUnavailable(
+            f"cannot connect the {what} to PostgreSQL: no answer within {within:g}s"
+        ) from exc
 
 
 def make_pool(dsn: str, *, size: int, name: str) -> AsyncConnectionPool[AsyncConn]:
@@ -405,16 +414,9 @@ class _QueueOwner(Generic[Item, R]):
 
     async def _connect(self) -> AsyncConn:
         what = f"{self._name} writer"
-        if self._write_deadline is None:
-            return await connect(self._dsn, autocommit=self._autocommit, what=what)
-        try:  # a stalled server would hold the handshake, and the writer, for good
-            async with asyncio.timeout(self._write_deadline):
-                return await connect(self._dsn, autocommit=self._autocommit, what=what)
-        except TimeoutError as exc:
-            seconds = self._write_deadline
-            raise StoreUnavailable(
-                f"cannot connect the {what} to PostgreSQL: no answer within {seconds:g}s"
-            ) from exc
+        return await connect(
+            self._dsn, autocommit=self._autocommit, what=what, within=self._write_deadline
+        )
 
     async def _reconnect_if_broken(self) -> None:
         if self._conn is not None and not self._conn.closed:

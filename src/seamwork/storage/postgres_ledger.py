@@ -96,7 +96,9 @@ class PostgresLedger(IdempotencyLedger):
     async def open(self) -> None:
         if self._opened:
             return
-        conn = await connect(self._dsn, autocommit=False, what="idempotency ledger")
+        conn = await connect(
+            self._dsn, autocommit=False, what="idempotency ledger", within=self._deadline
+        )
         try:
             await migrate(conn, LEDGER_MIGRATIONS)
         finally:

@@ -149,7 +149,7 @@ class PostgresMessageStore:
     async def open(self) -> None:
         if self._opened:
             return
-        conn = await connect(self.dsn, autocommit=False, what="outbox")
+        conn = await connect(self.dsn, autocommit=False, what="outbox", within=self.query_timeout)
         try:
             await migrate(conn, MESSAGING_MIGRATIONS)
         finally:
