@@ -74,6 +74,8 @@ async def stored(broker: NatsBroker, to: str) -> list[str]:
     except nats.js.errors.NotFoundError:
         return []
     ids = []
+    if not info.state.messages:  # a stream just made: first_seq 0, which get_msg refuses
+        return ids
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         raw = await js.get_msg(stream_for(to), seq)
         assert raw.headers is not None
