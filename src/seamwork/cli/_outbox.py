@@ -78,16 +78,21 @@ def run_on_outbox(
 
 
 def _parked_json(parked: ParkedMessage) -> dict[str, Any]:
-    message = parked.message
-    return {
-        "id": message.id,
+    """A parked message as JSON; a row no message can be built from has ``data``
+    null and its stored columns, as text, under ``raw``."""
+    message, raw = parked.message, parked.raw or {}
+    item = {
+        "id": parked.id,
         "subject": parked.subject,
-        "type": message.type,
-        "correlation_id": message.flow,
+        "type": message.type if message is not None else raw.get("type"),
+        "correlation_id": message.flow if message is not None else raw.get("correlation_id"),
         "error": parked.error,
         "parked_at": parked.parked_at,
-        "data": dict(message.data),
+        "data": dict(message.data) if message is not None else None,
     }
+    if message is None:
+        item["raw"] = dict(raw)
+    return item
 
 
 def parked_table(parked: Sequence[ParkedMessage], now: float) -> Table:
@@ -99,11 +104,17 @@ def parked_table(parked: Sequence[ParkedMessage], now: float) -> Table:
         table.add_row(
             Text(item.id),
             Text(item.subject),
-            Text(item.message.type),
+            Text(_type(item)),
             Text(item.error.splitlines()[0] if item.error else ""),
             short_time(item.parked_at, now),
         )
     return table
+
+
+def _type(parked: ParkedMessage) -> str:
+    if parked.message is not None:
+        return parked.message.type
+    return (parked.raw or {}).get("type") or "?"
 
 
 @outbox_app.command("parked")

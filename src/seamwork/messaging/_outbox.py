@@ -16,7 +16,12 @@ outbox with the error and the time, no longer pending), logs an ERROR naming it 
 goes on in order. ``outbox.parked()`` lists them; once the cause is fixed,
 ``outbox.requeue(ids)`` makes them pending again (in their old place: the oldest go
 first), or ``outbox.discard(ids)`` deletes them. Any other error (the broker down, a
-timeout) parks nothing: the relay backs off and tries the page again.
+timeout) parks nothing: the relay backs off and tries the page again. A row no
+message can be built from (its data or headers not JSON, or not what a ``Message``
+takes: written by hand, by another version, or damaged) would stop the relay the
+same way; the relay parks it too, with an error naming the row and what is wrong
+with it, and ``parked()`` lists it with its stored text (``ParkedMessage.raw``).
+Requeued unfixed, it is parked again at the next drain.
 
 Inbox. A consumer records each message id in the same transaction as the message's
 effect (``inbox.handler(fn)``); a redelivered message finds its id and applies
@@ -40,13 +45,13 @@ import importlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from seamwork._core.codec import dumps
+from seamwork._core.codec import dumps, loads
 from seamwork._core.lifecycle import OpenClose, StartStop
 from seamwork.errors import ConfigError, InvalidMessage, MessagingError, StoreError
 from seamwork.messaging._message import Message, check_subject, encode
@@ -120,19 +125,104 @@ class OutboxRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class UnreadableRow:
+    """A pending outbox row no ``Message`` can be built from; the relay parks it."""
+
+    seq: int
+    id: str
+    subject: str
+    problem: str
+    """What is wrong with it, naming the row (its seq and id)."""
+
+
+RAW_COLUMNS = ("id", "type", "data", "correlation_id", "causation_id", "headers")
+"""The stored columns ``ParkedMessage.raw`` holds."""
+
+
+def read_row(row: Sequence[Any]) -> OutboxRecord | UnreadableRow:
+    """The message of a stored outbox row ``(seq, id, subject, type, data,
+    correlation_id, causation_id, headers)`` - data and headers as JSON text - or
+    what keeps one from being built."""
+    seq, id_, subject, type_, data, correlation, causation, headers = row
+    try:
+        message = Message(
+            type_,
+            _json(data, "data"),
+            id=id_,
+            correlation_id=correlation,
+            causation_id=causation,
+            headers=_json(headers, "headers"),
+        )
+    except (ValueError, TypeError) as exc:  # ConfigError is a ValueError
+        problem = f"outbox row seq {seq} (id {id_!r}) cannot be read: {exc}"
+        return UnreadableRow(seq, _text(id_) or "", _text(subject) or "", problem)
+    return OutboxRecord(seq, subject, message)
+
+
+def raw_row(row: Sequence[Any]) -> dict[str, str | None]:
+    """The stored columns of an outbox row as text (``ParkedMessage.raw``)."""
+    _, id_, _, *rest = row
+    return dict(zip(RAW_COLUMNS, (_text(v) for v in (id_, *rest)), strict=True))
+
+
+def parked_message(row: Sequence[Any]) -> ParkedMessage:
+    """The ``ParkedMessage`` of a stored row: ``read_row``'s columns, then its park
+    error and time."""
+    read = read_row(row[:8])
+    error, parked_at = row[8] or "", row[9]
+    if isinstance(read, OutboxRecord):
+        return ParkedMessage(read.subject, read.message, error, parked_at)
+    return ParkedMessage(read.subject, None, error, parked_at, raw=raw_row(row[:8]))
+
+
+def readable(rows: Sequence[OutboxRecord | UnreadableRow]) -> builtins.list[OutboxRecord]:
+    """``rows`` as records; ``StoreError`` naming the first row that cannot be read."""
+    for row in rows:
+        if isinstance(row, UnreadableRow):
+            raise StoreError(f"{row.problem} (an outbox relay parks it)")
+    return [row for row in rows if isinstance(row, OutboxRecord)]
+
+
+def _json(text: Any, column: str) -> Any:
+    if not isinstance(text, str | bytes):
+        raise TypeError(f"its {column} is not JSON text but {type(text).__name__}")
+    try:
+        return loads(text)
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise ValueError(f"its {column} is not valid JSON ({exc})") from exc
+
+
+def _text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+@dataclass(frozen=True, slots=True)
 class ParkedMessage:
-    """An outbox message the broker refused for good, kept out of the relay's way."""
+    """An outbox message kept out of the relay's way: the broker refused it for good,
+    or no message can be built from its row (then ``message`` is None and ``raw``
+    holds the row's stored text)."""
 
     subject: str
-    message: Message
+    message: Message | None
     error: str
-    """Why the broker refused it (the exception's type and text)."""
+    """Why it was parked (the broker's exception's type and text, or what is wrong
+    with the row)."""
     parked_at: float
+    _: KW_ONLY
+    raw: Mapping[str, str | None] | None = None
+    """The row's id, type, data, correlation_id, causation_id and headers as stored
+    (data and headers as JSON text), when no message can be built from it."""
 
     @property
     def id(self) -> str:
         """The message id (what ``requeue`` and ``discard`` take)."""
-        return self.message.id
+        if self.message is not None:
+            return self.message.id
+        return (self.raw or {}).get("id") or ""
 
 
 def check_ids(ids: Collection[str]) -> builtins.list[str]:
@@ -200,6 +290,12 @@ class Outbox(OpenClose, ABC):
     @abstractmethod
     async def pending(self, limit: int) -> builtins.list[OutboxRecord]:
         """The oldest unsent messages, in the order they were written."""
+
+    async def _pending_rows(self, limit: int) -> builtins.list[OutboxRecord | UnreadableRow]:
+        """What the relay reads: ``pending(limit)``, with an ``UnreadableRow`` in the
+        place of each row no message can be built from. Adapters override it (and
+        build ``pending`` on it); this default reads ``pending``."""
+        return builtins.list(await self.pending(limit))
 
     @abstractmethod
     async def mark_sent(self, seqs: Collection[int]) -> None:
@@ -422,9 +518,14 @@ class OutboxRelay(StartStop):
         async with self._draining:
             total = 0
             while True:
-                records = await self.outbox.pending(self.page_size)
-                if not records:
+                rows = await self.outbox._pending_rows(self.page_size)
+                if not rows:
                     return total
+                records = [r for r in rows if isinstance(r, OutboxRecord)]
+                if len(records) < len(rows):
+                    await self._park_unreadable(rows)
+                    if not records:
+                        continue
                 try:
                     await self.broker.publish_batch([(r.subject, r.message) for r in records])
                 except REFUSED:
@@ -465,6 +566,18 @@ class OutboxRelay(StartStop):
             record.subject,
             error,
         )
+
+    async def _park_unreadable(self, rows: Sequence[OutboxRecord | UnreadableRow]) -> None:
+        for row in rows:
+            if isinstance(row, UnreadableRow):
+                await self.outbox.park(row.seq, row.problem)
+                self.parked += 1
+                log.error(
+                    "outbox relay: parked %s, to %s (outbox.parked() lists it with its stored "
+                    "text; discard it, or fix the row and requeue it)",
+                    row.problem,
+                    row.subject,
+                )
 
     async def start(self) -> None:
         if self._task is None:

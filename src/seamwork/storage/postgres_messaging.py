@@ -33,12 +33,16 @@ from seamwork.messaging._outbox import (
     OutboxRecord,
     ParkedMessage,
     Transaction,
+    UnreadableRow,
     check_ids,
     check_limit,
     check_open,
     id_taken,
     not_parked,
     outbox_row,
+    parked_message,
+    read_row,
+    readable,
 )
 from seamwork.storage._pg import (
     UNDOABLE,
@@ -114,6 +118,9 @@ _INSERT_OUTBOX = (
 )
 _PENDING = "sent_at IS NULL AND parked_at IS NULL"
 """Rows the relay has still to publish (the predicate of the pending index)."""
+_ROW = "seq, id, subject, type, data::text, correlation_id, causation_id, headers::text"
+"""An outbox row as ``read_row`` takes it: data and headers as the text stored (a row
+no message can be built from is parked with it)."""
 _CLAIM_ID = (
     b"INSERT INTO seamwork_inbox (id, type, received_at) VALUES (%s, %s, %s) "
     b"ON CONFLICT DO NOTHING RETURNING id"
@@ -287,19 +294,14 @@ class PostgresOutbox(Outbox):
             self.store.notify()
 
     async def pending(self, limit: int) -> builtins.list[OutboxRecord]:
+        return readable(await self._pending_rows(limit))
+
+    async def _pending_rows(self, limit: int) -> builtins.list[OutboxRecord | UnreadableRow]:
         rows = await self.store.read(
-            "SELECT seq, id, subject, type, data, correlation_id, causation_id, headers "
-            f"FROM seamwork_outbox WHERE {_PENDING} ORDER BY seq LIMIT %s",
+            f"SELECT {_ROW} FROM seamwork_outbox WHERE {_PENDING} ORDER BY seq LIMIT %s",
             (limit,),
         )
-        return [
-            OutboxRecord(
-                seq,
-                subject,
-                Message(type_, data, id=id_, correlation_id=cor, causation_id=cau, headers=hdr),
-            )
-            for seq, id_, subject, type_, data, cor, cau, hdr in rows
-        ]
+        return [read_row(row) for row in rows]
 
     async def mark_sent(self, seqs: Collection[int]) -> None:
         if seqs:
@@ -339,20 +341,11 @@ class PostgresOutbox(Outbox):
     async def parked(self, *, limit: int = 100) -> builtins.list[ParkedMessage]:
         check_limit(limit)
         rows = await self.store.read(
-            "SELECT id, subject, type, data, correlation_id, causation_id, headers, "
-            "park_error, parked_at FROM seamwork_outbox WHERE parked_at IS NOT NULL "
-            "ORDER BY seq LIMIT %s",
+            f"SELECT {_ROW}, park_error, parked_at FROM seamwork_outbox "
+            "WHERE parked_at IS NOT NULL ORDER BY seq LIMIT %s",
             (limit,),
         )
-        return [
-            ParkedMessage(
-                subject,
-                Message(type_, data, id=id_, correlation_id=cor, causation_id=cau, headers=hdr),
-                error or "",
-                parked_at,
-            )
-            for id_, subject, type_, data, cor, cau, hdr, error, parked_at in rows
-        ]
+        return [parked_message(row) for row in rows]
 
     async def requeue(self, ids: Collection[str]) -> int:
         count = await self._on_parked(

@@ -24,7 +24,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from seamwork._core.codec import loads
 from seamwork._core.wakeup import Wakeup
 from seamwork.errors import StoreError
 from seamwork.messaging._message import Message
@@ -34,12 +33,16 @@ from seamwork.messaging._outbox import (
     OutboxRecord,
     ParkedMessage,
     Transaction,
+    UnreadableRow,
     check_ids,
     check_limit,
     check_open,
     id_taken,
     not_parked,
     outbox_row,
+    parked_message,
+    read_row,
+    readable,
 )
 from seamwork.storage._sqlite_session import Session, in_session, session
 from seamwork.storage._sqlite_writer import Migration, SQLiteWriter, Synchronous
@@ -94,6 +97,8 @@ _INSERT_OUTBOX = (
 )
 _PENDING = "sent_at IS NULL AND parked_at IS NULL"
 """Rows the relay has still to publish (the predicate of the pending index)."""
+_ROW = "seq, id, subject, type, data, correlation_id, causation_id, headers"
+"""An outbox row as ``read_row`` takes it."""
 _CHUNK = 500
 """Ids per ``IN (...)`` (SQLite's default limit of host parameters is far above)."""
 Row = tuple[Any, ...]
@@ -202,16 +207,18 @@ class SQLiteOutbox(Outbox):
             self.store.notify()
 
     async def pending(self, limit: int) -> builtins.list[OutboxRecord]:
+        return readable(await self._pending_rows(limit))
+
+    async def _pending_rows(self, limit: int) -> builtins.list[OutboxRecord | UnreadableRow]:
         self.store.check_free()
         await self.store.ensure_open()
         rows = await self.store.writer.read(
             lambda conn: conn.execute(
-                "SELECT seq, id, subject, type, data, correlation_id, causation_id, headers "
-                f"FROM seamwork_outbox WHERE {_PENDING} ORDER BY seq LIMIT ?",
+                f"SELECT {_ROW} FROM seamwork_outbox WHERE {_PENDING} ORDER BY seq LIMIT ?",
                 (limit,),
             ).fetchall()
         )
-        return [_record(row) for row in rows]
+        return [read_row(row) for row in rows]
 
     async def mark_sent(self, seqs: Collection[int]) -> None:
         self.store.check_free()
@@ -277,17 +284,12 @@ class SQLiteOutbox(Outbox):
         await self.store.ensure_open()
         rows = await self.store.writer.read(
             lambda conn: conn.execute(
-                "SELECT seq, id, subject, type, data, correlation_id, causation_id, headers, "
-                "park_error, parked_at FROM seamwork_outbox WHERE parked_at IS NOT NULL "
-                "ORDER BY seq LIMIT ?",
+                f"SELECT {_ROW}, park_error, parked_at FROM seamwork_outbox "
+                "WHERE parked_at IS NOT NULL ORDER BY seq LIMIT ?",
                 (limit,),
             ).fetchall()
         )
-        parked = []
-        for row in rows:
-            record = _record(row[:8])
-            parked.append(ParkedMessage(record.subject, record.message, row[8] or "", row[9]))
-        return parked
+        return [parked_message(row) for row in rows]
 
     async def requeue(self, ids: Collection[str]) -> int:
         count = await self._on_parked(
@@ -496,16 +498,3 @@ class _SavepointTransaction(_Transaction):
 def _rollback_savepoint(conn: sqlite3.Connection) -> None:
     conn.execute("ROLLBACK TO seamwork_message")
     conn.execute("RELEASE seamwork_message")
-
-
-def _record(row: Row) -> OutboxRecord:
-    seq, id_, subject, type_, data, correlation, causation, headers = row
-    message = Message(
-        type_,
-        loads(data),
-        id=id_,
-        correlation_id=correlation,
-        causation_id=causation,
-        headers=loads(headers),
-    )
-    return OutboxRecord(seq, subject, message)
