@@ -333,3 +333,31 @@ async def test_the_cli_lists_requeues_and_discards_parked_messages(
     missing = await asyncio.to_thread(cli, "parked", "--db", str(tmp_path / "nothing.db"))
     assert missing.exit_code == 2
     assert "no database at" in missing.output
+
+
+async def test_a_message_another_relay_published_is_not_left_parked(
+    outbox: Outbox, broker: NatsBroker
+) -> None:
+    to = subject()
+    bad = too_big(0)
+    await write(outbox, to, bad)
+    page = await outbox.pending(10)  # a relay with a roomier broker reads the page...
+    assert await OutboxRelay(outbox, broker).drain() == 0  # ...this one parks it meanwhile
+    async with EmbeddedNats() as roomier:
+        other = NatsBroker(roomier.url)
+        try:
+            await other.publish_batch([(r.subject, r.message) for r in page])
+            await outbox.mark_sent([r.seq for r in page])  # ...and marks it sent
+            assert await stored(other, to) == [bad.id]
+        finally:
+            await other.aclose()
+    assert await outbox.parked() == []  # published: there is nothing to requeue or discard
+    assert await outbox.pending_count() == 0
+
+    later = Message("Small")  # the other way round: marked sent first, then parked
+    await write(outbox, to, later)
+    (record,) = await outbox.pending(10)
+    await outbox.mark_sent([record.seq])
+    await outbox.park(record.seq, "InvalidMessage: too late")
+    assert await outbox.parked() == []
+    assert await outbox.purge_sent(time.time() + 1) == 2  # sent rows, purged as such

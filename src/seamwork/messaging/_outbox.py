@@ -299,7 +299,8 @@ class Outbox(OpenClose, ABC):
 
     @abstractmethod
     async def mark_sent(self, seqs: Collection[int]) -> None:
-        """Mark rows as published."""
+        """Mark rows as published (a row another relay parked meanwhile is no longer
+        parked: it was published)."""
 
     @abstractmethod
     async def pending_count(self) -> int:

@@ -306,7 +306,8 @@ class PostgresOutbox(Outbox):
     async def mark_sent(self, seqs: Collection[int]) -> None:
         if seqs:
             await self.store.read(
-                "UPDATE seamwork_outbox SET sent_at = %s WHERE seq = ANY(%s)",
+                "UPDATE seamwork_outbox SET sent_at = %s, parked_at = NULL, park_error = NULL "
+                "WHERE seq = ANY(%s)",
                 (time.time(), builtins.list(seqs)),
             )
 

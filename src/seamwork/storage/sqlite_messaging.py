@@ -228,7 +228,8 @@ class SQLiteOutbox(Outbox):
         now = time.time()
         await self.store.writer.write(
             lambda conn: conn.execute(
-                "UPDATE seamwork_outbox SET sent_at = ? WHERE seq BETWEEN ? AND ? "
+                "UPDATE seamwork_outbox SET sent_at = ?, parked_at = NULL, park_error = NULL "
+                "WHERE seq BETWEEN ? AND ? "
                 f"AND seq IN ({','.join('?' * len(ordered))})",
                 (now, ordered[0], ordered[-1], *ordered),
             )
