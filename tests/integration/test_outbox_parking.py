@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -237,6 +238,10 @@ async def test_an_outbox_of_the_release_before_parking_upgrades_and_parks(
                 )
             await conn.commit()
         outbox = Outbox.postgres(dsn)
+    where = ["--db", str(path)] if store == "sqlite" else ["--postgres", dsn]
+    old = await asyncio.to_thread(CliRunner().invoke, app, ["outbox", "parked", *where])
+    assert old.exit_code == 1  # the CLI upgrades nothing: the service does
+    assert "older version" in old.output
     async with outbox:
         assert await outbox.pending_count() == 2
         assert await OutboxRelay(outbox, broker).drain() == 1
@@ -361,3 +366,38 @@ async def test_a_message_another_relay_published_is_not_left_parked(
     await outbox.park(record.seq, "InvalidMessage: too late")
     assert await outbox.parked() == []
     assert await outbox.purge_sent(time.time() + 1) == 2  # sent rows, purged as such
+
+
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_the_cli_refuses_a_database_without_an_outbox_and_creates_nothing_in_it(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    if store == "sqlite":
+        path = tmp_path / "billing.db"  # another service's database, say
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+        conn.close()
+        where = ["--db", str(path)]
+    else:
+        dsn = request.getfixturevalue("pg_dsn")
+        where = ["--postgres", dsn]
+    for args in (["parked"], ["requeue", "x"], ["discard", "x"]):
+        result = await asyncio.to_thread(CliRunner().invoke, app, ["outbox", *args, *where])
+        assert result.exit_code == 1, result.output
+        assert "seamwork" in result.output
+        assert "no seamwork outbox" in result.output or "not a seamwork messaging" in result.output
+    if store == "sqlite":
+        with sqlite3.connect(path) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        conn.close()
+        assert tables == {"invoices"}
+    else:
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            cursor = await conn.execute("SELECT to_regclass('seamwork_outbox') IS NULL")
+            assert await cursor.fetchone() == (True,)
+
+    unreachable = await asyncio.to_thread(
+        CliRunner().invoke, app, ["outbox", "parked", "--postgres", "postgresql://127.0.0.1:1/x"]
+    )
+    assert unreachable.exit_code == 1
+    assert "cannot connect the outbox to PostgreSQL" in unreachable.output

@@ -2,7 +2,8 @@
 messages a service's outbox relay parked because the broker refused them for good.
 
 The commands open the service's own outbox (its SQLite file, which must exist, or
-its PostgreSQL database) through ``Outbox``, as the service does: what they show is
+its PostgreSQL database, which must hold the outbox: nothing is created) through
+``Outbox``, as the service does: what they show is
 ``outbox.parked()``, and ``requeue`` / ``discard`` are ``outbox.requeue(ids)`` /
 ``outbox.discard(ids)`` (an id that is not parked changes nothing and is an error).
 """
@@ -49,13 +50,13 @@ def _open(db: Path | None, postgres: str | None) -> Outbox:
         raise CliError("give exactly one of --db PATH or --postgres DSN", code=2)
     if postgres is not None:
         try:
-            return Outbox.postgres(postgres, pool_size=1)
+            return Outbox.postgres(postgres, pool_size=1, create=False)
         except ImportError as exc:
             raise CliError(str(exc), code=2) from exc
     assert db is not None
     if not db.is_file():
         raise CliError(f"no database at {db}", code=2)
-    return Outbox.sqlite(db)
+    return Outbox.sqlite(db, create=False)
 
 
 def run_on_outbox(

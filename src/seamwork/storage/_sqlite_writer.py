@@ -393,9 +393,17 @@ class SQLiteWriter:
         except sqlite3.DatabaseError:
             applied = {}
         for migration in self._migrations:
-            if applied.get(migration.component, 0) < migration.version:
-                conn.close()
+            version = applied.get(migration.component, 0)
+            if version >= migration.version:
+                continue
+            conn.close()
+            if version == 0:
                 raise StoreUnavailable(f"{self.path} is not a seamwork {self._name} store")
+            raise StoreUnavailable(
+                f"{self.path} holds a seamwork {self._name} store of an older version "
+                f"(schema v{version}, this version needs v{self._migrations[-1].version}): "
+                "open it with the service once to upgrade it"
+            )
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         if not self._migrations:

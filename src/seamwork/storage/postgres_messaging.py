@@ -139,15 +139,20 @@ class PostgresMessageStore:
             own, COMMIT; not the block as a whole): a server that stalls fails it with
             ``StoreUnavailable`` after this, so the relay backs off and carries on
             and a handler's message is retried, instead of waiting for good.
+        create: create (migrate) the schema if needed; False for tools that must find
+            an outbox there and change nothing else (the CLI).
     """
 
-    def __init__(self, dsn: str, *, pool_size: int = 8, query_timeout: float = 5.0) -> None:
+    def __init__(
+        self, dsn: str, *, pool_size: int = 8, query_timeout: float = 5.0, create: bool = True
+    ) -> None:
         if not dsn:
             raise ConfigError("a PostgreSQL outbox/inbox needs a DSN")
         if not query_timeout > 0:
             raise ConfigError(f"query_timeout must be > 0 seconds, got {query_timeout!r}")
         self.dsn = dsn
         self.query_timeout = query_timeout
+        self.create = create
         self.pool = make_pool(dsn, size=pool_size, name="seamwork-messaging")
         self._attempts = pool_size + 1  # past every idle connection, to a new one
         self._opened = False
@@ -158,7 +163,10 @@ class PostgresMessageStore:
             return
         conn = await connect(self.dsn, autocommit=False, what="outbox", within=self.query_timeout)
         try:
-            await migrate(conn, MESSAGING_MIGRATIONS)
+            if self.create:
+                await migrate(conn, MESSAGING_MIGRATIONS)
+            else:
+                await _require_schema(conn)
         finally:
             await conn.close()
         self.pool = await open_pool(self.pool, "outbox")
@@ -202,6 +210,29 @@ class PostgresMessageStore:
         caller's own statements passes through as it is (as on SQLite)."""
         return pooled_transaction(
             self.open, self.pool, self.query_timeout, attempts=self._attempts, what=what
+        )
+
+
+async def _require_schema(conn: AsyncConn) -> None:
+    """Refuse a database that holds no messaging schema of this version (nothing is
+    created in it)."""
+    latest = MESSAGING_MIGRATIONS[-1].version
+    try:
+        cursor = await conn.execute(
+            "SELECT version FROM seamwork_migrations WHERE component = 'messaging'"
+        )
+        row = await cursor.fetchone()
+    except psycopg.errors.UndefinedTable:
+        row = None
+    except psycopg.Error as exc:
+        raise translate(exc, "outbox") from exc
+    if row is None:
+        raise StoreUnavailable("this database holds no seamwork outbox (nothing was created)")
+    if row[0] < latest:
+        raise StoreUnavailable(
+            f"this database holds a seamwork outbox of an older version (messaging schema "
+            f"v{row[0]}, this version needs v{latest}): open it with the service once to "
+            "upgrade it"
         )
 
 

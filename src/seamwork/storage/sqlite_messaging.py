@@ -117,10 +117,16 @@ def _insert_outbox(conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
 class SQLiteMessageStore:
     """The service database's writer, shared by its outbox and inbox."""
 
-    def __init__(self, path: str | Path, *, synchronous: Synchronous = "full") -> None:
+    def __init__(
+        self, path: str | Path, *, synchronous: Synchronous = "full", create: bool = True
+    ) -> None:
         self.path = str(path)
         self.writer = SQLiteWriter(
-            path, synchronous=synchronous, migrations=MESSAGING_MIGRATIONS, name="messaging"
+            path,
+            synchronous=synchronous,
+            migrations=MESSAGING_MIGRATIONS,
+            name="messaging",
+            create=create,
         )
         self._wakeup = Wakeup()
 
@@ -172,8 +178,12 @@ class SQLiteOutbox(Outbox):
         self.store = store
 
     @classmethod
-    def open_path(cls, path: str | Path, *, synchronous: Synchronous = "full") -> SQLiteOutbox:
-        return cls(SQLiteMessageStore(path, synchronous=synchronous))
+    def open_path(
+        cls, path: str | Path, *, synchronous: Synchronous = "full", create: bool = True
+    ) -> SQLiteOutbox:
+        """``create=False``: the file must hold the outbox and inbox already (nothing
+        is created or changed - for tools such as the CLI)."""
+        return cls(SQLiteMessageStore(path, synchronous=synchronous, create=create))
 
     def __repr__(self) -> str:
         return f"SQLiteOutbox({self.store.path!r})"
@@ -345,8 +355,12 @@ class SQLiteInbox(Inbox):
         self.store = store
 
     @classmethod
-    def open_path(cls, path: str | Path, *, synchronous: Synchronous = "full") -> SQLiteInbox:
-        return cls(SQLiteMessageStore(path, synchronous=synchronous))
+    def open_path(
+        cls, path: str | Path, *, synchronous: Synchronous = "full", create: bool = True
+    ) -> SQLiteInbox:
+        """``create=False``: the file must hold the outbox and inbox already (nothing
+        is created or changed - for tools such as the CLI)."""
+        return cls(SQLiteMessageStore(path, synchronous=synchronous, create=create))
 
     def __repr__(self) -> str:
         return f"SQLiteInbox({self.store.path!r})"
