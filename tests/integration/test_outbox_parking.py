@@ -23,7 +23,7 @@ from typer.testing import CliRunner, Result
 from seamwork.brokers import EmbeddedNats, NatsBroker, RabbitBroker
 from seamwork.brokers.nats import stream_for
 from seamwork.cli import app
-from seamwork.errors import BrokerUnavailable, ConfigError, MessagingError
+from seamwork.errors import BrokerUnavailable, ConfigError, MessagingError, StoreError
 from seamwork.messaging import Delivery, Message, Outbox, OutboxRelay
 from seamwork.storage import postgres_messaging, sqlite_messaging
 from seamwork.storage._pg import migrate
@@ -401,3 +401,20 @@ async def test_the_cli_refuses_a_database_without_an_outbox_and_creates_nothing_
     )
     assert unreachable.exit_code == 1
     assert "cannot connect the outbox to PostgreSQL" in unreachable.output
+
+
+async def test_the_id_of_a_parked_message_is_freed_by_discarding_it(
+    outbox: Outbox, broker: NatsBroker
+) -> None:
+    to = subject()
+    bad = too_big(0)
+    await write(outbox, to, bad)
+    assert await OutboxRelay(outbox, broker).drain() == 0
+    fixed = Message("Small", {"n": 0}, id=bad.id)  # the same message, made to fit
+    with pytest.raises(StoreError, match=r"parked message keeps its id.*outbox.discard"):
+        await write(outbox, to, fixed)
+    assert [p.id for p in await outbox.parked()] == [bad.id]  # as it was
+    assert await outbox.discard([bad.id]) == 1
+    await write(outbox, to, fixed)
+    assert await OutboxRelay(outbox, broker).drain() == 1
+    assert await stored(broker, to) == [fixed.id]

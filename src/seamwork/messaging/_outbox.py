@@ -256,7 +256,8 @@ def id_taken(message_id: str) -> str:
     transaction is then rolled back)."""
     return (
         f"outbox: message id {message_id!r} is in the outbox already (message ids are "
-        "unique; nothing of the transaction was committed)"
+        "unique, and a parked message keeps its id until outbox.discard([id]) deletes "
+        "it; nothing of the transaction was committed)"
     )
 
 
