@@ -89,3 +89,27 @@ def test_handlers_survive_a_mixin_that_skips_init_subclass_and_can_be_added_per_
     projection.apply(recorded("Placed"), seen)
     projection.apply(recorded("Paid"), seen)
     assert seen == ["placed", "paid"]
+
+
+def test_an_async_handler_is_refused_when_the_class_is_defined() -> None:
+    # Called like the others, it returned a coroutine that never ran: the event was
+    # counted as applied and the checkpoint moved on, so the read model lost it.
+    with pytest.raises(ConfigError, match=r"Async: on_placed .*'Placed'.* async def"):
+
+        class Async(Projection):
+            name = "async"
+
+            @handles("Placed")
+            async def on_placed(self, event: RecordedEvent, conn: Any) -> None: ...
+
+
+def test_an_async_handler_added_per_instance_fails_its_event_instead_of_skipping_it() -> None:
+    class Plain(Projection):
+        name = "plain"
+
+    async def paid(event: RecordedEvent, conn: Any) -> None: ...
+
+    projection = Plain()
+    projection.handlers["Paid"] = paid
+    with pytest.raises(TypeError, match=r"handler of 'Paid' returned an awaitable"):
+        projection.apply(recorded("Paid"), None)  # a runner parks its stream

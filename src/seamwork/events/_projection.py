@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import inspect
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -93,14 +94,28 @@ class Projection:
             raise UpcastError(event.error)
         handler = self.handlers.get(event.type)
         if handler is not None:
-            handler(event, conn)
+            result: object = handler(event, conn)
+            if inspect.isawaitable(result):  # it did nothing: park it, do not lose it
+                if inspect.iscoroutine(result):
+                    result.close()
+                raise TypeError(
+                    f"the handler of {event.type!r} returned an awaitable; handlers run "
+                    "inside the read model's transaction and must be plain functions"
+                )
 
 
 def _collect_handlers(cls: type) -> list[tuple[str, str]]:
     """``(event type, method name)`` of every ``@handles`` method of ``cls``."""
     found: dict[str, str] = {}
     for attr in dir(cls):
-        for event_type in getattr(getattr(cls, attr, None), "__seamwork_handles__", ()):
+        method = getattr(cls, attr, None)
+        for event_type in getattr(method, "__seamwork_handles__", ()):
+            if inspect.iscoroutinefunction(method):
+                raise ConfigError(
+                    f"{cls.__name__}: {attr} handles {event_type!r} but is an async def; "
+                    "handlers run inside the read model's transaction, on its thread: "
+                    "make it a plain def"
+                )
             if event_type in found:
                 raise ConfigError(
                     f"{cls.__name__}: two handlers for {event_type!r} "
