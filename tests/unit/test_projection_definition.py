@@ -113,3 +113,25 @@ def test_an_async_handler_added_per_instance_fails_its_event_instead_of_skipping
     projection.handlers["Paid"] = paid
     with pytest.raises(TypeError, match=r"handler of 'Paid' returned an awaitable"):
         projection.apply(recorded("Paid"), None)  # a runner parks its stream
+
+
+@pytest.mark.parametrize(
+    ("types", "message"),
+    [
+        ((5,), r"event types must be non-empty strings, got 5"),
+        ((["Placed", "Paid"],), r"event types must be non-empty strings, got \['Placed'"),
+        (("",), r"event types must be non-empty strings, got ''"),
+    ],
+)
+def test_handles_refuses_event_types_that_are_not_names(
+    types: tuple[Any, ...], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        handles(*types)
+
+
+def test_handles_refuses_what_is_not_a_function() -> None:
+    with pytest.raises(ConfigError, match=r"handles\('Placed'\) marks a method, got 5"):
+        handles("Placed")(5)
+    with pytest.raises(ConfigError, match=r"handles\('Placed'\) marks a method, got <property"):
+        handles("Placed")(property(lambda self: None))

@@ -44,8 +44,17 @@ def handles(*event_types: str) -> Callable[[F], F]:
     ``def on_created(self, event, conn) -> None``."""
     if not event_types:
         raise ConfigError("handles() needs at least one event type")
+    for event_type in event_types:
+        if not isinstance(event_type, str) or not event_type:
+            raise ConfigError(
+                f"handles(): event types must be non-empty strings, got {event_type!r}"
+                + (" (unpack a list: handles(*types))" if isinstance(event_type, list) else "")
+            )
 
     def mark(fn: F) -> F:
+        if not inspect.isfunction(fn):
+            shown = ", ".join(repr(t) for t in event_types)
+            raise ConfigError(f"handles({shown}) marks a method, got {fn!r}")
         fn.__seamwork_handles__ = event_types  # type: ignore[attr-defined]
         return fn
 
