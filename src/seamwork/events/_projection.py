@@ -266,21 +266,29 @@ class ProjectionRunner(StartStop):
         """Apply ``stream``'s parked events again; returns how many now succeeded."""
         await self._setup()
         async with self._lock:  # the live loop cannot park behind our back meanwhile
+            done = 0
             waiting = [p.position for p in await self.parked() if p.stream == stream]
-            if not waiting:
+            while waiting:
+                events = await self.store._read_stream_for_projection(stream)
+                readable = {e.position for e in events}
+                for position in waiting:
+                    if position in readable:
+                        continue
+                    # Parked before the stream was soft-deleted: no longer in the stream's
+                    # reads, still in $all (positions are > 0, read_all is exclusive).
+                    found = await self.store._read_all_for_projection(position - 1, 1)
+                    if found and found[0].position == position:
+                        events.append(found[0])
+                done += await self.read_model.replay(self.projection, stream, events)
+                left = [p.position for p in await self.parked() if p.stream == stream]
+                if not left or left[0] in waiting:  # all applied, or one still fails
+                    break
+                # Another replica's page parked more of the stream after it was read
+                # here (its runner's lock is not ours): read it again and go on.
+                waiting = left
+            else:
                 return 0
-            events = await self.store._read_stream_for_projection(stream)
-            readable = {e.position for e in events}
-            for position in waiting:
-                if position in readable:
-                    continue
-                # Parked before the stream was soft-deleted: no longer in the stream's
-                # reads, still in $all (positions are > 0, read_all is exclusive).
-                found = await self.store._read_all_for_projection(position - 1, 1)
-                if found and found[0].position == position:
-                    events.append(found[0])
-            done = await self.read_model.replay(self.projection, stream, events)
-            if not any(p.stream == stream for p in await self.parked()):
+            if not left:
                 self._parked.discard(stream)
             return done
 

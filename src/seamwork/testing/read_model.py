@@ -12,7 +12,8 @@ The projection under test keeps a sum per stream in a ``totals`` table and fails
 an event marked ``poison``; the checks are the ones a demanding user relies on: each
 event applied exactly once with its checkpoint, rebuild from zero, a failing event
 parking its own stream (later events queue behind it) while the others flow, replay
-in order once fixed (also after the stream was soft-deleted), a failing SQL statement
+in order once fixed (also after the stream was soft-deleted, and what another
+replica parked behind it meanwhile), a failing SQL statement
 parking only its event, an error text with a NUL or a lone surrogate parked
 readably, a live runner following new events (also after a rebuild and
 beside a catch-up), a rebuild during a catch-up or beside another replica's runner, and
@@ -438,6 +439,38 @@ class ReadModelContract:
 
             await settled(drained)
         assert await totals(read_model) == {"s": 1234}  # once each, in stream order
+
+    async def test_an_event_another_replica_parks_while_a_replay_reads_is_replayed_too(
+        self, store: EventStore, read_model: ReadModelStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        await store.append("s", added(5, poison=True))
+        await store.append("s", added(2))
+        await ProjectionRunner(store, self.totals_projection(), read_model).catch_up()
+        replica = self.make_read_model()  # the query service's other process, live
+        await replica.open()
+        try:
+            other = ProjectionRunner(store, Fixed(self.placeholder), replica)
+            read_stream = store._read_stream_for_projection
+            reads: list[str] = []
+
+            async def read_then_the_replica_parks_one_more(stream: str) -> list[RecordedEvent]:
+                events = await read_stream(stream)
+                reads.append(stream)
+                if len(reads) == 1:
+                    await store.append("s", added(3))
+                    await readable(store, 3)
+                    await other.catch_up()  # "s" is still parked: it queues behind
+                return events
+
+            monkeypatch.setattr(
+                store, "_read_stream_for_projection", read_then_the_replica_parks_one_more
+            )
+            fixed = ProjectionRunner(store, Fixed(self.placeholder), read_model)
+            assert await fixed.replay("s") == 3
+        finally:
+            await replica.aclose()
+        assert await fixed.parked() == []  # before: the third stayed parked, "s" stuck
+        assert await totals(read_model) == {"s": 10}
 
 
 __all__ = ["ReadModelContract", "Totals"]
