@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
+from typing import Any
 
 import psycopg
 import pytest
 
 from seamwork.errors import StoreUnavailable
-from seamwork.events import EventStore, ProjectionRunner, ReadModelStore
+from seamwork.events import (
+    EventStore,
+    NewEvent,
+    ProjectionRunner,
+    ReadModelStore,
+    RecordedEvent,
+    handles,
+)
 from seamwork.storage.postgres_readmodel import PostgresReadModel
-from seamwork.testing.read_model import ReadModelContract, added
+from seamwork.testing.read_model import Fixed, ReadModelContract, added, readable, totals
 
 pytestmark = pytest.mark.postgres
 
@@ -67,6 +76,64 @@ class TestPostgresReadModel(ReadModelContract):
                 await kill_idle_connection()
                 assert await model.parked(projection.name) == []
             finally:
+                await model.aclose()
+
+    async def test_a_replay_waits_for_a_page_of_another_replica_in_flight(self) -> None:
+        """A replica's page that read the parked streams before a replay (in another
+        process) unparked them, and committed after it, parked its new event of the
+        stream behind nothing, with no error: the stream was stuck until the next
+        replay. A replay now locks the checkpoint row first, as pages do, so it waits
+        for that page and replays what it parked."""
+        entered, release = threading.Event(), threading.Event()
+
+        class Slow(Fixed):
+            @handles("Added")
+            def added(self, event: RecordedEvent, conn: Any) -> None:
+                if event.data.get("hold"):
+                    entered.set()  # inside the replica's page, the stream's event parked
+                    release.wait(10)
+                super().added(event, conn)
+
+        application = f"sw-replay-{uuid.uuid4().hex[:8]}"
+        async with self.make_store() as store:
+            await store.append("s", added(5, poison=True))
+            await store.append("s", added(1))
+            await readable(store, 2)
+            model = PostgresReadModel(f"{self.dsn} application_name={application}")
+            replica = PostgresReadModel(self.dsn)
+            try:
+                await ProjectionRunner(store, self.totals_projection(), model).catch_up()
+                other = ProjectionRunner(store, Slow(self.placeholder), replica)
+                await other.catch_up()  # set up, at the same checkpoint
+                await store.append("s", added(2))
+                await store.append("t", [NewEvent("Added", {"n": 0, "hold": True})])
+                await readable(store, 4)
+                paging = asyncio.create_task(other.catch_up())
+                assert await asyncio.to_thread(entered.wait, 10)
+                fixed = ProjectionRunner(store, Fixed(self.placeholder), model)
+                replaying = asyncio.create_task(fixed.replay("s"))
+                async with (
+                    await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as admin,
+                    asyncio.timeout(10),
+                ):
+                    while not replaying.done():  # it has finished, or waits for the page
+                        cursor = await admin.execute(
+                            "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE application_name = %s AND wait_event_type = 'Lock'",
+                            (application,),
+                        )
+                        row = await cursor.fetchone()
+                        if row is not None and row[0]:
+                            break
+                        await asyncio.sleep(0.01)
+                release.set()
+                await paging
+                assert await replaying == 3
+                assert await fixed.parked() == []  # before: the third, stuck
+                assert await totals(model) == {"s": 8, "t": 0}
+            finally:
+                release.set()
+                await replica.aclose()
                 await model.aclose()
 
 

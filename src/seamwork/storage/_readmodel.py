@@ -111,8 +111,14 @@ def replay_stream(
     events: Sequence[RecordedEvent],
 ) -> int:
     """Apply ``stream``'s parked events again, in order, stopping at the first that
-    still fails; only events still parked (read in this transaction) are touched."""
+    still fails; only events still parked (read in this transaction) are touched.
+
+    The checkpoint row is locked first, as a page locks it (PostgreSQL): a page of
+    another replica that read the stream as parked commits before this reads what is
+    parked, and one after waits for this to commit and finds the stream free. Without
+    it, such a page parked its event behind events this unparked: stuck, no error."""
     name = projection.name
+    conn.execute(sql.checkpoint, (name,))
     parked = [r[0] for r in conn.execute(sql.parked_positions, (name, stream)).fetchall()]
     by_position = {e.position: e for e in events}
     done = 0
