@@ -228,7 +228,10 @@ class ProjectionRunner(StartStop):
         self._lock = asyncio.Lock()  # one page or replay at a time (live loop, callers)
 
     async def start(self) -> None:
+        """Follow new events in the background; a runner already live stays as it is."""
         await self._setup()
+        if self._task is not None and not self._task.done():
+            return
         self._task = asyncio.create_task(self._run(), name=f"projection:{self.projection.name}")
 
     async def stop(self) -> None:

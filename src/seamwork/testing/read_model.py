@@ -379,6 +379,25 @@ class ReadModelContract:
             await settled(caught_up)
         assert await totals(read_model) == {"s": 3}
 
+    async def test_starting_a_live_runner_twice_leaves_one_loop_that_stop_ends(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        def loops() -> list[asyncio.Task[Any]]:
+            return [t for t in asyncio.all_tasks() if t.get_name() == "projection:totals"]
+
+        runner = ProjectionRunner(store, self.totals_projection(), read_model)
+        await runner.start()
+        await runner.start()  # before: a second loop, and the first one outlived stop()
+        assert len(loops()) == 1
+        await store.append("s", added(1))
+
+        async def caught_up() -> bool:
+            return await totals(read_model) == {"s": 1}
+
+        await settled(caught_up)
+        await runner.stop()
+        assert loops() == []
+
     async def test_catch_up_beside_a_live_runner_applies_each_event_once(
         self, store: EventStore, read_model: ReadModelStore
     ) -> None:
