@@ -249,17 +249,19 @@ class ProjectionRunner(StartStop):
 
     async def rebuild(self) -> int:
         """Empty the read model and project everything again from position 0 (a live
-        runner goes on following new events afterwards)."""
+        runner goes on following new events afterwards, also when the rebuild fails:
+        its read model is then as the failed transaction left it, checkpoint and all)."""
         live = self._task is not None
         await self.stop()
-        await self._setup()
-        async with self._lock:  # a catch_up's page lands wholly before the reset or after
-            await self.read_model.reset(self.projection)
-            self.checkpoint, self._parked = 0, set()
-        checkpoint = await self.catch_up()
-        if live:
-            await self.start()
-        return checkpoint
+        try:
+            await self._setup()
+            async with self._lock:  # a catch_up's page lands wholly before the reset or after
+                await self.read_model.reset(self.projection)
+                self.checkpoint, self._parked = 0, set()
+            return await self.catch_up()
+        finally:
+            if live:
+                await self.start()
 
     async def parked(self) -> builtins.list[ParkedEvent]:
         """The events parked for this projection, stream by stream, in order."""

@@ -398,6 +398,29 @@ class ReadModelContract:
         await runner.stop()
         assert loops() == []
 
+    async def test_a_live_runner_whose_rebuild_fails_keeps_following(
+        self, store: EventStore, read_model: ReadModelStore
+    ) -> None:
+        class ResetFailsOnce(Totals):
+            failed = False
+
+            def reset(self, conn: Any) -> None:
+                if not self.failed:
+                    self.failed = True
+                    raise RuntimeError("reset broke")
+                super().reset(conn)
+
+        await store.append("s", added(1))
+        async with ProjectionRunner(store, ResetFailsOnce(self.placeholder), read_model) as runner:
+            with pytest.raises(Exception, match="reset broke"):
+                await runner.rebuild()
+            await store.append("s", added(2))  # before: nobody followed it any more
+
+            async def caught_up() -> bool:
+                return await totals(read_model) == {"s": 3}
+
+            await settled(caught_up)
+
     async def test_catch_up_beside_a_live_runner_applies_each_event_once(
         self, store: EventStore, read_model: ReadModelStore
     ) -> None:
