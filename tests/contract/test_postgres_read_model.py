@@ -20,7 +20,14 @@ from seamwork.events import (
     handles,
 )
 from seamwork.storage.postgres_readmodel import PostgresReadModel
-from seamwork.testing.read_model import Fixed, ReadModelContract, added, readable, totals
+from seamwork.testing.read_model import (
+    Fixed,
+    ReadModelContract,
+    Totals,
+    added,
+    readable,
+    totals,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -135,6 +142,45 @@ class TestPostgresReadModel(ReadModelContract):
                 release.set()
                 await replica.aclose()
                 await model.aclose()
+
+    async def test_a_page_waiting_for_another_replicas_longer_page_is_not_cut(self) -> None:
+        """A page waits on the checkpoint row while another replica's page holds it. The
+        stall watch took that wait (a statement in progress, nothing on the socket) for
+        a server that does not answer: past query_timeout the waiting replica's page
+        failed with StoreUnavailable and its connection was replaced, on every try for
+        as long as the other's pages took longer than the deadline."""
+        entered, release = threading.Event(), threading.Event()
+
+        class Slow(Totals):
+            @handles("Added")
+            def added(self, event: RecordedEvent, conn: Any) -> None:
+                if event.data.get("hold"):
+                    entered.set()
+                    release.wait(10)
+                super().added(event, conn)
+
+        async with self.make_store() as store:
+            first = PostgresReadModel(self.dsn, query_timeout=1)
+            second = PostgresReadModel(self.dsn, query_timeout=1)
+            try:
+                long_pages = ProjectionRunner(store, Slow(self.placeholder), first)
+                waiting = ProjectionRunner(store, self.totals_projection(), second)
+                await long_pages.catch_up()
+                await waiting.catch_up()  # both set up
+                await store.append("s", [NewEvent("Added", {"n": 1, "hold": True})])
+                await readable(store, 1)
+                holding = asyncio.create_task(long_pages.catch_up())
+                assert await asyncio.to_thread(entered.wait, 10)
+                paging = asyncio.create_task(waiting.catch_up())
+                await asyncio.wait({paging}, timeout=2)  # twice the deadline
+                release.set()
+                await holding
+                assert await paging == long_pages.checkpoint  # StoreUnavailable before
+                assert await totals(first) == {"s": 1}
+            finally:
+                release.set()
+                await first.aclose()
+                await second.aclose()
 
 
 async def test_a_bad_dsn_is_a_store_error_naming_it_not_the_drivers() -> None:

@@ -132,9 +132,12 @@ class PostgresReadModel:
         after: int | None = None,
     ) -> BatchResult:
         now = time.time()
-        return await self._run(
-            lambda conn: apply_page(conn, _SQL, _apply_in_savepoint, projection, events, now, after)
-        )
+
+        def page(conn: SyncConn) -> BatchResult:
+            self._wait_for_checkpoint(conn, projection.name)
+            return apply_page(conn, _SQL, _apply_in_savepoint, projection, events, now, after)
+
+        return await self._run(page)
 
     async def reset(self, projection: Projection) -> None:
         name = projection.name
@@ -142,6 +145,7 @@ class PostgresReadModel:
         def reset(conn: SyncConn) -> None:
             # First: the checkpoint row is what pages lock (fence on), so a page in
             # flight commits before the read model is emptied. It is kept, at 0.
+            self._wait_for_checkpoint(conn, name)
             conn.execute(_SQL.reset_checkpoint, (name,))
             projection.reset(conn)
             conn.execute("DELETE FROM seamwork_parked WHERE projection = %s", (name,))
@@ -162,11 +166,29 @@ class PostgresReadModel:
     async def replay(
         self, projection: Projection, stream: str, events: Sequence[RecordedEvent]
     ) -> int:
-        return await self._run(
-            lambda conn: replay_stream(conn, _SQL, _apply_in_savepoint, projection, stream, events)
-        )
+        def replay(conn: SyncConn) -> int:
+            self._wait_for_checkpoint(conn, projection.name)
+            return replay_stream(conn, _SQL, _apply_in_savepoint, projection, stream, events)
+
+        return await self._run(replay)
 
     # --- plumbing ----------------------------------------------------------------------
+
+    def _wait_for_checkpoint(self, conn: SyncConn, name: str) -> None:
+        """Lock the projection's checkpoint row, waiting for as long as another
+        replica's page holds it, in rounds of a quarter of the deadline: a lock wait
+        is quiet on the socket, and the stall watch would take one longer than the
+        deadline for a server that does not answer and cut it."""
+        rounds = max(1, math.ceil(self._deadline * 250))  # ms
+        while True:
+            try:
+                with conn.transaction():
+                    conn.execute(f"SET LOCAL lock_timeout = {rounds}".encode())
+                    conn.execute(_SQL.checkpoint.encode(), (name,))
+            except psycopg.errors.LockNotAvailable:
+                continue  # the other page goes on: wait another round
+            conn.execute(b"SET LOCAL lock_timeout TO DEFAULT")
+            return
 
     def _connect(self) -> SyncConn:
         # a stalled server would hold the handshake, and the read model, for good
