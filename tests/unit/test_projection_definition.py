@@ -135,3 +135,26 @@ def test_handles_refuses_what_is_not_a_function() -> None:
         handles("Placed")(5)
     with pytest.raises(ConfigError, match=r"handles\('Placed'\) marks a method, got <property"):
         handles("Placed")(property(lambda self: None))
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        (7, "a non-empty string"),
+        ("  ", "a non-empty string"),
+        ("orders\x00v2", "NUL"),
+        ("orders\ud800", "valid Unicode"),
+        ("p" * 1025, "at most"),
+    ],
+)
+def test_a_projection_name_no_read_model_can_key_on_is_refused_by_name(
+    name: object, problem: str
+) -> None:
+    # the name keys the checkpoint and the parked events: 7 worked on SQLite but every
+    # page failed on PostgreSQL (text compared with an integer), NUL broke PostgreSQL
+    class Named(Projection):
+        pass
+
+    Named.name = name  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match=f"Named.name must .*{problem}"):
+        Named()

@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 from seamwork._core.lifecycle import StartStop
 from seamwork.errors import ConfigError, UpcastError
-from seamwork.events._model import RecordedEvent
+from seamwork.events._model import RecordedEvent, check_key_length, check_no_nul
 from seamwork.events._store import EventStore
 from seamwork.events._upcast import UnreadableEvent
 
@@ -61,6 +61,20 @@ def handles(*event_types: str) -> Callable[[F], F]:
     return mark
 
 
+def _check_name(owner: str, name: object) -> None:
+    """Refuse a projection name no read model can key its checkpoint on: not a string,
+    blank, with NUL, not valid Unicode, or too long (both stores must hold it)."""
+    what = f"{owner}.name"
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{what} must be a non-empty string, got {name!r}")
+    check_no_nul(name, what)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{what} must be valid Unicode ({exc.reason}), got {name!r}") from None
+    check_key_length(name, what)
+
+
 class Projection:
     """A read model fed by events. Subclass it, set ``name``, mark handlers with
     ``@handles("OrderCreated")``, create tables in ``setup`` and empty them in
@@ -76,6 +90,7 @@ class Projection:
     def __init__(self) -> None:
         if not self.name:
             raise ConfigError(f"{type(self).__name__} needs a name")
+        _check_name(type(self).__name__, self.name)
 
     @property
     def handlers(self) -> dict[str, Callable[[RecordedEvent, Any], None]]:
@@ -217,6 +232,7 @@ class ProjectionRunner(StartStop):
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if not isinstance(projection, Projection) or not projection.name:
             raise ConfigError(f"{projection!r} is not a Projection with a name")
+        _check_name(type(projection).__name__, projection.name)
         self.store = store
         self.projection = projection
         self.read_model = read_model
