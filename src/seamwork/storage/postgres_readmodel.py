@@ -26,6 +26,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("PostgreSQL support needs: pip install 'seamwork[postgres]'") from exc
 
+from seamwork._core.lifecycle import OpenClose
 from seamwork.errors import ConfigError, StoreUnavailable
 from seamwork.events._model import RecordedEvent
 from seamwork.events._projection import BatchResult, ParkedEvent, Projection
@@ -53,7 +54,7 @@ _SCHEMA = (
 _SQL = PageSQL("%s", lock_checkpoint=" FOR UPDATE")  # replicas serialise on the row
 
 
-class PostgresReadModel:
+class PostgresReadModel(OpenClose):
     """``ReadModelStore`` in PostgreSQL (tables go to the connection's schema).
 
     Args:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
+from seamwork._core.lifecycle import OpenClose
 from seamwork.events._model import RecordedEvent
 from seamwork.events._projection import BatchResult, ParkedEvent, Projection
 from seamwork.storage._readmodel import PageSQL, apply_page, replay_stream
@@ -44,7 +45,7 @@ READ_MODEL_MIGRATIONS = (
 _SQL = PageSQL("?")
 
 
-class SQLiteReadModel:
+class SQLiteReadModel(OpenClose):
     """``ReadModelStore`` in a SQLite file.
 
     Args:

@@ -159,6 +159,16 @@ class ReadModelContract:
         finally:
             await model.aclose()
 
+    async def test_async_with_opens_the_read_model_and_closes_it(self, store: EventStore) -> None:
+        await store.append("s", added(3))
+        model: Any = self.make_read_model()
+        async with model as opened:
+            assert opened is model
+            await ProjectionRunner(store, self.totals_projection(), opened).catch_up()
+            assert await totals(opened) == {"s": 3}
+        async with model:  # closed on the way out, opened again on the way in
+            assert await totals(model) == {"s": 3}
+
     async def test_a_projection_applies_every_event_once_and_checkpoints_with_it(
         self, store: EventStore, read_model: ReadModelStore
     ) -> None:
