@@ -188,3 +188,54 @@ async def test_a_bad_dsn_is_a_store_error_naming_it_not_the_drivers() -> None:
     the outbox, ledger and event store raise StoreUnavailable naming the problem."""
     with pytest.raises(StoreUnavailable, match=r'read model.*invalid connection option "nonsense"'):
         await PostgresReadModel("nonsense=1").open()
+
+
+class TestCatchUpSeesWhatWasCommittedBeforeIt:
+    """An event committed before ``catch_up()`` was skipped when a transaction that was
+    open at the time (anywhere on the server) kept it below the gap-safe horizon:
+    append, then catch_up, and the read model did not have it."""
+
+    @pytest.fixture(autouse=True)
+    def _dsn(self, pg_dsn: str) -> None:
+        self.dsn = pg_dsn
+
+    async def _open_writer(self) -> psycopg.AsyncConnection[Any]:
+        other = await psycopg.AsyncConnection.connect(self.dsn)
+        await other.execute("SELECT pg_current_xact_id()")  # an xid: holds the horizon
+        return other
+
+    async def test_an_event_behind_a_transaction_that_ends_soon_is_applied(self) -> None:
+        model = PostgresReadModel(self.dsn)
+        async with EventStore.postgres(self.dsn) as store, model:
+            runner = ProjectionRunner(store, Totals("%s"), model)
+            other = await self._open_writer()
+            try:
+                await store.append("s", added(2))
+                ends = asyncio.get_running_loop().call_later(
+                    0.3, lambda: asyncio.ensure_future(other.commit())
+                )
+                await runner.catch_up()
+                ends.cancel()
+            finally:
+                await other.close()
+            assert await totals(model) == {"s": 2}
+
+    async def test_a_transaction_left_open_holds_catch_up_only_for_its_wait(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        model = PostgresReadModel(self.dsn)
+        async with EventStore.postgres(self.dsn) as store, model:
+            runner = ProjectionRunner(store, Totals("%s"), model)
+            other = await self._open_writer()
+            try:
+                await store.append("s", added(2))
+                loop = asyncio.get_running_loop()
+                began = loop.time()
+                await runner.catch_up(wait=0.5)
+                assert 0.5 <= loop.time() - began < 3
+                assert await totals(model) == {}
+                assert "still open" in caplog.text
+            finally:
+                await other.close()
+            await runner.catch_up()
+            assert await totals(model) == {"s": 2}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -158,3 +159,15 @@ def test_a_projection_name_no_read_model_can_key_on_is_refused_by_name(
     Named.name = name  # type: ignore[assignment]
     with pytest.raises(ConfigError, match=f"Named.name must .*{problem}"):
         Named()
+
+
+@pytest.mark.parametrize("wait", [-1.0, math.nan, math.inf])
+async def test_a_catch_up_wait_that_is_not_a_finite_time_is_refused(
+    wait: float, tmp_path: Any
+) -> None:
+    class Named(Projection):
+        name = "named"
+
+    runner = ProjectionRunner(EventStore.sqlite(tmp_path / "e.db"), Named(), None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="wait must be a finite number of seconds >= 0"):
+        await runner.catch_up(wait=wait)

@@ -23,6 +23,7 @@ import asyncio
 import builtins
 import inspect
 import logging
+import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -256,12 +257,42 @@ class ProjectionRunner(StartStop):
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    async def catch_up(self) -> int:
-        """Apply every event committed so far; returns the new checkpoint."""
+    async def catch_up(self, *, wait: float = 5.0) -> int:
+        """Apply every event committed before the call; returns the new checkpoint.
+
+        On PostgreSQL a committed event is readable once no transaction that began
+        before it is still open, anywhere on the server (the gap-safe ``$all``): an
+        append, then ``catch_up()``, would miss the event while another writer's
+        transaction is open. So ``catch_up`` first waits, up to ``wait`` seconds, for
+        the transactions open at the call to end; if one is still open then, it applies
+        what it can and logs a warning (the rest comes with a later call).
+        """
+        if not 0 <= wait < math.inf:
+            raise ConfigError(f"wait must be a finite number of seconds >= 0, got {wait!r}")
         await self._setup()
+        bound = await self.store._commit_bound()
+        if bound is not None and not await self._readable(bound, wait):
+            log.warning(
+                "projection %s: a transaction open since before catch_up() is still open "
+                "after %gs; the events committed behind it are applied by a later call",
+                self.projection.name,
+                wait,
+            )
         while await self._step():
             pass
         return self.checkpoint
+
+    async def _readable(self, bound: int, wait: float) -> bool:
+        """Whether ``$all``'s horizon reached ``bound`` within ``wait`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + wait, 0.002
+        while await self.store._horizon() < bound:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, 0.05)
+        return True
 
     async def rebuild(self) -> int:
         """Empty the read model and project everything again from position 0 (a live

@@ -236,6 +236,17 @@ class EventStore(OpenClose, ABC):
     async def _version_at(self, stream: str, when: float) -> int:
         """The stream's version as of wall-clock time ``when`` (-1: none yet)."""
 
+    async def _commit_bound(self) -> int | None:
+        """A position ``$all``'s gap-safe horizon must reach before every event
+        committed until now can be read; None where a commit is readable at once (a
+        single writer gives the order)."""
+        return None
+
+    async def _horizon(self) -> int:
+        """How far ``$all`` can be read now: events below this position (only called
+        where ``_commit_bound`` is not None)."""
+        raise NotImplementedError
+
     def _wakes(self) -> int:
         """How many wake-ups (news that events may have been appended) the adapter has
         had. A reader takes it before each read of ``$all`` and hands it to

@@ -419,6 +419,17 @@ class PostgresEventStore(EventStore):
         )
         return await self._fetch_events(sql, (from_position, limit))
 
+    async def _commit_bound(self) -> int:
+        # every transaction that committed so far has an id below the snapshot's xmax
+        row = await self._fetchone(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 20", ()
+        )
+        return int(row[0])
+
+    async def _horizon(self) -> int:
+        row = await self._fetchone(f"SELECT {_HORIZON}", ())
+        return int(row[0])
+
     async def _version_at(self, stream: str, when: float) -> int:
         row = await self._fetchone(
             "SELECT max(version) FROM seamwork_events WHERE stream = %s AND recorded_at <= %s",
