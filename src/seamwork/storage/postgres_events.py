@@ -387,7 +387,8 @@ class PostgresEventStore(EventStore):
             "SELECT s.version, s.state FROM seamwork_snapshots s "
             "JOIN seamwork_streams t ON t.stream = s.stream "
             "WHERE s.stream = %s AND s.name = %s AND s.version <= %s "
-            "AND s.version >= t.truncate_before ORDER BY s.version DESC LIMIT 1",
+            "AND s.version >= t.truncate_before AND s.version <= t.version "
+            "ORDER BY s.version DESC LIMIT 1",
             (stream, name, max_version),
         )
         return None if row is None else (int(row[0]), row[1])

@@ -373,7 +373,8 @@ class SQLiteEventStore(EventStore):
                 "SELECT s.version, s.state FROM seamwork_snapshots s "
                 "JOIN seamwork_streams t ON t.stream = s.stream "
                 "WHERE s.stream = ? AND s.name = ? AND s.version <= ? "
-                "AND s.version >= t.truncate_before ORDER BY s.version DESC LIMIT 1",
+                "AND s.version >= t.truncate_before AND s.version <= t.version "
+                "ORDER BY s.version DESC LIMIT 1",
                 (stream, name, max_version),
             ).fetchone()
         )

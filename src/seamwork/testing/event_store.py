@@ -20,6 +20,7 @@ from seamwork.events import (
     NO_STREAM,
     STREAM_EXISTS,
     EventStore,
+    Loaded,
     NewEvent,
     RecordedEvent,
     Snapshots,
@@ -353,6 +354,15 @@ class EventStoreContract:
         assert await store.load_snapshot("s", "count", 2**62) == (3, {"n": 2})
         policy: Snapshots[int] = Snapshots("count", every=1, decode=lambda v: int(v["n"]))
         assert await store.load("s", count, 0, snapshots=policy) == 2
+
+    async def test_a_snapshot_past_the_streams_end_is_not_loaded(self, store: EventStore) -> None:
+        # (saved at a wrong version, say): taken, every load answered a version the
+        # stream never reached, and an append expecting it was refused on every retry
+        await store.append("s", events("A", "B", "C"))
+        await store.save_snapshot("s", "count", 50, 99)
+        policy: Snapshots[int] = Snapshots("count", every=1000)
+        assert await store.load_versioned("s", count, 0, snapshots=policy) == Loaded(3, 2)
+        assert await store.load_snapshot("s", "count", 2**62) is None
 
     async def test_a_snapshot_with_a_bad_key_is_refused_by_name_and_not_stored(
         self, store: EventStore
