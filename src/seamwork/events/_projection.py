@@ -380,6 +380,11 @@ class ProjectionRunner(StartStop):
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self.store._is_closed():
+                    log.warning(
+                        "projection %s stops: its event store was closed", self.projection.name
+                    )
+                    return
                 log.exception("projection %s failed a batch; retrying", self.projection.name)
                 await asyncio.sleep(1.0)
 

@@ -236,6 +236,11 @@ class EventStore(OpenClose, ABC):
     async def _version_at(self, stream: str, when: float) -> int:
         """The stream's version as of wall-clock time ``when`` (-1: none yet)."""
 
+    def _is_closed(self) -> bool:
+        """Whether the store was opened and then closed (it stays closed until
+        ``open()``): what follows it - a subscription, a live projection - ends."""
+        return False
+
     async def _commit_bound(self) -> int | None:
         """A position ``$all``'s gap-safe horizon must reach before every event
         committed until now can be read; None where a commit is readable at once (a

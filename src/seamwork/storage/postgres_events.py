@@ -420,6 +420,9 @@ class PostgresEventStore(EventStore):
         )
         return await self._fetch_events(sql, (from_position, limit))
 
+    def _is_closed(self) -> bool:
+        return self._used and not self._opened
+
     async def _commit_bound(self) -> int:
         # every transaction that committed so far has an id below the snapshot's xmax
         row = await self._fetchone(

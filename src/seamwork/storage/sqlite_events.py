@@ -222,6 +222,9 @@ class SQLiteEventStore(EventStore):
         await self._writer.close()
         self._wake(0)  # a waiting subscriber looks again now, and finds the store closed
 
+    def _is_closed(self) -> bool:
+        return self._used and not self._writer.running
+
     # --- writing ---------------------------------------------------------------------
 
     async def append(

@@ -408,6 +408,31 @@ class ReadModelContract:
         await runner.stop()
         assert loops() == []
 
+    async def test_a_live_runner_ends_when_its_event_store_is_closed(
+        self, read_model: ReadModelStore
+    ) -> None:
+        # it went on failing a batch (and logging it) every second until stop()
+        def loops() -> list[asyncio.Task[Any]]:
+            return [t for t in asyncio.all_tasks() if t.get_name() == "projection:totals"]
+
+        store = self.make_store()
+        await store.open()
+        runner = ProjectionRunner(store, self.totals_projection(), read_model)
+        await runner.start()
+        await store.append("s", added(1))
+
+        async def caught_up() -> bool:
+            return await totals(read_model) == {"s": 1}
+
+        await settled(caught_up)
+        await store.aclose()
+
+        async def ended() -> bool:
+            return loops() == []
+
+        await settled(ended)
+        await runner.stop()
+
     async def test_a_live_runner_whose_rebuild_fails_keeps_following(
         self, store: EventStore, read_model: ReadModelStore
     ) -> None:
