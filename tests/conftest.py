@@ -65,7 +65,15 @@ def _with_dbname(dsn: str, dbname: str) -> str:
     return " ".join([*parts, f"dbname={dbname}"])
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """The PostgreSQL server CI runs on 5432, as its admin DSN (for a test that makes
+    and drops what it needs there itself, such as ``seamwork demo --postgres``)."""
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    return PG_ADMIN_DSN
+
+
+@pytest.fixture(scope="session")
 def nats_service() -> str:
     """The NATS server with JetStream that CI runs on 4222."""
     require_service("NATS", "127.0.0.1", 4222)

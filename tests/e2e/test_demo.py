@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -21,9 +23,9 @@ import pytest
 
 import seamwork as seamwork_package
 from seamwork.demo.invariants import check_all, gather_evidence
-from seamwork.demo.saga import make_orders
+from seamwork.demo.saga import make_orders, saga_store
 from seamwork.demo.scenario import DemoConfig, DemoRun
-from seamwork.storage import SQLiteStore
+from seamwork.demo.servers import NatsRun, PgRun
 
 SOURCE = str(Path(seamwork_package.__file__).parents[1])
 """Where the seamwork under test lives: the subprocesses run it, not an installed one."""
@@ -56,14 +58,16 @@ class Ran:
     err: str
 
 
-def seamwork(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def seamwork(
+    *args: str, cwd: Path, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "seamwork.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "PYTHONPATH": SOURCE},
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "PYTHONPATH": SOURCE, **(env or {})},
         check=False,
     )
 
@@ -107,12 +111,12 @@ def test_the_cli_inspects_what_the_demo_left(ran: Ran) -> None:
     assert "compensation_failed" in shown.stdout
 
 
-async def load(directory: Path) -> DemoRun:
-    demo = DemoRun(DemoConfig(directory, ORDERS), make_orders(ORDERS))
-    store = SQLiteStore(directory / "sagas.db")
+async def load(directory: Path, orders: int = ORDERS, pg: PgRun | None = None) -> DemoRun:
+    demo = DemoRun(DemoConfig(directory, orders), make_orders(orders))
+    store = saga_store(directory, pg)
     await store.open()
     try:
-        demo.states = {s.saga_id: s for s in await store.list(limit=10 * ORDERS)}
+        demo.states = {s.saga_id: s for s in await store.list(limit=10 * orders)}
         demo.timelines = {sid: await store.timeline(sid) for sid in demo.states}
     finally:
         await store.aclose()
@@ -120,10 +124,10 @@ async def load(directory: Path) -> DemoRun:
     return demo
 
 
-def failing(directory: Path) -> dict[str, str]:
+def failing(directory: Path, orders: int = ORDERS, pg: PgRun | None = None) -> dict[str, str]:
     async def go() -> dict[str, str]:
-        demo = await load(directory)
-        checks = check_all(demo, await gather_evidence(directory, demo.orders))
+        demo = await load(directory, orders, pg)
+        checks = check_all(demo, await gather_evidence(directory, demo.orders, pg))
         return {c.name: c.detail for c in checks if not c.ok}
 
     found = asyncio.run(go())
@@ -206,11 +210,12 @@ def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path: Path, child:
     import signal
     import time
 
+    env = {k: v for k, v in os.environ.items() if k not in ("SEAMWORK_PG_DSN", "SEAMWORK_NATS_URL")}
     demo = subprocess.Popen(
         [sys.executable, "-m", "seamwork.cli", "demo", "--orders", "20", "--dir", str(tmp_path)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**env, "COLUMNS": "200"},  # (the embedded servers, whatever CI's environment says)
     )
     orders_db = tmp_path / "choreography" / "orders.db"
 
@@ -269,6 +274,195 @@ def test_a_demo_dir_it_cannot_use_is_a_one_line_error(
     assert line.startswith(f"error: cannot use {tmp_path / where} for the demo's files: ")
     assert reason in line
     assert (tmp_path / "notes.txt").read_text() == "keep me\n"
+
+
+def test_a_demo_dir_it_cannot_use_is_the_error_when_postgres_is_turned_off(
+    tmp_path: Path,
+) -> None:
+    """``--postgres ''`` runs on SQLite files even when SEAMWORK_PG_DSN names a server."""
+    (tmp_path / "notes.txt").write_text("keep me\n")
+    done = seamwork(
+        "demo",
+        "--orders",
+        "20",
+        "--dir",
+        "notes.txt",
+        "--postgres",
+        "",
+        cwd=tmp_path,
+        env={"SEAMWORK_PG_DSN": "host=127.0.0.1 port=1 user=postgres"},
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot use {tmp_path / 'notes.txt'} for the demo's files: ")
+
+
+# --- on real servers: --postgres DSN and --nats URL ---------------------------------------
+
+SERVER_ORDERS = 40
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "error"),
+    [
+        (
+            ("--postgres", "host=127.0.0.1 port=1 user=postgres password=s3cret"),
+            {},
+            "error: cannot connect to PostgreSQL 'user=postgres host=127.0.0.1 port=1': ",
+        ),
+        (
+            (),
+            {"SEAMWORK_PG_DSN": "host=127.0.0.1 port=1 user=postgres"},
+            "error: cannot connect to PostgreSQL 'user=postgres host=127.0.0.1 port=1': ",
+        ),
+        (
+            ("--postgres", "not a dsn"),
+            {},
+            "error: --postgres is not a valid PostgreSQL DSN: ",
+        ),
+        (
+            ("--nats", "nats://127.0.0.1:1"),
+            {},
+            "error: cannot connect to NATS at 'nats://127.0.0.1:1': ",
+        ),
+        (
+            (),
+            {"SEAMWORK_NATS_URL": "nats://no-such-host.invalid:4222"},
+            "error: cannot connect to NATS at 'nats://no-such-host.invalid:4222': ",
+        ),
+    ],
+)
+def test_a_server_that_does_not_answer_is_a_one_line_error_naming_it(
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str], error: str
+) -> None:
+    done = seamwork("demo", "--orders", "20", *args, cwd=tmp_path, env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "s3cret" not in done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(error), line
+    assert not (tmp_path / ".seamwork-demo").exists()  # nothing ran
+
+
+@dataclass(frozen=True)
+class OnServers:
+    ran: Ran
+    pg: PgRun
+    nats: NatsRun
+
+
+def on_servers(cwd: Path, dsn: str, url: str, orders: int, *more: str) -> OnServers:
+    done = seamwork(
+        "demo",
+        "--orders",
+        str(orders),
+        "--postgres",
+        dsn,
+        "--nats",
+        url,
+        *more,
+        cwd=cwd,
+        timeout=120,
+    )
+    found = re.search(r"seamwork_demo_([0-9a-f]+)_\*", done.stdout)
+    assert found, done.stdout + done.stderr
+    run_id = found.group(1)
+    ran = Ran(cwd / ".seamwork-demo", done.returncode, done.stdout, done.stderr)
+    return OnServers(ran, PgRun(dsn, run_id), NatsRun(url, run_id))
+
+
+@pytest.fixture(scope="module")
+def servers_run(
+    tmp_path_factory: pytest.TempPathFactory, pg_server: str, nats_service: str
+) -> OnServers:
+    cwd = tmp_path_factory.mktemp("demo-on-servers")
+    return on_servers(cwd, pg_server, nats_service, SERVER_ORDERS)
+
+
+def test_on_postgres_and_nats_the_demo_exits_0_with_every_invariant_checked(
+    servers_run: OnServers,
+) -> None:
+    ran = servers_run.ran
+    assert ran.code == 0, ran.out + ran.err
+    assert f"all {len(INVARIANTS)} invariants checked and hold" in ran.out
+    lines = ran.out.splitlines()
+    for name in INVARIANTS:
+        assert any(name in line and "✓" in line for line in lines), name
+    assert "one PostgreSQL schema each" in ran.out
+    assert f"on the NATS server at {servers_run.nats.url}" in ran.out
+    assert "embedded nats-server" not in ran.out
+    assert sorted(p.name for p in ran.directory.glob("**/*.db")) == []  # no SQLite at all
+
+
+def test_on_postgres_and_nats_the_demo_leaves_nothing_of_its_run_on_the_servers(
+    servers_run: OnServers,
+) -> None:
+    assert servers_run.ran.code == 0, servers_run.ran.out + servers_run.ran.err
+    assert f"PostgreSQL schemas {servers_run.pg.pattern} dropped" in servers_run.ran.out
+    assert run_schemas(servers_run.pg) == []
+    assert asyncio.run(run_streams(servers_run.nats)) == ([], 0)
+
+
+def run_schemas(pg: PgRun) -> list[str]:
+    import psycopg
+
+    with psycopg.connect(pg.dsn) as conn:
+        rows = conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s ORDER BY nspname",
+            (pg.schema("") + "%",),
+        ).fetchall()
+    return [name for (name,) in rows]
+
+
+async def run_streams(nats: NatsRun) -> tuple[list[str], int]:
+    """The run's streams on the server, and how many dead letters of its subjects."""
+    import nats as nats_py
+
+    nc = await nats_py.connect(nats.url)
+    try:
+        js = nc.jsm()
+        names = [s.config.name for s in await js.streams_info()]
+        letters = 0
+        if "DEADLETTER" in names:
+            info = await js.stream_info("DEADLETTER", subjects_filter=nats.dead_letter_filter)
+            letters = sum((info.state.subjects or {}).values())
+        return [n for n in names if n == nats.stream], letters
+    finally:
+        await nc.close()
+
+
+def test_with_keep_the_run_stays_on_the_servers_and_its_checks_read_postgres(
+    tmp_path: Path, pg_server: str, nats_service: str
+) -> None:
+    run = on_servers(tmp_path, pg_server, nats_service, 20, "--keep")
+    try:
+        assert run.ran.code == 0, run.ran.out + run.ran.err
+        assert run_schemas(run.pg) == sorted(run.pg.schemas)
+        assert asyncio.run(run_streams(run.nats)) == ([run.nats.stream], 0)
+        shown = run.pg.shown_for("sagas")
+        assert f"seamwork sagas list --postgres {shlex.quote(shown)}" in run.ran.out
+        listed = seamwork(
+            "sagas", "list", "--postgres", shown, "--status", "stuck", "--json", cwd=tmp_path
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert {row["saga_id"] for row in json.loads(listed.stdout)} == {"saga-order-0005"}
+        assert failing(tmp_path, 20, run.pg) == {}
+        import psycopg
+
+        # order 19 shipped with the slow carrier: charged, then refunded once
+        with psycopg.connect(run.pg.dsn_for("payment")) as conn:
+            conn.execute(
+                "INSERT INTO refunds (order_id, payment_id, amount_cents, idempotency_key) "
+                "SELECT order_id, payment_id, amount_cents, idempotency_key FROM refunds "
+                "WHERE order_id = 'order-0019'"
+            )
+        found = failing(tmp_path, 20, run.pg)
+        assert "saga-order-0019" in found["failed sagas compensated exactly their applied steps"]
+    finally:
+        run.pg.drop()
+        asyncio.run(run.nats.clean())
+    assert run_schemas(run.pg) == []
+    assert asyncio.run(run_streams(run.nats)) == ([], 0)
 
 
 class _Quiet:

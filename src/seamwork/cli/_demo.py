@@ -28,17 +28,65 @@ def demo(
             "--kill-at", min=0.05, max=0.95, help="Fraction of orders finished at the SIGKILL."
         ),
     ] = 0.4,
+    postgres: Annotated[
+        str | None,
+        typer.Option(
+            "--postgres",
+            envvar="SEAMWORK_PG_DSN",
+            help=(
+                "Run on this PostgreSQL (a libpq DSN; env: SEAMWORK_PG_DSN): the saga store "
+                "and every service in a schema of its own, seamwork_demo_<run id>_<service>, "
+                "dropped at the end unless --keep. Without it (or with '') each has a "
+                "SQLite file in --dir."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    nats: Annotated[
+        str | None,
+        typer.Option(
+            "--nats",
+            envvar="SEAMWORK_NATS_URL",
+            help=(
+                "Run act two on this NATS JetStream server (nats://host:port; env: "
+                "SEAMWORK_NATS_URL) instead of an embedded nats-server: its subjects, "
+                "stream and consumer groups are the run's own (seamwork-demo-<run id>), "
+                "deleted at the end with its dead letters unless --keep."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    keep: Annotated[
+        bool,
+        typer.Option(
+            "--keep",
+            help="Leave the run's PostgreSQL schemas and NATS stream on the servers to inspect.",
+        ),
+    ] = False,
 ) -> None:
     """Run the order saga demo: declines, timeouts, a stuck warehouse, a SIGKILL, recovery.
 
-    Exits non-zero if an invariant does not hold in the services' own databases.
+    On one machine with no server by default (SQLite files, an embedded nats-server);
+    --postgres and --nats run the same on real servers. Exits non-zero if an invariant
+    does not hold in the services' own databases, 2 if the demo cannot run (a --dir it
+    cannot use, a server that does not answer).
     """
     from seamwork.cli._render import error_line
     from seamwork.demo.run import run_demo
     from seamwork.demo.scenario import DemoConfig, DemoError
+    from seamwork.demo.servers import new_run_id
 
     console = Console(highlight=False)
-    config = DemoConfig(directory.absolute(), orders, concurrency, kill_at)
+    config = DemoConfig(
+        directory.absolute(),
+        orders,
+        concurrency,
+        kill_at,
+        postgres=postgres or None,  # '' (or an empty variable): SQLite files
+        nats=nats or None,
+        run_id=new_run_id(),
+        keep=keep,
+    )
     terminated = False
 
     def interrupt(signum: int, frame: FrameType | None) -> None:

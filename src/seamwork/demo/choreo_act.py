@@ -1,10 +1,11 @@
 """Act two of ``seamwork demo``: the same order saga, choreographed over NATS.
 
-Four services (``choreography``), each with its own SQLite database, outbox, inbox
-and relay, react to each other's events on an embedded ``nats-server``; nothing
-orchestrates them. The flow monitor rebuilds every order's flow from the messages'
-correlation and causation ids, and the checks compare that view with each service's
-own tables.
+Four services (``choreography``), each with its own database (a SQLite file, or with
+``--postgres`` a PostgreSQL schema), outbox, inbox and relay, react to each other's
+events on an embedded ``nats-server`` (or with ``--nats`` the user's, under the run's
+own subjects and groups); nothing orchestrates them. The flow monitor rebuilds every
+order's flow from the messages' correlation and causation ids, and the checks compare
+that view with each service's own tables.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from seamwork.brokers import EmbeddedNats, NatsBroker
 from seamwork.demo.choreography import CARD_LIMIT, TERMINAL, running
 from seamwork.demo.invariants import Check
 from seamwork.demo.scenario import DemoError
+from seamwork.demo.servers import NatsRun, PgRun
 from seamwork.messaging import DeadLetter, Flow
 
 SUCCESS = (
@@ -65,10 +67,12 @@ class ChoreographyRun:
     orders: list[PlannedOrder]
     flows: dict[str, Flow]
     stock: dict[str, int]
-    boot_ms: float
+    boot_ms: float | None  # None: a NATS server of the user's (--nats)
     seconds: float
     directory: Path
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    pg: PgRun | None = None
+    nats: NatsRun | None = None
 
 
 def plan(count: int) -> list[PlannedOrder]:
@@ -93,32 +97,53 @@ def prepare(directory: Path) -> None:
             (directory / f"{name}{suffix}").unlink(missing_ok=True)
 
 
-async def run_choreography(directory: Path, count: int) -> ChoreographyRun:
-    """Place ``count`` orders in ``directory`` (see ``prepare``) until every flow settled
-    and the monitor saw every message the services sent."""
+async def run_choreography(
+    directory: Path, count: int, *, pg: PgRun | None = None, nats: NatsRun | None = None
+) -> ChoreographyRun:
+    """Place ``count`` orders until every flow settled and the monitor saw every message
+    the services sent. The services' databases are in ``directory`` (see ``prepare``),
+    or with ``pg`` the run's ``choreo_*`` schemas; the messages go through an embedded
+    nats-server, or with ``nats`` through that server under the run's own names."""
     orders = plan(count)
     stock = {"book": count, "lamp": 2}
+    dsn_for = None if pg is None else (lambda name: pg.dsn_for(f"choreo_{name}"))
+    async with (
+        _server(nats) as (url, boot_ms),
+        running(directory, url, stock, dsn_for=dsn_for, nats_run=nats) as system,
+    ):
+        started = time.perf_counter()
+        for order in orders:
+            await system.place_order(order.order_id, order.sku, order.qty, order.amount)
+        try:
+            await system.settled(*(o.order_id for o in orders), seconds=SETTLE_SECONDS)
+        except TimeoutError:
+            letters = await _dead_letters(url, nats)
+            raise DemoError(_unsettled(system.monitor.flows(), orders, letters)) from None
+        seconds = time.perf_counter() - started
+        with contextlib.suppress(TimeoutError):  # a message never seen fails the checks
+            await system.drained()
+        flows = system.monitor.flows()
+        letters = await _dead_letters(url, nats)
+    return ChoreographyRun(
+        orders, flows, stock, boot_ms, seconds, directory, letters, pg=pg, nats=nats
+    )
+
+
+@contextlib.asynccontextmanager
+async def _server(nats: NatsRun | None) -> AsyncIterator[tuple[str, float | None]]:
+    """The NATS server's URL and boot time: an embedded one, or the user's."""
+    if nats is not None:
+        yield nats.url, None
+        return
     async with EmbeddedNats() as server:
-        boot_ms = (server.boot_seconds or 0.0) * 1e3
-        async with running(directory, server.url, stock) as system:
-            started = time.perf_counter()
-            for order in orders:
-                await system.place_order(order.order_id, order.sku, order.qty, order.amount)
-            try:
-                await system.settled(*(o.order_id for o in orders), seconds=SETTLE_SECONDS)
-            except TimeoutError:
-                letters = await _dead_letters(server.url)
-                raise DemoError(_unsettled(system.monitor.flows(), orders, letters)) from None
-            seconds = time.perf_counter() - started
-            with contextlib.suppress(TimeoutError):  # a message never seen fails the checks
-                await system.drained()
-            flows = system.monitor.flows()
-            letters = await _dead_letters(server.url)
-    return ChoreographyRun(orders, flows, stock, boot_ms, seconds, directory, letters)
+        yield server.url, (server.boot_seconds or 0.0) * 1e3
 
 
-async def _dead_letters(url: str) -> list[DeadLetter]:
-    """What the services' consumer groups gave up on (a message that kept failing)."""
+async def _dead_letters(url: str, nats: NatsRun | None) -> list[DeadLetter]:
+    """What the services' consumer groups gave up on (a message that kept failing);
+    on a shared server, only the run's own."""
+    if nats is not None:
+        return await nats.dead_letters()
     reader = NatsBroker(url, name="dead-letter-reader")
     try:
         letters: list[DeadLetter] = await reader.dead_letters(limit=1000)
@@ -156,21 +181,20 @@ def check(run: ChoreographyRun) -> list[Check]:
     orders = {o.order_id: o for o in run.orders}
     paths = {oid: _path(run.flows.get(oid)) for oid in orders}
     wrong = [oid for oid, o in orders.items() if paths[oid] != o.expected]
-    status = dict(_rows(run.directory / "orders.db", "SELECT id, status FROM orders"))
+    status = dict(_own_rows(run, "orders", "SELECT id, status FROM orders"))
     expected_status = {oid: _final(o) for oid, o in orders.items()}
     mismatched = [oid for oid in orders if status.get(oid) != expected_status[oid]]
-    charged = dict(_rows(run.directory / "payment.db", "SELECT order_id, status FROM payments"))
+    charged = dict(_own_rows(run, "payment", "SELECT order_id, status FROM payments"))
     bad_payments = [oid for oid, o in orders.items() if charged.get(oid) != _payment(o)]
-    available = dict(_rows(run.directory / "inventory.db", "SELECT sku, available FROM stock"))
+    available = dict(_own_rows(run, "inventory", "SELECT sku, available FROM stock"))
     held = Counter[str]()
-    for sku, qty in _rows(
-        run.directory / "inventory.db",
-        "SELECT sku, qty FROM reservations WHERE status = 'reserved'",
+    for sku, qty in _own_rows(
+        run, "inventory", "SELECT sku, qty FROM reservations WHERE status = 'reserved'"
     ):
         held[sku] += qty
     conserved = all(available.get(s, -1) + held[s] == n for s, n in run.stock.items())
     unsent = "SELECT count(*) FROM seamwork_outbox WHERE sent_at IS NULL"
-    pending = sum(_rows(run.directory / f"{n}.db", unsent)[0][0] for n in _FILES)
+    pending = sum(_own_rows(run, n, unsent)[0][0] for n in _FILES)
     return [
         Check("every flow follows its planned path", not wrong, _some(wrong) or f"{len(orders)}"),
         Check("orders' own status matches the flow", not mismatched, _some(mismatched) or "all"),
@@ -205,7 +229,10 @@ def summary(run: ChoreographyRun) -> Table:
         "[yellow]cancelled",
         f"{outcomes['cancelled']}  ({kinds[DECLINED]} declined, {kinds[NO_STOCK]} out of stock)",
     )
-    table.add_row("embedded nats-server boot", f"{run.boot_ms:.0f} ms")
+    if run.boot_ms is None and run.nats is not None:
+        table.add_row("NATS server", f"{run.nats.url} ({run.nats.prefix}>)")
+    else:
+        table.add_row("embedded nats-server boot", f"{run.boot_ms or 0:.0f} ms")
     table.add_row("all flows settled in", f"{run.seconds:.2f} s")
     return table
 
@@ -223,6 +250,16 @@ def _payment(order: PlannedOrder) -> str | None:
 def _path(flow: Flow | None) -> tuple[str, ...] | None:
     """The flow's message types in causal order; None for a flow the monitor never saw."""
     return None if flow is None else tuple(step.type for step in flow.steps)
+
+
+def _own_rows(run: ChoreographyRun, service: str, sql: str) -> list[tuple[Any, ...]]:
+    """The rows of ``sql`` in the service's own database (SQLite file or schema)."""
+    if run.pg is None:
+        return _rows(run.directory / f"{service}.db", sql)
+    import psycopg
+
+    with psycopg.connect(run.pg.dsn_for(f"choreo_{service}")) as pg:
+        return pg.execute(sql.encode()).fetchall()
 
 
 def _rows(path: Path, sql: str) -> list[tuple[Any, ...]]:

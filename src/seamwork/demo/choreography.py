@@ -1,8 +1,9 @@
 """The order saga, choreographed: four services reacting to each other's events.
 
-No orchestrator. Each service owns a SQLite database holding its tables, its outbox
-and its inbox, and runs its own relay; it changes its state and announces the
-change in ONE local transaction, and handles each message it receives at most once.
+No orchestrator. Each service owns a database - a SQLite file, or a PostgreSQL
+schema of its own - holding its tables, its outbox and its inbox, and runs its own
+relay; it changes its state and announces the change in ONE local transaction, and
+handles each message it receives at most once.
 
     orders        OrderCreated ----------------------------------------------.
     inventory       -> InventoryReserved  (or InventoryFailed -> orders cancels)
@@ -23,10 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from seamwork.brokers import EmbeddedNats, NatsBroker
+from seamwork.demo.servers import NatsRun
+from seamwork.demo.services import pg_sql
 from seamwork.messaging import (
     FlowMonitor,
     Inbox,
@@ -46,14 +50,33 @@ Fn = Callable[[Message, Transaction], Awaitable[None]]
 
 
 class Service:
-    """One service: its database (tables + outbox + inbox), relay and broker."""
+    """One service: its database (tables + outbox + inbox), relay and broker.
 
-    def __init__(self, name: str, workdir: Path, url: str, schema: tuple[str, ...]) -> None:
+    The database is the SQLite file ``<workdir>/<name>.db``, or the PostgreSQL schema
+    ``postgres`` connects to. Handlers write ``?`` placeholders and bare subjects
+    (``inventory.reserved``); ``local`` makes them right for the database and puts
+    ``prefix`` before every subject (a run's own on a shared NATS server).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        workdir: Path,
+        url: str,
+        schema: tuple[str, ...],
+        *,
+        postgres: str | None = None,
+        prefix: str = "",
+        group: str | None = None,
+    ) -> None:
         self.name = name
+        self.group = group or name
+        self.prefix = prefix
         self.db = workdir / f"{name}.db"
-        self.outbox = Outbox.sqlite(self.db)
+        self.postgres = postgres
+        self.outbox = Outbox.postgres(postgres) if postgres else Outbox.sqlite(self.db)
         self.inbox = Inbox.of(self.outbox)
-        self.broker = NatsBroker(url, name=name)
+        self.broker = NatsBroker(url, name=self.group)
         self.relay = OutboxRelay(self.outbox, self.broker, poll_interval=0.05)
         self.schema = schema
 
@@ -61,17 +84,41 @@ class Service:
         await self.outbox.open()
         async with self.outbox.transaction() as tx:
             for statement in self.schema:
-                await tx.execute(statement)
+                await self.local(tx).execute(statement)
         await self.relay.start()
+
+    def local(self, tx: Transaction) -> Transaction:
+        """``tx`` as the handlers write to it."""
+        return _Local(tx, self.prefix, pg=self.postgres is not None)
 
     async def on(self, subject: str, fn: Fn, message_type: str) -> None:
         """Handle ``message_type`` on ``subject`` as this service's consumer group."""
-        handler = self.inbox.handler(fn, types={message_type})
-        await self.broker.subscribe(subject, self.name, handler, retry_delay=0.1)
+
+        async def handle(message: Message, tx: Transaction) -> None:
+            await fn(message, self.local(tx))
+
+        handler = self.inbox.handler(handle, types={message_type})
+        await self.broker.subscribe(self.prefix + subject, self.group, handler, retry_delay=0.1)
 
     async def stop(self) -> None:
         # the relay first: left running, it would connect the closed broker again
         await close_all(self.relay.stop, self.broker.aclose, self.outbox.aclose)
+
+
+class _Local:
+    """A ``Transaction`` taking ``?`` placeholders and bare subjects: psycopg's ``%s``
+    on PostgreSQL, ``prefix`` before every subject published."""
+
+    def __init__(self, tx: Transaction, prefix: str, *, pg: bool) -> None:
+        self.tx = tx
+        self.prefix = prefix
+        self.pg = pg
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return await self.tx.execute(pg_sql(sql) if self.pg else sql, params)
+
+    async def publish(self, subject: str, message: Message) -> None:
+        await self.tx.publish(self.prefix + subject, message)
 
 
 async def close_all(*closers: Callable[[], Awaitable[None]]) -> None:
@@ -162,26 +209,49 @@ async def _finish(message: Message, tx: Transaction, status: str, kind: str) -> 
 
 
 class OrderSystem:
-    """The four services and a flow monitor on one NATS server."""
+    """The four services and a flow monitor on one NATS server.
 
-    def __init__(self, workdir: Path, url: str, stock: dict[str, int] | None = None) -> None:
+    With ``dsn_for`` each service's database is the PostgreSQL schema
+    ``dsn_for(name)`` connects to; with ``nats_run`` the subjects and consumer groups
+    are that run's own (``servers.NatsRun``).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        url: str,
+        stock: dict[str, int] | None = None,
+        *,
+        dsn_for: Callable[[str], str] | None = None,
+        nats_run: NatsRun | None = None,
+    ) -> None:
         self.stock = dict(stock or STOCK)
         self.monitor = FlowMonitor(TERMINAL)
-        self._monitor_broker = NatsBroker(url, name="flow-monitor")
-        self.orders = Service(
+        self.prefix = nats_run.prefix if nats_run else ""
+        self._group = nats_run.group if nats_run else (lambda name: name)
+        self._monitor_broker = NatsBroker(url, name=self._group("flow-monitor"))
+
+        def service(name: str, schema: tuple[str, ...]) -> Service:
+            return Service(
+                name,
+                workdir,
+                url,
+                schema,
+                postgres=dsn_for(name) if dsn_for else None,
+                prefix=self.prefix,
+                group=self._group(name),
+            )
+
+        self.orders = service(
             "orders",
-            workdir,
-            url,
             (
                 "CREATE TABLE orders (id TEXT PRIMARY KEY, sku TEXT, qty INT, amount INT,"
                 " status TEXT)",
             ),
         )
         stocked = ", ".join(f"('{sku}', {n})" for sku, n in self.stock.items())
-        self.inventory = Service(
+        self.inventory = service(
             "inventory",
-            workdir,
-            url,
             (
                 "CREATE TABLE stock (sku TEXT PRIMARY KEY, available INT NOT NULL)",
                 f"INSERT INTO stock (sku, available) VALUES {stocked}",
@@ -189,16 +259,12 @@ class OrderSystem:
                 " status TEXT)",
             ),
         )
-        self.payment = Service(
+        self.payment = service(
             "payment",
-            workdir,
-            url,
             ("CREATE TABLE payments (order_id TEXT PRIMARY KEY, amount INT, status TEXT)",),
         )
-        self.notification = Service(
+        self.notification = service(
             "notification",
-            workdir,
-            url,
             ("CREATE TABLE notifications (order_id TEXT PRIMARY KEY, text TEXT)",),
         )
         self.services = (self.orders, self.inventory, self.payment, self.notification)
@@ -206,7 +272,11 @@ class OrderSystem:
     async def start(self) -> None:
         for service in self.services:
             await service.start()
-        await self.monitor.watch(self._monitor_broker, SUBJECTS)
+        await self.monitor.watch(
+            self._monitor_broker,
+            [self.prefix + subject for subject in SUBJECTS],
+            group=self._group("flow-monitor"),
+        )
         await self.inventory.on("orders.created", reserve, "OrderCreated")
         await self.inventory.on("payment.failed", release, "PaymentFailed")
         await self.payment.on("inventory.reserved", charge, "InventoryReserved")
@@ -221,7 +291,8 @@ class OrderSystem:
     async def place_order(self, order_id: str, sku: str, qty: int, amount: int) -> None:
         """The orders service takes an order: its row and OrderCreated, one transaction."""
         order = {"order_id": order_id, "sku": sku, "qty": qty, "amount": amount}
-        async with self.orders.outbox.transaction() as tx:
+        async with self.orders.outbox.transaction() as raw:
+            tx = self.orders.local(raw)
             await tx.execute(
                 "INSERT INTO orders (id, sku, qty, amount, status) VALUES (?, ?, ?, ?, 'pending')",
                 (order_id, sku, qty, amount),
@@ -264,10 +335,15 @@ class OrderSystem:
 
 @contextlib.asynccontextmanager
 async def running(
-    workdir: Path, url: str, stock: dict[str, int] | None = None
+    workdir: Path,
+    url: str,
+    stock: dict[str, int] | None = None,
+    *,
+    dsn_for: Callable[[str], str] | None = None,
+    nats_run: NatsRun | None = None,
 ) -> AsyncIterator[OrderSystem]:
     """``async with running(dir, url) as system:`` the four services and the monitor."""
-    system = OrderSystem(workdir, url, stock)
+    system = OrderSystem(workdir, url, stock, dsn_for=dsn_for, nats_run=nats_run)
     try:
         await system.start()
         yield system

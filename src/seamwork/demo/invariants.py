@@ -20,17 +20,21 @@ ledgers say what actually happened. Each check compares the two:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from seamwork.demo.saga import STEP_NAMES, expectation, saga_id
 from seamwork.demo.scenario import DemoRun
 from seamwork.demo.services import INITIAL_STOCK, STUCK_WAREHOUSE, Order
 from seamwork.saga import IdempotencyLedger, SagaState, StepEvent
+
+if TYPE_CHECKING:
+    from seamwork.demo.servers import PgRun
 
 Row = dict[str, Any]
 MAX_SHOWN = 3
@@ -84,18 +88,29 @@ def undo_key(sid: str, step: str) -> str:
     return f"{sid}:{step}:compensate"
 
 
-async def gather_evidence(directory: Path, orders: list[Order]) -> Evidence:
-    """Read the services' tables and look every saga's keys up in their ledgers."""
+async def gather_evidence(
+    directory: Path, orders: list[Order], pg: PgRun | None = None
+) -> Evidence:
+    """Read the services' tables and look every saga's keys up in their ledgers: the
+    SQLite files in ``directory``, or with ``pg`` the run's PostgreSQL schemas."""
     evidence = Evidence()
+
+    async def read(service: str, sql: str) -> list[Row]:
+        if pg is not None:
+            return await _pg_rows(pg, service, sql)
+        return _sqlite_rows(directory, service, sql)
+
     for service, tables in _TABLES.items():
-        with _read_only(directory / f"{service}.db") as conn:
-            for table in tables:
-                evidence.rows[table] = _by_order(conn.execute(f"SELECT * FROM {table}"))
-    with _read_only(directory / "inventory.db") as conn:
-        rows = conn.execute("SELECT sku, warehouse, qty FROM stock")
-        evidence.stock = {(r["sku"], r["warehouse"]): r["qty"] for r in rows}
+        for table in tables:
+            evidence.rows[table] = _by_order(await read(service, f"SELECT * FROM {table}"))
+    rows = await read("inventory", "SELECT sku, warehouse, qty FROM stock")
+    evidence.stock = {(r["sku"], r["warehouse"]): r["qty"] for r in rows}
     for service in _TABLES:
-        ledger = IdempotencyLedger.sqlite(directory / f"{service}.db")
+        ledger = (
+            IdempotencyLedger.postgres(pg.dsn_for(service))
+            if pg is not None
+            else IdempotencyLedger.sqlite(directory / f"{service}.db")
+        )
         steps = [s for s, owner in _SERVICE_OF.items() if owner == service]
         keys = [k for o in orders for s in steps for k in _keys(saga_id(o.order_id), s)]
         async with ledger:
@@ -108,22 +123,30 @@ def _keys(sid: str, step: str) -> tuple[str, str]:
     return action_key(sid, step), undo_key(sid, step)
 
 
-class _read_only:  # a context manager; named for how it reads
-    def __init__(self, path: Path) -> None:
-        self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        self.conn.row_factory = sqlite3.Row
-
-    def __enter__(self) -> sqlite3.Connection:
-        return self.conn
-
-    def __exit__(self, *exc: object) -> None:
-        self.conn.close()
+def _sqlite_rows(directory: Path, service: str, sql: str) -> list[Row]:
+    """The rows of ``sql`` in the service's SQLite file, opened read-only."""
+    path = directory / f"{service}.db"
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(row) for row in conn.execute(sql)]
 
 
-def _by_order(rows: Iterable[sqlite3.Row]) -> dict[str, list[Row]]:
+async def _pg_rows(pg: PgRun, service: str, sql: str) -> list[Row]:
+    """The rows of ``sql`` in the service's PostgreSQL schema."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    async with await psycopg.AsyncConnection.connect(
+        pg.dsn_for(service), row_factory=dict_row
+    ) as conn:
+        cursor = await conn.execute(sql.encode())
+        return list(await cursor.fetchall())
+
+
+def _by_order(rows: Iterable[Row]) -> dict[str, list[Row]]:
     grouped: dict[str, list[Row]] = defaultdict(list)
     for row in rows:
-        grouped[row["order_id"]].append(dict(row))
+        grouped[row["order_id"]].append(row)
     return dict(grouped)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from seamwork.demo.services import (
     DECLINED_CARD,
@@ -18,7 +19,10 @@ from seamwork.demo.services import (
     Order,
     Services,
 )
-from seamwork.saga import Retry, Saga, Step, StepContext, StepFailed
+from seamwork.saga import Retry, Saga, SagaStore, Step, StepContext, StepFailed
+
+if TYPE_CHECKING:
+    from seamwork.demo.servers import PgRun
 
 SAGA_NAME = "order"
 SAGAS_DB = "sagas.db"
@@ -28,6 +32,22 @@ STEP_NAMES = ("reserve_inventory", "charge_payment", "ship_order", "send_confirm
 SHIP_TIMEOUT = 1.0
 """The slow carrier answers after ``slow_answer`` (3 s): well past this; a normal
 shipment takes milliseconds, so a loaded machine does not time one out by accident."""
+
+
+def services_at(directory: Path, pg: PgRun | None) -> Services:
+    """The four services: SQLite files in ``directory``, or the run's PostgreSQL schemas."""
+    return Services.on_postgres(pg.dsn_for) if pg else Services.in_directory(directory)
+
+
+def saga_store(directory: Path, pg: PgRun | None, *, pool_size: int = 4) -> SagaStore:
+    """The saga store: ``sagas.db`` in ``directory``, or the run's ``sagas`` schema."""
+    if pg is None:
+        from seamwork.storage import SQLiteStore
+
+        return SQLiteStore(directory / SAGAS_DB)
+    from seamwork.storage.postgres import PostgresStore
+
+    return PostgresStore(pg.dsn_for("sagas"), pool_size=pool_size)
 
 
 def saga_id(order_id: str) -> str:

@@ -1,6 +1,7 @@
 """The demo scenario: run the orders, SIGKILL the orchestrator mid-run, recover.
 
-1. Set up the four services' databases (tables, stock) in the demo directory.
+1. Set up the four services' databases (tables, stock) in the demo directory, or
+   in the run's PostgreSQL schemas (``--postgres``).
 2. Start an orchestrator process (``seamwork.demo.worker``) on every order.
 3. Once ``kill_at`` of the orders are finished, kill it with SIGKILL: no cleanup,
    leases held, steps cut off between their effect and their checkpoint. The kill
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -28,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Self
 
-from seamwork.demo.saga import SAGAS_DB, make_orders, stock_locations
-from seamwork.demo.services import INITIAL_STOCK, Order, Services
-from seamwork.saga import SagaState, SagaStatus, StepEvent
-from seamwork.storage import SQLiteStore
+from seamwork.demo.saga import SAGAS_DB, make_orders, saga_store, services_at, stock_locations
+from seamwork.demo.servers import NatsRun, PgRun
+from seamwork.demo.services import INITIAL_STOCK, Order
+from seamwork.saga import SagaState, SagaStatus, SagaStore, StepEvent
 
 _DEMO_FILES = (
     "sagas.db",
@@ -68,16 +70,34 @@ class DemoConfig:
         orders: how many orders.
         concurrency: sagas in flight at once per orchestrator process.
         kill_at: fraction of orders finished when the orchestrator is killed.
+        postgres: a PostgreSQL DSN: the saga store and every service on a schema of
+            its own there (``servers.PgRun``), instead of SQLite files in
+            ``directory`` (which then holds only the logs).
+        nats: a NATS JetStream URL for act two, instead of an embedded nats-server.
+        run_id: names the run's schemas, subjects, streams and groups.
+        keep: leave the run's schemas and streams on the servers to inspect.
     """
 
     directory: Path
     orders: int = 300
     concurrency: int = 32
     kill_at: float = 0.4
+    postgres: str | None = None
+    nats: str | None = None
+    run_id: str = ""
+    keep: bool = False
 
     @property
     def sagas_db(self) -> Path:
         return self.directory / SAGAS_DB
+
+    @property
+    def pg(self) -> PgRun | None:
+        return None if self.postgres is None else PgRun(self.postgres, self.run_id)
+
+    @property
+    def nats_run(self) -> NatsRun | None:
+        return None if self.nats is None else NatsRun(self.nats, self.run_id)
 
 
 @dataclass(slots=True)
@@ -123,8 +143,8 @@ async def run_scenario(config: DemoConfig, reporter: Reporter) -> DemoRun:
     """Run the scenario; raises ``DemoError`` if a process misbehaves."""
     demo = DemoRun(config, make_orders(config.orders))
     reporter.phase("setting up the services' databases")
-    await prepare(config.directory)
-    store = SQLiteStore(config.sagas_db)
+    await prepare(config.directory, config.pg)
+    store = saga_store(config.directory, config.pg, pool_size=2)
     await store.open()
     try:
         finished: set[str] = set()
@@ -141,8 +161,10 @@ async def run_scenario(config: DemoConfig, reporter: Reporter) -> DemoRun:
     return demo
 
 
-async def prepare(directory: Path) -> None:
+async def prepare(directory: Path, pg: PgRun | None = None) -> None:
     """Fresh databases for the services, stocked; earlier demo files are replaced.
+    With ``pg`` the services' tables go to the run's schemas (made by ``PgRun.create``)
+    and ``directory`` keeps only the logs.
 
     Raises:
         DemoError: ``directory`` cannot hold the demo's files (it is a file, lies
@@ -152,7 +174,7 @@ async def prepare(directory: Path) -> None:
         await asyncio.to_thread(_clear, directory)
     except OSError as exc:
         raise DemoError(f"cannot use {directory} for the demo's files: {exc}") from exc
-    services = Services.in_directory(directory)
+    services = services_at(directory, pg)
     try:
         await services.setup()
         await services.inventory.stock_up(stock_locations(), INITIAL_STOCK)
@@ -171,7 +193,7 @@ def _clear(directory: Path) -> None:
 
 
 async def _first_orchestrator(
-    demo: DemoRun, store: SQLiteStore, finished: set[str], reporter: Reporter
+    demo: DemoRun, store: SagaStore, finished: set[str], reporter: Reporter
 ) -> None:
     config = demo.config
     kill_after = max(1, int(config.orders * config.kill_at))
@@ -194,7 +216,7 @@ async def _first_orchestrator(
     demo.killed_after = len(finished)
 
 
-async def _kill_mid_saga(worker: _Worker, store: SQLiteStore, limit: int) -> bool:
+async def _kill_mid_saga(worker: _Worker, store: SagaStore, limit: int) -> bool:
     """SIGKILL the orchestrator while the store shows a saga in flight; False if it
     ended first."""
     async with asyncio.timeout(PHASE_TIMEOUT):
@@ -244,13 +266,13 @@ def _handler(
     return handle
 
 
-async def _active(store: SQLiteStore, limit: int) -> list[SagaState]:
+async def _active(store: SagaStore, limit: int) -> list[SagaState]:
     running = await store.list(status=SagaStatus.RUNNING, limit=limit)
     compensating = await store.list(status=SagaStatus.COMPENSATING, limit=limit)
     return running + compensating
 
 
-async def _read_back(demo: DemoRun, store: SQLiteStore) -> None:
+async def _read_back(demo: DemoRun, store: SagaStore) -> None:
     states = await store.list(limit=len(demo.orders) + 1000)
     demo.states = {s.saga_id: s for s in states}
     for saga_id in demo.states:
@@ -268,9 +290,13 @@ class _Worker:
     async def spawn(cls, config: DemoConfig, index: int) -> _Worker:
         directory = config.directory
         stderr = directory / f"orchestrator-{index}.err.log"
+        env = None
+        if config.postgres is not None:  # not on the command line: ps would show a password
+            env = {**os.environ, "SEAMWORK_PG_DSN": config.postgres}
         with stderr.open("wb") as err:
             process = await asyncio.create_subprocess_exec(
                 *_worker_command(config, index),
+                env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=err,
@@ -345,6 +371,7 @@ def _worker_command(config: DemoConfig, index: int) -> list[str]:
         str(config.concurrency),
         "--log",
         str(config.directory / f"orchestrator-{index}.log"),
+        *(["--postgres-run", config.run_id] if config.postgres is not None else []),
     ]
 
 

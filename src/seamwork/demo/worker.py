@@ -1,5 +1,9 @@
 """The demo's orchestrator process: ``python -m seamwork.demo.worker --dir D --orders N``.
 
+With ``--postgres-run RUN_ID`` its saga store and services are the run's PostgreSQL
+schemas on ``$SEAMWORK_PG_DSN`` (the DSN goes in the environment, not on the command
+line, where ``ps`` would show its password).
+
 It opens the saga store (recovering whatever an earlier, killed process left in
 flight), starts every order of the scenario (``start`` is idempotent by saga id, so
 orders the earlier process already began are not started twice) with at most
@@ -13,16 +17,24 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from seamwork._core import runtime
-from seamwork.demo.saga import SAGA_NAME, SAGAS_DB, make_orders, order_saga, saga_id
-from seamwork.demo.services import Order, Services
+from seamwork.demo.saga import (
+    SAGA_NAME,
+    make_orders,
+    order_saga,
+    saga_id,
+    saga_store,
+    services_at,
+)
+from seamwork.demo.servers import PgRun
+from seamwork.demo.services import Order
 from seamwork.saga import SagaOrchestrator, SagaState
-from seamwork.storage import SQLiteStore
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -49,11 +61,11 @@ async def _watch_recovered(orch: SagaOrchestrator, recovered: list[str]) -> None
     emit("recovered", count=len(recovered))
 
 
-async def run(directory: Path, orders: int, concurrency: int) -> None:
-    services = Services.in_directory(directory)
+async def run(directory: Path, orders: int, concurrency: int, pg: PgRun | None = None) -> None:
+    services = services_at(directory, pg)
     recovered: list[str] = []
     orch = SagaOrchestrator(
-        SQLiteStore(directory / SAGAS_DB),
+        saga_store(directory, pg),
         [order_saga(services)],
         on_stuck=_alert,
         recovery_interval=0.2,
@@ -77,13 +89,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--orders", type=int, required=True)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--log", type=Path, default=None)
+    parser.add_argument("--postgres-run", default=None, help="run id; the DSN is $SEAMWORK_PG_DSN")
     args = parser.parse_args(argv)
+    pg = None
+    if args.postgres_run:
+        pg = PgRun(os.environ["SEAMWORK_PG_DSN"], args.postgres_run)
     logging.basicConfig(
         filename=args.log or args.dir / "orchestrator.log",
         level=logging.INFO,
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
     )
-    runtime.run(run(args.dir, args.orders, args.concurrency))
+    runtime.run(run(args.dir, args.orders, args.concurrency, pg))
 
 
 if __name__ == "__main__":
