@@ -13,6 +13,7 @@ import json
 import re
 import shlex
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -342,6 +343,33 @@ def test_a_server_that_does_not_answer_is_a_one_line_error_naming_it(
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(error), line
     assert not (tmp_path / ".seamwork-demo").exists()  # nothing ran
+
+
+def test_a_nats_server_without_jetstream_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
+    from seamwork.brokers.embedded_nats import find_nats_server
+
+    with socket.socket() as probe:  # a free port for the server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [find_nats_server(), "-a", "127.0.0.1", "-p", str(port)],  # no -js
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stderr is not None
+        for line in server.stderr:  # its log, until it takes connections
+            if "Server is ready" in line:
+                break
+        url = f"nats://127.0.0.1:{port}"
+        done = seamwork("demo", "--orders", "20", "--nats", url, cwd=tmp_path)
+    finally:
+        server.terminate()
+        server.communicate()  # (closes its pipe)
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line == f"error: NATS at '{url}' has no JetStream (start nats-server with -js)"
 
 
 @dataclass(frozen=True)

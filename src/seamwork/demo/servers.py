@@ -177,17 +177,21 @@ class NatsRun:
     async def check(self) -> None:
         """Connect once; ``ServerError`` naming the URL if no NATS answers there or it
         has no JetStream."""
+        from nats.errors import NoRespondersError
+        from nats.js.errors import ServiceUnavailableError
+
         try:
             nc = await self._connect()
         except Exception as exc:  # nats-py: refused, unknown host, timeout, bad URL
             raise ServerError(f"cannot connect to NATS at {self.url!r}: {_first(exc)}") from exc
         try:
             await nc.jsm().account_info()
-        except Exception as exc:
+        except (NoRespondersError, ServiceUnavailableError) as exc:
             raise ServerError(
-                f"NATS at {self.url!r} cannot be used (is JetStream on? nats-server -js): "
-                f"{_first(exc)}"
+                f"NATS at {self.url!r} has no JetStream (start nats-server with -js)"
             ) from exc
+        except Exception as exc:
+            raise ServerError(f"NATS at {self.url!r} cannot be used: {_first(exc)}") from exc
         finally:
             await nc.close()
 
