@@ -17,7 +17,9 @@ def demo(
     ] = 300,
     directory: Annotated[
         Path,
-        typer.Option("--dir", help="Where the databases and logs are left (replaced each run)."),
+        typer.Option(
+            "--dir", help="Where the SQLite databases and the logs are left (replaced each run)."
+        ),
     ] = Path(".seamwork-demo"),
     concurrency: Annotated[
         int, typer.Option("--concurrency", min=1, help="Sagas in flight at once.")
@@ -34,7 +36,7 @@ def demo(
             "--postgres",
             envvar="SEAMWORK_PG_DSN",
             help=(
-                "Run on this PostgreSQL (a libpq DSN; env: SEAMWORK_PG_DSN): the saga store "
+                "Run on this PostgreSQL (a libpq DSN): the saga store "
                 "and every service in a schema of its own, seamwork_demo_<run id>_<service>, "
                 "dropped at the end unless --keep. Without it (or with '') each has a "
                 "SQLite file in --dir."
@@ -48,10 +50,10 @@ def demo(
             "--nats",
             envvar="SEAMWORK_NATS_URL",
             help=(
-                "Run act two on this NATS JetStream server (nats://host:port; env: "
-                "SEAMWORK_NATS_URL) instead of an embedded nats-server: its subjects, "
-                "stream and consumer groups are the run's own (seamwork-demo-<run id>), "
-                "deleted at the end with its dead letters unless --keep."
+                "Run act two on this NATS JetStream server (nats://host:port) instead of "
+                "an embedded nats-server (as without it, or with ''): its subjects, stream "
+                "and consumer groups are the run's own (seamwork-demo-<run id>), deleted "
+                "at the end with its dead letters unless --keep."
             ),
             show_default=False,
         ),
