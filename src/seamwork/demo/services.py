@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from seamwork.errors import ConfigError
 from seamwork.saga import IdempotencyLedger
 
 STUCK_WAREHOUSE = "W-13"
@@ -136,7 +137,7 @@ class _Service:
 
     def __init__(self, path: str | Path | None = None, *, postgres: str | None = None) -> None:
         if (path is None) == (postgres is None):
-            raise ValueError("a service takes a SQLite path or a PostgreSQL DSN")
+            raise ConfigError("a demo service takes a SQLite path or a PostgreSQL DSN, not both")
         self.postgres = postgres is not None
         self.ledger = (
             IdempotencyLedger.postgres(postgres)
