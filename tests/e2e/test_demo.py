@@ -203,13 +203,23 @@ def _alive(pid: int, cmdline: str) -> bool:
     return now == cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-@pytest.mark.parametrize("child", ["seamwork.demo.worker", "nats-server"])
-def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path: Path, child: str) -> None:
+@pytest.mark.parametrize(
+    ("child", "sigint_ignored"),
+    [("seamwork.demo.worker", False), ("nats-server", False), ("seamwork.demo.worker", True)],
+)
+def test_sigterm_stops_the_demo_and_everything_it_started(
+    tmp_path: Path, child: str, sigint_ignored: bool
+) -> None:
     """SIGTERM to the demo alone (not its group: a service manager or ``kill PID``)
-    while an orchestrator (act one) or the nats-server (act two) runs."""
+    while an orchestrator (act one) or the nats-server (act two) runs; also when the
+    demo started with SIGINT ignored (``seamwork demo &`` in a script), where a SIGTERM
+    passed on as SIGINT was dropped and the run went on to exit 0."""
     import os
     import signal
     import time
+
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     env = {k: v for k, v in os.environ.items() if k not in ("SEAMWORK_PG_DSN", "SEAMWORK_NATS_URL")}
     demo = subprocess.Popen(
@@ -217,6 +227,7 @@ def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path: Path, child:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**env, "COLUMNS": "200"},  # (the embedded servers, whatever CI's environment says)
+        preexec_fn=ignore_sigint if sigint_ignored else None,
     )
     orders_db = tmp_path / "choreography" / "orders.db"
 

@@ -91,14 +91,20 @@ def demo(
     )
     terminated = False
 
+    sigint_ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
     def interrupt(signum: int, frame: FrameType | None) -> None:
         nonlocal terminated
         terminated = True
+        if sigint_ignored:  # (`seamwork demo &` in a script): a SIGINT would be dropped
+            raise KeyboardInterrupt
         signal.raise_signal(signal.SIGINT)
 
     # SIGTERM stops the demo as Ctrl-C does: what is running is cancelled, and the
     # orchestrator processes and the nats-server it started are stopped (by default
-    # SIGTERM ends the process at once and leaves them running)
+    # SIGTERM ends the process at once and leaves them running). Passed on as SIGINT,
+    # it takes asyncio's graceful path (the main task cancelled); where SIGINT is
+    # ignored, asyncio has no such path and the KeyboardInterrupt is raised here
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         code = run_demo(config, console)
