@@ -355,3 +355,15 @@ async def test_reads_and_transactions_go_past_pooled_connections_the_server_kill
         await handler(Delivery(Message("N", {}, id="m-3"), "x.y", "g"))
         assert await inbox.seen("m-3")
         assert [r.message.id for r in await outbox.pending(10)] == ["m-2"]
+
+
+async def test_an_outbox_never_opened_opens_at_its_first_transaction(pg_dsn: str) -> None:
+    # the transaction took the pool the open was about to replace: 'not open yet'
+    box = Outbox.postgres(pg_dsn)
+    try:
+        async with box.transaction() as tx:
+            await tx.execute("CREATE TABLE first_use (id int)")
+            await tx.publish("orders.created", Message("OrderCreated", {"order_id": 1}))
+        assert await box.pending_count() == 1
+    finally:
+        await box.aclose()

@@ -219,7 +219,7 @@ UNDOABLE = (TransactionStatus.INTRANS, TransactionStatus.INERROR)  # ROLLBACK (T
 @contextlib.asynccontextmanager
 async def pooled_transaction(
     open_store: Callable[[], Awaitable[None]],
-    pool: AsyncConnectionPool[AsyncConn],
+    pool_of: Callable[[], AsyncConnectionPool[AsyncConn]],
     seconds: float,
     *,
     attempts: int,
@@ -235,6 +235,7 @@ async def pooled_transaction(
     naming ``what``; a COMMIT the connection was lost under has an unknown outcome,
     and says so. A failing (or cancelled) block is rolled back, its error raised."""
     await open_store()
+    pool = pool_of()  # (after the open: opening a store replaces its pool)
     conn = await past_dead_connections(attempts, lambda: _begin(pool, seconds, what))
     try:
         try:

@@ -113,7 +113,7 @@ class PostgresLedger(IdempotencyLedger):
 
     def _transaction(self, what: str) -> AbstractAsyncContextManager[AsyncConn]:
         return pooled_transaction(
-            self.open, self._pool, self._deadline, attempts=self._attempts, what=what
+            self.open, lambda: self._pool, self._deadline, attempts=self._attempts, what=what
         )
 
     async def once(self, key: str, effect: Callable[[Any], T]) -> T:

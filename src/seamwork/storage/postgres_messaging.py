@@ -209,7 +209,7 @@ class PostgresMessageStore:
         to get the connection or to commit is a ``StoreError``; an error of the
         caller's own statements passes through as it is (as on SQLite)."""
         return pooled_transaction(
-            self.open, self.pool, self.query_timeout, attempts=self._attempts, what=what
+            self.open, lambda: self.pool, self.query_timeout, attempts=self._attempts, what=what
         )
 
 

@@ -44,6 +44,20 @@ class LedgerContract:
             await ledger.transaction(self.insert_effect("setup"))
             yield ledger
 
+    async def test_a_ledger_never_opened_opens_on_first_use(self, tmp_path: Path) -> None:
+        for first_use in ("once", "transaction", "result"):
+            (tmp_path / first_use).mkdir()
+            ledger = await self.make_ledger(tmp_path / first_use)
+            try:
+                if first_use == "once":
+                    assert await ledger.once("k", self.insert_effect(1)) == {"value": 1}
+                elif first_use == "transaction":
+                    await ledger.transaction(self.insert_effect("first"))
+                else:
+                    assert await ledger.result("no-such-key") is None
+            finally:
+                await ledger.aclose()
+
     async def test_a_repeated_key_returns_the_first_result_and_applies_nothing(
         self, ledger: IdempotencyLedger
     ) -> None:
