@@ -20,13 +20,16 @@ publish order, except that a retried message goes behind the ones published afte
 
 Retries. RabbitMQ has no delayed requeue: a nack with requeue hands the message
 straight back. So a failed delivery is re-published (confirmed) to a retry queue
-of its group for that delay, ``<group>.<subject>.retry.<ms>``, with the number of
+of its group for that delay, ``<group>.<subject>..retry.<ms>``, with the number of
 failed deliveries so far in a header, and only then acknowledged. The retry queue is a
 quorum queue with a queue-wide TTL and at-least-once dead-lettering back into the
 group's queue (default exchange, the queue's name as routing key), so the message
 comes back to this group only, after the delay, and survives a broker restart.
 One queue per delay (``retry_delay * 2**(attempt-1)``, capped at 30 s) keeps the
 TTL uniform inside a queue, which RabbitMQ needs: it expires only at the head.
+The empty token before ``retry`` keeps the name out of reach of any group queue
+(``<group>.<subject>.retry.<ms>`` was also the queue of that group on the subject
+``<subject>.retry.<ms>``, which then got the retries).
 The attempt number counts only the failures the handler raised (that header): a
 message handed back unhandled - prefetched by a member that stopped, or held by
 one that crashed - has not failed. The quorum queue's ``x-delivery-count`` counts
@@ -124,7 +127,11 @@ _SHORT_STRING = 255
 """Bytes an AMQP short string (``message_id``, ``correlation_id``, ``type``) holds."""
 _QUEUE_NAME = re.compile(r"[a-zA-Z0-9-_.:@#,/+ ]+")
 """What AMQP (pamqp) takes as a queue name."""
-_MAX_QUEUE_NAME = 255 - len(".retry.30000")
+_RETRY = "..retry."
+"""Between a group queue's name and a delay in ms: the name of its retry queue. The
+empty token is one no group queue holds (subjects have none; ``*``/``>`` give
+``..any``/``..all``)."""
+_MAX_QUEUE_NAME = 255 - len(f"{_RETRY}30000")
 """A group queue's name leaves room for its retry queues' suffix (255 bytes in all)."""
 
 
@@ -499,7 +506,7 @@ class RabbitBroker:
 
     async def _retry_queue(self, queue: str, delay: float) -> str:
         """The retry queue of ``queue`` for ``delay`` seconds (declared on first use)."""
-        name = f"{queue}.retry.{round(delay * 1000)}"
+        name = f"{queue}{_RETRY}{round(delay * 1000)}"
         if name in self._declared:
             return name
         channel, _ = await self._context()
