@@ -6,11 +6,12 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aio_pika
 import pytest
 
 from seamwork.brokers import RabbitBroker
 from seamwork.messaging import Delivery, Message
-from seamwork.testing.broker import eventually
+from seamwork.testing.broker import eventually, until
 from shared_helpers import delete_rabbit
 
 
@@ -53,3 +54,45 @@ async def test_a_retry_queue_is_no_group_queue_of_another_subject(
         await delete_rabbit(rabbitmq_service, exchange, names)
     assert got["plain"] == [(f"{token}.a", 1), (f"{token}.a", 2)]
     assert got["retry"] == [(f"{token}.a.retry.500", 1)]
+
+
+async def test_a_group_queue_deleted_under_a_running_member_comes_back_and_is_consumed(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    """The broker cancels the member's consumer; the member consumed nothing after that
+    (and its subscription looked alive), and with no queue bound every later message
+    on the subject went nowhere."""
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    subject = f"names{uuid.uuid4().hex[:6]}.created"
+    got: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        got.append(delivery.message.id)
+
+    async def queue_is_back() -> bool:
+        async with await aio_pika.connect(rabbitmq_service) as connection:
+            channel = await connection.channel()
+            try:
+                await channel.declare_queue(f"g.{subject}", passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                return False
+        return True
+
+    try:
+        await broker.subscribe(subject, "g", handler)
+        first = Message("T")
+        await broker.publish(subject, first)
+        await eventually(lambda: got == [first.id], 5)
+        async with await aio_pika.connect(rabbitmq_service) as connection:
+            channel = await connection.channel()
+            await channel.queue_delete(f"g.{subject}")
+        # declared again by the member's recovery: at once, or (when its first try
+        # meets the queue still being deleted) after that try's 5 s timeout
+        await until(queue_is_back, 10)
+        later = Message("T")
+        await broker.publish(subject, later)
+        await eventually(lambda: got == [first.id, later.id], 5)
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await delete_rabbit(rabbitmq_service, exchange, names)

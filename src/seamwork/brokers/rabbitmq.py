@@ -14,7 +14,9 @@ holding a dot gets a hash of itself in the name, see ``queue_name``), bound
 to the exchange with the subject as binding key (NATS wildcards map: ``*`` stays
 ``*``, ``>`` - one or more tokens - becomes ``*.#``, since ``#`` alone also matches
 none; in the queue's name they are ``..any`` and ``..all``).
-Every member consumes that queue, so each message goes to one of them. A member
+Every member consumes that queue, so each message goes to one of them. A group queue
+deleted under a running member is declared and bound again by the member's consumer
+recovery (aio-pika's), and consumed on; what was published meanwhile went nowhere. A member
 handles its messages one at a time; a group with one member sees its messages in
 publish order, except that a retried message goes behind the ones published after it.
 
@@ -477,16 +479,18 @@ class RabbitBroker:
     async def _group_queue(
         self, channel: AbstractChannel, name: str, subject: str
     ) -> AbstractQueue:
-        arguments = {"x-queue-type": "quorum", "x-delivery-limit": _DELIVERY_LIMIT}
+        arguments: dict[str, Any] = {"x-queue-type": "quorum", "x-delivery-limit": _DELIVERY_LIMIT}
         assert self._connection is not None
         # Declared on a channel of its own: a queue declared by an earlier version
         # (no x-delivery-limit) fails the declaration, which closes the channel.
         probe = await self._connection.channel(publisher_confirms=False)
+        legacy = False
         try:
             await probe.declare_queue(name, durable=True, arguments=arguments)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             if "x-delivery-limit" not in str(exc):
                 raise
+            legacy = True
             log.warning(
                 "queue %s has no x-delivery-limit (declared by an earlier version): on "
                 "RabbitMQ 4 its default limit of 20 drops messages; set a delivery-limit "
@@ -497,7 +501,14 @@ class RabbitBroker:
         finally:
             with contextlib.suppress(Exception):
                 await to_the_end(probe.close())
-        queue = await channel.declare_queue(name, passive=True)
+        # Declared in full (not passively) where it can be: aio-pika declares a queue
+        # again as it was declared when it restores a consumer that the broker
+        # cancelled, so a group queue deleted under a running member comes back
+        # (bound again) instead of leaving the member consuming nothing for good.
+        if legacy:
+            queue = await channel.declare_queue(name, passive=True)
+        else:
+            queue = await channel.declare_queue(name, durable=True, arguments=arguments)
         await queue.bind(self.exchange_name, routing_key=binding_key(subject))
         if subject.endswith(">"):  # earlier versions bound ``#``, which takes the bare prefix
             await queue.unbind(self.exchange_name, routing_key=subject[:-1] + "#")
