@@ -4,9 +4,14 @@ The stream is append-only: a replayed letter is followed, later in the stream, b
 tombstone naming its offset, and a listing drops tombstoned letters. AMQP tells a
 stream consumer neither where the stream ends nor (on RabbitMQ 3.x) how many
 messages it holds, so a listing reads from the first offset until no message has
-come for ``IDLE_GAP`` seconds. (Earlier versions appended an end marker per listing,
-which grew the stream forever; markers still in a stream carry no letter headers
-and are skipped like anything else that is not a letter.)
+come for ``IDLE_GAP`` seconds - seconds the event loop was free to read the socket:
+the gap is counted in short ticks, and a tick the loop ran late (other work in the
+process held it) counts as one tick, not as the time it took. Counted in wall time,
+a loop held past the gap while letters were on their way ended the listing early,
+without them (an empty list, or ``replay`` finding no such key). (Earlier versions
+appended an end marker per listing, which grew the stream forever; markers still in a
+stream carry no letter headers and are skipped like anything else that is not a
+letter.)
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ TOMBSTONE = "Seamwork-DLQ-Replayed"
 """Header of a tombstone: the offset of the letter it replaced."""
 IDLE_GAP = 0.2
 """Seconds without a new message after which a listing takes the stream as read."""
+_TICK = 0.02
+"""The gap is waited for in ticks this long, ``IDLE_GAP / _TICK`` of them in a row."""
 
 Raw = tuple[int, bytes, dict[str, Any]]
 """A letter as stored: offset, body, headers."""
@@ -79,7 +86,7 @@ async def _read(channel: aio_pika.abc.AbstractChannel, name: str) -> list[Raw] |
 
 async def _live_letters(inbox: asyncio.Queue[AbstractIncomingMessage]) -> list[Raw]:
     """The letters the consumer puts in ``inbox``, read until it stays empty for
-    ``IDLE_GAP``, without the tombstoned ones.
+    ``IDLE_GAP`` (in ticks, see the module), without the tombstoned ones.
 
     Each is acknowledged here, as it is read, not by the consumer: an acknowledgement
     sent after the channel's close would be a frame on a channel the broker closed
@@ -87,14 +94,17 @@ async def _live_letters(inbox: asyncio.Queue[AbstractIncomingMessage]) -> list[R
     """
     letters: dict[int, Raw] = {}
     replayed: set[str] = set()
-    while True:
+    quiet = 0  # ticks in a row without a message
+    while quiet * _TICK < IDLE_GAP:
         try:
             # not wait_for: on Python 3.11 it drops a cancel that lands as a letter
             # arrives or the gap ends, and the listing went on as if not cancelled
-            async with asyncio.timeout(IDLE_GAP):
+            async with asyncio.timeout(_TICK):
                 msg = await inbox.get()
         except TimeoutError:
-            break
+            quiet += 1  # however late the loop woke us: one tick
+            continue
+        quiet = 0
         await msg.ack()
         headers = dict(msg.headers or {})
         offset = _int(headers.get("x-stream-offset"))
