@@ -10,6 +10,7 @@ import aio_pika
 import pytest
 
 from seamwork.brokers import RabbitBroker
+from seamwork.errors import InvalidMessage
 from seamwork.messaging import Delivery, Message
 from seamwork.testing.broker import eventually, until
 from shared_helpers import delete_rabbit
@@ -92,6 +93,38 @@ async def test_a_group_queue_deleted_under_a_running_member_comes_back_and_is_co
         later = Message("T")
         await broker.publish(subject, later)
         await eventually(lambda: got == [first.id, later.id], 5)
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await delete_rabbit(rabbitmq_service, exchange, names)
+
+
+async def test_a_message_over_the_brokers_size_limit_is_refused_and_fails_no_other(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    """RabbitMQ closes the channel for a body over its max_message_size (128 MiB by
+    default), which failed every publish in flight on it too (and the frames aiormq
+    still sent on the closed channel closed the whole connection)."""
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    subject = f"names{uuid.uuid4().hex[:6]}.created"
+    got: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        got.append(delivery.message.id)
+
+    big = Message("T", {"pad": "x" * (128 * 1024 * 1024)})
+    small = [Message("T", {"i": i}) for i in range(3)]
+    try:
+        await broker.subscribe(subject, "g", handler)
+        results = await asyncio.gather(
+            broker.publish(subject, big),
+            *(broker.publish(subject, m) for m in small),
+            return_exceptions=True,
+        )
+        with pytest.raises(InvalidMessage, match="over the broker's max_message_size"):
+            raise results[0]
+        assert results[1:] == [None, None, None]
+        await eventually(lambda: sorted(got) == sorted(m.id for m in small), 5)
     finally:
         names = broker.declared_queues
         await broker.aclose()

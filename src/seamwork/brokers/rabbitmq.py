@@ -123,6 +123,8 @@ _OURS = DLQ_HEADERS | {RETRIES, SUBJECT}
 _BROKER_HEADERS = frozenset({"x-delivery-count", "x-death", "x-stream-offset"})
 _MAX_DELAY = 30.0
 _DELIVERY_LIMIT = 1000
+_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
+"""RabbitMQ's default ``max_message_size`` (bytes of a message's body)."""
 """``x-delivery-limit`` of a group queue: far above ``crash_limit``, which acts first."""
 _DRIVER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError)
 _SHORT_STRING = 255
@@ -227,6 +229,10 @@ class RabbitBroker:
             consumer crashed or was stopped while holding it) is dead-lettered
             before its handler runs again. Failures the handler raises count
             against ``max_deliver`` instead.
+        max_message_size: the broker's ``max_message_size`` in bytes (RabbitMQ's
+            default, 128 MiB): ``publish`` refuses a larger body with
+            ``InvalidMessage`` before sending it. RabbitMQ closes the channel for
+            such a message, which failed every other publish in flight on it.
     """
 
     def __init__(
@@ -240,6 +246,7 @@ class RabbitBroker:
         prefetch: int = 64,
         dead_letter_max_age: str | None = None,
         crash_limit: int = 20,
+        max_message_size: int = _MAX_MESSAGE_SIZE,
     ) -> None:
         if not exchange or exchange.startswith("amq."):
             raise ConfigError(f"exchange must be a non-empty name outside 'amq.', got {exchange!r}")
@@ -247,6 +254,8 @@ class RabbitBroker:
             raise ConfigError("publish_timeout, connect_timeout, reconnect_interval must be > 0")
         if prefetch < 1:
             raise ConfigError(f"prefetch must be >= 1, got {prefetch}")
+        if max_message_size < 1:
+            raise ConfigError(f"max_message_size must be >= 1, got {max_message_size}")
         if not 1 <= crash_limit < _DELIVERY_LIMIT:
             raise ConfigError(f"crash_limit must be in 1..{_DELIVERY_LIMIT - 1}, got {crash_limit}")
         self.url = url
@@ -258,6 +267,7 @@ class RabbitBroker:
         self._prefetch = prefetch
         self._max_age = dead_letter_max_age
         self.crash_limit = crash_limit
+        self.max_message_size = max_message_size
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -373,14 +383,17 @@ class RabbitBroker:
         self, subject: str, message: Message, headers: Mapping[str, str] | None = None
     ) -> None:
         _routable(subject)
-        amqp = _amqp_message(message, headers)
+        amqp = self._refuse_oversize(subject, message, _amqp_message(message, headers))
         _, exchange = await self._context()
         await self._confirmed(exchange, amqp, subject, f"{message.type} {message.id}")
 
     async def publish_batch(self, items: Sequence[tuple[str, Message]]) -> None:
         if not items:
             return
-        wired = [(_routable(s), _amqp_message(message, None)) for s, message in items]
+        wired = [
+            (_routable(s), self._refuse_oversize(s, message, _amqp_message(message, None)))
+            for s, message in items
+        ]
         _, exchange = await self._context()
         # One channel writes its publishes in call order (aiormq serializes them under
         # a FIFO lock), so starting them in order keeps the batch in order.
@@ -394,6 +407,23 @@ class RabbitBroker:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+    def _refuse_oversize(
+        self, subject: str, message: Message, amqp: aio_pika.Message
+    ) -> aio_pika.Message:
+        """``amqp``, unless its body is over ``max_message_size``.
+
+        Raises:
+            InvalidMessage: the body is over it (RabbitMQ would close the publishing
+                channel, failing every publish in flight on it).
+        """
+        if len(amqp.body) > self.max_message_size:
+            raise InvalidMessage(
+                f"message {message.type!r} {message.id} to {subject}: body of "
+                f"{len(amqp.body)} bytes, over the broker's max_message_size of "
+                f"{self.max_message_size}"
+            )
+        return amqp
 
     async def _confirmed(
         self,
