@@ -11,7 +11,7 @@ import pytest
 
 from seamwork.brokers import RabbitBroker
 from seamwork.errors import InvalidMessage
-from seamwork.messaging import Delivery, Message
+from seamwork.messaging import Delivery, Message, PoisonMessage
 from seamwork.testing.broker import eventually, until
 from shared_helpers import delete_rabbit
 
@@ -129,3 +129,37 @@ async def test_a_message_over_the_brokers_size_limit_is_refused_and_fails_no_oth
         names = broker.declared_queues
         await broker.aclose()
         await delete_rabbit(rabbitmq_service, exchange, names)
+
+
+async def test_a_dead_letter_of_another_producers_message_keeps_and_replays_its_id(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    """Sent with only AMQP's message_id (no Seamwork-Id header): it was delivered with
+    that id, but its dead letter was listed as ``dlq-<offset>`` and replayed with no
+    id at all, so the replay arrived under a new id (and a second replay under
+    another one: nothing an Inbox could tell apart)."""
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    subject = f"names{uuid.uuid4().hex[:6]}.created"
+    ids: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        ids.append(delivery.message.id)
+        if len(ids) == 1:
+            raise PoisonMessage("not yet")
+
+    try:
+        await broker.subscribe(subject, "g", handler)
+        async with await aio_pika.connect(rabbitmq_service) as connection:
+            channel = await connection.channel()
+            target = await channel.get_exchange(exchange)
+            raw = aio_pika.Message(b"{}", headers={"Seamwork-Type": "T"}, message_id="m-1")
+            await target.publish(raw, routing_key=subject)
+        (letter,) = await until(broker.dead_letters, 5)
+        assert letter.message.id == "m-1"
+        await broker.replay_dead_letter(letter.key)
+        await eventually(lambda: len(ids) == 2, 5)
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await delete_rabbit(rabbitmq_service, exchange, names)
+    assert ids == ["m-1", "m-1"]

@@ -51,7 +51,8 @@ confirming it, the original is not acknowledged but requeued (after
 Dead letters. After ``max_deliver`` failed attempts, or at once for
 ``PoisonMessage`` / ``InvalidMessage``, the message is published (confirmed) to the
 dead-letter stream ``<exchange>.deadletter`` with its subject, group, error,
-attempts and time in headers, and then acknowledged. A stream, not a queue, so
+attempts and time in headers (and, for another producer's message known by AMQP's
+``message_id`` alone, that id as ``Seamwork-Id``), and then acknowledged. A stream, not a queue, so
 listing reads it without consuming (a queue would have to be drained and requeued,
 which reorders it and, on quorum queues, counts against the delivery limit).
 A stream is append-only, so ``replay_dead_letter`` re-publishes the letter and then
@@ -574,6 +575,10 @@ class RabbitBroker:
         self, msg: AbstractIncomingMessage, subject: str, group: str, error: str, attempts: int
     ) -> None:
         headers = {**_carried(msg), **dead_letter_headers(subject, group, error, attempts)}
+        if MSG_ID not in headers and msg.message_id:
+            # another producer's message, identified by AMQP's message_id alone: the
+            # letter names it in the header that listing and replay read it from
+            headers[MSG_ID] = msg.message_id
         if self.dead_letter_queue not in self._declared:
             channel, _ = await self._context()
             await self._declare_dead_letter_stream(channel)
