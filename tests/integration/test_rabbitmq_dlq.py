@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import aio_pika
 import pytest
+from typer.testing import CliRunner
 
 from seamwork.brokers import RabbitBroker
+from seamwork.cli import app
 from seamwork.messaging._ports import DLQ_SUBJECT
 from shared_helpers import delete_rabbit
 
@@ -93,3 +95,40 @@ async def test_a_listing_while_other_work_holds_the_loop_still_reads_every_lette
         await delete_rabbit(rabbitmq_service, exchange, names)
     assert hold.deliveries == 2
     assert [x.message.id for x in letters] == ["m-1", "m-2"]
+
+
+async def test_replaying_every_dead_letter_reads_the_stream_once_not_once_a_letter(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    """``seamwork dlq replay --all`` read the whole stream, and waited out its idle gap,
+    for every letter: 40 letters took about 10 s, so a few hundred ran out of the
+    command's time partway, reported as a broker that did not answer."""
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    try:
+        await broker.connect()
+        await asyncio.gather(
+            *(_put(rabbitmq_service, broker.dead_letter_queue, f"m-{i}") for i in range(40))
+        )
+        result = await asyncio.to_thread(
+            CliRunner().invoke,
+            app,
+            [
+                "dlq",
+                "replay",
+                "--all",
+                "--rabbitmq",
+                rabbitmq_service,
+                "--timeout",
+                "4",
+                "--exchange",
+                exchange,
+            ],
+        )
+        left = await broker.dead_letters()
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await delete_rabbit(rabbitmq_service, exchange, names)
+    assert result.exit_code == 0, result.output
+    assert "40 dead letter(s) replayed" in result.output
+    assert left == []

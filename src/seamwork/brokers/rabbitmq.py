@@ -592,9 +592,27 @@ class RabbitBroker:
         return [_letter(offset, body, headers) for offset, body, headers in letters[:limit]]
 
     async def replay_dead_letter(self, key: str) -> None:
-        found = next((x for x in await self._read_dead_letters() if str(x[0]) == key), None)
-        if found is None:
-            raise MessagingError(f"no dead letter with key {key!r} in {self.dead_letter_queue}")
+        await self.replay_dead_letters([key])
+
+    async def replay_dead_letters(self, keys: Sequence[str]) -> None:
+        """``replay_dead_letter`` for each of ``keys`` in turn, reading the stream once
+        for all of them (a read waits out the listing's idle gap: once a letter, a few
+        hundred took minutes).
+
+        Raises:
+            MessagingError: a key names no live letter (nothing is replayed), or a
+                letter names no subject (the ones before it are replayed).
+        """
+        live = {str(x[0]): x for x in await self._read_dead_letters()}
+        missing = [key for key in keys if key not in live]
+        if missing:
+            raise MessagingError(
+                f"no dead letter with key {missing[0]!r} in {self.dead_letter_queue}"
+            )
+        for key in keys:
+            await self._replay(key, live[key])
+
+    async def _replay(self, key: str, found: Raw) -> None:
         _, body, headers = found
         try:
             subject = _text(headers[DLQ_SUBJECT], DLQ_SUBJECT)  # a letter holds this header

@@ -3,7 +3,9 @@
 Both commands talk to the broker through the same ``Broker`` port the services use,
 so what they show is what ``broker.dead_letters()`` returns, and a replay is
 ``broker.replay_dead_letter(key)``: the letter is published to its subject again
-and removed from the dead-letter store.
+and removed from the dead-letter store. ``replay --all`` calls the broker's
+``replay_dead_letters(keys)`` where it has one (RabbitMQ: one read of the stream for
+all of them, not one a letter).
 """
 
 from __future__ import annotations
@@ -227,6 +229,10 @@ def replay_letters(
         chosen = letters if replay_all else [x for x in letters if x.key == key]
         if not replay_all and not chosen:
             raise CliError(f"no dead letter with key {key!r}")
+        many = getattr(broker, "replay_dead_letters", None)  # one read for all (RabbitMQ)
+        if many is not None:
+            await many([x.key for x in chosen])
+            return chosen
         for letter in chosen:
             await broker.replay_dead_letter(letter.key)
         return chosen
