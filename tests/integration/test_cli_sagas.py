@@ -648,3 +648,79 @@ def test_python_dash_m_seamwork_runs_the_command() -> None:
     assert done.returncode == 0, done.stderr
     assert "list" in done.stdout
     assert "retry" in done.stdout
+
+
+LONG_ID = "order-" + "-".join(uuid.UUID(int=n).hex for n in range(1, 4))
+LONG_STEP = "reserve-stock-" + "-".join(["warehouse"] * 7)
+LONG_WORD = "https://ledger.example/api/v1/accounts/" + "a1b2c3d4" * 12
+CUSTOMER = "Zoë Ødegård 日本"
+
+
+@pytest.fixture
+def long_texts(tmp_path: Path) -> Path:
+    """A stuck saga whose id, step name and failure are longer than an 80-column
+    terminal holds, and whose context is not ASCII."""
+
+    async def reserve(ctx: StepContext) -> None:
+        return None
+
+    async def release(ctx: StepContext) -> None:
+        raise RuntimeError(f"cannot reach {LONG_WORD}")
+
+    async def charge(ctx: StepContext) -> None:
+        raise StepFailed(f"declined by {LONG_WORD}")
+
+    saga = Saga(
+        "fulfil",
+        steps=[Step(LONG_STEP, reserve, compensate=release), Step("charge", charge)],
+        max_compensation_attempts=1,
+        compensation_backoff=0.0,
+    )
+    path = tmp_path / "sagas.db"
+
+    async def make() -> None:
+        async with SagaOrchestrator(SQLiteStore(path), [saga]) as orch:
+            run = await orch.start("fulfil", {"customer": CUSTOMER}, saga_id=LONG_ID)
+            assert (await run.wait()).status.value == "stuck"
+
+    asyncio.run(make())
+    return path
+
+
+def narrow(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "80"})
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    return result.stdout
+
+
+def cells(out: str, column: int) -> str:
+    """The text of one column of a table's body, its folded lines joined up."""
+    rows = [line.split("│") for line in out.splitlines() if line.startswith("│")]
+    return "".join(row[column + 1].strip() for row in rows if len(row) > column + 1)
+
+
+def test_list_on_a_narrow_terminal_shows_a_long_id_whole_and_the_status(
+    long_texts: Path,
+) -> None:
+    out = narrow("sagas", "list", "--db", str(long_texts))
+    assert all(len(line) <= 80 for line in out.splitlines()), out
+    assert cells(out, 0) == LONG_ID  # folded, never cut short: it is what `show` takes
+    assert cells(out, 2) == "stuck"
+    assert LONG_WORD in cells(out, 5)
+
+
+def test_show_on_a_narrow_terminal_keeps_the_times_and_shows_every_text_whole(
+    long_texts: Path,
+) -> None:
+    out = narrow("sagas", "show", LONG_ID, "--db", str(long_texts))
+    assert all(len(line) <= 80 for line in out.splitlines()), out
+    timeline = out[out.index("timeline") : out.index("state")]
+    times = [cell.strip() for cell in cells(timeline, 0).split("s") if cell.strip()]
+    events = json.loads(narrow("sagas", "show", LONG_ID, "--db", str(long_texts), "--json"))
+    assert len(times) == len(events["timeline"])
+    assert all(t.startswith("+") for t in times), times
+    assert LONG_STEP in cells(timeline, 2)
+    squashed = "".join(out.split()).replace("│", "")
+    assert f"failurestep'charge'failed:declinedby{LONG_WORD}" in squashed  # not cut short
+    assert LONG_ID in squashed
+    assert f'"customer":"{CUSTOMER.replace(" ", "")}"' in squashed  # as stored, not \u00eb

@@ -85,11 +85,11 @@ def short_time(at: float, now: float) -> str:
 def sagas_table(states: Sequence[SagaState], now: float) -> Table:
     """One row per saga: id, name and version, status, step index, updated, failure."""
     table = Table(title=f"{len(states)} sagas (most recently updated first)", title_justify="left")
-    table.add_column("id", style="bold", no_wrap=True)
-    table.add_column("saga", no_wrap=True)
+    table.add_column("id", style="bold", overflow="fold")
+    table.add_column("saga", overflow="fold")
     table.add_column("status", no_wrap=True)
-    table.add_column("step", justify="right", min_width=4)
-    table.add_column("updated", min_width=8)
+    table.add_column("step", justify="right", no_wrap=True)
+    table.add_column("updated", no_wrap=True)
     table.add_column("failure", overflow="fold", min_width=12, ratio=1)
     for s in states:
         table.add_row(
@@ -110,8 +110,9 @@ def saga_view(state: SagaState, timeline: Sequence[StepEvent]) -> RenderableType
 
 def _header(state: SagaState) -> Panel:
     grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    grid.add_row("id", Text(state.saga_id))
     grid.add_row("saga", Text(f"{state.saga_name} v{state.saga_version}"))
     grid.add_row("status", status_text(state.status))
     grid.add_row("started", clock_time(state.started_at))
@@ -132,8 +133,8 @@ def timeline_table(state: SagaState, timeline: Sequence[StepEvent]) -> Table:
     table = Table(title="timeline", title_justify="left")
     table.add_column("time", justify="right", no_wrap=True)
     table.add_column("event", no_wrap=True)
-    table.add_column("step", no_wrap=True)
-    table.add_column("attempt", justify="right")
+    table.add_column("step", overflow="fold")
+    table.add_column("attempt", justify="right", no_wrap=True)
     table.add_column("detail", overflow="fold", min_width=16, ratio=1)
     for event in timeline:
         style = EVENT_STYLE.get(event.event, "")
@@ -149,7 +150,7 @@ def timeline_table(state: SagaState, timeline: Sequence[StepEvent]) -> Table:
 
 def _state_table(state: SagaState) -> Table:
     grid = Table(title="state", title_justify="left", show_header=False)
-    grid.add_column(style="bold")
+    grid.add_column(style="bold", no_wrap=True)
     grid.add_column(overflow="fold")
     grid.add_row("step index", str(state.current_step_index))
     grid.add_row("completed", _names(state.completed_steps, "green"))
@@ -163,8 +164,11 @@ def _state_table(state: SagaState) -> Table:
         grid.add_row("failed attempts", _counts(state.step_attempts))
     if state.compensation_attempts:
         grid.add_row("failed compensations", _counts(state.compensation_attempts))
-    context = json.dumps(state.context, indent=2, sort_keys=True, default=str)
-    grid.add_row("context", Syntax(context, "json", theme="ansi_dark", background_color="default"))
+    context = json.dumps(state.context, indent=2, sort_keys=True, default=str, ensure_ascii=False)
+    grid.add_row(
+        "context",
+        Syntax(context, "json", theme="ansi_dark", background_color="default", word_wrap=True),
+    )
     return grid
 
 
