@@ -371,3 +371,29 @@ async def test_dlq_on_an_amqps_url_without_a_port_reaches_the_tls_port(
             await channel.exchange_delete(exchange)
     assert result.exit_code == 0, result.output
     assert "0 dead letter(s)" in result.output
+
+
+async def test_dlq_list_and_replay_show_control_characters_escaped(nats_url: str) -> None:
+    async def refuse(delivery: Delivery) -> None:
+        raise PoisonMessage("peer said \x1b[2J\x1b]0;owned\x07 go away")
+
+    broker = NatsBroker(nats_url)
+    subject = f"orders{uuid.uuid4().hex[:6]}.created"
+    try:
+        await broker.subscribe(subject, "shipping", refuse)
+        await broker.publish(subject, Message("Order\x1b[8m", {"order": 7}, id="m\x1b[1A"))
+        await dead_lettered(broker, subject, 1)
+
+        table = await cli("dlq", "list", "--nats", nats_url)
+        assert table.exit_code == 0, table.output
+        assert "\x1b" not in table.output
+        assert "\x07" not in table.output
+        for text in ("peer said \\x1b[2J\\x1b]0;owned\\x07 go away", "Order\\x1b[8m"):
+            assert text in table.output
+        (letter,) = await listed("--nats", nats_url)
+        replay = await cli("dlq", "replay", letter["key"], "--nats", nats_url)
+        assert replay.exit_code == 0, replay.output
+        assert "\x1b" not in replay.output
+        assert "Order\\x1b[8m m\\x1b[1A to" in replay.output
+    finally:
+        await broker.aclose()

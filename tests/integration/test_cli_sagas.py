@@ -724,3 +724,55 @@ def test_show_on_a_narrow_terminal_keeps_the_times_and_shows_every_text_whole(
     assert f"failurestep'charge'failed:declinedby{LONG_WORD}" in squashed  # not cut short
     assert LONG_ID in squashed
     assert f'"customer":"{CUSTOMER.replace(" ", "")}"' in squashed  # as stored, not \u00eb
+
+
+CONTROL_FAILURE = "declined\x1b[2J\x1b]0;owned\x07 by\rbank\x9b31m"
+CONTROL_SHOWN = "declined\\x1b[2J\\x1b]0;owned\\x07 by\\rbank\\x9b31m"
+
+
+@pytest.fixture
+def controlled(tmp_path: Path) -> Path:
+    """A stuck saga whose failure reason and timeline hold terminal control sequences
+    (an escape that clears the screen, one that sets the window title, a carriage
+    return), as an exception quoting a peer's answer can."""
+
+    async def reserve(ctx: StepContext) -> None:
+        return None
+
+    async def release(ctx: StepContext) -> None:
+        raise RuntimeError(CONTROL_FAILURE)
+
+    async def charge(ctx: StepContext) -> None:
+        raise StepFailed(CONTROL_FAILURE)
+
+    saga = Saga(
+        "pay",
+        steps=[Step("reserve\x1b[8m", reserve, compensate=release), Step("charge", charge)],
+        max_compensation_attempts=1,
+        compensation_backoff=0.0,
+    )
+    path = tmp_path / "sagas.db"
+
+    async def make() -> None:
+        async with SagaOrchestrator(SQLiteStore(path), [saga]) as orch:
+            state = await (await orch.start("pay", {}, saga_id="pay-\x1b[1A1")).wait()
+        assert state.status.value == "stuck"
+
+    asyncio.run(make())
+    return path
+
+
+@pytest.mark.parametrize("command", ["list", "show", "retry", "abort"])
+def test_control_characters_from_the_store_are_shown_escaped_never_sent_to_the_terminal(
+    controlled: Path, command: str
+) -> None:
+    target = [] if command == "list" else ["pay-\x1b[1A1"]
+    code, out, err = invoke("sagas", command, *target, "--db", str(controlled))
+    assert (code, err) == (0, "")
+    assert not [c for c in out if c not in "\n" and (ord(c) < 32 or 127 <= ord(c) < 160)]
+    squashed = "".join(out.split()).replace("│", "")
+    assert "pay-\\x1b[1A1" in squashed
+    if command in ("list", "show"):
+        assert "".join(CONTROL_SHOWN.split()) in squashed
+    if command != "list":
+        assert "reserve\\x1b[8m" in squashed

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from seamwork.cli._render import json_text, short_time
+from seamwork.cli._render import escaped, json_text, short_time, shown
 from seamwork.cli._sagas import CliError, fail
 from seamwork.errors import ConfigError, MessagingError
 from seamwork.messaging import Broker, DeadLetter
@@ -176,12 +176,12 @@ def letters_table(letters: Sequence[DeadLetter], now: float) -> Table:
         table.add_column(column, justify="right" if column == "attempts" else "left")
     for letter in letters:
         table.add_row(
-            Text(letter.key),
-            Text(letter.subject),
-            Text(letter.group),
-            Text(letter.message.type),
+            shown(letter.key),
+            shown(letter.subject),
+            shown(letter.group),
+            shown(letter.message.type),
             str(letter.attempts),
-            Text(letter.error.splitlines()[0] if letter.error else ""),
+            shown(letter.error.splitlines()[0] if letter.error else ""),
             short_time(letter.dead_lettered_at, now) if letter.dead_lettered_at else "?",
         )
     return table
@@ -247,8 +247,8 @@ def replay_letters(
         console.print(
             Text.assemble(
                 "replayed ",
-                (letter.key, "bold"),
-                f": {message.type} {message.id} to {letter.subject}",
+                (escaped(letter.key), "bold"),
+                escaped(f": {message.type} {message.id} to {letter.subject}"),
             )
         )
     if replay_all:

@@ -2,7 +2,9 @@
 
 What the store holds (ids, names, failure reasons, event details) goes to rich as
 ``Text``, never as a markup string: brackets in it (a pydantic error's
-``[type=int_parsing]``, a URL path's ``[/api]``) are shown as they are.
+``[type=int_parsing]``, a URL path's ``[/api]``) are shown as they are. Control
+characters in it (an escape sequence quoted from a peer's answer, a carriage return)
+are shown escaped, ``\x1b[2J``, never sent to the terminal to act on it.
 """
 
 from __future__ import annotations
@@ -48,11 +50,29 @@ EVENT_STYLE: Mapping[str, str] = {
 }
 
 
+CONTROLS = {
+    code: repr(chr(code))[1:-1]
+    for code in (*range(0x20), *range(0x7F, 0xA0))
+    if chr(code) not in "\t\n"
+}
+"""C0 and C1 control characters (but tab and newline) and DEL, by their escapes."""
+
+
+def escaped(value: str) -> str:
+    """``value`` with its control characters written as escapes (``\x1b``, ``\r``)."""
+    return value.translate(CONTROLS)
+
+
+def shown(value: str, style: str = "") -> Text:
+    """Stored text for the terminal: plain (no markup), control characters escaped."""
+    return Text(escaped(value), style=style)
+
+
 def error_line(message: object) -> Text:
     """``error: <message>``, the message as plain text: an id, a path or a reason that
     holds brackets (``order[/42]``, ``[type=int_parsing]``) is printed as it is, never
     read as rich markup (which would drop it, or fail with a ``MarkupError``)."""
-    return Text.assemble(("error:", "bold red"), " ", str(message))
+    return Text.assemble(("error:", "bold red"), " ", escaped(str(message)))
 
 
 def status_text(status: SagaStatus) -> Text:
@@ -93,12 +113,12 @@ def sagas_table(states: Sequence[SagaState], now: float) -> Table:
     table.add_column("failure", overflow="fold", min_width=12, ratio=1)
     for s in states:
         table.add_row(
-            Text(s.saga_id),
-            Text(f"{s.saga_name} v{s.saga_version}"),
+            shown(s.saga_id),
+            shown(f"{s.saga_name} v{s.saga_version}"),
             status_text(s.status),
             str(s.current_step_index),
             short_time(s.updated_at, now),
-            Text(s.failure_reason or ""),
+            shown(s.failure_reason or ""),
         )
     return table
 
@@ -112,8 +132,8 @@ def _header(state: SagaState) -> Panel:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column(overflow="fold")
-    grid.add_row("id", Text(state.saga_id))
-    grid.add_row("saga", Text(f"{state.saga_name} v{state.saga_version}"))
+    grid.add_row("id", shown(state.saga_id))
+    grid.add_row("saga", shown(f"{state.saga_name} v{state.saga_version}"))
     grid.add_row("status", status_text(state.status))
     grid.add_row("started", clock_time(state.started_at))
     duration = state.updated_at - state.started_at
@@ -121,11 +141,11 @@ def _header(state: SagaState) -> Panel:
     if state.deadline_at is not None:
         grid.add_row("deadline", clock_time(state.deadline_at))
     if state.failure_reason:
-        grid.add_row("failure", Text(state.failure_reason, style="red"))
+        grid.add_row("failure", shown(state.failure_reason, style="red"))
     if state.lease_owner and state.status.active:
         until = clock_time(state.lease_expires_at or 0)
-        grid.add_row("lease", Text(f"{state.lease_owner} until {until}"))
-    return Panel(grid, title=Text(state.saga_id, style="bold"), title_align="left")
+        grid.add_row("lease", shown(f"{state.lease_owner} until {until}"))
+    return Panel(grid, title=shown(state.saga_id, style="bold"), title_align="left")
 
 
 def timeline_table(state: SagaState, timeline: Sequence[StepEvent]) -> Table:
@@ -140,10 +160,10 @@ def timeline_table(state: SagaState, timeline: Sequence[StepEvent]) -> Table:
         style = EVENT_STYLE.get(event.event, "")
         table.add_row(
             f"+{event.at - state.started_at:.3f}s",
-            Text(event.event, style=style),
-            Text(event.step or ""),
+            shown(event.event, style=style),
+            shown(event.step or ""),
             "" if event.attempt is None else str(event.attempt),
-            Text(event.detail or ""),
+            shown(event.detail or ""),
         )
     return table
 
@@ -167,7 +187,9 @@ def _state_table(state: SagaState) -> Table:
     context = json.dumps(state.context, indent=2, sort_keys=True, default=str, ensure_ascii=False)
     grid.add_row(
         "context",
-        Syntax(context, "json", theme="ansi_dark", background_color="default", word_wrap=True),
+        Syntax(
+            escaped(context), "json", theme="ansi_dark", background_color="default", word_wrap=True
+        ),
     )
     return grid
 
@@ -175,11 +197,11 @@ def _state_table(state: SagaState) -> Table:
 def _names(names: Sequence[str], style: str) -> Text:
     if not names:
         return Text("-", style="dim")
-    return Text(" → ".join(names), style=style)
+    return shown(" → ".join(names), style=style)
 
 
 def _counts(counts: Mapping[str, int]) -> Text:
-    return Text(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    return shown(", ".join(f"{k}: {v}" for k, v in counts.items()))
 
 
 def json_text(document: Any) -> str:

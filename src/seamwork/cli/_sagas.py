@@ -26,6 +26,7 @@ from rich.text import Text
 
 from seamwork.cli._render import (
     error_line,
+    escaped,
     event_json,
     json_text,
     saga_view,
@@ -250,10 +251,11 @@ def retry_saga(saga_id: SagaId, db: Db = None, postgres: Postgres = None) -> Non
     _console().print(
         Text.assemble(
             "saga ",
-            (saga_id, "bold"),
+            (escaped(saga_id), "bold"),
             " is ",
             ("compensating", "magenta"),
-            f" again (to undo: {pending}); a running orchestrator picks it up in its recovery loop",
+            f" again (to undo: {escaped(pending)}); a running orchestrator picks it up in its"
+            " recovery loop",
         )
     )
 
@@ -284,10 +286,10 @@ def abort_saga(
     _console().print(
         Text.assemble(
             "saga ",
-            (saga_id, "bold"),
+            (escaped(saga_id), "bold"),
             " aborted: now ",
             ("failed", "yellow"),
-            f"; left un-compensated: {left}",
+            f"; left un-compensated: {escaped(left)}",
         )
     )
 
