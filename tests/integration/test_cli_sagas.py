@@ -776,3 +776,46 @@ def test_control_characters_from_the_store_are_shown_escaped_never_sent_to_the_t
         assert "".join(CONTROL_SHOWN.split()) in squashed
     if command != "list":
         assert "reserve\\x1b[8m" in squashed
+
+
+NOT_UTF8 = b"t-st\xffuck".decode("utf-8", "surrogateescape")  # argv bytes Python cannot decode
+
+
+@pytest.mark.parametrize(
+    ("args", "where"),
+    [
+        (["show", NOT_UTF8], "saga_id"),
+        (["retry", NOT_UTF8], "saga_id"),
+        (["abort", NOT_UTF8], "saga_id"),
+        (["abort", "t-stuck", "--reason", f"gave up {NOT_UTF8}"], "--reason"),
+        (["list", "--name", NOT_UTF8], "--name"),
+        (["list", "--postgres", f"host=127.0.0.1 application_name={NOT_UTF8}"], "--postgres"),
+    ],
+)
+def test_an_argument_that_is_not_utf8_is_a_usage_error_and_changes_nothing(
+    db: Path, args: list[str], where: str
+) -> None:
+    before = json.loads(invoke("sagas", "list", "--db", str(db), "--json")[1])
+    result = CliRunner().invoke(app, ["sagas", *args, "--db", str(db)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    said = " ".join(result.stderr.replace("│", " ").split())
+    assert f"Invalid value for '{where}'" in said
+    assert "is not valid UTF-8" in said
+    assert json.loads(invoke("sagas", "list", "--db", str(db), "--json")[1]) == before
+
+
+def test_a_worker_id_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None:
+    store = tmp_path / "sagas.db"
+    result = CliRunner().invoke(
+        app,
+        ["worker", "--app", f"{__name__}:ONE", "--sqlite", str(store), "--worker-id", NOT_UTF8],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 2, result.output
+    assert "is not valid UTF-8" in " ".join(result.stderr.replace("│", " ").split())
+    assert not store.exists()
+
+
+def ONE() -> list[Saga]:  # a --app target
+    return [Bank().saga()]

@@ -24,6 +24,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from seamwork.cli._params import utf8
 from seamwork.cli._render import (
     error_line,
     escaped,
@@ -59,9 +60,10 @@ Postgres = Annotated[
         "--postgres",
         help="The saga store: a PostgreSQL DSN (instead of --db).",
         show_default=False,
+        callback=utf8,
     ),
 ]
-SagaId = Annotated[str, typer.Argument(help="The saga's id.", show_default=False)]
+SagaId = Annotated[str, typer.Argument(help="The saga's id.", show_default=False, callback=utf8)]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
@@ -146,7 +148,9 @@ def list_sagas(
         SagaStatus | None,
         typer.Option("--status", "-s", help="Only sagas in this status.", case_sensitive=False),
     ] = None,
-    name: Annotated[str | None, typer.Option("--name", "-n", help="Only this saga.")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", "-n", help="Only this saga.", callback=utf8)
+    ] = None,
     limit: Annotated[
         int, typer.Option("--limit", "-l", min=1, max=MAX_LIMIT, help="At most this many.")
     ] = 50,
@@ -266,7 +270,10 @@ def abort_saga(
     db: Db = None,
     postgres: Postgres = None,
     reason: Annotated[
-        str, typer.Option("--reason", "-r", help="Recorded in the saga's failure reason.")
+        str,
+        typer.Option(
+            "--reason", "-r", help="Recorded in the saga's failure reason.", callback=utf8
+        ),
     ] = "aborted by operator",
 ) -> None:
     """Give up on a stuck saga: it is marked failed and left as it is."""

@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 
 from seamwork._core import runtime
+from seamwork.cli._params import utf8
 from seamwork.cli._render import error_line
 from seamwork.errors import ConfigError, SeamworkError
 from seamwork.saga import Saga, SagaOrchestrator, SagaStore
@@ -102,11 +103,13 @@ def _not_sagas(spec: str, found: str) -> typer.BadParameter:
 def worker(
     app: Annotated[str, typer.Option("--app", help="module:attribute with the Saga definitions.")],
     postgres: Annotated[
-        str | None, typer.Option("--postgres", envvar="SEAMWORK_PG_DSN", help="PostgreSQL DSN.")
+        str | None,
+        typer.Option("--postgres", envvar="SEAMWORK_PG_DSN", help="PostgreSQL DSN.", callback=utf8),
     ] = None,
     sqlite: Annotated[Path | None, typer.Option("--sqlite", help="A SQLite saga store.")] = None,
     worker_id: Annotated[
-        str | None, typer.Option("--worker-id", help="Stable name; a restart resumes at once.")
+        str | None,
+        typer.Option("--worker-id", help="Stable name; a restart resumes at once.", callback=utf8),
     ] = None,
     lease: Annotated[float, typer.Option(help="Lease seconds.", min=0.1)] = 30.0,
     interval: Annotated[float, typer.Option(help="Seconds between claims.", min=0.01)] = 1.0,
