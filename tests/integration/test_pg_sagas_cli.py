@@ -265,3 +265,33 @@ async def test_postgres_on_the_command_line_wins_over_seamwork_db_in_the_environ
     )
     assert both.exit_code == 2
     assert "exactly one of --db PATH or --postgres DSN" in both.output
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port of 127.0.0.1 nothing listens on."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sagas", "list"],
+        ["sagas", "show", "order-1"],
+        ["worker", "--app", f"{__name__}:V1"],
+    ],
+)
+def test_an_unreachable_postgres_is_one_line_on_stderr(closed_port: int, argv: list[str]) -> None:
+    dsn = f"host=127.0.0.1 port={closed_port} user=postgres dbname=postgres connect_timeout=5"
+    result = CliRunner().invoke(app, [*argv, "--postgres", dsn], env={"COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()  # libpq's hint came on a line of its own
+    assert line.startswith("error: cannot connect the saga store to PostgreSQL: "), line
+    assert f"port {closed_port} failed: Connection refused" in line
+    assert "Is the server running" in line

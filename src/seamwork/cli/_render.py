@@ -71,8 +71,10 @@ def shown(value: str, style: str = "") -> Text:
 def error_line(message: object) -> Text:
     """``error: <message>``, the message as plain text: an id, a path or a reason that
     holds brackets (``order[/42]``, ``[type=int_parsing]``) is printed as it is, never
-    read as rich markup (which would drop it, or fail with a ``MarkupError``)."""
-    return Text.assemble(("error:", "bold red"), " ", escaped(str(message)))
+    read as rich markup (which would drop it, or fail with a ``MarkupError``). A message
+    of several lines (libpq puts its hint on a line of its own) is joined into one."""
+    lines = [line.strip() for line in str(message).splitlines()]
+    return Text.assemble(("error:", "bold red"), " ", escaped(" ".join(x for x in lines if x)))
 
 
 def status_text(status: SagaStatus) -> Text:
