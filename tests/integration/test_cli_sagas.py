@@ -819,3 +819,18 @@ def test_a_worker_id_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None:
 
 def ONE() -> list[Saga]:  # a --app target
     return [Bank().saga()]
+
+
+def test_list_cut_short_by_its_limit_says_so(db: Path) -> None:
+    code, out, err = invoke("sagas", "list", "--db", str(db), "--limit", "1")
+    assert (code, err) == (0, "")
+    title = out.splitlines()[0]
+    assert title.startswith("1 saga (most recently updated first)"), title
+    assert "more match: raise --limit to see them" in title
+    code, out, err = invoke("sagas", "list", "--db", str(db), "--limit", "1", "--json")
+    assert code == 0
+    assert len(json.loads(out)) == 1
+    assert err.strip() == "note: more sagas match; --limit 1 printed only the first 1"
+    code, out, err = invoke("sagas", "list", "--db", str(db), "--limit", "2")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0].strip() == "2 sagas (most recently updated first)"

@@ -104,9 +104,13 @@ def short_time(at: float, now: float) -> str:
     return time.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M", local)
 
 
-def sagas_table(states: Sequence[SagaState], now: float) -> Table:
-    """One row per saga: id, name and version, status, step index, updated, failure."""
-    table = Table(title=f"{len(states)} sagas (most recently updated first)", title_justify="left")
+def sagas_table(states: Sequence[SagaState], now: float, *, more: bool = False) -> Table:
+    """One row per saga: id, name and version, status, step index, updated, failure;
+    ``more``: the list was cut short by its limit (the title says so)."""
+    title = f"{len(states)} saga{'' if len(states) == 1 else 's'} (most recently updated first)"
+    if more:
+        title += "; more match: raise --limit to see them"
+    table = Table(title=title, title_justify="left")
     table.add_column("id", style="bold", overflow="fold")
     table.add_column("saga", overflow="fold")
     table.add_column("status", no_wrap=True)

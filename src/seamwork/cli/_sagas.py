@@ -165,18 +165,24 @@ def list_sagas(
     as_json: Json = False,
 ) -> None:
     """List sagas, most recently updated first."""
+    asked = limit + 1 if limit < MAX_LIMIT else limit  # one more: are there others?
     try:
         if stranded:
-            work = _stranded_lister(app, status, name, limit)
+            work = _stranded_lister(app, status, name, asked)
         else:
-            work = lambda s: s.list(status=status, name=name, limit=limit)  # noqa: E731
+            work = lambda s: s.list(status=status, name=name, limit=asked)  # noqa: E731
         states = run_on_store(db, work, postgres=postgres)
     except CliError as exc:
         raise fail(exc) from None
+    more = len(states) > limit
+    states = states[:limit]
     if as_json:
         sys.stdout.write(json_text([state_json(s) for s in states]) + "\n")
+        if more:
+            note = f"note: more sagas match; --limit {limit} printed only the first {limit}"
+            Console(stderr=True, highlight=False).print(note, soft_wrap=True, markup=False)
         return
-    _console().print(sagas_table(states, time.time()))
+    _console().print(sagas_table(states, time.time(), more=more))
 
 
 def _stranded_lister(
