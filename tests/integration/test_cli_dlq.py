@@ -397,3 +397,32 @@ async def test_dlq_list_and_replay_show_control_characters_escaped(nats_url: str
         assert "Order\\x1b[8m m\\x1b[1A to" in replay.output
     finally:
         await broker.aclose()
+
+
+async def test_dlq_list_on_a_narrow_terminal_shows_long_subjects_and_errors_whole(
+    nats_url: str,
+) -> None:
+    reason = "refused by https://shipping.example/api/v1/" + "b7" * 40
+    subject = f"orders{uuid.uuid4().hex}.created.in.the.eu-west-region"
+
+    async def refuse(delivery: Delivery) -> None:
+        raise PoisonMessage(reason)
+
+    broker = NatsBroker(nats_url)
+    try:
+        await broker.subscribe(subject, "shipping", refuse)
+        await broker.publish(subject, Message("OrderCreated", {"order": 7}))
+        await dead_lettered(broker, subject, 1)
+
+        table = await asyncio.to_thread(
+            CliRunner().invoke, app, ["dlq", "list", "--nats", nats_url], env={"COLUMNS": "80"}
+        )
+        assert table.exit_code == 0, table.output
+        assert "…" not in table.output
+        rows = [line.split("│") for line in table.output.splitlines() if line.startswith("│")]
+        assert "".join(row[2].strip() for row in rows) == subject
+        assert "".join("".join(row[6].split()) for row in rows) == "".join(
+            f"PoisonMessage: {reason}".split()
+        )
+    finally:
+        await broker.aclose()

@@ -172,8 +172,11 @@ def letters_table(letters: Sequence[DeadLetter], now: float) -> Table:
     """One row per dead letter: key, subject, group, type, attempts, error, when
     (the letter's text as plain ``Text``: brackets in an error are not rich markup)."""
     table = Table(title=f"{len(letters)} dead letter(s)", title_justify="left")
-    for column in ("key", "subject", "group", "type", "attempts", "error", "when"):
-        table.add_column(column, justify="right" if column == "attempts" else "left")
+    for column in ("key", "subject", "group", "type"):  # folded, never cut with …
+        table.add_column(column, overflow="fold")
+    table.add_column("attempts", justify="right", no_wrap=True)
+    table.add_column("error", overflow="fold")
+    table.add_column("when", no_wrap=True)
     for letter in letters:
         table.add_row(
             shown(letter.key),
