@@ -834,3 +834,18 @@ def test_list_cut_short_by_its_limit_says_so(db: Path) -> None:
     code, out, err = invoke("sagas", "list", "--db", str(db), "--limit", "2")
     assert (code, err) == (0, "")
     assert out.splitlines()[0].strip() == "2 sagas (most recently updated first)"
+
+
+@pytest.mark.parametrize("reason", ["", "   "])
+def test_abort_with_a_blank_reason_is_a_usage_error_and_the_saga_stays_stuck(
+    db: Path, reason: str
+) -> None:
+    result = CliRunner().invoke(
+        app, ["sagas", "abort", "t-stuck", "--db", str(db), "--reason", reason]
+    )
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.stderr.replace("│", " ").split())
+    assert "Invalid value for '--reason' / '-r': give the reason the saga is given up on" in said
+    code, out, _ = invoke("sagas", "show", "t-stuck", "--db", str(db), "--json")
+    assert code == 0
+    assert json.loads(out)["saga"]["status"] == "stuck"

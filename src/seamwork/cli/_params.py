@@ -17,3 +17,12 @@ def utf8(value: str | None) -> str | None:
                 f"{value!r} is not valid UTF-8 (is the terminal's encoding UTF-8?)"
             ) from None
     return value
+
+
+def abort_reason(value: str) -> str:
+    """``--reason``: UTF-8 and not blank; an empty reason recorded nothing but a
+    dangling ``; `` after the saga's failure."""
+    checked = utf8(value)
+    if checked is None or not checked.strip():
+        raise typer.BadParameter("give the reason the saga is given up on (it is recorded)")
+    return checked

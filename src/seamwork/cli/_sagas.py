@@ -24,7 +24,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from seamwork.cli._params import utf8
+from seamwork.cli._params import abort_reason, utf8
 from seamwork.cli._render import (
     error_line,
     escaped,
@@ -278,7 +278,7 @@ def abort_saga(
     reason: Annotated[
         str,
         typer.Option(
-            "--reason", "-r", help="Recorded in the saga's failure reason.", callback=utf8
+            "--reason", "-r", help="Recorded in the saga's failure reason.", callback=abort_reason
         ),
     ] = "aborted by operator",
 ) -> None:
