@@ -849,3 +849,20 @@ def test_abort_with_a_blank_reason_is_a_usage_error_and_the_saga_stays_stuck(
     code, out, _ = invoke("sagas", "show", "t-stuck", "--db", str(db), "--json")
     assert code == 0
     assert json.loads(out)["saga"]["status"] == "stuck"
+
+
+def test_an_event_stamped_before_the_saga_started_shows_a_minus_offset(db: Path) -> None:
+    """Workers' clocks differ a little: a saga resumed by a worker whose clock is behind
+    the one that started it has events stamped before its start."""
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "UPDATE seamwork_saga_events SET at = at - 1.5 WHERE saga_id = 't-stuck'"
+            " AND event = 'stuck'"
+        )
+        conn.execute("UPDATE seamwork_sagas SET updated_at = started_at - 1.5")
+    code, out, err = invoke("sagas", "show", "t-stuck", "--db", str(db))
+    assert (code, err) == (0, "")
+    assert "+-" not in out
+    assert "(-1.5" in out
+    (stuck,) = [line for line in out.splitlines() if "│ stuck " in line]
+    assert stuck.split("│")[1].strip().startswith("-1.4")

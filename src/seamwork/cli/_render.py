@@ -143,7 +143,7 @@ def _header(state: SagaState) -> Panel:
     grid.add_row("status", status_text(state.status))
     grid.add_row("started", clock_time(state.started_at))
     duration = state.updated_at - state.started_at
-    grid.add_row("updated", f"{clock_time(state.updated_at)} (+{duration:.3f}s)")
+    grid.add_row("updated", f"{clock_time(state.updated_at)} ({duration:+.3f}s)")
     if state.deadline_at is not None:
         grid.add_row("deadline", clock_time(state.deadline_at))
     if state.failure_reason:
@@ -165,7 +165,7 @@ def timeline_table(state: SagaState, timeline: Sequence[StepEvent]) -> Table:
     for event in timeline:
         style = EVENT_STYLE.get(event.event, "")
         table.add_row(
-            f"+{event.at - state.started_at:.3f}s",
+            f"{event.at - state.started_at:+.3f}s",  # "-": stamped by a clock behind
             shown(event.event, style=style),
             shown(event.step or ""),
             "" if event.attempt is None else str(event.attempt),
