@@ -32,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("PostgreSQL support needs: pip install 'seamwork[postgres]'") from exc
 
 from seamwork.errors import SeamworkError, StoreError, StoreUnavailable
+from seamwork.storage._schema import newer_schema
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -120,6 +121,9 @@ async def _migrate(conn: AsyncConn, migrations: Sequence[PgMigration]) -> None:
         )
         cursor = await conn.execute("SELECT component, version FROM seamwork_migrations")
         applied = {row[0]: row[1] for row in await cursor.fetchall()}
+        problem = newer_schema(applied, ((m.component, m.version) for m in migrations))
+        if problem is not None:
+            raise StoreUnavailable(f"cannot open the store: {problem}")
         for migration in migrations:
             if applied.get(migration.component, 0) >= migration.version:
                 continue

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from seamwork.errors import SeamworkError, StoreError, StoreUnavailable
+from seamwork.storage._schema import newer_schema
 
 T = TypeVar("T")
 Synchronous = Literal["full", "normal"]
@@ -392,6 +393,11 @@ class SQLiteWriter:
             applied = dict(conn.execute("SELECT component, version FROM seamwork_migrations"))
         except sqlite3.DatabaseError:
             applied = {}
+        try:
+            self._refuse_newer(applied)
+        except StoreUnavailable:
+            conn.close()
+            raise
         for migration in self._migrations:
             version = applied.get(migration.component, 0)
             if version >= migration.version:
@@ -405,6 +411,12 @@ class SQLiteWriter:
                 "open it with the service once to upgrade it"
             )
 
+    def _refuse_newer(self, applied: dict[str, int]) -> None:
+        """Refuse a file whose schema a newer seamwork wrote (``newer_schema``)."""
+        problem = newer_schema(applied, ((m.component, m.version) for m in self._migrations))
+        if problem is not None:
+            raise StoreUnavailable(f"{self.path}: {problem}")
+
     def _migrate(self, conn: sqlite3.Connection) -> None:
         if not self._migrations:
             return
@@ -412,6 +424,7 @@ class SQLiteWriter:
         try:
             conn.execute(_MIGRATIONS_TABLE)
             applied = dict(conn.execute("SELECT component, version FROM seamwork_migrations"))
+            self._refuse_newer(applied)
             for migration in self._migrations:
                 if applied.get(migration.component, 0) >= migration.version:
                     continue

@@ -58,6 +58,7 @@ from seamwork.storage._pg import (
     timed,
     translate,
 )
+from seamwork.storage._schema import newer_schema
 
 MESSAGING_MIGRATIONS = (
     PgMigration(
@@ -228,6 +229,9 @@ async def _require_schema(conn: AsyncConn) -> None:
         raise translate(exc, "outbox") from exc
     if row is None:
         raise StoreUnavailable("this database holds no seamwork outbox (nothing was created)")
+    problem = newer_schema({"messaging": row[0]}, [("messaging", latest)])
+    if problem is not None:
+        raise StoreUnavailable(f"cannot open the outbox: {problem}")
     if row[0] < latest:
         raise StoreUnavailable(
             f"this database holds a seamwork outbox of an older version (messaging schema "
