@@ -16,7 +16,9 @@ each after the message that caused it (messages whose cause was not seen come fi
 by arrival); ``status`` is the terminal status named by the type of the last message
 to arrive that has one, or ``"in progress"``: a message arriving after the end (a
 late side branch, a stray retry) does not reopen a finished flow, but it is in
-``path`` and ``where`` names its service.
+``path`` and ``where`` names its service. ``where`` is the service of the last message
+to arrive that caused no other recorded one: a message that arrives after a message
+it caused (the streams are consumed apart) does not move the flow back to it.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class Flow:
     steps: tuple[FlowStep, ...]
     status: str
     where: str = ""
-    """The service that published the message that arrived last."""
+    """The service that published the message that arrived last, of those that caused
+    no other message of the flow seen so far."""
 
     @property
     def path(self) -> list[tuple[str, str]]:
@@ -107,7 +110,7 @@ class FlowMonitor:
             (self.terminal[s.type] for s in reversed(tree.arrivals) if s.type in self.terminal),
             IN_PROGRESS,
         )
-        return Flow(correlation_id, steps, status, tree.arrivals[-1].service)
+        return Flow(correlation_id, steps, status, _where(tree.arrivals))
 
     def flows(self) -> dict[str, Flow]:
         """Every flow seen, by correlation id, in the order they started."""
@@ -130,6 +133,15 @@ class FlowMonitor:
             self.record(delivery.message, delivery.subject)
 
         return [await broker.subscribe(subject, group, handler) for subject in subjects]
+
+
+def _where(arrivals: list[FlowStep]) -> str:
+    """The service of the last step to arrive that caused no other recorded step (a
+    cause that arrives after its effect is not where the flow is); in a causation
+    cycle, which only forged messages make, the last to arrive."""
+    causes = {step.causation_id for step in arrivals}
+    leaf = next((s for s in reversed(arrivals) if s.message_id not in causes), arrivals[-1])
+    return leaf.service
 
 
 def _causal_order(arrivals: list[FlowStep], ids: set[str]) -> list[FlowStep]:

@@ -1,0 +1,38 @@
+"""FlowMonitor's rebuilt view of a flow, fed messages as a broker hands them over:
+each stream consumed on its own, so a flow's messages arrive in any order, some more
+than once, some after the flow ended."""
+
+from __future__ import annotations
+
+from seamwork.messaging import FlowMonitor, Message
+
+TERMINAL = {"OrderCompleted": "completed", "OrderCancelled": "cancelled"}
+
+
+def _success(correlation_id: str = "order-1") -> list[tuple[Message, str]]:
+    """The success path's messages with their subjects, in causal order."""
+    created = Message("OrderCreated", {}, correlation_id=correlation_id)
+    reserved = created.caused("InventoryReserved")
+    charged = reserved.caused("PaymentProcessed")
+    notified = charged.caused("NotificationSent")
+    completed = notified.caused("OrderCompleted")
+    return [
+        (created, "orders.created"),
+        (reserved, "inventory.reserved"),
+        (charged, "payment.processed"),
+        (notified, "notification.sent"),
+        (completed, "orders.completed"),
+    ]
+
+
+def test_a_flow_whose_end_arrives_before_its_cause_is_where_the_end_was_published() -> None:
+    # the monitor's consumer of orders.> fetched OrderCompleted before its consumer
+    # of notification.> fetched the NotificationSent that caused it
+    created, reserved, charged, notified, completed = _success()
+    monitor = FlowMonitor(TERMINAL)
+    for message, subject in (created, reserved, charged, completed, notified):
+        monitor.record(message, subject)
+    flow = monitor.flow("order-1")
+    assert flow is not None
+    assert (flow.status, flow.where) == ("completed", "orders")
+    assert [kind for kind, _ in flow.path][-2:] == ["NotificationSent", "OrderCompleted"]
