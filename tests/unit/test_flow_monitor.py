@@ -36,3 +36,16 @@ def test_a_flow_whose_end_arrives_before_its_cause_is_where_the_end_was_publishe
     assert flow is not None
     assert (flow.status, flow.where) == ("completed", "orders")
     assert [kind for kind, _ in flow.path][-2:] == ["NotificationSent", "OrderCompleted"]
+
+
+def test_an_end_caused_by_an_earlier_end_decides_even_when_it_arrives_first() -> None:
+    # a completed order refunded and cancelled: OrderCancelled (on refunds.>) is fetched
+    # before the OrderCompleted that caused it (on orders.>)
+    created, *_, (completed, completed_on) = _success()
+    cancelled = completed.caused("OrderCancelled")
+    monitor = FlowMonitor(TERMINAL)
+    for message, subject in (created, (cancelled, "refunds.cancelled"), (completed, completed_on)):
+        monitor.record(message, subject)
+    flow = monitor.flow("order-1")
+    assert flow is not None
+    assert (flow.status, flow.where) == ("cancelled", "refunds")

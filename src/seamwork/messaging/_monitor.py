@@ -14,11 +14,14 @@ feeds it from broker subscriptions.
 Invariants: a flow's ``path`` lists every recorded message of the flow exactly once,
 each after the message that caused it (messages whose cause was not seen come first,
 by arrival); ``status`` is the terminal status named by the type of the last message
-to arrive that has one, or ``"in progress"``: a message arriving after the end (a
-late side branch, a stray retry) does not reopen a finished flow, but it is in
-``path`` and ``where`` names its service. ``where`` is the service of the last message
-to arrive that caused no other recorded one: a message that arrives after a message
-it caused (the streams are consumed apart) does not move the flow back to it.
+to arrive that has one, leaving out any that caused (directly or not) another such
+message seen - an end caused by an earlier end (a completed order refunded and
+cancelled) decides even if it arrives first - or ``"in progress"``: a message
+arriving after the end (a late side branch, a stray retry) does not reopen a
+finished flow, but it is in ``path`` and ``where`` names its service. ``where`` is
+the service of the last message to arrive that caused no other recorded one: a
+message that arrives after a message it caused (the streams are consumed apart) does
+not move the flow back to it.
 """
 
 from __future__ import annotations
@@ -104,13 +107,26 @@ class FlowMonitor:
         if tree is None:
             return None
         steps = tuple(_causal_order(tree.arrivals, tree.ids))
+        return Flow(correlation_id, steps, self._status(tree.arrivals), _where(tree.arrivals))
+
+    def _status(self, arrivals: list[FlowStep]) -> str:
         # Where a flow stands is decided by what arrived last, not by the last step
-        # in causal order: after a fan-out a side branch may sort after the end.
-        status = next(
-            (self.terminal[s.type] for s in reversed(tree.arrivals) if s.type in self.terminal),
-            IN_PROGRESS,
+        # in causal order: after a fan-out a side branch may sort after the end. But
+        # an end that caused a later end (a refund after completion) is superseded
+        # by it whatever the order they arrived in.
+        ends = [step for step in arrivals if step.type in self.terminal]
+        by_id = {step.message_id: step for step in arrivals}
+        superseded: set[str] = set()
+        for end in ends:
+            cause = by_id.get(end.causation_id or "")
+            while cause is not None and cause.message_id not in superseded:
+                superseded.add(cause.message_id)
+                cause = by_id.get(cause.causation_id or "")
+        return next(
+            (self.terminal[s.type] for s in reversed(ends) if s.message_id not in superseded),
+            # a causation cycle (forged messages) supersedes every end in it
+            self.terminal[ends[-1].type] if ends else IN_PROGRESS,
         )
-        return Flow(correlation_id, steps, status, _where(tree.arrivals))
 
     def flows(self) -> dict[str, Flow]:
         """Every flow seen, by correlation id, in the order they started."""
