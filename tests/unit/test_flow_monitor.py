@@ -4,6 +4,9 @@ than once, some after the flow ended."""
 
 from __future__ import annotations
 
+import pytest
+
+from seamwork.errors import ConfigError
 from seamwork.messaging import FlowMonitor, Message
 
 TERMINAL = {"OrderCompleted": "completed", "OrderCancelled": "cancelled"}
@@ -49,3 +52,27 @@ def test_an_end_caused_by_an_earlier_end_decides_even_when_it_arrives_first() ->
     flow = monitor.flow("order-1")
     assert flow is not None
     assert (flow.status, flow.where) == ("cancelled", "refunds")
+
+
+def test_a_monitor_with_max_ended_keeps_only_the_flows_that_ended_last() -> None:
+    # a monitor that runs for good must not keep every flow it ever saw
+    monitor = FlowMonitor(TERMINAL, max_ended=2)
+    stuck = Message("OrderCreated", {}, correlation_id="stuck")
+    monitor.record(stuck, "orders.created")  # never ends: kept, whatever its age
+    for n in range(5):
+        for message, subject in _success(f"order-{n}"):
+            monitor.record(message, subject)
+    assert list(monitor.flows()) == ["stuck", "order-3", "order-4"]
+    late = _success("order-0")[3]  # a NotificationSent of a forgotten flow, arriving late
+    monitor.record(*late)
+    assert list(monitor.flows()) == ["stuck", "order-3", "order-4"]
+    assert monitor.ignored == 1
+    assert monitor.forget("stuck") is True
+    assert monitor.forget("stuck") is False
+    assert list(monitor.flows()) == ["order-3", "order-4"]
+
+
+def test_max_ended_below_one_is_refused() -> None:
+    for bad in (0, -1, 2.5, "10", True):
+        with pytest.raises(ConfigError, match=r"max_ended must be an int >= 1 or None"):
+            FlowMonitor(TERMINAL, max_ended=bad)  # type: ignore[arg-type]

@@ -11,6 +11,11 @@ subject)`` folds one message in (idempotent: a redelivered message is ignored),
 ``flows()`` answers. ``FlowMonitor.watch(broker, subjects)`` is the thin driver that
 feeds it from broker subscriptions.
 
+It keeps every flow in memory until it is forgotten: ``max_ended=N`` keeps the N
+flows that ended last (a flow in progress is kept whatever its age), ``forget(cid)``
+drops one. A late message of a flow forgotten lately is ignored, not taken for the
+start of a new flow that would never end.
+
 Invariants: a flow's ``path`` lists every recorded message of the flow exactly once,
 each after the message that caused it (messages whose cause was not seen come first,
 by arrival); ``status`` is the terminal status named by the type of the last message
@@ -29,10 +34,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from seamwork.errors import ConfigError
 from seamwork.messaging._message import Message
 from seamwork.messaging._ports import Broker, Delivery, Subscription
 
 IN_PROGRESS = "in progress"
+FORGOTTEN_KEPT = 10_000
+"""How many forgotten flows' correlation ids a monitor keeps at least, to ignore their
+late messages."""
 
 
 def publisher_of(subject: str) -> str:
@@ -76,10 +85,15 @@ class _Tree:
 class FlowMonitor:
     """Rebuilds choreographed flows from their messages.
 
+    Every flow is kept in memory, so a monitor that runs for good should be given
+    ``max_ended`` (or ``forget`` flows itself): a flow in progress is always kept.
+
     Args:
         terminal: message type -> the flow status it ends in, e.g.
             ``{"OrderCompleted": "completed", "OrderCancelled": "cancelled"}``.
         service_of: the publishing service of a subject (default: its first token).
+        max_ended: keep at most this many ended flows; past it, the flow that ended
+            first is forgotten (None: keep every flow).
     """
 
     def __init__(
@@ -87,19 +101,49 @@ class FlowMonitor:
         terminal: Mapping[str, str] | None = None,
         *,
         service_of: Callable[[str], str] = publisher_of,
+        max_ended: int | None = None,
     ) -> None:
+        if max_ended is not None and (
+            not isinstance(max_ended, int) or isinstance(max_ended, bool) or max_ended < 1
+        ):
+            raise ConfigError(f"max_ended must be an int >= 1 or None, got {max_ended!r}")
         self.terminal = dict(terminal or {})
         self.service_of = service_of
+        self.max_ended = max_ended
+        self.ignored = 0
+        """Messages ignored because their flow was forgotten."""
         self._trees: dict[str, _Tree] = {}
+        self._ended: dict[str, None] = {}  # ended flows, in the order they ended
+        self._forgotten: dict[str, None] = {}  # the last FORGOTTEN_KEPT forgotten flows
 
     def record(self, message: Message, subject: str) -> None:
-        """Fold one message in; a message already recorded is ignored."""
+        """Fold one message in; a message already recorded is ignored, and so is one
+        of a flow forgotten lately (it would start that flow over, never to end)."""
+        if message.flow in self._forgotten:
+            self.ignored += 1
+            return
         tree = self._trees.setdefault(message.flow, _Tree())
         if message.id in tree.ids:
             return
         tree.ids.add(message.id)
         step = FlowStep(message.type, self.service_of(subject), message.id, message.causation_id)
         tree.arrivals.append(step)
+        if step.type in self.terminal and message.flow not in self._ended:
+            self._ended[message.flow] = None
+            while self.max_ended is not None and len(self._ended) > self.max_ended:
+                self.forget(next(iter(self._ended)))
+
+    def forget(self, correlation_id: str) -> bool:
+        """Drop a flow (ended or not); False if it is not kept. Its messages arriving
+        later are ignored (counted in ``ignored``) while it is among the last
+        ``FORGOTTEN_KEPT`` (or ``max_ended``, if more) flows forgotten."""
+        if self._trees.pop(correlation_id, None) is None:
+            return False
+        self._ended.pop(correlation_id, None)
+        self._forgotten[correlation_id] = None
+        while len(self._forgotten) > max(FORGOTTEN_KEPT, self.max_ended or 0):
+            del self._forgotten[next(iter(self._forgotten))]
+        return True
 
     def flow(self, correlation_id: str) -> Flow | None:
         """The flow with this correlation id, or None if no message of it was seen."""
