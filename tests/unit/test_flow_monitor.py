@@ -76,3 +76,21 @@ def test_max_ended_below_one_is_refused() -> None:
     for bad in (0, -1, 2.5, "10", True):
         with pytest.raises(ConfigError, match=r"max_ended must be an int >= 1 or None"):
             FlowMonitor(TERMINAL, max_ended=bad)  # type: ignore[arg-type]
+
+
+def test_bad_input_to_the_monitor_is_a_config_error_naming_it() -> None:
+    monitor = FlowMonitor(TERMINAL)
+    created = Message("OrderCreated", {}, correlation_id="order-1")
+    with pytest.raises(ConfigError, match=r"record takes a Message, got dict"):
+        monitor.record({"type": "OrderCreated"}, "orders.created")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"the subject as a non-empty string, got 7"):
+        monitor.record(created, 7)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"a correlation id is a string, got 1"):
+        monitor.flow(1)  # type: ignore[arg-type]
+    assert monitor.flows() == {}  # nothing was recorded
+    with pytest.raises(ConfigError, match=r"terminal maps message types to statuses"):
+        FlowMonitor(["OrderCompleted"])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"terminal status of 'OrderCompleted' .* None"):
+        FlowMonitor({"OrderCompleted": None})  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match=r"'in progress' is no end state"):
+        FlowMonitor({"OrderCompleted": "in progress"})

@@ -107,7 +107,7 @@ class FlowMonitor:
             not isinstance(max_ended, int) or isinstance(max_ended, bool) or max_ended < 1
         ):
             raise ConfigError(f"max_ended must be an int >= 1 or None, got {max_ended!r}")
-        self.terminal = dict(terminal or {})
+        self.terminal = _terminal(terminal)
         self.service_of = service_of
         self.max_ended = max_ended
         self.ignored = 0
@@ -119,6 +119,12 @@ class FlowMonitor:
     def record(self, message: Message, subject: str) -> None:
         """Fold one message in; a message already recorded is ignored, and so is one
         of a flow forgotten lately (it would start that flow over, never to end)."""
+        if not isinstance(message, Message):
+            raise ConfigError(f"record takes a Message, got {type(message).__name__}")
+        if not isinstance(subject, str) or not subject:
+            # any subject a broker delivers is taken (a routing key another producer
+            # chose may hold an empty token)
+            raise ConfigError(f"record takes the subject as a non-empty string, got {subject!r}")
         if message.flow in self._forgotten:
             self.ignored += 1
             return
@@ -147,6 +153,8 @@ class FlowMonitor:
 
     def flow(self, correlation_id: str) -> Flow | None:
         """The flow with this correlation id, or None if no message of it was seen."""
+        if not isinstance(correlation_id, str):
+            raise ConfigError(f"a correlation id is a string, got {correlation_id!r}")
         tree = self._trees.get(correlation_id)
         if tree is None:
             return None
@@ -193,6 +201,26 @@ class FlowMonitor:
             self.record(delivery.message, delivery.subject)
 
         return [await broker.subscribe(subject, group, handler) for subject in subjects]
+
+
+def _terminal(terminal: Mapping[str, str] | None) -> dict[str, str]:
+    if terminal is None:
+        return {}
+    if not isinstance(terminal, Mapping):
+        raise ConfigError(
+            "terminal maps message types to statuses, e.g. {'OrderCompleted': 'completed'}; "
+            f"got {terminal!r}"
+        )
+    for kind, status in terminal.items():
+        if not isinstance(kind, str) or not kind:
+            raise ConfigError(f"terminal: a message type must be a non-empty string, got {kind!r}")
+        if not isinstance(status, str) or not status:
+            raise ConfigError(
+                f"terminal status of {kind!r} must be a non-empty string, got {status!r}"
+            )
+        if status == IN_PROGRESS:
+            raise ConfigError(f"terminal: {IN_PROGRESS!r} is no end state (for {kind!r})")
+    return dict(terminal)
 
 
 def _where(arrivals: list[FlowStep]) -> str:
