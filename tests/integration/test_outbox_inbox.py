@@ -232,6 +232,21 @@ def test_a_correlation_or_causation_id_that_is_not_a_string_is_refused_by_name(
         Message("Created", **{field: 42})  # type: ignore[arg-type]
 
 
+def test_a_follow_up_with_bad_data_or_its_own_flow_ids_is_refused_by_name() -> None:
+    created = Message("Created", {"n": 1}, correlation_id="order-1")
+    for data in ([], 0, ""):  # were taken as no data at all
+        with pytest.raises(ConfigError, match=r"message 'Next': data must be a mapping"):
+            created.caused("Next", data)  # type: ignore[arg-type]
+    for field in ("correlation_id", "causation_id"):  # a TypeError of Message()'s
+        with pytest.raises(ConfigError, match=rf"caused\(\) sets {field} itself"):
+            created.caused("Next", {}, **{field: "other"})
+    with pytest.raises(ConfigError, match=r"message 'Next': headers must be a mapping"):
+        created.caused("Next", headers=None)  # was a TypeError from dict.update
+    follow_up = created.caused("Next", None, headers={"x-tenant": "t1"})
+    assert (follow_up.correlation_id, follow_up.causation_id) == ("order-1", created.id)
+    assert (follow_up.data, follow_up.headers) == ({}, {"x-tenant": "t1"})
+
+
 @pytest.mark.parametrize(
     ("bad", "named"),
     [

@@ -108,11 +108,27 @@ class Message:
         return self.correlation_id or self.id
 
     def caused(self, type: str, data: Mapping[str, Any] | None = None, **kw: Any) -> Message:
-        """A message caused by this one, in the same flow (correlation kept)."""
+        """A message caused by this one, in the same flow (correlation kept, causation
+        = this message); trace context headers are carried over. ``kw`` are
+        ``Message``'s other fields (``id``, ``headers``)."""
+        for name in ("correlation_id", "causation_id"):
+            if name in kw:
+                raise ConfigError(
+                    f"message {type!r}: caused() sets {name} itself (this message's flow "
+                    "and id); build a Message to set it"
+                )
+        extra = kw.pop("headers", {})
+        if not isinstance(extra, Mapping):
+            raise ConfigError(f"message {type!r}: headers must be a mapping")
         headers = {k: v for k, v in self.headers.items() if k in ("traceparent", "tracestate")}
-        headers.update(kw.pop("headers", {}))
+        headers.update(extra)
         return Message(
-            type, data or {}, correlation_id=self.flow, causation_id=self.id, headers=headers, **kw
+            type,
+            {} if data is None else data,
+            correlation_id=self.flow,
+            causation_id=self.id,
+            headers=headers,
+            **kw,
         )
 
 
