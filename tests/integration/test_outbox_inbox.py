@@ -26,6 +26,7 @@ from seamwork.messaging import (
     Message,
     Outbox,
     OutboxRelay,
+    PoisonMessage,
     Transaction,
 )
 from seamwork.testing.broker import eventually, until
@@ -522,6 +523,36 @@ async def test_a_follow_up_published_by_a_handler_is_sent_only_if_the_handler_co
     (record,) = await outbox.pending(10)
     assert record.message.type == "PaymentProcessed"
     assert (record.message.correlation_id, record.message.causation_id) == (ok.id, ok.id)
+
+
+async def test_a_handler_returning_its_follow_up_is_poison_and_applies_nothing(
+    outbox: Outbox,
+) -> None:
+    # returning the follow-up instead of tx.publish-ing it dropped it without a word:
+    # the message was acknowledged and the flow stopped there
+    inbox = Inbox.of(outbox)
+
+    async def charge(message: Message, tx: Transaction) -> Message:
+        await tx.execute("INSERT INTO orders (id) VALUES (?)", (message.data["order_id"],))
+        return message.caused("PaymentProcessed", {"ok": True})
+
+    handler = inbox.handler(charge)  # type: ignore[arg-type]
+    created = Message("OrderCreated", {"order_id": 1})
+    with pytest.raises(PoisonMessage, match=r"charge returned a Message .*tx\.publish"):
+        await handler(Delivery(created, "orders.created", "payments"))
+    (outcome,) = await handler.batch([Delivery(created, "orders.created", "payments")])
+    assert isinstance(outcome, PoisonMessage)
+    assert not await inbox.seen(created.id)  # dead-lettered whole: a replay applies it
+
+    async def fan_out(message: Message, tx: Transaction) -> list[Message]:
+        await tx.execute("INSERT INTO orders (id) VALUES (?)", (message.data["order_id"],))
+        return [message.caused("Reserved"), message.caused("Charged")]
+
+    with pytest.raises(PoisonMessage, match=r"fan_out returned a Message \(Reserved\)"):
+        await inbox.handler(fan_out)(Delivery(created, "orders.created", "payments"))  # type: ignore[arg-type]
+    async with outbox.transaction() as tx:
+        assert await tx.execute("SELECT count(*) FROM orders") == [(0,)]
+    assert await outbox.pending_count() == 0
 
 
 async def test_an_inbox_without_batches_applies_a_batch_one_transaction_each(

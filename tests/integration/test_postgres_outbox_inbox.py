@@ -13,7 +13,15 @@ import pytest
 
 from seamwork.brokers import EmbeddedNats, NatsBroker
 from seamwork.errors import StoreError, StoreUnavailable
-from seamwork.messaging import Delivery, Inbox, Message, Outbox, OutboxRelay, Transaction
+from seamwork.messaging import (
+    Delivery,
+    Inbox,
+    Message,
+    Outbox,
+    OutboxRelay,
+    PoisonMessage,
+    Transaction,
+)
 from seamwork.storage._pg import migrate
 from seamwork.storage.postgres_messaging import MESSAGING_MIGRATIONS
 from seamwork.testing.broker import eventually
@@ -141,6 +149,26 @@ async def test_a_tx_used_after_its_block_is_refused_not_run_on_a_pooled_connecti
         with pytest.raises(StoreError, match="transaction has ended"):
             await late.execute("INSERT INTO effects (n, message_id) VALUES (99, 'late')")
     assert await count(pg_dsn, "SELECT count(*) FROM effects") == 0
+
+
+async def test_a_handler_returning_a_value_is_poison_and_applies_nothing(
+    outbox: Outbox, pg_dsn: str
+) -> None:
+    inbox = Inbox.of(outbox)
+
+    async def fn(message: Message, tx: Transaction) -> Message:
+        await tx.execute("INSERT INTO effects (n, message_id) VALUES (%s, %s)", (1, message.id))
+        return message.caused("Next")  # meant to be published: it would be dropped
+
+    handler = inbox.handler(fn)  # type: ignore[arg-type]
+    message = Message("N", {})
+    with pytest.raises(PoisonMessage, match=r"fn returned a Message"):
+        await handler(Delivery(message, "x.y", "g"))
+    (outcome,) = await handler.batch([Delivery(message, "x.y", "g")])
+    assert isinstance(outcome, PoisonMessage)
+    assert await count(pg_dsn, "SELECT count(*) FROM effects") == 0
+    assert await outbox.pending_count() == 0
+    assert not await inbox.seen(message.id)
 
 
 async def test_a_batch_rolls_back_a_failing_message_alone(outbox: Outbox, pg_dsn: str) -> None:

@@ -424,6 +424,22 @@ class InboxHandler:
         self.fn = fn
         self.types = frozenset(types) if types is not None else None
 
+    async def _apply(self, message: Message, tx: Transaction) -> None:
+        """``fn(message, tx)``, refusing a ``Message`` (or a list of them) it returns:
+        a follow-up returned rather than published with ``tx.publish`` would be
+        dropped without a word. Any other value (a lambda's rows) is ignored."""
+        returned = await _returned(self.fn(message, tx))
+        if isinstance(returned, list | tuple) and any(isinstance(m, Message) for m in returned):
+            returned = next(m for m in returned if isinstance(m, Message))
+        if isinstance(returned, Message):
+            name = getattr(self.fn, "__name__", repr(self.fn))
+            raise PoisonMessage(
+                f"inbox handler {name} returned a Message ({returned.type}) for message "
+                f"{message.type!r} {message.id}: a handler publishes its follow-ups with "
+                "tx.publish(subject, message), what it returns is dropped (nothing of it "
+                "was applied)"
+            )
+
     def __repr__(self) -> str:
         return f"InboxHandler({self.inbox!r}, {getattr(self.fn, '__name__', self.fn)!r})"
 
@@ -441,7 +457,7 @@ class InboxHandler:
             raise undeclared
         async with self.inbox._transaction(delivery.message) as tx:
             if tx is not None:
-                await self.fn(delivery.message, tx)
+                await self._apply(delivery.message, tx)
 
     async def batch(self, deliveries: Sequence[Delivery]) -> builtins.list[BaseException | None]:
         """Apply ``deliveries`` in order in ONE transaction, a savepoint per message.
@@ -463,8 +479,12 @@ class InboxHandler:
             return outcomes
         async with transaction as batch:
             for i in todo:
-                outcomes[i] = await batch.apply(deliveries[i].message, self.fn)
+                outcomes[i] = await batch.apply(deliveries[i].message, self._apply)
         return outcomes
+
+
+async def _returned(call: Awaitable[object]) -> object:
+    return await call
 
 
 async def _outcome(call: Awaitable[None]) -> BaseException | None:
