@@ -327,3 +327,22 @@ async def test_act_two_fails_a_check_when_a_message_was_dead_lettered(
     assert (
         "PaymentRefunded on payment.processed (notification)" in failing["no message dead-lettered"]
     )
+
+
+async def test_on_a_shared_server_the_monitor_names_services_not_the_runs_prefix(
+    tmp_path: Path, nats_service: str
+) -> None:
+    # under --nats every subject starts with the run's own token
+    # (seamwork-demo-<id>.inventory.reserved), which the monitor took for the service
+    from seamwork.demo.servers import NatsRun, new_run_id
+
+    run = NatsRun(nats_service, new_run_id())
+    try:
+        async with running(tmp_path, nats_service, nats_run=run) as on_shared:
+            await on_shared.place_order("order-1", "book", 1, 30)
+            await on_shared.settled("order-1")
+            flow = on_shared.monitor.flow("order-1")
+    finally:
+        await run.clean()
+    assert flow is not None
+    assert (flow.path, flow.where) == (SUCCESS, "orders")

@@ -226,8 +226,9 @@ class OrderSystem:
         nats_run: NatsRun | None = None,
     ) -> None:
         self.stock = dict(stock or STOCK)
-        self.monitor = FlowMonitor(TERMINAL)
         self.prefix = nats_run.prefix if nats_run else ""
+        # the service is the subject's first token after the run's own prefix
+        self.monitor = FlowMonitor(TERMINAL, service_of=self._service_of)
         self._group = nats_run.group if nats_run else (lambda name: name)
         self._monitor_broker = NatsBroker(url, name=self._group("flow-monitor"))
 
@@ -268,6 +269,11 @@ class OrderSystem:
             ("CREATE TABLE notifications (order_id TEXT PRIMARY KEY, text TEXT)",),
         )
         self.services = (self.orders, self.inventory, self.payment, self.notification)
+
+    def _service_of(self, subject: str) -> str:
+        """The service that published on ``subject``: its first token after the run's
+        prefix (``seamwork-demo-<id>.inventory.reserved`` -> ``inventory``)."""
+        return subject.removeprefix(self.prefix).split(".", 1)[0]
 
     async def start(self) -> None:
         for service in self.services:
