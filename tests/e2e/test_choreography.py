@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from seamwork.brokers import EmbeddedNats
 from seamwork.demo.choreography import OrderSystem, running
-from seamwork.messaging import FlowMonitor, Message
+from seamwork.messaging import FlowMonitor, Message, Transaction
 
 SUCCESS = [
     ("OrderCreated", "orders"),
@@ -346,3 +347,73 @@ async def test_on_a_shared_server_the_monitor_names_services_not_the_runs_prefix
         await run.clean()
     assert flow is not None
     assert (flow.path, flow.where) == (SUCCESS, "orders")
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+async def test_compensation_crashing_after_it_published_is_emitted_once_on_redelivery(
+    tmp_path: Path,
+    nats_service: str,
+    store: str,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    # release (on PaymentFailed) and cancel (on InventoryFailed / InventoryReleased)
+    # crash after publishing their compensating event: each message is delivered
+    # again, and the flow must still emit each compensating event once, the stock
+    # going back once
+    import uuid
+
+    from seamwork.demo import choreography
+    from seamwork.demo.servers import NatsRun, new_run_id
+
+    crashes: list[str] = []
+
+    def crashing_once(fn: Callable[[Message, Transaction], Awaitable[None]]) -> Any:
+        async def handler(message: Message, tx: Transaction) -> None:
+            await fn(message, tx)
+            if message.id not in crashes:
+                crashes.append(message.id)
+                raise ConnectionError("crashed after publishing")
+
+        return handler
+
+    monkeypatch.setattr(choreography, "release", crashing_once(choreography.release))
+    monkeypatch.setattr(choreography, "cancel", crashing_once(choreography.cancel))
+    dsn_for = None
+    if store == "postgres":
+        import psycopg
+
+        database = request.getfixturevalue("pg_database")
+        tag = uuid.uuid4().hex[:8]
+        with psycopg.connect(database, autocommit=True) as conn:
+            for name in ("orders", "inventory", "payment", "notification"):
+                conn.execute(f'CREATE SCHEMA "c{tag}_{name}"'.encode())
+
+        def dsn_for(name: str) -> str:
+            return f"{database} options='-c search_path=c{tag}_{name}'"
+
+    run = NatsRun(nats_service, new_run_id())
+    try:
+        async with running(tmp_path, nats_service, dsn_for=dsn_for, nats_run=run) as shop:
+            await shop.place_order("declined", "book", 3, 5_000)
+            await shop.place_order("no-stock", "lamp", 5, 10)
+            await shop.settled("declined", "no-stock")
+            await shop.drained()
+            flows = shop.monitor.flows()
+            (available,) = await _one(shop.inventory, "SELECT available FROM stock WHERE sku = ?")
+    finally:
+        await run.clean()
+    assert len(crashes) == 3  # PaymentFailed, InventoryReleased, InventoryFailed
+    assert flows["declined"].path == PAYMENT_FAILED
+    assert [kind for kind, _ in flows["no-stock"].path] == [
+        "OrderCreated",
+        "InventoryFailed",
+        "OrderCancelled",
+    ]
+    assert available == 10
+
+
+async def _one(service: Any, sql: str) -> tuple[Any, ...]:
+    async with service.outbox.transaction() as tx:
+        (row,) = await service.local(tx).execute(sql, ("book",))
+        return tuple(row)
