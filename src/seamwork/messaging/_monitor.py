@@ -181,7 +181,8 @@ class FlowMonitor:
         )
 
     def flows(self) -> dict[str, Flow]:
-        """Every flow seen, by correlation id, in the order they started."""
+        """Every flow kept, by correlation id, in the order their first message
+        arrived (not always the order they started: the streams are consumed apart)."""
         return {cid: flow for cid in self._trees if (flow := self.flow(cid)) is not None}
 
     def render(self) -> str:
@@ -195,7 +196,14 @@ class FlowMonitor:
     async def watch(
         self, broker: Broker, subjects: Iterable[str], *, group: str = "flow-monitor"
     ) -> list[Subscription]:
-        """Subscribe to ``subjects`` as ``group`` and record every message seen."""
+        """Subscribe to ``subjects`` as ``group`` and record every message seen.
+
+        ``group`` is a consumer group like any other: monitors sharing one split the
+        messages between them and each rebuilds broken flows, so give each monitor
+        that must see every flow a group of its own. The group is durable: a monitor
+        started again under it goes on from where the last one stopped, without the
+        messages that one saw (the flows then in progress lack their start).
+        """
 
         async def handler(delivery: Delivery) -> None:
             self.record(delivery.message, delivery.subject)
