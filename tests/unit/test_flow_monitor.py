@@ -4,6 +4,8 @@ than once, some after the flow ended."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from seamwork.errors import ConfigError
@@ -94,3 +96,30 @@ def test_bad_input_to_the_monitor_is_a_config_error_naming_it() -> None:
         FlowMonitor({"OrderCompleted": None})  # type: ignore[dict-item]
     with pytest.raises(ConfigError, match=r"'in progress' is no end state"):
         FlowMonitor({"OrderCompleted": "in progress"})
+
+
+def test_a_compensated_flow_ends_cancelled_in_any_arrival_order_with_redeliveries() -> None:
+    # PaymentFailed is an end state of its own here, superseded by the OrderCancelled
+    # its compensation leads to, whichever of the two the monitor is handed first
+    ends = {**TERMINAL, "PaymentFailed": "failed"}
+    created = Message("OrderCreated", {}, correlation_id="order-1")
+    reserved = created.caused("InventoryReserved")
+    failed = reserved.caused("PaymentFailed")
+    released = failed.caused("InventoryReleased")
+    cancelled = released.caused("OrderCancelled")
+    messages = [
+        (created, "orders.created"),
+        (reserved, "inventory.reserved"),
+        (failed, "payment.failed"),
+        (released, "inventory.released"),
+        (cancelled, "orders.cancelled"),
+    ]
+    for order in itertools.permutations(messages):
+        monitor = FlowMonitor(ends)
+        for message, subject in order:
+            monitor.record(message, subject)
+            monitor.record(message, subject)  # redelivered
+        flow = monitor.flow("order-1")
+        assert flow is not None
+        assert (flow.status, flow.where) == ("cancelled", "orders")
+        assert [step.message_id for step in flow.steps] == [m.id for m, _ in messages]
