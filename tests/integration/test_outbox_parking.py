@@ -419,3 +419,76 @@ async def test_the_id_of_a_parked_message_is_freed_by_discarding_it(
     await write(outbox, to, fixed)
     assert await OutboxRelay(outbox, broker).drain() == 1
     assert await stored(broker, to) == [fixed.id]
+
+
+async def parked_by_hand(path: Path, to: str, *messages: Message, error: str) -> None:
+    """Messages written and parked with ``error`` as a relay parks them, with no broker."""
+    async with Outbox.sqlite(path) as outbox:
+        await write(outbox, to, *messages)
+        for record in await outbox.pending(len(messages)):
+            await outbox.park(record.seq, error)
+
+
+def outbox_cli(path: Path, *args: str, columns: int = 200) -> Result:
+    return CliRunner().invoke(
+        app, ["outbox", *args, "--db", str(path)], env={"COLUMNS": str(columns)}
+    )
+
+
+async def test_the_cli_shows_control_characters_of_a_parked_message_escaped(
+    tmp_path: Path,
+) -> None:
+    path, to = tmp_path / "orders.db", subject()
+    message = Message("Order\x1b[8m", {"n": 1}, id="m\x1b[1A")
+    await parked_by_hand(path, to, message, error="InvalidMessage: peer said \x1b]0;owned\x07 no")
+
+    table = await asyncio.to_thread(outbox_cli, path, "parked")
+    assert table.exit_code == 0, table.output
+    assert "\x1b" not in table.output
+    assert "\x07" not in table.output
+    for text in ("m\\x1b[1A", "Order\\x1b[8m", "peer said \\x1b]0;owned\\x07 no"):
+        assert text in table.output
+    listed = await asyncio.to_thread(outbox_cli, path, "parked", "--json")  # JSON escapes
+    assert [row["type"] for row in json.loads(listed.stdout)] == ["Order\x1b[8m"]
+
+
+async def test_the_cli_on_a_narrow_terminal_shows_long_ids_subjects_and_errors_whole(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "orders.db"
+    to = f"p{uuid.uuid4().hex}.created.in.the.eu-west-region"
+    message = Message("OrderCreatedWithALongName", {"n": 1}, id="order-" + "7f" * 20)
+    error = "InvalidMessage: refused by https://broker.example/api/v1/" + "b7" * 40
+    await parked_by_hand(path, to, message, error=error)
+
+    table = await asyncio.to_thread(outbox_cli, path, "parked", columns=80)
+    assert table.exit_code == 0, table.output
+    assert "…" not in table.output
+    rows = [line.split("│") for line in table.output.splitlines() if line.startswith("│")]
+    assert "".join(row[1].strip() for row in rows) == message.id
+    assert "".join(row[2].strip() for row in rows) == to
+    assert "".join(row[3].strip() for row in rows) == message.type
+    assert "".join("".join(row[4].split()) for row in rows) == "".join(error.split())
+
+
+async def test_the_cli_says_when_more_messages_are_parked_than_limit_shows(
+    tmp_path: Path,
+) -> None:
+    path, to = tmp_path / "orders.db", subject()
+    messages = [Message("Big", {"n": n}) for n in range(3)]
+    await parked_by_hand(path, to, *messages, error="InvalidMessage: too big")
+
+    cut = await asyncio.to_thread(outbox_cli, path, "parked", "--limit", "2")
+    assert cut.exit_code == 0, cut.output
+    assert "2 parked message(s); more are parked: raise --limit to see them" in cut.output
+    assert messages[2].id not in cut.output
+    whole = await asyncio.to_thread(outbox_cli, path, "parked", "--limit", "3")
+    assert whole.output.splitlines()[0].rstrip() == "3 parked message(s)"
+    assert "more are parked" not in whole.output
+    listed = await asyncio.to_thread(outbox_cli, path, "parked", "--limit", "2", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert [row["id"] for row in json.loads(listed.stdout)] == [m.id for m in messages[:2]]
+    assert "more messages are parked" in listed.stderr
+    most = await asyncio.to_thread(outbox_cli, path, "parked", "--limit", str(2**63 - 1))
+    assert most.exit_code == 0, most.output
+    assert most.output.splitlines()[0].rstrip() == "3 parked message(s)"

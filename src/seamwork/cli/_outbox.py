@@ -20,12 +20,12 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
-from seamwork.cli._render import json_text, short_time
+from seamwork.cli._render import json_text, short_time, shown
 from seamwork.cli._sagas import CliError, fail
 from seamwork.errors import ConfigError, MessagingError, StoreError
 from seamwork.messaging import Outbox, ParkedMessage
+from seamwork.storage._saga_rows import MAX_LIMIT
 
 T = TypeVar("T")
 
@@ -96,17 +96,24 @@ def _parked_json(parked: ParkedMessage) -> dict[str, Any]:
     return item
 
 
-def parked_table(parked: Sequence[ParkedMessage], now: float) -> Table:
-    """One row per parked message: id, subject, type, error, when (plain ``Text``)."""
-    table = Table(title=f"{len(parked)} parked message(s)", title_justify="left")
-    for column in ("id", "subject", "type", "error", "when"):
-        table.add_column(column)
+def parked_table(parked: Sequence[ParkedMessage], now: float, *, more: bool = False) -> Table:
+    """One row per parked message: id, subject, type, error, when - the stored text
+    plain, its control characters escaped, folded (never cut with …) on a narrow
+    terminal; ``more``: the list was cut short by its limit (the title says so)."""
+    title = f"{len(parked)} parked message(s)"
+    if more:
+        title += "; more are parked: raise --limit to see them"
+    table = Table(title=title, title_justify="left")
+    for column in ("id", "subject", "type"):
+        table.add_column(column, overflow="fold")
+    table.add_column("error", overflow="fold", min_width=12, ratio=1)
+    table.add_column("when", no_wrap=True)
     for item in parked:
         table.add_row(
-            Text(item.id),
-            Text(item.subject),
-            Text(_type(item)),
-            Text(item.error.splitlines()[0] if item.error else ""),
+            shown(item.id),
+            shown(item.subject),
+            shown(_type(item)),
+            shown(item.error.splitlines()[0] if item.error else ""),
             short_time(item.parked_at, now),
         )
     return table
@@ -122,18 +129,26 @@ def _type(parked: ParkedMessage) -> str:
 def list_parked(
     db: Db = None,
     postgres: Postgres = None,
-    limit: Annotated[int, typer.Option("--limit", "-l", min=1, help="At most this many.")] = 100,
+    limit: Annotated[
+        int, typer.Option("--limit", "-l", min=1, max=MAX_LIMIT, help="At most this many.")
+    ] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List parked messages, oldest first."""
+    asked = limit + 1 if limit < MAX_LIMIT else limit  # one more: are there others?
     try:
-        parked = run_on_outbox(db, postgres, lambda box: box.parked(limit=limit))
+        parked = run_on_outbox(db, postgres, lambda box: box.parked(limit=asked))
     except CliError as exc:
         raise fail(exc) from None
+    more = len(parked) > limit
+    parked = parked[:limit]
     if as_json:
         sys.stdout.write(json_text([_parked_json(x) for x in parked]) + "\n")
+        if more:
+            note = f"note: more messages are parked; --limit {limit} printed only the first {limit}"
+            Console(stderr=True, highlight=False).print(note, soft_wrap=True, markup=False)
         return
-    Console(highlight=False, soft_wrap=False).print(parked_table(parked, time.time()))
+    Console(highlight=False, soft_wrap=False).print(parked_table(parked, time.time(), more=more))
 
 
 @outbox_app.command("requeue")
