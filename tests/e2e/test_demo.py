@@ -338,6 +338,11 @@ SERVER_ORDERS = 40
             "error: cannot connect to NATS at 'nats://127.0.0.1:1': ",
         ),
         (
+            ("--nats", "nats://demo:s3cret@127.0.0.1:1"),
+            {},
+            "error: cannot connect to NATS at 'nats://***@127.0.0.1:1': ",
+        ),
+        (
             (),
             {"SEAMWORK_NATS_URL": "nats://no-such-host.invalid:4222"},
             "error: cannot connect to NATS at 'nats://no-such-host.invalid:4222': ",

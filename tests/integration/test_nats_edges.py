@@ -1027,3 +1027,15 @@ async def test_an_embedded_server_takes_the_max_payload_it_is_given() -> None:
             await broker.publish("orders.created", Message("T", {"s": "x" * 100}))
         finally:
             await broker.aclose()
+
+
+@pytest.mark.parametrize(
+    "url", ["nats://demo:s3cret@127.0.0.1:1", "nats://s3cret@127.0.0.1:1"], ids=["user", "token"]
+)
+async def test_a_url_with_credentials_is_never_shown_with_them(url: str) -> None:
+    broker = NatsBroker(url, publish_timeout=1.0)
+    assert "s3cret" not in repr(broker)
+    shown = r"cannot connect to NATS at nats://\*\*\*@127\.0\.0\.1:1: "
+    with pytest.raises(BrokerUnavailable, match=shown) as e:
+        await broker.connect()
+    assert "s3cret" not in str(e.value)

@@ -297,6 +297,16 @@ class NatsSubscription(GracefulStop):
                 await pull.unsubscribe()
 
 
+def redacted_url(url: str) -> str:
+    """``url`` without its credentials, to show: ``nats://***@host:4222``. All of the
+    user part goes (``user:password@``, or ``token@``: a lone name is a token to
+    NATS), up to its last ``@``, in each URL of a list."""
+    return _CREDENTIALS.sub(r"\1***@", url)
+
+
+_CREDENTIALS = re.compile(r"(\w+://)(?:(?!\w+://).)*@", re.DOTALL)
+
+
 class NatsBroker:
     """``Broker`` on NATS JetStream.
 
@@ -341,7 +351,7 @@ class NatsBroker:
         self._lock = asyncio.Lock()
 
     def __repr__(self) -> str:
-        return f"NatsBroker({self.url!r})"
+        return f"NatsBroker({redacted_url(self.url)!r})"
 
     # --- connection ------------------------------------------------------------------
 
@@ -374,7 +384,9 @@ class NatsBroker:
                 if not isinstance(exc, Exception):
                     raise
                 reason = str(exc) or f"no answer within {self._timeout:g}s"
-                raise BrokerUnavailable(f"cannot connect to NATS at {self.url}: {reason}") from exc
+                raise BrokerUnavailable(
+                    f"cannot connect to NATS at {redacted_url(self.url)}: {reason}"
+                ) from exc
             version = nc.connected_server_version
             self._atomic = (version.major, version.minor) >= (2, 12)
             self._js = nc.jetstream(timeout=self._timeout)

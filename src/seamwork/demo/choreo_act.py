@@ -230,7 +230,7 @@ def summary(run: ChoreographyRun) -> Table:
         f"{outcomes['cancelled']}  ({kinds[DECLINED]} declined, {kinds[NO_STOCK]} out of stock)",
     )
     if run.boot_ms is None and run.nats is not None:
-        table.add_row("NATS server", f"{run.nats.url} ({run.nats.prefix}>)")
+        table.add_row("NATS server", f"{run.nats.shown_url} ({run.nats.prefix}>)")
     else:
         table.add_row("embedded nats-server boot", f"{run.boot_ms or 0:.0f} ms")
     table.add_row("all flows settled in", f"{run.seconds:.2f} s")

@@ -108,8 +108,9 @@ def _act_two(config: DemoConfig, console: Console) -> list[Check]:
 
     count = max(20, config.orders // 10)
     server = "an embedded nats-server"
-    if config.nats_run is not None:
-        server = f"the NATS server at {config.nats_run.url} (subjects {config.nats_run.prefix}>)"
+    nats = config.nats_run
+    if nats is not None:
+        server = f"the NATS server at {nats.shown_url} (subjects {nats.prefix}>)"
     console.print(
         f"\n[bold]act two[/]: {count} orders through the same saga, choreographed - four "
         f"services with their own outbox and inbox, on {escape(server)}"
@@ -137,7 +138,7 @@ def _print_where(console: Console, config: DemoConfig, demo: DemoRun) -> None:
     if nats is not None:
         console.print(
             f"\nNATS: act two's stream {nats.stream} (subjects {nats.prefix}>, groups "
-            f"{nats.group('*')}) on {nats.url}",
+            f"{nats.group('*')}) on {nats.shown_url}",
             markup=False,
         )
     if config.pg is not None:

@@ -153,6 +153,13 @@ class NatsRun:
     run_id: str
 
     @property
+    def shown_url(self) -> str:
+        """``url`` without its credentials, to print."""
+        from seamwork.brokers.nats import redacted_url
+
+        return redacted_url(self.url)
+
+    @property
     def token(self) -> str:
         return f"{SUBJECT_PREFIX}{self.run_id}"
 
@@ -183,15 +190,17 @@ class NatsRun:
         try:
             nc = await self._connect()
         except Exception as exc:  # nats-py: refused, unknown host, timeout, bad URL
-            raise ServerError(f"cannot connect to NATS at {self.url!r}: {_first(exc)}") from exc
+            raise ServerError(
+                f"cannot connect to NATS at {self.shown_url!r}: {_first(exc)}"
+            ) from exc
         try:
             await nc.jsm().account_info()
         except (NoRespondersError, ServiceUnavailableError) as exc:
             raise ServerError(
-                f"NATS at {self.url!r} has no JetStream (start nats-server with -js)"
+                f"NATS at {self.shown_url!r} has no JetStream (start nats-server with -js)"
             ) from exc
         except Exception as exc:
-            raise ServerError(f"NATS at {self.url!r} cannot be used: {_first(exc)}") from exc
+            raise ServerError(f"NATS at {self.shown_url!r} cannot be used: {_first(exc)}") from exc
         finally:
             await nc.close()
 
