@@ -328,6 +328,11 @@ SERVER_ORDERS = 40
             "error: cannot connect to PostgreSQL 'user=postgres host=127.0.0.1 port=1': ",
         ),
         (
+            ("--postgres", "postgresql://postgres:s3cret%zz@127.0.0.1:1/db"),
+            {},
+            "error: --postgres is not a valid PostgreSQL DSN: ",
+        ),
+        (
             ("--postgres", "not a dsn"),
             {},
             "error: --postgres is not a valid PostgreSQL DSN: ",

@@ -94,7 +94,10 @@ class PgRun:
         try:
             conn = psycopg.connect(self.dsn, connect_timeout=10)
         except psycopg.Error as exc:
-            raise ServerError(f"cannot connect to {where}: {_first(exc)}") from exc
+            from seamwork.storage._dsn import without_password
+
+            reason = without_password(_first(exc), self.dsn)
+            raise ServerError(f"cannot connect to {where}: {reason}") from exc
         try:
             with conn:  # one transaction: every schema, or none
                 conn.execute("SET LOCAL lock_timeout = '10s'")  # never wait on a stray lock
@@ -131,7 +134,10 @@ def _parsed(dsn: str) -> dict[str, Any]:
     try:
         return dict(conninfo_to_dict(dsn))
     except ProgrammingError as exc:
-        raise ServerError(f"--postgres is not a valid PostgreSQL DSN: {_first(exc)}") from exc
+        from seamwork.storage._dsn import without_password
+
+        reason = without_password(_first(exc), dsn)
+        raise ServerError(f"--postgres is not a valid PostgreSQL DSN: {reason}") from exc
 
 
 def _joined(params: dict[str, Any]) -> str:

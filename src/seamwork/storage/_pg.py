@@ -32,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("PostgreSQL support needs: pip install 'seamwork[postgres]'") from exc
 
 from seamwork.errors import SeamworkError, StoreError, StoreUnavailable
+from seamwork.storage._dsn import without_password
 from seamwork.storage._schema import newer_schema
 
 T = TypeVar("T")
@@ -61,7 +62,10 @@ async def connect(
         async with asyncio.timeout(within):
             return await psycopg.AsyncConnection.connect(dsn, autocommit=autocommit)
     except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # down, or a bad DSN
-        raise StoreUnavailable(f"cannot connect the {what} to PostgreSQL: {exc}".strip()) from exc
+        reason = without_password(str(exc), dsn)
+        raise StoreUnavailable(
+            f"cannot connect the {what} to PostgreSQL: {reason}".strip()
+        ) from exc
     except TimeoutError as exc:
         raise StoreUnavailable(
             f"cannot connect the {what} to PostgreSQL: no answer within {within:g}s"
@@ -96,7 +100,9 @@ async def open_pool(
         await fresh.open(wait=True, timeout=wait)
     except Exception as exc:
         await fresh.close()
-        raise StoreUnavailable(f"cannot connect the {what} to PostgreSQL: {exc}") from exc
+        conninfo = pool.conninfo if isinstance(pool.conninfo, str) else ""
+        reason = without_password(str(exc), conninfo)
+        raise StoreUnavailable(f"cannot connect the {what} to PostgreSQL: {reason}") from exc
     return fresh
 
 

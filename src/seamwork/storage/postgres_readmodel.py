@@ -30,6 +30,7 @@ from seamwork._core.lifecycle import OpenClose
 from seamwork.errors import ConfigError, StoreUnavailable
 from seamwork.events._model import RecordedEvent
 from seamwork.events._projection import BatchResult, ParkedEvent, Projection
+from seamwork.storage._dsn import without_password
 from seamwork.storage._pg import sever, translate
 from seamwork.storage._readmodel import PageSQL, apply_page, replay_stream
 
@@ -197,7 +198,10 @@ class PostgresReadModel(OpenClose):
         try:
             return psycopg.connect(self._dsn, autocommit=True, connect_timeout=timeout)
         except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # down, a bad DSN
-            raise StoreUnavailable(f"cannot connect the read model to PostgreSQL: {exc}") from exc
+            reason = without_password(str(exc), self._dsn)
+            raise StoreUnavailable(
+                f"cannot connect the read model to PostgreSQL: {reason}"
+            ) from exc
 
     async def _run(self, fn: Callable[[SyncConn], T]) -> T:
         """Run ``fn`` in one transaction on the worker thread, watched: every quarter of
