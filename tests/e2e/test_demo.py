@@ -366,6 +366,28 @@ def test_a_server_that_does_not_answer_is_a_one_line_error_naming_it(
     assert not (tmp_path / ".seamwork-demo").exists()  # nothing ran
 
 
+NOT_UTF8 = b"\xff".decode("utf-8", "surrogateescape")  # argv bytes Python cannot decode
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--postgres", f"host=127.0.0.1 port=1 application_name=demo{NOT_UTF8}"),
+        ("--nats", f"nats://127.0.0.1:1/{NOT_UTF8}"),
+    ],
+)
+def test_a_server_argument_that_is_not_utf8_is_a_usage_error(
+    tmp_path: Path, option: str, value: str
+) -> None:
+    done = seamwork("demo", "--orders", "20", option, value, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    said = " ".join(done.stderr.replace("│", " ").split())
+    assert f"Invalid value for '{option}'" in said
+    assert "is not valid UTF-8" in said
+    assert not (tmp_path / ".seamwork-demo").exists()  # nothing ran
+
+
 def test_a_nats_server_without_jetstream_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
     from seamwork.brokers.embedded_nats import find_nats_server
 

@@ -492,3 +492,31 @@ async def test_the_cli_says_when_more_messages_are_parked_than_limit_shows(
     most = await asyncio.to_thread(outbox_cli, path, "parked", "--limit", str(2**63 - 1))
     assert most.exit_code == 0, most.output
     assert most.output.splitlines()[0].rstrip() == "3 parked message(s)"
+
+
+NOT_UTF8 = b"m-\xffid".decode("utf-8", "surrogateescape")  # argv bytes Python cannot decode
+
+
+@pytest.mark.parametrize(
+    ("args", "where"),
+    [
+        (["requeue", "ok", NOT_UTF8], "ids"),
+        (["discard", NOT_UTF8], "ids"),
+        (["parked", "--postgres", f"host=127.0.0.1 application_name={NOT_UTF8}"], "--postgres"),
+    ],
+)
+async def test_an_argument_that_is_not_utf8_is_a_usage_error_and_changes_nothing(
+    tmp_path: Path, args: list[str], where: str
+) -> None:
+    path = tmp_path / "orders.db"
+    message = Message("Big", {"n": 1})
+    await parked_by_hand(path, subject(), message, error="InvalidMessage: too big")
+    db = [] if "--postgres" in args else ["--db", str(path)]
+    result = await asyncio.to_thread(CliRunner().invoke, app, ["outbox", *args, *db])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    said = " ".join(result.stderr.replace("│", " ").split())
+    assert f"Invalid value for '{where}'" in said
+    assert "is not valid UTF-8" in said
+    async with Outbox.sqlite(path) as outbox:
+        assert [p.id for p in await outbox.parked()] == [message.id]

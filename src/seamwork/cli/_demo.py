@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from seamwork.cli._params import utf8
+
 
 def demo(
     orders: Annotated[
@@ -42,6 +44,7 @@ def demo(
                 "SQLite file in --dir."
             ),
             show_default=False,
+            callback=utf8,
         ),
     ] = None,
     nats: Annotated[
@@ -56,6 +59,7 @@ def demo(
                 "at the end with its dead letters unless --keep."
             ),
             show_default=False,
+            callback=utf8,
         ),
     ] = None,
     keep: Annotated[

@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from seamwork.cli._params import utf8, utf8_each
 from seamwork.cli._render import json_text, short_time, shown
 from seamwork.cli._sagas import CliError, fail
 from seamwork.errors import ConfigError, MessagingError, StoreError
@@ -40,9 +41,14 @@ Db = Annotated[
 ]
 Postgres = Annotated[
     str | None,
-    typer.Option("--postgres", help="The service's PostgreSQL DSN.", show_default=False),
+    typer.Option(
+        "--postgres", help="The service's PostgreSQL DSN.", show_default=False, callback=utf8
+    ),
 ]
-Ids = Annotated[list[str], typer.Argument(help="Message ids (see `parked`).", show_default=False)]
+Ids = Annotated[
+    list[str],
+    typer.Argument(help="Message ids (see `parked`).", show_default=False, callback=utf8_each),
+]
 
 
 def _open(db: Path | None, postgres: str | None) -> Outbox:

@@ -19,6 +19,13 @@ def utf8(value: str | None) -> str | None:
     return value
 
 
+def utf8_each(values: list[str]) -> list[str]:
+    """``utf8`` for an argument taken several times (message ids)."""
+    for value in values:
+        utf8(value)
+    return values
+
+
 def abort_reason(value: str) -> str:
     """``--reason``: UTF-8 and not blank; an empty reason recorded nothing but a
     dangling ``; `` after the saga's failure."""
