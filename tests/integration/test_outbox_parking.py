@@ -520,3 +520,27 @@ async def test_an_argument_that_is_not_utf8_is_a_usage_error_and_changes_nothing
     assert "is not valid UTF-8" in said
     async with Outbox.sqlite(path) as outbox:
         assert [p.id for p in await outbox.parked()] == [message.id]
+
+
+@pytest.mark.parametrize("limit", [True, 2**63, 1.5], ids=["bool", "past-bigint", "float"])
+async def test_a_parked_limit_no_store_can_take_is_refused_by_name(
+    outbox: Outbox, limit: object
+) -> None:
+    with pytest.raises(ConfigError, match=rf"limit must be an int 1\.\.{2**63 - 1}, got"):
+        await outbox.parked(limit=limit)  # type: ignore[arg-type]
+    assert await outbox.parked(limit=2**63 - 1) == []
+
+
+async def test_an_id_no_store_can_hold_is_refused_by_name_and_nothing_changes(
+    outbox: Outbox,
+) -> None:
+    message = Message("Big", {"n": 1})
+    await write(outbox, subject(), message)
+    (record,) = await outbox.pending(1)
+    await outbox.park(record.seq, "InvalidMessage: too big")
+    for act in (outbox.requeue, outbox.discard):
+        with pytest.raises(ConfigError, match=r"message id 'm\\udcff' is not valid Unicode"):
+            await act([message.id, "m\udcff"])  # (argv bytes that are not UTF-8)
+        with pytest.raises(MessagingError, match=r"no parked message with id 'm\\x00id'"):
+            await act([message.id, "m\x00id"])  # (PostgreSQL's text cannot hold NUL)
+    assert [p.id for p in await outbox.parked()] == [message.id]

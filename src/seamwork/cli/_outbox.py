@@ -26,7 +26,7 @@ from seamwork.cli._render import json_text, short_time, shown
 from seamwork.cli._sagas import CliError, fail
 from seamwork.errors import ConfigError, MessagingError, StoreError
 from seamwork.messaging import Outbox, ParkedMessage
-from seamwork.storage._saga_rows import MAX_LIMIT
+from seamwork.messaging._outbox import MAX_LIMIT
 
 T = TypeVar("T")
 

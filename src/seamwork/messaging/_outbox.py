@@ -233,13 +233,26 @@ def check_ids(ids: Collection[str]) -> builtins.list[str]:
     bad = [i for i in ids if not isinstance(i, str)]
     if bad:
         raise ConfigError(f"message ids are strings, got {bad[0]!r}")
+    for message_id in ids:
+        try:
+            message_id.encode("utf-8")
+        except UnicodeEncodeError:  # argv bytes that are not UTF-8: no store holds them
+            raise ConfigError(
+                f"message id {message_id!r} is not valid Unicode (no outbox can hold it; "
+                "nothing was changed)"
+            ) from None
     return builtins.list(dict.fromkeys(ids))
 
 
+MAX_LIMIT = 2**63 - 1
+"""The largest listing limit (SQLite's and PostgreSQL's 64-bit integers)."""
+
+
 def check_limit(limit: int) -> None:
-    """Refuse a listing limit below 1, naming it."""
-    if not isinstance(limit, int) or limit < 1:
-        raise ConfigError(f"limit must be an int >= 1, got {limit!r}")
+    """Refuse a listing limit no store takes (not an int, a bool, below 1, past a 64-bit
+    integer), naming it."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise ConfigError(f"limit must be an int 1..{MAX_LIMIT}, got {limit!r}")
 
 
 def not_parked(wanted: Sequence[str], found: Collection[str]) -> MessagingError:

@@ -412,7 +412,7 @@ class PostgresOutbox(Outbox):
                     seconds,
                     b"SELECT id FROM seamwork_outbox WHERE parked_at IS NOT NULL "
                     b"AND id = ANY(%s) FOR UPDATE",
-                    (wanted,),
+                    ([i for i in wanted if "\x00" not in i],),  # text holds no NUL: not parked
                     what="outbox",
                 )
                 found = {row[0] for row in rows}
