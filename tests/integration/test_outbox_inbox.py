@@ -163,6 +163,14 @@ async def test_a_message_with_oversized_headers_is_refused_inside_the_transactio
         (Message("Created\n"), "type"),
         (Message("Created", id="id\r\nX: y"), "id"),
         (Message("Created", correlation_id="flow "), "correlation_id"),
+        # a lone surrogate (argv or a file name's bytes that are not UTF-8): no JSON,
+        # no database and no broker takes it; it was a UnicodeEncodeError
+        (Message("Created\udcff"), "type"),
+        (Message("Created", id="id\udcff"), "id"),
+        (Message("Created", causation_id="c\udcff"), "causation_id"),
+        (Message("Created", headers={"k": "v\udcff"}), "header 'k'"),
+        (Message("Created", {"note": "caf\udcff"}), "data"),
+        (Message("Created", {"n\udcff": 1}), "data"),
     ],
 )
 async def test_a_message_no_broker_carries_unchanged_is_refused_inside_the_transaction(
@@ -256,6 +264,7 @@ def test_a_follow_up_with_bad_data_or_its_own_flow_ids_is_refused_by_name() -> N
         ("orders.a\tb", "whitespace"),
         ("orders.*", "wildcards"),
         (">", "wildcards"),
+        ("orders.caf\udcff", "not valid Unicode"),
     ],
 )
 async def test_a_subject_the_relay_could_never_send_is_refused_inside_the_transaction(

@@ -48,6 +48,10 @@ def check_subject(subject: object, *, wildcards: bool = False) -> str:
         raise ConfigError(f"a subject must be a non-empty string, got {subject!r}")
     if _BLANK.search(subject):
         raise ConfigError(f"subject {subject!r} has whitespace or control characters")
+    try:
+        subject.encode()
+    except UnicodeEncodeError:  # a lone surrogate: argv or file-name bytes
+        raise ConfigError(f"subject {subject!r} is not valid Unicode") from None
     tokens = subject.split(".")
     if not all(tokens):
         raise ConfigError(f"subject {subject!r} has an empty token")
@@ -138,7 +142,14 @@ def encode(
     """The body and headers of ``message``, with ``extra`` headers (those given to a
     broker's ``publish``) checked like the message's own; ``InvalidMessage`` if it
     cannot be sent."""
-    body = dumps(message.data, what=f"data of message {message.type!r}").encode()
+    text = dumps(message.data, what=f"data of message {message.type!r}")
+    try:
+        body = text.encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate: argv or file-name bytes
+        raise InvalidMessage(
+            f"message {message.type!r}: data holds text that is not valid Unicode "
+            f"({text[max(exc.start - 20, 0) : exc.end + 20]!r}); no broker or store takes it"
+        ) from None
     _check_own_names(message)
     headers = {**message.headers, **_extra(message, extra or {})}
     _check_wire(message, headers)
@@ -195,6 +206,13 @@ def _check_wire(message: Message, headers: Mapping[str, str]) -> None:
         **{f"header {key!r}": value for key, value in headers.items()},
     }
     for what, value in fields.items():
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate: argv or file-name bytes
+            raise InvalidMessage(
+                f"message {message.type!r}: {what} {value!r} is not valid Unicode; no "
+                "broker or store takes it"
+            ) from None
         if _LINE_BREAK.search(value) or value != value.strip():
             raise InvalidMessage(
                 f"message {message.type!r}: {what} {value!r} has a line break or "
