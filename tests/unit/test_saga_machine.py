@@ -623,3 +623,17 @@ def test_stage_failed_needs_a_failure() -> None:
     machine = _machine(_step("a"))
     with pytest.raises(ValueError, match="at least one failure"):
         machine.stage_failed(_run(machine), [], 2.0)
+
+
+def test_a_when_condition_gets_the_context_read_only_whatever_mapping_a_store_loaded() -> None:
+    # a store of another make may load the context as a plain dict: a condition that
+    # wrote to it changed the context in this process only, as a step could before
+    def sneaky(data: Mapping[str, Any]) -> bool:
+        data["seen"] = True  # type: ignore[index]
+        return True
+
+    machine = _machine(_step("a"), _step("b", when=sneaky))
+    state = _run(machine, {"order": 1})
+    plain = state.evolve(context={"order": 1})  # as a third-party store might load it
+    with pytest.raises(TypeError, match="read-only"):
+        machine.step_succeeded(plain, "a", None, 2.0)

@@ -354,7 +354,8 @@ class SagaMachine:
             stage = stages[index]
             if self._unconditional[index]:
                 break
-            runnable = [s for s in stage if s.when is None or s.when(context)]
+            # (read-only as a step's ctx.data is, whatever mapping a store loaded)
+            runnable = [s for s in stage if s.when is None or s.when(SagaContext.of(context))]
             skipped.extend(s.name for s in stage if s not in runnable)
             if runnable:
                 break
