@@ -294,10 +294,11 @@ class ProjectionRunner(StartStop):
             pause = min(pause * 2, 0.05)
         return True
 
-    async def rebuild(self) -> int:
+    async def rebuild(self, *, wait: float = 5.0) -> int:
         """Empty the read model and project everything again from position 0 (a live
         runner goes on following new events afterwards, also when the rebuild fails:
-        its read model is then as the failed transaction left it, checkpoint and all)."""
+        its read model is then as the failed transaction left it, checkpoint and all).
+        ``wait`` is ``catch_up``'s."""
         live = self._task is not None
         await self.stop()
         try:
@@ -305,7 +306,7 @@ class ProjectionRunner(StartStop):
             async with self._lock:  # a catch_up's page lands wholly before the reset or after
                 await self.read_model.reset(self.projection)
                 self.checkpoint, self._parked = 0, set()
-            return await self.catch_up()
+            return await self.catch_up(wait=wait)
         finally:
             if live:
                 await self.start()
