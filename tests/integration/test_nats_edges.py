@@ -1039,3 +1039,19 @@ async def test_a_url_with_credentials_is_never_shown_with_them(url: str) -> None
     with pytest.raises(BrokerUnavailable, match=shown) as e:
         await broker.connect()
     assert "s3cret" not in str(e.value)
+
+
+async def test_two_starts_at_once_start_one_server_both_can_use() -> None:
+    # the second saw no server yet, spawned one on the same store, failed on its lock,
+    # and its clean-up killed the first one's server and removed its store
+    server = EmbeddedNats()
+    try:
+        await asyncio.gather(server.start(), server.start())
+        assert server.running
+        broker = NatsBroker(server.url)
+        try:
+            await broker.publish("twice.started", Message("T"))
+        finally:
+            await broker.aclose()
+    finally:
+        await server.stop()

@@ -90,6 +90,7 @@ class EmbeddedNats(StartStop):
         self._binary = binary
         self._timeout = start_timeout
         self._owner_lock: int | None = None
+        self._starting = asyncio.Lock()
         self._max_payload = max_payload
         self._process: asyncio.subprocess.Process | None = None
         self._log_task: asyncio.Task[None] | None = None
@@ -115,7 +116,12 @@ class EmbeddedNats(StartStop):
         return self._process is not None and self._process.returncode is None
 
     async def start(self) -> None:
-        """Start the server and wait until it accepts clients (restarts keep the port)."""
+        """Start the server and wait until it accepts clients (restarts keep the port).
+        Starts at once take turns: the later ones find the server running."""
+        async with self._starting:
+            await self._start()
+
+    async def _start(self) -> None:
         if self.running:
             return
         started = time.perf_counter()
