@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from seamwork.demo.report import RichReporter
@@ -46,3 +47,22 @@ def test_the_latency_percentiles_are_nearest_rank() -> None:
     assert percentile([3.0], 0.99) == 3.0
     assert percentile([], 0.5) == 0.0
     assert percentile([float(n) for n in range(1, 101)], 0.07) == 7.0  # 0.07 * 100 > 7
+
+
+def test_a_second_ctrl_c_while_the_run_removes_its_schemas_says_what_may_be_left(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import types
+
+    from seamwork.demo.run import _close_servers
+
+    class Interrupted:
+        pattern = "seamwork_demo_abc123_*"
+
+        def drop(self) -> None:
+            raise KeyboardInterrupt
+
+    config = types.SimpleNamespace(keep=False, pg=Interrupted(), nats_run=None)
+    with pytest.raises(KeyboardInterrupt):
+        _close_servers(config, Console())  # type: ignore[arg-type]
+    assert "may have left PostgreSQL schemas seamwork_demo_abc123_*" in capsys.readouterr().err

@@ -100,6 +100,16 @@ def _close_servers(config: DemoConfig, console: Console) -> None:
             markup=False,
             soft_wrap=True,
         )
+    except KeyboardInterrupt:  # a second Ctrl-C: say what is left, then stop
+        left = [f"PostgreSQL schemas {pg.pattern}"] if pg is not None else []
+        left += [f"NATS stream {nats.stream}"] if nats is not None else []
+        Console(stderr=True, highlight=False).print(
+            f"warning: interrupted while removing the run's data; it may have left "
+            f"{' and '.join(left)} on the servers",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise
 
 
 def _act_two(config: DemoConfig, console: Console) -> list[Check]:
