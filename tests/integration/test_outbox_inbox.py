@@ -22,6 +22,8 @@ from seamwork.messaging import (
     Broker,
     DeadLetter,
     Delivery,
+    Flow,
+    FlowMonitor,
     Inbox,
     Message,
     Outbox,
@@ -532,6 +534,84 @@ async def test_a_follow_up_published_by_a_handler_is_sent_only_if_the_handler_co
     (record,) = await outbox.pending(10)
     assert record.message.type == "PaymentProcessed"
     assert (record.message.correlation_id, record.message.causation_id) == (ok.id, ok.id)
+
+
+TRACE = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+
+
+async def follow_ups(message: Message, tx: Transaction) -> None:
+    """Publishes what a handler writes most naturally - a plain ``Message`` - and two
+    that name a flow or a cause of their own."""
+    n = message.data["n"]
+    await tx.publish("payments.charged", Message("PaymentCharged", {"n": n}))
+    await tx.publish("audit.opened", Message("AuditOpened", {"n": n}, correlation_id=f"audit-{n}"))
+    await tx.publish("audit.noted", Message("AuditNoted", {"n": n}, causation_id="elsewhere"))
+    await tx.publish("orders.forwarded", message)  # not its own cause
+
+
+async def test_a_plain_follow_up_joins_the_flow_of_the_message_handled(outbox: Outbox) -> None:
+    # a handler's Message(...) started a flow of its own: no correlation, no
+    # causation, and the monitor lost the order there
+    inbox = Inbox.of(outbox)
+    handler = inbox.handler(follow_ups)
+    started = Message("OrderCreated", {"n": 1}, headers=TRACE)  # starts its flow
+    joined = Message("OrderCreated", {"n": 2}, correlation_id="order-2")
+    await handler(Delivery(started, "orders.created", "payments"))  # one transaction
+    assert await handler.batch([Delivery(joined, "orders.created", "payments")]) == [None]
+    sent = {(r.message.type, r.message.data["n"]): r.message for r in await outbox.pending(10)}
+    for n, cause, flow in ((1, started, started.id), (2, joined, "order-2")):
+        charged = sent["PaymentCharged", n]
+        assert (charged.correlation_id, charged.causation_id) == (flow, cause.id)
+        own = sent["AuditOpened", n]  # given a flow of its own: a new flow, as written
+        assert (own.correlation_id, own.causation_id) == (f"audit-{n}", None)
+        noted = sent["AuditNoted", n]  # given a cause: left as written
+        assert (noted.flow, noted.causation_id) == (noted.id, "elsewhere")
+        forwarded = sent["OrderCreated", n]
+        assert (forwarded.id, forwarded.causation_id) == (cause.id, None)
+    assert sent["PaymentCharged", 1].headers == TRACE  # trace context, as caused() does
+    assert sent["PaymentCharged", 2].headers == {}
+    async with outbox.transaction() as tx:  # no message handled: nothing to join
+        await tx.publish("orders.created", Message("OrderCreated", {"n": 3}))
+    (created,) = [r.message for r in await outbox.pending(10) if r.message.data["n"] == 3]
+    assert (created.flow, created.causation_id) == (created.id, None)
+
+
+async def test_a_handlers_plain_follow_up_reaches_the_flow_monitor_in_its_flow(
+    outbox: Outbox, broker: NatsBroker, tmp_path: Path
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    created_on, charged_on = f"{prefix}.orders.created", f"{prefix}.payments.charged"
+
+    async def charge(message: Message, tx: Transaction) -> None:
+        await tx.execute("INSERT INTO orders (id) VALUES (?)", (message.data["order_id"],))
+        await tx.publish(charged_on, Message("PaymentCharged", dict(message.data)))
+
+    monitor = FlowMonitor({"PaymentCharged": "charged"}, service_of=lambda s: s.split(".")[1])
+    await monitor.watch(broker, [created_on, charged_on], group="monitor")
+    await broker.subscribe(created_on, "payments", Inbox.of(outbox).handler(charge))
+    created = Message("OrderCreated", {"order_id": 7})
+    async with OutboxRelay(outbox, broker, poll_interval=0.05):
+        async with outbox.transaction() as tx:
+            await tx.publish(created_on, created)
+        flow = await until(lambda: _settled(monitor, created.id), seconds=5)
+    assert (flow.path, flow.status) == (
+        [("OrderCreated", "orders"), ("PaymentCharged", "payments")],
+        "charged",
+    )
+    assert flow.steps[1].causation_id == created.id
+    stored = rows(
+        tmp_path / "orders.db",
+        "SELECT type, correlation_id, causation_id FROM seamwork_outbox ORDER BY seq",
+    )
+    assert stored == [
+        ("OrderCreated", created.id, None),
+        ("PaymentCharged", created.id, created.id),
+    ]
+
+
+async def _settled(monitor: FlowMonitor, correlation_id: str) -> Flow | None:
+    flow = monitor.flow(correlation_id)
+    return flow if flow is not None and flow.status != "in progress" else None
 
 
 async def test_a_handler_returning_its_follow_up_is_poison_and_applies_nothing(

@@ -15,6 +15,8 @@ from seamwork.brokers import EmbeddedNats, NatsBroker
 from seamwork.errors import StoreError, StoreUnavailable
 from seamwork.messaging import (
     Delivery,
+    Flow,
+    FlowMonitor,
     Inbox,
     Message,
     Outbox,
@@ -24,7 +26,7 @@ from seamwork.messaging import (
 )
 from seamwork.storage._pg import migrate
 from seamwork.storage.postgres_messaging import MESSAGING_MIGRATIONS
-from seamwork.testing.broker import eventually
+from seamwork.testing.broker import eventually, until
 
 pytestmark = pytest.mark.postgres
 
@@ -188,6 +190,67 @@ async def test_a_batch_rolls_back_a_failing_message_alone(outbox: Outbox, pg_dsn
     assert await outbox.pending_count() == 2
     assert await inbox.seen(deliveries[0].message.id)
     assert not await inbox.seen(deliveries[1].message.id)
+
+
+async def test_a_handlers_plain_follow_up_joins_the_flow_it_handles(
+    outbox: Outbox, pg_dsn: str
+) -> None:
+    # a handler's Message(...) started a flow of its own: no correlation, no
+    # causation, and the monitor lost the order there
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    created_on, charged_on, audit_on = (
+        f"{prefix}.{name}" for name in ("orders.created", "payments.charged", "audit.opened")
+    )
+
+    async def charge(message: Message, tx: Transaction) -> None:
+        n = message.data["n"]
+        await tx.execute("INSERT INTO effects (n, message_id) VALUES (%s, %s)", (n, message.id))
+        await tx.publish(charged_on, Message("PaymentCharged", {"n": n}))
+        await tx.publish(audit_on, Message("AuditOpened", {"n": n}, correlation_id=f"audit-{n}"))
+
+    handler = Inbox.of(outbox).handler(charge)
+    one = Message("OrderCreated", {"n": 1}, correlation_id="order-1")
+    await handler(Delivery(one, created_on, "payments"))  # its own transaction
+    two = Message("OrderCreated", {"n": 2})  # relayed, handled in a fetched batch
+    monitor = FlowMonitor(
+        {"PaymentCharged": "charged", "AuditOpened": "opened"},
+        service_of=lambda subject: subject.split(".")[1],
+    )
+
+    async def settled() -> list[Flow] | None:
+        flows = [monitor.flow(c) for c in ("order-1", two.id, "audit-1", "audit-2")]
+        done = [f for f in flows if f is not None and f.status != "in progress"]
+        return done if len(done) == len(flows) else None
+
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        try:
+            await monitor.watch(broker, [created_on, charged_on, audit_on], group="monitor")
+            await broker.subscribe(created_on, "payments", handler)
+            async with outbox.transaction() as tx:
+                await tx.publish(created_on, two)
+            async with OutboxRelay(outbox, broker, poll_interval=0.05):
+                first, second, *audits = await until(settled, seconds=5)
+        finally:
+            await broker.aclose()
+    assert first.path == [("PaymentCharged", "payments")]
+    assert first.steps[0].causation_id == one.id
+    assert second.path == [("OrderCreated", "orders"), ("PaymentCharged", "payments")]
+    assert second.steps[1].causation_id == two.id
+    assert [(a.path, a.steps[0].causation_id) for a in audits] == [
+        ([("AuditOpened", "audit")], None)
+    ] * 2
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+        cursor = await conn.execute(
+            "SELECT type, correlation_id, causation_id FROM seamwork_outbox ORDER BY seq"
+        )
+        assert await cursor.fetchall() == [
+            ("PaymentCharged", "order-1", one.id),
+            ("AuditOpened", "audit-1", None),
+            ("OrderCreated", two.id, None),
+            ("PaymentCharged", two.id, two.id),
+            ("AuditOpened", "audit-2", None),
+        ]
 
 
 async def test_one_handlers_statement_timeout_fails_only_its_message(

@@ -9,6 +9,7 @@ any consumer - in any language - can route and trace without parsing the body.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, field
@@ -24,6 +25,8 @@ CAUSATION: Final = "Seamwork-Causation-Id"
 MSG_ID: Final = "Seamwork-Id"
 """The message id header (NATS also gets it as ``Nats-Msg-Id``, RabbitMQ as ``message_id``)."""
 MAX_HEADER_BYTES: Final = 8 * 1024
+TRACE_HEADERS: Final = ("traceparent", "tracestate")
+"""The trace context headers a follow-up carries over from its cause."""
 _RESERVED = frozenset({TYPE, CORRELATION, CAUSATION, MSG_ID})
 _BLANK = re.compile(r"[\s\x00-\x1f\x7f]")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -124,7 +127,7 @@ class Message:
         extra = kw.pop("headers", {})
         if not isinstance(extra, Mapping):
             raise ConfigError(f"message {type!r}: headers must be a mapping")
-        headers = {k: v for k, v in self.headers.items() if k in ("traceparent", "tracestate")}
+        headers = {k: v for k, v in self.headers.items() if k in TRACE_HEADERS}
         headers.update(extra)
         return Message(
             type,
@@ -134,6 +137,25 @@ class Message:
             headers=headers,
             **kw,
         )
+
+
+def in_flow_of(message: Message, cause: Message) -> Message:
+    """``message`` as published while ``cause`` is handled: one that names neither a
+    flow nor a cause of its own (no ``correlation_id``, no ``causation_id``) gets
+    what ``cause.caused()`` gives - correlation = ``cause.flow``, causation =
+    ``cause.id`` and, if it carries no trace context of its own, ``cause``'s - in a
+    copy with the same id; any other (``cause`` itself, forwarded, too) is returned
+    as it is."""
+    if message.correlation_id is not None or message.causation_id is not None:
+        return message
+    if message.id == cause.id:  # forwarded: it would be its own cause
+        return message
+    headers = dict(message.headers)
+    if not any(name in headers for name in TRACE_HEADERS):
+        headers.update({k: v for k, v in cause.headers.items() if k in TRACE_HEADERS})
+    return dataclasses.replace(
+        message, correlation_id=cause.flow, causation_id=cause.id, headers=headers
+    )
 
 
 def encode(

@@ -25,7 +25,9 @@ Requeued unfixed, it is parked again at the next drain.
 
 Inbox. A consumer records each message id in the same transaction as the message's
 effect (``inbox.handler(fn)``); a redelivered message finds its id and applies
-nothing. The broker is acknowledged only after that commit.
+nothing. The broker is acknowledged only after that commit. What a handler publishes
+with ``tx.publish`` joins the handled message's flow (correlation and causation, as
+``caused()`` sets them) unless it names a flow or a cause of its own.
 
 Batches. A broker that fetches several messages at once hands them to
 ``InboxHandler.batch``: the whole batch is applied in ONE transaction (one commit,
@@ -54,7 +56,7 @@ from typing import Any, Protocol
 from seamwork._core.codec import dumps, loads
 from seamwork._core.lifecycle import OpenClose, StartStop
 from seamwork.errors import ConfigError, InvalidMessage, MessagingError, StoreError
-from seamwork.messaging._message import Message, check_subject, encode
+from seamwork.messaging._message import Message, check_subject, encode, in_flow_of
 from seamwork.messaging._ports import Broker, Delivery, PoisonMessage
 
 log = logging.getLogger("seamwork.messaging")
@@ -71,7 +73,15 @@ class Transaction(Protocol):
         ...
 
     async def publish(self, subject: str, message: Message) -> None:
-        """Queue ``message`` for ``subject``; it is sent only if the transaction commits."""
+        """Queue ``message`` for ``subject``; it is sent only if the transaction commits.
+
+        In an inbox handler's transaction, a message with neither a ``correlation_id``
+        nor a ``causation_id`` is sent in the flow of the message being handled, as
+        ``msg.caused()`` would build it: correlation = that message's flow, causation
+        = its id, its trace context carried over (the stored and sent message is that
+        copy, with the same id). One that sets either is sent exactly as given: give
+        it a ``correlation_id`` of its own (its own ``id``, say) to start a new flow.
+        """
         ...
 
 
@@ -87,13 +97,17 @@ class InboxBatch(Protocol):
         ...
 
 
-def outbox_row(subject: str, message: Message) -> tuple[Any, ...]:
+def outbox_row(subject: str, message: Message, cause: Message | None = None) -> tuple[Any, ...]:
     """The outbox row of ``message`` for ``subject`` - ``(id, subject, type, data,
     correlation_id, causation_id, headers, created_at)``, JSON as text - refusing now
-    what a relay could never send."""
+    what a relay could never send. ``cause``: the message an inbox handler is
+    handling; ``message`` then joins its flow unless it names its own
+    (``in_flow_of``)."""
     check_subject(subject)
     if not isinstance(message, Message):
         raise ConfigError(f"publish takes a Message, got {type(message).__name__}")
+    if cause is not None:
+        message = in_flow_of(message, cause)
     encode(message)
     return (
         message.id,
@@ -414,6 +428,14 @@ class Inbox(OpenClose, ABC):
         types: Collection[str] | None = None,
     ) -> InboxHandler:
         """A broker handler running ``fn(message, tx)`` at most once per message id.
+
+        ``tx.publish`` sends follow-ups only if ``fn``'s transaction commits, and in
+        ``message``'s flow: a ``Message`` published without a ``correlation_id`` or
+        ``causation_id`` gets ``message``'s flow as its correlation and ``message``'s
+        id as its causation (as ``message.caused(...)`` builds it), so a
+        ``FlowMonitor`` follows the flow on. To start a new flow, give the follow-up a
+        ``correlation_id`` of its own (a business key, or its own id:
+        ``Message(t, d, id=i, correlation_id=i)``).
 
         ``types`` declares the message types ``fn`` handles; any other type is
         dead-lettered at once (it would fail the same way on every retry).

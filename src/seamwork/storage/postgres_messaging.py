@@ -242,11 +242,13 @@ async def _require_schema(conn: AsyncConn) -> None:
 
 class _Transaction:
     """``Transaction`` on an open PostgreSQL transaction; published messages are
-    inserted just before it commits. Each statement runs under the store's deadline."""
+    inserted just before it commits. Each statement runs under the store's deadline.
+    ``cause``: the message an inbox handler is handling (its follow-ups join its flow)."""
 
-    def __init__(self, conn: AsyncConn, seconds: float) -> None:
+    def __init__(self, conn: AsyncConn, seconds: float, cause: Message | None = None) -> None:
         self.conn = conn
         self.seconds = seconds
+        self.cause = cause
         self.rows: list[tuple[Any, ...]] = []
         self.ended = False
 
@@ -264,7 +266,7 @@ class _Transaction:
 
     async def publish(self, subject: str, message: Message) -> None:
         check_open(self.ended)
-        self.rows.append(outbox_row(subject, message))
+        self.rows.append(outbox_row(subject, message, self.cause))
 
     async def flush(self) -> None:
         """Insert the published messages, last; a transaction a failed statement
@@ -460,7 +462,7 @@ class _Batch:
     ) -> _Transaction | None:
         if not await _claim(self.conn, message, self.seconds):
             return None  # applied before
-        tx = _Transaction(self.conn, self.seconds)
+        tx = _Transaction(self.conn, self.seconds, message)
         try:
             await fn(message, tx)
         finally:
@@ -498,7 +500,7 @@ class PostgresInbox(Inbox):
             if not await _claim(conn, message, self.store.query_timeout):
                 yield None  # applied before: apply nothing, acknowledge again
                 return
-            tx = _Transaction(conn, self.store.query_timeout)
+            tx = _Transaction(conn, self.store.query_timeout, message)
             try:
                 yield tx
             finally:

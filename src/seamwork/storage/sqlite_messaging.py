@@ -155,10 +155,12 @@ class SQLiteMessageStore:
 
 class _Transaction:
     """``Transaction`` on an open session: statements go through, messages are queued
-    and inserted by the session's last round trip."""
+    and inserted by the session's last round trip. ``cause``: the message an inbox
+    handler is handling (its follow-ups join its flow)."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, cause: Message | None = None) -> None:
         self._session = session
+        self.cause = cause
         self.rows: list[Row] = []
         self.ended = False
 
@@ -168,7 +170,7 @@ class _Transaction:
 
     async def publish(self, subject: str, message: Message) -> None:
         check_open(self.ended)
-        self.rows.append(outbox_row(subject, message))
+        self.rows.append(outbox_row(subject, message, self.cause))
 
 
 class SQLiteOutbox(Outbox):
@@ -401,7 +403,7 @@ class SQLiteInbox(Inbox):
             if open_session.opening:
                 yield None  # handled before: apply nothing, ack again
                 return
-            tx = _Transaction(open_session)
+            tx = _Transaction(open_session, message)
             holder.append(tx)
             try:
                 yield tx
@@ -452,7 +454,7 @@ class _InboxBatch:
     ) -> BaseException | None:
         if message.id in self._seen:
             return None
-        tx = _SavepointTransaction(self)
+        tx = _SavepointTransaction(self, message)
         try:
             await fn(message, tx)
         except Exception as exc:
@@ -496,7 +498,8 @@ class _InboxBatch:
 class _SavepointTransaction(_Transaction):
     """The ``tx`` of one message in a batch: its first statement opens its savepoint."""
 
-    def __init__(self, batch: _InboxBatch) -> None:
+    def __init__(self, batch: _InboxBatch, cause: Message) -> None:
+        self.cause = cause
         self.rows: list[Row] = []
         self.ended = False
         self._batch = batch
