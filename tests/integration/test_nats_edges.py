@@ -1055,3 +1055,53 @@ async def test_two_starts_at_once_start_one_server_both_can_use() -> None:
             await broker.aclose()
     finally:
         await server.stop()
+
+
+async def _stuck_subscriptions(
+    broker: NatsBroker, subjects: Sequence[str]
+) -> list[asyncio.Task[None]]:
+    """A subscription per subject (ack_wait 1 s) whose handler is in hand, stuck."""
+    started = [asyncio.Event() for _ in subjects]
+    consumers: list[asyncio.Task[None]] = []
+    for subject, event in zip(subjects, started, strict=True):
+
+        async def stuck(delivery: Delivery, event: asyncio.Event = event) -> None:
+            event.set()
+            await asyncio.Event().wait()
+
+        subscription = await broker.subscribe(subject, "g", stuck, ack_wait=1)
+        assert subscription._task is not None
+        consumers.append(subscription._task)
+        await broker.publish(subject, Message("T"))
+    async with asyncio.timeout(5):
+        for event in started:
+            await event.wait()
+    return consumers
+
+
+async def test_closing_a_broker_stops_its_subscriptions_together() -> None:
+    """aclose() stopped one subscription after the other: each waited its own grace for
+    the handler in hand (two stuck handlers took 2 s of 1 s graces), and the others
+    went on taking messages meanwhile."""
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        await _stuck_subscriptions(broker, ["p.a", "p.b"])
+        began = time.perf_counter()
+        await broker.aclose()
+        took = time.perf_counter() - began
+    assert 0.9 < took < 1.6
+
+
+async def test_a_cancel_while_the_broker_waits_for_a_handler_still_stops_its_consumer() -> None:
+    """A cancel landing while aclose() waited for a handler in hand left that
+    subscription's consumer running after the connection was closed."""
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        consumers = await _stuck_subscriptions(broker, ["p.a"])
+        closing = asyncio.create_task(broker.aclose())
+        await asyncio.sleep(0.2)
+        closing.cancel()
+        async with asyncio.timeout(5):
+            await asyncio.wait({closing})
+        assert closing.cancelled()
+        assert all(consumer.done() for consumer in consumers)

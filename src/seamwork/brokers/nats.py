@@ -281,11 +281,14 @@ class NatsSubscription(GracefulStop):
         if self._stopped_by_own_handler():
             return
         task, self._task = self._task, None
-        if task is not None:
-            await self._wait_for_hand("redelivered")
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        await self._release()
+        try:
+            if task is not None:
+                await self._wait_for_hand("redelivered")
+        finally:  # a cancel meanwhile still ends the consumer (its message redelivered)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            await self._release()
 
     async def _release(self) -> None:
         """Unsubscribe the consumer's inbox (once, whoever ends the subscription)."""
@@ -395,6 +398,9 @@ class NatsBroker:
     async def aclose(self) -> None:
         """Stop every subscription, drain and close the connection.
 
+        The subscriptions stop together: none takes another message, and the handlers
+        in hand get one grace (the longest ``ack_wait``) to finish, not one each.
+
         A cancel that lands meanwhile (a Ctrl-C under asyncio.run) still stops every
         subscription and closes the connection, without waiting for a drain, and is
         then raised (nats-py's drain() would swallow it).
@@ -403,11 +409,16 @@ class NatsBroker:
         subscriptions, self._subscriptions = self._subscriptions, []
         nc, self._nc, self._js = self._nc, None, None
         interrupted = False
-        for subscription in subscriptions:
-            try:
-                await subscription.stop()
-            except asyncio.CancelledError:
-                interrupted = True
+        me = asyncio.current_task()
+        for subscription in subscriptions:  # none takes another message from now on
+            subscription._stopping = True
+        try:
+            for subscription in subscriptions:
+                if subscription._task is me:  # closed by its own handler: returns at once
+                    await subscription.stop()
+            await asyncio.gather(*(s.stop() for s in subscriptions if s._task is not me))
+        except asyncio.CancelledError:
+            interrupted = True
         if nc is not None:
             if not interrupted:
                 with contextlib.suppress(Exception):
