@@ -1105,3 +1105,35 @@ async def test_a_cancel_while_the_broker_waits_for_a_handler_still_stops_its_con
             await asyncio.wait({closing})
         assert closing.cancelled()
         assert all(consumer.done() for consumer in consumers)
+
+
+async def test_a_stream_made_elsewhere_that_does_not_take_the_subject_is_a_config_error() -> None:
+    """A stream ``P`` an operator made over ``p.a`` only: a publish to ``p.b`` found no
+    stream and failed as a PublishError ('no response from stream'), which a relay
+    retries for good; a stream over ``p.>`` under another name made creating ``P`` a
+    BrokerUnavailable. Each is a ConfigError naming the stream, and nothing is stored."""
+    async with EmbeddedNats() as server:
+        nc = await nats.connect(server.url)
+        for made in (
+            {"name": "P", "subjects": ["p.a"], "storage": "file"},
+            {"name": "SHOP", "subjects": ["q.>"], "storage": "file"},
+        ):
+            reply = await nc.request(
+                f"$JS.API.STREAM.CREATE.{made['name']}", json.dumps(made).encode()
+            )
+            assert "error" not in json.loads(reply.data)
+        broker = NatsBroker(server.url, publish_timeout=1)
+        try:
+            await broker.publish("p.a", Message("T"))  # P is taken as it is
+            with pytest.raises(ConfigError, match=r"stream P .*'p\.a'.*'p\.b'"):
+                await broker.publish("p.b", Message("T"))
+            with pytest.raises(ConfigError, match=r"stream P .*'p\.a'.*'p\.c'"):
+                await broker.publish_batch([("p.c", Message("T")), ("p.c", Message("T"))])
+            with pytest.raises(ConfigError, match=r"overlap.*SHOP.*streams="):
+                await broker.publish("q.x", Message("T"))
+            info = await nc.jetstream().stream_info("P")
+            shop = await nc.jetstream().stream_info("SHOP")
+        finally:
+            await broker.aclose()
+            await nc.close()
+    assert (info.state.messages, shop.state.messages) == (1, 0)

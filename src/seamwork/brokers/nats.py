@@ -96,6 +96,7 @@ _MAX_READABLE = 200
 _MAX_CONSUMER_NAME = 255
 _STREAM_NOT_FOUND = 10059
 """Characters of a hashed consumer name before its hash (JetStream takes 255)."""
+_SUBJECTS_OVERLAP = 10065
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -472,16 +473,42 @@ class NatsBroker:
             config["allow_atomic"] = True
         reply = await self._api(nc, f"$JS.API.STREAM.CREATE.{name}", config)
         error = reply.get("error")
+        if error and error.get("err_code") == _SUBJECTS_OVERLAP:
+            await self._refuse_overlap(nc, name, subject, subjects)
         if error and error.get("err_code") != 10058:  # 10058: exists with this name
             raise BrokerUnavailable(f"cannot create stream {name}: {error.get('description')}")
         if error:  # made elsewhere (an operator, an older seamwork): use it as it is
             reply = await self._api(nc, f"$JS.API.STREAM.INFO.{name}", {})
             if not self._explicit:
                 reply = await self._widened(nc, name, token, reply)
+            held = reply.get("config", {}).get("subjects") or []
+            if not any(_covers(pattern, subject) for pattern in held):
+                raise ConfigError(
+                    f"stream {name} was made elsewhere over {held}, none of which takes "
+                    f"{subject!r}: add the subject to it, or name a stream that takes "
+                    "it in streams="
+                )
         if self._atomic and reply.get("config", {}).get("allow_atomic"):
             self._atomic_streams.add(name)
         self._streams.add(name)
         return name
+
+    async def _refuse_overlap(
+        self, nc: NatsClient, name: str, subject: str, subjects: Sequence[str]
+    ) -> None:
+        """Raise ``ConfigError`` naming the streams, made elsewhere, whose subjects
+        overlap the ones stream ``name`` would take."""
+        found = await self._api(nc, "$JS.API.STREAM.NAMES", {"subject": subject})
+        others: list[str] = found.get("streams") or []
+        hint = ""
+        if others:
+            info = await self._api(nc, f"$JS.API.STREAM.INFO.{others[0]}", {})
+            held = info.get("config", {}).get("subjects") or []
+            hint = f"; to use it, configure streams={{{others[0]!r}: {held!r}}}"
+        raise ConfigError(
+            f"cannot make stream {name} over {list(subjects)} for {subject!r}: its subjects "
+            f"overlap stream(s) {', '.join(others) or '(unnamed)'} made elsewhere{hint}"
+        )
 
     async def _widened(
         self, nc: NatsClient, name: str, token: str, info: dict[str, Any]
@@ -525,6 +552,8 @@ class NatsBroker:
         await self._check_size(subject, body, wire)
         try:
             await self._stored(subject, body, wire)
+        except ConfigError:  # its stream, made again, does not take it
+            raise
         except Exception as exc:
             raise PublishError(
                 f"publish of {message.type} {message.id} to {subject}: {exc}"
