@@ -1137,3 +1137,27 @@ async def test_a_stream_made_elsewhere_that_does_not_take_the_subject_is_a_confi
             await broker.aclose()
             await nc.close()
     assert (info.state.messages, shop.state.messages) == (1, 0)
+
+
+async def test_a_longer_duplicate_window_is_given_to_a_stream_made_with_a_shorter_one() -> None:
+    """``duplicate_window=`` was only set on a stream seamwork created: a stream made
+    earlier (or elsewhere) kept its window, so a relay's page re-sent after a crash,
+    later than that window but inside the configured one, was stored twice."""
+    async with EmbeddedNats() as server:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        first = NatsBroker(server.url, duplicate_window=5)
+        try:
+            await first.publish("p.x", Message("T"))
+        finally:
+            await first.aclose()
+        windows = []
+        for configured in (600, 60):  # a shorter one never shortens it
+            broker = NatsBroker(server.url, duplicate_window=configured)
+            try:
+                await broker.publish("p.x", Message("T"))
+            finally:
+                await broker.aclose()
+            windows.append((await js.stream_info("P")).config.duplicate_window)
+        await nc.close()
+    assert windows == [600, 600]

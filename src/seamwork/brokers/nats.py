@@ -481,6 +481,7 @@ class NatsBroker:
             reply = await self._api(nc, f"$JS.API.STREAM.INFO.{name}", {})
             if not self._explicit:
                 reply = await self._widened(nc, name, token, reply)
+            reply = await self._lengthened(nc, name, reply)
             held = reply.get("config", {}).get("subjects") or []
             if not any(_covers(pattern, subject) for pattern in held):
                 raise ConfigError(
@@ -492,6 +493,29 @@ class NatsBroker:
             self._atomic_streams.add(name)
         self._streams.add(name)
         return name
+
+    async def _lengthened(self, nc: NatsClient, name: str, info: dict[str, Any]) -> dict[str, Any]:
+        """A stream made with a shorter duplicate window (earlier, elsewhere, or by a
+        broker configured otherwise) gets this broker's: a relay's page re-sent after
+        a crash inside the configured window must be dropped. Never shortened."""
+        config = info.get("config", {})
+        window = int(self._window * 1e9)
+        if not config or config.get("duplicate_window", 0) >= window:
+            return info
+        reply = await self._api(
+            nc, f"$JS.API.STREAM.UPDATE.{name}", {**config, "duplicate_window": window}
+        )
+        if reply.get("error"):
+            log.warning(
+                "stream %s keeps its duplicate window of %gs, shorter than %gs: %s",
+                name,
+                config.get("duplicate_window", 0) / 1e9,
+                self._window,
+                reply["error"].get("description"),
+            )
+            return info
+        log.info("stream %s: duplicate window lengthened to %gs", name, self._window)
+        return reply
 
     async def _refuse_overlap(
         self, nc: NatsClient, name: str, subject: str, subjects: Sequence[str]
