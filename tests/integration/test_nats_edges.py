@@ -19,7 +19,13 @@ import pytest
 
 from seamwork.brokers import EmbeddedNats, NatsBroker
 from seamwork.brokers.nats import DLQ_STREAM, stream_for
-from seamwork.errors import BrokerUnavailable, ConfigError, InvalidMessage, MessagingError
+from seamwork.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    InvalidMessage,
+    MessagingError,
+    PublishError,
+)
 from seamwork.messaging import Delivery, FlowMonitor, Handler, Message, PoisonMessage
 from seamwork.messaging._ports import DLQ_GROUP, DLQ_SUBJECT
 from seamwork.testing.broker import eventually, until
@@ -1161,3 +1167,29 @@ async def test_a_longer_duplicate_window_is_given_to_a_stream_made_with_a_shorte
             windows.append((await js.stream_info("P")).config.duplicate_window)
         await nc.close()
     assert windows == [600, 600]
+
+
+async def test_a_batch_the_client_cannot_buffer_while_the_server_is_down_is_a_publish_error() -> (
+    None
+):
+    """With the server down, nats-py buffers what is published until its buffer is
+    full; an atomic batch past that raised nats' own OutboundBufferLimitError out of
+    publish_batch, naming nothing, where the port promises PublishError (which the
+    relay retries). Once the server is back, the batch is stored, each message once."""
+    big = "x" * 100_000
+    items = [("p.x", Message("T", {"b": big, "i": i})) for i in range(40)]
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url, publish_timeout=1)
+        try:
+            await broker.publish("p.x", Message("T"))
+            await server.kill()
+            with pytest.raises(PublishError, match=r"batch of 40 to p\.x"):
+                await broker.publish_batch(items)
+            await server.start()
+            await eventually(lambda: broker._nc is not None and broker._nc.is_connected)
+            await broker.publish_batch(items)
+            _, js = await broker._context()
+            info = await js.stream_info("P")
+        finally:
+            await broker.aclose()
+    assert info.state.messages == 41

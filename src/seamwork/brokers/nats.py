@@ -676,7 +676,10 @@ class NatsBroker:
             return False  # a message that fits only without the batch's own headers
         for index, (subject, body, headers) in enumerate(marked, start=1):
             if index < last:
-                await nc.publish(subject, body, headers=headers)
+                try:
+                    await nc.publish(subject, body, headers=headers)
+                except Exception as exc:  # e.g. the buffer of a client reconnecting is full
+                    raise PublishError(f"atomic batch of {last} to {subject}: {exc}") from exc
                 continue
             try:
                 reply = await nc.request(subject, body, headers=headers, timeout=self._timeout)
