@@ -1193,3 +1193,31 @@ async def test_a_batch_the_client_cannot_buffer_while_the_server_is_down_is_a_pu
         finally:
             await broker.aclose()
     assert info.state.messages == 41
+
+
+async def test_a_group_subscribed_again_with_another_ack_wait_gets_it_on_the_server() -> None:
+    """The durable consumer kept the ack_wait of the subscribe that made it, while a
+    member marks what it holds in progress every third of its own: a group raised from
+    1 s to 6 s was marked every 2 s on a server redelivering after 1 s, so a handler of
+    1.5 s had its message handed to another member while it ran - handled twice."""
+    handled: list[str] = []
+    async with EmbeddedNats() as server:
+        broker = NatsBroker(server.url)
+        other = NatsBroker(server.url)
+
+        async def slow(delivery: Delivery) -> None:
+            handled.append(delivery.message.id)
+            await asyncio.sleep(1.5)
+
+        try:
+            first = await broker.subscribe("p.x", "g", slow, ack_wait=1)
+            await first.stop()
+            members = [await b.subscribe("p.x", "g", slow, ack_wait=6) for b in (broker, other)]
+            await broker.publish("p.x", Message("T", id="m1"))
+            await eventually(lambda: sum(m.stats.acked for m in members) == 1)
+            _, js = await broker._context()
+            info = await js.consumer_info("P", "g__p_x")
+        finally:
+            await asyncio.gather(broker.aclose(), other.aclose())
+    assert handled == ["m1"]
+    assert info.config.ack_wait == 6

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -766,7 +767,31 @@ class NatsBroker:
         """Pull from the group's durable consumer, made if missing."""
         durable = config.durable_name
         assert durable is not None
-        await self._check_consumer(js, stream, durable, subject)
+        made = await self._check_consumer(js, stream, durable, subject)
+        if made is not None and made.ack_wait != config.ack_wait:
+            # the consumer keeps the ack_wait it was made with, and a member marks what
+            # it holds every third of its own: a longer one here would let the server
+            # hand a running handler's message to another member
+            log.info(
+                "consumer %s in stream %s: ack_wait %gs -> %gs",
+                durable,
+                stream,
+                made.ack_wait or 0,
+                config.ack_wait or 0,
+            )
+            try:
+                await js.add_consumer(
+                    stream, config=dataclasses.replace(made, ack_wait=config.ack_wait)
+                )
+            except APIError as exc:
+                log.warning(
+                    "consumer %s in stream %s keeps ack_wait %gs, not %gs: %s",
+                    durable,
+                    stream,
+                    made.ack_wait or 0,
+                    config.ack_wait or 0,
+                    exc.description,
+                )
         return await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
 
     async def _remake_consumer(self, subject: str, config: ConsumerConfig) -> str:
@@ -780,15 +805,16 @@ class NatsBroker:
 
     async def _check_consumer(
         self, js: JetStreamContext, stream: str, durable: str, subject: str
-    ) -> None:
-        """Refuse to bind to a consumer of this name that filters another subject (an
-        earlier version gave ``orders.a_b`` the name ``orders.a.b`` has now)."""
+    ) -> ConsumerConfig | None:
+        """The config of the consumer of this name, None if there is none yet; refuse
+        to bind to one that filters another subject (an earlier version gave
+        ``orders.a_b`` the name ``orders.a.b`` has now)."""
         try:
             info = await js.consumer_info(stream, durable)
         except NotFoundError as exc:
             if exc.err_code == _STREAM_NOT_FOUND:
                 raise
-            return
+            return None
         made = info.config.filter_subject
         if made != subject:
             raise ConfigError(
@@ -796,6 +822,8 @@ class NatsBroker:
                 "(made by an earlier seamwork version for another subject): delete it "
                 "(nats consumer rm) to subscribe"
             )
+        config: ConsumerConfig = info.config
+        return config
 
     async def _dead_letter(
         self, msg: Msg, subject: str, group: str, error: str, attempts: int
