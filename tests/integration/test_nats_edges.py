@@ -1221,3 +1221,26 @@ async def test_a_group_subscribed_again_with_another_ack_wait_gets_it_on_the_ser
             await asyncio.gather(broker.aclose(), other.aclose())
     assert handled == ["m1"]
     assert info.config.ack_wait == 6
+
+
+@pytest.mark.parametrize(
+    ("streams", "named"),
+    [
+        ({"A": ["p.>"], "B": ["p.x"]}, "'p.>' of stream A and 'p.x' of stream B"),
+        ({"A": ["p.*.x"], "B": ["p.y.*"]}, "'p.*.x' of stream A and 'p.y.*' of stream B"),
+        ({"A": ["p.x"], "B": ["q", "p.x"]}, "'p.x' of stream A and 'p.x' of stream B"),
+    ],
+)
+def test_configured_streams_whose_subjects_overlap_are_refused_by_name(
+    streams: dict[str, list[str]], named: str
+) -> None:
+    """Streams configured over overlapping subjects were taken: a subject listed under
+    two went to the last one silently, and the server refused to make the second
+    stream only at its first publish (a BrokerUnavailable the relay retried)."""
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        NatsBroker("nats://127.0.0.1:4222", streams=streams)
+
+
+def test_configured_streams_that_do_not_overlap_are_taken() -> None:
+    streams = {"A": ["p.x", "p.*.a"], "B": ["p.y", "p.*.b", "q.>"], "C": ["p"]}
+    NatsBroker("nats://127.0.0.1:4222", streams=streams)

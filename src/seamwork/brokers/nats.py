@@ -263,6 +263,33 @@ def _covers(pattern: str, subject: str) -> bool:
     return len(wanted) == len(tokens)
 
 
+def _intersect(one: str, other: str) -> bool:
+    """Whether two stream subject patterns match some subject in common."""
+    first, second = one.split("."), other.split(".")
+    for index in range(max(len(first), len(second))):
+        if index >= len(first) or index >= len(second):
+            return False
+        a, b = first[index], second[index]
+        if ">" in (a, b):
+            return True
+        if a != b and "*" not in (a, b):
+            return False
+    return True
+
+
+def _refuse_overlapping(streams: Mapping[str, Sequence[str]]) -> None:
+    """``ConfigError`` for configured streams whose subjects overlap (JetStream keeps
+    a subject in one stream only)."""
+    patterns = [(pattern, name) for name, subjects in streams.items() for pattern in subjects]
+    for index, (pattern, name) in enumerate(patterns):
+        for other, other_name in patterns[index + 1 :]:
+            if other_name != name and _intersect(pattern, other):
+                raise ConfigError(
+                    f"streams=: subjects {pattern!r} of stream {name} and {other!r} of "
+                    f"stream {other_name} overlap (a subject can be in one stream only)"
+                )
+
+
 class NatsSubscription(GracefulStop):
     """A running consumer of one group on one subject; ``stop()`` as in
     ``seamwork.brokers._subscription`` (a NATS batch in hand finishes too; a handler
@@ -323,7 +350,8 @@ class NatsBroker:
             A subject goes to the stream whose subjects match it as NATS matches
             them (``*`` one token, ``>`` the rest; a wildcard subscription needs
             one pattern that covers all it matches); a subject that no configured
-            stream covers is refused (``ConfigError``) before anything is sent.
+            stream covers is refused (``ConfigError``) before anything is sent,
+            and so (at once) are streams whose subjects overlap.
             Dead letters keep their own ``DEADLETTER`` stream.
         ordered_recovery: after a (re)start or reconnect with messages in flight,
             wait ``ack_wait`` before fetching so they are redelivered first.
@@ -344,6 +372,7 @@ class NatsBroker:
         self.url = url
         self._window = duplicate_window
         self._timeout = publish_timeout
+        _refuse_overlapping(streams or {})
         self._explicit = {s: n for n, subjects in (streams or {}).items() for s in subjects}
         self._name = name
         self.ordered_recovery = ordered_recovery
