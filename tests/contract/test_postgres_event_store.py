@@ -112,6 +112,13 @@ async def test_a_driver_failure_is_the_same_error_alone_and_in_a_batch(
         assert [e.stream for e in await store.read_all()] == ["ok-1", "ok-2"]
 
 
+async def _listening(store: postgres_events.PostgresEventStore) -> None:
+    """Wait until a subscriber has gone live and the store's listener is connected."""
+    async with asyncio.timeout(5):
+        while store._listener is None:
+            await asyncio.sleep(0.01)
+
+
 async def _terminate_listener(dsn: str, application: str) -> None:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cursor = await conn.execute(
@@ -143,7 +150,7 @@ async def test_a_live_subscriber_is_woken_by_notifications_again_after_the_liste
     async with store:
         subscriber = asyncio.create_task(follow())
         try:
-            await asyncio.sleep(0.3)  # live, and the listener is up
+            await _listening(store)
             assert await lag("Before") < 2.0
             with caplog.at_level(logging.WARNING, logger="seamwork.storage"):
                 await _terminate_listener(pg_dsn, application)
@@ -177,7 +184,7 @@ async def test_a_listener_that_ended_on_an_unexpected_error_is_started_again(
     async with store:
         subscriber = asyncio.create_task(follow())
         try:
-            await asyncio.sleep(0.3)  # live, and the listener is up
+            await _listening(store)
             await store.append("s", [NewEvent("Before")])
             assert await asyncio.wait_for(seen.get(), 2) == "Before"
             monkeypatch.setattr(store, "_open_listener", broken)
@@ -188,7 +195,7 @@ async def test_a_listener_that_ended_on_an_unexpected_error_is_started_again(
                 async with asyncio.timeout(5):
                     while not relay.done():  # it dies on the RuntimeError
                         await asyncio.sleep(0.02)
-                await asyncio.sleep(0.3)  # its subscriber woke and started another
+                await _listening(store)  # its subscriber woke and started another
                 await store.append("s", [NewEvent("After")])
                 assert await asyncio.wait_for(seen.get(), 2) == "After"  # notified, not polled
             stopped = [r for r in caplog.records if "listener stopped" in r.getMessage()]
@@ -212,29 +219,34 @@ async def test_a_listener_kept_from_its_server_logs_the_loss_and_the_recovery_on
         async for event in store.subscribe():
             seen.put_nowait(event.type)
 
+    def listener_logs(level: int | None = None) -> list[tuple[int, str]]:
+        return [
+            (r.levelno, r.getMessage())
+            for r in caplog.records
+            if r.name == "seamwork.storage" and "listener" in r.getMessage()
+            if level is None or r.levelno == level
+        ]
+
     async with store:
         subscriber = asyncio.create_task(follow())
         try:
-            await asyncio.sleep(0.3)  # live, and the listener is up
+            await _listening(store)
             dsn = store._dsn
             store._dsn = "host=127.0.0.1 port=1 connect_timeout=1"  # no server there
             with caplog.at_level(logging.DEBUG, logger="seamwork.storage"):
                 await _terminate_listener(pg_dsn, application)
-                await asyncio.sleep(3.5)  # reconnects after 0.05, 0.1, ... 1.6 s: all fail
+                async with asyncio.timeout(10):  # the loss, then reconnects after 0.05,
+                    while len(listener_logs()) < 5:  # 0.1, 0.2 and 0.4 s: all fail
+                        await asyncio.sleep(0.02)
                 store._dsn = dsn
                 async with postgres_events.PostgresEventStore(pg_dsn) as other_process:
                     await other_process.append("s", [NewEvent("Back")])  # a NOTIFY wakes it
                 assert await asyncio.wait_for(seen.get(), 5) == "Back"
-            logged = [
-                (r.levelno, r.getMessage())
-                for r in caplog.records
-                if r.name == "seamwork.storage" and "listener" in r.getMessage()
-            ]
-            above_debug = [m for level, m in logged if level > logging.DEBUG]
+            above_debug = [m for level, m in listener_logs() if level > logging.DEBUG]
             assert len(above_debug) == 2, above_debug
             assert "lost its connection" in above_debug[0]
             assert "listening again" in above_debug[1]
-            assert len([m for level, m in logged if level == logging.DEBUG]) >= 4
+            assert len(listener_logs(logging.DEBUG)) >= 4
         finally:
             subscriber.cancel()
             await asyncio.gather(subscriber, return_exceptions=True)
@@ -253,7 +265,7 @@ async def test_appends_from_another_store_wake_a_live_subscriber_without_polling
     async with reader, postgres_events.PostgresEventStore(pg_dsn) as writer:
         subscriber = asyncio.create_task(follow())
         try:
-            await asyncio.sleep(0.3)  # live, and listening
+            await _listening(reader)
             await writer.append("s", [NewEvent("Appended")])  # notified after its commit
             assert await asyncio.wait_for(seen.get(), 5) == "Appended"
             conn = await psycopg.AsyncConnection.connect(pg_dsn)
