@@ -131,7 +131,8 @@ def test_a_paused_worker_past_its_lease_is_fenced_off_when_it_resumes(
     zombie_stats, other_stats = tmp_path / "zombie.json", tmp_path / "other.json"
     asyncio.run(submit(store, []))
     zombie = start_worker(store, ledger, log, worker_id="zombie", stats=zombie_stats, **options)
-    time.sleep(1.5)  # the zombie is up (and alone) before the saga exists
+    # the zombie is up (and alone) before the saga exists
+    _wait_for(lambda: log.exists() and "running" in log.read_text(), 20, "the zombie to start")
     asyncio.run(submit(store, [{"id": "slow-1", "scenario": "slow"}]))
     # It applies charge_payment's effect, then is paused before it can answer.
     _wait_for(lambda: _effects(ledger, "slow-1", "charge_payment") == 1, 10, "the slow step")
