@@ -11,6 +11,7 @@ import re
 import signal
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -1244,3 +1245,45 @@ def test_configured_streams_whose_subjects_overlap_are_refused_by_name(
 def test_configured_streams_that_do_not_overlap_are_taken() -> None:
     streams = {"A": ["p.x", "p.*.a"], "B": ["p.y", "p.*.b", "q.>"], "C": ["p"]}
     NatsBroker("nats://127.0.0.1:4222", streams=streams)
+
+
+async def test_a_message_whose_consumers_keep_dying_on_it_is_dead_lettered_as_a_crash_loop() -> (
+    None
+):
+    # a handler that takes its process down never raises, so max_deliver (failures)
+    # never counted it: the message came back to each new member for good. Here each
+    # member is closed while its handler still holds the message (as a crash would
+    # leave it), and the message goes out again after ack_wait
+    subject = f"crash{uuid.uuid4().hex[:6]}.loop"
+    message = Message("Poison", {"n": 1})
+    held = asyncio.Event()
+    handled: list[int] = []
+
+    async def dies_on_it(delivery: Delivery) -> None:
+        handled.append(delivery.attempt)
+        held.set()
+        await asyncio.Event().wait()  # never settles: its member goes down holding it
+
+    async with EmbeddedNats() as server:
+        publisher = NatsBroker(server.url)
+        try:
+            await publisher.publish(subject, message)
+            for _ in range(3):  # members 1 and 2 go down holding it
+                member = NatsBroker(server.url, crash_limit=2)
+                held.clear()
+                await member.subscribe(subject, "g", dies_on_it, max_deliver=1, ack_wait=0.5)
+                if len(handled) == 2:  # the third member: no handler run, dead-lettered
+                    letters = await until(publisher.dead_letters, 5)
+                    await member.aclose()
+                    break
+                async with asyncio.timeout(5):
+                    await held.wait()
+                subscription = member._subscriptions[0]
+                subscription._grace = 0.05  # (its ack_wait: not worth waiting out)
+                await member.aclose()
+            assert handled == [1, 2]
+            (letter,) = letters
+            assert letter.message.id == message.id
+            assert "crash loop" in letter.error
+        finally:
+            await publisher.aclose()

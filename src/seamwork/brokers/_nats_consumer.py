@@ -201,9 +201,25 @@ class _Consumer:
                 "consumer %s on %s: message left for redelivery", self.group, self.subject
             )
 
+    def _crash_loop(self, attempt: int) -> str | None:
+        """Why a message delivered ``attempt`` times is a consumer crash loop, or None.
+        Failures the handler raised are at most ``max_deliver - 1`` of the deliveries
+        before this one (one more and it was dead-lettered); the rest were handed out
+        and never settled - its members went down holding it."""
+        unsettled = attempt - self.max_deliver
+        if unsettled < self.broker.crash_limit:
+            return None
+        return (
+            f"delivered {attempt} times, at least {unsettled} without an outcome "
+            "(consumer crash loop)"
+        )
+
     async def _handle(self, msg: Msg, stats: SubscriptionStats) -> None:
         stats.delivered += 1
         attempt = msg.metadata.num_delivered
+        if (crash := self._crash_loop(attempt)) is not None:
+            await self._give_up(msg, stats, crash, attempt)
+            return
         try:
             message = decode(
                 msg.data, msg.headers, fallback_id=f"seq-{msg.metadata.sequence.stream}"
@@ -225,6 +241,9 @@ class _Consumer:
         for msg in messages:
             stats.delivered += 1
             attempt = msg.metadata.num_delivered
+            if (crash := self._crash_loop(attempt)) is not None:
+                await self._guarded(self._give_up(msg, stats, crash, attempt))
+                continue
             try:
                 message = decode(
                     msg.data, msg.headers, fallback_id=f"seq-{msg.metadata.sequence.stream}"

@@ -355,6 +355,10 @@ class NatsBroker:
             Dead letters keep their own ``DEADLETTER`` stream.
         ordered_recovery: after a (re)start or reconnect with messages in flight,
             wait ``ack_wait`` before fetching so they are redelivered first.
+        crash_limit: a message handed out this many times more than failures can
+            account for (``max_deliver``) - its members went down holding it, say a
+            handler that takes its process down - is dead-lettered before a handler
+            runs again ("consumer crash loop"), as on RabbitMQ.
     """
 
     def __init__(
@@ -366,9 +370,13 @@ class NatsBroker:
         streams: Mapping[str, Sequence[str]] | None = None,
         name: str = "seamwork",
         ordered_recovery: bool = False,
+        crash_limit: int = 20,
     ) -> None:
         if duplicate_window <= 0:
             raise ConfigError(f"duplicate_window must be > 0, got {duplicate_window}")
+        if isinstance(crash_limit, bool) or not isinstance(crash_limit, int) or crash_limit < 1:
+            raise ConfigError(f"crash_limit must be an int >= 1, got {crash_limit!r}")
+        self.crash_limit = crash_limit
         self.url = url
         self._window = duplicate_window
         self._timeout = publish_timeout
