@@ -8,6 +8,7 @@ Each test uses its own exchange and deletes what it declared.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -492,6 +493,110 @@ async def test_a_dotted_group_shares_no_queue_with_another_group_and_subject(
         await asyncio.sleep(0.3)  # nothing more arrives
         assert got["billing"] == [(f"{token}.created", i) for i in range(4)]
         assert got["dotted"] == [("created", 9)]
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await delete_rabbit(rabbitmq_service, exchange, names)
+
+
+async def _stuck(
+    broker: RabbitBroker, subjects: list[str], taken: list[str]
+) -> list[asyncio.Task[None]]:
+    """A subscription of group g per subject (ack_wait 1 s) whose handler holds a
+    message, stuck; the ids it took go to ``taken``. Returns the consumers' tasks."""
+    consumers: list[asyncio.Task[None]] = []
+    for subject in subjects:
+
+        async def stuck(delivery: Delivery) -> None:
+            taken.append(delivery.message.id)
+            await asyncio.Event().wait()
+
+        subscription = await broker.subscribe(subject, "g", stuck, ack_wait=1)
+        assert subscription._task is not None
+        consumers.append(subscription._task)
+        await broker.publish(subject, Message("T"))
+    await eventually(lambda: len(taken) == len(subjects), 5)
+    return consumers
+
+
+async def _handled_again(url: str, exchange: str, subjects: list[str]) -> set[str]:
+    """The ids group g gets on ``subjects`` from a fresh broker (what was not acked)."""
+    again: list[str] = []
+
+    async def note(delivery: Delivery) -> None:
+        again.append(delivery.message.id)
+
+    broker = RabbitBroker(url, exchange=exchange)
+    try:
+        for subject in subjects:
+            await broker.subscribe(subject, "g", note)
+        await eventually(lambda: len(again) >= len(subjects), 5)
+    finally:
+        await broker.aclose()
+    return set(again)
+
+
+async def test_closing_a_broker_stops_its_subscriptions_together(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    """aclose() stopped one subscription after the other: each waited its own grace for
+    the handler in hand (two stuck handlers took 2 s of 1 s graces), and the others went
+    on taking messages meanwhile."""
+    base = f"edge{uuid.uuid4().hex[:6]}"
+    stuck_on, quick_on = [f"{base}.a", f"{base}.b"], f"{base}.c"
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    publisher = RabbitBroker(rabbitmq_service, exchange=exchange)
+    taken: list[str] = []
+    late = Message("T")
+    try:
+        await _stuck(broker, stuck_on, taken)
+        await broker.subscribe(quick_on, "g", lambda d: _record(taken, d))
+        began = time.perf_counter()
+        closing = asyncio.create_task(broker.aclose())
+        await publisher.publish(quick_on, late)  # while the stuck handlers are waited for
+        await closing
+        took = time.perf_counter() - began
+        assert 0.9 < took < 1.6
+        assert late.id not in taken  # the quick subscription took nothing more
+        # neither the unfinished messages nor the untaken one were acknowledged
+        assert await _handled_again(rabbitmq_service, exchange, [*stuck_on, quick_on]) == {
+            *taken,
+            late.id,
+        }
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await publisher.aclose()
+        await delete_rabbit(rabbitmq_service, exchange, names)
+
+
+async def _record(taken: list[str], delivery: Delivery) -> None:
+    taken.append(delivery.message.id)
+
+
+async def test_a_cancel_while_the_broker_waits_for_handlers_still_ends_every_consumer(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    """A cancel landing while aclose() waited for the handlers in hand is raised only
+    once every consumer has ended and the connection is closed, within one grace."""
+    base = f"edge{uuid.uuid4().hex[:6]}"
+    subjects = [f"{base}.a", f"{base}.b"]
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    taken: list[str] = []
+    try:
+        consumers = await _stuck(broker, subjects, taken)
+        began = time.perf_counter()
+        closing = asyncio.create_task(broker.aclose())
+        await asyncio.sleep(0.1)  # any moment must do; this one is inside the grace
+        closing.cancel()
+        async with asyncio.timeout(5):
+            await asyncio.wait({closing})
+        took = time.perf_counter() - began
+        assert closing.cancelled()
+        assert all(consumer.done() for consumer in consumers)
+        assert broker._connection is None
+        assert took < 1.6
+        assert await _handled_again(rabbitmq_service, exchange, subjects) == set(taken)
     finally:
         names = broker.declared_queues
         await broker.aclose()

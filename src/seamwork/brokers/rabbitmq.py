@@ -353,7 +353,9 @@ class RabbitBroker:
         return channel, exchange
 
     async def aclose(self) -> None:
-        """Stop every subscription, then close the connection. A cancel that lands
+        """Stop every subscription, then close the connection. The subscriptions stop
+        together: none takes another message, and the handlers in hand get one grace
+        (the longest ``ack_wait``) to finish, not one each. A cancel that lands
         meanwhile is raised after both (a second one cuts the wait short)."""
         subscriptions, self._subscriptions = self._subscriptions, []
         connection, self._connection = self._connection, None
@@ -863,13 +865,16 @@ def _int(value: object) -> int:
 async def _shut(
     subscriptions: list[RabbitSubscription], connection: AbstractRobustConnection | None
 ) -> None:
-    for subscription in subscriptions:
-        try:
-            await subscription.stop()
-        except Exception:  # the others and the connection still close
-            log.exception("stopping a RabbitMQ subscription failed")
-    if connection is not None:
-        await _close(connection)
+    for subscription in subscriptions:  # none takes another message from now on
+        subscription._stopping = True
+    try:  # the handlers in hand finish (or are cancelled) together, within one grace
+        stopped = await asyncio.gather(*(s.stop() for s in subscriptions), return_exceptions=True)
+    finally:  # even if cancelled: gather ends every stop, hence every consumer, first
+        if connection is not None:
+            await _close(connection)
+    for outcome in stopped:
+        if isinstance(outcome, Exception):  # the others and the connection still closed
+            log.error("stopping a RabbitMQ subscription failed", exc_info=outcome)
 
 
 async def _close(connection: AbstractRobustConnection) -> None:
