@@ -601,3 +601,37 @@ async def test_a_cancel_while_the_broker_waits_for_handlers_still_ends_every_con
         names = broker.declared_queues
         await broker.aclose()
         await delete_rabbit(rabbitmq_service, exchange, names)
+
+
+async def test_a_handler_that_closes_its_own_broker_is_not_left_waiting_for_itself(
+    rabbitmq_service: str, exchange: str
+) -> None:
+    """aclose() called by a subscription's own handler waited the whole ack_wait for
+    that handler to finish, then cancelled it, and the consumer and the close then
+    waited for each other for good: the connection was never closed."""
+    subject = f"edge{uuid.uuid4().hex[:6]}.self"
+    broker = RabbitBroker(rabbitmq_service, exchange=exchange)
+    publisher = RabbitBroker(rabbitmq_service, exchange=exchange)
+    closed = asyncio.Event()
+    message = Message("T")
+
+    async def closes_its_broker(delivery: Delivery) -> None:
+        await broker.aclose()
+        closed.set()
+
+    try:
+        subscription = await broker.subscribe(subject, "g", closes_its_broker, ack_wait=5)
+        consumer = subscription._task
+        assert consumer is not None
+        await publisher.publish(subject, message)
+        async with asyncio.timeout(2):
+            await closed.wait()
+            await asyncio.wait({consumer})
+        assert broker._connection is None
+        # settled after the connection closed: not lost, it comes back
+        assert await _handled_again(rabbitmq_service, exchange, [subject]) == {message.id}
+    finally:
+        names = broker.declared_queues
+        await broker.aclose()
+        await publisher.aclose()
+        await delete_rabbit(rabbitmq_service, exchange, names)

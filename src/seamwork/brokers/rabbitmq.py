@@ -356,11 +356,13 @@ class RabbitBroker:
         """Stop every subscription, then close the connection. The subscriptions stop
         together: none takes another message, and the handlers in hand get one grace
         (the longest ``ack_wait``) to finish, not one each. A cancel that lands
-        meanwhile is raised after both (a second one cuts the wait short)."""
+        meanwhile is raised after both (a second one cuts the wait short). Called by a
+        subscription's own handler, it does not wait for that handler: its message,
+        settled after the connection is closed, comes back."""
         subscriptions, self._subscriptions = self._subscriptions, []
         connection, self._connection = self._connection, None
         self._channel = self._exchange = None
-        await to_the_end(_shut(subscriptions, connection))
+        await to_the_end(_shut(subscriptions, connection, asyncio.current_task()))
 
     async def _context(self) -> tuple[AbstractChannel, AbstractExchange]:
         if self._exchange is None:
@@ -687,11 +689,22 @@ class _Consumer:
                     await self._handle(msg, subscription.stats)
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # settling failed (a retry or dead letter not confirmed)
-                    log.exception(
-                        "consumer %s on %s: message left for redelivery", self.group, self.subject
-                    )
-                    await self._give_back(msg)
+                except Exception as exc:  # settling failed (a retry or dead letter not
+                    if subscription._stopping:  # confirmed; the broker closed meanwhile)
+                        log.warning(  # its channel, closed or closing, gives it back
+                            "consumer %s on %s: stopped before its message was settled "
+                            "(%s): it is redelivered",
+                            self.group,
+                            self.subject,
+                            type(exc).__name__,
+                        )
+                    else:
+                        log.exception(
+                            "consumer %s on %s: message left for redelivery",
+                            self.group,
+                            self.subject,
+                        )
+                        await self._give_back(msg)
                 finally:
                     subscription._idle.set()
                 if subscription._stopping:  # by its own handler (any other stop() waits
@@ -863,12 +876,18 @@ def _int(value: object) -> int:
 
 
 async def _shut(
-    subscriptions: list[RabbitSubscription], connection: AbstractRobustConnection | None
+    subscriptions: list[RabbitSubscription],
+    connection: AbstractRobustConnection | None,
+    caller: asyncio.Task[Any] | None,
 ) -> None:
+    """Stop ``subscriptions`` and close ``connection`` for ``caller``: a consumer
+    among them (its handler closing the broker) is only told to stop - it ends by
+    itself once that handler returns; waiting for it would wait for ourselves."""
     for subscription in subscriptions:  # none takes another message from now on
         subscription._stopping = True
+    others = [s for s in subscriptions if s._task is None or s._task is not caller]
     try:  # the handlers in hand finish (or are cancelled) together, within one grace
-        stopped = await asyncio.gather(*(s.stop() for s in subscriptions), return_exceptions=True)
+        stopped = await asyncio.gather(*(s.stop() for s in others), return_exceptions=True)
     finally:  # even if cancelled: gather ends every stop, hence every consumer, first
         if connection is not None:
             await _close(connection)
