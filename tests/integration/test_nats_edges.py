@@ -1301,3 +1301,22 @@ async def test_a_message_whose_consumers_keep_dying_on_it_is_dead_lettered_as_a_
             assert "crash loop" in letter.error
         finally:
             await publisher.aclose()
+
+
+async def test_a_broker_closed_while_it_connects_leaves_no_connection_open() -> None:
+    # aclose() took the client before the connect in progress stored it: it closed
+    # nothing, and the connection the connect then stored stayed open on a closed
+    # broker (a socket left to the garbage collector, after its loop was gone)
+    async with EmbeddedNats() as server:
+        open_before = open_sockets()
+        for step in range(20):  # closes 0, 0.1, ... 1.9 ms into the connect
+            broker = NatsBroker(server.url)
+            connecting = asyncio.create_task(broker.connect())
+            await asyncio.sleep(step * 0.0001)
+            await broker.aclose()
+            done, _ = await asyncio.wait({connecting}, timeout=5)
+            assert done
+            error = connecting.exception()  # overtaken by the close: said so
+            assert error is None or isinstance(error, BrokerUnavailable), error
+            assert open_sockets() == open_before, f"a connection left by a close {step / 10} ms in"
+            await broker.aclose()  # (for the next round, whatever happened)

@@ -385,6 +385,7 @@ class NatsBroker:
         self._name = name
         self.ordered_recovery = ordered_recovery
         self._nc: NatsClient | None = None
+        self._closes = 0  # aclose() calls so far: a connect they overtook discards its own
         self._js: JetStreamContext | None = None
         self._atomic = False
         self._streams: set[str] = set()
@@ -404,6 +405,7 @@ class NatsBroker:
         async with self._lock:
             if self._nc is not None:
                 return
+            closes = self._closes
             nc = NatsClient()
             try:
                 # nats-py retries a first connection forever when reconnects are
@@ -429,6 +431,12 @@ class NatsBroker:
                 raise BrokerUnavailable(
                     f"cannot connect to NATS at {redacted_url(self.url)}: {reason}"
                 ) from exc
+            if self._closes != closes:  # aclose() ran meanwhile: it found nothing to close
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                raise BrokerUnavailable(
+                    f"NATS at {redacted_url(self.url)}: the broker was closed while it connected"
+                )
             version = nc.connected_server_version
             self._atomic = (version.major, version.minor) >= (2, 12)
             self._js = nc.jetstream(timeout=self._timeout)
@@ -445,6 +453,7 @@ class NatsBroker:
         then raised (nats-py's drain() would swallow it).
         """
         cancels = _cancels()
+        self._closes += 1  # a connect under way stores no connection after this
         subscriptions, self._subscriptions = self._subscriptions, []
         nc, self._nc, self._js = self._nc, None, None
         interrupted = False
@@ -470,9 +479,10 @@ class NatsBroker:
     async def _context(self) -> tuple[NatsClient, JetStreamContext]:
         if self._nc is None:
             await self.connect()
-        assert self._nc is not None
-        assert self._js is not None
-        return self._nc, self._js
+        nc, js = self._nc, self._js
+        if nc is None or js is None:  # closed by aclose() right after it connected
+            raise BrokerUnavailable(f"NATS at {redacted_url(self.url)}: the broker is closed")
+        return nc, js
 
     # --- streams ---------------------------------------------------------------------
 
