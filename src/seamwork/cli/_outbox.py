@@ -11,7 +11,6 @@ its PostgreSQL database, which must hold the outbox: nothing is created) through
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from seamwork.cli._params import utf8, utf8_each
-from seamwork.cli._render import json_text, short_time, shown
+from seamwork.cli._render import print_json_page, short_time, shown
 from seamwork.cli._sagas import CliError, fail
 from seamwork.errors import ConfigError, MessagingError, StoreError
 from seamwork.messaging import Outbox, ParkedMessage
@@ -149,10 +148,7 @@ def list_parked(
     more = len(parked) > limit
     parked = parked[:limit]
     if as_json:
-        sys.stdout.write(json_text([_parked_json(x) for x in parked]) + "\n")
-        if more:
-            note = f"note: more messages are parked; --limit {limit} printed only the first {limit}"
-            Console(stderr=True, highlight=False).print(note, soft_wrap=True, markup=False)
+        print_json_page([_parked_json(x) for x in parked], more, limit, "messages are parked")
         return
     Console(highlight=False, soft_wrap=False).print(parked_table(parked, time.time(), more=more))
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rich.console import Group, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.table import Table
@@ -208,6 +209,15 @@ def _names(names: Sequence[str], style: str) -> Text:
 
 def _counts(counts: Mapping[str, int]) -> Text:
     return shown(", ".join(f"{k}: {v}" for k, v in counts.items()))
+
+
+def print_json_page(documents: list[Any], more: bool, limit: int, what: str) -> None:
+    """Print a listing as JSON on stdout; when ``--limit`` cut it short (``more``), say
+    so on stderr (the JSON stays a plain list). ``what``: "sagas match", say."""
+    sys.stdout.write(json_text(documents) + "\n")
+    if more:
+        note = f"note: more {what}; --limit {limit} printed only the first {limit}"
+        Console(stderr=True, highlight=False).print(note, soft_wrap=True, markup=False)
 
 
 def json_text(document: Any) -> str:

@@ -30,6 +30,7 @@ from seamwork.cli._render import (
     escaped,
     event_json,
     json_text,
+    print_json_page,
     saga_view,
     sagas_table,
     state_json,
@@ -177,10 +178,7 @@ def list_sagas(
     more = len(states) > limit
     states = states[:limit]
     if as_json:
-        sys.stdout.write(json_text([state_json(s) for s in states]) + "\n")
-        if more:
-            note = f"note: more sagas match; --limit {limit} printed only the first {limit}"
-            Console(stderr=True, highlight=False).print(note, soft_wrap=True, markup=False)
+        print_json_page([state_json(s) for s in states], more, limit, "sagas match")
         return
     _console().print(sagas_table(states, time.time(), more=more))
 
