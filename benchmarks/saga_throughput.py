@@ -488,7 +488,9 @@ def _floor_connect(path: Path) -> tuple[sqlite3.Connection, str]:
 
 
 class FloorSaga:
-    """One simulated saga: the same rows and statements as seamwork's store, no engine."""
+    """One simulated saga: the same rows and statements as seamwork's store, no engine
+    (per transition the saga row and the two timeline rows the engine records: the
+    step's outcome and what comes next)."""
 
     __slots__ = ("completed", "context", "index", "saga_id", "started")
 
@@ -504,7 +506,13 @@ class FloorSaga:
         now = time.time()
         if self.index < 0:
             conn.execute(_FLOOR_INSERT, (self.saga_id, json.dumps(self.context), now, now, now))
-            conn.execute(_FLOOR_EVENT, (self.saga_id, now, "started", None))
+            conn.executemany(
+                _FLOOR_EVENT,
+                [
+                    (self.saga_id, now, "saga_started", None),
+                    (self.saga_id, now, "started", STEPS[0]),
+                ],
+            )
         else:
             step = STEPS[self.index]
             result = _RESULTS[self.index]
@@ -528,7 +536,12 @@ class FloorSaga:
                     self.saga_id,
                 ),
             )
-            conn.execute(_FLOOR_EVENT, (self.saga_id, now, "step_completed", step))
+            following = (
+                (self.saga_id, now, "saga_completed", None)
+                if last
+                else (self.saga_id, now, "started", STEPS[self.index + 1])
+            )
+            conn.executemany(_FLOOR_EVENT, [(self.saga_id, now, "completed", step), following])
         self.index += 1
         return self.index == len(STEPS)
 
@@ -542,9 +555,9 @@ def _floor_failure(conn: sqlite3.Connection, saga_id: str) -> int:
         saga.transition(conn)
         conn.execute("COMMIT")
         commits += 1
-    for status, event, step in (
-        ("compensating", "failed", "charge_payment"),
-        ("failed", "compensated", "reserve_inventory"),
+    for status, event, step, then in (
+        ("compensating", "failed", "charge_payment", "compensating"),
+        ("failed", "compensated", "reserve_inventory", "saga_failed"),
     ):
         now = time.time()
         conn.execute("BEGIN IMMEDIATE")
@@ -563,7 +576,7 @@ def _floor_failure(conn: sqlite3.Connection, saga_id: str) -> int:
                 saga_id,
             ),
         )
-        conn.execute(_FLOOR_EVENT, (saga_id, now, event, step))
+        conn.executemany(_FLOOR_EVENT, [(saga_id, now, event, step), (saga_id, now, then, None)])
         conn.execute("COMMIT")
         commits += 1
     return commits
