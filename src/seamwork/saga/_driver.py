@@ -97,21 +97,22 @@ class Driver:
         now = self._clock.now()
         expires = state.lease_expires_at if state.lease_expires_at is not None else now
         run = _Run(machine, state, self._clock.monotonic() + expires - now)
-        action = machine.next_action(state)
-        if recovered and isinstance(action, RunStage):
-            run.resumed = {step.name for step in action.steps}
         self._runs[state.saga_id] = run
-        run.task = asyncio.create_task(self._drive(run), name=f"saga:{state.saga_id}")
+        run.task = asyncio.create_task(self._drive(run, recovered), name=f"saga:{state.saga_id}")
 
-    async def _drive(self, run: _Run) -> None:
+    async def _drive(self, run: _Run, recovered: bool) -> None:
         try:
-            await self._run_to_the_end(run)
+            await self._run_to_the_end(run, recovered)
         finally:  # (a stuck run stays listed until its alert is out: a close releases it)
             if self._runs.get(run.state.saga_id) is run:
                 del self._runs[run.state.saga_id]
 
-    async def _run_to_the_end(self, run: _Run) -> None:
+    async def _run_to_the_end(self, run: _Run, recovered: bool) -> None:
         try:
+            if recovered:  # in the run, not in _spawn: a row its definition cannot run
+                action = run.machine.next_action(run.state)  # (an index past its steps)
+                if isinstance(action, RunStage):  # stops only itself, not the whole claim
+                    run.resumed = {step.name for step in action.steps}
             await self._advance(run)
         except LeaseLost as exc:
             self.stats["lease_lost"] += 1

@@ -1,0 +1,55 @@
+"""Recovery on PostgreSQL: what a worker's claim loop does with rows it cannot run."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import pytest
+
+from seamwork.saga import Saga, SagaOrchestrator, SagaState, SagaStatus, Step, StepContext
+from seamwork.storage import PostgresStore
+
+
+async def _noop(ctx: StepContext) -> None:
+    return None
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.02)
+
+
+async def _seed(dsn: str, *states: SagaState) -> None:
+    store = PostgresStore(dsn)
+    await store.open()
+    try:
+        for state in states:
+            await store.create(state, [])
+    finally:
+        await store.aclose()
+
+
+async def test_a_row_its_definition_cannot_run_stops_only_itself_not_the_worker(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A v1 saga stored at step 3 of a definition that now has one step (edited without
+    a version bump): the worker still opens and runs the other sagas; that one is
+    logged and counted as an error. Before, its claim raised out of the start-up
+    recovery and the worker could not start at all."""
+    saga = Saga("order", steps=[Step("a", _noop)])
+    await _seed(
+        pg_dsn,
+        SagaState("bad", "order", 1, SagaStatus.RUNNING, current_step_index=3, updated_at=1.0),
+        SagaState("good", "order", 1, SagaStatus.RUNNING, updated_at=2.0),
+    )
+    caplog.set_level(logging.CRITICAL, logger="seamwork.saga")
+    orch = SagaOrchestrator(PostgresStore(pg_dsn), [saga], lease_seconds=1.0, recovery_interval=0.1)
+    async with orch:
+        final = await asyncio.wait_for(orch.handle("good").wait(), 5.0)
+        await asyncio.wait_for(_until(lambda: orch.stats["errors"] == 1), 5.0)
+        bad = await orch.get("bad")
+    assert final.status is SagaStatus.COMPLETED
+    assert bad is not None
+    assert (bad.status, bad.current_step_index) == (SagaStatus.RUNNING, 3)
