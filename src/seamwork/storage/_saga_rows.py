@@ -112,6 +112,35 @@ def decode(row: Sequence[Any], parse: Callable[[Any], Any] | None = None) -> Sag
         raise CorruptSagaError(saga_id, f"{type(exc).__name__}: {exc}") from exc
 
 
+def take_claimable(
+    found: ClaimResult,
+    rows: Sequence[Sequence[Any]],
+    limit: int,
+    skip: list[str],
+    parse: Callable[[Any], Any] | None = None,
+) -> int:
+    """Decode a page of claim candidates (``rows``, read with the page size this returned
+    last, ``limit`` at first) into ``found``: at most ``limit`` claimed, the ids of
+    corrupt rows added to ``skip``. Returns the next page's size, 0 when done.
+
+    Corrupt rows are never leased, so they stay the oldest claimable ones: counted
+    against the limit, they would fill every claim of a worker with little room. The
+    next page skips them and reads as many more rows as were skipped so far, so a run
+    of corrupt rows costs a few pages, not one each."""
+    asked = limit - len(found.claimed) + len(skip)
+    for row in rows:
+        if len(found.claimed) == limit:
+            return 0
+        try:
+            found.claimed.append(decode(row, parse))
+        except CorruptSagaError as error:
+            found.corrupt.append(error)
+            skip.append(error.saga_id)
+    if len(found.claimed) == limit or len(rows) < asked:
+        return 0  # (a short page: nothing more to claim)
+    return limit - len(found.claimed) + len(skip)
+
+
 def split_claimed(found: ClaimResult, owner: str, expires: float) -> ClaimResult:
     """What a claim leased to ``owner`` until ``expires``: stuck sagas (an alert owed)
     apart from the ones to run."""

@@ -21,7 +21,6 @@ import psycopg
 
 from seamwork.errors import (
     ConfigError,
-    CorruptSagaError,
     InvalidSagaOperation,
     LeaseLost,
     StoreError,
@@ -50,6 +49,7 @@ from seamwork.storage._saga_rows import (
     list_query,
     split_claimed,
     state_values,
+    take_claimable,
 )
 
 SAGA_MIGRATIONS = (
@@ -130,7 +130,7 @@ _CLAIM = (
     f"SELECT {COLUMNS} FROM seamwork_sagas WHERE status IN ('running', 'compensating', "
     "'stuck') AND (lease_expires_at < %s OR lease_owner IS NULL AND status <> 'stuck') AND "
     "(status = 'stuck' OR (saga_name, saga_version) IN "
-    "(SELECT * FROM unnest(%s::text[], %s::int[]))) "
+    "(SELECT * FROM unnest(%s::text[], %s::int[]))) AND saga_id <> ALL(%s::text[]) "
     "ORDER BY updated_at LIMIT %s FOR UPDATE SKIP LOCKED"
 )
 _ACTIVE = ("running", "compensating")
@@ -401,12 +401,11 @@ class PostgresStore:
             async with deadline(self._deadline, conns), self._pool.connection() as conn:
                 conns.append(conn)
                 async with conn.transaction():
-                    cursor = await conn.execute(_CLAIM, (now, names, versions, limit))
-                    for row in await cursor.fetchall():
-                        try:
-                            result.claimed.append(decode(row))
-                        except CorruptSagaError as error:
-                            result.corrupt.append(error)
+                    skip: builtins.list[str] = []  # corrupt rows: never leased, never counted
+                    page = limit
+                    while page:
+                        cursor = await conn.execute(_CLAIM, (now, names, versions, skip, page))
+                        page = take_claimable(result, await cursor.fetchall(), limit, skip)
                     expires = now + lease_seconds
                     ids = [s.saga_id for s in result.claimed]
                     if ids:

@@ -22,10 +22,9 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from seamwork._core.codec import loads
+from seamwork._core.codec import dumps, loads
 from seamwork.errors import (
     ConfigError,
-    CorruptSagaError,
     InvalidSagaOperation,
     LeaseLost,
     StoreLocked,
@@ -43,6 +42,7 @@ from seamwork.storage._saga_rows import (
     list_query,
     split_claimed,
     state_values,
+    take_claimable,
 )
 from seamwork.storage._sqlite_writer import Migration, SQLiteWriter, Synchronous
 
@@ -130,7 +130,8 @@ _ACTIVE = ("running", "compensating")
 _CLAIM = (
     f"SELECT {COLUMNS} FROM seamwork_sagas WHERE status IN ('running', 'compensating', "
     "'stuck') AND (lease_expires_at < ? OR lease_owner IS NULL AND status <> 'stuck') "
-    "AND (status = 'stuck' OR {keys}) ORDER BY updated_at LIMIT ?"
+    "AND (status = 'stuck' OR {keys}) AND saga_id NOT IN (SELECT value FROM json_each(?)) "
+    "ORDER BY updated_at LIMIT ?"
 )
 
 
@@ -309,11 +310,11 @@ class SQLiteStore:
 
         def claim(conn: sqlite3.Connection) -> ClaimResult:
             found = ClaimResult()
-            for row in conn.execute(sql, (now, *key_params, limit)).fetchall():
-                try:
-                    found.claimed.append(_decode(row))
-                except CorruptSagaError as error:
-                    found.corrupt.append(error)
+            skip: list[str] = []  # corrupt rows: never leased, never counted
+            page = limit
+            while page:
+                rows = conn.execute(sql, (now, *key_params, dumps(skip), page)).fetchall()
+                page = take_claimable(found, rows, limit, skip, loads)
             expires = now + lease_seconds
             conn.executemany(
                 "UPDATE seamwork_sagas SET lease_owner = ?, lease_expires_at = ? WHERE saga_id = ?",

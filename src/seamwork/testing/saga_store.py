@@ -267,6 +267,18 @@ class SagaStoreContract:
             await store.get("bad")
         assert [s.saga_id for s in await store.list()] == ["good"]
 
+    async def test_corrupt_rows_do_not_use_up_a_claims_limit(self, store: SagaStore) -> None:
+        """Corrupt rows are never leased, so they stay the oldest claimable ones: counted
+        against the limit, they filled every claim of a worker with little room (a
+        ``max_running=1`` worker claimed nothing ever again)."""
+        for at, saga_id in enumerate(("bad1", "bad2", "good"), start=1):
+            await store.create(saga_state(saga_id, lease_owner=None, updated_at=float(at)), [])
+        await self.corrupt(store, "bad1")
+        await self.corrupt(store, "bad2")
+        result = await store.claim(OWNER, [KEY], now=1.0, lease_seconds=30.0, limit=1)
+        assert [s.saga_id for s in result.claimed] == ["good"]
+        assert sorted(e.saga_id for e in result.corrupt) == ["bad1", "bad2"]
+
     async def test_renew_extends_only_the_owners_leases(self, store: SagaStore) -> None:
         await store.create(saga_state("mine"), [])
         await store.create(saga_state("theirs", lease_owner=OTHER), [])
