@@ -90,3 +90,13 @@ async def test_an_open_that_fails_half_way_leaves_no_connection_behind(pg_dsn: s
             )
             admin.execute(f"DROP OWNED BY {role}".encode())
             admin.execute(f"DROP ROLE {role}".encode())
+
+
+@pytest.mark.parametrize("seconds", [0, -1.0, float("nan")])
+def test_a_query_timeout_that_is_not_positive_is_refused(seconds: float) -> None:
+    """NaN too, as by the other PostgreSQL stores: it passed ``<= 0`` and left every
+    statement without a deadline (a stalled server was waited on for good)."""
+    from seamwork.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="query_timeout"):
+        PostgresStore("dbname=unused", query_timeout=seconds)

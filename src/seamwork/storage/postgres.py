@@ -274,7 +274,7 @@ class PostgresStore:
     ) -> None:
         if not dsn:
             raise ConfigError("PostgresStore needs a DSN")
-        if query_timeout <= 0:
+        if not query_timeout > 0:  # (NaN too: it would leave every statement unbounded)
             raise ConfigError(f"query_timeout must be > 0 seconds, got {query_timeout!r}")
         self._dsn = dsn
         self._deadline = query_timeout
