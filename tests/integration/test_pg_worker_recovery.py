@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
 from collections.abc import Callable
 
+import psycopg
 import pytest
 
 from seamwork.saga import Saga, SagaOrchestrator, SagaState, SagaStatus, Step, StepContext
@@ -53,3 +56,39 @@ async def test_a_row_its_definition_cannot_run_stops_only_itself_not_the_worker(
     assert final.status is SagaStatus.COMPLETED
     assert bad is not None
     assert (bad.status, bad.current_step_index) == (SagaStatus.RUNNING, 3)
+
+
+async def test_renew_and_release_go_past_pooled_connections_the_server_dropped(
+    pg_dsn: str,
+) -> None:
+    """After a database restart (or a failover) the pool still holds the dead idle
+    connections. A renewal that failed on each in turn cost a recovery round apiece,
+    and with a tight lease the worker stopped its sagas as if their leases were lost."""
+    name = f"seamwork_renew_{uuid.uuid4().hex[:8]}"
+    store = PostgresStore(f"{pg_dsn} application_name={name}")
+    await store.open()
+    try:
+        leased = SagaState("s-1", "order", 1, SagaStatus.RUNNING, lease_owner="w1:a")
+        await store.create(leased, [])
+        await asyncio.gather(*(store.get("s-1") for _ in range(4)))  # the pool fills up
+        for call in ("renew", "release"):
+            await _terminate(pg_dsn, name)
+            if call == "renew":
+                kept = await store.renew("w1:a", ["s-1"], now=time.time(), lease_seconds=30)
+                assert kept == {"s-1"}
+            else:
+                await store.release("w1:a", ["s-1"])
+                stored = await store.get("s-1")
+                assert stored is not None
+                assert stored.lease_owner is None
+    finally:
+        await store.aclose()
+
+
+async def _terminate(dsn: str, application_name: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (application_name,),
+        )
+    await asyncio.sleep(0.2)  # the backends are gone; the pool does not know yet

@@ -421,7 +421,7 @@ class PostgresStore:
     async def renew(
         self, owner: str, saga_ids: Collection[str], *, now: float, lease_seconds: float
     ) -> set[str]:
-        rows = await self._fetch(
+        rows = await self._repeatable(
             f"UPDATE seamwork_sagas SET lease_expires_at = %s WHERE saga_id IN ({_OWNED_IN_ORDER}) "
             "RETURNING saga_id",
             (now + lease_seconds, owner, builtins.list(saga_ids)),
@@ -433,7 +433,7 @@ class PostgresStore:
     ) -> None:
         only = "" if status is None else " AND status = %s"
         fence = () if status is None else (status.value,)
-        await self._fetch(
+        await self._repeatable(
             "UPDATE seamwork_sagas SET lease_owner = NULL, lease_expires_at = NULL "
             f"WHERE saga_id IN ({_OWNED_IN_ORDER}){only} RETURNING saga_id",
             (owner, builtins.list(saga_ids), *fence),
@@ -463,8 +463,8 @@ class PostgresStore:
         """``_fetch`` for a read, tried again at once on a connection that broke (the
         pool hands out connections that died while idle - a terminated backend, a
         failover - and drops each after its failure; one more try than the pool holds
-        reaches a new connection). Writes are never retried here: their outcome would
-        be unknown."""
+        reaches a new connection). Other writes than ``_repeatable``'s are never retried
+        here: their outcome would be unknown."""
         for _ in range(self._read_attempts - 1):
             try:
                 return await self._fetch(sql, params)
@@ -472,6 +472,13 @@ class PostgresStore:
                 if not isinstance(exc.__cause__, psycopg.OperationalError):
                     raise  # a deadline passed: no time left for another try
         return await self._fetch(sql, params)
+
+    async def _repeatable(self, sql: str, params: tuple[Any, ...]) -> builtins.list[Any]:
+        """``_read`` for a write whose repeat changes nothing more (a renewal sets the
+        same expiry, a release clears a lease once): after a database restart the pool
+        still holds dead idle connections, and a renewal failing on each in turn cost a
+        recovery round apiece, long enough with a tight lease to stop its sagas."""
+        return await self._read(sql, params)
 
 
 def _escape_like(text: str) -> str:
