@@ -261,3 +261,29 @@ def test_seamwork_processes_run_on_uvloop_unless_told_otherwise(
     assert runtime.run(_loop_module()).startswith("uvloop")
     monkeypatch.setenv("SEAMWORK_LOOP", "asyncio")
     assert runtime.run(_loop_module()).startswith("asyncio")
+
+
+def test_hooks_refuse_an_async_callback_whose_coroutine_would_never_run() -> None:
+    """Hooks are called synchronously: an ``async def`` alert (``on_stuck``) only made a
+    coroutine that nobody awaited, so the alert never went out - and the stuck saga's
+    lease, its mark of an alert owed, was released as if it had."""
+    hooks = Hooks(["stuck"], logging.getLogger("test"))
+
+    async def page_on_call(state: object) -> None:
+        return None
+
+    with pytest.raises(ConfigError, match="async"):
+        hooks.on("stuck", page_on_call)
+
+
+def test_hooks_report_a_callback_that_returned_a_coroutine(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hooks = Hooks(["stuck"], logging.getLogger("test"))
+
+    async def page_on_call(state: object) -> None:
+        return None
+
+    hooks.on("stuck", lambda state: page_on_call(state))
+    hooks.emit("stuck", "s-1")  # (no "never awaited" warning either: it is closed)
+    assert "returned a coroutine" in caplog.text

@@ -7,6 +7,7 @@ component that called it. Emitting with no subscriber costs one dict lookup.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -38,6 +39,11 @@ class Hooks:
             raise ConfigError(f"unknown event {event!r}; known events: {known}")
         if not callable(callback):
             raise ConfigError(f"callback for {event!r} must be callable, got {callback!r}")
+        if inspect.iscoroutinefunction(callback):  # its coroutine would never run
+            raise ConfigError(
+                f"callback for {event!r} is async, but hooks are called synchronously: "
+                "use a plain function (it may start a task for async work)"
+            )
         listeners = self._subscribers.setdefault(event, [])
         listeners.append(callback)
         done = False
@@ -57,9 +63,18 @@ class Hooks:
             return
         for callback in tuple(listeners):
             try:
-                callback(*args)
+                result = callback(*args)
             except Exception:
                 self._logger.exception("hook %r for event %r raised; ignored", callback, event)
+                continue
+            if inspect.iscoroutine(result):  # (an object with an async __call__, a lambda)
+                result.close()
+                self._logger.error(
+                    "hook %r for event %r returned a coroutine, which hooks never await: "
+                    "it did not run",
+                    callback,
+                    event,
+                )
 
     def has(self, event: str) -> bool:
         return bool(self._subscribers.get(event))

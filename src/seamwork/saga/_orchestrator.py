@@ -118,7 +118,8 @@ class SagaOrchestrator(Driver, OpenClose):
             always runs here (refusing it would leave the caller's request undone).
         on_stuck: called with the ``SagaState`` of a saga that gave up compensating:
             at least once, since the saga keeps its lease until the alert is out; if
-            the process dies first, whoever claims the saga next sends the alert.
+            the process dies first, whoever claims the saga next sends the alert. A
+            plain function (hooks are called synchronously; an async one is refused).
         on_stranded: called with the list of sagas no registered definition can run.
     """
 
