@@ -92,3 +92,45 @@ async def _terminate(dsn: str, application_name: str) -> None:
             (application_name,),
         )
     await asyncio.sleep(0.2)  # the backends are gone; the pool does not know yet
+
+
+async def test_a_repeated_start_runs_its_own_earlier_saga_only_on_a_renewed_lease(
+    pg_dsn: str,
+) -> None:
+    """A start() whose commit was in doubt left the saga leased to this worker, unrun;
+    the client repeats the start after that lease expired. Before, the saga was run on
+    the expired lease: another worker's claim could take it at the same moment and run
+    its step too. Now the lease is renewed first (fenced on the owner)."""
+    entered, checked = asyncio.Event(), asyncio.Event()
+
+    async def step(ctx: StepContext) -> None:
+        entered.set()
+        await checked.wait()
+
+    saga = Saga("order", steps=[Step("a", step)])
+    orch = SagaOrchestrator(
+        PostgresStore(pg_dsn), [saga], lease_seconds=30.0, recovery_interval=10.0
+    )
+    async with orch:
+        expired = time.time() - 1.0
+        await _seed(
+            pg_dsn,
+            SagaState(
+                "s-1",
+                "order",
+                1,
+                SagaStatus.RUNNING,
+                lease_owner=orch.owner,
+                lease_expires_at=expired,
+            ),
+        )
+        await orch.start("order", {}, saga_id="s-1")
+        await asyncio.wait_for(entered.wait(), 5.0)
+        stored = await orch.get("s-1")
+        checked.set()
+        final = await asyncio.wait_for(orch.handle("s-1").wait(), 5.0)
+    assert stored is not None
+    assert stored.lease_owner == orch.owner
+    assert stored.lease_expires_at is not None
+    assert stored.lease_expires_at > time.time() + 20, "its step ran on an expired lease"
+    assert final.status is SagaStatus.COMPLETED

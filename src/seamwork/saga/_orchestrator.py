@@ -338,13 +338,23 @@ class SagaOrchestrator(Driver, OpenClose):
                 and existing.status.active
                 and saga_id not in self._runs
             ):  # our own earlier start whose commit was in doubt: run it now
-                machine = self._machines[(existing.saga_name, existing.saga_version)]
-                self._spawn(machine, existing, recovered=True)
+                await self._run_own(existing)
             return SagaRun(self, saga_id)
         self.stats["started"] += 1
         self.hooks.emit("started", begun.state)
         self._spawn(machine, begun.state)
         return SagaRun(self, saga_id)
+
+    async def _run_own(self, state: SagaState) -> None:
+        """Run a saga found leased here with no run, on a lease renewed first: the one
+        it has may have expired, and another worker's claim may take it any moment."""
+        now = self._clock.now()
+        kept = await self._store.renew(
+            self.owner, [state.saga_id], now=now, lease_seconds=self._lease
+        )
+        if state.saga_id in kept and state.saga_id not in self._runs:
+            machine = self._machines[(state.saga_name, state.saga_version)]
+            self._spawn(machine, state.evolve(lease_expires_at=now + self._lease), recovered=True)
 
     def handle(self, saga_id: str) -> SagaRun:
         """A handle on an existing saga (e.g. one recovered after a restart) to ``wait`` on."""
