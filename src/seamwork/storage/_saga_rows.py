@@ -116,29 +116,28 @@ def take_claimable(
     found: ClaimResult,
     rows: Sequence[Sequence[Any]],
     limit: int,
-    skip: list[str],
+    seen: list[str],
     parse: Callable[[Any], Any] | None = None,
 ) -> int:
     """Decode a page of claim candidates (``rows``, read with the page size this returned
-    last, ``limit`` at first) into ``found``: at most ``limit`` claimed, the ids of
-    corrupt rows added to ``skip``. Returns the next page's size, 0 when done.
+    last, ``limit`` at first, and without the ids in ``seen``) into ``found``: at most
+    ``limit`` claimed, corrupt ones reported, every id read added to ``seen``. Returns
+    the next page's size, 0 when done.
 
     Corrupt rows are never leased, so they stay the oldest claimable ones: counted
     against the limit, they would fill every claim of a worker with little room. The
-    next page skips them and reads as many more rows as were skipped so far, so a run
-    of corrupt rows costs a few pages, not one each."""
-    asked = limit - len(found.claimed) + len(skip)
+    next page reads past every row read so far (the claimed ones too: read again, they
+    would be claimed twice), so a run of corrupt rows costs a page, not a claim."""
+    asked = limit - len(found.claimed)
     for row in rows:
-        if len(found.claimed) == limit:
-            return 0
         try:
             found.claimed.append(decode(row, parse))
         except CorruptSagaError as error:
             found.corrupt.append(error)
-            skip.append(error.saga_id)
+        seen.append(str(row[0]))
     if len(found.claimed) == limit or len(rows) < asked:
         return 0  # (a short page: nothing more to claim)
-    return limit - len(found.claimed) + len(skip)
+    return limit - len(found.claimed)
 
 
 def split_claimed(found: ClaimResult, owner: str, expires: float) -> ClaimResult:

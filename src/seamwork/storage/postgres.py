@@ -401,11 +401,11 @@ class PostgresStore:
             async with deadline(self._deadline, conns), self._pool.connection() as conn:
                 conns.append(conn)
                 async with conn.transaction():
-                    skip: builtins.list[str] = []  # corrupt rows: never leased, never counted
+                    seen: builtins.list[str] = []  # ids read: the next page reads past them
                     page = limit
                     while page:
-                        cursor = await conn.execute(_CLAIM, (now, names, versions, skip, page))
-                        page = take_claimable(result, await cursor.fetchall(), limit, skip)
+                        cursor = await conn.execute(_CLAIM, (now, names, versions, seen, page))
+                        page = take_claimable(result, await cursor.fetchall(), limit, seen)
                     expires = now + lease_seconds
                     ids = [s.saga_id for s in result.claimed]
                     if ids:

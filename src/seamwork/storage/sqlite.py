@@ -310,11 +310,11 @@ class SQLiteStore:
 
         def claim(conn: sqlite3.Connection) -> ClaimResult:
             found = ClaimResult()
-            skip: list[str] = []  # corrupt rows: never leased, never counted
+            seen: list[str] = []  # ids read: the next page reads past them
             page = limit
             while page:
-                rows = conn.execute(sql, (now, *key_params, dumps(skip), page)).fetchall()
-                page = take_claimable(found, rows, limit, skip, loads)
+                rows = conn.execute(sql, (now, *key_params, dumps(seen), page)).fetchall()
+                page = take_claimable(found, rows, limit, seen, loads)
             expires = now + lease_seconds
             conn.executemany(
                 "UPDATE seamwork_sagas SET lease_owner = ?, lease_expires_at = ? WHERE saga_id = ?",

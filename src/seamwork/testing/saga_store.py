@@ -279,6 +279,16 @@ class SagaStoreContract:
         assert [s.saga_id for s in result.claimed] == ["good"]
         assert sorted(e.saga_id for e in result.corrupt) == ["bad1", "bad2"]
 
+    async def test_a_claim_past_corrupt_rows_claims_each_saga_once(self, store: SagaStore) -> None:
+        """A claim that read on past a corrupt row read the sagas it had already claimed
+        again: the next page must start after them, not return them twice."""
+        for at, saga_id in enumerate(("good1", "bad", "good2", "good3"), start=1):
+            await store.create(saga_state(saga_id, lease_owner=None, updated_at=float(at)), [])
+        await self.corrupt(store, "bad")
+        result = await store.claim(OWNER, [KEY], now=1.0, lease_seconds=30.0, limit=2)
+        assert [s.saga_id for s in result.claimed] == ["good1", "good2"]
+        assert [e.saga_id for e in result.corrupt] == ["bad"]
+
     async def test_renew_extends_only_the_owners_leases(self, store: SagaStore) -> None:
         await store.create(saga_state("mine"), [])
         await store.create(saga_state("theirs", lease_owner=OTHER), [])
