@@ -11,6 +11,11 @@ at once and the caller sleeps the difference, so waiters are served in order. A 
 cancelled while it sleeps gives its place back when nobody reserved after it (the TAT
 is still the one it set); behind later waiters, its place stays spent: moving them
 forward would break the promise made to each about when it runs.
+
+The TAT is kept as a clock reading plus an offset (how far ahead of that reading it
+is), re-based on each reservation. Monotonic readings grow with the host's uptime, and
+an absolute TAT there loses the low bits of every interval added to it: after a year
+of uptime a limiter of 10/s refused the first call from idle.
 """
 
 from __future__ import annotations
@@ -29,39 +34,42 @@ from seamwork.resilience._policy import Policy
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_EPSILON = 1e-9  # float slack so exactly `burst` calls fit from idle
+_EPSILON = 1e-9  # float slack (per second of bucket) so exactly `burst` calls fit from idle
 
 
 class Gcra:
     """Pure GCRA decisions for ``rate`` calls per second with bursts of ``burst``."""
 
-    __slots__ = ("_tat", "burst", "interval", "rate")
+    __slots__ = ("_ahead", "_base", "_slack", "burst", "interval", "rate")
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate, self.burst = rate, burst
         self.interval = 1.0 / rate
-        self._tat = -math.inf
+        # The TAT is _base + _ahead: _base a clock reading, _ahead small (see the
+        # module docstring), so no arithmetic below loses the bits of an interval.
+        self._base, self._ahead = 0.0, -math.inf
+        self._slack = _EPSILON * max(1.0, burst * self.interval)
 
     def reserve(self, now: float, cost: int = 1, max_wait: float = 0.0) -> float | None:
         """Seconds to wait before proceeding (0: now), or None: refused, nothing taken."""
-        tat = self._tat if self._tat > now else now
-        new_tat = tat + cost * self.interval
-        wait = new_tat - now - self.burst * self.interval
-        if wait > max_wait + _EPSILON:
+        ahead = (self._base - now) + self._ahead  # the TAT's lead on now
+        new_ahead = (ahead if ahead > 0.0 else 0.0) + cost * self.interval
+        wait = new_ahead - self.burst * self.interval
+        if wait > max_wait + self._slack:
             return None
-        self._tat = new_tat
+        self._base, self._ahead = now, new_ahead
         return wait if wait > 0.0 else 0.0
 
     @property
     def tat(self) -> float:
         """The theoretical arrival time: when the bucket is full again if no call comes."""
-        return self._tat
+        return self._base + self._ahead
 
     def cancel(self, tat: float, cost: int) -> bool:
         """Give back a reservation that moved the TAT to ``tat``, if it is the latest."""
-        if self._tat != tat:
+        if self.tat != tat:
             return False
-        self._tat = tat - cost * self.interval
+        self._ahead -= cost * self.interval
         return True
 
     def available(self, now: float) -> float:
@@ -70,8 +78,8 @@ class Gcra:
         Waiters' reservations move the TAT past ``burst`` intervals ahead; the tokens
         they were promised are not in the bucket, but the bucket holds no fewer than 0.
         """
-        ahead = (self._tat - now) / self.interval if self._tat > now else 0.0
-        return max(self.burst - ahead, 0.0)
+        ahead = (self._base - now) + self._ahead
+        return max(self.burst - (ahead / self.interval if ahead > 0.0 else 0.0), 0.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 import math
 from collections import deque
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -128,6 +129,27 @@ def test_gcra_admits_exactly_a_burst_from_idle_then_the_rate() -> None:
     assert [core.reserve(100.0) is not None for _ in range(6)] == [True] * 5 + [False]
     assert core.reserve(100.1) is not None
     assert core.reserve(100.1) is None
+
+
+@pytest.mark.parametrize("now", [1e6, 1e7, 3e7, 1e8])  # monotonic readings: 12 days to 3 years up
+@pytest.mark.parametrize(("rate", "burst"), [(10.0, 1), (3.0, 5), (1000.0, 10), (7.0, 100)])
+def test_gcra_admits_a_full_burst_from_idle_on_a_long_running_clock(
+    now: float, rate: float, burst: int
+) -> None:
+    # Absolute clock readings lose the low bits of a reservation: on a host up for a
+    # year, a limiter of 10/s refused the very first call from idle.
+    core = Gcra(rate, burst)
+    assert [core.reserve(now) is not None for _ in range(burst + 1)] == [True] * burst + [False]
+    later = now + 1.5 / rate  # (now + 1 / rate itself rounds, to a reading a bit early)
+    assert core.reserve(later) is not None  # one interval later: one more token
+    assert core.reserve(later) is None
+
+
+def test_gcra_admits_a_full_burst_of_a_wide_bucket() -> None:
+    # 250 an hour, bursts of 3,000: the bucket spans 12 hours, and 3,000 rounded
+    # additions of an interval overshot a slack of a nanosecond.
+    core = Gcra(rate=250 / 3600, burst=3000)
+    assert sum(core.reserve(0.0) is not None for _ in range(3001)) == 3000
 
 
 class BudgetRules(RuleBasedStateMachine):
