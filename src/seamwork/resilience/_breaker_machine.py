@@ -276,9 +276,11 @@ class BreakerMachine:
     def reset_timeout(self) -> float:
         """The current OPEN pause, grown for each consecutive opening."""
         cfg = self.config
-        pause = cfg.reset_timeout * cfg.reset_timeout_multiplier ** max(
-            self._consecutive_opens - 1, 0
-        )
+        try:
+            growth = cfg.reset_timeout_multiplier ** max(self._consecutive_opens - 1, 0)
+        except OverflowError:  # a long outage: grown past any float, so past any cap
+            growth = math.inf
+        pause = cfg.reset_timeout * growth
         return pause if cfg.max_reset_timeout is None else min(pause, cfg.max_reset_timeout)
 
     def state_at(self, now: float) -> BreakerState:

@@ -175,6 +175,27 @@ def test_reset_timeout_grows_per_consecutive_open_up_to_its_cap() -> None:
     assert pauses == [1.0, 2.0, 4.0, 5.0, 5.0]
 
 
+def test_reset_timeout_stays_at_its_cap_through_a_long_outage() -> None:
+    # 2.0 ** 1024 overflows a float: after ~1,000 failed probes (17 hours at a
+    # 60 s cap) every acquire raised OverflowError instead of probing or rejecting.
+    cfg = BreakerConfig(
+        minimum_calls=1,
+        window_calls=1,
+        reset_timeout=1.0,
+        reset_timeout_multiplier=2.0,
+        max_reset_timeout=60.0,
+    )
+    machine, now = BreakerMachine(cfg), 0.0
+    _tripped(machine)
+    for _ in range(1100):
+        now += machine.reset_timeout
+        machine.on_failure(machine.acquire(now), now, 0.0)
+    assert machine.state is OPEN
+    assert machine.reset_timeout == 60.0
+    assert machine.acquire(now + 59.0) == REJECT
+    assert machine.acquire(now + 60.0) >= 0
+
+
 def test_a_call_admitted_before_opening_does_not_decide_half_open() -> None:
     machine = BreakerMachine(BreakerConfig(minimum_calls=1, window_calls=1, reset_timeout=1.0))
     early = machine.acquire(0.0)
