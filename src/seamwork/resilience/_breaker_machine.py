@@ -147,8 +147,15 @@ class BreakerConfig:
                 raise ConfigError("window and window_calls are exclusive; set one of them")
             if self.window_calls < self.minimum_calls:
                 raise ConfigError("window_calls must be >= minimum_calls, or it can never trip")
-        if self.reset_timeout_multiplier < 1.0:
-            raise ConfigError("reset_timeout_multiplier must be >= 1.0")
+        multiplier = self.reset_timeout_multiplier
+        if (
+            isinstance(multiplier, bool)
+            or not isinstance(multiplier, int | float)
+            or not multiplier >= 1.0  # NaN fails too
+        ):
+            raise ConfigError(
+                f"reset_timeout_multiplier must be a number >= 1.0, got {multiplier!r}"
+            )
         if self.half_open_mode not in ("reject", "wait"):
             raise ConfigError("half_open_mode must be 'reject' or 'wait'")
 

@@ -1,5 +1,6 @@
 """Bad settings raise ConfigError naming the field, at construction."""
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,9 @@ CASES: list[tuple[str, Callable[[], Any]]] = [
     ("timeout", lambda: CircuitBreaker("b", timeout=-1.0)),
     ("max_reset_timeout", lambda: CircuitBreaker("b", reset_timeout=5, max_reset_timeout=1)),
     ("reset_timeout_multiplier", lambda: CircuitBreaker("b", reset_timeout_multiplier=0.5)),
+    # NaN: the second opening's pause was NaN, and the circuit never probed again
+    ("reset_timeout_multiplier", lambda: CircuitBreaker("b", reset_timeout_multiplier=math.nan)),
+    ("reset_timeout_multiplier", lambda: CircuitBreaker("b", reset_timeout_multiplier="2")),  # type: ignore[arg-type]
     ("half_open_mode", lambda: CircuitBreaker("b", half_open_mode="maybe")),  # type: ignore[arg-type]
     ("exclude", lambda: CircuitBreaker("b", exclude=[KeyError])),  # type: ignore[arg-type]
     ("name", lambda: CircuitBreaker("")),
