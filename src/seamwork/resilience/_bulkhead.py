@@ -208,8 +208,11 @@ class Bulkhead(Policy):
 
     def _wait_sync(self) -> None:
         waiter = self._enqueue(_SyncWaiter())
+        limit = self.max_wait
+        if limit is not None and limit > threading.TIMEOUT_MAX:  # inf: the thread's "forever"
+            limit = None
         try:
-            woken = waiter.event.wait(self.max_wait)
+            woken = waiter.event.wait(limit)
         except BaseException:  # KeyboardInterrupt, or whatever a signal handler raises
             if not self._withdraw(waiter):
                 self._pass_on(waiter)  # interrupted while handed a slot

@@ -3,7 +3,10 @@
 import asyncio
 import functools
 import inspect
+import math
 import random
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -103,6 +106,31 @@ def test_bulkhead_sync_driver_rejects_when_full() -> None:
     bulkhead.call_sync(nested)
     assert inner == [True]
     assert bulkhead.stats().rejected_total == 1
+
+
+def test_bulkhead_sync_caller_with_an_infinite_max_wait_waits_for_a_slot() -> None:
+    # threading.Event.wait(inf) raises OverflowError: a queued plain caller failed
+    # at once instead of waiting, where an async one waited as told.
+    bulkhead, outcome = Bulkhead("db", 1, max_queue=1, max_wait=math.inf), []
+
+    def wait_in_line() -> None:
+        try:
+            outcome.append(bulkhead.call_sync(lambda: "ran"))
+        except Exception as error:
+            outcome.append(error)
+
+    waiter = threading.Thread(target=wait_in_line)
+
+    def hold() -> None:
+        waiter.start()
+        deadline = time.monotonic() + 5.0
+        while not outcome and bulkhead.stats().queued == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    bulkhead.call_sync(hold)
+    waiter.join(5.0)
+    assert outcome == ["ran"]
+    assert bulkhead.stats().active == 0
 
 
 def test_bulkheads_give_one_pool_per_dependency() -> None:
