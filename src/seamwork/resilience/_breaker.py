@@ -183,6 +183,9 @@ class CircuitBreaker(Policy):
         failure_rate = _failure_rate(failure_rate, error_threshold_percentage)
         check.seconds("timeout", timeout)
         _check_exclude(exclude)
+        for field, hook in (("failure_if", failure_if), ("fallback", fallback)):
+            if hook is not None and not callable(hook):
+                raise ConfigError(f"{field} must be callable, got {hook!r}")
         self.name = name
         self.config = BreakerConfig(
             failure_rate, minimum_calls, window, window_calls, window_buckets,

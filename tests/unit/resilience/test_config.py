@@ -44,6 +44,9 @@ CASES: list[tuple[str, Callable[[], Any]]] = [
     ("half_open_mode", lambda: CircuitBreaker("b", half_open_mode="maybe")),  # type: ignore[arg-type]
     ("exclude", lambda: CircuitBreaker("b", exclude=[KeyError])),  # type: ignore[arg-type]
     ("name", lambda: CircuitBreaker("")),
+    # not callable: each call (or each failure) ran, then ended in a bare TypeError
+    ("failure_if", lambda: CircuitBreaker("b", failure_if=True)),  # type: ignore[arg-type]
+    ("fallback", lambda: CircuitBreaker("b", fallback="queued")),  # type: ignore[arg-type]
     ("max_concurrent", lambda: Bulkhead("p", 0)),
     ("max_queue", lambda: Bulkhead("p", 1, max_queue=-1)),
     ("max_wait", lambda: Bulkhead("p", 1, max_wait=-0.5)),
