@@ -116,6 +116,8 @@ class RateLimiter(Policy):
         name: str = "rate-limiter",
         clock: Clock | None = None,
     ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"name must be a non-empty str, got {name!r}")
         check.positive("rate", rate)
         check.count("burst", burst)
         check.seconds("max_wait", max_wait, allow_zero=True)

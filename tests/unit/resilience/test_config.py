@@ -55,6 +55,8 @@ CASES: list[tuple[str, Callable[[], Any]]] = [
     ("rate", lambda: RateLimiter(0)),
     ("rate", lambda: RateLimiter(float("inf"))),
     ("burst", lambda: RateLimiter(1.0, burst=0)),
+    ("name", lambda: RateLimiter(1.0, name="")),
+    ("name", lambda: RateLimiter(1.0, name=None)),  # type: ignore[arg-type]
     ("max_wait", lambda: RateLimiter(1.0, max_wait=-1)),
     ("cost", lambda: RateLimiter(1.0, burst=2).try_acquire(3)),
     ("max_wait", lambda: RateLimiter(1.0).acquire_sync(max_wait=-1.0)),
