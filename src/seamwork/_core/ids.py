@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 _IDS_PER_READ = 256
 _random = threading.local()
+# The id's first 13 characters for the last millisecond seen (every thread's ids of
+# that millisecond share it): (millisecond, "xxxxxxxx-xxxx")
+_prefix: tuple[int, str] = (-1, "")
+# A random hex digit's two low bits under the variant bits 10 (8, 9, a or b).
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 def _forget_random_bytes() -> None:
@@ -17,27 +23,33 @@ def _forget_random_bytes() -> None:
 os.register_at_fork(after_in_child=_forget_random_bytes)
 
 
-def _random_80_bits() -> int:
-    """80 bits from the OS's CSPRNG, read for 256 ids at a time (a syscall is ~10 us
-    on some VMs: more than the rest of an append), per thread."""
-    state = _random.__dict__
-    buffer: bytes = state.get("buffer", b"")
-    offset: int = state.get("offset", 0)
-    if offset >= len(buffer):
-        buffer, offset = os.urandom(10 * _IDS_PER_READ), 0
-        state["buffer"] = buffer
-    state["offset"] = offset + 10
-    return int.from_bytes(buffer[offset : offset + 10], "big")
+def _random_tails() -> Iterator[str]:
+    """The last 23 characters of 256 ids - version 7, 74 random bits, variant 10 - from
+    one read of the OS's CSPRNG (a syscall is ~10 us on some VMs: more than the rest of
+    an append), per thread."""
+    digits = os.urandom(10 * _IDS_PER_READ).hex()
+    variant = _VARIANT
+    return iter(
+        [
+            f"-7{digits[i : i + 3]}-{variant[digits[i + 3]]}{digits[i + 4 : i + 7]}-"
+            f"{digits[i + 7 : i + 19]}"
+            for i in range(0, len(digits), 20)
+        ]
+    )
 
 
 def new_id() -> str:
     """Return a fresh UUIDv7 string: 48 bits of Unix milliseconds, then 74 random bits."""
+    global _prefix
     millis = time.time_ns() // 1_000_000
-    rand = _random_80_bits()
-    value = (millis & 0xFFFF_FFFF_FFFF) << 80
-    value |= 0x7 << 76  # version
-    value |= ((rand >> 62) & 0xFFF) << 64  # rand_a
-    value |= 0b10 << 62  # variant
-    value |= rand & 0x3FFF_FFFF_FFFF_FFFF  # rand_b
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    last, prefix = _prefix
+    if millis != last:
+        h = f"{millis & 0xFFFF_FFFF_FFFF:012x}"
+        prefix = f"{h[:8]}-{h[8:]}"
+        _prefix = (millis, prefix)
+    try:
+        tails: Iterator[str] = _random.tails
+        return prefix + next(tails)
+    except (AttributeError, StopIteration):  # this thread's first id, or its tails ran out
+        _random.tails = tails = _random_tails()
+        return prefix + next(tails)
