@@ -32,6 +32,7 @@ MAX_KEY_BYTES: Final = 1024
 """Longest stream name, event id and snapshot name, in bytes of UTF-8. They are
 indexed, and a PostgreSQL btree entry holds at most about 2,700 bytes (a snapshot's
 key holds a stream name and a snapshot name): every store refuses a longer one."""
+_SHORT_KEY = MAX_KEY_BYTES // 4  # characters of at most 4 bytes of UTF-8 each: short enough
 
 
 def check_expected_version(expected: object) -> None:
@@ -149,29 +150,45 @@ class NewEvent:
     schema_version: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.type, str) or not self.type.strip():
-            raise ConfigError(f"an event type must be a non-empty string, got {self.type!r}")
-        check_no_nul(self.type, "an event type")
-        if not isinstance(self.data, Mapping):
-            raise ConfigError(
-                f"event {self.type!r}: data must be a mapping, got {type(self.data).__name__}"
-            )
-        if self.metadata is not None and not isinstance(self.metadata, Mapping):
-            raise ConfigError(f"event {self.type!r}: metadata must be a mapping or None")
-        if isinstance(self.schema_version, bool) or not isinstance(self.schema_version, int):
-            raise ConfigError(f"event {self.type!r}: schema_version must be an int")
-        if self.schema_version < 1:
-            raise ConfigError(f"event {self.type!r}: schema_version must be >= 1")
-        if self.schema_version > _MAX_SCHEMA_VERSION:  # a 32-bit column on PostgreSQL
-            raise ConfigError(
-                f"event {self.type!r}: schema_version must be <= {_MAX_SCHEMA_VERSION}"
-            )
-        if not isinstance(self.id, str) or not self.id:
-            raise ConfigError(
-                f"event {self.type!r}: id must be a non-empty string, got {self.id!r}"
-            )
-        check_no_nul(self.id, f"event {self.type!r}: the id")
-        check_key_length(self.id, f"event {self.type!r}: the id")
+        # the common event in one expression (exact types, a short id); anything else,
+        # good or bad, goes through the checks that name what is wrong
+        kind, id_ = self.type, self.id
+        if not (
+            type(kind) is str
+            and kind.strip()
+            and "\x00" not in kind
+            and type(self.data) is dict
+            and (self.metadata is None or type(self.metadata) is dict)
+            and type(self.schema_version) is int
+            and 0 < self.schema_version <= _MAX_SCHEMA_VERSION
+            and type(id_) is str
+            and 0 < len(id_) <= _SHORT_KEY
+            and "\x00" not in id_
+        ):
+            _check_new_event(self)
+
+
+def _check_new_event(event: NewEvent) -> None:
+    """Raise ``ConfigError`` naming what is wrong with ``event``'s fields, if anything."""
+    if not isinstance(event.type, str) or not event.type.strip():
+        raise ConfigError(f"an event type must be a non-empty string, got {event.type!r}")
+    check_no_nul(event.type, "an event type")
+    if not isinstance(event.data, Mapping):
+        raise ConfigError(
+            f"event {event.type!r}: data must be a mapping, got {type(event.data).__name__}"
+        )
+    if event.metadata is not None and not isinstance(event.metadata, Mapping):
+        raise ConfigError(f"event {event.type!r}: metadata must be a mapping or None")
+    if isinstance(event.schema_version, bool) or not isinstance(event.schema_version, int):
+        raise ConfigError(f"event {event.type!r}: schema_version must be an int")
+    if event.schema_version < 1:
+        raise ConfigError(f"event {event.type!r}: schema_version must be >= 1")
+    if event.schema_version > _MAX_SCHEMA_VERSION:  # a 32-bit column on PostgreSQL
+        raise ConfigError(f"event {event.type!r}: schema_version must be <= {_MAX_SCHEMA_VERSION}")
+    if not isinstance(event.id, str) or not event.id:
+        raise ConfigError(f"event {event.type!r}: id must be a non-empty string, got {event.id!r}")
+    check_no_nul(event.id, f"event {event.type!r}: the id")
+    check_key_length(event.id, f"event {event.type!r}: the id")
 
 
 @dataclass(slots=True)
