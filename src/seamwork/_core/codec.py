@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections.abc import Callable
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 from seamwork.errors import SerializationError
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_Encode = Callable[[Any, int], Any]  # value, indent level -> the text's chunks
 _SCALARS = (str, int, float, bool, type(None))
 # What a key json wrote from an int, float, bool or None looks like: a whole quoted
 # key (`":` ends only keys) that reads as a number or a constant. A quote escaped in a
@@ -29,9 +33,11 @@ _ODD_KEY = re.compile(r'"(?:[-0-9][0-9.eE+-]*|true|false|null)":')
 
 def dumps(value: Any, *, what: str = "value") -> str:
     """Encode ``value`` as compact JSON; ``what`` names it in the error message."""
+    encode, markers = _thread_encoder()
     try:
-        text = _ENCODER.encode(value)
+        text = "".join(encode(value, 0))
     except (TypeError, ValueError) as exc:
+        markers.clear()  # the objects it was inside when it failed
         path, reason = _first_problem(value, what)
         raise SerializationError(f"{path} is not JSON-serializable: {reason}") from exc
     if _ODD_KEY.search(text) is not None:
@@ -39,6 +45,32 @@ def dumps(value: Any, *, what: str = "value") -> str:
         if reason != "unknown":  # not just a string key that reads like a number
             raise SerializationError(f"{path} is not JSON-serializable: {reason}")
     return text
+
+
+# ``_ENCODER.encode`` builds a new C encoder for every value, which costs as much as
+# encoding a small event: each thread keeps one, with the dict in which it notes the
+# containers it is inside (to refuse a circular reference), empty between calls.
+_encoders = threading.local()
+
+
+def _thread_encoder() -> tuple[_Encode, dict[int, Any]]:
+    try:
+        encoder: tuple[_Encode, dict[int, Any]] = _encoders.encoder
+    except AttributeError:
+        encoder = _encoders.encoder = _new_encoder()
+    if encoder[1]:  # a call on this thread is under way (reentered) or was cut short
+        encoder = _encoders.encoder = _new_encoder()
+    return encoder
+
+
+def _new_encoder() -> tuple[_Encode, dict[int, Any]]:
+    markers: dict[int, Any] = {}
+    if c_make_encoder is None:  # no C accelerator: the pure-Python encoder
+        return lambda value, _: _ENCODER.iterencode(value, _one_shot=True), markers
+    encode = c_make_encoder(
+        markers, _ENCODER.default, encode_basestring, None, ":", ",", False, False, False
+    )
+    return encode, markers
 
 
 def loads(text: str | bytes) -> Any:
