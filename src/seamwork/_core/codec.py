@@ -47,6 +47,19 @@ def dumps(value: Any, *, what: str = "value") -> str:
     return text
 
 
+def dumps_clean(value: Any) -> str | None:
+    """``value`` as ``dumps`` encodes it, or None when ``dumps`` would look closer (the
+    value does not encode, or its text holds a key that may not have been a string):
+    the hot path, which builds no error label."""
+    encode, markers = _thread_encoder()
+    try:
+        text = "".join(encode(value, 0))
+    except (TypeError, ValueError):
+        markers.clear()
+        return None
+    return None if _ODD_KEY.search(text) is not None else text
+
+
 # ``_ENCODER.encode`` builds a new C encoder for every value, which costs as much as
 # encoding a small event: each thread keeps one, with the dict in which it notes the
 # containers it is inside (to refuse a circular reference), empty between calls.

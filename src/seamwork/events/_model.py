@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from seamwork._core.codec import dumps
+from seamwork._core.codec import dumps, dumps_clean
 from seamwork._core.ids import new_id
 from seamwork.errors import ConfigError, SerializationError
 
@@ -125,10 +125,16 @@ def encode_stream_metadata(stream: str, metadata: object) -> str:
 
 def encode_event(event: NewEvent) -> tuple[str, str | None]:
     """An event's data and metadata as stored JSON text (metadata None stays None)."""
-    data = encode_json(event.data, f"data of {event.type!r} event")
-    if event.metadata is None:
+    data = dumps_clean(event.data)
+    if data is None or "\\u0000" in data:  # let encode_json name the problem, if any
+        data = encode_json(event.data, f"data of {event.type!r} event")
+    metadata = event.metadata
+    if metadata is None:
         return data, None
-    return data, encode_json(event.metadata, f"metadata of {event.type!r}")
+    text = dumps_clean(metadata)
+    if text is None or "\\u0000" in text:
+        text = encode_json(metadata, f"metadata of {event.type!r}")
+    return data, text
 
 
 @dataclass(frozen=True, slots=True)
