@@ -1,4 +1,4 @@
-"""How ``NewEvent`` checks its fields: the common event and every other shape alike."""
+"""How ``NewEvent`` and stream names are checked: the common case and every other shape alike."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from seamwork.errors import ConfigError
 from seamwork.events import MAX_KEY_BYTES, NewEvent
+from seamwork.events._model import check_stream_name
 
 
 class Name(str):
@@ -57,3 +58,25 @@ def test_a_bad_field_is_refused_by_name(kwargs: dict[str, Any], message: str) ->
 def test_a_good_event_of_any_shape_is_accepted(kwargs: dict[str, Any]) -> None:
     event = NewEvent(**{"type": "A", **kwargs})
     assert all(getattr(event, field) is value for field, value in kwargs.items())
+
+
+@pytest.mark.parametrize(
+    ("stream", "message"),
+    [
+        ("", "must be a non-empty string"),
+        (" \n", "must be a non-empty string"),
+        (5, "must be a non-empty string"),
+        ("$all", "starting with '\\$' are reserved"),
+        ("a\x00", "must not contain a NUL"),
+        ("x" * (MAX_KEY_BYTES + 1), "must be at most 1024 bytes"),
+        ("\U0001f600" * 257, "must be at most 1024 bytes"),
+    ],
+)
+def test_a_bad_stream_name_is_refused_by_name(stream: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_stream_name(stream)
+
+
+@pytest.mark.parametrize("stream", [Name("s"), " $s", "x" * MAX_KEY_BYTES, "é" * 512])
+def test_a_good_stream_name_of_any_shape_is_accepted(stream: str) -> None:
+    assert check_stream_name(stream) is stream

@@ -54,6 +54,14 @@ def check_expected_version(expected: object) -> None:
 
 def check_stream_name(stream: object) -> str:
     """Return ``stream`` if it is a usable stream name, else raise ``ConfigError``."""
+    if (
+        type(stream) is str
+        and len(stream) <= _SHORT_KEY
+        and stream.strip()
+        and stream[0] != "$"
+        and "\x00" not in stream
+    ):
+        return stream  # the common name; any other goes through the checks that name why
     if not isinstance(stream, str) or not stream.strip():
         raise ConfigError(f"a stream name must be a non-empty string, got {stream!r}")
     if stream.startswith("$"):

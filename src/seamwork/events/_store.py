@@ -410,10 +410,13 @@ class EventStore(OpenClose, ABC):
         check_stream_name(stream)
         if not events:
             raise ConfigError(f"append to {stream!r} needs at least one event")
+        upcasters = self.upcasters
+        check = upcasters.known_types is not None
         for event in events:
-            if not isinstance(event, NewEvent):
+            if type(event) is not NewEvent and not isinstance(event, NewEvent):
                 raise ConfigError(f"append takes NewEvent objects, got {type(event).__name__}")
-            self.upcasters.check_known(event.type)
+            if check:
+                upcasters.check_known(event.type)
 
 
 def _adapter(module: str, name: str) -> Callable[..., EventStore]:
