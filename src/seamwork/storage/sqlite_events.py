@@ -235,27 +235,32 @@ class SQLiteEventStore(EventStore):
         expected_version: ExpectedVersion = ANY,
     ) -> AppendResult:
         self._check_append(stream, events)
-        check_expected_version(expected_version)
+        if expected_version is not ANY:
+            check_expected_version(expected_version)
         now = time.time()
         encoded = [(e.id, e.type, e.schema_version, *encode_event(e)) for e in events]
-
         versions = self._versions
 
         def append(conn: sqlite3.Connection) -> AppendResult:
             known = versions.get(stream)
             if known is None:
                 known = self._stream_version(conn, stream)
-            current, deleted = known
-            visible = -1 if deleted else current
-            if not (expected_version == visible or _satisfied(expected_version, visible)):
+            current = known[0]
+            visible = -1 if known[1] else current
+            if expected_version is not ANY and not (
+                expected_version == visible or _satisfied(expected_version, visible)
+            ):
                 raise WrongExpectedVersion(stream, expected_version, visible)
             try:
                 if len(encoded) == 1:
                     id_, type_, schema, data, meta = encoded[0]
-                    cursor = conn.execute(
-                        _INSERT, (stream, current + 1, id_, type_, schema, data, meta, now)
+                    version = current + 1
+                    position = (
+                        conn.execute(
+                            _INSERT, (stream, version, id_, type_, schema, data, meta, now)
+                        ).lastrowid
+                        or 0
                     )
-                    position = cursor.lastrowid or 0
                 else:
                     conn.executemany(
                         _INSERT,
@@ -264,12 +269,12 @@ class SQLiteEventStore(EventStore):
                             for i, (id_, type_, schema, data, meta) in enumerate(encoded)
                         ],
                     )
+                    version = current + len(encoded)
                     position = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
             except sqlite3.IntegrityError as exc:
                 raise EventStoreError(
                     f"append to {stream!r} refused: an event id was already stored ({exc})"
                 ) from exc
-            version = current + len(encoded)
             conn.execute(_UPSERT_STREAM, (stream, version))
             versions[stream] = (version, False)
             return AppendResult(version, position)
