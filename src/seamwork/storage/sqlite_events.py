@@ -10,8 +10,9 @@ when an append fails after writing, e.g. a duplicate event id).
 
 The writer thread caches stream versions it has read or written. The cache is
 dropped whenever another connection committed to the file (``PRAGMA data_version``,
-checked under the write lock at the start of every batch) and whenever a batch rolls
-back, so several processes may append to one file.
+checked under the write lock at the start of every batch; its count starts again with
+each connection, so the first batch after the store opens again drops it too) and
+whenever a batch rolls back, so several processes may append to one file.
 
 ``$all`` positions are SQLite rowids assigned inside the single write transaction,
 so commit order is position order and a reader can never see position N+1 before
@@ -220,6 +221,9 @@ class SQLiteEventStore(EventStore):
         self._used = True
         await self._reader.close()
         await self._writer.close()
+        # ``PRAGMA data_version`` counts per connection: the next one's first value says
+        # nothing of what other connections committed while this store was closed
+        self._data_version = -1
         self._wake(0)  # a waiting subscriber looks again now, and finds the store closed
 
     def _is_closed(self) -> bool:

@@ -230,6 +230,22 @@ class EventStoreContract:
         await store.append("s", events("B"), expected_version=0)
         assert [e.type for e in await store.read_stream("s")] == ["A", "B"]
 
+    async def test_a_store_opened_again_sees_what_another_appended_meanwhile(
+        self, tmp_path: Path
+    ) -> None:
+        first = await self.make_store(tmp_path)
+        async with first:
+            await first.append("s", events("A"))
+        other = await self.make_store(tmp_path)
+        async with other:
+            await other.append("s", events("B"), expected_version=0)
+        async with first:
+            with pytest.raises(WrongExpectedVersion):
+                await first.append("s", events("X"), expected_version=0)
+            result = await first.append("s", events("C"), expected_version=1)
+            assert result.version == 2
+            assert [e.type for e in await first.read_stream("s")] == ["A", "B", "C"]
+
     async def test_bad_read_arguments_are_refused_by_name(self, store: EventStore) -> None:
         await store.append("s", events("A", "B"))
         too_big = 2**64
