@@ -6,6 +6,8 @@ import asyncio
 import logging
 import random
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -174,6 +176,30 @@ def test_codec_names_a_circular_reference_and_a_mapping_json_cannot_encode() -> 
     assert loads(dumps({"x": shared, "y": shared})) == {"x": [1, 2], "y": [1, 2]}
     with pytest.raises(SerializationError, match="mappingproxy"):
         dumps({"m": MappingProxyType({"k": 1})})
+
+
+def test_codec_encodes_one_value_on_many_threads_at_once_and_after_a_failure() -> None:
+    shared = {"items": [{"n": n, "tags": ["a", "b"]} for n in range(200)]}
+    expected = dumps(shared)
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(lambda _: dumps(shared), range(400))) == {expected}
+    with pytest.raises(SerializationError, match=r"value\['a'\]\[1\]"):
+        dumps({"a": [1, object()]})
+    assert dumps(shared) == expected
+
+
+def test_codec_called_again_while_it_encodes_gives_both_values() -> None:
+    inner: list[str] = []
+
+    class Noisy(dict[str, Any]):
+        def items(self) -> Any:  # the C encoder calls it for a dict subclass
+            with pytest.raises(SerializationError):
+                dumps({"bad": object()})
+            inner.append(dumps({"inner": 1}))
+            return super().items()
+
+    assert dumps({"outer": [Noisy(a=1)]}) == '{"outer":[{"a":1}]}'
+    assert inner == ['{"inner":1}']
 
 
 def test_retry_delay_of_a_huge_attempt_is_the_cap_not_an_overflow() -> None:

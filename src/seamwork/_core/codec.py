@@ -33,11 +33,9 @@ _ODD_KEY = re.compile(r'"(?:[-0-9][0-9.eE+-]*|true|false|null)":')
 
 def dumps(value: Any, *, what: str = "value") -> str:
     """Encode ``value`` as compact JSON; ``what`` names it in the error message."""
-    encode, markers = _thread_encoder()
     try:
-        text = "".join(encode(value, 0))
+        text = _encode(value)
     except (TypeError, ValueError) as exc:
-        markers.clear()  # the objects it was inside when it failed
         path, reason = _first_problem(value, what)
         raise SerializationError(f"{path} is not JSON-serializable: {reason}") from exc
     if _ODD_KEY.search(text) is not None:
@@ -51,13 +49,20 @@ def dumps_clean(value: Any) -> str | None:
     """``value`` as ``dumps`` encodes it, or None when ``dumps`` would look closer (the
     value does not encode, or its text holds a key that may not have been a string):
     the hot path, which builds no error label."""
-    encode, markers = _thread_encoder()
     try:
-        text = "".join(encode(value, 0))
+        text = _encode(value)
     except (TypeError, ValueError):
-        markers.clear()
         return None
     return None if _ODD_KEY.search(text) is not None else text
+
+
+def _encode(value: Any) -> str:
+    encode, markers = _thread_encoder()
+    try:
+        return "".join(encode(value, 0))
+    except BaseException:
+        markers.clear()  # the containers it was inside when it failed
+        raise
 
 
 # ``_ENCODER.encode`` builds a new C encoder for every value, which costs as much as
@@ -71,7 +76,7 @@ def _thread_encoder() -> tuple[_Encode, dict[int, Any]]:
         encoder: tuple[_Encode, dict[int, Any]] = _encoders.encoder
     except AttributeError:
         encoder = _encoders.encoder = _new_encoder()
-    if encoder[1]:  # a call on this thread is under way (reentered) or was cut short
+    if encoder[1]:  # a call on this thread is under way: this one was made inside it
         encoder = _encoders.encoder = _new_encoder()
     return encoder
 
