@@ -276,6 +276,22 @@ def test_listing_a_foreign_database_changes_nothing_in_it(tmp_path: Path) -> Non
     assert tables == ["users"]
 
 
+@pytest.mark.parametrize("command", [["retry", "x"], ["abort", "x"]])
+def test_a_write_refused_on_a_foreign_database_leaves_its_journal_mode(
+    tmp_path: Path, command: list[str]
+) -> None:
+    path = tmp_path / "users.db"  # another service's database, in rollback-journal mode
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    conn.close()
+    code, _, err = invoke("sagas", *command, "--db", str(path))
+    assert code == 1
+    assert "is not a seamwork saga store" in err
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    conn.close()
+
+
 @pytest.mark.parametrize(
     ("column", "value", "named"),
     [

@@ -404,6 +404,22 @@ async def test_the_cli_refuses_a_database_without_an_outbox_and_creates_nothing_
     assert "cannot connect the outbox to PostgreSQL" in unreachable.output
 
 
+async def test_the_cli_leaves_the_journal_mode_of_a_database_without_an_outbox(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "billing.db"  # another service's database, in rollback-journal mode
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    conn.close()
+    for args in (["parked"], ["requeue", "x"], ["discard", "x"]):
+        result = await asyncio.to_thread(outbox_cli, path, *args)
+        assert result.exit_code == 1, result.output
+        assert "not a seamwork messaging store" in result.output
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    conn.close()
+
+
 async def test_the_id_of_a_parked_message_is_freed_by_discarding_it(
     outbox: Outbox, broker: NatsBroker
 ) -> None:

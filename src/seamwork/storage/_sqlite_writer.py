@@ -374,6 +374,8 @@ class SQLiteWriter:
                 timeout=10.0,
                 uri=not self._create,
             )
+            if not self._create:  # before WAL is set: a foreign file is refused unchanged
+                self._require_schema(conn)
             if not self._readonly:
                 mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if self.path != ":memory:" and mode != "wal":
@@ -382,8 +384,6 @@ class SQLiteWriter:
             conn.execute("PRAGMA foreign_keys=ON")
             if self._create:
                 self._migrate(conn)
-            else:
-                self._require_schema(conn)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open {self._name} store {self.path}: {exc}") from exc
         return conn
