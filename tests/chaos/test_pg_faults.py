@@ -281,6 +281,27 @@ async def test_a_save_on_a_stalled_server_fails_within_the_deadline_not_after_it
         await proxy.aclose()
 
 
+async def test_opening_on_a_stalled_server_fails_within_the_deadline(pg_database: str) -> None:
+    """``open()`` connected (to check or create the schema) with no deadline: on a server
+    that accepts the connection and never answers, ``seamwork sagas list --postgres`` and
+    ``seamwork worker`` waited for good; it now fails after ``query_timeout``."""
+    dsn = fresh_schema(pg_database, "sagas")
+    proxy = Proxy(5432)
+    await proxy.start()
+    store = PostgresStore(with_port(dsn, proxy.port), query_timeout=1.0, create=False)
+    try:
+        proxy.stall()
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="no answer within 1s"):
+            await asyncio.wait_for(store.open(), 15)
+        waited = time.monotonic() - began
+        assert waited <= 2.0, f"open() waited {waited:.2f}s on a 1s deadline"
+    finally:
+        proxy.resume()
+        await store.aclose()
+        await proxy.aclose()
+
+
 @pytest.fixture
 def private_cluster() -> Iterator[PrivateCluster]:
     if pg_bin("initdb") is None:

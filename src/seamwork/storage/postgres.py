@@ -294,7 +294,7 @@ class PostgresStore:
     async def open(self) -> None:
         if self._opened:
             return
-        conn = await connect(self._dsn, autocommit=False, what="saga store")
+        conn = await connect(self._dsn, autocommit=False, what="saga store", within=self._deadline)
         try:
             if self._create:
                 await migrate(conn, SAGA_MIGRATIONS)
