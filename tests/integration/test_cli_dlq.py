@@ -426,3 +426,33 @@ async def test_dlq_list_on_a_narrow_terminal_shows_long_subjects_and_errors_whol
         )
     finally:
         await broker.aclose()
+
+
+async def test_dlq_list_cut_short_by_its_limit_says_so(nats_url: str) -> None:
+    broker, handler = NatsBroker(nats_url), Flaky()
+    subject = f"orders{uuid.uuid4().hex[:6]}.created"
+    try:
+        await broker.subscribe(subject, "shipping", handler)
+        await broker.publish_batch(
+            [(subject, Message("OrderCreated", {"order": n})) for n in range(3)]
+        )
+        await dead_lettered(broker, subject, 3)
+
+        cut = await cli("dlq", "list", "--nats", nats_url, "--limit", "2")
+        assert cut.exit_code == 0, cut.output
+        assert "2 dead letter(s); more are dead-lettered: raise --limit to see them" in cut.stdout
+        cut_json = await cli("dlq", "list", "--nats", nats_url, "--limit", "2", "--json")
+        assert cut_json.exit_code == 0, cut_json.output
+        assert len(json.loads(cut_json.stdout)) == 2
+        assert cut_json.stderr.strip() == (
+            "note: more letters are dead-lettered; --limit 2 printed only the first 2"
+        )
+
+        whole = await cli("dlq", "list", "--nats", nats_url, "--limit", "3")
+        assert "3 dead letter(s)" in whole.stdout
+        assert "more" not in whole.stdout
+        whole_json = await cli("dlq", "list", "--nats", nats_url, "--limit", "3", "--json")
+        assert len(json.loads(whole_json.stdout)) == 3
+        assert whole_json.stderr == ""
+    finally:
+        await broker.aclose()

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from seamwork.cli._render import escaped, json_text, short_time, shown
+from seamwork.cli._render import escaped, print_json_page, short_time, shown
 from seamwork.cli._sagas import CliError, fail
 from seamwork.errors import ConfigError, MessagingError
 from seamwork.messaging import Broker, DeadLetter
@@ -168,10 +168,14 @@ def _letter_json(letter: DeadLetter) -> dict[str, Any]:
     }
 
 
-def letters_table(letters: Sequence[DeadLetter], now: float) -> Table:
+def letters_table(letters: Sequence[DeadLetter], now: float, *, more: bool = False) -> Table:
     """One row per dead letter: key, subject, group, type, attempts, error, when
-    (the letter's text as plain ``Text``: brackets in an error are not rich markup)."""
-    table = Table(title=f"{len(letters)} dead letter(s)", title_justify="left")
+    (the letter's text as plain ``Text``: brackets in an error are not rich markup);
+    ``more``: the list was cut short by its limit (the title says so)."""
+    title = f"{len(letters)} dead letter(s)"
+    if more:
+        title += "; more are dead-lettered: raise --limit to see them"
+    table = Table(title=title, title_justify="left")
     for column in ("key", "subject", "group", "type"):  # folded, never cut with …
         table.add_column(column, overflow="fold")
     table.add_column("attempts", justify="right", no_wrap=True)
@@ -200,16 +204,21 @@ def list_letters(
     timeout: Timeout = 10.0,
 ) -> None:
     """List dead letters, oldest first (reads only: creates and writes nothing)."""
+    asked = limit + 1  # one more: are there others?
     try:
         letters = run_on_broker(
-            nats, rabbitmq, exchange, timeout, lambda b: b.dead_letters(limit=limit), connect=False
+            nats, rabbitmq, exchange, timeout, lambda b: b.dead_letters(limit=asked), connect=False
         )
     except CliError as exc:
         raise fail(exc) from None
+    more = len(letters) > limit
+    letters = letters[:limit]
     if as_json:
-        sys.stdout.write(json_text([_letter_json(x) for x in letters]) + "\n")
+        documents = [_letter_json(x) for x in letters]
+        print_json_page(documents, more, limit, "letters are dead-lettered")
         return
-    Console(highlight=False, soft_wrap=False).print(letters_table(letters, time.time()))
+    table = letters_table(letters, time.time(), more=more)
+    Console(highlight=False, soft_wrap=False).print(table)
 
 
 @dlq.command("replay")
