@@ -549,6 +549,26 @@ def test_an_app_generator_that_fails_while_read_is_a_usage_error(
     assert f"--app: cannot load {module}:SAGAS: {said.format(m=module)}" in words
 
 
+def test_a_worker_given_sqlite_runs_on_it_whatever_seamwork_pg_dsn_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = app_module(
+        tmp_path,
+        monkeypatch,
+        "from seamwork.saga import Saga, Step\n\n"
+        "async def act(ctx):\n    return None\n\n"
+        "SAGAS = [Saga('s', steps=[Step('a', act)])]\n",
+    )
+    missing = tmp_path / "gone" / "sagas.db"  # the worker fails once it opens the store
+    result = CliRunner().invoke(
+        app,
+        ["worker", "--app", f"{module}:SAGAS", "--sqlite", str(missing)],
+        env={"COLUMNS": "200", "SEAMWORK_PG_DSN": "postgresql://127.0.0.1:1/elsewhere"},
+    )
+    assert result.exit_code == 1, result.output
+    assert f"cannot open saga store {missing}" in " ".join(result.stderr.split())
+
+
 @pytest.mark.parametrize("saga_id", ["order[/42]", "[bold]order-42", "order [sku-1]"])
 @pytest.mark.parametrize("command", ["show", "retry", "abort"])
 def test_an_error_naming_text_with_brackets_prints_it_as_it_is(

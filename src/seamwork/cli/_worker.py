@@ -101,6 +101,7 @@ def _not_sagas(spec: str, found: str) -> typer.BadParameter:
 
 
 def worker(
+    ctx: typer.Context,
     app: Annotated[str, typer.Option("--app", help="module:attribute with the Saga definitions.")],
     postgres: Annotated[
         str | None,
@@ -118,6 +119,8 @@ def worker(
     ] = None,
 ) -> None:
     """Run sagas from a store until stopped (SIGTERM / Ctrl-C)."""
+    if sqlite is not None and _from_environment(ctx, "postgres"):
+        postgres = None  # --sqlite was asked for; SEAMWORK_PG_DSN is only the everyday default
     if (postgres is None) == (sqlite is None):
         raise typer.BadParameter("give exactly one of --postgres or --sqlite")
     sagas = load_sagas(app)
@@ -148,6 +151,12 @@ def worker(
     except SeamworkError as exc:
         Console(stderr=True, highlight=False).print(error_line(exc), soft_wrap=True)
         raise typer.Exit(1) from exc
+
+
+def _from_environment(ctx: typer.Context, option: str) -> bool:
+    """``option`` was read from its environment variable, not given on the line."""
+    source = ctx.get_parameter_source(option)
+    return source is not None and source.name == "ENVIRONMENT"
 
 
 async def _serve(orchestrator: SagaOrchestrator) -> None:
