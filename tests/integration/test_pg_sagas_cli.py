@@ -163,6 +163,28 @@ def test_listing_a_database_without_a_saga_store_creates_nothing(pg_dsn: str) ->
     assert tables[0] == 0
 
 
+async def test_a_saga_store_of_a_newer_schema_is_refused_and_left_alone(pg_dsn: str) -> None:
+    from seamwork.testing.saga_store import saga_state, started
+
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        await store.create(saga_state("s-1", status=SagaStatus.STUCK), started("s-1"))
+    finally:
+        await store.aclose()
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("UPDATE seamwork_migrations SET version = 99 WHERE component = 'saga'")
+    for argv in (["list"], ["show", "s-1"], ["abort", "s-1"], ["retry", "s-1"]):
+        result = await asyncio.to_thread(
+            CliRunner().invoke, app, ["sagas", *argv, "--postgres", pg_dsn]
+        )
+        assert result.exit_code == 1, result.output
+        assert "the saga schema v99 is from a newer seamwork" in " ".join(result.stderr.split())
+    with psycopg.connect(pg_dsn) as conn:
+        row = conn.execute("SELECT status, updated_at FROM seamwork_sagas").fetchone()
+    assert row == ("stuck", 1000.0)
+
+
 def test_a_malformed_dsn_is_a_one_line_error() -> None:
     from typer.testing import CliRunner
 

@@ -51,6 +51,7 @@ from seamwork.storage._saga_rows import (
     state_values,
     take_claimable,
 )
+from seamwork.storage._schema import newer_schema
 
 SAGA_MIGRATIONS = (
     PgMigration(
@@ -237,6 +238,24 @@ class _GroupCommit(_QueueOwner[Statement, int]):
             raise lost from exc
 
 
+async def _require_schema(conn: AsyncConn) -> None:
+    """Refuse a database that holds no saga store, or one a newer seamwork wrote (it
+    would be read and written by older rules); nothing is created or changed."""
+    cursor = await conn.execute(
+        "SELECT to_regclass('seamwork_sagas') IS NOT NULL,"
+        " to_regclass('seamwork_migrations') IS NOT NULL"
+    )
+    found = await cursor.fetchone()
+    if not (found and found[0]):
+        raise StoreUnavailable("this database holds no seamwork saga store")
+    if found[1]:
+        cursor = await conn.execute("SELECT component, version FROM seamwork_migrations")
+        applied = {row[0]: row[1] for row in await cursor.fetchall()}
+        problem = newer_schema(applied, ((m.component, m.version) for m in SAGA_MIGRATIONS))
+        if problem is not None:
+            raise StoreUnavailable(f"cannot open the saga store: {problem}")
+
+
 async def _execute(conn: AsyncConn, statements: list[Statement]) -> list[int]:
     if len(statements) == 1:
         sql, params, _ = statements[0]
@@ -299,10 +318,7 @@ class PostgresStore:
             if self._create:
                 await migrate(conn, SAGA_MIGRATIONS)
             else:
-                cursor = await conn.execute("SELECT to_regclass('seamwork_sagas') IS NOT NULL")
-                found = await cursor.fetchone()
-                if not (found and found[0]):
-                    raise StoreUnavailable("this database holds no seamwork saga store")
+                await _require_schema(conn)
         finally:
             await conn.close()
         self._pool = await open_pool(self._pool, "saga store")
