@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -156,6 +157,29 @@ async def test_dlq_on_an_unreachable_broker_is_a_one_line_error() -> None:
     assert result.exit_code == 1
     assert "cannot reach the broker at 127.0.0.1:1" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("scheme", ["nats", "amqp"])
+async def test_dlq_on_a_broker_that_never_answers_gives_up_after_timeout(scheme: str) -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, never answered
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    option = "--nats" if scheme == "nats" else "--rabbitmq"
+    try:
+        began = time.monotonic()
+        result = await cli("dlq", "list", option, f"{scheme}://127.0.0.1:{port}/", "--timeout", "1")
+        waited = time.monotonic() - began
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+    assert result.exit_code == 1, result.output
+    assert "the broker did not answer within 1.0 s" in result.output
+    assert waited < 2.5, f"--timeout 1 gave up after {waited:.1f} s"
 
 
 async def test_dlq_needs_exactly_one_broker_and_replay_a_key_or_all() -> None:

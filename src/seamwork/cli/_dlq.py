@@ -94,7 +94,9 @@ async def _reachable(url: str, default_port: int, seconds: float) -> None:
     writer.close()
 
 
-def _choose(nats: str | None, rabbitmq: str | None, exchange: str) -> tuple[Broker, str, int]:
+def _choose(
+    nats: str | None, rabbitmq: str | None, exchange: str, seconds: float
+) -> tuple[Broker, str, int]:
     if (nats is None) == (rabbitmq is None):
         raise CliError("give exactly one of --nats URL or --rabbitmq URL", code=2)
     try:
@@ -105,7 +107,9 @@ def _choose(nats: str | None, rabbitmq: str | None, exchange: str) -> tuple[Brok
         assert rabbitmq is not None
         from seamwork.brokers import RabbitBroker
 
-        return RabbitBroker(rabbitmq, exchange=exchange), rabbitmq, 5672
+        # its connect finishes even when cancelled, up to connect_timeout: no longer
+        broker = RabbitBroker(rabbitmq, exchange=exchange, connect_timeout=seconds)
+        return broker, rabbitmq, 5672
     except ImportError as exc:
         raise CliError(str(exc), code=2) from exc
     except ConfigError as exc:
@@ -126,7 +130,7 @@ def run_on_broker(
     ``connect=False`` leaves connecting to ``work``: ``dead_letters`` alone connects
     read-only on RabbitMQ (declares nothing; a missing exchange is an error).
     """
-    broker, url, default_port = _choose(nats, rabbitmq, exchange)
+    broker, url, default_port = _choose(nats, rabbitmq, exchange, seconds)
     for noisy in ("nats", "aiormq", "aio_pika"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
 
