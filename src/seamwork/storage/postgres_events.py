@@ -11,11 +11,12 @@ nothing can ever appear before it. The price: a long-open transaction anywhere i
 cluster holds subscribers back until it ends (nothing is skipped, only delayed).
 
 Appends are one round trip each (the ``seamwork_append_events`` function checks the
-expected version under the stream row's lock, computes versions and positions, and
-inserts). Concurrent appends are group-committed by a ``PgBatcher``: the queued
-appends go to ``seamwork_append_batch`` in ONE statement on an autocommit connection,
-which runs each in its own subtransaction (an exception block: a conflict rolls back
-only its own append) - one round trip and one WAL flush for the whole batch.
+expected version under the stream row's lock - as the condition of the UPDATE that
+bumps it -, computes versions and positions, and inserts). Concurrent appends are
+group-committed by a ``PgBatcher``: the queued appends go to ``seamwork_append_batch``
+in ONE statement on an autocommit connection, which runs each in its own
+subtransaction (an exception block: a conflict rolls back only its own append) - one
+round trip and one WAL flush for the whole batch.
 An append's events travel as one JSON text (jsonb), built on the client with the C
 encoder: psycopg's per-element array dumping cost more than the rest of an append.
 Subscribers are woken by ``LISTEN seamwork_events``; ``poll_interval`` bounds the wait
@@ -72,44 +73,62 @@ from seamwork.storage._pg import (
     translate,
 )
 
+# The append's position offset within its transaction: the caller's ``p_seq`` (an
+# autocommit append knows it: 0 alone, the running total in a batch), or - NULL, from
+# ``append_in``, which may append several times in one transaction of the caller's -
+# the ``seamwork.seq`` setting of the transaction, carried forward here.
+# The stream row is bumped by one UPDATE whose condition is the expectation; only a
+# missing stream or an unmet expectation takes the slow path (lock, look, create or
+# refuse with the actual version).
 _APPEND_EVENTS_FUNCTION = r"""
 CREATE OR REPLACE FUNCTION seamwork_append_events(
-    p_stream text, p_expected text, p_events jsonb, p_at double precision
+    p_stream text, p_expected text, p_events jsonb, p_at double precision, p_seq int
 ) RETURNS TABLE (new_version bigint, last_position bigint) LANGUAGE plpgsql AS $$
 DECLARE
     cur bigint;
     del boolean;
     visible bigint;
     n int := jsonb_array_length(p_events);
-    seq int;
+    seq int := p_seq;
     base bigint;
 BEGIN
-    SELECT s.version, s.deleted INTO cur, del FROM seamwork_streams s
-        WHERE s.stream = p_stream FOR UPDATE;
+    UPDATE seamwork_streams s SET version = s.version + n, deleted = false
+        WHERE s.stream = p_stream AND (p_expected = 'any'
+            OR p_expected = (CASE WHEN s.deleted THEN -1 ELSE s.version END)::text
+            OR (p_expected = 'no_stream' AND (s.deleted OR s.version = -1))
+            OR (p_expected = 'stream_exists' AND NOT s.deleted AND s.version >= 0))
+        RETURNING s.version - n INTO cur;
     IF NOT FOUND THEN
-        INSERT INTO seamwork_streams (stream, version) VALUES (p_stream, -1)
-            ON CONFLICT DO NOTHING;
         SELECT s.version, s.deleted INTO cur, del FROM seamwork_streams s
             WHERE s.stream = p_stream FOR UPDATE;
+        IF NOT FOUND THEN
+            INSERT INTO seamwork_streams (stream, version) VALUES (p_stream, -1)
+                ON CONFLICT DO NOTHING;
+            SELECT s.version, s.deleted INTO cur, del FROM seamwork_streams s
+                WHERE s.stream = p_stream FOR UPDATE;
+        END IF;
+        visible := CASE WHEN del THEN -1 ELSE cur END;
+        IF NOT (p_expected = 'any' OR p_expected = visible::text
+                OR (p_expected = 'no_stream' AND visible = -1)
+                OR (p_expected = 'stream_exists' AND visible >= 0)) THEN
+            RAISE EXCEPTION USING ERRCODE = 'SW001', MESSAGE = visible::text;
+        END IF;
+        UPDATE seamwork_streams SET version = cur + n, deleted = false
+            WHERE stream = p_stream;
     END IF;
-    visible := CASE WHEN del THEN -1 ELSE cur END;
-    IF NOT (p_expected = 'any' OR p_expected = visible::text
-            OR (p_expected = 'no_stream' AND visible = -1)
-            OR (p_expected = 'stream_exists' AND visible >= 0)) THEN
-        RAISE EXCEPTION USING ERRCODE = 'SW001', MESSAGE = visible::text;
+    IF seq IS NULL THEN
+        seq := coalesce(nullif(current_setting('seamwork.seq', true), ''), '0')::int;
+        PERFORM set_config('seamwork.seq', (seq + n)::text, true);
     END IF;
-    seq := coalesce(nullif(current_setting('seamwork.seq', true), ''), '0')::int;
     IF seq + n > 1048576 THEN  -- past it, positions would be the next transaction's
         RAISE EXCEPTION USING ERRCODE = 'SW002', MESSAGE = (seq + n)::text;
     END IF;
     base := (pg_current_xact_id()::text::bigint << 20) + seq;
-    PERFORM set_config('seamwork.seq', (seq + n)::text, true);
     INSERT INTO seamwork_events
         (position, stream, version, id, type, schema_version, data, metadata, recorded_at)
     SELECT base + e.i - 1, p_stream, cur + e.i, e.ev->>0, e.ev->>1, (e.ev->>2)::int,
            e.ev->3, nullif(e.ev->4, 'null'::jsonb), p_at
     FROM jsonb_array_elements(p_events) WITH ORDINALITY AS e(ev, i);
-    UPDATE seamwork_streams SET version = cur + n, deleted = false WHERE stream = p_stream;
     PERFORM pg_notify('seamwork_events', '');
     new_version := cur + n;
     last_position := base + n - 1;
@@ -117,18 +136,22 @@ BEGIN
 END $$
 """
 
+# Each append in its own subtransaction, at the offset the appends before it that
+# succeeded have reached (one that failed rolled its rows back).
 _APPEND_BATCH_FUNCTION = r"""
 CREATE OR REPLACE FUNCTION seamwork_append_batch(p_appends jsonb, p_at double precision)
 RETURNS TABLE (out_version bigint, out_position bigint, out_code text, out_detail text)
 LANGUAGE plpgsql AS $$
 DECLARE
     item jsonb;
+    seq int := 0;
 BEGIN
     FOR item IN SELECT value FROM jsonb_array_elements(p_appends) LOOP
         BEGIN
             SELECT a.new_version, a.last_position, NULL, NULL
                 INTO out_version, out_position, out_code, out_detail
-                FROM seamwork_append_events(item->>0, item->>1, item->2, p_at) a;
+                FROM seamwork_append_events(item->>0, item->>1, item->2, p_at, seq) a;
+            seq := seq + jsonb_array_length(item->2);
         EXCEPTION WHEN OTHERS THEN
             out_version := NULL;
             out_position := NULL;
@@ -184,13 +207,26 @@ EVENT_MIGRATIONS = (
     ),
     # The append refuses a transaction past 2**20 events (SW002).
     PgMigration("events", 4, (_APPEND_EVENTS_FUNCTION,)),
+    # The offset within the transaction comes as an argument (p_seq), and the stream
+    # row is bumped by one UPDATE: the four-argument append is replaced.
+    PgMigration(
+        "events",
+        5,
+        (
+            _APPEND_EVENTS_FUNCTION,
+            _APPEND_BATCH_FUNCTION,
+            "DROP FUNCTION IF EXISTS seamwork_append_events(text, text, jsonb, double precision)",
+        ),
+    ),
 )
 
 _RELISTEN_FIRST_DELAY = 0.05  # seconds before a lost listener connects again, doubling
 _RELISTEN_MAX_DELAY = 2.0
 log = logging.getLogger("seamwork.storage")
 
-_APPEND_SQL = b"SELECT * FROM seamwork_append_events(%b::text, %b::text, %b::jsonb, %b::float8)"
+_APPEND_SQL = (
+    b"SELECT * FROM seamwork_append_events(%b::text, %b::text, %b::jsonb, %b::float8, %b::int4)"
+)
 _APPEND_BATCH_SQL = b"SELECT * FROM seamwork_append_batch(%b::jsonb, %b::float8)"
 _COLUMNS = "position, stream, version, type, data, metadata, recorded_at, id, schema_version"
 _HORIZON = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
@@ -307,7 +343,7 @@ class PostgresEventStore(EventStore):
         params = self._append_params(stream, events, expected_version)
         if not self._used:  # the schema (its append function) is made by open()
             await self._open_on_first_use()
-        return await _append(conn, params, expected_version)
+        return await _append(conn, params, expected_version, None)
 
     def _append_params(
         self, stream: str, events: Sequence[NewEvent], expected_version: ExpectedVersion
@@ -588,10 +624,12 @@ class PostgresEventStore(EventStore):
 
 
 async def _append(
-    conn: AsyncConn, params: tuple[Any, ...], expected: ExpectedVersion
+    conn: AsyncConn, params: tuple[Any, ...], expected: ExpectedVersion, seq: int | None
 ) -> AppendResult:
+    """One append: at offset ``seq`` of its transaction, or - ``None``, in a transaction
+    of the caller's - after the transaction's earlier appends."""
     try:
-        cursor = await conn.execute(_APPEND_SQL, params)
+        cursor = await conn.execute(_APPEND_SQL, (*params, seq))
     except psycopg.Error as exc:
         raise _append_error(exc, params[0], expected) from exc
     row = await cursor.fetchone()
@@ -620,7 +658,7 @@ async def _append_batch(
     """Run queued appends in one statement (autocommit: one transaction)."""
     if len(batch) == 1:
         try:
-            return [await _append(conn, batch[0].params, batch[0].expected)]
+            return [await _append(conn, batch[0].params, batch[0].expected, 0)]
         except EventStoreError as exc:
             return [exc]
     appends = ",".join(
@@ -634,7 +672,7 @@ async def _append_batch(
             results.append(_batch_result(item, row))
             continue
         try:  # the batch is committed: report, never raise, from here on
-            results.append(await _append(conn, item.params, item.expected))
+            results.append(await _append(conn, item.params, item.expected, 0))
         except SeamworkError as exc:
             results.append(exc)
     return results
