@@ -151,8 +151,8 @@ async def test_an_offset_argument_past_2_to_the_20_events_is_refused(pg_dsn: str
         async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
             params = ("big", "any", '[["e1","A",1,{},null],["e2","B",1,{},null]]', 0.0)
             with pytest.raises(EventStoreError, match="1,048,576 events"):
-                await postgres_events._append(conn, params, ANY, (1 << 20) - 1)
-            last = await postgres_events._append(conn, params, ANY, (1 << 20) - 2)
+                await postgres_events._append(conn.cursor(), params, ANY, (1 << 20) - 1)
+            last = await postgres_events._append(conn.cursor(), params, ANY, (1 << 20) - 2)
         assert last.position & 0xFFFFF == (1 << 20) - 1
         assert [e.id for e in await store.read_stream("big")] == ["e1", "e2"]
 

@@ -40,6 +40,7 @@ Item = TypeVar("Item")
 R = TypeVar("R")
 log = logging.getLogger("seamwork.storage")
 AsyncConn = psycopg.AsyncConnection[Any]
+AsyncCursor = psycopg.AsyncCursor[Any]
 WriteFn = Callable[[AsyncConn], Awaitable[T]]
 
 
@@ -480,12 +481,14 @@ class PgWriter(_QueueOwner[WriteFn[Any], Any]):
             return translate(exc, f"{self._name} store")
 
 
-RunBatch = Callable[[AsyncConn, list[Item]], Awaitable[list[R | BaseException]]]
+RunBatch = Callable[[AsyncCursor, list[Item]], Awaitable[list[R | BaseException]]]
 
 
 class PgBatcher(_QueueOwner[Item, R]):
-    """One autocommit connection, one task: ``run(conn, items)`` handles every queued
+    """One autocommit connection, one task: ``run(cursor, items)`` handles every queued
     item in one statement and returns a result or an exception per item, in order.
+    The cursor is the connection's one, kept from batch to batch (making one for each
+    statement cost about a tenth of a small append's client CPU time).
 
     Args:
         max_batch: most items per statement. Each item usually runs in a server-side
@@ -506,6 +509,7 @@ class PgBatcher(_QueueOwner[Item, R]):
     ) -> None:
         super().__init__(dsn, name=name, max_batch=max_batch, deadline=deadline)
         self._run = run
+        self._cursor: AsyncCursor | None = None
 
     async def start(self) -> None:
         await self._start()
@@ -515,7 +519,10 @@ class PgBatcher(_QueueOwner[Item, R]):
         return self._enqueue(item)
 
     async def _results(self, conn: AsyncConn, items: list[Item]) -> list[R | BaseException]:
-        return await self._run(conn, items)
+        cursor = self._cursor
+        if cursor is None or cursor.connection is not conn:  # a new connection
+            cursor = self._cursor = conn.cursor()
+        return await self._run(cursor, items)
 
 
 def _abandon(futures: list[asyncio.Future[Any]], name: str) -> None:

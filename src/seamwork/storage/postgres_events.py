@@ -62,6 +62,7 @@ from seamwork.events._store import EventStore, check_snapshot_key
 from seamwork.events._upcast import Upcasters
 from seamwork.storage._pg import (
     AsyncConn,
+    AsyncCursor,
     PgBatcher,
     PgMigration,
     PgWriter,
@@ -343,7 +344,7 @@ class PostgresEventStore(EventStore):
         params = self._append_params(stream, events, expected_version)
         if not self._used:  # the schema (its append function) is made by open()
             await self._open_on_first_use()
-        return await _append(conn, params, expected_version, None)
+        return await _append(conn.cursor(), params, expected_version, None)
 
     def _append_params(
         self, stream: str, events: Sequence[NewEvent], expected_version: ExpectedVersion
@@ -624,12 +625,12 @@ class PostgresEventStore(EventStore):
 
 
 async def _append(
-    conn: AsyncConn, params: tuple[Any, ...], expected: ExpectedVersion, seq: int | None
+    cursor: AsyncCursor, params: tuple[Any, ...], expected: ExpectedVersion, seq: int | None
 ) -> AppendResult:
     """One append: at offset ``seq`` of its transaction, or - ``None``, in a transaction
     of the caller's - after the transaction's earlier appends."""
     try:
-        cursor = await conn.execute(_APPEND_SQL, (*params, seq))
+        await cursor.execute(_APPEND_SQL, (*params, seq))
     except psycopg.Error as exc:
         raise _append_error(exc, params[0], expected) from exc
     row = await cursor.fetchone()
@@ -653,18 +654,18 @@ _MAX_EVENTS_PER_TRANSACTION = 1 << 20
 
 
 async def _append_batch(
-    conn: AsyncConn, batch: builtins.list[AppendParams]
+    cursor: AsyncCursor, batch: builtins.list[AppendParams]
 ) -> builtins.list[AppendResult | BaseException]:
     """Run queued appends in one statement (autocommit: one transaction)."""
     if len(batch) == 1:
         try:
-            return [await _append(conn, batch[0].params, batch[0].expected, 0)]
+            return [await _append(cursor, batch[0].params, batch[0].expected, 0)]
         except EventStoreError as exc:
             return [exc]
     appends = ",".join(
         [f"[{_quote(i.params[0])},{_quote(i.params[1])},{i.params[2]}]" for i in batch]
     )
-    cursor = await conn.execute(_APPEND_BATCH_SQL, (f"[{appends}]", batch[0].params[3]))
+    await cursor.execute(_APPEND_BATCH_SQL, (f"[{appends}]", batch[0].params[3]))
     rows = await cursor.fetchall()
     results: builtins.list[AppendResult | BaseException] = []
     for item, row in zip(batch, rows, strict=True):
@@ -672,7 +673,7 @@ async def _append_batch(
             results.append(_batch_result(item, row))
             continue
         try:  # the batch is committed: report, never raise, from here on
-            results.append(await _append(conn, item.params, item.expected, 0))
+            results.append(await _append(cursor, item.params, item.expected, 0))
         except SeamworkError as exc:
             results.append(exc)
     return results
