@@ -158,8 +158,9 @@ async def test_an_offset_argument_past_2_to_the_20_events_is_refused(pg_dsn: str
 
 
 async def test_a_database_at_events_schema_v4_is_upgraded_in_place(pg_dsn: str) -> None:
-    """The four-argument append of v4 (and the batch function calling it) give way to
-    the offset-argument one; the events already stored stay, and every path appends."""
+    """The offset-argument append joins v4's four-argument one, which becomes a call of
+    it (a process of the version before, still running, appends on); the events
+    already stored stay, and every path appends."""
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
         await migrate(conn, postgres_events.EVENT_MIGRATIONS[:2])
         for statement in (_V4_DROP, _V4_APPEND_EVENTS, _V4_APPEND_BATCH):
@@ -174,9 +175,10 @@ async def test_a_database_at_events_schema_v4_is_upgraded_in_place(pg_dsn: str) 
                 "WHERE p.proname = 'seamwork_append_events' "
                 "AND p.pronamespace = current_schema()::regnamespace"
             )
-            assert [row[0] for row in await cursor.fetchall()] == [
+            assert sorted(row[0] for row in await cursor.fetchall()) == [
+                "p_stream text, p_expected text, p_events jsonb, p_at double precision",
                 "p_stream text, p_expected text, p_events jsonb, p_at double precision, "
-                "p_seq integer"
+                "p_seq integer",
             ]
             cursor = await conn.execute(
                 "SELECT version FROM seamwork_migrations WHERE component = 'events'"
@@ -185,7 +187,12 @@ async def test_a_database_at_events_schema_v4_is_upgraded_in_place(pg_dsn: str) 
         await store.append("old", [NewEvent("B")], expected_version=0)
         await asyncio.gather(*(store.append("old", [NewEvent("C")]) for _ in range(3)))
         await _append_in(store, pg_dsn, "old", 4)
-        assert [e.version for e in await store.read_stream("old")] == [0, 1, 2, 3, 4, 5]
+        # a process of the version before, still running, appends as it did
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            await conn.execute(
+                "SELECT * FROM seamwork_append_events('old', '5', '[[\"e9\",\"D\",1,{},null]]', 0)"
+            )
+        assert [e.version for e in await store.read_stream("old")] == [0, 1, 2, 3, 4, 5, 6]
 
 
 # The events schema v4's functions, as it created them.

@@ -137,6 +137,14 @@ BEGIN
 END $$
 """
 
+_APPEND_EVENTS_V4_SIGNATURE = r"""
+CREATE OR REPLACE FUNCTION seamwork_append_events(
+    p_stream text, p_expected text, p_events jsonb, p_at double precision
+) RETURNS TABLE (new_version bigint, last_position bigint) LANGUAGE sql AS $$
+    SELECT * FROM seamwork_append_events(p_stream, p_expected, p_events, p_at, NULL::int)
+$$
+"""
+
 # Each append in its own subtransaction, at the offset the appends before it that
 # succeeded have reached (one that failed rolled its rows back).
 _APPEND_BATCH_FUNCTION = r"""
@@ -209,15 +217,13 @@ EVENT_MIGRATIONS = (
     # The append refuses a transaction past 2**20 events (SW002).
     PgMigration("events", 4, (_APPEND_EVENTS_FUNCTION,)),
     # The offset within the transaction comes as an argument (p_seq), and the stream
-    # row is bumped by one UPDATE: the four-argument append is replaced.
+    # row is bumped by one UPDATE. The four-argument append stays, as the new one with
+    # the offset taken from the transaction: a process of the version before, still
+    # running while another upgrades the schema, goes on appending.
     PgMigration(
         "events",
         5,
-        (
-            _APPEND_EVENTS_FUNCTION,
-            _APPEND_BATCH_FUNCTION,
-            "DROP FUNCTION IF EXISTS seamwork_append_events(text, text, jsonb, double precision)",
-        ),
+        (_APPEND_EVENTS_FUNCTION, _APPEND_BATCH_FUNCTION, _APPEND_EVENTS_V4_SIGNATURE),
     ),
 )
 
