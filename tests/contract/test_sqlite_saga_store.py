@@ -108,3 +108,35 @@ async def test_a_store_path_that_is_a_directory_fails_clearly(tmp_path: Path) ->
     store = SQLiteStore(tmp_path)
     with pytest.raises(StoreUnavailable, match=str(tmp_path)):
         await store.open()
+
+
+@pytest.mark.parametrize(
+    ("sagas", "limit"),
+    [
+        (("g\x00", "bad", "h"), 2),  # the next page read g\x00 again: claimed twice
+        (("bad\x00",), 1),  # read again on every page: the claim never ended
+    ],
+)
+async def test_a_claim_reads_a_saga_whose_id_holds_nul_once_and_ends(
+    tmp_path: Path, sagas: tuple[str, ...], limit: int
+) -> None:
+    """Each page of a claim reads past the ids read so far by a json_each list, which
+    cuts a text at NUL: a saga with such an id (the store takes one) was read again,
+    and the claim, holding the write lock, read on for as long as that gave it more."""
+    store = SQLiteStore(tmp_path / "s.db")
+    await store.open()
+    try:
+        for at, saga_id in enumerate(sagas, start=1):
+            await store.create(saga_state(saga_id, lease_owner=None, updated_at=float(at)), [])
+        with sqlite3.connect(store.path) as conn:
+            conn.execute(
+                "UPDATE seamwork_sagas SET context = '{not json' WHERE saga_id LIKE 'bad%'"
+            )
+        result = await asyncio.wait_for(
+            store.claim(OWNER, [("order", 1)], now=1.0, lease_seconds=30.0, limit=limit), 5
+        )
+    finally:
+        await store.aclose()
+    read = [s.saga_id for s in result.claimed] + [e.saga_id for e in result.corrupt]
+    assert sagas[0] in read
+    assert len(read) == len(set(read))

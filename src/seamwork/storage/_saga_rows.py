@@ -127,15 +127,22 @@ def take_claimable(
     Corrupt rows are never leased, so they stay the oldest claimable ones: counted
     against the limit, they would fill every claim of a worker with little room. The
     next page reads past every row read so far (the claimed ones too: read again, they
-    would be claimed twice), so a run of corrupt rows costs a page, not a claim."""
+    would be claimed twice), so a run of corrupt rows costs a page, not a claim. A row
+    read again all the same (SQLite's json_each cuts an id at NUL) is passed over, and a
+    page of nothing new ends the claim: paging on would read the same rows for ever."""
     asked = limit - len(found.claimed)
+    known, before = set(seen), len(seen)
     for row in rows:
+        saga_id = str(row[0])
+        if saga_id in known:
+            continue
+        known.add(saga_id)
+        seen.append(saga_id)
         try:
             found.claimed.append(decode(row, parse))
         except CorruptSagaError as error:
             found.corrupt.append(error)
-        seen.append(str(row[0]))
-    if len(found.claimed) == limit or len(rows) < asked:
+    if len(found.claimed) == limit or len(rows) < asked or len(seen) == before:
         return 0  # (a short page: nothing more to claim)
     return limit - len(found.claimed)
 
