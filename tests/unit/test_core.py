@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import enum
+import json
 import logging
 import random
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from seamwork._core import Retry, dumps, loads, new_id
+from seamwork._core import Retry, codec, dumps, loads, new_id
+from seamwork._core.codec import dumps_clean
 from seamwork._core.hooks import Hooks
 from seamwork.errors import ConfigError, SerializationError
 from seamwork.testing import ManualClock
@@ -100,6 +104,84 @@ def test_codec_keeps_string_keys_that_look_like_numbers_or_constants() -> None:
 )
 def test_codec_round_trips_json_values(value: object) -> None:
     assert loads(dumps(value)) == value
+
+
+class _Dict(dict[Any, Any]):
+    pass
+
+
+class _List(list[Any]):
+    pass
+
+
+class _Str(str):
+    pass
+
+
+class _Int(int):
+    def __repr__(self) -> str:
+        return "not-json"
+
+
+class _Float(float):
+    def __repr__(self) -> str:
+        return "not-json"
+
+
+class _Count(enum.IntEnum):
+    ONE = 1
+
+
+class _Colour(enum.StrEnum):
+    RED = "red"
+
+
+_JSON_LIKE = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text()
+    | st.integers().map(_Int)
+    | st.floats(allow_nan=False, allow_infinity=False).map(_Float)
+    | st.text().map(_Str)
+    | st.sampled_from([_Count.ONE, _Colour.RED]),
+    lambda c: (
+        st.lists(c)
+        | st.lists(c).map(_List)
+        | st.lists(c).map(tuple)
+        | st.dictionaries(st.text() | st.text().map(_Str), c)
+        | st.dictionaries(st.text(), c).map(_Dict)
+    ),
+    max_leaves=20,
+)
+
+
+@pytest.fixture(params=["c", "python"])
+def encoder_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The codec on json's C encoder, or (no C accelerator) on its pure-Python one."""
+    if request.param == "python":
+        monkeypatch.setattr(codec, "c_make_encoder", None)
+        monkeypatch.setattr(json.encoder, "c_make_encoder", None)
+    monkeypatch.setattr(codec, "_encoders", threading.local())
+    return str(request.param)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_JSON_LIKE)
+def test_codec_writes_what_json_writes_and_refuses_what_it_refuses(
+    encoder_kind: str, value: object
+) -> None:
+    try:
+        expected = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError:  # NaN or an infinity
+        with pytest.raises(SerializationError, match="has no JSON form"):
+            dumps(value)
+        assert dumps_clean(value) is None
+    else:
+        assert dumps(value) == expected
+        assert dumps_clean(value) in (expected, None)  # None: a key that reads like a number
+    assert dumps({"after": [1]}) == '{"after":[1]}'
 
 
 def test_ids_are_version_7_uuids_in_time_order() -> None:
