@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import json
 import logging
+import operator
+import os
 import random
+import re
 import threading
+import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -189,6 +195,43 @@ def test_ids_are_version_7_uuids_in_time_order() -> None:
     assert all(uuid.UUID(i).version == 7 for i in ids)
     assert len(set(ids)) == 1000
     assert [i[:13] for i in ids] == sorted(i[:13] for i in ids)  # millisecond prefix
+
+
+_UUID7 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+def test_ids_hold_the_milliseconds_and_74_random_bits_on_every_thread() -> None:
+    before = time.time_ns() // 1_000_000
+    with ThreadPoolExecutor(4) as pool:
+        batches = list(pool.map(lambda _: [new_id() for _ in range(2000)], range(8)))
+    after = time.time_ns() // 1_000_000
+    ids = [i for batch in batches for i in batch]
+    assert len(set(ids)) == len(ids)
+    assert all(_UUID7.fullmatch(i) for i in ids)
+    values = [uuid.UUID(i).int for i in ids]
+    assert all(before <= v >> 80 <= after for v in values)
+    random_bits = (0xFFF << 64) | (2**62 - 1)  # rand_a and rand_b: each varies
+    assert functools.reduce(operator.or_, values) & random_bits == random_bits
+    assert functools.reduce(operator.and_, values) & random_bits == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_ids_of_a_forked_child_share_no_random_part_with_its_parent() -> None:
+    new_id()  # the parent holds unused random bytes when it forks
+    read, write = os.pipe()
+    with warnings.catch_warnings():  # (3.12+ warns of a fork in a process with threads)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, ",".join(new_id() for _ in range(200)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split(",")
+    parent = [new_id() for _ in range(200)]
+    assert len(child) == 200
+    assert not {i[13:] for i in child} & {i[13:] for i in parent}
 
 
 @given(st.integers(1, 30), st.floats(0, 10), st.floats(10, 100))
