@@ -117,22 +117,26 @@ def take_claimable(
     rows: Sequence[Sequence[Any]],
     limit: int,
     seen: list[str],
+    asked: int,
     parse: Callable[[Any], Any] | None = None,
 ) -> int:
-    """Decode a page of claim candidates (``rows``, read with the page size this returned
-    last, ``limit`` at first, and without the ids in ``seen``) into ``found``: at most
+    """Decode a page of claim candidates (``rows``: at most ``asked`` rows, read without
+    the ids in ``seen``; the first page asks for ``limit``) into ``found``: at most
     ``limit`` claimed, corrupt ones reported, every id read added to ``seen``. Returns
     the next page's size, 0 when done.
 
     Corrupt rows are never leased, so they stay the oldest claimable ones: counted
     against the limit, they would fill every claim of a worker with little room. The
     next page reads past every row read so far (the claimed ones too: read again, they
-    would be claimed twice), so a run of corrupt rows costs a page, not a claim. A row
-    read again all the same (SQLite's json_each cuts an id at NUL) is passed over, and a
-    page of nothing new ends the claim: paging on would read the same rows for ever."""
-    asked = limit - len(found.claimed)
+    would be claimed twice), and asks for at least as many rows as were found corrupt,
+    so a long run of them costs a few pages, their count doubling, not one page each.
+    A row read again all the same (SQLite's json_each cuts an id at NUL) is passed
+    over, and a page of nothing new ends the claim: paging on would read the same rows
+    for ever."""
     known, before = set(seen), len(seen)
     for row in rows:
+        if len(found.claimed) == limit:
+            return 0
         saga_id = str(row[0])
         if saga_id in known:
             continue
@@ -144,7 +148,7 @@ def take_claimable(
             found.corrupt.append(error)
     if len(found.claimed) == limit or len(rows) < asked or len(seen) == before:
         return 0  # (a short page: nothing more to claim)
-    return limit - len(found.claimed)
+    return max(limit - len(found.claimed), len(found.corrupt))
 
 
 def split_claimed(found: ClaimResult, owner: str, expires: float) -> ClaimResult:

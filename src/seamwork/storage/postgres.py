@@ -421,7 +421,7 @@ class PostgresStore:
                     page = limit
                     while page:
                         cursor = await conn.execute(_CLAIM, (now, names, versions, seen, page))
-                        page = take_claimable(result, await cursor.fetchall(), limit, seen)
+                        page = take_claimable(result, await cursor.fetchall(), limit, seen, page)
                     expires = now + lease_seconds
                     ids = [s.saga_id for s in result.claimed]
                     if ids:

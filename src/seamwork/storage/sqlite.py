@@ -314,7 +314,7 @@ class SQLiteStore:
             page = limit
             while page:
                 rows = conn.execute(sql, (now, *key_params, dumps(seen), page)).fetchall()
-                page = take_claimable(found, rows, limit, seen, loads)
+                page = take_claimable(found, rows, limit, seen, page, loads)
             expires = now + lease_seconds
             conn.executemany(
                 "UPDATE seamwork_sagas SET lease_owner = ?, lease_expires_at = ? WHERE saga_id = ?",
