@@ -171,3 +171,17 @@ async def test_a_catch_up_wait_that_is_not_a_finite_time_is_refused(
     runner = ProjectionRunner(EventStore.sqlite(tmp_path / "e.db"), Named(), None)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="wait must be a finite number of seconds >= 0"):
         await runner.catch_up(wait=wait)
+
+
+@pytest.mark.parametrize("batch_size", [2.5, "10", True, 0, 2**63])
+def test_a_batch_size_that_is_not_a_whole_number_of_events_is_refused(
+    batch_size: object, tmp_path: Any
+) -> None:
+    # 2.5 was taken: on PostgreSQL every page read LIMIT 2 (the float rounded), never
+    # equal to 2.5, so catch_up() returned after two events as if it had caught up;
+    # on SQLite every page failed ('datatype mismatch'), a live runner once a second
+    class Named(Projection):
+        name = "named"
+
+    with pytest.raises(ConfigError, match="batch_size must be"):
+        ProjectionRunner(EventStore.sqlite(tmp_path / "e.db"), Named(), None, batch_size=batch_size)  # type: ignore[arg-type]

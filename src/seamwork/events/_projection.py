@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 from seamwork._core.lifecycle import StartStop
 from seamwork.errors import ConfigError, UpcastError
 from seamwork.events._model import RecordedEvent, check_key_length, check_no_nul
-from seamwork.events._store import EventStore
+from seamwork.events._store import EventStore, _check_int
 from seamwork.events._upcast import UnreadableEvent
 
 log = logging.getLogger("seamwork.events")
@@ -229,8 +229,7 @@ class ProjectionRunner(StartStop):
         *,
         batch_size: int = 1000,
     ) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        _check_int("batch_size", batch_size, 1)  # a float LIMIT ended catch_up early
         if not isinstance(projection, Projection) or not projection.name:
             raise ConfigError(f"{projection!r} is not a Projection with a name")
         _check_name(type(projection).__name__, projection.name)
