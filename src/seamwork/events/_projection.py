@@ -266,8 +266,7 @@ class ProjectionRunner(StartStop):
         the transactions open at the call to end; if one is still open then, it applies
         what it can and logs a warning (the rest comes with a later call).
         """
-        if not 0 <= wait < math.inf:
-            raise ConfigError(f"wait must be a finite number of seconds >= 0, got {wait!r}")
+        _check_wait(wait)
         await self._setup()
         bound = await self.store._commit_bound()
         if bound is not None and not await self._readable(bound, wait):
@@ -298,6 +297,7 @@ class ProjectionRunner(StartStop):
         runner goes on following new events afterwards, also when the rebuild fails:
         its read model is then as the failed transaction left it, checkpoint and all).
         ``wait`` is ``catch_up``'s."""
+        _check_wait(wait)  # before the reset, not after it
         live = self._task is not None
         await self.stop()
         try:
@@ -387,6 +387,11 @@ class ProjectionRunner(StartStop):
                     return
                 log.exception("projection %s failed a batch; retrying", self.projection.name)
                 await asyncio.sleep(1.0)
+
+
+def _check_wait(wait: float) -> None:
+    if not 0 <= wait < math.inf:
+        raise ConfigError(f"wait must be a finite number of seconds >= 0, got {wait!r}")
 
 
 def summary_of(parked: Sequence[ParkedEvent]) -> Mapping[str, int]:

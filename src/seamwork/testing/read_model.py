@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
+from seamwork.errors import ConfigError
 from seamwork.events import (
     NO_STREAM,
     EventStore,
@@ -193,6 +195,22 @@ class ReadModelContract:
         assert await totals(read_model) == {"s": -1}
         await runner.rebuild()
         assert await totals(read_model) == {"s": sum(range(20))}
+
+    @pytest.mark.parametrize("wait", [-1.0, math.nan, math.inf])
+    async def test_a_rebuild_with_a_bad_wait_is_refused_before_anything_is_reset(
+        self, store: EventStore, read_model: ReadModelStore, wait: float
+    ) -> None:
+        # the wait was checked by the catch_up after the reset: the call was refused
+        # with the read model already emptied and its checkpoint back at 0
+        await store.append("s", added(3))
+        runner = ProjectionRunner(store, self.totals_projection(), read_model)
+        checkpoint = await runner.catch_up()
+        with pytest.raises(ConfigError, match="wait must be a finite number of seconds"):
+            await runner.rebuild(wait=wait)
+        assert await totals(read_model) == {"s": 3}
+        assert await ProjectionRunner(store, self.totals_projection(), read_model).catch_up() == (
+            checkpoint
+        )
 
     async def test_a_rebuild_during_a_catch_up_projects_every_event_once(
         self, store: EventStore, read_model: ReadModelStore
