@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from seamwork.errors import EventStoreError, WrongExpectedVersion
+from seamwork.errors import EventStoreError, StoreError, WrongExpectedVersion
 from seamwork.events import ANY, NO_STREAM, STREAM_EXISTS, ExpectedVersion, NewEvent
 from seamwork.storage import postgres_events
 from seamwork.storage._pg import migrate
@@ -265,3 +265,65 @@ BEGIN
     END LOOP;
 END $$
 """
+
+
+def _in_version_order(events: list[Any], stream: str) -> list[int]:
+    return [e.version for e in events if e.stream == stream]
+
+
+async def test_an_append_in_an_older_transaction_than_the_streams_last_is_refused(
+    pg_dsn: str,
+) -> None:
+    """A position is (transaction id << 20) + index: an append_in whose transaction got
+    its id before another appended to the stream and committed took the next version
+    at a position below that one's, so $all - a subscriber, a projection - delivered
+    the stream's version 1 before its version 0. It is refused; the transaction, done
+    again, appends after."""
+    async with postgres_events.PostgresEventStore(pg_dsn) as store:
+        conn = await psycopg.AsyncConnection.connect(pg_dsn)
+        async with conn:
+            await conn.execute("SELECT pg_current_xact_id()")  # the older transaction
+            await store.append("s", [NewEvent("A")])
+            with pytest.raises(StoreError, match="retry the transaction"):
+                await store.append_in(conn, "s", [NewEvent("B")])
+            await conn.rollback()
+            async with conn.transaction():
+                await store.append_in(conn, "s", [NewEvent("B")], expected_version=0)
+        assert _in_version_order(await store.read_all(), "s") == [0, 1]
+
+
+async def test_a_batch_older_than_the_streams_last_append_appends_that_one_again_alone(
+    pg_dsn: str,
+) -> None:
+    """A batch got its transaction id at its first append, waited for another stream's
+    lock, and meanwhile a younger transaction appended to a stream later in the batch:
+    the batch's append there went below it in $all. It is appended again alone."""
+    async with postgres_events.PostgresEventStore(pg_dsn) as store:
+        await store.append("a", [NewEvent("A")])
+        holder = await psycopg.AsyncConnection.connect(pg_dsn)
+        younger = await psycopg.AsyncConnection.connect(pg_dsn)
+        async with holder, younger:
+            await store.append_in(holder, "a", [NewEvent("held")])  # holds a's row
+            batch = asyncio.gather(
+                store.append("a", [NewEvent("A2")]), store.append("s", [NewEvent("S")])
+            )
+            async with asyncio.timeout(10):
+                while not await _waiting_for_a_lock(younger):
+                    await asyncio.sleep(0.01)
+            async with younger.transaction():
+                await store.append_in(younger, "s", [NewEvent("first")])
+            await holder.commit()
+            await batch
+        stored = await store.read_all()
+        assert _in_version_order(stored, "s") == [0, 1]
+        assert [e.type for e in stored if e.stream == "s"] == ["first", "S"]
+
+
+async def _waiting_for_a_lock(conn: psycopg.AsyncConnection[Any]) -> bool:
+    cursor = await conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock'"
+    )
+    row = await cursor.fetchone()
+    await conn.rollback()
+    return bool(row and row[0])

@@ -91,22 +91,30 @@ DECLARE
     visible bigint;
     n int := jsonb_array_length(p_events);
     seq int := p_seq;
+    last bigint;
     base bigint;
 BEGIN
-    UPDATE seamwork_streams s SET version = s.version + n, deleted = false
+    IF seq IS NULL THEN
+        seq := coalesce(nullif(current_setting('seamwork.seq', true), ''), '0')::int;
+        PERFORM set_config('seamwork.seq', (seq + n)::text, true);
+    END IF;
+    base := (pg_current_xact_id()::text::bigint << 20) + seq;
+    UPDATE seamwork_streams s SET version = s.version + n, deleted = false,
+            last_position = base + n - 1
         WHERE s.stream = p_stream AND (p_expected = 'any'
             OR p_expected = (CASE WHEN s.deleted THEN -1 ELSE s.version END)::text
             OR (p_expected = 'no_stream' AND (s.deleted OR s.version = -1))
             OR (p_expected = 'stream_exists' AND NOT s.deleted AND s.version >= 0))
+            AND (s.last_position IS NULL OR s.last_position < base)
         RETURNING s.version - n INTO cur;
     IF NOT FOUND THEN
-        SELECT s.version, s.deleted INTO cur, del FROM seamwork_streams s
-            WHERE s.stream = p_stream FOR UPDATE;
+        SELECT s.version, s.deleted, s.last_position INTO cur, del, last
+            FROM seamwork_streams s WHERE s.stream = p_stream FOR UPDATE;
         IF NOT FOUND THEN
             INSERT INTO seamwork_streams (stream, version) VALUES (p_stream, -1)
                 ON CONFLICT DO NOTHING;
-            SELECT s.version, s.deleted INTO cur, del FROM seamwork_streams s
-                WHERE s.stream = p_stream FOR UPDATE;
+            SELECT s.version, s.deleted, s.last_position INTO cur, del, last
+                FROM seamwork_streams s WHERE s.stream = p_stream FOR UPDATE;
         END IF;
         visible := CASE WHEN del THEN -1 ELSE cur END;
         IF NOT (p_expected = 'any' OR p_expected = visible::text
@@ -114,17 +122,18 @@ BEGIN
                 OR (p_expected = 'stream_exists' AND visible >= 0)) THEN
             RAISE EXCEPTION USING ERRCODE = 'SW001', MESSAGE = visible::text;
         END IF;
-        UPDATE seamwork_streams SET version = cur + n, deleted = false
+        IF last >= base THEN  -- a younger transaction appended first: $all would invert them
+            RAISE EXCEPTION USING ERRCODE = '40001', MESSAGE = format(
+                'stream %s was appended to by a transaction that began after this one; '
+                'retry the transaction (its events would come before those in $all)', p_stream);
+        END IF;
+        UPDATE seamwork_streams SET version = cur + n, deleted = false,
+                last_position = base + n - 1
             WHERE stream = p_stream;
-    END IF;
-    IF seq IS NULL THEN
-        seq := coalesce(nullif(current_setting('seamwork.seq', true), ''), '0')::int;
-        PERFORM set_config('seamwork.seq', (seq + n)::text, true);
     END IF;
     IF seq + n > 1048576 THEN  -- past it, positions would be the next transaction's
         RAISE EXCEPTION USING ERRCODE = 'SW002', MESSAGE = (seq + n)::text;
     END IF;
-    base := (pg_current_xact_id()::text::bigint << 20) + seq;
     INSERT INTO seamwork_events
         (position, stream, version, id, type, schema_version, data, metadata, recorded_at)
     SELECT base + e.i - 1, p_stream, cur + e.i, e.ev->>0, e.ev->>1, (e.ev->>2)::int,
@@ -224,6 +233,18 @@ EVENT_MIGRATIONS = (
         "events",
         5,
         (_APPEND_EVENTS_FUNCTION, _APPEND_BATCH_FUNCTION, _APPEND_EVENTS_V4_SIGNATURE),
+    ),
+    # A stream row keeps its last event's position: an append whose transaction began
+    # before the one that wrote it would go below it in $all (the stream's versions out
+    # of order there), and is refused as a serialization failure (a batch retries it
+    # alone, in a new transaction).
+    PgMigration(
+        "events",
+        6,
+        (
+            "ALTER TABLE seamwork_streams ADD COLUMN IF NOT EXISTS last_position bigint",
+            _APPEND_EVENTS_FUNCTION,
+        ),
     ),
 )
 
