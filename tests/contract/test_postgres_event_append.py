@@ -327,3 +327,22 @@ async def _waiting_for_a_lock(conn: psycopg.AsyncConnection[Any]) -> bool:
     row = await cursor.fetchone()
     await conn.rollback()
     return bool(row and row[0])
+
+
+async def test_a_lone_append_refused_as_older_than_the_streams_last_is_tried_again(
+    pg_dsn: str,
+) -> None:
+    """A lone append takes its transaction id just before it locks the stream's row: a
+    transaction that began in between and appended there first makes it refused as the
+    older one. A new transaction - a later id - appends it; here the stream's last
+    position is set two transaction ids ahead, as such a race leaves it."""
+    async with postgres_events.PostgresEventStore(pg_dsn) as store:
+        await store.append("s", [NewEvent("A")])
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            await conn.execute(
+                "UPDATE seamwork_streams SET last_position = "
+                "(pg_current_xact_id()::text::bigint + 2) << 20 WHERE stream = 's'"
+            )
+        result = await store.append("s", [NewEvent("B")], expected_version=0)
+        assert result.version == 1
+        assert _in_version_order(await store.read_all(), "s") == [0, 1]

@@ -677,7 +677,25 @@ class AppendParams(NamedTuple):
 # stream's row lock): by the time the batch has committed, the winner's locks are gone.
 # Or the batch's transaction ran out of positions (SW002): alone, the append has its own.
 _RETRY_ALONE = frozenset({"40P01", "40001", "SW002"})
+# Alone, an append still meets these now and then: a deadlock, or a transaction that
+# began after its own appended to the stream first (40001: its events would come before
+# that one's in $all). A new transaction - a new, later id - is all it takes.
+_RETRY_AGAIN = frozenset({"40P01", "40001"})
+_ALONE_ATTEMPTS = 5
 _MAX_EVENTS_PER_TRANSACTION = 1 << 20
+
+
+async def _append_alone(cursor: AsyncCursor, item: AppendParams) -> AppendResult:
+    """``item`` in an autocommit transaction of its own, tried again in a new one (up
+    to ``_ALONE_ATTEMPTS`` in all) while it fails for a reason a new one removes."""
+    for _ in range(_ALONE_ATTEMPTS - 1):
+        try:
+            return await _append(cursor, item.params, item.expected, 0)
+        except SeamworkError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, psycopg.Error) and cause.sqlstate in _RETRY_AGAIN):
+                raise
+    return await _append(cursor, item.params, item.expected, 0)
 
 
 async def _append_batch(
@@ -686,7 +704,7 @@ async def _append_batch(
     """Run queued appends in one statement (autocommit: one transaction)."""
     if len(batch) == 1:
         try:
-            return [await _append(cursor, batch[0].params, batch[0].expected, 0)]
+            return [await _append_alone(cursor, batch[0])]
         except EventStoreError as exc:
             return [exc]
     appends = ",".join(
@@ -700,7 +718,7 @@ async def _append_batch(
             results.append(_batch_result(item, row))
             continue
         try:  # the batch is committed: report, never raise, from here on
-            results.append(await _append(cursor, item.params, item.expected, 0))
+            results.append(await _append_alone(cursor, item))
         except SeamworkError as exc:
             results.append(exc)
     return results
