@@ -650,7 +650,7 @@ async def test_an_inbox_without_batches_applies_a_batch_one_transaction_each(
     from seamwork.storage.sqlite_messaging import SQLiteInbox
 
     class OneAtATime(SQLiteInbox):
-        def _batch(self, messages: Sequence[Message]) -> Any:
+        def _batch(self, messages: Sequence[Message], group: str = "") -> Any:
             raise NotImplementedError
 
     inbox = OneAtATime.open_path(tmp_path / "plain.db")

@@ -25,9 +25,12 @@ Requeued unfixed, it is parked again at the next drain.
 
 Inbox. A consumer records each message id in the same transaction as the message's
 effect (``inbox.handler(fn)``); a redelivered message finds its id and applies
-nothing. The broker is acknowledged only after that commit. What a handler publishes
-with ``tx.publish`` joins the handled message's flow (correlation and causation, as
-``caused()`` sets them) unless it names a flow or a cause of its own.
+nothing. Ids are recorded per consumer group: two groups of one service handling
+the same message in one database each apply it once (an id recorded before groups
+were, under the group ``""``, counts for every group). The broker is acknowledged
+only after that commit. What a handler publishes with ``tx.publish`` joins the
+handled message's flow (correlation and causation, as ``caused()`` sets them) unless
+it names a flow or a cause of its own.
 
 Batches. A broker that fetches several messages at once hands them to
 ``InboxHandler.batch``: the whole batch is applied in ONE transaction (one commit,
@@ -399,13 +402,15 @@ class Inbox(OpenClose, ABC):
         return inbox
 
     @abstractmethod
-    def _transaction(self, message: Message) -> AbstractAsyncContextManager[Transaction | None]:
-        """A transaction that records ``message``'s id on commit; yields None if the id
-        was recorded before (a redelivery)."""
+    def _transaction(
+        self, message: Message, group: str = ""
+    ) -> AbstractAsyncContextManager[Transaction | None]:
+        """A transaction that records ``message``'s id for consumer ``group`` on commit;
+        yields None if the id was recorded before for it (a redelivery)."""
 
     @abstractmethod
     async def seen(self, message_id: str) -> bool:
-        """Whether a message with this id was handled."""
+        """Whether a message with this id was handled (by any consumer group)."""
 
     @abstractmethod
     async def open(self) -> None: ...
@@ -413,8 +418,11 @@ class Inbox(OpenClose, ABC):
     @abstractmethod
     async def aclose(self) -> None: ...
 
-    def _batch(self, messages: Sequence[Message]) -> AbstractAsyncContextManager[InboxBatch]:
-        """One transaction for ``messages``; committed when the block exits cleanly.
+    def _batch(
+        self, messages: Sequence[Message], group: str = ""
+    ) -> AbstractAsyncContextManager[InboxBatch]:
+        """One transaction for ``messages`` of consumer ``group``; committed when the
+        block exits cleanly.
 
         Adapters override this; the default raises ``NotImplementedError`` and
         ``InboxHandler.batch`` then applies the messages one transaction each.
@@ -490,7 +498,7 @@ class InboxHandler:
         undeclared = self._undeclared(delivery)
         if undeclared is not None:
             raise undeclared
-        async with self.inbox._transaction(delivery.message) as tx:
+        async with self.inbox._transaction(delivery.message, delivery.group) as tx:
             if tx is not None:
                 await self._apply(delivery.message, tx)
 
@@ -506,8 +514,11 @@ class InboxHandler:
         todo = [i for i, outcome in enumerate(outcomes) if outcome is None]
         if not todo:
             return outcomes
+        groups = {deliveries[i].group for i in todo}
         try:
-            transaction = self.inbox._batch([deliveries[i].message for i in todo])
+            if len(groups) > 1:  # one consumer fetches a batch; anything else, one by one
+                raise NotImplementedError
+            transaction = self.inbox._batch([deliveries[i].message for i in todo], groups.pop())
         except NotImplementedError:
             for i in todo:
                 outcomes[i] = await _outcome(self(deliveries[i]))

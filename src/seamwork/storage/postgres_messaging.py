@@ -111,6 +111,18 @@ MESSAGING_MIGRATIONS = (
             "WHERE parked_at IS NOT NULL",
         ),
     ),
+    # handled ids are recorded per consumer group: keyed by id alone, a second group of
+    # the service on the same subject found the first group's record and applied nothing
+    # (ids recorded before, under the group '' no broker gives, count for every group)
+    PgMigration(
+        "messaging",
+        4,
+        (
+            "ALTER TABLE seamwork_inbox ADD COLUMN consumer_group text NOT NULL DEFAULT ''",
+            "ALTER TABLE seamwork_inbox DROP CONSTRAINT seamwork_inbox_pkey, "
+            "ADD PRIMARY KEY (id, consumer_group)",
+        ),
+    ),
 )
 
 _INSERT_OUTBOX = (
@@ -123,9 +135,13 @@ _ROW = "seq, id, subject, type, data::text, correlation_id, causation_id, header
 """An outbox row as ``read_row`` takes it: data and headers as the text stored (a row
 no message can be built from is parked with it)."""
 _CLAIM_ID = (
-    b"INSERT INTO seamwork_inbox (id, type, received_at) VALUES (%s, %s, %s) "
+    b"INSERT INTO seamwork_inbox (id, consumer_group, type, received_at) "
+    b"SELECT %s, %s, %s, %s WHERE NOT EXISTS (SELECT 1 FROM "
+    b"seamwork_inbox WHERE id = %s AND consumer_group = '') "
     b"ON CONFLICT DO NOTHING RETURNING id"
 )
+"""Claim a message id for a consumer group; nothing if the group (or, before groups
+were recorded, any consumer: group '') has it."""
 
 
 class PostgresMessageStore:
@@ -429,9 +445,10 @@ class PostgresOutbox(Outbox):
 class _Batch:
     """``InboxBatch`` on one PostgreSQL transaction: a savepoint per message."""
 
-    def __init__(self, conn: AsyncConn, seconds: float) -> None:
+    def __init__(self, conn: AsyncConn, seconds: float, group: str) -> None:
         self.conn = conn
         self.seconds = seconds
+        self.group = group
         self.published = False
 
     async def apply(
@@ -460,7 +477,7 @@ class _Batch:
     async def _apply(
         self, message: Message, fn: Callable[[Message, Transaction], Awaitable[None]]
     ) -> _Transaction | None:
-        if not await _claim(self.conn, message, self.seconds):
+        if not await _claim(self.conn, message, self.group, self.seconds):
             return None  # applied before
         tx = _Transaction(self.conn, self.seconds, message)
         try:
@@ -495,9 +512,11 @@ class PostgresInbox(Inbox):
         return bool(rows)
 
     @asynccontextmanager
-    async def _transaction(self, message: Message) -> AsyncIterator[Transaction | None]:
+    async def _transaction(
+        self, message: Message, group: str = ""
+    ) -> AsyncIterator[Transaction | None]:
         async with self.store.transaction("inbox") as conn:
-            if not await _claim(conn, message, self.store.query_timeout):
+            if not await _claim(conn, message, group, self.store.query_timeout):
                 yield None  # applied before: apply nothing, acknowledge again
                 return
             tx = _Transaction(conn, self.store.query_timeout, message)
@@ -510,18 +529,19 @@ class PostgresInbox(Inbox):
             self.store.notify()
 
     @asynccontextmanager
-    async def _batch(self, messages: Sequence[Message]) -> AsyncIterator[_Batch]:
+    async def _batch(self, messages: Sequence[Message], group: str = "") -> AsyncIterator[_Batch]:
         async with self.store.transaction("inbox") as conn:
-            batch = _Batch(conn, self.store.query_timeout)
+            batch = _Batch(conn, self.store.query_timeout, group)
             yield batch
         if batch.published:
             self.store.notify()
 
 
-async def _claim(conn: AsyncConn, message: Message, seconds: float) -> bool:
-    """Record ``message``'s id in the open transaction; False if it was there before."""
+async def _claim(conn: AsyncConn, message: Message, group: str, seconds: float) -> bool:
+    """Record ``message``'s id for ``group`` in the open transaction; False if it was
+    there before."""
     try:
-        params = (message.id, message.type, time.time())
+        params = (message.id, group, message.type, time.time(), message.id)
         return bool(await timed(conn, seconds, _CLAIM_ID, params, what="inbox"))
     except psycopg.Error as exc:
         raise translate(exc, f"inbox: recording message {message.id}") from exc

@@ -88,9 +88,33 @@ MESSAGING_MIGRATIONS = (
             "WHERE parked_at IS NOT NULL",
         ),
     ),
+    # handled ids are recorded per consumer group: keyed by id alone, a second group of
+    # the service on the same subject found the first group's record and applied nothing
+    # (ids recorded before, under the group '' no broker gives, count for every group)
+    Migration(
+        "messaging",
+        3,
+        (
+            """CREATE TABLE seamwork_inbox_v3 (
+                id TEXT NOT NULL,
+                consumer_group TEXT NOT NULL,
+                type TEXT NOT NULL,
+                received_at REAL NOT NULL,
+                PRIMARY KEY (id, consumer_group)
+            ) WITHOUT ROWID""",
+            "INSERT INTO seamwork_inbox_v3 (id, consumer_group, type, received_at) "
+            "SELECT id, '', type, received_at FROM seamwork_inbox",
+            "DROP TABLE seamwork_inbox",
+            "ALTER TABLE seamwork_inbox_v3 RENAME TO seamwork_inbox",
+        ),
+    ),
 )
 
-_INSERT_INBOX = "INSERT INTO seamwork_inbox (id, type, received_at) VALUES (?, ?, ?)"
+_INSERT_INBOX = (
+    "INSERT INTO seamwork_inbox (id, consumer_group, type, received_at) VALUES (?, ?, ?, ?)"
+)
+_OF_GROUP = "consumer_group IN (?, '')"
+"""Ids handled by a group (``?``): its own, and those recorded before groups were."""
 _INSERT_OUTBOX = (
     "INSERT INTO seamwork_outbox (id, subject, type, data, correlation_id, causation_id, "
     "headers, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -384,18 +408,20 @@ class SQLiteInbox(Inbox):
         return row is not None
 
     @asynccontextmanager
-    async def _transaction(self, message: Message) -> AsyncIterator[_Transaction | None]:
+    async def _transaction(
+        self, message: Message, group: str = ""
+    ) -> AsyncIterator[_Transaction | None]:
         await self.store.ensure_open()
         holder: list[_Transaction] = []
 
         def seen(conn: sqlite3.Connection) -> bool:
-            row = conn.execute("SELECT 1 FROM seamwork_inbox WHERE id = ?", (message.id,))
-            return row.fetchone() is not None
+            query = f"SELECT 1 FROM seamwork_inbox WHERE id = ? AND {_OF_GROUP}"
+            return conn.execute(query, (message.id, group)).fetchone() is not None
 
         def record(conn: sqlite3.Connection) -> None:
             if not holder:
                 return
-            conn.execute(_INSERT_INBOX, (message.id, message.type, time.time()))
+            conn.execute(_INSERT_INBOX, (message.id, group, message.type, time.time()))
             if holder[0].rows:
                 _insert_outbox(conn, holder[0].rows)
 
@@ -413,7 +439,9 @@ class SQLiteInbox(Inbox):
             self.store.notify()
 
     @asynccontextmanager
-    async def _batch(self, messages: Sequence[Message]) -> AsyncIterator[_InboxBatch]:
+    async def _batch(
+        self, messages: Sequence[Message], group: str = ""
+    ) -> AsyncIterator[_InboxBatch]:
         await self.store.ensure_open()
         ids = [m.id for m in messages]
         holder: list[_InboxBatch] = []
@@ -422,8 +450,9 @@ class SQLiteInbox(Inbox):
             found: set[str] = set()
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
-                query = f"SELECT id FROM seamwork_inbox WHERE id IN ({','.join('?' * len(chunk))})"
-                found.update(row[0] for row in conn.execute(query, chunk))
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT id FROM seamwork_inbox WHERE {_OF_GROUP} AND id IN ({marks})"
+                found.update(row[0] for row in conn.execute(query, (group, *chunk)))
             return found
 
         def record(conn: sqlite3.Connection) -> None:
@@ -431,7 +460,7 @@ class SQLiteInbox(Inbox):
                 holder[0].finish(conn)
 
         async with session(self.store.writer, on_open=seen, on_commit=record) as open_session:
-            batch = _InboxBatch(open_session, open_session.opening)
+            batch = _InboxBatch(open_session, open_session.opening, group)
             holder.append(batch)
             yield batch
         if batch.outbox_rows:
@@ -441,9 +470,10 @@ class SQLiteInbox(Inbox):
 class _InboxBatch:
     """``InboxBatch`` on an open session: one savepoint per applied message."""
 
-    def __init__(self, session: Session, seen: set[str]) -> None:
+    def __init__(self, session: Session, seen: set[str], group: str) -> None:
         self._session = session
         self._seen = seen
+        self._group = group
         self._savepoint = False
         """A savepoint of an earlier message is still open (released lazily)."""
         self.inbox_rows: list[Row] = []
@@ -465,7 +495,7 @@ class _InboxBatch:
         finally:
             tx.ended = True  # a task it left running must not write into the next message
         self._seen.add(message.id)
-        self.inbox_rows.append((message.id, message.type, time.time()))
+        self.inbox_rows.append((message.id, self._group, message.type, time.time()))
         self.outbox_rows.extend(tx.rows)
         return None
 
