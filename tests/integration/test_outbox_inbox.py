@@ -704,3 +704,24 @@ async def test_one_message_id_published_twice_in_a_transaction_is_named(outbox: 
     with pytest.raises(StoreError, match=f"message id '{message.id}' is in the outbox already"):
         await twice()
     assert await outbox.pending_count() == 0
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"page_size": 2.5},  # SQLite: 'datatype mismatch' on every drain, nothing sent
+        {"page_size": True},
+        {"page_size": 0},
+        {"poll_interval": float("nan")},  # never polls: other processes' rows wait
+        {"poll_interval": float("inf")},
+        {"poll_interval": 0},
+        {"retention": float("nan")},  # never purges: sent rows pile up
+        {"retention": -1},
+    ],
+)
+def test_a_relay_setting_it_could_never_run_with_is_refused_by_name(
+    outbox: Outbox, option: dict[str, Any]
+) -> None:
+    (name,) = option
+    with pytest.raises(ConfigError, match=name):
+        OutboxRelay(outbox, NatsBroker("nats://127.0.0.1:1"), **option)

@@ -48,6 +48,7 @@ import asyncio
 import builtins
 import importlib
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -560,12 +561,14 @@ class OutboxRelay(StartStop):
         poll_interval: float = 0.5,
         retention: float = 600.0,
     ) -> None:
-        if page_size < 1:
-            raise ConfigError(f"page_size must be >= 1, got {page_size}")
-        if poll_interval <= 0:
-            raise ConfigError(f"poll_interval must be > 0, got {poll_interval}")
-        if retention < 0:
-            raise ConfigError(f"retention must be >= 0 seconds, got {retention}")
+        # refused here, not at the first drain: a float page failed every drain, a NaN
+        # poll interval never polled, a NaN retention never purged
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ConfigError(f"page_size must be an int >= 1, got {page_size!r}")
+        if not _seconds(poll_interval) or not 0 < poll_interval < math.inf:
+            raise ConfigError(f"poll_interval must be finite seconds > 0, got {poll_interval!r}")
+        if not _seconds(retention) or not retention >= 0:
+            raise ConfigError(f"retention must be >= 0 seconds, got {retention!r}")
         self.outbox = outbox
         self.broker = broker
         self.page_size = page_size
@@ -678,6 +681,10 @@ class OutboxRelay(StartStop):
                 log.warning("outbox relay: %s; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+
+def _seconds(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _raise_if_cancelled(task: asyncio.Task[Any]) -> None:
