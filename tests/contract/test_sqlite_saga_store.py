@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,30 @@ async def test_a_claim_reads_a_saga_whose_id_holds_nul_once_and_ends(
     read = [s.saga_id for s in result.claimed] + [e.saga_id for e in result.corrupt]
     assert sagas[0] in read
     assert len(read) == len(set(read))
+
+
+async def test_a_close_cancelled_while_the_writer_drains_still_lets_go_of_the_file(
+    tmp_path: Path,
+) -> None:
+    """The OS lock was let go only after the writer's thread had ended: a close cut
+    short while it finished its last transactions (a shutdown under a timeout) kept
+    the lock for the life of the process, and every later orchestrator on the file,
+    this process's own included, was refused as 'in use'."""
+    first = SQLiteStore(tmp_path / "s.db")
+    await first.open()
+    await first.attach("one")
+    release = threading.Event()
+    slow = first._writer.write(lambda conn: release.wait(5.0))
+    closing = asyncio.create_task(first.aclose())
+    await asyncio.sleep(0.05)  # close() waits for the slow transaction
+    closing.cancel()
+    await asyncio.gather(closing, return_exceptions=True)
+    release.set()
+    await slow
+    second = SQLiteStore(tmp_path / "s.db")
+    await second.open()
+    try:
+        await second.attach("two")
+    finally:
+        await second.aclose()
+        await first.aclose()

@@ -202,10 +202,12 @@ class SQLiteStore:
         await self._writer.start()
 
     async def aclose(self) -> None:
-        await self._writer.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        try:
+            await self._writer.close()
+        finally:  # a close cut short too: the thread has its stop and ends on its own
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     async def attach(self, owner: str) -> None:
         if self.path != ":memory:" and self._lock_fd is None:
