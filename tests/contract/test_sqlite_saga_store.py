@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
+import seamwork as seamwork_src
 from seamwork.errors import StoreLocked, StoreUnavailable
 from seamwork.saga import SagaStore
 from seamwork.storage import SQLiteStore
@@ -168,3 +173,53 @@ async def test_a_close_cancelled_while_the_writer_drains_still_lets_go_of_the_fi
     finally:
         await second.aclose()
         await first.aclose()
+
+
+FORK_AND_DIE = """
+import asyncio, os, signal, sys, time
+from seamwork.storage import SQLiteStore
+
+async def main() -> None:
+    store = SQLiteStore(sys.argv[1])
+    await store.open()
+    await store.attach("parent")
+    child = os.fork()
+    if child == 0:  # a helper process the service forked: it lives on
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        time.sleep(10)
+        os._exit(0)
+    print(child, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_forked_child_of_a_dead_orchestrator_does_not_keep_its_file_locked(
+    tmp_path: Path,
+) -> None:
+    """A child forked by the orchestrator's process (multiprocessing's default on
+    Linux) shared the lock, so while it lived on after the orchestrator died, the
+    restarted orchestrator was refused with StoreLocked, naming the dead pid."""
+    path = tmp_path / "s.db"
+    src = str(Path(seamwork_src.__file__).parents[1])
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", FORK_AND_DIE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": src},
+    )
+    child = int(done.stdout.split()[0])
+    try:
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            await store.attach("restarted")
+        finally:
+            await store.aclose()
+    finally:
+        os.kill(child, signal.SIGKILL)

@@ -19,6 +19,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -206,7 +207,7 @@ class SQLiteStore:
             await self._writer.close()
         finally:  # a close cut short too: the thread has its stop and ends on its own
             if self._lock_fd is not None:
-                os.close(self._lock_fd)
+                _unlock(self._lock_fd)
                 self._lock_fd = None
 
     async def attach(self, owner: str) -> None:
@@ -384,7 +385,31 @@ def _chunks(items: list[str], size: int) -> builtins.list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+# The lock descriptors this process holds. An flock lock belongs to the open file,
+# which a forked child shares (multiprocessing forks by default on Linux): a child
+# living on after the orchestrator died kept the file locked, and the restarted
+# orchestrator was refused. So a child closes its copies as it starts.
+_held_locks: set[int] = set()
+_fork_hook: list[bool] = []
+
+
+def _close_locks_in_child() -> None:
+    for fd in _held_locks:
+        with suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+def _unlock(fd: int) -> None:
+    if fd in _held_locks:  # not in a forked child, which closed its copy already
+        _held_locks.discard(fd)
+        os.close(fd)
+
+
 def _lock_exclusively(path: str) -> int:
+    if not _fork_hook:  # registered on first use: nothing runs at import time
+        os.register_at_fork(after_in_child=_close_locks_in_child)
+        _fork_hook.append(True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -395,6 +420,7 @@ def _lock_exclusively(path: str) -> int:
             f"{path[:-5]} is in use by another orchestrator (pid {holder}); "
             "SQLite runs one orchestrator per file - use PostgresStore to scale out"
         ) from None
+    _held_locks.add(fd)
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd
