@@ -77,6 +77,25 @@ async def test_a_second_orchestrator_on_the_same_file_is_refused(tmp_path: Path)
         await second.aclose()
 
 
+async def test_a_second_orchestrator_through_a_symlink_to_the_file_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The lock file was named after the path as given: an orchestrator opening the
+    same database through a symbolic link locked '<link>.lock' and attached too, each
+    freeing the other's leases and running its sagas."""
+    (tmp_path / "link.db").symlink_to(tmp_path / "s.db")
+    first, second = SQLiteStore(tmp_path / "s.db"), SQLiteStore(tmp_path / "link.db")
+    await first.open()
+    await first.attach("one")
+    await second.open()
+    try:
+        with pytest.raises(StoreLocked, match="another orchestrator"):
+            await second.attach("two")
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
 async def test_attaching_frees_the_leases_of_the_dead_previous_owner(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     await store.open()

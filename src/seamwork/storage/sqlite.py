@@ -212,7 +212,7 @@ class SQLiteStore:
 
     async def attach(self, owner: str) -> None:
         if self.path != ":memory:" and self._lock_fd is None:
-            self._lock_fd = _lock_exclusively(self.path + ".lock")
+            self._lock_fd = _lock_exclusively(self.path)
 
         def release(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -406,10 +406,12 @@ def _unlock(fd: int) -> None:
         os.close(fd)
 
 
-def _lock_exclusively(path: str) -> int:
+def _lock_exclusively(database: str) -> int:
     if not _fork_hook:  # registered on first use: nothing runs at import time
         os.register_at_fork(after_in_child=_close_locks_in_child)
         _fork_hook.append(True)
+    # named after the file itself: a symbolic link to it must find the same lock
+    path = os.path.realpath(database) + ".lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -417,7 +419,7 @@ def _lock_exclusively(path: str) -> int:
         holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise StoreLocked(
-            f"{path[:-5]} is in use by another orchestrator (pid {holder}); "
+            f"{database} is in use by another orchestrator (pid {holder}); "
             "SQLite runs one orchestrator per file - use PostgresStore to scale out"
         ) from None
     _held_locks.add(fd)
