@@ -36,6 +36,12 @@ from seamwork.demo.servers import PgRun
 from seamwork.demo.services import Order
 from seamwork.saga import SagaOrchestrator, SagaState
 
+WORKER = "seamwork-demo"
+"""Every orchestrator process of the demo is this one worker: the one started after
+the SIGKILL is its restart, so on opening it takes over the dead one's leases at
+once (a PostgreSQL store frees only the same worker's; another's runs out after
+``lease_seconds``, 30 s)."""
+
 
 def emit(event: str, **fields: Any) -> None:
     """One JSON line to the parent; flushed, since this process may be killed any time."""
@@ -69,6 +75,7 @@ async def run(directory: Path, orders: int, concurrency: int, pg: PgRun | None =
         [order_saga(services)],
         on_stuck=_alert,
         recovery_interval=0.2,
+        owner=WORKER,
     )
     orch.on("recovered", lambda state: recovered.append(state.saga_id))
     try:
