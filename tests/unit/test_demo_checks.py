@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from seamwork.demo.invariants import Evidence, check_reverse_order
+from seamwork.demo.invariants import Evidence, check_recovery, check_reverse_order
 from seamwork.demo.saga import make_orders
 from seamwork.demo.scenario import DemoConfig, DemoRun
 from seamwork.saga import SagaState, SagaStatus, StepEvent
@@ -57,3 +57,27 @@ def test_a_stuck_saga_that_skipped_a_later_step_fails_the_order_check() -> None:
     check = check_reverse_order(_stuck(("ship_order",)), Evidence())
     assert not check.ok
     assert SID in check.detail
+
+
+def _recovered(resumed: int) -> DemoRun:
+    """Two sagas in flight at the SIGKILL, both finished since; the new orchestrator
+    resumed ``resumed`` of them when it started."""
+    demo = DemoRun(DemoConfig(Path("unused"), 20), make_orders(20))
+    ids = ["saga-order-0001", "saga-order-0003"]
+    demo.states = {sid: SagaState(sid, "order", 1, SagaStatus.COMPLETED) for sid in ids}
+    demo.recovery.in_flight = ids
+    demo.recovery.restarted_at, demo.recovery.resumed_at = 100.0, 100.2
+    demo.recovery.recovered_at, demo.recovery.resumed = 100.2, resumed
+    return demo
+
+
+def test_in_flight_sagas_all_resumed_by_the_new_orchestrator_pass_the_recovery_check() -> None:
+    assert check_recovery(_recovered(2), Evidence()).ok
+
+
+def test_in_flight_sagas_the_new_orchestrator_did_not_resume_fail_the_recovery_check() -> None:
+    """Finished, but not by the restart: left leased, they waited for the dead
+    process's lease to run out, and "all in-flight done" timed only the others."""
+    check = check_recovery(_recovered(1), Evidence())
+    assert not check.ok
+    assert "1 of 2" in check.detail

@@ -14,7 +14,8 @@ ledgers say what actually happened. Each check compares the two:
 * stock is conserved: what left the shelves is what is still reserved;
 * idempotency keys are stable: every row carries ``<saga_id>:<step>``, and the
   ledger's first result names that very row;
-* the SIGKILL hit sagas in flight, and the new process finished all of them.
+* the SIGKILL hit sagas in flight, and the new process resumed all of them when it
+  started and finished them.
 """
 
 from __future__ import annotations
@@ -442,6 +443,10 @@ def check_recovery(demo: DemoRun, evidence: Evidence) -> Check:
         return Check("SIGKILL mid-run, all in-flight sagas recovered", False, "none in flight")
     if open_ or recovery.recovered_at is None:
         detail = f"{len(open_)} of {len(in_flight)} not finished"
+        return Check("SIGKILL mid-run, all in-flight sagas recovered", False, detail)
+    if recovery.resumed < len(in_flight):  # left leased: finished only once the lease ran out
+        missed = len(in_flight) - recovery.resumed
+        detail = f"{missed} of {len(in_flight)} not resumed when the new orchestrator started"
         return Check("SIGKILL mid-run, all in-flight sagas recovered", False, detail)
     return Check(
         "SIGKILL mid-run, all in-flight sagas recovered",
