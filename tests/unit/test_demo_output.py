@@ -66,3 +66,22 @@ def test_a_second_ctrl_c_while_the_run_removes_its_schemas_says_what_may_be_left
     with pytest.raises(KeyboardInterrupt):
         _close_servers(config, Console())  # type: ignore[arg-type]
     assert "may have left PostgreSQL schemas seamwork_demo_abc123_*" in capsys.readouterr().err
+
+
+def test_the_summary_breaks_down_the_sagas_that_failed_not_those_planned_to() -> None:
+    """Orders 2, 11, 19 and 20 of 20 are planned to fail (three declined cards, one
+    slow carrier); had order 2 completed, the breakdown must not still count it."""
+    from seamwork.demo.report import summary_table
+    from seamwork.demo.saga import expectation, make_orders, saga_id
+    from seamwork.saga import SagaState, SagaStatus
+
+    demo = DemoRun(DemoConfig(Path("unused"), 20), make_orders(20))
+    for order in demo.orders:
+        status = SagaStatus(expectation(order).status)
+        if order.order_id == "order-0002":
+            status = SagaStatus.COMPLETED
+        sid = saga_id(order.order_id)
+        demo.states[sid] = SagaState(sid, "order", 1, status)
+    console = _console()
+    console.print(summary_table(demo))
+    assert "3  (2 declined, 1 shipment timed out)" in console.export_text()

@@ -68,9 +68,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def summary_table(demo: DemoRun) -> Table:
     statuses = Counter(s.status.value for s in demo.states.values())
-    plans = [expectation(o) for o in demo.orders]
-    declined = sum(p.declined and p.status == "failed" for p in plans)
-    timed_out = sum(p.ship_times_out and p.status == "failed" for p in plans)
+    failed = [expectation(o) for o in demo.orders if _status(demo, o.order_id) == "failed"]
+    declined = sum(p.declined for p in failed)
+    timed_out = sum(p.ship_times_out for p in failed)
     latencies = [s.updated_at - s.started_at for s in demo.states.values() if s.terminal]
     recovery = demo.recovery
     table = Table(title="seamwork demo: order sagas", show_header=False, title_justify="left")
@@ -117,6 +117,12 @@ def stuck_ids(demo: DemoRun) -> list[str]:
         if demo.states.get(saga_id(o.order_id)) is not None
         and demo.states[saga_id(o.order_id)].status.value == "stuck"
     ]
+
+
+def _status(demo: DemoRun, order_id: str) -> str | None:
+    """How the order's saga ended (None: no saga), as the saga store says."""
+    state = demo.states.get(saga_id(order_id))
+    return None if state is None else state.status.value
 
 
 def _ms(values: list[float], q: float) -> str:
