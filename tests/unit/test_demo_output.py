@@ -85,3 +85,21 @@ def test_the_summary_breaks_down_the_sagas_that_failed_not_those_planned_to() ->
     console = _console()
     console.print(summary_table(demo))
     assert "3  (2 declined, 1 shipment timed out)" in console.export_text()
+
+
+def test_act_twos_summary_breaks_down_the_orders_cancelled_not_those_planned_to_be() -> None:
+    """Of 20 choreographed orders, 4 are planned declined and 3 out of stock; had a
+    declined one (choreo-0003) completed, the breakdown must not still count it."""
+    from seamwork.demo.choreo_act import SUCCESS, ChoreographyRun, plan, summary
+    from seamwork.messaging import Flow
+
+    orders = plan(20)
+    flows = {
+        o.order_id: Flow(o.order_id, (), "completed" if o.expected == SUCCESS else "cancelled")
+        for o in orders
+    }
+    flows["choreo-0003"] = Flow("choreo-0003", (), "completed")
+    run = ChoreographyRun(orders, flows, {}, 20.0, 1.0, Path("unused"))
+    console = _console()
+    console.print(summary(run))
+    assert "6  (3 declined, 3 out of stock)" in console.export_text()

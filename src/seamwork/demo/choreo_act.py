@@ -215,7 +215,11 @@ def check(run: ChoreographyRun) -> list[Check]:
 
 def summary(run: ChoreographyRun) -> Table:
     outcomes = Counter(f.status for o in run.orders if (f := run.flows.get(o.order_id)))
-    kinds = Counter(o.expected for o in run.orders)
+    kinds = Counter(
+        o.expected
+        for o in run.orders
+        if (f := run.flows.get(o.order_id)) is not None and f.status == "cancelled"
+    )
     table = Table(
         title="seamwork demo: the order saga choreographed over NATS",
         show_header=False,
