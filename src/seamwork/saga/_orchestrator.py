@@ -163,7 +163,7 @@ class SagaOrchestrator(Driver, OpenClose):
         self._max_running = max_running
         if owner is not None and (not isinstance(owner, str) or not owner or ":" in owner):
             raise ConfigError(f"owner must be a non-empty name without ':', got {owner!r}")
-        self.worker = owner or f"orchestrator-{new_id()[:8]}"
+        self.worker = owner or f"orchestrator-{new_id()[-12:]}"  # (random digits)
         self.owner = f"{self.worker}:{new_id()}"
         self._clock: Clock = clock or SystemClock()
         self._rng = rng or random.Random()
