@@ -669,6 +669,26 @@ async def test_a_connect_cut_short_by_a_cancel_leaves_no_socket_open() -> None:
             assert open_sockets() == open_before, f"a socket left by a cancel {step / 20} ms in"
 
 
+async def test_a_close_cut_short_by_a_cancel_leaves_no_socket_open() -> None:
+    # a cancel landing in nats-py's close() (a Ctrl-C while the demo stops) ended it
+    # before it closed its socket: the client, dropped, left it to the garbage collector
+    import asyncio
+
+    async with EmbeddedNats() as server:
+        open_before = open_sockets()
+        for steps in range(40):  # cancels 0 ... 39 loop steps into the close
+            broker = NatsBroker(server.url)
+            await broker.connect()
+            closing = asyncio.create_task(broker.aclose())
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            closing.cancel()
+            done, _ = await asyncio.wait({closing}, timeout=5)
+            assert done
+            await broker.aclose()  # (closes one whose close the cancel kept from starting)
+            assert open_sockets() == open_before, f"a socket left by a cancel {steps} steps in"
+
+
 async def test_a_cancel_while_a_broker_connects_or_subscribes_is_raised_not_swallowed() -> None:
     # nats-py awaits its connect and its requests through asyncio.wait_for, which on
     # Python 3.11 drops a cancel that lands as the awaited answer arrives: the cancel

@@ -450,7 +450,8 @@ class NatsBroker:
 
         A cancel that lands meanwhile (a Ctrl-C under asyncio.run) still stops every
         subscription and closes the connection, without waiting for a drain, and is
-        then raised (nats-py's drain() would swallow it).
+        then raised (nats-py's drain() would swallow it). The close itself runs to its
+        end: cut short, it left the socket open.
         """
         cancels = _cancels()
         self._closes += 1  # a connect under way stores no connection after this
@@ -469,10 +470,12 @@ class NatsBroker:
             interrupted = True
         if nc is not None:
             if not interrupted:
-                with contextlib.suppress(Exception):
-                    await nc.drain()
-            with contextlib.suppress(Exception):
-                await nc.close()
+                try:
+                    with contextlib.suppress(Exception):
+                        await nc.drain()
+                except asyncio.CancelledError:
+                    interrupted = True
+            interrupted |= await _close_through_cancels(nc)
         if interrupted or _cancels() > cancels:
             raise asyncio.CancelledError
 
@@ -956,3 +959,31 @@ async def _log_error(exc: Exception) -> None:
 
 
 __all__ = ["DLQ_STREAM", "NatsBroker", "NatsSubscription", "stream_for"]
+
+
+async def _close_through_cancels(nc: NatsClient) -> bool:
+    """Close ``nc``, finishing the close even if cancelled meanwhile (a close cut short
+    left its socket open, for the garbage collector to find); True if it was."""
+    closing = asyncio.ensure_future(nc.close())
+    cancelled = False
+    while not closing.done():
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception:  # (the close's own failure: the connection is gone all the same)
+            break
+    if closing.done() and not closing.cancelled():
+        closing.exception()  # retrieved: a failed close is not logged as unretrieved
+    # A cancel that cut drain() short inside its own close left the client marked
+    # closed with its socket open, and close() then returns at once: close the socket.
+    transport = getattr(nc, "_transport", None)
+    if transport is not None:
+        transport.close()
+        try:
+            await transport.wait_closed()
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception:
+            pass
+    return cancelled
