@@ -560,3 +560,18 @@ async def test_an_id_no_store_can_hold_is_refused_by_name_and_nothing_changes(
         with pytest.raises(MessagingError, match=r"no parked message with id 'm\\x00id'"):
             await act([message.id, "m\x00id"])  # (PostgreSQL's text cannot hold NUL)
     assert [p.id for p in await outbox.parked()] == [message.id]
+
+
+async def test_a_page_past_sqlites_parameter_limit_is_marked_sent(tmp_path: Path) -> None:
+    # mark_sent put a whole page's ids in one statement: a page_size past the build's
+    # parameter limit (250,000 here, 32,766 in others) was published, then never
+    # marked, and sent again at every drain
+    async with Outbox.sqlite(tmp_path / "big.db") as box:
+        limit = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
+        await box.store.writer.write(lambda conn: conn.setlimit(limit, 600))  # type: ignore[attr-defined]
+        async with box.transaction() as tx:
+            for i in range(1300):
+                await tx.publish("orders.created", Message("M", {"i": i}))
+        page = await box.pending(2000)
+        await box.mark_sent([record.seq for record in page])
+        assert await box.pending_count() == 0

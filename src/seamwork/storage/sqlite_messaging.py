@@ -115,6 +115,7 @@ _INSERT_INBOX = (
 )
 _OF_GROUP = "consumer_group IN (?, '')"
 """Ids handled by a group (``?``): its own, and those recorded before groups were."""
+_IDS_PER_STATEMENT = 500  # under every SQLite build's parameter limit (999 at the least)
 _INSERT_OUTBOX = (
     "INSERT INTO seamwork_outbox (id, subject, type, data, correlation_id, causation_id, "
     "headers, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -262,14 +263,19 @@ class SQLiteOutbox(Outbox):
         if not ordered:
             return
         now = time.time()
-        await self.store.writer.write(
-            lambda conn: conn.execute(
-                "UPDATE seamwork_outbox SET sent_at = ?, parked_at = NULL, park_error = NULL "
-                "WHERE seq BETWEEN ? AND ? "
-                f"AND seq IN ({','.join('?' * len(ordered))})",
-                (now, ordered[0], ordered[-1], *ordered),
-            )
-        )
+
+        def mark(conn: sqlite3.Connection) -> None:
+            # in chunks: a page past the build's parameter limit (32,766 in some) was
+            # published, then never marked, and sent again at every drain
+            for start in range(0, len(ordered), _IDS_PER_STATEMENT):
+                chunk = ordered[start : start + _IDS_PER_STATEMENT]
+                conn.execute(
+                    "UPDATE seamwork_outbox SET sent_at = ?, parked_at = NULL, park_error = NULL "
+                    f"WHERE seq BETWEEN ? AND ? AND seq IN ({','.join('?' * len(chunk))})",
+                    (now, chunk[0], chunk[-1], *chunk),
+                )
+
+        await self.store.writer.write(mark)
 
     async def pending_count(self) -> int:
         self.store.check_free()
