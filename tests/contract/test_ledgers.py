@@ -117,3 +117,21 @@ class TestPostgresLedger(LedgerContract):
             assert await ledger.transaction(lambda conn: 7) == 7
             await kill_idle_connections()
             assert await ledger.result("k") == {"n": 1}
+
+
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [
+        (lambda tmp: IdempotencyLedger.sqlite(""), "path"),
+        (lambda tmp: IdempotencyLedger.sqlite(tmp / "l.db", synchronous="off"), "synchronous"),
+    ],
+)
+def test_a_bad_sqlite_ledger_setting_is_a_config_error_naming_it(
+    tmp_path: Path, make: Any, named: str
+) -> None:
+    # an empty path failed at open with "WAL mode refused"; a bad synchronous mode was a
+    # StoreError, as if the database had failed
+    from seamwork.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=named):
+        make(tmp_path)

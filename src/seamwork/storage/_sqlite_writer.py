@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from seamwork.errors import SeamworkError, StoreError, StoreUnavailable
+from seamwork.errors import ConfigError, SeamworkError, StoreError, StoreUnavailable
 from seamwork.storage._schema import newer_schema
 
 T = TypeVar("T")
@@ -115,7 +115,9 @@ class SQLiteWriter:
         coalesce: bool = False,
     ) -> None:
         if synchronous not in ("full", "normal"):
-            raise StoreError(f"synchronous must be 'full' or 'normal', got {synchronous!r}")
+            raise ConfigError(f"synchronous must be 'full' or 'normal', got {synchronous!r}")
+        if not str(path):
+            raise ConfigError(f"a {name} store needs a database path, got {path!r}")
         self.path = str(path)
         self.synchronous = synchronous
         self._migrations = tuple(migrations)
