@@ -100,3 +100,22 @@ def test_a_query_timeout_that_is_not_positive_is_refused(seconds: float) -> None
 
     with pytest.raises(ConfigError, match="query_timeout"):
         PostgresStore("dbname=unused", query_timeout=seconds)
+
+
+@pytest.mark.parametrize("size", [0, -1, 2.5, True])
+def test_a_pool_size_that_is_not_a_whole_number_from_1_is_refused(size: object) -> None:
+    """By every PostgreSQL store, naming the setting: it reached psycopg's pool as
+    given, which raised a bare ValueError (or took 2.5)."""
+    from seamwork.errors import ConfigError
+    from seamwork.events import EventStore
+    from seamwork.messaging import Outbox
+    from seamwork.saga import IdempotencyLedger
+
+    for make in (
+        lambda: PostgresStore("dbname=unused", pool_size=size),
+        lambda: EventStore.postgres("dbname=unused", pool_size=size),
+        lambda: Outbox.postgres("dbname=unused", pool_size=size),
+        lambda: IdempotencyLedger.postgres("dbname=unused", pool_size=size),
+    ):
+        with pytest.raises(ConfigError, match="pool_size"):
+            make()

@@ -31,7 +31,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("PostgreSQL support needs: pip install 'seamwork[postgres]'") from exc
 
-from seamwork.errors import SeamworkError, StoreError, StoreUnavailable
+from seamwork.errors import ConfigError, SeamworkError, StoreError, StoreUnavailable
 from seamwork.storage._dsn import without_password
 from seamwork.storage._schema import newer_schema
 
@@ -74,6 +74,8 @@ async def connect(
 
 
 def make_pool(dsn: str, *, size: int, name: str) -> AsyncConnectionPool[AsyncConn]:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"pool_size must be a whole number >= 1, got {size!r}")
     return AsyncConnectionPool(
         dsn,
         min_size=1,
