@@ -124,3 +124,15 @@ async def test_an_aggregate_folds_its_new_events_as_a_reload_reads_them(tmp_path
         decision = await legacy.handle(store, "a4", 5)
         assert decision.state == {"balance": 500}
         assert decision.state == (await legacy.load(store, "a4")).state
+
+
+@pytest.mark.parametrize("retries", [1.5, "3", True, -1])
+async def test_retries_that_are_not_a_whole_number_from_0_are_refused_by_name(
+    store: EventStore, retries: object
+) -> None:
+    # 1.5 failed in range() with a bare TypeError; nothing is decided or appended
+    from seamwork.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="retries must be"):
+        await account.handle(store, "a9", ("deposit", 1), retries=retries)  # type: ignore[arg-type]
+    assert await store.read_stream(account.stream("a9")) == []

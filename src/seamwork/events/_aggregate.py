@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 
 from seamwork.errors import ConfigError, WrongExpectedVersion
 from seamwork.events._model import NO_STREAM, AppendResult, NewEvent, RecordedEvent
-from seamwork.events._store import EventStore, Loaded, Snapshots
+from seamwork.events._store import EventStore, Loaded, Snapshots, _check_int
 
 S = TypeVar("S")
 C = TypeVar("C")
@@ -70,8 +70,7 @@ class Aggregate(Generic[S, C]):
         A concurrent writer makes the append fail with ``WrongExpectedVersion``; the
         command is then decided again on the new state, up to ``retries`` times.
         """
-        if retries < 0:
-            raise ConfigError(f"retries must be >= 0, got {retries}")
+        _check_int("retries", retries, 0)  # (1.5 failed in range() with a bare TypeError)
         for attempt in range(retries + 1):
             loaded = await self.load(store, id)
             events = tuple(self.decide(command, loaded.state))
