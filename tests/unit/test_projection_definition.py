@@ -185,3 +185,19 @@ def test_a_batch_size_that_is_not_a_whole_number_of_events_is_refused(
 
     with pytest.raises(ConfigError, match="batch_size must be"):
         ProjectionRunner(EventStore.sqlite(tmp_path / "e.db"), Named(), None, batch_size=batch_size)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("stream", [123, "", None])
+async def test_replay_of_something_that_is_not_a_stream_name_is_refused(
+    stream: object, tmp_path: Any
+) -> None:
+    # replay(123) matched no parked event and returned 0, as if nothing were parked
+    from seamwork.storage.sqlite_readmodel import SQLiteReadModel
+
+    class Named(Projection):
+        name = "named"
+
+    async with EventStore.sqlite(tmp_path / "e.db") as store:
+        runner = ProjectionRunner(store, Named(), SQLiteReadModel(tmp_path / "r.db"))
+        with pytest.raises(ConfigError, match="stream name"):
+            await runner.replay(stream)  # type: ignore[arg-type]

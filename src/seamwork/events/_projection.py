@@ -30,7 +30,12 @@ from typing import Any, Protocol, TypeVar
 
 from seamwork._core.lifecycle import StartStop
 from seamwork.errors import ConfigError, UpcastError
-from seamwork.events._model import RecordedEvent, check_key_length, check_no_nul
+from seamwork.events._model import (
+    RecordedEvent,
+    check_key_length,
+    check_no_nul,
+    check_stream_name,
+)
 from seamwork.events._store import EventStore, _check_int
 from seamwork.events._upcast import UnreadableEvent
 
@@ -316,6 +321,7 @@ class ProjectionRunner(StartStop):
 
     async def replay(self, stream: str) -> int:
         """Apply ``stream``'s parked events again; returns how many now succeeded."""
+        check_stream_name(stream)  # (anything else matched no parked event: 0, silently)
         await self._setup()
         async with self._lock:  # the live loop cannot park behind our back meanwhile
             done = 0
