@@ -190,3 +190,20 @@ async def test_a_start_cancelled_while_the_thread_opens_the_file_ends_and_leaves
         threads = [t.name for t in threading.enumerate() if t.name.startswith("seamwork-cut-")]
         assert threads == []
         assert not writer.running
+
+
+async def test_a_second_close_returns_only_once_the_thread_has_stopped(tmp_path: Path) -> None:
+    # the second of two concurrent closes found no thread and returned at once, while
+    # the first still waited for queued work: a store's aclose() let go of its file
+    # lock then, with its writer still writing
+    writer = SQLiteWriter(tmp_path / "w.db")
+    await writer.start()
+    thread = writer._thread
+    assert thread is not None
+    slow = writer.write(lambda conn: time.sleep(0.3))
+    first = asyncio.create_task(writer.close())
+    await asyncio.sleep(0.05)  # the first close is waiting on the thread
+    await writer.close()
+    assert not thread.is_alive()
+    await first
+    await slow

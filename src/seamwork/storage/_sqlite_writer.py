@@ -133,6 +133,7 @@ class SQLiteWriter:
         self._pending_lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Op | list[_Op] | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._stopping: threading.Thread | None = None  # the thread the last close stopped
         self._conn: sqlite3.Connection | None = None
         self.commits = 0
         self.calls = 0
@@ -182,12 +183,16 @@ class SQLiteWriter:
         """Finish queued work, close the connection and stop the thread."""
         with self._pending_lock:  # every call accepted so far is queued before the stop
             thread, self._thread = self._thread, None
-            if thread is None:
-                return
-            pending, self._pending = self._pending, None
-            if pending:
-                self._queue.put(pending)
-            self._queue.put(_STOP)
+            if thread is None:  # closed, or closing: a second close waits for the first
+                thread = self._stopping
+                if thread is None or not thread.is_alive():
+                    return
+            else:
+                self._stopping = thread
+                pending, self._pending = self._pending, None
+                if pending:
+                    self._queue.put(pending)
+                self._queue.put(_STOP)
         await asyncio.to_thread(thread.join)
 
     def write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
