@@ -135,3 +135,21 @@ def test_a_bad_sqlite_ledger_setting_is_a_config_error_naming_it(
 
     with pytest.raises(ConfigError, match=named):
         make(tmp_path)
+
+
+async def test_an_async_effect_on_the_sqlite_ledger_is_refused_and_nothing_recorded(
+    tmp_path: Path,
+) -> None:
+    # it ran on the writer thread as a plain call: the coroutine it made never ran, and
+    # the refusal said its result was "not JSON"
+    from seamwork.errors import ConfigError
+
+    async def effect(conn: Any) -> int:
+        return 1
+
+    async with IdempotencyLedger.sqlite(tmp_path / "l.db") as ledger:
+        with pytest.raises(ConfigError, match="plain function"):
+            await ledger.once("k", effect)
+        with pytest.raises(ConfigError, match="plain function"):
+            await ledger.once("k", lambda conn: effect(conn))
+        assert await ledger.result("k") is None

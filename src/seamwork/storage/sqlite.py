@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import fcntl
+import inspect
 import os
 import sqlite3
 import time
@@ -428,6 +429,12 @@ def _lock_exclusively(database: str) -> int:
     return fd
 
 
+_SYNC_EFFECT = (
+    "the SQLite ledger runs its effect on the database's writer thread, in the "
+    "transaction: pass a plain function of the sqlite3 connection, not an async one"
+)
+
+
 class SQLiteLedger(IdempotencyLedger):
     """``IdempotencyLedger`` on a service's own SQLite database.
 
@@ -454,6 +461,8 @@ class SQLiteLedger(IdempotencyLedger):
 
     async def once(self, key: str, effect: Callable[[Any], T]) -> T:
         check_key(key)
+        if inspect.iscoroutinefunction(effect):
+            raise ConfigError(_SYNC_EFFECT)
         if not self._writer.running:
             await self.open()
 
@@ -463,7 +472,11 @@ class SQLiteLedger(IdempotencyLedger):
             ).fetchone()
             if row is not None:
                 return loads(row[0])
-            text = encode_result(effect(conn), key)
+            value = effect(conn)
+            if inspect.iscoroutine(value):  # (a lambda around an async function)
+                value.close()
+                raise ConfigError(_SYNC_EFFECT)
+            text = encode_result(value, key)
             conn.execute(
                 "INSERT INTO seamwork_idempotency (key, result, created_at) VALUES (?, ?, ?)",
                 (key, text, time.time()),
