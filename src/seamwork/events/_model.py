@@ -7,7 +7,8 @@ readers may see events, so a checkpoint is simply the last position handled.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -33,6 +34,8 @@ MAX_KEY_BYTES: Final = 1024
 indexed, and a PostgreSQL btree entry holds at most about 2,700 bytes (a snapshot's
 key holds a stream name and a snapshot name): every store refuses a longer one."""
 _SHORT_KEY = MAX_KEY_BYTES // 4  # characters of at most 4 bytes of UTF-8 each: short enough
+# A lone surrogate: a str may hold one, no UTF-8 text can (the drivers fail to encode it)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def check_expected_version(expected: object) -> None:
@@ -60,6 +63,7 @@ def check_stream_name(stream: object) -> str:
         and stream.strip()
         and stream[0] != "$"
         and "\x00" not in stream
+        and (stream.isascii() or _SURROGATE.search(stream) is None)
     ):
         return stream  # the common name; any other goes through the checks that name why
     if not isinstance(stream, str) or not stream.strip():
@@ -67,6 +71,7 @@ def check_stream_name(stream: object) -> str:
     if stream.startswith("$"):
         raise ConfigError(f"stream names starting with '$' are reserved, got {stream!r}")
     check_no_nul(stream, "a stream name")
+    check_unicode(stream, "a stream name")
     check_key_length(stream, "a stream name")
     return stream
 
@@ -91,33 +96,49 @@ def check_no_nul(text: str, what: str) -> None:
         raise ConfigError(f"{what} must not contain a NUL character (\\u0000), got {text!r}")
 
 
+def check_unicode(text: str, what: str) -> None:
+    """Raise ``ConfigError`` if ``text`` holds a lone surrogate (no store can encode it)."""
+    if _has_surrogate(text):
+        raise ConfigError(f"{what} must be valid Unicode (a lone surrogate is not), got {text!r}")
+
+
+def _has_surrogate(text: str) -> bool:
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
 def encode_json(value: object, what: str) -> str:
     """``value`` as stored JSON text; ``SerializationError`` naming where it is when it
-    is not JSON or holds a NUL character (see ``check_no_nul``)."""
+    is not JSON or holds a NUL character (see ``check_no_nul``) or a lone surrogate."""
     text = dumps(value, what=what)
     if "\\u0000" in text:  # the encoder's escape for U+0000 (or an escaped backslash)
-        where = _nul_path(value, what)
+        where = _text_path(value, what, lambda s: "\x00" in s)
         if where is not None:
             raise SerializationError(
                 f"{where} contains a NUL character (\\u0000), which the event store cannot hold"
             )
+    if _has_surrogate(text):  # the encoder keeps non-ASCII text as it is
+        where = _text_path(value, what, _has_surrogate) or what
+        raise SerializationError(
+            f"{where} contains a lone surrogate, which is not valid Unicode: no store can hold it"
+        )
     return text
 
 
-def _nul_path(value: object, path: str) -> str | None:
+def _text_path(value: object, path: str, bad: Callable[[str], bool]) -> str | None:
+    """Where in ``value`` a string (or a key) is ``bad``, or None."""
     if isinstance(value, str):
-        return path if "\x00" in value else None
+        return path if bad(value) else None
     if isinstance(value, Mapping):
         for key, item in value.items():
             label = f"{path}[{key!r}]"
-            if isinstance(key, str) and "\x00" in key:
+            if isinstance(key, str) and bad(key):
                 return label
-            found = _nul_path(item, label)
+            found = _text_path(item, label, bad)
             if found is not None:
                 return found
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            found = _nul_path(item, f"{path}[{index}]")
+            found = _text_path(item, f"{path}[{index}]", bad)
             if found is not None:
                 return found
     return None
@@ -134,13 +155,13 @@ def encode_stream_metadata(stream: str, metadata: object) -> str:
 def encode_event(event: NewEvent) -> tuple[str, str | None]:
     """An event's data and metadata as stored JSON text (metadata None stays None)."""
     data = dumps_clean(event.data)
-    if data is None or "\\u0000" in data:  # let encode_json name the problem, if any
+    if data is None or "\\u0000" in data or _has_surrogate(data):  # let encode_json name it
         data = encode_json(event.data, f"data of {event.type!r} event")
     metadata = event.metadata
     if metadata is None:
         return data, None
     text = dumps_clean(metadata)
-    if text is None or "\\u0000" in text:
+    if text is None or "\\u0000" in text or _has_surrogate(text):
         text = encode_json(metadata, f"metadata of {event.type!r}")
     return data, text
 
@@ -171,6 +192,7 @@ class NewEvent:
             type(kind) is str
             and kind.strip()
             and "\x00" not in kind
+            and kind.isascii()
             and type(self.data) is dict
             and (self.metadata is None or type(self.metadata) is dict)
             and type(self.schema_version) is int
@@ -178,6 +200,7 @@ class NewEvent:
             and type(id_) is str
             and 0 < len(id_) <= _SHORT_KEY
             and "\x00" not in id_
+            and id_.isascii()
         ):
             _check_new_event(self)
 
@@ -187,6 +210,7 @@ def _check_new_event(event: NewEvent) -> None:
     if not isinstance(event.type, str) or not event.type.strip():
         raise ConfigError(f"an event type must be a non-empty string, got {event.type!r}")
     check_no_nul(event.type, "an event type")
+    check_unicode(event.type, "an event type")
     if not isinstance(event.data, Mapping):
         raise ConfigError(
             f"event {event.type!r}: data must be a mapping, got {type(event.data).__name__}"
@@ -202,6 +226,7 @@ def _check_new_event(event: NewEvent) -> None:
     if not isinstance(event.id, str) or not event.id:
         raise ConfigError(f"event {event.type!r}: id must be a non-empty string, got {event.id!r}")
     check_no_nul(event.id, f"event {event.type!r}: the id")
+    check_unicode(event.id, f"event {event.type!r}: the id")
     check_key_length(event.id, f"event {event.type!r}: the id")
 
 

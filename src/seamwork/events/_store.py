@@ -31,6 +31,7 @@ from seamwork.events._model import (
     check_key_length,
     check_no_nul,
     check_stream_name,
+    check_unicode,
 )
 from seamwork.events._upcast import Upcasters, readable_or_marked
 
@@ -75,6 +76,7 @@ def check_snapshot_key(stream: str, name: object, version_field: str, version: o
     if not isinstance(name, str) or not name:
         raise ConfigError(f"a snapshot name must be a non-empty string, got {name!r}")
     check_no_nul(name, "a snapshot name")
+    check_unicode(name, "a snapshot name")
     check_key_length(name, "a snapshot name")
     _check_int(version_field, version, 0)
 
@@ -99,6 +101,7 @@ class Snapshots(Generic[S]):
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"Snapshots.name must be a non-empty string, got {self.name!r}")
         check_no_nul(self.name, "Snapshots.name")
+        check_unicode(self.name, "Snapshots.name")
         check_key_length(self.name, "Snapshots.name")
         _check_int("Snapshots.every", self.every, 1)
 

@@ -193,6 +193,47 @@ class EventStoreContract:
         (stored,) = await store.read_stream("s")
         assert (stored.data, stored.metadata) == ({"path": "C:\\u0000"}, {"m": "\\u0000"})
 
+    async def test_a_lone_surrogate_is_refused_by_name_before_anything_is_written(
+        self, store: EventStore
+    ) -> None:
+        # a str may hold one ("\ud800"), but no UTF-8 text can: the drivers failed to
+        # encode it, with a UnicodeEncodeError that took a batch's other appends with it
+        with pytest.raises(ConfigError, match="a stream name must be valid Unicode"):
+            await store.append("s\ud800", events("A"))
+        with pytest.raises(ConfigError, match="a stream name must be valid Unicode"):
+            await store.read_stream("s\udfff")
+        with pytest.raises(ConfigError, match="a stream name must be valid Unicode"):
+            await store.stream_info("s\ud800")
+        with pytest.raises(ConfigError, match="an event type must be valid Unicode"):
+            NewEvent("A\ud800")
+        with pytest.raises(ConfigError, match="the id must be valid Unicode"):
+            NewEvent("A", id="a\udc00")
+        with pytest.raises(ConfigError, match=r"Snapshots\.name must be valid Unicode"):
+            Snapshots("count\ud800")
+        with pytest.raises(ConfigError, match="a snapshot name must be valid Unicode"):
+            await store.save_snapshot("s", "count\ud800", 0, 1)
+        with pytest.raises(SerializationError, match=r"data of 'A' event\['a'\]\[1\] contains"):
+            await store.append("s", [NewEvent("A", {"a": ["x", "y\ud800"]})])
+        with pytest.raises(SerializationError, match=r"metadata of 'A'\['k\\udc00'\] contains"):
+            await store.append("s", [NewEvent("A", metadata={"k\udc00": 1})])
+        with pytest.raises(SerializationError, match=r"metadata of stream 's'\['owner'\]"):
+            await store.set_stream_metadata("s", {"owner": "\ud800"})
+        with pytest.raises(SerializationError, match=r"snapshot 'count' of 's'\['x'\]"):
+            await store.save_snapshot("s", "count", 0, {"x": "\ud800"})
+        results = await asyncio.gather(
+            store.append("ok-1", events("A")),
+            store.append("s", [NewEvent("A", {"a": "\ud800"})]),
+            store.append("ok-2", events("A")),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], SerializationError)
+        assert [e.stream for e in await all_of(store, 2)] == ["ok-1", "ok-2"]
+        assert await store.stream_info("s") is None
+        # a character past U+FFFF (a surrogate pair in UTF-16) is ordinary text
+        await store.append("s", [NewEvent("A", {"emoji": "\U0001f600"})])
+        (stored,) = await store.read_stream("s")
+        assert stored.data == {"emoji": "\U0001f600"}
+
     async def test_an_overlong_indexed_key_is_refused_by_name_before_anything_is_written(
         self, store: EventStore
     ) -> None:
