@@ -213,6 +213,7 @@ async def test_demo_checks_report_missing_data_as_failures_and_close_their_datab
     import sqlite3
     from contextlib import closing
 
+    from seamwork.demo import choreo_act
     from seamwork.demo.choreo_act import _rows, check, prepare, run_choreography
 
     prepare(tmp_path)
@@ -232,6 +233,17 @@ async def test_demo_checks_report_missing_data_as_failures_and_close_their_datab
         "stock conserved (available + reserved)",
     }
     assert "choreo-0003" in failing["every flow follows its planned path"]
+    # a release that never happened keeps the stock conserved (the reservation still
+    # holds it) but not the reservation's own state; a notification too many, likewise
+    completed = next(o.order_id for o in run.orders if o.expected == choreo_act.SUCCESS)
+    declined = next(o.order_id for o in run.orders if o.expected == choreo_act.DECLINED)
+    with closing(sqlite3.connect(tmp_path / "inventory.db")) as db, db:
+        db.execute("UPDATE reservations SET status = 'reserved' WHERE order_id = ?", (declined,))
+    with closing(sqlite3.connect(tmp_path / "notification.db")) as db, db:
+        db.execute("DELETE FROM notifications WHERE order_id = ?", (completed,))
+    failing = {c.name: c.detail for c in check(run) if not c.ok}
+    assert declined in failing["reservations held or released as planned"]
+    assert completed in failing["a notification for each completed order only"]
 
 
 def _children() -> list[int]:

@@ -46,6 +46,8 @@ INVARIANTS = (
     "orders' own status matches the flow",
     "payments charged or declined as planned",
     "stock conserved (available + reserved)",
+    "reservations held or released as planned",
+    "a notification for each completed order only",
     "no message left in any outbox",
     "no message dead-lettered",
 )

@@ -193,6 +193,15 @@ def check(run: ChoreographyRun) -> list[Check]:
     ):
         held[sku] += qty
     conserved = all(available.get(s, -1) + held[s] == n for s, n in run.stock.items())
+    notified = {
+        row[0] for row in _own_rows(run, "notification", "SELECT order_id FROM notifications")
+    }
+    to_notify = {oid for oid, o in orders.items() if o.expected == SUCCESS}
+    wrongly_notified = sorted(notified ^ to_notify)
+    reservations = dict(_own_rows(run, "inventory", "SELECT order_id, status FROM reservations"))
+    bad_reservations = [
+        oid for oid, o in orders.items() if reservations.get(oid) != _reservation(o)
+    ]
     unsent = "SELECT count(*) FROM seamwork_outbox WHERE sent_at IS NULL"
     pending = sum(_own_rows(run, n, unsent)[0][0] for n in _FILES)
     return [
@@ -204,6 +213,16 @@ def check(run: ChoreographyRun) -> list[Check]:
             _some(bad_payments) or "all",
         ),
         Check("stock conserved (available + reserved)", conserved, f"{available} + {dict(held)}"),
+        Check(
+            "reservations held or released as planned",
+            not bad_reservations,
+            _some(bad_reservations) or "all",
+        ),
+        Check(
+            "a notification for each completed order only",
+            not wrongly_notified,
+            _some(wrongly_notified) or f"{len(notified)}",
+        ),
         Check("no message left in any outbox", pending == 0, f"{pending} pending"),
         Check(
             "no message dead-lettered",
@@ -249,6 +268,12 @@ def _payment(order: PlannedOrder) -> str | None:
     if order.expected == NO_STOCK:
         return None
     return "charged" if order.expected == SUCCESS else "declined"
+
+
+def _reservation(order: PlannedOrder) -> str | None:
+    if order.expected == NO_STOCK:
+        return None
+    return "reserved" if order.expected == SUCCESS else "released"
 
 
 def _path(flow: Flow | None) -> tuple[str, ...] | None:
