@@ -287,6 +287,8 @@ class EventStore(OpenClose, ABC):
             _check_int("to_version", to_version, 0)
         if limit is not None:
             _check_int("limit", limit, 1)
+        if not isinstance(backwards, bool):  # ("no" read backwards)
+            raise ConfigError(f"backwards must be True or False, got {backwards!r}")
         events = await self._read_stream(stream, from_version, to_version, backwards, limit)
         return self._upcast_all(events)
 

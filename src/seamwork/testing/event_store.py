@@ -347,6 +347,15 @@ class EventStoreContract:
         assert [e.version for e in backward] == [9, 8, 7]
         assert await store.read_stream("missing") == []
 
+    async def test_read_stream_refuses_a_backwards_that_is_not_a_bool(
+        self, store: EventStore
+    ) -> None:
+        """Any truthy value read backwards: ``backwards="no"`` did."""
+        await store.append("s", [NewEvent("E", {"i": i}) for i in range(3)])
+        for value in ("no", 1, None):
+            with pytest.raises(ConfigError, match="backwards must be True or False"):
+                await store.read_stream("s", backwards=value)  # type: ignore[arg-type]
+
     async def test_read_all_is_in_position_order_and_exclusive(self, store: EventStore) -> None:
         for i in range(30):
             await store.append(f"s-{i % 4}", [NewEvent("E", {"i": i})])
