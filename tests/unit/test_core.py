@@ -67,6 +67,26 @@ async def test_manual_clock_timeout_fires_on_advance_not_on_real_time() -> None:
         await task
 
 
+async def test_manual_clock_nan_sleep_or_timeout_ends_at_once_and_later_timers_still_fire() -> None:
+    """A NaN deadline compares false with every other: pushed on the timer heap it sat
+    at the top, never due, and no sleep or timeout behind it ever fired again."""
+    clock = ManualClock()
+    await asyncio.wait_for(clock.sleep(float("nan")), 1)  # like sleep(0), not forever
+    with pytest.raises(TimeoutError):
+        async with clock.timeout(float("nan")):  # like asyncio.timeout(nan): expired
+            await asyncio.sleep(0)
+    later = asyncio.create_task(clock.sleep(1))
+    await asyncio.sleep(0)
+    clock.advance(1)
+    await asyncio.wait_for(later, 1)
+    assert clock.pending_timers == 0
+    with pytest.raises(ValueError, match="NaN"):
+        clock.advance(float("nan"))  # would leave the clock at NaN for good
+    auto = ManualClock(auto_advance=True)
+    await auto.sleep(float("nan"))
+    assert auto.monotonic() == 0
+
+
 async def test_manual_clock_auto_advance_makes_sleeps_instant() -> None:
     clock = ManualClock(auto_advance=True)
     await clock.sleep(3600)

@@ -37,8 +37,8 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         """Move time forward by ``seconds`` and fire every timer now due, in order."""
-        if seconds < 0:
-            raise ValueError("a clock cannot go back")
+        if not seconds >= 0:  # NaN too: a NaN clock would never reach a deadline
+            raise ValueError(f"a clock cannot go back or to NaN, got {seconds!r}")
         target = self._elapsed + seconds
         while self._timers and self._timers[0][0] <= target:
             when, seq, callback = heapq.heappop(self._timers)
@@ -50,10 +50,10 @@ class ManualClock:
 
     async def sleep(self, seconds: float) -> None:
         if self._auto:
-            self.advance(max(seconds, 0.0))
+            self.advance(seconds if seconds > 0 else 0.0)
             await asyncio.sleep(0)
             return
-        if seconds <= 0:
+        if not seconds > 0:  # NaN too: on the timer heap it would block every later timer
             await asyncio.sleep(0)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -77,7 +77,7 @@ class ManualClock:
             if seconds is None:
                 yield scope
                 return
-            if seconds <= 0:  # like asyncio.timeout(0): expired at the first await
+            if not seconds > 0:  # like asyncio.timeout(0) (and NaN): expired at the first await
                 _expire(scope, loop)
                 yield scope
                 return
