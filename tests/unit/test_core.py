@@ -67,6 +67,27 @@ async def test_manual_clock_timeout_fires_on_advance_not_on_real_time() -> None:
         await task
 
 
+async def test_manual_clock_timeout_rescheduled_by_its_holder_keeps_the_new_deadline() -> None:
+    """As asyncio.Timeout: reschedule(None) turns the timeout off, and a deadline set
+    by the holder is the one in force - the manual deadline fired all the same."""
+    clock = ManualClock()
+    blocked = asyncio.Event()
+
+    async def guarded() -> str:
+        async with clock.timeout(30) as scope:
+            scope.reschedule(None)
+            await blocked.wait()
+        return "ran to its end"
+
+    task = asyncio.create_task(guarded())
+    await asyncio.sleep(0.01)
+    clock.advance(60)
+    await asyncio.sleep(0.01)
+    assert not task.done()
+    blocked.set()
+    assert await task == "ran to its end"
+
+
 async def test_manual_clock_nan_sleep_or_timeout_ends_at_once_and_later_timers_still_fire() -> None:
     """A NaN deadline compares false with every other: pushed on the timer heap it sat
     at the top, never due, and no sleep or timeout behind it ever fired again."""

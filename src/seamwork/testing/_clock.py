@@ -82,10 +82,16 @@ class ManualClock:
                 yield scope
                 return
             fired = [False]
+            # A real deadline no test reaches marks the manual one as in force: a holder
+            # that reschedules the scope (to None: off; or to a time of its own) has
+            # replaced it, as with asyncio.Timeout, and the manual timer leaves it be.
+            armed = loop.time() + _FAR
+            scope.reschedule(armed)
 
             def fire() -> None:
                 fired[0] = True
-                _expire(scope, loop)
+                if scope.when() == armed:
+                    _expire(scope, loop)
 
             seq = self._call_at(self._elapsed + seconds, fire)
             try:
@@ -106,6 +112,9 @@ class ManualClock:
 
     def __repr__(self) -> str:
         return f"ManualClock(monotonic={self._elapsed!r})"
+
+
+_FAR = 10.0**9  # seconds of real time: about 32 years
 
 
 def _expire(scope: asyncio.Timeout, loop: asyncio.AbstractEventLoop) -> None:
