@@ -412,6 +412,21 @@ async def test_wakeup_wakes_current_waiters_and_times_out_otherwise() -> None:
     assert asyncio.get_running_loop().time() - started >= 0.04
 
 
+async def test_wakeup_keeps_a_notify_nobody_waited_for_for_the_next_wait() -> None:
+    # a relay draining when a commit notified was not waiting: the notify was dropped,
+    # and the message waited a whole poll interval to be published
+    from seamwork._core.wakeup import Wakeup
+
+    wakeup = Wakeup()
+    wakeup.notify()  # while nobody waits
+    started = asyncio.get_running_loop().time()
+    await wakeup.wait(10.0)
+    assert asyncio.get_running_loop().time() - started < 1.0
+    started = asyncio.get_running_loop().time()
+    await wakeup.wait(0.05)  # kept once, not for ever
+    assert asyncio.get_running_loop().time() - started >= 0.04
+
+
 async def test_lifecycle_mixins_pair_entry_and_exit() -> None:
     from seamwork._core.lifecycle import OpenClose, StartStop
 
