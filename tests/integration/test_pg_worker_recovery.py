@@ -85,6 +85,25 @@ async def test_renew_and_release_go_past_pooled_connections_the_server_dropped(
         await store.aclose()
 
 
+async def test_a_claim_goes_past_pooled_connections_the_server_dropped(pg_dsn: str) -> None:
+    """After a database restart a claim failed once per dead idle connection in the
+    pool, a recovery round apiece: the sagas left by a dead worker waited that long."""
+    name = f"seamwork_claim_{uuid.uuid4().hex[:8]}"
+    store = PostgresStore(f"{pg_dsn} application_name={name}")
+    await store.open()
+    try:
+        free = SagaState("s-1", "order", 1, SagaStatus.RUNNING)
+        await store.create(free, [])
+        await asyncio.gather(*(store.get("s-1") for _ in range(4)))  # the pool fills up
+        await _terminate(pg_dsn, name)
+        result = await store.claim(
+            "w1:a", [("order", 1)], now=time.time(), lease_seconds=30, limit=10
+        )
+        assert [s.saga_id for s in result.claimed] == ["s-1"]
+    finally:
+        await store.aclose()
+
+
 async def _terminate(dsn: str, application_name: str) -> None:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await conn.execute(

@@ -410,6 +410,26 @@ class PostgresStore:
         lease_seconds: float,
         limit: int,
     ) -> ClaimResult:
+        # Tried again at once on a connection that broke, as reads are: after a database
+        # restart the pool still holds dead idle connections, and a claim that failed on
+        # each in turn cost a recovery round apiece. A claim is safe to repeat: rows a
+        # commit in doubt did lease are not claimable again, and wait out that lease.
+        for _ in range(self._read_attempts - 1):
+            try:
+                return await self._claim(owner, runnable, now, lease_seconds, limit)
+            except StoreUnavailable as exc:
+                if not isinstance(exc.__cause__, psycopg.OperationalError):
+                    raise  # a deadline passed: no time left for another try
+        return await self._claim(owner, runnable, now, lease_seconds, limit)
+
+    async def _claim(
+        self,
+        owner: str,
+        runnable: Collection[SagaKey],
+        now: float,
+        lease_seconds: float,
+        limit: int,
+    ) -> ClaimResult:
         names, versions = _keys(runnable)
         result = ClaimResult()
         conns: builtins.list[AsyncConn] = []
