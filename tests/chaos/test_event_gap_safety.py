@@ -75,6 +75,7 @@ class Subscriber:
         self.read_model = read_model
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+        self.kills = 0
         self.restarts = 0
 
     async def start(self) -> None:
@@ -101,6 +102,7 @@ class Subscriber:
             assert self.alive(), self.log.read_text()
             await asyncio.sleep(0.02)
         self.kill()
+        self.kills += 1
         await asyncio.sleep(0.3)  # writers carry on while it is down
         await self.start()
         self.restarts += 1
@@ -121,6 +123,8 @@ async def run_with_subscriber(subscriber: Subscriber, writers: Awaitable[list[st
     try:
         killer = asyncio.create_task(subscriber.kill_once_and_restart())
         committed = await writers
+        # killed while the writers still wrote: it tailed live, not a catch-up at the end
+        assert subscriber.kills == 1, "the subscriber was not killed mid-run"
         await killer
         await subscriber.wait_for(len(committed))
     finally:
