@@ -730,6 +730,7 @@ async def test_a_corrupt_row_is_reported_by_id_and_other_sagas_keep_running(
         await entered.wait()
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE seamwork_sagas SET completed_steps = 'oops' WHERE saga_id = 'broken'")
+    broken = await _row(db, "broken")
     corrupt: list[str] = []
     working = Saga("order", steps=chain(Ledger(), "a"))
     with caplog.at_level(logging.ERROR, logger="seamwork.saga"):
@@ -742,6 +743,7 @@ async def test_a_corrupt_row_is_reported_by_id_and_other_sagas_keep_running(
     assert fresh.status is SagaStatus.COMPLETED
     assert corrupt == ["broken"]
     assert any("'broken' is corrupt" in r.getMessage() for r in caplog.records)
+    assert await _row(db, "broken") == broken  # kept as it was, for the operator to mend
 
 
 # --- bad input ---------------------------------------------------------------------------
