@@ -70,7 +70,7 @@ def hold_raw_transaction(path: str, rng: random.Random) -> None:
         conn.execute("BEGIN IMMEDIATE")
         conn.execute(
             "INSERT INTO seamwork_events (stream, version, id, type, schema_version, data, "
-            "metadata, recorded_at) VALUES (?, 0, ?, 'RolledBack', 1, '{}', NULL, ?)",
+            "metadata, recorded_at) VALUES (?, 0, ?, 'Written', 1, '{}', NULL, ?)",
             (f"raw-{rng.random()}", f"raw-{rng.random()}", time.time()),
         )
         time.sleep(rng.uniform(0.001, 0.01))
