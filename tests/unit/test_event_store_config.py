@@ -55,3 +55,21 @@ def test_snapshots_every_that_is_not_a_whole_count_is_refused_by_name(bad: objec
 def test_a_snapshots_name_that_is_not_a_string_is_refused_by_name(bad: object) -> None:
     with pytest.raises(ConfigError, match=r"Snapshots\.name"):
         Snapshots(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0, -1.0, "1", True])
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_poll_interval_that_is_not_finite_seconds_above_0_is_refused(
+    bad: object, backend: str, tmp_path: Any
+) -> None:
+    # NaN passed '<= 0': a live subscription's timeout(NaN) expired at once on asyncio
+    # (the subscriber polled the store in a busy loop) and raised ValueError on uvloop
+    from seamwork.events import EventStore
+
+    def make() -> object:
+        if backend == "sqlite":
+            return EventStore.sqlite(tmp_path / "e.db", poll_interval=bad)
+        return EventStore.postgres("dbname=unused", poll_interval=bad)
+
+    with pytest.raises(ConfigError, match="poll_interval must be"):
+        make()

@@ -58,7 +58,7 @@ from seamwork.events._model import (
     encode_json,
     encode_stream_metadata,
 )
-from seamwork.events._store import EventStore, check_snapshot_key
+from seamwork.events._store import EventStore, _finite_seconds, check_snapshot_key
 from seamwork.events._upcast import Upcasters
 from seamwork.storage._pg import (
     AsyncConn,
@@ -284,8 +284,8 @@ class PostgresEventStore(EventStore):
         query_timeout: float = 5.0,
     ) -> None:
         super().__init__(upcasters=upcasters)
-        if poll_interval <= 0:
-            raise ConfigError(f"poll_interval must be > 0, got {poll_interval!r}")
+        if not _finite_seconds(poll_interval):  # (NaN: a busy loop, or ValueError on uvloop)
+            raise ConfigError(f"poll_interval must be finite seconds > 0, got {poll_interval!r}")
         if not query_timeout > 0:
             raise ConfigError(f"query_timeout must be > 0 seconds, got {query_timeout!r}")
         self._dsn = dsn

@@ -55,7 +55,7 @@ from seamwork.events._model import (
     encode_json,
     encode_stream_metadata,
 )
-from seamwork.events._store import EventStore, check_snapshot_key
+from seamwork.events._store import EventStore, _finite_seconds, check_snapshot_key
 from seamwork.events._upcast import Upcasters
 from seamwork.storage._sqlite_writer import Migration, SQLiteWriter, Synchronous
 
@@ -185,8 +185,8 @@ class SQLiteEventStore(EventStore):
             raise ConfigError(
                 "the SQLite event store needs a file (readers use their own connection)"
             )
-        if poll_interval <= 0:
-            raise ConfigError(f"poll_interval must be > 0, got {poll_interval!r}")
+        if not _finite_seconds(poll_interval):  # (NaN: a busy loop, or ValueError on uvloop)
+            raise ConfigError(f"poll_interval must be finite seconds > 0, got {poll_interval!r}")
         self.path = str(path)
         self._versions: dict[str, tuple[int, bool]] = {}
         self._data_version = -1
