@@ -78,6 +78,7 @@ from seamwork.messaging._ports import (
     DLQ_SUBJECT,
     DeadLetter,
     Handler,
+    check_seconds,
     check_subscribe_settings,
     dead_letter_headers,
     read_dead_letter,
@@ -372,8 +373,7 @@ class NatsBroker:
         ordered_recovery: bool = False,
         crash_limit: int = 20,
     ) -> None:
-        if duplicate_window <= 0:
-            raise ConfigError(f"duplicate_window must be > 0, got {duplicate_window}")
+        check_seconds("duplicate_window", duplicate_window)
         if isinstance(crash_limit, bool) or not isinstance(crash_limit, int) or crash_limit < 1:
             raise ConfigError(f"crash_limit must be an int >= 1, got {crash_limit!r}")
         self.crash_limit = crash_limit

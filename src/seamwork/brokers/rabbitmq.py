@@ -109,6 +109,7 @@ from seamwork.messaging._ports import (
     Handler,
     PoisonMessage,
     SubscriptionStats,
+    check_seconds,
     check_subscribe_settings,
     dead_letter_headers,
     read_dead_letter,
@@ -251,8 +252,9 @@ class RabbitBroker:
     ) -> None:
         if not exchange or exchange.startswith("amq."):
             raise ConfigError(f"exchange must be a non-empty name outside 'amq.', got {exchange!r}")
-        if min(publish_timeout, connect_timeout, reconnect_interval) <= 0:
-            raise ConfigError("publish_timeout, connect_timeout, reconnect_interval must be > 0")
+        check_seconds("publish_timeout", publish_timeout)
+        check_seconds("connect_timeout", connect_timeout)
+        check_seconds("reconnect_interval", reconnect_interval)
         if prefetch < 1:
             raise ConfigError(f"prefetch must be >= 1, got {prefetch}")
         if max_message_size < 1:

@@ -12,6 +12,7 @@ passes ``seamwork.testing.broker.BrokerContract``.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,10 +58,15 @@ def check_subscribe_settings(
         raise ConfigError(f"a consumer group must be a non-empty string, got {group!r}")
     if max_deliver < 1:
         raise ConfigError(f"max_deliver must be >= 1, got {max_deliver}")
-    if ack_wait <= 0:
-        raise ConfigError(f"ack_wait must be > 0, got {ack_wait}")
-    if retry_delay <= 0:
-        raise ConfigError(f"retry_delay must be > 0, got {retry_delay}")
+    check_seconds("ack_wait", ack_wait)
+    check_seconds("retry_delay", retry_delay)
+
+
+def check_seconds(name: str, value: object) -> None:
+    """Refuse ``value`` unless it is finite seconds above 0, naming ``name`` (NaN would
+    pass a '<= 0' check, and then expire a timeout at once or fail deep in a driver)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ConfigError(f"{name} must be finite seconds > 0, got {value!r}")
 
 
 def dead_letter_headers(subject: str, group: str, error: str, attempts: int) -> dict[str, str]:
