@@ -37,6 +37,7 @@ from seamwork.storage._pg import (
     make_pool,
     migrate,
     open_pool,
+    past_dead_connections,
     stalled,
     translate,
 )
@@ -414,13 +415,10 @@ class PostgresStore:
         # restart the pool still holds dead idle connections, and a claim that failed on
         # each in turn cost a recovery round apiece. A claim is safe to repeat: rows a
         # commit in doubt did lease are not claimable again, and wait out that lease.
-        for _ in range(self._read_attempts - 1):
-            try:
-                return await self._claim(owner, runnable, now, lease_seconds, limit)
-            except StoreUnavailable as exc:
-                if not isinstance(exc.__cause__, psycopg.OperationalError):
-                    raise  # a deadline passed: no time left for another try
-        return await self._claim(owner, runnable, now, lease_seconds, limit)
+        return await past_dead_connections(
+            self._read_attempts,
+            lambda: self._claim(owner, runnable, now, lease_seconds, limit),
+        )
 
     async def _claim(
         self,
@@ -501,13 +499,7 @@ class PostgresStore:
         failover - and drops each after its failure; one more try than the pool holds
         reaches a new connection). Other writes than ``_repeatable``'s are never retried
         here: their outcome would be unknown."""
-        for _ in range(self._read_attempts - 1):
-            try:
-                return await self._fetch(sql, params)
-            except StoreUnavailable as exc:
-                if not isinstance(exc.__cause__, psycopg.OperationalError):
-                    raise  # a deadline passed: no time left for another try
-        return await self._fetch(sql, params)
+        return await past_dead_connections(self._read_attempts, lambda: self._fetch(sql, params))
 
     async def _repeatable(self, sql: str, params: tuple[Any, ...]) -> builtins.list[Any]:
         """``_read`` for a write whose repeat changes nothing more (a renewal sets the

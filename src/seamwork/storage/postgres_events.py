@@ -70,6 +70,7 @@ from seamwork.storage._pg import (
     deadline,
     make_pool,
     open_pool,
+    past_dead_connections,
     stalled,
     translate,
 )
@@ -631,13 +632,9 @@ class PostgresEventStore(EventStore):
         unknown.)"""
         if not self._used:
             await self._open_on_first_use()
-        for _ in range(self._read_attempts - 1):
-            try:
-                return await self._fetch_once(sql, params)
-            except StoreUnavailable as exc:
-                if not isinstance(exc.__cause__, psycopg.OperationalError):
-                    raise  # a deadline passed: no time left for another try
-        return await self._fetch_once(sql, params)
+        return await past_dead_connections(
+            self._read_attempts, lambda: self._fetch_once(sql, params)
+        )
 
     async def _fetch_once(self, sql: str, params: tuple[Any, ...]) -> builtins.list[Any]:
         """Run a read under the deadline (a stalled server fails it, never hangs it)."""
