@@ -62,6 +62,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("NATS support needs: pip install 'seamwork[nats]'") from exc
 
+from seamwork._core.checks import check_seconds
 from seamwork.brokers._nats_consumer import _Consumer
 from seamwork.brokers._subscription import GracefulStop
 from seamwork.errors import (
@@ -78,7 +79,6 @@ from seamwork.messaging._ports import (
     DLQ_SUBJECT,
     DeadLetter,
     Handler,
-    check_seconds,
     check_subscribe_settings,
     dead_letter_headers,
     read_dead_letter,

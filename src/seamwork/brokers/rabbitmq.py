@@ -90,6 +90,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("RabbitMQ support needs: pip install 'seamwork[rabbitmq]'") from exc
 
+from seamwork._core.checks import check_seconds
 from seamwork.brokers._cancels import to_the_end
 from seamwork.brokers._rabbit_dlq import TOMBSTONE, Raw, read_letters
 from seamwork.brokers._subscription import GracefulStop
@@ -109,7 +110,6 @@ from seamwork.messaging._ports import (
     Handler,
     PoisonMessage,
     SubscriptionStats,
-    check_seconds,
     check_subscribe_settings,
     dead_letter_headers,
     read_dead_letter,

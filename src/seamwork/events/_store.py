@@ -46,13 +46,6 @@ def _identity(value: Any) -> Any:
 _MAX_INT = 2**63 - 1  # the stores keep versions and positions in 64-bit integers
 
 
-def _finite_seconds(value: object) -> bool:
-    """Whether ``value`` is a number of seconds above 0 and finite (not a bool)."""
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < float("inf")
-    )
-
-
 def _check_int(name: str, value: object, minimum: int) -> None:
     """Raise ``ConfigError`` unless ``value`` is an int from ``minimum`` to 2**63 - 1."""
     if isinstance(value, bool) or not isinstance(value, int):

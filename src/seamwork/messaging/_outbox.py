@@ -48,7 +48,6 @@ import asyncio
 import builtins
 import importlib
 import logging
-import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -57,6 +56,7 @@ from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from seamwork._core.checks import check_seconds
 from seamwork._core.codec import dumps, loads
 from seamwork._core.lifecycle import OpenClose, StartStop
 from seamwork.errors import ConfigError, InvalidMessage, MessagingError, StoreError
@@ -565,8 +565,7 @@ class OutboxRelay(StartStop):
         # poll interval never polled, a NaN retention never purged
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
             raise ConfigError(f"page_size must be an int >= 1, got {page_size!r}")
-        if not _seconds(poll_interval) or not 0 < poll_interval < math.inf:
-            raise ConfigError(f"poll_interval must be finite seconds > 0, got {poll_interval!r}")
+        check_seconds("poll_interval", poll_interval)
         if not _seconds(retention) or not retention >= 0:
             raise ConfigError(f"retention must be >= 0 seconds, got {retention!r}")
         self.outbox = outbox

@@ -12,12 +12,12 @@ passes ``seamwork.testing.broker.BrokerContract``.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
+from seamwork._core.checks import check_seconds
 from seamwork.errors import ConfigError, InvalidMessage, MessagingError
 from seamwork.messaging._message import TYPE, Message, decode
 
@@ -60,13 +60,6 @@ def check_subscribe_settings(
         raise ConfigError(f"max_deliver must be >= 1, got {max_deliver}")
     check_seconds("ack_wait", ack_wait)
     check_seconds("retry_delay", retry_delay)
-
-
-def check_seconds(name: str, value: object) -> None:
-    """Refuse ``value`` unless it is finite seconds above 0, naming ``name`` (NaN would
-    pass a '<= 0' check, and then expire a timeout at once or fail deep in a driver)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise ConfigError(f"{name} must be finite seconds > 0, got {value!r}")
 
 
 def dead_letter_headers(subject: str, group: str, error: str, attempts: int) -> dict[str, str]:

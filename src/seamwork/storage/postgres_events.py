@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 
+from seamwork._core.checks import check_seconds
 from seamwork.errors import (
     ConfigError,
     EventStoreError,
@@ -58,7 +59,7 @@ from seamwork.events._model import (
     encode_json,
     encode_stream_metadata,
 )
-from seamwork.events._store import EventStore, _finite_seconds, check_snapshot_key
+from seamwork.events._store import EventStore, check_snapshot_key
 from seamwork.events._upcast import Upcasters
 from seamwork.storage._pg import (
     AsyncConn,
@@ -285,8 +286,7 @@ class PostgresEventStore(EventStore):
         query_timeout: float = 5.0,
     ) -> None:
         super().__init__(upcasters=upcasters)
-        if not _finite_seconds(poll_interval):  # (NaN: a busy loop, or ValueError on uvloop)
-            raise ConfigError(f"poll_interval must be finite seconds > 0, got {poll_interval!r}")
+        check_seconds("poll_interval", poll_interval)  # (NaN: a busy loop, or a ValueError)
         if not query_timeout > 0:
             raise ConfigError(f"query_timeout must be > 0 seconds, got {query_timeout!r}")
         self._dsn = dsn

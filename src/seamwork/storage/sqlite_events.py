@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from seamwork._core.checks import check_seconds
 from seamwork._core.codec import loads
 from seamwork.errors import (
     ConfigError,
@@ -55,7 +56,7 @@ from seamwork.events._model import (
     encode_json,
     encode_stream_metadata,
 )
-from seamwork.events._store import EventStore, _finite_seconds, check_snapshot_key
+from seamwork.events._store import EventStore, check_snapshot_key
 from seamwork.events._upcast import Upcasters
 from seamwork.storage._sqlite_writer import Migration, SQLiteWriter, Synchronous
 
@@ -185,8 +186,7 @@ class SQLiteEventStore(EventStore):
             raise ConfigError(
                 "the SQLite event store needs a file (readers use their own connection)"
             )
-        if not _finite_seconds(poll_interval):  # (NaN: a busy loop, or ValueError on uvloop)
-            raise ConfigError(f"poll_interval must be finite seconds > 0, got {poll_interval!r}")
+        check_seconds("poll_interval", poll_interval)  # (NaN: a busy loop, or a ValueError)
         self.path = str(path)
         self._versions: dict[str, tuple[int, bool]] = {}
         self._data_version = -1
